@@ -1,0 +1,1 @@
+"""The benchmark harness: sweeps -> cases -> timed samples -> results store -> reports."""

@@ -1,0 +1,38 @@
+"""cuTile kernels and their PyTorch references.
+
+Importing this package never fails: on a machine without a GPU or without cuda-tile the kernel
+modules stay unimported and `available()` says why in one line.
+"""
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> tuple[bool, str]:
+    """(ok, reason): can cuTile kernels be compiled and launched here?"""
+    try:
+        import cuda.tile  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return False, f"cuda-tile is not importable ({type(e).__name__}: {e})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible to torch"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        return False, f"cuTile needs compute capability 9.0 or newer, this GPU is {major}.{minor}"
+    try:
+        from cuda.tile._compile import _find_compiler_bin
+
+        _find_compiler_bin()
+    except Exception as e:
+        return False, f"tileiras not found ({e})"
+    return True, "ok"
+
+
+def require() -> None:
+    """Raise RuntimeError with the one-line reason when cuTile cannot run here."""
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"cuTile not available: {reason}")
