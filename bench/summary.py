@@ -1,0 +1,50 @@
+"""The summary table: one row per case, statistics recomputed from the stored samples, speedup
+against the sweep's baseline provider for the same shape."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+from bench.stats import describe
+
+LEAD = ["case_id", "workload", "provider", "baseline", "status", "reason", "device"]
+STATS = ["n", "median_ms", "mean_ms", "iqr_ms", "ci_low_ms", "ci_high_ms", "ci_rel", "min_ms",
+         "tflops", "gbps", "speedup", "max_abs_err", "rel_err", "first_call_ms"]
+
+
+def shape_key(record: dict) -> str:
+    return record["workload"] + json.dumps(record.get("shape", {}), sort_keys=True)
+
+
+def summarize(records: list[dict]) -> pd.DataFrame:
+    """Rows in record order; speedup = baseline median / median, only where both are `ok`."""
+    rows, base_median = [], {}
+    for rec in records:
+        d = describe(rec.get("samples_ms") or [])
+        med = d["median"]
+        row = {k: rec.get(k) for k in LEAD}
+        row.update(rec.get("params", {}))
+        row.update(
+            n=d["n"], median_ms=med, mean_ms=d["mean"], iqr_ms=d["iqr"],
+            ci_low_ms=d["ci_low"], ci_high_ms=d["ci_high"],
+            ci_rel=(d["ci_high"] - d["ci_low"]) / 2 / med if med and med > 0 else math.nan,
+            min_ms=d["min"],
+            tflops=rec["flops"] / med / 1e9 if rec.get("flops") and med > 0 else math.nan,
+            gbps=rec["bytes"] / med / 1e6 if rec.get("bytes") and med > 0 else math.nan,
+            max_abs_err=rec.get("max_abs_err"), rel_err=rec.get("rel_err"),
+            first_call_ms=rec.get("first_call_ms"),
+        )
+        rows.append(row)
+        if rec.get("status") == "ok" and rec["provider"] == rec.get("baseline"):
+            base_median[shape_key(rec)] = med
+    for rec, row in zip(records, rows):
+        base = base_median.get(shape_key(rec))
+        ok = rec.get("status") == "ok" and base is not None and row["median_ms"] > 0
+        row["speedup"] = base / row["median_ms"] if ok else math.nan
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=LEAD + STATS)
+    params = [c for c in frame.columns if c not in LEAD and c not in STATS]
+    return frame[LEAD + params + STATS]
