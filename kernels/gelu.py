@@ -1,0 +1,166 @@
+"""GELU (exact erf form, or the tanh form) as cuTile kernels, fused with an optional bias add.
+
+cuTile has no erf, so the exact form computes the normal CDF from erfc by Abramowitz & Stegun
+7.1.26 (|error| < 1.5e-7): Phi(x) = q for x < 0 and 1 - q otherwise, with
+q = 0.5 * t * P(t) * exp(-x^2 / 2), t = 1 / (1 + p |x| / sqrt(2)). Working from erfc keeps the
+negative tail free of cancellation, and the backward reuses exp(-x^2 / 2) for the normal density.
+"""
+import math
+
+import torch
+
+import kernels
+from kernels.layernorm import array_param, ct_dtype, dtype_name, export
+
+try:
+    import cuda.tile as ct
+except Exception:  # no cuda-tile here: the public functions raise through kernels.require()
+    ct = None
+
+TILE_ELEMS = 4096  # default block_m * block_n
+MAX_BLOCK_N = 1024
+
+# Abramowitz & Stegun 7.1.26
+_P = 0.3275911
+_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_K = math.sqrt(2.0 / math.pi)  # tanh form: tanh(K * (x + C x^3))
+_C = 0.044715
+
+if ct is not None:
+    ConstInt = ct.Constant[int]
+    ConstBool = ct.Constant[bool]
+    ZERO = ct.PaddingMode.ZERO
+
+    def _cdf_pdf(x):
+        """(Phi(x), phi(x)) of the standard normal, in fp32."""
+        e = ct.exp(-0.5 * x * x)
+        t = 1.0 / (1.0 + (_P * _INV_SQRT2) * ct.abs(x))
+        poly = t * (_A[0] + t * (_A[1] + t * (_A[2] + t * (_A[3] + t * _A[4]))))
+        q = 0.5 * poly * e
+        return ct.where(x < 0.0, q, 1.0 - q), e * _INV_SQRT_2PI
+
+    def _gelu_and_grad(x, TANH, GRAD):
+        """GELU(x), or its derivative when GRAD."""
+        if TANH:
+            th = ct.tanh(_K * (x + _C * x * x * x))
+            if GRAD:
+                return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * _K * (1.0 + 3.0 * _C * x * x)
+            return 0.5 * x * (1.0 + th)
+        cdf, pdf = _cdf_pdf(x)
+        if GRAD:
+            return cdf + x * pdf
+        return x * cdf
+
+    def _input(X, Bias, i, j, BLOCK_M, BLOCK_N):
+        """The (BLOCK_M, BLOCK_N) tile (i, j) of X + Bias, in fp32."""
+        x = ct.astype(ct.load(X, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO), ct.float32)
+        b = ct.astype(ct.load(Bias, (j,), (BLOCK_N,), padding_mode=ZERO), ct.float32)
+        return x + ct.reshape(b, (1, BLOCK_N))
+
+    @ct.kernel
+    def _fwd_kernel(X, Bias, Y, TANH: ConstBool, BLOCK_M: ConstInt, BLOCK_N: ConstInt):
+        i, j = ct.bid(0), ct.bid(1)
+        z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N)
+        ct.store(Y, (i, j), ct.astype(_gelu_and_grad(z, TANH, False), Y.dtype))
+
+    @ct.kernel
+    def _bwd_kernel(DY, X, Bias, DX, TANH: ConstBool, BLOCK_M: ConstInt, BLOCK_N: ConstInt):
+        i, j = ct.bid(0), ct.bid(1)
+        z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N)
+        dy = ct.astype(ct.load(DY, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO), ct.float32)
+        ct.store(DX, (i, j), ct.astype(dy * _gelu_and_grad(z, TANH, True), DX.dtype))
+
+
+def _tiles(n: int, tile) -> tuple[int, int]:
+    """(block_m, block_n): `tile` if given, else block_n covers N up to MAX_BLOCK_N."""
+    if tile is not None:
+        return tile
+    block_n = min(MAX_BLOCK_N, 1 << max(0, n - 1).bit_length())
+    return max(1, TILE_ELEMS // block_n), block_n
+
+
+def _tanh(approximate: str) -> bool:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return approximate == "tanh"
+
+
+def _prepare(x, bias, tile):
+    """x as contiguous (M, N) rows, the bias (zeros if None), the grid and the tile shape."""
+    n = x.shape[-1] if x.dim() else 1
+    x2 = x.reshape(-1, n).contiguous()
+    b = torch.zeros(n, device=x.device, dtype=torch.float32) if bias is None else bias.contiguous()
+    block_m, block_n = _tiles(n, tile)
+    grid = (-(-x2.shape[0] // block_m), -(-n // block_n))
+    return x2, b, grid, (block_m, block_n)
+
+
+def gelu_forward(x, bias=None, approximate="none", tile=None):
+    """GELU(x + bias), bias of shape (N,) over x's last dim or None; computed in fp32.
+
+    tile: (block_m, block_n) of the (M, N) view a block takes (default: TILE_ELEMS elements).
+    """
+    kernels.require()
+    tanh = _tanh(approximate)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    x2, b, grid, blocks = _prepare(x, bias, tile)
+    y = torch.empty_like(x2)
+    ct.launch(torch.cuda.current_stream(), grid, _fwd_kernel, (x2, b, y, tanh, *blocks))
+    return y.reshape(x.shape)
+
+
+def gelu_backward(dy, x, bias=None, approximate="none", tile=None):
+    """dy * GELU'(x + bias): the gradient of x, and of bias once summed over the rows."""
+    kernels.require()
+    tanh = _tanh(approximate)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    x2, b, grid, blocks = _prepare(x, bias, tile)
+    dx = torch.empty_like(x2)
+    dy2 = dy.reshape(x2.shape).contiguous()
+    ct.launch(torch.cuda.current_stream(), grid, _bwd_kernel, (dy2, x2, b, dx, tanh, *blocks))
+    return dx.reshape(x.shape)
+
+
+class Gelu(torch.autograd.Function):
+    """Autograd for the cuTile GELU with its fused bias add."""
+
+    @staticmethod
+    def forward(ctx, x, bias, approximate):
+        ctx.save_for_backward(x, bias)
+        ctx.approximate = approximate
+        return gelu_forward(x, bias, approximate)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dz = gelu_backward(dy, x, bias, ctx.approximate)
+        db = None
+        if bias is not None:
+            db = dz.reshape(-1, bias.shape[0]).sum(0, dtype=torch.float32).to(bias.dtype)
+        return dz, db, None
+
+
+def gelu(x, bias=None, approximate="none"):
+    """GELU(x + bias), differentiable in x and bias; approximate is 'none' (erf) or 'tanh'."""
+    return Gelu.apply(x, bias, approximate)
+
+
+def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
+    """Compile the forward and backward kernels ahead of time (no GPU needed); the cubin paths."""
+    if ct is None:
+        kernels.require()
+    f32 = ct.float32
+    paths = []
+    for dtype, tanh, grad in [(torch.float16, False, False), (torch.float16, True, False),
+                              (torch.float16, False, True), (torch.float16, True, True),
+                              (torch.bfloat16, False, False), (torch.float32, False, True)]:
+        a = array_param(ct_dtype(dtype), 2)
+        kernel, arrays = (_bwd_kernel, [a, a]) if grad else (_fwd_kernel, [a])
+        name = f"gelu_{'bwd' if grad else 'fwd'}_{'tanh' if tanh else 'erf'}_{dtype_name(dtype)}"
+        params = [*arrays, array_param(f32, 1), a, tanh, *_tiles(3072, None)]
+        paths.append(export(kernel, name, params, out_dir, gpu_code))
+    return paths

@@ -1,0 +1,118 @@
+"""Parity of the cuTile GELU (erf and tanh forms, bias fused, forward and backward) with the reference."""
+import pytest
+import torch
+
+import kernels
+from bench.check import errors, passes, tolerance_for
+from kernels import gelu as G
+from kernels import reference
+
+OK, REASON = kernels.available()
+gpu = pytest.mark.skipif(not OK, reason=REASON)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _tileiras_missing() -> str | None:
+    try:
+        from cuda.tile._compile import _find_compiler_bin
+
+        _find_compiler_bin()
+    except Exception as e:
+        return f"cuda-tile with tileiras is needed to compile ahead of time ({type(e).__name__})"
+    return None
+
+
+def test_imports_and_reasons_without_cutile():
+    assert callable(G.gelu) and callable(G.gelu_forward) and callable(G.gelu_backward)
+    if OK:
+        pytest.skip("cuTile is available here")
+    with pytest.raises(RuntimeError, match="cuTile not available"):
+        G.gelu(torch.randn(4, 8))
+
+
+def test_erfc_coefficients_reach_their_error_bound():
+    """The constants the kernel uses give |Phi - exact| < 0.75e-7 (A&S 7.1.26 bound halved)."""
+    x = torch.linspace(-12, 12, 200001, dtype=torch.float64)
+    t = 1.0 / (1.0 + G._P * G._INV_SQRT2 * x.abs())
+    poly = sum(a * t ** (k + 1) for k, a in enumerate(G._A))
+    q = 0.5 * poly * torch.exp(-0.5 * x * x)
+    phi = torch.where(x < 0, q, 1.0 - q)
+    exact = 0.5 * torch.erfc(-x / 2 ** 0.5)
+    assert (phi - exact).abs().max().item() < 0.75e-7
+
+
+def test_tanh_form_differs_from_erf_form_beyond_fp32_tolerance():
+    """So the GPU tests would notice a kernel computing the wrong form."""
+    x = torch.linspace(-4, 4, 4001)
+    err = errors(reference.gelu(x, "tanh"), reference.gelu(x, "none", dtype=torch.float64))
+    assert not passes(err, tolerance_for("float32"))
+
+
+def test_export_compiles_every_kernel_for_sm90(tmp_path):
+    reason = _tileiras_missing()
+    if reason:
+        pytest.skip(reason)
+    paths = G.export_for_check(tmp_path)
+    names = [p.rsplit("/", 1)[-1] for p in paths]
+    for kind in ("fwd", "bwd"):
+        for form in ("erf", "tanh"):
+            assert any(s.startswith(f"gelu_{kind}_{form}_") for s in names), (kind, form, names)
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(4) == b"\x7fELF", p
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every torch.empty/empty_like comes back filled with NaN, so an unwritten element shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+
+
+CASES = [
+    ((1, 1), "float32", False), ((7, 13), "float16", True), ((127,), "bfloat16", False),
+    ((2, 257, 768), "float16", True), ((129, 3072), "bfloat16", True), ((33, 1000), "float32", True),
+    ((8192, 3072), "float16", True),
+]
+
+
+@gpu
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape,dtype,with_bias", CASES)
+def test_forward_and_backward_match_reference(poisoned, shape, dtype, with_bias, approximate):
+    dt = DTYPES[dtype]
+    x = (2.0 * torch.randn(shape, device="cuda")).to(dt)
+    b = (0.5 * torch.randn(shape[-1], device="cuda")).to(dt) if with_bias else None
+    dy = torch.randn(shape, device="cuda").to(dt)
+    leaves = [x.detach().requires_grad_()] + ([b.detach().requires_grad_()] if with_bias else [])
+    y = G.gelu(leaves[0], leaves[1] if with_bias else None, approximate)
+    y.backward(dy)
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    z = ref_leaves[0] + ref_leaves[1] if with_bias else ref_leaves[0]
+    ref = reference.gelu(z, approximate, dtype=torch.float64)
+    ref.backward(dy.double())
+    tol = tolerance_for(dtype)
+    assert y.dtype == dt and passes(errors(y, ref), tol), errors(y, ref)
+    assert passes(errors(leaves[0].grad, ref_leaves[0].grad), tol)
+    if with_bias:
+        assert errors(leaves[1].grad, ref_leaves[1].grad)["rel"] < 2e-2
+
+
+@gpu
+def test_exact_form_is_accurate_to_fp32_rounding(poisoned):
+    """erf comes from a polynomial: over [-12, 12] it stays within a few fp32 ulps of float64."""
+    x = torch.linspace(-12, 12, 1 << 20, device="cuda")
+    exact = reference.gelu(x, dtype=torch.float64)
+    y = G.gelu_forward(x)
+    assert (y.double() - exact).abs().max().item() < 2e-6
+    assert errors(y, exact)["rel"] < 1e-6
+    xd = x.double().requires_grad_()
+    reference.gelu(xd, dtype=torch.float64).sum().backward()
+    dx = G.gelu_backward(torch.ones_like(x), x)
+    assert (dx.double() - xd.grad).abs().max().item() < 2e-6

@@ -1,0 +1,159 @@
+"""Parity of the cuTile LayerNorm (forward, backward, both variants) with the reference.
+
+The GPU tests compare with the reference in float64, so fp32 inputs with a large offset are judged
+against the exact answer rather than against another fp32 rounding of it.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from bench.check import errors, passes, tolerance_for
+from kernels import layernorm, reference
+
+OK, REASON = kernels.available()
+gpu = pytest.mark.skipif(not OK, reason=REASON)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# std of the inputs that sit on an offset of 1e3: small next to the offset, large next to the
+# rounding step of the dtype there
+OFFSET_STD = {"float16": 8.0, "bfloat16": 64.0, "float32": 10.0}
+
+
+def _tileiras_missing() -> str | None:
+    try:
+        from cuda.tile._compile import _find_compiler_bin
+
+        _find_compiler_bin()
+    except Exception as e:
+        return f"cuda-tile with tileiras is needed to compile ahead of time ({type(e).__name__})"
+    return None
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every torch.empty/empty_like comes back filled with NaN, so an unwritten element shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+
+
+def make(shape, dtype, device, offset=0.0, std=1.0, seed=0):
+    """x with the given offset and std, weight in [0.5, 1), bias ~ 0.1 N(0, 1)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n = shape[-1]
+    x = offset + std * torch.randn(shape, generator=g)
+    w = 0.5 + 0.5 * torch.rand(n, generator=g)
+    b = 0.1 * torch.randn(n, generator=g)
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, w, b))
+
+
+def test_imports_and_reasons_without_cutile():
+    """The module imports anywhere; without cuTile the public functions say why in one line."""
+    assert callable(layernorm.layer_norm) and callable(layernorm.layer_norm_forward)
+    if OK:
+        pytest.skip("cuTile is available here")
+    x, w, b = make((3, 8), torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="cuTile not available"):
+        layernorm.layer_norm_forward(x, w, b)
+    with pytest.raises(RuntimeError, match="cuTile not available"):
+        layernorm.layer_norm(x, w, b)
+
+
+def test_export_compiles_every_kernel_for_sm90(tmp_path):
+    reason = _tileiras_missing()
+    if reason:
+        pytest.skip(reason)
+    paths = layernorm.export_for_check(tmp_path)
+    names = [p.rsplit("/", 1)[-1] for p in paths]
+    for kind in ("fwd", "bwd"):
+        for dtype in DTYPES:
+            assert any(f"layernorm_{kind}_{dtype}_" in s for s in names), (kind, dtype, names)
+    assert any("colsum" in s for s in names)
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(4) == b"\x7fELF", p  # a cubin is an ELF image
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_check_tells_a_wrong_layernorm_apart(dtype):
+    """The gate the GPU tests use passes torch's own LayerNorm and fails a near miss (eps 1e-3)."""
+    x, w, b = make((129, 1000), DTYPES[dtype], "cpu", offset=1e3, std=OFFSET_STD[dtype])
+    ref = reference.layer_norm(x, w, b)
+    tol = tolerance_for(dtype)
+    good = F.layer_norm(x.float(), (1000,), w.float(), b.float()).to(DTYPES[dtype])
+    assert passes(errors(good, ref), tol)
+    eps = 0.05 * OFFSET_STD[dtype] ** 2  # an eps that matters at this variance
+    bad = F.layer_norm(x.float(), (1000,), w.float(), b.float(), eps).to(DTYPES[dtype])
+    assert not passes(errors(bad, ref), tol)
+
+
+FWD_CASES = (
+    [((129, n), d, p, 0.0) for n in (384, 768, 1000, 1600, 4096) for d in DTYPES for p in (False, True)]
+    + [((r, 768), "float16", p, 0.0) for r in (1, 7, 8192) for p in (False, True)]
+    + [((2, 13, 1000), "bfloat16", True, 0.0), ((65536, 384), "bfloat16", True, 0.0),
+       ((65536, 384), "float16", False, 0.0)]
+    + [((257, n), d, False, 1e3) for n in (768, 1600) for d in DTYPES]
+)
+
+
+@gpu
+@pytest.mark.parametrize("shape,dtype,persistent,offset", FWD_CASES)
+def test_forward_matches_reference(poisoned, shape, dtype, persistent, offset):
+    std = OFFSET_STD[dtype] if offset else 1.0
+    x, w, b = make(shape, DTYPES[dtype], "cuda", offset, std, seed=len(shape) + shape[-1])
+    y, mean, rstd = layernorm.layer_norm_forward(x, w, b, persistent=persistent)
+    ref = reference.layer_norm(x, w, b, dtype=torch.float64)
+    err = errors(y, ref)
+    assert y.dtype == x.dtype and passes(err, tolerance_for(dtype)), err
+    xd = x.double()
+    ref_mean = xd.mean(-1)
+    ref_rstd = torch.rsqrt(xd.var(-1, unbiased=False) + 1e-5)
+    assert errors(mean, ref_mean)["rel"] < 1e-6
+    assert errors(rstd, ref_rstd)["rel"] < 1e-4
+
+
+@gpu
+@pytest.mark.parametrize("rows_per_block", [1, 2, 16])
+def test_forward_rows_per_block_knob(poisoned, rows_per_block):
+    x, w, b = make((13, 1000), torch.float16, "cuda")
+    y, _, _ = layernorm.layer_norm_forward(x, w, b, persistent=True, rows_per_block=rows_per_block)
+    assert passes(errors(y, reference.layer_norm(x, w, b)), tolerance_for("float16"))
+
+
+@gpu
+@pytest.mark.parametrize("affine", ["weight", "bias", "none"])
+def test_forward_without_weight_or_bias(poisoned, affine):
+    x, w, b = make((7, 768), torch.float32, "cuda")
+    w = w if affine == "weight" else None
+    b = b if affine == "bias" else None
+    y = layernorm.layer_norm(x, w, b)
+    assert passes(errors(y, reference.layer_norm(x, w, b)), tolerance_for("float32"))
+
+
+BWD_CASES = (
+    [((257, n), d, 0.0) for n in (384, 768, 1000, 1600, 4096) for d in DTYPES]
+    + [((1, 768), "float16", 0.0), ((4, 127, 768), "bfloat16", 0.0), ((8192, 768), "float16", 0.0),
+       ((129, 1000), "float32", 1e3)]
+)
+
+
+@gpu
+@pytest.mark.parametrize("shape,dtype,offset", BWD_CASES)
+def test_backward_matches_autograd_of_reference(poisoned, shape, dtype, offset):
+    std = OFFSET_STD[dtype] if offset else 1.0
+    x, w, b = make(shape, DTYPES[dtype], "cuda", offset, std, seed=shape[-1])
+    dy = torch.randn(shape, device="cuda").to(DTYPES[dtype])
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    layernorm.layer_norm(*leaves).backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    reference.layer_norm(*ref_leaves, dtype=torch.float64).backward(dy.double())
+    for name, got, want in zip(("dx", "dw", "db"), leaves, ref_leaves):
+        assert got.grad.dtype == got.dtype
+        err = errors(got.grad, want.grad)
+        assert err["rel"] < 2e-2, (name, err)
