@@ -27,8 +27,10 @@ class Workload:
     providers: dict[str, Factory]
     flops: Callable[[Params], float] | None = None
     bytes: Callable[[Params], float] | None = None
-    # axis names a case must have, with defaults for the ones a sweep may leave out
+    # every axis of the workload, with the value used when a sweep leaves it out
     defaults: Params = field(default_factory=dict)
+    # the allowed values of axes that take one of a few (dtype, mode, ...)
+    choices: dict[str, list] = field(default_factory=dict)
 
 
 _BUILTIN = {

@@ -1,0 +1,78 @@
+"""What the user sees while a sweep runs: a progress bar with ETA and the current case, then a
+compact table of the best provider per shape and one line per reason a provider was skipped."""
+from __future__ import annotations
+
+import math
+import sys
+from collections import Counter
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+from rich.table import Table
+
+err = Console(stderr=True)
+out = Console(file=sys.stdout, width=160)
+
+
+def progress(total: int) -> Progress:
+    bar = Progress(TextColumn("{task.description}", style="bold"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                   TextColumn("{task.fields[current]}", style="dim"),
+                   console=err, transient=False, disable=not err.is_terminal)
+    bar.add_task("cases", total=total, current="")
+    return bar
+
+
+def case_table(cases) -> Table:
+    table = Table(title=f"{len(cases)} cases", show_lines=False)
+    keys = list(dict.fromkeys(k for c in cases for k in c.params))
+    for col in ["provider", *keys]:
+        table.add_column(col)
+    for c in cases:
+        table.add_row(c.provider, *(str(c.params.get(k, "")) for k in keys))
+    return table
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def best_table(summary: pd.DataFrame, records: list[dict]) -> Table | None:
+    """Per shape: the baseline's median, the fastest correct provider and its speedup."""
+    ok = summary[summary.status == "ok"]
+    if ok.empty:
+        return None
+    shapes = {r["case_id"]: r["shape"] for r in records}
+    keys = list(dict.fromkeys(k for r in records for k in r["shape"]))
+    varying = [k for k in keys if len({str(s.get(k)) for s in shapes.values()}) > 1] or keys[:3]
+    table = Table(title="best provider per shape (speedup = baseline median / median)")
+    for col in [*varying, "baseline ms", "best", "best ms", "unit", "speedup"]:
+        table.add_column(col, justify="right")
+    groups: dict[str, list] = {}
+    for row in ok.itertuples():
+        groups.setdefault(str(sorted(shapes[row.case_id].items())), []).append(row)
+    for rows in groups.values():
+        best = min(rows, key=lambda r: r.median_ms)
+        base = [r for r in rows if r.provider == r.baseline]
+        rate = (f"{best.tflops:.3g} TFLOP/s" if not math.isnan(best.tflops)
+                else f"{best.gbps:.3g} GB/s" if not math.isnan(best.gbps) else "")
+        table.add_row(*(str(shapes[best.case_id].get(k)) for k in varying),
+                      _fmt(base[0].median_ms) if base else "-", best.provider,
+                      _fmt(best.median_ms), rate, _fmt(best.speedup, ".2f") + "x")
+    return table
+
+
+def report_end(summary: pd.DataFrame, records: list[dict]) -> None:
+    table = best_table(summary, records)
+    if table is not None:
+        out.print(table)
+    counts = Counter(r["status"] for r in records)
+    out.print("status: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    reasons = Counter((r["provider"], r["reason"]) for r in records if r["status"] == "skipped")
+    for (provider, reason), n in sorted(reasons.items()):
+        out.print(f"skipped {provider} ({n} case{'s' * (n != 1)}): {reason}", highlight=False)
+    for r in records:
+        if r["status"] not in ("ok", "skipped"):
+            out.print(f"{r['status']}: {r['provider']} {r['params']}: {r['reason']}", highlight=False)

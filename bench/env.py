@@ -1,0 +1,113 @@
+"""The run's fingerprint (GPU, driver, libraries, host, git) and per-case NVML telemetry."""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _nvml():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # no driver, no library: telemetry is simply absent
+        return None
+
+
+def git_state() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        sha = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = None, None
+    return {"sha": sha, "dirty": dirty}
+
+
+def _tileiras_version() -> str | None:
+    try:
+        from cuda.tile._compile import _find_compiler_bin
+
+        out = subprocess.run([_find_compiler_bin().path, "--version"], capture_output=True,
+                             text=True, timeout=20).stdout
+        return out.strip().splitlines()[-1] if out.strip() else None
+    except Exception:
+        return None
+
+
+def gpu_info(index: int) -> dict:
+    props = torch.cuda.get_device_properties(index)
+    info = {"index": index, "name": props.name, "sm_count": props.multi_processor_count,
+            "memory_gb": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}"}
+    nv = _nvml()
+    if nv is not None:
+        try:
+            h = nv.nvmlDeviceGetHandleByIndex(index)
+            info["max_sm_clock_mhz"] = nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM)
+            info["max_mem_clock_mhz"] = nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_MEM)
+        except Exception:
+            pass
+    return info
+
+
+def fingerprint(gpu_indices: list[int]) -> dict:
+    nv = _nvml()
+    driver = None
+    if nv is not None:
+        try:
+            driver = nv.nvmlSystemGetDriverVersion()
+            driver = driver.decode() if isinstance(driver, bytes) else driver
+        except Exception:
+            pass
+    return {
+        "host": platform.node(), "platform": platform.platform(), "python": sys.version.split()[0],
+        "torch": torch.__version__, "cuda": torch.version.cuda, "driver": driver,
+        "cuda_tile": _version("cuda-tile"), "tileiras": _tileiras_version() if gpu_indices else None,
+        "device_kind": "cuda" if gpu_indices else "cpu",
+        "gpus": [gpu_info(i) for i in gpu_indices],
+    }
+
+
+_THROTTLE = {  # NVML clocks-event reason bits worth naming
+    0x1: "gpu_idle", 0x2: "app_clocks", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
+    0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake", 0x100: "display_clocks",
+}
+
+
+def telemetry(index: int) -> dict | None:
+    """SM and memory clocks, temperature, power and active throttle reasons of GPU `index`."""
+    nv = _nvml()
+    if nv is None:
+        return None
+    try:
+        h = nv.nvmlDeviceGetHandleByIndex(index)
+        reasons = nv.nvmlDeviceGetCurrentClocksThrottleReasons(h)
+        return {
+            "sm_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
+            "mem_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
+            "temp_c": nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
+            "power_w": nv.nvmlDeviceGetPowerUsage(h) / 1000,
+            "throttle": [name for bit, name in _THROTTLE.items() if reasons & bit and bit != 0x1],
+        }
+    except Exception:
+        return None

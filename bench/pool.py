@@ -1,0 +1,115 @@
+"""Runs cases on worker processes, one per device slot, each case isolated: a worker that dies is
+recorded as `crashed`, one that overruns its timeout is killed and recorded as `timeout`, and a fresh
+worker takes the next case."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import threading
+from typing import Callable
+
+from bench.store import utc_now
+from bench.sweep import Case
+from bench.worker import serve
+
+_CTX = mp.get_context("spawn")
+STARTUP_S = 120.0  # allowed on top of a case's own timeout for a fresh worker to import torch
+
+
+def _failure(case: Case, device: str, status: str, reason: str, started: str) -> dict:
+    return {"case_id": case.case_id, "workload": case.workload, "provider": case.provider,
+            "baseline": case.baseline, "params": case.params, "shape": case.shape,
+            "status": status, "reason": reason, "device": device, "samples_ms": [],
+            "first_call_ms": None, "max_abs_err": None, "rel_err": None, "tolerance": None,
+            "flops": None, "bytes": None, "telemetry": None, "stop": None,
+            "started_utc": started, "ended_utc": utc_now()}
+
+
+class _Slot:
+    """One device and the worker process currently serving it."""
+
+    def __init__(self, device: str):
+        self.device, self.proc, self.conn, self.fresh = device, None, None, True
+
+    def start(self):
+        parent, child = _CTX.Pipe()
+        self.proc = _CTX.Process(target=serve, args=(child, self.device), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn, self.fresh = parent, True
+
+    def stop(self, kill: bool = False):
+        if self.proc is None:
+            return
+        if not kill:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.conn.close()
+        self.proc = self.conn = None
+
+    def run(self, case: Case) -> dict:
+        if self.proc is None or not self.proc.is_alive():
+            self.start()
+        started = utc_now()
+        timeout = case.timing["timeout_s"] + (STARTUP_S if self.fresh else 0.0)
+        self.fresh = False
+        try:
+            self.conn.send(case.to_dict())
+            if self.conn.poll(timeout):
+                return self.conn.recv()
+            self.stop(kill=True)
+            return _failure(case, self.device, "timeout",
+                            f"no result within {case.timing['timeout_s']:g} s; worker killed", started)
+        except (EOFError, OSError):
+            self.proc.join(5)
+            code = self.proc.exitcode
+            self.stop(kill=True)
+            return _failure(case, self.device, "crashed",
+                            f"worker process died (exit code {code})", started)
+
+
+def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, str], None],
+              on_record: Callable[[Case, dict], None], stop: threading.Event) -> None:
+    """Run every case on the first free device slot; callbacks are called from slot threads,
+    serialised by one lock. Returns when all cases are done or `stop` is set."""
+    todo: queue.Queue[Case] = queue.Queue()
+    for c in cases:
+        todo.put(c)
+    lock = threading.Lock()
+    slots = [_Slot(d) for d in devices]
+
+    def drive(slot: _Slot):
+        try:
+            while not stop.is_set():
+                try:
+                    case = todo.get_nowait()
+                except queue.Empty:
+                    return
+                with lock:
+                    on_start(case, slot.device)
+                record = slot.run(case)
+                if stop.is_set():
+                    return
+                with lock:
+                    on_record(case, record)
+        finally:
+            slot.stop(kill=stop.is_set())
+
+    threads = [threading.Thread(target=drive, args=(s,), daemon=True) for s in slots]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    finally:
+        stop.set()
+        for s in slots:
+            if s.proc is not None and s.proc.is_alive():
+                s.proc.kill()

@@ -1,0 +1,74 @@
+"""Executes a sweep into a run directory: meta first, then one record per finished case (so a
+killed run is a valid partial run), the summary, and `latest` once everything is done."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench import console, env, pool, store
+from bench.summary import summarize
+from bench.sweep import Case, Sweep
+
+
+def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str]) -> store.RunWriter:
+    git = env.git_state()
+    gpus = sorted({int(d.split(":")[1]) for d in devices if d.startswith("cuda")})
+    path = Path(root) / store.run_dir_name(sweep.name, git["sha"])
+    meta = {
+        "run_id": path.name, "command": argv, "started_utc": store.utc_now(), "ended_utc": None,
+        "complete": False,
+        "sweep": {"name": sweep.name, "path": sweep.path, "sha256": sweep.sha256,
+                  "workload": sweep.workload, "baseline": sweep.baseline, "profile": sweep.profile,
+                  "compare": sweep.compare},
+        "git": git, "env": env.fingerprint(gpus), "devices": devices, "cases": len(sweep.cases),
+    }
+    return store.RunWriter(path, meta, [c.to_dict() for c in sweep.cases])
+
+
+def resume_run(path: Path, argv: list[str]) -> tuple[store.RunWriter, list[Case]]:
+    run = store.load_run(path)
+    run.meta.setdefault("resumed", []).append({"utc": store.utc_now(), "command": argv})
+    run.meta["complete"] = False
+    cases = [Case.from_dict(c) for c in run.cases]
+    return store.RunWriter(run.path, run.meta), [c for c in cases if c.case_id not in run.done_ids]
+
+
+def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root: Path | None) -> int:
+    """Run `todo` into `writer`. Returns 0 when the run is complete, 130 when interrupted."""
+    stop = threading.Event()
+    bar = console.progress(len(todo))
+    task = bar.task_ids[0]
+    t0 = time.time()
+
+    def on_start(case: Case, device: str):
+        bar.update(task, current=f"{device} {case.label}"[:90])
+
+    def on_record(case: Case, record: dict):
+        writer.append(record)
+        bar.advance(task)
+        if not bar.console.is_terminal:
+            done = int(bar.tasks[0].completed)
+            print(f"[{done}/{len(todo)}] {record['status']:9s} {case.label}", file=sys.stderr, flush=True)
+
+    interrupted = False
+    with bar:
+        try:
+            pool.run_cases(todo, devices, on_start, on_record, stop)
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set()
+    complete = not interrupted
+    writer.meta["wall_s"] = writer.meta.get("wall_s", 0.0) + (time.time() - t0)
+    writer.close(complete=complete)
+    records = store.read_records(writer.path)
+    summary = summarize(records)
+    writer.write_summary(summary)
+    console.report_end(summary, records)
+    if complete and root is not None:
+        store.point_latest(root, writer.path)
+    if interrupted:
+        print(f"interrupted: {len(records)} of {writer.meta['cases']} cases stored; finish with "
+              f"--resume {writer.path}", file=sys.stderr)
+    return 0 if complete else 130

@@ -1,0 +1,111 @@
+"""Timing one callable: warm-up by time, per-rep samples (CUDA events on a GPU, perf_counter_ns on
+the CPU), an L2 flush between reps, optional CUDA-graph replay, and a noise-based stop rule: reps
+continue until the median's 95% CI half-width is under `target_ci` or the time budget ends."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from bench.stats import ci_rel
+
+try:
+    import nvtx as _nvtx
+except ImportError:  # fall back to torch's NVTX bindings
+    _nvtx = None
+
+FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MB)
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str):
+    """An NVTX range (visible in Nsight) around a case, a provider or a phase."""
+    if _nvtx is not None:
+        with _nvtx.annotate(name):
+            yield
+    elif torch.cuda.is_available():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch_cuda(call, n: int, flush) -> list[float]:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        if flush is not None:
+            flush()
+        s.record()
+        call()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def _batch_cpu(call, n: int, flush) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        call()
+        out.append((time.perf_counter_ns() - t0) / 1e6)
+    return out
+
+
+def _graph_of(fn, device):
+    """Capture fn into a CUDA graph (after a warm call on a side stream, as capture requires)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps: int,
+            max_time_s: float, target_ci: float, l2_flush: bool, cuda_graph: bool, **_) -> dict:
+    """Samples of fn in milliseconds, plus how many warm-up calls ran and why timing stopped."""
+    on_gpu = device.type == "cuda"
+    call = fn
+    if cuda_graph and on_gpu:
+        call = _graph_of(fn, device)
+    flush = None
+    if l2_flush and on_gpu:
+        buf = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+        flush = buf.zero_
+    batch = _batch_cuda if on_gpu else _batch_cpu
+
+    with nvtx_range("warmup"):
+        warm, t0 = 0, time.perf_counter()
+        while warm < 2 or (time.perf_counter() - t0) * 1e3 < warmup_ms:
+            call()
+            warm += 1
+            sync(device)
+        per_call = max((time.perf_counter() - t0) / warm, 1e-6)
+
+    samples: list[float] = []
+    start, stop = time.perf_counter(), "max_reps"
+    with nvtx_range("timed"):
+        while len(samples) < max_reps:
+            # batches of about 50 ms keep the check cheap and the budget honoured
+            n = int(min(max_reps - len(samples), max(min_reps, 0.05 / per_call)))
+            samples += batch(call, max(n, 1), flush)
+            if len(samples) >= min_reps and ci_rel(samples) <= target_ci:
+                stop = "converged"
+                break
+            if time.perf_counter() - start >= max_time_s:
+                stop = "time_budget"
+                break
+    return {"samples_ms": samples, "warmup_reps": warm, "stop": stop}

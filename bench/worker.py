@@ -1,0 +1,104 @@
+"""Turns one case into one record, inside a worker process that owns one device.
+
+The parent (bench.pool) sends cases over a pipe; a case that crashes the process, hangs or runs out
+of memory costs only itself: the parent records it and starts a fresh worker.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import traceback
+
+import torch
+
+from bench import check, env, timing, workloads
+from bench.sweep import Case
+from bench.store import utc_now
+
+
+def _one_line(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _seed(case: Case) -> int:
+    return int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16)
+
+
+def run_case(case: Case, device: torch.device) -> dict:
+    """Build inputs, check the provider against the reference, then time it. Never raises."""
+    rec = {
+        "case_id": case.case_id, "workload": case.workload, "provider": case.provider,
+        "baseline": case.baseline, "params": case.params, "shape": case.shape,
+        "status": "ok", "reason": "", "device": str(device), "samples_ms": [],
+        "first_call_ms": None, "max_abs_err": None, "rel_err": None, "tolerance": None,
+        "flops": None, "bytes": None, "telemetry": None, "stop": None,
+        "started_utc": utc_now(),
+    }
+    gpu = device.index if device.type == "cuda" else None
+    try:
+        wl = workloads.get(case.workload)
+        factory = (workloads.load_user_provider(case.module) if case.module
+                   else wl.providers[case.provider])
+        rec["flops"] = wl.flops(case.params) if wl.flops else None
+        rec["bytes"] = wl.bytes(case.params) if wl.bytes else None
+        with timing.nvtx_range(f"case {case.case_id} {case.label}"):
+            torch.manual_seed(_seed(case))
+            inputs = wl.make_inputs(case.params, device)
+            fn = factory(case.params, inputs)
+            with timing.nvtx_range("check"):
+                t0 = time.perf_counter()
+                out = fn()
+                timing.sync(device)
+                rec["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+                err = check.errors(out, wl.reference(case.params, inputs))
+                del out
+            tol = check.tolerance_for(str(case.params.get("dtype", "float32")), case.tolerance)
+            rec.update(max_abs_err=err["max_abs"], rel_err=err["rel"], tolerance=tol)
+            if not check.passes(err, tol):
+                rec["status"] = "incorrect"
+                rec["reason"] = (f"max abs error {err['max_abs']:.3g} (tolerance {tol['max_abs']:g}), "
+                                 f"relative error {err['rel']:.3g} (tolerance {tol['rel']:g})")
+            before = env.telemetry(gpu) if gpu is not None else None
+            result = timing.measure(fn, device, **case.timing)
+            after = env.telemetry(gpu) if gpu is not None else None
+            rec.update(samples_ms=result["samples_ms"], stop=result["stop"],
+                       telemetry={"before": before, "after": after} if before or after else None)
+    except workloads.Unavailable as e:
+        rec.update(status="skipped", reason=str(e))
+    except Exception as e:
+        rec.update(status="oom" if _is_oom(e) else "error", reason=_one_line(e))
+        if rec["status"] == "error" and os.environ.get("BENCH_TRACEBACK"):
+            traceback.print_exc()
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rec["ended_utc"] = utc_now()
+    return rec
+
+
+def serve(conn, device_name: str) -> None:
+    """Worker process main loop: receive a case dict, send back its record; stop on None or EOF."""
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if msg is None:
+            return
+        record = run_case(Case.from_dict(msg), device)
+        try:
+            conn.send(record)
+        except (BrokenPipeError, OSError):
+            return

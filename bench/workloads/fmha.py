@@ -1,0 +1,120 @@
+"""Causal (or full) multi-head attention, forward or forward+backward, on (B, H, T, D) inputs."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bench.workloads import Unavailable, Workload
+from bench.workloads.providers import cutile_module, dtype_of, tilegym_ops
+from kernels import reference
+
+DEFAULTS = dict(batch=8, heads=12, seq_len=1024, head_dim=64, dtype="float16", causal=True,
+                mode="fwd")
+CHOICES = dict(dtype=["float16", "bfloat16", "float32"], mode=["fwd", "fwd_bwd"])
+
+
+def make_inputs(p, device):
+    shape = (p["batch"], p["heads"], p["seq_len"], p["head_dim"])
+    grad = p["mode"] == "fwd_bwd"
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype_of(p["dtype"]), requires_grad=grad)
+               for _ in range(3))
+    dout = torch.randn(shape, device=device, dtype=q.dtype) if grad else None
+    return dict(q=q, k=k, v=v, dout=dout)
+
+
+def _run(attn, p, x):
+    """fn() for a forward-only or forward+backward case around attn(q, k, v) -> out."""
+    q, k, v, dout = x["q"], x["k"], x["v"], x["dout"]
+    if p["mode"] == "fwd":
+        def fn():
+            with torch.no_grad():
+                return attn(q, k, v)
+        return fn
+
+    def fn():
+        q.grad = k.grad = v.grad = None
+        out = attn(q, k, v)
+        out.backward(dout)
+        return out.detach(), q.grad, k.grad, v.grad
+    return fn
+
+
+def reference_output(p, x):
+    if p["mode"] == "fwd":
+        return reference.attention(x["q"], x["k"], x["v"], p["causal"])
+    q, k, v = (x[n].detach().float().requires_grad_() for n in "qkv")
+    out = reference.attention(q, k, v, p["causal"])
+    out.backward(x["dout"].float())
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def native(p, x):
+    """The seed's "native PyTorch": matmuls in the input dtype, fp32 scores with the -1e20 floor."""
+    dt = dtype_of(p["dtype"])
+    return _run(lambda q, k, v: reference.attention(q, k, v, p["causal"], dtype=dt), p, x)
+
+
+def compiled(p, x):
+    dt = dtype_of(p["dtype"])
+    attn = torch.compile(lambda q, k, v: reference.attention(q, k, v, p["causal"], dtype=dt))
+    return _run(attn, p, x)
+
+
+def sdpa(backend_name):
+    def factory(p, x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+
+        def attn(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=p["causal"])
+
+        fn = _run(attn, p, x)
+        try:  # ask once whether this backend takes these inputs here
+            fn()
+        except RuntimeError as e:
+            raise Unavailable(f"SDPA {backend_name.lower()} backend unavailable for these inputs "
+                              f"({str(e).splitlines()[0][:120]})") from None
+        return fn
+    return factory
+
+
+TILE_KEYS = ("tile_m", "tile_n", "k_lat", "v_lat", "occupancy", "num_ctas")
+
+
+def cutile(p, x):
+    fmha = cutile_module("fmha")
+    config = {k: p[k] for k in TILE_KEYS if k in p}
+    return _run(lambda q, k, v: fmha.flash_attention(q, k, v, causal=p["causal"], **config), p, x)
+
+
+def tilegym(p, x):
+    ops = tilegym_ops()
+    if not torch.cuda.is_available():
+        raise Unavailable("TileGym's cuTile fmha needs a CUDA GPU")
+    return _run(lambda q, k, v: ops.fmha(q, k, v, is_causal=p["causal"],
+                                         scaling=1 / math.sqrt(p["head_dim"])), p, x)
+
+
+def flops(p):
+    f = 4 * p["batch"] * p["heads"] * p["seq_len"] ** 2 * p["head_dim"]
+    f *= 0.5 if p["causal"] else 1.0
+    return f * (3.5 if p["mode"] == "fwd_bwd" else 1.0)  # fwd+bwd counted as 3.5x the forward
+
+
+def bytes_moved(p):
+    """q, k, v read and out written once (and their gradients for fwd+bwd): the floor."""
+    elt = torch.finfo(dtype_of(p["dtype"])).bits // 8
+    tensors = 4 if p["mode"] == "fwd" else 4 + 5  # + dout read, dq/dk/dv written, out re-read
+    return tensors * p["batch"] * p["heads"] * p["seq_len"] * p["head_dim"] * elt
+
+
+WORKLOAD = Workload(
+    name="fmha", make_inputs=make_inputs, reference=reference_output,
+    providers={"native": native, "sdpa-math": sdpa("MATH"), "sdpa-flash": sdpa("FLASH_ATTENTION"),
+               "sdpa-efficient": sdpa("EFFICIENT_ATTENTION"), "sdpa-cudnn": sdpa("CUDNN_ATTENTION"),
+               "compile": compiled, "cutile": cutile, "tilegym": tilegym},
+    flops=flops, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES)

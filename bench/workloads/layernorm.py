@@ -1,0 +1,84 @@
+"""LayerNorm over the last dimension of (rows, hidden) inputs, with random weight and bias."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.workloads import Unavailable, Workload
+from bench.workloads.providers import cutile_module, dtype_of, tilegym_ops
+from kernels import reference
+
+EPS = 1e-5
+DEFAULTS = dict(rows=8192, hidden=768, dtype="float16", mode="fwd")
+CHOICES = dict(dtype=["float16", "bfloat16", "float32"], mode=["fwd", "fwd_bwd"])
+
+
+def make_inputs(p, device):
+    dt, n, grad = dtype_of(p["dtype"]), p["hidden"], p["mode"] == "fwd_bwd"
+    x = torch.randn(p["rows"], n, device=device, dtype=dt).requires_grad_(grad)
+    w = (1 + 0.5 * torch.randn(n, device=device, dtype=dt)).requires_grad_(grad)
+    b = (0.5 * torch.randn(n, device=device, dtype=dt)).requires_grad_(grad)
+    dy = torch.randn_like(x) if grad else None
+    return dict(x=x, w=w, b=b, dy=dy)
+
+
+def _run(norm, p, t):
+    x, w, b, dy = t["x"], t["w"], t["b"], t["dy"]
+    if p["mode"] == "fwd":
+        def fn():
+            with torch.no_grad():
+                return norm(x, w, b)
+        return fn
+
+    def fn():
+        x.grad = w.grad = b.grad = None
+        y = norm(x, w, b)
+        y.backward(dy)
+        return y.detach(), x.grad, w.grad, b.grad
+    return fn
+
+
+def reference_output(p, t):
+    if p["mode"] == "fwd":
+        return reference.layer_norm(t["x"], t["w"], t["b"], EPS)
+    x, w, b = (t[n].detach().float().requires_grad_() for n in "xwb")
+    y = reference.layer_norm(x, w, b, EPS)
+    y.backward(t["dy"].float())
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+def torch_layer_norm(p, t):
+    return _run(lambda x, w, b: F.layer_norm(x, (p["hidden"],), w, b, EPS), p, t)
+
+
+def compiled(p, t):
+    norm = torch.compile(lambda x, w, b: F.layer_norm(x, (p["hidden"],), w, b, EPS))
+    return _run(norm, p, t)
+
+
+KNOBS = ("persistent", "rows_per_block")
+
+
+def cutile(p, t):
+    ln = cutile_module("layernorm")
+    knobs = {k: p[k] for k in KNOBS if k in p}
+    return _run(lambda x, w, b: ln.layer_norm(x, w, b, EPS, **knobs), p, t)
+
+
+def tilegym(p, t):
+    ops = tilegym_ops()
+    if not torch.cuda.is_available():
+        raise Unavailable("TileGym's cuTile layer_norm_legacy needs a CUDA GPU")
+    return _run(lambda x, w, b: ops.layer_norm_legacy(x, (p["hidden"],), w, b, EPS), p, t)
+
+
+def bytes_moved(p):
+    """Read x and write y (fwd); fwd+bwd counted as 5 passes over M x N, as the anchors do."""
+    elt = torch.finfo(dtype_of(p["dtype"])).bits // 8
+    return (2 if p["mode"] == "fwd" else 5) * p["rows"] * p["hidden"] * elt
+
+
+WORKLOAD = Workload(
+    name="layernorm", make_inputs=make_inputs, reference=reference_output,
+    providers={"torch": torch_layer_norm, "compile": compiled, "cutile": cutile, "tilegym": tilegym},
+    flops=None, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES)
