@@ -1,0 +1,364 @@
+"""Flash attention (forward and backward) in cuTile, causal or not, for (B, H, T, D) tensors.
+
+The forward pass keeps an online softmax in fp32 (exp2, with log2(e) folded into the scale) and
+also returns the log-sum-exp of every query row, which lets the backward pass rebuild the softmax
+tile by tile instead of storing it. The backward pass is three kernels: delta = rowsum(dO * O),
+then dK/dV (one block per key tile, looping over query tiles) and dQ (one block per query tile,
+looping over key tiles), so no block ever needs an atomic add.
+
+Masked scores are set to the fp32 floor -1e20 rather than -inf, so no row can turn into NaN.
+Causal blocks stop at the diagonal and build a mask only on the tiles that cross it (or that run
+past the end of the sequence).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from kernels import require
+from kernels.reference import MASK_FLOOR
+
+try:
+    import cuda.tile as ct
+except Exception:  # no cuda-tile here: the kernels stay undefined and require() says why
+    ct = None
+
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+
+DEFAULT_CONFIG = {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1}
+
+# The tile configs worth sweeping (sweeps/fmha.yaml is written from this list).
+SWEEP_CONFIGS = [
+    {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
+    {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 1},
+    {"tile_m": 64, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
+    {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 1, "num_ctas": 1},
+    {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
+    {"tile_m": 128, "tile_n": 64, "k_lat": 3, "v_lat": 3, "occupancy": 2, "num_ctas": 1},
+    {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 2},
+    {"tile_m": 128, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 1, "num_ctas": 1},
+    {"tile_m": 128, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
+]
+
+_LIMITS = {  # key: (smallest, largest, must be a power of two)
+    "tile_m": (16, 256, True),
+    "tile_n": (16, 256, True),
+    "k_lat": (1, 10, False),
+    "v_lat": (1, 10, False),
+    "occupancy": (1, 32, False),
+    "num_ctas": (1, 16, True),
+}
+
+
+def validate_config(config: dict) -> dict:
+    """DEFAULT_CONFIG updated with `config`; ValueError naming the first bad key or value."""
+    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise ValueError(f"unknown fmha tile config key(s) {unknown}; known: {sorted(DEFAULT_CONFIG)}")
+    cfg = {**DEFAULT_CONFIG, **config}
+    for key, (lo, hi, pow2) in _LIMITS.items():
+        val = cfg[key]
+        if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= hi:
+            raise ValueError(f"fmha config {key}={val!r}: expected an integer in [{lo}, {hi}]")
+        if pow2 and val & (val - 1):
+            raise ValueError(f"fmha config {key}={val}: expected a power of two")
+    return cfg
+
+
+def _check_inputs(q, k, v, scale):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (B, H, T, D) shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must all be float16 or all bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    d = q.shape[-1]
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim D={d}: expected a power of two in [16, 256]")
+    if q.shape[2] < 1:
+        raise ValueError("sequence length T must be at least 1")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+
+
+def _lead_dim_contiguous(x):
+    """The kernels read any strides, but the tensor-memory loads want a unit stride along D."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+if ct is not None:
+    ConstInt = ct.Constant[int]
+    ConstBool = ct.Constant[bool]
+    ZERO = ct.PaddingMode.ZERO
+
+    @ct.kernel
+    def _fwd_kernel(Q, K, V, Out, Lse, scale_log2: float,
+                    H: ConstInt, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt,
+                    CAUSAL: ConstBool, EVEN_N: ConstBool, K_LAT: ConstInt, V_LAT: ConstInt):
+        """One block per (query tile, batch*head): out = softmax(q k^T * scale) v, and the row lse."""
+        m_blk = ct.num_blocks(0) - 1 - ct.bid(0)  # the longest causal rows start first
+        b, h = ct.bid(1) // H, ct.bid(1) % H
+        t = K.shape[2]
+        q = ct.load(Q, index=(b, h, m_blk, 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
+        q = q.reshape((TILE_M, D))
+        rows = (m_blk * TILE_M + ct.arange(TILE_M, dtype=ct.int32))[:, None]
+        cols0 = ct.arange(TILE_N, dtype=ct.int32)[None, :]
+        m_i = ct.full((TILE_M, 1), -math.inf, dtype=ct.float32)
+        l_i = ct.zeros((TILE_M, 1), dtype=ct.float32)
+        acc = ct.zeros((TILE_M, D), dtype=ct.float32)
+        if CAUSAL:
+            n_end = ct.cdiv(min((m_blk + 1) * TILE_M, t), TILE_N)
+            mask_from = min(m_blk * TILE_M // TILE_N, t // TILE_N)
+        else:
+            n_end = ct.cdiv(t, TILE_N)
+            mask_from = t // TILE_N
+        for j in range(n_end):
+            kt = ct.load(K, index=(b, h, 0, j), shape=(1, 1, D, TILE_N), order=(0, 1, 3, 2),
+                         padding_mode=ZERO, latency=K_LAT).reshape((D, TILE_N))
+            s = ct.mma(q, kt, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))
+            if (CAUSAL or not EVEN_N) and j >= mask_from:
+                cols = j * TILE_N + cols0
+                if CAUSAL:  # also drops keys past the end, for every real query row
+                    s = ct.where(rows >= cols, s, MASK_FLOOR)
+                else:
+                    s = ct.where(cols < t, s, MASK_FLOOR)
+            # the scale multiplies the row max, not the whole tile: one fma per score below
+            m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True) * scale_log2)
+            p = ct.exp2(s * scale_log2 - m_new, flush_to_zero=True)
+            alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+            l_i = l_i * alpha + ct.sum(p, axis=-1, keepdims=True)
+            vt = ct.load(V, index=(b, h, j, 0), shape=(1, 1, TILE_N, D),
+                         padding_mode=ZERO, latency=V_LAT).reshape((TILE_N, D))
+            acc = ct.mma(p.astype(Q.dtype), vt, acc * alpha)
+            m_i = m_new
+        out = ct.truediv(acc, l_i, flush_to_zero=True, rounding_mode=ct.RoundingMode.APPROX)
+        ct.store(Out, index=(b, h, m_blk, 0), tile=out.astype(Out.dtype).reshape((1, 1, TILE_M, D)))
+        lse = (m_i + ct.log2(l_i)) * LN2
+        ct.store(Lse, index=(b, h, m_blk), tile=lse.reshape((1, 1, TILE_M)))
+
+    @ct.kernel
+    def _bwd_delta_kernel(Out, dOut, Delta, H: ConstInt, D: ConstInt, TILE_M: ConstInt):
+        """delta = rowsum(dO * O) in fp32: the softmax backward's per-row correction."""
+        b, h = ct.bid(1) // H, ct.bid(1) % H
+        o = ct.load(Out, index=(b, h, ct.bid(0), 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
+        do = ct.load(dOut, index=(b, h, ct.bid(0), 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
+        delta = ct.sum(o.astype(ct.float32) * do.astype(ct.float32), axis=-1)
+        ct.store(Delta, index=(b, h, ct.bid(0)), tile=delta)
+
+    @ct.kernel
+    def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, scale_log2: float, scale: float,
+                         H: ConstInt, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt,
+                         CAUSAL: ConstBool, K_LAT: ConstInt, V_LAT: ConstInt):
+        """One block per (key tile, batch*head), in transposed form (keys along rows):
+        dV = P^T dO and dK = scale * dS^T Q, summed over the query tiles that see this key tile.
+
+        Query rows past the end need no mask: q, dO, lse and delta load as zeros there, so their
+        p is 1 and both their dO and their dP - delta are 0."""
+        n_blk = ct.bid(0)
+        b, h = ct.bid(1) // H, ct.bid(1) % H
+        t = Q.shape[2]
+        kt = ct.load(K, index=(b, h, n_blk, 0), shape=(1, 1, TILE_N, D), padding_mode=ZERO)
+        kt = kt.reshape((TILE_N, D))
+        vt = ct.load(V, index=(b, h, n_blk, 0), shape=(1, 1, TILE_N, D), padding_mode=ZERO)
+        vt = vt.reshape((TILE_N, D))
+        cols = (n_blk * TILE_N + ct.arange(TILE_N, dtype=ct.int32))[:, None]  # key positions
+        rows0 = ct.arange(TILE_M, dtype=ct.int32)[None, :]
+        dk = ct.zeros((TILE_N, D), dtype=ct.float32)
+        dv = ct.zeros((TILE_N, D), dtype=ct.float32)
+        m_start = n_blk * TILE_N // TILE_M if CAUSAL else 0
+        diag_end = ct.cdiv((n_blk + 1) * TILE_N, TILE_M)  # query tiles before it cross the diagonal
+        for i in range(m_start, ct.cdiv(t, TILE_M)):
+            qi = ct.load(Q, index=(b, h, i, 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO,
+                         latency=K_LAT).reshape((TILE_M, D))
+            do = ct.load(dOut, index=(b, h, i, 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO,
+                         latency=V_LAT).reshape((TILE_M, D))
+            lse = ct.load(Lse, index=(b, h, i), shape=(1, 1, TILE_M), padding_mode=ZERO)
+            delta = ct.load(Delta, index=(b, h, i), shape=(1, 1, TILE_M), padding_mode=ZERO)
+            st = ct.mma(kt, ct.transpose(qi), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))
+            pt = ct.exp2(st * scale_log2 - lse.reshape((1, TILE_M)) * LOG2E, flush_to_zero=True)
+            if CAUSAL and i < diag_end:
+                pt = ct.where(i * TILE_M + rows0 >= cols, pt, 0.0)
+            dv = ct.mma(pt.astype(Q.dtype), do, dv)
+            dpt = ct.mma(vt, ct.transpose(do), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))
+            dst = pt * (dpt - delta.reshape((1, TILE_M)))
+            dk = ct.mma(dst.astype(Q.dtype), qi, dk)
+        ct.store(dK, index=(b, h, n_blk, 0), tile=(dk * scale).astype(dK.dtype).reshape((1, 1, TILE_N, D)))
+        ct.store(dV, index=(b, h, n_blk, 0), tile=dv.astype(dV.dtype).reshape((1, 1, TILE_N, D)))
+
+    @ct.kernel
+    def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, scale_log2: float, scale: float,
+                       H: ConstInt, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt,
+                       CAUSAL: ConstBool, EVEN_N: ConstBool, K_LAT: ConstInt, V_LAT: ConstInt):
+        """One block per (query tile, batch*head): dQ = scale * dS K over the key tiles it sees."""
+        m_blk = ct.num_blocks(0) - 1 - ct.bid(0)
+        b, h = ct.bid(1) // H, ct.bid(1) % H
+        t = K.shape[2]
+        q = ct.load(Q, index=(b, h, m_blk, 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
+        q = q.reshape((TILE_M, D))
+        do = ct.load(dOut, index=(b, h, m_blk, 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
+        do = do.reshape((TILE_M, D))
+        lse = ct.load(Lse, index=(b, h, m_blk), shape=(1, 1, TILE_M), padding_mode=ZERO)
+        lse2 = lse.reshape((TILE_M, 1)) * LOG2E
+        delta = ct.load(Delta, index=(b, h, m_blk), shape=(1, 1, TILE_M), padding_mode=ZERO)
+        delta = delta.reshape((TILE_M, 1))
+        rows = (m_blk * TILE_M + ct.arange(TILE_M, dtype=ct.int32))[:, None]
+        cols0 = ct.arange(TILE_N, dtype=ct.int32)[None, :]
+        dq = ct.zeros((TILE_M, D), dtype=ct.float32)
+        if CAUSAL:
+            n_end = ct.cdiv(min((m_blk + 1) * TILE_M, t), TILE_N)
+            mask_from = min(m_blk * TILE_M // TILE_N, t // TILE_N)
+        else:
+            n_end = ct.cdiv(t, TILE_N)
+            mask_from = t // TILE_N
+        for j in range(n_end):
+            kj = ct.load(K, index=(b, h, j, 0), shape=(1, 1, TILE_N, D), padding_mode=ZERO,
+                         latency=K_LAT).reshape((TILE_N, D))
+            vt = ct.load(V, index=(b, h, 0, j), shape=(1, 1, D, TILE_N), order=(0, 1, 3, 2),
+                         padding_mode=ZERO, latency=V_LAT).reshape((D, TILE_N))
+            s = ct.mma(q, ct.transpose(kj), ct.zeros((TILE_M, TILE_N), dtype=ct.float32))
+            p = ct.exp2(s * scale_log2 - lse2, flush_to_zero=True)
+            if (CAUSAL or not EVEN_N) and j >= mask_from:
+                cols = j * TILE_N + cols0
+                if CAUSAL:
+                    p = ct.where(rows >= cols, p, 0.0)
+                else:
+                    p = ct.where(cols < t, p, 0.0)
+            dp = ct.mma(do, vt, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))
+            ds = p * (dp - delta)
+            dq = ct.mma(ds.astype(Q.dtype), kj, dq)
+        ct.store(dQ, index=(b, h, m_blk, 0), tile=(dq * scale).astype(dQ.dtype).reshape((1, 1, TILE_M, D)))
+
+    _KERNELS = {"fwd": _fwd_kernel, "delta": _bwd_delta_kernel, "dkdv": _bwd_dkdv_kernel,
+                "dq": _bwd_dq_kernel}
+
+
+@functools.lru_cache(maxsize=None)
+def _hinted(name: str, occupancy: int, num_ctas: int):
+    """The kernel with these compiler hints, built once (each hinted copy has its own JIT cache)."""
+    return _KERNELS[name].replace_hints(occupancy=occupancy, num_ctas=num_ctas)
+
+
+def _launch(name, grid, args, cfg):
+    kernel = _hinted(name, cfg["occupancy"], cfg["num_ctas"])
+    ct.launch(torch.cuda.current_stream(), grid, kernel, args)
+
+
+def _forward(q, k, v, causal, scale, cfg):
+    b, h, t, d = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
+    tm, tn = cfg["tile_m"], cfg["tile_n"]
+    _launch("fwd", (math.ceil(t / tm), b * h, 1),
+            (q, k, v, out, lse, scale * LOG2E, h, d, tm, tn, causal, causal or t % tn == 0,
+             cfg["k_lat"], cfg["v_lat"]), cfg)
+    return out, lse
+
+
+def _bwd_tiles(cfg, d):
+    """The backward kernels hold about twice the forward's live tiles: cap a tile side at 8192 / D
+    (128 for D=64, 64 for D=128), past which they spill registers and take a minute to compile."""
+    cap = 8192 // d
+    return min(cfg["tile_m"], cap), min(cfg["tile_n"], cap)
+
+
+def _backward(dout, q, k, v, out, lse, causal, scale, cfg):
+    b, h, t, d = q.shape
+    (tm, tn), lat = _bwd_tiles(cfg, d), (cfg["k_lat"], cfg["v_lat"])
+    delta = torch.empty_like(lse)
+    _launch("delta", (math.ceil(t / tm), b * h, 1), (out, dout, delta, h, d, tm), cfg)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _launch("dkdv", (math.ceil(t / tn), b * h, 1),
+            (q, k, v, dout, lse, delta, dk, dv, scale * LOG2E, scale, h, d, tm, tn, causal,
+             *lat), cfg)
+    _launch("dq", (math.ceil(t / tm), b * h, 1),
+            (q, k, v, dout, lse, delta, dq, scale * LOG2E, scale, h, d, tm, tn, causal,
+             causal or t % tn == 0, *lat), cfg)
+    return dq, dk, dv
+
+
+def _prepare(q, k, v, scale, tile_config):
+    cfg = validate_config(tile_config)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    _check_inputs(q, k, v, scale)
+    require()
+    if not q.is_cuda:
+        raise ValueError("q, k, v must be CUDA tensors")
+    return [_lead_dim_contiguous(x) for x in (q, k, v)], scale, cfg
+
+
+def fmha_forward(q, k, v, causal: bool = True, scale: float | None = None, **tile_config):
+    """(out, lse): attention output like q and the fp32 (B, H, T) log-sum-exp; no autograd."""
+    (q, k, v), scale, cfg = _prepare(q, k, v, scale, tile_config)
+    return _forward(q, k, v, bool(causal), scale, cfg)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, cfg):
+        out, lse = _forward(q, k, v, causal, scale, cfg)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.cfg = causal, scale, cfg
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale, ctx.cfg)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(q, k, v, causal: bool = True, scale: float | None = None, **tile_config):
+    """softmax(q k^T * scale, causal mask) v for (B, H, T, D) fp16/bf16 tensors, differentiable."""
+    (q, k, v), scale, cfg = _prepare(q, k, v, scale, tile_config)
+    return _FlashAttention.apply(q, k, v, bool(causal), scale, cfg)
+
+
+def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int):
+    """(name, KernelSignature) for every kernel of one config, with the masked (uneven T) paths."""
+    from cuda.tile.compilation import ArrayConstraint, CallingConvention, KernelSignature, ScalarConstraint
+
+    cfg = validate_config(config)
+    tdt = {torch.float16: ct.float16, torch.bfloat16: ct.bfloat16}[dtype]
+
+    def array(dt, ndim):
+        return ArrayConstraint(dt, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0,
+                               alias_groups=(), may_alias_internally=False,
+                               stride_constant=(None,) * (ndim - 1) + (1,),
+                               base_addr_divisible_by=16)
+
+    x, row = array(tdt, 4), array(ct.float32, 3)
+    f32 = ScalarConstraint(ct.float32)
+    h, d, lat = num_heads, head_dim, (cfg["k_lat"], cfg["v_lat"])
+    tm, tn = _bwd_tiles(cfg, d)
+    params = {
+        "fwd": [x, x, x, x, row, f32, h, d, cfg["tile_m"], cfg["tile_n"], causal, causal, *lat],
+        "delta": [x, x, row, h, d, tm],
+        "dkdv": [x, x, x, x, row, row, x, x, f32, f32, h, d, tm, tn, causal, *lat],
+        "dq": [x, x, x, x, row, row, x, f32, f32, h, d, tm, tn, causal, causal, *lat],
+    }
+    cc = CallingConvention.cutile_python_v2()
+    return [(name, KernelSignature(p, cc).with_mangled_symbol(name)) for name, p in params.items()]
+
+
+def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, causal: bool = True,
+                     out_dir: str = ".", gpu_code: str = "sm_90", num_heads: int = 12) -> list[str]:
+    """Compile every kernel of one tile config ahead of time (no GPU needed); the cubin paths.
+
+    Raises whatever tileiras raises when a kernel no longer compiles for this config.
+    """
+    if ct is None:
+        require()
+    from cuda.tile.compilation import export_kernel
+
+    cfg = validate_config(config)
+    tag = "_".join(f"{k}{cfg[k]}" for k in sorted(cfg))
+    paths = []
+    for name, sig in _signatures(cfg, dtype, head_dim, causal, num_heads):
+        path = os.path.join(out_dir, f"fmha_{name}_{tag}_d{head_dim}_{'causal' if causal else 'full'}.cubin")
+        export_kernel(_hinted(name, cfg["occupancy"], cfg["num_ctas"]), [sig], path,
+                      gpu_code=gpu_code, output_format="cubin")
+        paths.append(path)
+    return paths
