@@ -13,7 +13,7 @@ from bench.sweep import Case
 from bench.worker import serve
 
 _CTX = mp.get_context("spawn")
-STARTUP_S = 120.0  # allowed on top of a case's own timeout for a fresh worker to import torch
+STARTUP_S = 120.0  # allowed for a fresh worker to import torch and say it is ready
 
 
 def _failure(case: Case, device: str, status: str, reason: str, started: str) -> dict:
@@ -29,14 +29,19 @@ class _Slot:
     """One device and the worker process currently serving it."""
 
     def __init__(self, device: str):
-        self.device, self.proc, self.conn, self.fresh = device, None, None, True
+        self.device, self.proc, self.conn = device, None, None
 
-    def start(self):
+    def start(self) -> bool:
+        """Start a worker and wait until it has imported everything; False if it never does."""
         parent, child = _CTX.Pipe()
         self.proc = _CTX.Process(target=serve, args=(child, self.device), daemon=True)
         self.proc.start()
         child.close()
-        self.conn, self.fresh = parent, True
+        self.conn = parent
+        try:
+            return parent.poll(STARTUP_S) and parent.recv() == "ready"
+        except (EOFError, OSError):
+            return False
 
     def stop(self, kill: bool = False):
         if self.proc is None:
@@ -54,14 +59,15 @@ class _Slot:
         self.proc = self.conn = None
 
     def run(self, case: Case) -> dict:
-        if self.proc is None or not self.proc.is_alive():
-            self.start()
         started = utc_now()
-        timeout = case.timing["timeout_s"] + (STARTUP_S if self.fresh else 0.0)
-        self.fresh = False
+        if self.proc is None or not self.proc.is_alive():
+            if not self.start():
+                self.stop(kill=True)
+                return _failure(case, self.device, "crashed",
+                                f"worker process did not start within {STARTUP_S:g} s", started)
         try:
             self.conn.send(case.to_dict())
-            if self.conn.poll(timeout):
+            if self.conn.poll(case.timing["timeout_s"]):
                 return self.conn.recv()
             self.stop(kill=True)
             return _failure(case, self.device, "timeout",

@@ -403,7 +403,6 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     excludes = v.seq(data.get("exclude") or [], ("exclude",), nonempty=False)
     for i, rule in enumerate(excludes):
         v.mapping(rule, ("exclude", i))
-    points = [p for p in points if not any(_matches(p, r) for r in excludes)]
     points = [{**wl.defaults, **p} for p in points]
 
     filt = [_parse_override(f, "--filter") for f in filters]
@@ -416,6 +415,8 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
         for spec in prov_specs:
             for extra in _expand_axes(v, spec["axes"], spec["zip"], spec["at"] + ("zip",)):
                 params = {**point, **extra}
+                if any(_matches(params, r) for r in excludes):  # provider axes can be excluded too
+                    continue
                 if not _within(v, constraints, params) or not all(
                         _same(params.get(k), want) for k, want in filt if k in params):
                     continue

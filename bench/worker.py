@@ -90,6 +90,7 @@ def serve(conn, device_name: str) -> None:
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    conn.send("ready")
     while True:
         try:
             msg = conn.recv()

@@ -1,0 +1,36 @@
+"""User providers (named in a sweep as `module: faulty_providers:NAME`) that misbehave on purpose,
+so the tests can check that each failure costs only its own case."""
+import os
+import time
+
+import torch
+
+from bench.workloads import fmha
+
+
+def wrong(params, inputs):
+    """Runs fine, but off by far more than any tolerance."""
+    fn = fmha.native(params, inputs)
+    return lambda: fn() + 1.0
+
+
+def abort(params, inputs):
+    os.abort()
+
+
+def hang(params, inputs):
+    time.sleep(3600)
+
+
+def oom(params, inputs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1024.00 GiB")
+
+
+def slow(params, inputs):
+    """The native path plus a fixed delay: takes long enough to interrupt a run mid-way."""
+    fn = fmha.native(params, inputs)
+
+    def run():
+        time.sleep(0.02)
+        return fn()
+    return run

@@ -1,0 +1,167 @@
+"""Sweep loading: expansion rules, overrides, and one-line file:line errors for every bad field."""
+import subprocess
+import sys
+
+import pytest
+
+from bench import sweep
+from bench.sweep import SweepError
+
+BASE = """\
+workload: fmha
+baseline: native
+providers: [native, sdpa-math]
+axes:
+  batch: [1, 2]
+  seq_len: [13, 64, 127]
+  dtype: [float32]
+"""
+
+
+def load(write_sweep, text, **kw):
+    return sweep.load(write_sweep(text), **kw)
+
+
+def points(sw, provider="native"):
+    return [(c.params["batch"], c.params["seq_len"]) for c in sw.cases if c.provider == provider]
+
+
+def test_product_of_axes_per_provider(write_sweep):
+    sw = load(write_sweep, BASE)
+    assert len(sw.cases) == 2 * 3 * 2
+    assert sorted(points(sw)) == [(b, t) for b in (1, 2) for t in (13, 64, 127)]
+    # axes a sweep leaves out take the workload's defaults
+    assert {c.params["heads"] for c in sw.cases} == {12} and {c.params["mode"] for c in sw.cases} == {"fwd"}
+    assert len({c.case_id for c in sw.cases}) == len(sw.cases)
+
+
+def test_zip_varies_axes_together(write_sweep):
+    sw = load(write_sweep, BASE.replace("[1, 2]", "[1, 2, 4]") + "zip: [[batch, seq_len]]\n")
+    assert points(sw) == [(1, 13), (2, 64), (4, 127)]
+
+
+def test_include_adds_points_and_exclude_removes_them(write_sweep):
+    text = BASE + "include:\n  - {batch: 8, seq_len: 1000}\nexclude:\n  - {batch: 2, seq_len: 64}\n"
+    sw = load(write_sweep, text)
+    pts = points(sw)
+    assert (8, 1000) in pts and (2, 64) not in pts and len(pts) == 6
+
+
+def test_include_must_name_all_of_a_zip_group(write_sweep):
+    text = BASE.replace("[1, 2]", "[1, 2, 4]") + "zip: [[batch, seq_len]]\ninclude:\n  - {batch: 8}\n"
+    with pytest.raises(SweepError, match=r"sweep.yaml:\d+: include.0: .*name all of them"):
+        load(write_sweep, text)
+
+
+def test_constraints_filter_points(write_sweep):
+    sw = load(write_sweep, BASE + "constraints: ['batch * seq_len <= 64']\n")
+    assert sorted(points(sw)) == [(1, 13), (1, 64), (2, 13)]
+
+
+def test_provider_axes_expand_only_that_provider_and_keep_the_shape(write_sweep):
+    text = BASE.replace("providers: [native, sdpa-math]", """providers:
+  - native
+  - name: cutile
+    axes: {tile_m: [64, 128], tile_n: [64, 128]}
+    zip: [[tile_m, tile_n]]""")
+    sw = load(write_sweep, text + "exclude:\n  - {tile_m: 128, seq_len: 13}\n")
+    cut = [c for c in sw.cases if c.provider == "cutile"]
+    assert len(cut) == 6 * 2 - 2
+    assert {(c.params["tile_m"], c.params["tile_n"]) for c in cut} == {(64, 64), (128, 128)}
+    assert all("tile_m" not in c.shape for c in cut)
+    assert len(points(sw)) == 6
+
+
+def test_set_filter_and_providers(write_sweep):
+    path = write_sweep(BASE)
+    sw = sweep.load(path, overrides=["seq_len=[256]", "timing.max_time_s=0.5"],
+                    filters=["batch=2"], providers=["sdpa-math"])
+    assert [(c.provider, c.params["batch"], c.params["seq_len"]) for c in sw.cases] == [("sdpa-math", 2, 256)]
+    assert sw.cases[0].timing["max_time_s"] == 0.5
+    assert len(sweep.load(path, filters=["seq_len=[13, 127]"]).cases) == 2 * 2 * 2
+
+
+def test_profile_is_merged_over_the_top_level(write_sweep):
+    text = BASE + "timing: {max_time_s: 2}\nprofiles:\n  cpu:\n    axes: {seq_len: [5]}\n    timing: {min_reps: 3}\n"
+    path = write_sweep(text)
+    sw = sweep.load(path, profile="cpu")
+    assert {c.params["seq_len"] for c in sw.cases} == {5}
+    assert sw.cases[0].timing["max_time_s"] == 2 and sw.cases[0].timing["min_reps"] == 3
+    assert sweep.has_profile(path, "cpu") and not sweep.has_profile(path, "gpu")
+    assert {c.params["seq_len"] for c in sweep.load(path).cases} == {13, 64, 127}
+
+
+BAD = [
+    # (replace this, with this, the message says, on this line)
+    ("workload: fmha", "workload: fhma", "workload: unknown workload 'fhma'", 1),
+    ("baseline: native", "baseline: cutile", "baseline: baseline 'cutile' is not one of", 2),
+    ("providers: [native, sdpa-math]", "providers: [native, sdpa-turbo]", "providers.1.name: unknown provider 'sdpa-turbo'", 3),
+    ("providers: [native, sdpa-math]", "providers: [native, native]", "listed twice", 3),
+    ("  batch: [1, 2]", "  batch: [1, two]", "axes.batch.1: expected a positive integer, got str 'two'", 5),
+    ("  batch: [1, 2]", "  batch: []", "axes.batch: expected a non-empty list", 5),
+    ("  batch: [1, 2]", "  batch: 4", "axes.batch: expected a list, got int 4", 5),
+    ("  batch: [1, 2]", "  btach: [1, 2]", "axes.btach: unknown axis for workload fmha", 5),
+    ("  dtype: [float32]", "  dtype: [float8]", "axes.dtype.0: expected one of float16, bfloat16, float32", 7),
+    ("  dtype: [float32]", "  dtype: [float32]\ntiming: {max_reps: -1}", "timing.max_reps: expected a positive number", 8),
+    ("  dtype: [float32]", "  dtype: [float32]\ntiming: {warmup: 3}", "timing.warmup: unknown key", 8),
+    ("  dtype: [float32]", "  dtype: [float32]\ntiming: {l2_flush: 1}", "timing.l2_flush: expected true or false", 8),
+    ("  dtype: [float32]", "  dtype: [float32]\nzip: [[batch, seq_len]]", "zip.0: zipped axes need lists of one length", 8),
+    ("  dtype: [float32]", "  dtype: [float32]\nconstraints: ['batch <']", "constraints.0: bad expression", 8),
+    ("  dtype: [float32]", "  dtype: [float32]\nconstraints: ['__import__(\"os\")']", "is not allowed", 8),
+    ("  dtype: [float32]", "  dtype: [float32]\nconstraints: ['heads2 > 1']", "names 'heads2', which is not an axis", 8),
+    ("  dtype: [float32]", "  dtype: [float32]\ntolerance: {float32: {max_abs: big}}", "tolerance.float32.max_abs: expected a number", 8),
+    ("  dtype: [float32]", "  dtype: [float32]\nsurprise: 1", "surprise: unknown key", 8),
+    ("  dtype: [float32]", "  dtype: [float32]\n  dtype: [float16]", "duplicate key 'dtype'", 8),
+    ("  seq_len: [13, 64, 127]", "  seq_len: [13, 64, 127", "not valid YAML", 7),
+]
+
+
+@pytest.mark.parametrize("old,new,message,line", BAD)
+def test_each_bad_field_gives_file_line_and_key(write_sweep, old, new, message, line):
+    path = write_sweep(BASE.replace(old, new))
+    with pytest.raises(SweepError) as info:
+        sweep.load(path)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(f"{path}:{line}:"), text
+    assert message in text
+
+
+def test_missing_required_key(write_sweep):
+    with pytest.raises(SweepError, match="missing required key 'axes'"):
+        load(write_sweep, "workload: fmha\nbaseline: native\nproviders: [native]\n")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "nokey=3"], "neither a sweep key nor an axis"),
+    (["--filter", "colour=red"], "not an axis of this sweep"),
+    (["--providers", "native,turbo"], "unknown provider(s) turbo"),
+    (["--profile", "h100"], "no profile 'h100'"),
+])
+def test_bad_options_exit_2_with_one_line(write_sweep, tmp_path, subprocess_env, args, message):
+    path = write_sweep(BASE)
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", str(path), "--out", str(out), *args],
+                          capture_output=True, text=True, env=subprocess_env, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bad_file_exits_2_and_writes_nothing(write_sweep, tmp_path, subprocess_env):
+    path = write_sweep(BASE.replace("[1, 2]", "[1, -2]"))
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", str(path), "--out", str(out)],
+                          capture_output=True, text=True, env=subprocess_env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {path}:5: axes.batch.1: expected a positive integer, got int -2"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["fmha", "layernorm", "smoke"])
+@pytest.mark.parametrize("profile", [None, "cpu"])
+def test_shipped_sweeps_expand(name, profile):
+    from conftest import ROOT
+
+    sw = sweep.load(ROOT / "sweeps" / f"{name}.yaml", profile=profile)
+    assert sw.cases and sw.baseline in {c.provider for c in sw.cases}
