@@ -1,0 +1,336 @@
+"""GPT-2 in one file, after nanoGPT's model.py.
+
+Parameter names, initialisation and the checkpoint format are nanoGPT's, so its `ckpt.pt` files load
+as they are. `backend` picks who runs attention, LayerNorm and GELU: PyTorch (attention naive, as the seed
+has it, or SDPA) or the project's cuTile kernels, which are imported only when asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import math
+from dataclasses import dataclass, fields
+from types import SimpleNamespace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.reference import MASK_FLOOR
+
+log = logging.getLogger(__name__)
+
+# the keys of nanoGPT's `model_args`; anything else is ours and saved only when it differs
+NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64, as nanoGPT trains it
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2 has them
+    gelu: str = "none"  # "none": exact erf GELU (nanoGPT); "tanh": GPT-2's original approximation
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def model_args(self) -> dict:
+        """nanoGPT's `model_args`, plus our own keys only where they differ from the default."""
+        args = {k: getattr(self, k) for k in NANOGPT_ARGS}
+        default = GPTConfig()
+        args.update({f.name: getattr(self, f.name) for f in fields(self)
+                     if f.name not in NANOGPT_ARGS and getattr(self, f.name) != getattr(default, f.name)})
+        return args
+
+
+PRESETS = {
+    "tiny": dict(block_size=64, vocab_size=65, n_layer=2, n_head=2, n_embd=64, bias=True),
+    # nanoGPT's config/train_shakespeare_char.py (bias off, as its train.py defaults): 10.65M params
+    "shakespeare-char": dict(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384,
+                             dropout=0.2, bias=False),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+BACKENDS = ("torch", "cutile")
+ATTENTIONS = ("naive", "sdpa")
+
+
+def _cutile_kernels() -> tuple[SimpleNamespace | None, str]:
+    """(flash_attention, layer_norm and gelu, '') or (None, why not)."""
+    import kernels
+
+    ok, reason = kernels.available()
+    if not ok:
+        return None, reason
+    try:
+        fmha = importlib.import_module("kernels.fmha")
+        ln = importlib.import_module("kernels.layernorm")
+        gelu = importlib.import_module("kernels.gelu")
+        return SimpleNamespace(flash_attention=fmha.flash_attention, layer_norm=ln.layer_norm,
+                               gelu=gelu.gelu), ""
+    except Exception as e:  # a kernel module missing or broken: fall back, say why
+        return None, f"cuTile kernels failed to import ({type(e).__name__}: {e})"
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot drop it); eps 1e-5 as GPT-2."""
+
+    def __init__(self, ndim: int, bias: bool, kernel=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.kernel = kernel
+
+    def forward(self, x):
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, attention: str, kernel=None):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.attention, self.kernel = attention, kernel
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.attention == "cutile":
+            if self.training and self.dropout > 0:
+                raise ValueError("the cuTile attention kernel has no dropout; use dropout=0 with it")
+            y = self.kernel(q, k, v, causal=True)
+        elif self.attention == "sdpa":
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:  # the seed's naive attention; its -1e20 floor only fits fp32, so mask fp32 scores
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            att = F.softmax(att.float().masked_fill(mask, MASK_FLOOR), dim=-1).to(v.dtype)
+            y = self.attn_dropout(att) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig, kernel=None):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.approximate, self.kernel = config.gelu, kernel
+
+    def forward(self, x):
+        if self.kernel is not None:  # the kernel adds c_fc's bias itself, in the same pass as GELU
+            h = self.kernel(F.linear(x, self.c_fc.weight), self.c_fc.bias, self.approximate)
+        else:
+            h = F.gelu(self.c_fc(x), approximate=self.approximate)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, attention: str, cutile=None):
+        super().__init__()
+        ln = cutile.layer_norm if cutile else None
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, ln)
+        self.attn = CausalSelfAttention(config, attention, cutile.flash_attention if cutile else None)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, ln)
+        self.mlp = MLP(config, cutile.gelu if cutile else None)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, backend: str = "torch", attention: str = "naive"):
+        """backend "cutile" runs attention, LayerNorm and GELU in cuTile kernels; where they cannot run it
+        falls back to torch with SDPA and logs one warning line. `attention` picks the torch one."""
+        super().__init__()
+        if config.gelu not in ("none", "tanh"):
+            raise ValueError(f"gelu must be 'none' or 'tanh', got {config.gelu!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        cutile = None
+        if backend == "cutile":
+            cutile, reason = _cutile_kernels()
+            if cutile is None:
+                log.warning("cutile backend unavailable (%s); using torch with SDPA attention", reason)
+                backend, attention = "torch", "sdpa"
+            else:
+                attention = "cutile"
+        self.config, self.backend, self.attention = config, backend, attention
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, attention, cutile) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias, cutile.layer_norm if cutile else None),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings left out by default, as nanoGPT reports it (the token
+        embeddings stay in: they are the lm_head's weights too)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None):
+        """(logits for every position, mean cross-entropy or None); targets of -1 are ignored."""
+        b, t = idx.size()
+        if t > self.config.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str):
+        """AdamW with weight decay on matrices only; fused on CUDA, where it is faster."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 greedy: bool = False, generator: torch.Generator | None = None):
+        """Extend idx (B, T) by max_new_tokens, feeding back at most block_size tokens each step.
+
+        greedy takes the most likely token; otherwise sample from softmax(logits / temperature),
+        restricted to the top_k most likely. `generator` makes the sampling reproducible.
+        """
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float()
+            if greedy:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
+
+    # ---- weights in and out ------------------------------------------------------------------
+
+    def load_nanogpt_state(self, state: dict) -> None:
+        """Load a nanoGPT state dict: drops torch.compile's `_orig_mod.` prefix and the causal-mask
+        buffers (`attn.bias`) that nanoGPT keeps when it has no flash attention."""
+        prefix = "_orig_mod."
+        state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.endswith(".attn.bias")}
+        self.load_state_dict(state)
+
+    @classmethod
+    def from_checkpoint(cls, path, backend: str = "torch", attention: str = "naive",
+                        map_location="cpu") -> "GPT":
+        """A model from a nanoGPT `ckpt.pt` (`model_args` and `model`), or one we saved."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        model = cls(GPTConfig(**ckpt["model_args"]), backend=backend, attention=attention)
+        model.load_nanogpt_state(ckpt["model"])
+        return model
+
+    def save_checkpoint(self, path, optimizer=None, iter_num: int = 0,
+                        best_val_loss: float = float("inf"), config: dict | None = None) -> None:
+        """Save in nanoGPT's format, so its sample.py and train.py (resume) read it."""
+        torch.save({
+            "model": self.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "model_args": self.config.model_args(),
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "config": dict(config or {}),
+        }, path)
+
+    @classmethod
+    def from_pretrained(cls, path, backend: str = "torch", attention: str = "naive",
+                        gelu: str | None = None) -> "GPT":
+        """GPT-2 weights in the Hugging Face layout from a local directory (config.json with
+        model.safetensors or pytorch_model.bin) or one of those files; nothing is downloaded.
+
+        gelu defaults to the file's activation_function: GPT-2's "gelu_new" is the tanh form.
+        """
+        sd, hf = _read_hf(Path(path))
+        sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in sd.items()}
+        n_layer = hf.get("n_layer", 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h.")))
+        if "n_head" not in hf:
+            raise ValueError(f"{path}: config.json with n_head is needed next to the weights")
+        act = hf.get("activation_function", "gelu_new")
+        config = GPTConfig(
+            block_size=hf.get("n_positions", sd["wpe.weight"].shape[0]),
+            vocab_size=sd["wte.weight"].shape[0], n_layer=n_layer, n_head=hf["n_head"],
+            n_embd=sd["wte.weight"].shape[1], dropout=0.0, bias=True,
+            gelu=gelu or ("none" if act == "gelu" else "tanh"))
+        model = cls(config, backend=backend, attention=attention)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours = {}
+        for k, v in sd.items():
+            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+                continue  # mask buffers, and the head that is tied to wte
+            ours["transformer." + k] = v.t() if k.endswith(conv1d) else v  # Conv1D stores (in, out)
+        ours["lm_head.weight"] = ours["transformer.wte.weight"]
+        model.load_state_dict(ours)
+        return model
+
+
+def _read_hf(path: Path) -> tuple[dict, dict]:
+    """(state dict, config.json as a dict or {}) from a directory or a weights file."""
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError("reading .safetensors needs the safetensors package") from None
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = path.parent / "config.json"
+    return sd, (json.loads(cfg.read_text()) if cfg.exists() else {})

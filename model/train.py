@@ -1,0 +1,199 @@
+"""Train a GPT on token files in nanoGPT's format (train.bin / val.bin, uint16; meta.pkl optional).
+
+AdamW (fused on CUDA), linear warmup then cosine decay, gradient clipping, fp16 autocast with a
+GradScaler (bf16 and fp32 too), periodic evaluation, a nanoGPT checkpoint whenever the validation
+loss improves, and the loss curve as loss.csv and loss.json in --out.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.cli import DTYPES, ArgumentParser, autocast, fail, pick_device
+from model.gpt import ATTENTIONS, BACKENDS, GPT, PRESETS, GPTConfig
+
+
+def lr_at(it: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
+    """Linear warmup to lr, cosine decay to min_lr at decay_iters, then min_lr."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it > decay_iters:
+        return min_lr
+    ratio = (it - warmup) / max(1, decay_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+class Batches:
+    """Random (x, y) windows from a split's token file, as nanoGPT's get_batch draws them."""
+
+    def __init__(self, path: Path, batch_size: int, block_size: int, device: torch.device, seed: int):
+        self.data = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(self.data) <= block_size:
+            fail(f"{path}: {len(self.data)} tokens, fewer than block_size + 1 = {block_size + 1}")
+        self.batch_size, self.block_size, self.device = batch_size, block_size, device
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.gen)
+        x = torch.stack([torch.from_numpy(self.data[i:i + self.block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(self.data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix])
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=Path("data/shakespeare_char"), help="directory with train.bin, val.bin")
+    p.add_argument("--out", type=Path, default=Path("out"), help="checkpoint and loss-curve directory")
+    p.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS))
+    p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--attention", default="sdpa", choices=ATTENTIONS, help="the torch backend's attention")
+    p.add_argument("--block-size", type=int, default=None, help="context length (default: the preset's)")
+    p.add_argument("--dropout", type=float, default=None, help="default: the preset's")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-iters", type=int, default=5000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--warmup-iters", type=int, default=100)
+    p.add_argument("--lr-decay-iters", type=int, default=None, help="default: --max-iters")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.99)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0 turns clipping off")
+    p.add_argument("--eval-interval", type=int, default=250)
+    p.add_argument("--eval-iters", type=int, default=200)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="autocast dtype (default: float16 on CUDA, else float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.block_size is not None and args.block_size < 1:
+        fail(f"--block-size must be at least 1, got {args.block_size}")
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        fail(f"--dropout must be in [0, 1), got {args.dropout}")
+    for split in ("train.bin", "val.bin"):
+        if not (args.data / split).exists():
+            fail(f"{args.data / split}: no such file (run python -m model.prepare_shakespeare first)")
+    return args
+
+
+@torch.no_grad()
+def estimate_loss(model, batches: dict, eval_iters: int, ctx) -> dict:
+    model.eval()
+    out = {}
+    for split, b in batches.items():
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            with ctx():
+                losses[k] = model(*b.next())[1].item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def main(argv=None) -> dict:
+    """Train; returns the summary also written to loss.json."""
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    meta_path = args.data / "meta.pkl"
+    overrides = {}
+    if meta_path.exists():
+        with open(meta_path, "rb") as f:
+            overrides["vocab_size"] = pickle.load(f)["vocab_size"]
+    if args.block_size is not None:
+        overrides["block_size"] = args.block_size
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    config = GPTConfig.preset(args.preset, **overrides)
+    if args.backend == "cutile" and config.dropout > 0:
+        fail(f"the cutile backend's attention has no dropout; pass --dropout 0 (the preset has {config.dropout})")
+
+    model = GPT(config, backend=args.backend, attention=args.attention).to(device)
+    optimizer = model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    step_model = torch.compile(model) if args.compile else model
+    ctx = lambda: autocast(device, dtype)  # noqa: E731
+    batches = {s: Batches(args.data / f"{s}.bin", args.batch_size, config.block_size, device, args.seed + i)
+               for i, s in enumerate(("train", "val"))}
+    decay_iters = args.lr_decay_iters or args.max_iters
+    run_config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                  "dtype": dtype, "device": str(device), "backend_used": model.backend,
+                  "attention_used": model.attention, "data_dir": str(args.data)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{args.preset}: {model.get_num_params() / 1e6:.2f}M parameters, backend {model.backend} "
+          f"({model.attention} attention), {dtype} on {device}", flush=True)
+
+    rows, best_val, step_ms = [], float("inf"), []
+    x, y = batches["train"].next()
+    t0 = time.perf_counter()
+    for it in range(args.max_iters + 1):
+        lr = lr_at(it, args.lr, args.min_lr, args.warmup_iters, decay_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % args.eval_interval == 0 or it == args.max_iters:
+            losses = estimate_loss(step_model, batches, args.eval_iters, ctx)
+            rows += [{"iter": it, "split": f"eval_{s}", "loss": v, "lr": lr, "ms": ""} for s, v in losses.items()]
+            print(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f}", flush=True)
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                model.save_checkpoint(args.out / "ckpt.pt", optimizer, it, best_val, run_config)
+            t0 = time.perf_counter()
+        if it == args.max_iters:
+            break
+        for micro in range(args.grad_accum):
+            with ctx():
+                _, loss = step_model(x, y)
+            x, y = batches["train"].next()  # fetch the next batch while the GPU works
+            scaler.scale(loss / args.grad_accum).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if (it + 1) % args.log_interval == 0:
+            lossf = loss.item()  # syncs: only once per interval
+            ms = (time.perf_counter() - t0) * 1000 / args.log_interval
+            t0 = time.perf_counter()
+            step_ms.append(ms)
+            rows.append({"iter": it + 1, "split": "train", "loss": lossf, "lr": lr, "ms": ms})
+            print(f"iter {it + 1}: loss {lossf:.4f}, lr {lr:.2e}, {ms:.2f} ms/iter", flush=True)
+
+    with open(args.out / "loss.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["iter", "split", "loss", "lr", "ms"])
+        w.writeheader()
+        w.writerows(rows)
+    evals = [r for r in rows if r["split"] == "eval_val"]
+    summary = {
+        "config": run_config,
+        "best_val_loss": best_val,
+        "first_val_loss": evals[0]["loss"],
+        "final_val_loss": evals[-1]["loss"],
+        # the first interval holds warm-up and compilation, so it is left out of the typical step time
+        "median_ms_per_iter": float(np.median(step_ms[1:] or step_ms)) if step_ms else None,
+        "curve": rows,
+    }
+    (args.out / "loss.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
