@@ -27,6 +27,13 @@ class BadInput(Exception):
     """Something the user gave cannot be used; the message is the one line they see."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (not usage + error) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def hardware(meta: dict) -> str:
     """The GPU model a run was measured on ("cpu" for runs without a GPU): runs are comparable only
     on the same model."""
@@ -95,7 +102,7 @@ def bless(run_path, root=ROOT) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m bench.baseline", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     set_ = sub.add_parser("set", help="bless RUN_DIR as the baseline for its GPU model and sweep")
     set_.add_argument("run_dir")

@@ -10,7 +10,6 @@ case that ran in BASE and fails in CUR), 0 otherwise, 2 on bad input. docs/regre
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.baseline import BadInput, hardware, open_run
+from bench.baseline import BadInput, Parser, hardware, open_run
 from bench.store import Run
 
 THRESHOLD = 0.03
@@ -224,7 +223,7 @@ def write(cmp: Comparison, out_dir) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare",
+    parser = Parser(prog="python -m bench.compare",
                                      description="Compare two runs and flag regressions.")
     parser.add_argument("base", help="baseline run directory (or a blessed baseline)")
     parser.add_argument("cur", help="current run directory")

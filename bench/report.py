@@ -5,7 +5,6 @@ job summaries. Reads the results store only; never re-runs anything.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import shlex
 import sys
@@ -17,7 +16,7 @@ import jinja2
 import pandas as pd
 
 from bench import compare, plots
-from bench.baseline import BadInput, hardware, open_run
+from bench.baseline import BadInput, Parser, hardware, open_run
 from bench.store import Run
 from bench.summary import summarize
 
@@ -265,7 +264,7 @@ def render(run: Run, out_html: Path, cmp: compare.Comparison | None = None) -> t
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m bench.report", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("--baseline", help="run directory (or blessed baseline) to compare against")
     parser.add_argument("--allow-different-hardware", action="store_true")

@@ -1,0 +1,33 @@
+"""User providers for the layernorm workload (named in a sweep as `module: delay_provider:NAME`)
+whose time per call is fixed by a spin-wait rather than by the machine's load, so a comparison of
+two runs sees exactly the slowdown put in: `slowed` takes 10% longer than `steady`."""
+import time
+
+from bench import workloads
+
+STEADY_MS = 2.0
+
+
+def _spinning(params, inputs, ms: float):
+    """Returns the reference output (computed once: its cost would blur the delay) after `ms`."""
+    out = workloads.get("layernorm").reference(params, inputs)
+
+    def fn():
+        end = time.perf_counter() + ms / 1e3
+        while time.perf_counter() < end:
+            pass
+        return out
+    return fn
+
+
+def steady(params, inputs):
+    return _spinning(params, inputs, STEADY_MS)
+
+
+def slowed(params, inputs):
+    return _spinning(params, inputs, STEADY_MS * 1.10)
+
+
+def quick(params, inputs):
+    """A second steady provider, at another speed, that must not be flagged."""
+    return _spinning(params, inputs, STEADY_MS * 0.75)

@@ -1,0 +1,173 @@
+"""bench.compare: the statistics (A/A false positives, power against a 5% slowdown), case matching,
+exit status, outputs, and a real CPU run against one with a provider slowed 10%."""
+import json
+
+import numpy as np
+import pytest
+
+from bench import compare
+from bench.run import main as run_main
+from bench.store import RunWriter
+
+H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "sm_count": 132, "memory_gb": 79.6,
+        "max_sm_clock_mhz": 1980, "max_mem_clock_mhz": 2619}
+
+
+def noisy(rng, n: int, scale: float = 1.0):
+    """Timing-like samples: lognormal spread of 5% plus 2% outliers 2-9x slower (anchors.md)."""
+    x = np.exp(rng.normal(0, 0.05, n))
+    out = rng.random(n) < 0.02
+    x[out] *= rng.uniform(2, 9, out.sum())
+    return x * scale
+
+
+def record(provider="p", samples=(1.0, 1.0), status="ok", workload="w", **params):
+    params = params or {"n": 1}
+    return {"case_id": f"{provider}{sorted(params.items())}", "workload": workload,
+            "provider": provider, "baseline": "p", "params": params, "shape": dict(params),
+            "status": status, "reason": "" if status == "ok" else f"it was {status}",
+            "samples_ms": list(samples), "flops": None, "bytes": None, "telemetry": None}
+
+
+def write_run(path, records, gpu=H100, threshold=0.03, sweep="s"):
+    """A run directory as the runner writes it, from given records."""
+    meta = {"run_id": path.name, "command": ["test"], "started_utc": "2026-01-01T00:00:00Z",
+            "complete": True, "git": {"sha": "abc", "dirty": False},
+            "sweep": {"name": sweep, "path": f"{sweep}.yaml", "workload": records[0]["workload"]
+                      if records else "w", "baseline": "p", "profile": None,
+                      "compare": {"threshold": threshold}},
+            "env": {"device_kind": "cuda" if gpu else "cpu", "gpus": [gpu] if gpu else [],
+                    "torch": "2.13", "python": "3.11"},
+            "cases": len(records)}
+    writer = RunWriter(path, meta)
+    for rec in records:
+        writer.append(rec)
+    writer.close(True)
+    return path
+
+
+def flagged(base, cur, threshold=0.03, seed=0):
+    return compare.verdict(*compare.ratio_ci(base, cur, seed=seed), threshold)
+
+
+def test_aa_trials_rarely_flag():
+    rng = np.random.default_rng(1234)
+    hits = sum(flagged(noisy(rng, 100), noisy(rng, 100), seed=i) != "unchanged" for i in range(200))
+    assert hits <= 2  # at most 1% of 200
+
+
+def test_five_percent_slowdown_is_flagged():
+    rng = np.random.default_rng(5678)
+    hits = sum(flagged(noisy(rng, 100), noisy(rng, 100, 1.05), seed=i) == "regression" for i in range(200))
+    assert hits >= 190  # at least 95% of 200
+
+
+def test_noise_wider_than_the_change_is_not_a_regression():
+    rng = np.random.default_rng(9)
+    wide = [flagged(rng.lognormal(0, 0.5, 8), rng.lognormal(0, 0.5, 8) * 1.05, seed=i) for i in range(50)]
+    assert wide.count("regression") <= 1
+    assert flagged(np.ones(50), np.full(50, 1.02)) == "unchanged"  # exact, but under the threshold
+    assert flagged(np.ones(50), np.full(50, 0.9)) == "improvement"
+
+
+def test_ratio_ci_is_reproducible_and_brackets_the_ratio():
+    rng = np.random.default_rng(3)
+    a, b = noisy(rng, 60), noisy(rng, 60, 1.2)
+    r1, r2 = compare.ratio_ci(a, b, seed=7), compare.ratio_ci(a, b, seed=7)
+    assert r1 == r2
+    ratio, lo, hi = r1
+    assert lo < ratio < hi and lo > 1.1 and hi < 1.3
+    assert np.isnan(compare.ratio_ci([1.0], [1.0])[1])
+
+
+def test_matching_one_side_and_status_changes(tmp_path):
+    base = write_run(tmp_path / "base", [
+        record("a", [1.0] * 30), record("b", [1.0] * 30), record("c", [1.0] * 30),
+        record("gone", [1.0] * 30), record("a", [1.0] * 30, n=2), record("d", status="error")])
+    cur = write_run(tmp_path / "cur", [
+        record("a", [1.2] * 30), record("b", [1.0] * 30), record("c", status="incorrect"),
+        record("new", [1.0] * 30), record("a", [1.0] * 30, n=2), record("d", [1.0] * 30)])
+    rc = compare.main([str(base), str(cur), "-o", str(tmp_path / "out")])
+    assert rc == 1
+    data = json.loads((tmp_path / "out" / "compare.json").read_text())
+    verdicts = {(c["provider"], c["params"]["n"]): c["verdict"] for c in data["cases"]}
+    assert verdicts == {("a", 1): "regression", ("b", 1): "unchanged", ("c", 1): "broken",
+                        ("a", 2): "unchanged", ("d", 1): "fixed"}
+    assert [c.split("/")[1].split(" ")[0] for c in data["only_base"]] == ["gone"]
+    assert [c.split("/")[1].split(" ")[0] for c in data["only_current"]] == ["new"]
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "regression" in md and "Only in the baseline" in md and "w/gone" in md
+
+
+def test_unchanged_runs_exit_zero_and_print_the_table(tmp_path, capsys):
+    recs = [record("a", [1.0, 1.01, 0.99] * 10)]
+    rc = compare.main([str(write_run(tmp_path / "x", recs)), str(write_run(tmp_path / "y", recs))])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "unchanged" in out and "w/a [n=1]" in out
+    assert (tmp_path / "y" / "compare.json").exists()
+
+
+def test_threshold_comes_from_the_sweep_and_the_command_line(tmp_path):
+    base = write_run(tmp_path / "b", [record("a", [1.0] * 30)])
+    cur = write_run(tmp_path / "c", [record("a", [1.05] * 30)], threshold=0.10)
+    assert compare.main([str(base), str(cur)]) == 0  # 5% is under the sweep's 10%
+    assert compare.main([str(base), str(cur), "--threshold", "0.03"]) == 1
+
+
+def test_different_hardware_is_refused_unless_allowed(tmp_path, capsys):
+    other = dict(H100, name="NVIDIA H200")
+    base = write_run(tmp_path / "b", [record("a", [1.0] * 30)])
+    cur = write_run(tmp_path / "c", [record("a", [1.0] * 30)], gpu=other)
+    assert compare.main([str(base), str(cur)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "different hardware" in err
+    assert compare.main([str(base), str(cur), "--allow-different-hardware"]) == 0
+
+
+def exit_code(main, argv) -> int:
+    """main's return value, or the status argparse exits with."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("args", [["missing_a", "missing_b"], ["--threshold", "x", "a", "b"],
+                                  ["--bogus", "a", "b"], ["malformed", "malformed"], ["empty", "empty"]])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "malformed").mkdir()
+    (tmp_path / "malformed" / "meta.json").write_text("{not json")
+    (tmp_path / "empty").mkdir()
+    assert exit_code(compare.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:")
+
+
+SWEEP = """
+name: delay
+workload: layernorm
+baseline: steady
+providers:
+  - {{name: steady, module: "delay_provider:steady"}}
+  - {{name: quick, module: "delay_provider:quick"}}
+  - {{name: delay, module: "delay_provider:{delay}"}}
+axes: {{rows: [4], hidden: [16], dtype: [float32], mode: [fwd]}}
+timing: {{warmup_ms: 5, min_reps: 60, max_reps: 80, max_time_s: 1.0, target_ci: 0.0001, timeout_s: 60}}
+"""
+
+
+def test_real_cpu_run_with_a_slowed_provider(tmp_path, write_sweep, capsys):
+    runs = []
+    for delay in ("steady", "slowed"):
+        path = write_sweep(SWEEP.format(delay=delay), f"{delay}.yaml")
+        assert run_main([str(path), "--out", str(tmp_path / "results")]) == 0
+        runs.append(capsys.readouterr().out.strip().splitlines()[-1])
+    rc = compare.main([runs[0], runs[1], "-o", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    cases = json.loads((tmp_path / "cmp" / "compare.json").read_text())["cases"]
+    flagged_cases = [c["provider"] for c in cases if c["verdict"] != "unchanged"]
+    assert flagged_cases == ["delay"], out
+    assert "layernorm/delay" in out
