@@ -22,14 +22,15 @@ from kernels import reference
 from model.cli import DTYPES, ArgumentParser, autocast, fail, pick_device
 from model.gpt import GPT, PRESETS, GPTConfig
 
-# L2/L3 budgets on the candidate-vs-torch distance, for fp16/bf16 autocast; set from measurement
-# (docs/model.md): a few times the distance of torch's own autocast run from float32.
+# L2/L3 budgets on the candidate-vs-torch distance under fp16/bf16 autocast, set from measurement
+# (docs/model.md): about ten times the distance of torch's own autocast run from float32. max_abs is
+# relative to the largest |value| of the torch side (at least 1): trained GPT-2 carries residual
+# activations in the thousands, where one fp16 ulp is already above any fixed absolute budget.
 BUDGETS = {
-    "float16": {"L2": {"max_abs": 5e-2, "rel": 1e-2}, "L3": {"max_abs": 5e-2, "rel": 1e-2}},
-    "bfloat16": {"L2": {"max_abs": 2e-1, "rel": 5e-2}, "L3": {"max_abs": 2e-1, "rel": 5e-2}},
+    "float16": {"L2": {"max_abs": 1e-2, "rel": 1e-2}, "L3": {"max_abs": 1e-2, "rel": 1e-2}},
+    "bfloat16": {"L2": {"max_abs": 8e-2, "rel": 8e-2}, "L3": {"max_abs": 8e-2, "rel": 8e-2}},
     "float32": {"L2": {"max_abs": 1e-4, "rel": 1e-4}, "L3": {"max_abs": 1e-4, "rel": 1e-4}},
 }
-
 
 def _row(level: str, name: str, err: dict, tol: dict, **extra) -> dict:
     return {"level": level, "name": name, **err, "budget": tol, "pass": passes(err, tol), **extra}
@@ -121,7 +122,8 @@ def compare_models(config: GPTConfig, state: dict, batch: int, seq_len: int, dev
     for i, (r, x, y) in enumerate(zip(ref, a, b)):
         level = "L3" if i == len(ref) - 1 else "L2"
         name = "logits" if level == "L3" else f"block {i}"
-        rows.append(_row(level, f"{name} B{batch} T{seq_len}", errors(y, x), budgets[level],
+        tol = {**budgets[level], "max_abs": budgets[level]["max_abs"] * max(1.0, x.abs().max().item())}
+        rows.append(_row(level, f"{name} B{batch} T{seq_len}", errors(y, x), tol,
                          layer=i, batch=batch, seq_len=seq_len,
                          torch_vs_fp32=errors(x, r), candidate_vs_fp32=errors(y, r)))
     return rows[:-1], rows[-1:]

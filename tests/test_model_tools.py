@@ -1,0 +1,182 @@
+"""The model's commands (prepare, train, sample, parity) and the model_step workload, on CPU."""
+import json
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from bench.check import errors, passes, tolerance_for
+from bench.workloads import Unavailable, get
+from model import parity, prepare_shakespeare, sample, train
+from model.gpt import GPT, GPTConfig
+
+# the tiny Shakespeare corpus: $TINYSHAKESPEARE, or the copy shared beside the repository, if present
+CORPUS = Path(os.environ.get("TINYSHAKESPEARE")
+              or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def corpus_text(n: int = 200_000) -> str:
+    """The start of the corpus, or generated verse-like text where the corpus is absent."""
+    if CORPUS.exists():
+        return CORPUS.read_text(encoding="utf-8")[:n]
+    rng = random.Random(0)
+    words = ["thou", "art", "the", "king", "of", "my", "heart", "and", "love", "doth", "speak", "so"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + "."
+             for _ in range(n // 30)]
+    return "\n".join(lines)[:n]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shakespeare_char")
+    (out / "input.txt").write_text(corpus_text(), encoding="utf-8")
+    prepare_shakespeare.main(["--input", str(out / "input.txt")])
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    summary = train.main(["--data", str(data_dir), "--out", str(out), "--preset", "tiny",
+                          "--block-size", "32", "--batch-size", "16", "--max-iters", "80",
+                          "--lr", "3e-3", "--warmup-iters", "10", "--eval-interval", "40",
+                          "--eval-iters", "8", "--log-interval", "20", "--device", "cpu"])
+    return out, summary
+
+
+def test_prepare_writes_nanogpts_shakespeare_char_format(data_dir):
+    text = (data_dir / "input.txt").read_text(encoding="utf-8")
+    with open(data_dir / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    assert set(meta) == {"vocab_size", "stoi", "itos"}
+    assert meta["vocab_size"] == len(set(text)) and list(meta["stoi"]) == sorted(set(text))
+    assert all(meta["itos"][i] == c for c, i in meta["stoi"].items())
+    train_ids = np.fromfile(data_dir / "train.bin", dtype=np.uint16)
+    val_ids = np.fromfile(data_dir / "val.bin", dtype=np.uint16)
+    assert len(train_ids) == int(len(text) * 0.9) and len(train_ids) + len(val_ids) == len(text)
+    assert "".join(meta["itos"][int(i)] for i in np.concatenate([train_ids, val_ids])) == text
+
+
+def test_prepare_without_the_corpus_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare_shakespeare.main(["--input", str(tmp_path / "missing.txt")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    lrs = [train.lr_at(i, 1.0, 0.1, 10, 100) for i in range(120)]
+    assert lrs[0] < lrs[5] < lrs[9] < 1.0
+    assert all(a >= b for a, b in zip(lrs[10:101], lrs[11:101]))
+    assert lrs[100] == pytest.approx(0.1) and lrs[119] == 0.1
+
+
+def test_a_tiny_training_run_lowers_the_loss(trained):
+    out, summary = trained
+    assert summary["final_val_loss"] < summary["first_val_loss"] - 0.5
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert rows[0] == "iter,split,loss,lr,ms" and len(rows) == 1 + 3 * 2 + 4  # evals at 0, 40, 80
+    assert json.loads((out / "loss.json").read_text())["best_val_loss"] == summary["best_val_loss"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 80 and ckpt["model_args"]["block_size"] == 32
+
+
+def test_train_rejects_bad_flags_in_one_line(data_dir, tmp_path, capsys):
+    for argv in (["--batch-size", "0"], ["--dtype", "float8"], ["--data", str(tmp_path)],
+                 ["--backend", "cutile", "--preset", "shakespeare-char"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--data", str(data_dir), "--out", str(tmp_path), *argv] if argv[0] != "--data"
+                       else argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.count("\n") == 1, argv
+
+
+def test_sampling_is_seeded_and_deterministic(trained, capsys):
+    out, _ = trained
+    ckpt = str(out / "ckpt.pt")
+    run = lambda *a: sample.main(["--checkpoint", ckpt, "--max-new-tokens", "40", "--device", "cpu", *a])  # noqa: E731
+    first, again, other = run("--seed", "1"), run("--seed", "1"), run("--seed", "2")
+    assert first == again and first != other and len(first[0]) == 41
+    greedy = run("--greedy", "--start", "The")
+    assert greedy == run("--greedy", "--start", "The", "--seed", "5") and greedy[0].startswith("The")
+    with pytest.raises(SystemExit) as e:
+        run("--start", "\u00e9")  # not in the vocabulary
+    assert e.value.code == 2 and "outside the vocabulary" in capsys.readouterr().err
+
+
+def test_parity_l1_l2_l3_on_cpu_compares_naive_with_sdpa(trained, tmp_path):
+    out, _ = trained
+    report = parity.main(["--models", "tiny", "--checkpoint", str(out / "ckpt.pt"), "--seq-lens", "1,13,32",
+                          "--batches", "1,3", "--levels", "L2,L3", "--device", "cpu",
+                          "--out", str(tmp_path / "parity.json")])
+    assert report == json.loads((tmp_path / "parity.json").read_text())
+    assert report["pass"] and report["candidate"] == ("cutile" if kernels.available()[0] else "torch-sdpa")
+    l2, l3 = report["levels"]["L2"]["rows"], report["levels"]["L3"]["rows"]
+    assert len(l3) == 2 * 3 * 2 and len(l2) == 2 * len(l3)  # two models x 3 T x 2 batches; 2 blocks each
+    assert all(r["rel"] < 1e-5 for r in l2 + l3)  # float32 on both sides
+    assert all(r["candidate_vs_fp32"]["rel"] < 1e-5 for r in l3)
+
+
+def test_parity_l1_checks_every_kernel_forward_and_backward():
+    rows = parity.level1(torch.device("cpu"), "float32", use_cutile=False)
+    names = " ".join(r["name"] for r in rows)
+    for op in ("attention fwd", "attention bwd", "layer_norm fwd", "layer_norm bwd dx",
+               "layer_norm bwd dweight", "gelu+bias fwd", "gelu+bias bwd"):
+        assert op in names
+    assert all(r["pass"] for r in rows) and any(" T1 " in r["name"] for r in rows)
+
+
+def test_parity_rejects_a_sequence_longer_than_block_size(capsys):
+    with pytest.raises(SystemExit) as e:
+        parity.main(["--models", "tiny", "--seq-lens", "13,65", "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exceeds" in err and "block_size 64" in err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd", "train"])
+def test_model_step_gate_passes_for_the_torch_providers(mode, dtype):
+    w = get("model_step")
+    p = dict(w.defaults, mode=mode, dtype=dtype, seq_len=13)
+    x = w.make_inputs(p, torch.device("cpu"))
+    ref = w.reference(p, x)
+    assert ref.shape == ((2, 13, 65) if mode == "fwd" else ())
+    for name in ("torch-naive", "torch-sdpa"):
+        fn = w.providers[name](p, x)
+        err = errors(fn(), ref)
+        assert passes(err, tolerance_for(dtype)), (name, err)
+    if mode == "train":  # the step updates the weights, so the next loss differs
+        assert not torch.equal(fn(), fn())
+
+
+@pytest.mark.skipif(kernels.available()[0], reason="cuTile runs here")
+def test_model_step_cutile_is_unavailable_with_the_reason():
+    w = get("model_step")
+    x = w.make_inputs(w.defaults, torch.device("cpu"))
+    with pytest.raises(Unavailable, match=kernels.available()[1]):
+        w.providers["cutile"](w.defaults, x)
+
+
+def test_model_step_flops_follow_nanogpts_estimate():
+    w = get("model_step")
+    p = dict(model="gpt2", batch=8, seq_len=1024, mode="fwd")
+    with torch.device("meta"):
+        n = GPT(GPTConfig.preset("gpt2")).get_num_params()
+    assert w.flops(p) == 8 * 1024 * (2 * n + 4 * 12 * 768 * 1024)
+    assert w.flops({**p, "mode": "train"}) == w.flops({**p, "mode": "fwd_bwd"}) == 3 * w.flops(p)
+    with pytest.raises(ValueError, match="exceeds"):
+        w.make_inputs({**p, "model": "tiny", "seq_len": 65}, torch.device("cpu"))
