@@ -1,0 +1,135 @@
+"""bench.report: renders from the committed fixture run and from a fresh CPU run; the HTML parses and
+holds every section with its embedded images; odd runs (all skipped, no seq_len axis, no cases)
+still render; a headless screenshot is non-blank where Chromium exists."""
+import base64
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from bench import report
+from bench.run import main as run_main
+from test_compare import exit_code, record, write_run
+
+FIXTURE = Path(__file__).resolve().parent.parent / "results" / "fixtures" / "h100_synthetic"
+SECTIONS = {"environment", "headline", "per-step", "failures"}
+
+
+class Page(HTMLParser):
+    """Section ids, embedded PNGs and table count of a report."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.sections, self.images, self.tables = set(), [], 0
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.add(attrs["id"])
+        elif tag == "table":
+            self.tables += 1
+        elif tag == "img":
+            src = attrs["src"]
+            assert src.startswith("data:image/png;base64,"), "images must be embedded"
+            self.images.append(base64.b64decode(src.split(",", 1)[1]))
+
+
+def render(run_dir, tmp_path, *extra) -> tuple[Page, str, str]:
+    out = tmp_path / "out" / "report.html"
+    assert report.main([str(run_dir), "-o", str(out), *extra]) == 0
+    html = out.read_text()
+    return Page(html), html, (out.parent / "report.md").read_text()
+
+
+def test_fixture_renders_every_section_with_images(tmp_path):
+    page, html, md = render(FIXTURE, tmp_path)
+    assert SECTIONS | {"workload-fmha", "workload-layernorm", "workload-model_step"} <= page.sections
+    assert "comparison" not in page.sections
+    # fmha: time, TFLOP/s, tile heatmap; layernorm: time, GB/s; model_step: time; per-step chart
+    assert len(page.images) >= 7
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in page.images)
+    assert "NVIDIA H100 80GB HBM3" in html and "580.159.04" in html and "sw_power_cap" in html
+    assert "tileiras compile exceeded" in html and "TileGym is not installed" in html
+    assert "reported on other hardware" in html
+    assert "### Best speedup per workload" in md and "| fmha | cutile |" in md
+    assert "### Per-step comparison" in md and "2.8 ms" in md
+
+
+def test_baseline_adds_the_comparison(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(FIXTURE, base)
+    lines = (base / "samples.jsonl").read_text().splitlines()
+    # the baseline was 20% faster on the first case: the fixture run is a regression against it
+    first = json.loads(lines[0])
+    first["samples_ms"] = [v / 1.2 for v in first["samples_ms"]]
+    (base / "samples.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    page, html, md = render(FIXTURE, tmp_path, "--baseline", str(base))
+    assert "comparison" in page.sections
+    assert "1 regression" in html and "regression" in md and "fmha/native" in md
+
+
+def test_fresh_cpu_run_renders(tmp_path, write_sweep, capsys):
+    sweep = write_sweep("""
+workload: layernorm
+baseline: torch
+providers: [torch, cutile]
+axes: {rows: [8], hidden: [32, 64], dtype: [float32], mode: [fwd]}
+timing: {warmup_ms: 1, min_reps: 5, max_reps: 20, max_time_s: 0.05, timeout_s: 60}
+""")
+    assert run_main([str(sweep), "--out", str(tmp_path / "results")]) == 0
+    capsys.readouterr()
+    page, html, md = render(tmp_path / "results" / "latest", tmp_path)
+    assert SECTIONS | {"workload-layernorm"} <= page.sections
+    assert len(page.images) >= 2  # time and GB/s vs hidden
+    assert "skipped" in html and "cuTile not available" in html  # no GPU here
+    assert "(cpu)" in md
+
+
+def test_odd_runs_still_render(tmp_path):
+    skipped = write_run(tmp_path / "skipped", [record("a", [], "skipped", workload="fmha", seq_len=s)
+                                               for s in (64, 128)], gpu=None)
+    page, html, _ = render(skipped, tmp_path)
+    assert SECTIONS <= page.sections and "it was skipped" in html and page.images == []
+    no_seq = write_run(tmp_path / "noseq", [record(p, [1.0, 1.1, 0.9], workload="gemm", m=m)
+                                            for p in ("p", "q") for m in (1, 2)], gpu=None)
+    page, html, _ = render(no_seq, tmp_path)
+    assert "workload-gemm" in page.sections and "No plot" in html
+    empty = write_run(tmp_path / "empty", [], gpu=None)
+    page, html, _ = render(empty, tmp_path)
+    assert SECTIONS <= page.sections and "no cases" in html
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "meta.json").write_text("[1, 2")
+    for argv in (["nowhere"], [str(tmp_path / "bad")], [str(FIXTURE), "--baseline", "nowhere"],
+                 [str(FIXTURE), "--colour"]):
+        assert exit_code(report.main, argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error:")
+
+
+def inked_fraction(png: Path) -> float:
+    """Share of pixels that are not near-white: 0 for a blank page."""
+    img = matplotlib.image.imread(png)
+    return float((img[..., :3] < 0.9).any(axis=-1).mean())
+
+
+def test_headless_screenshot_is_not_blank(tmp_path):
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                    if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no chromium on PATH (install it to check the report in a real browser)")
+    html = tmp_path / "out" / "report.html"
+    render(FIXTURE, tmp_path)
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1400,3000", html.as_uri()], check=True, timeout=120,
+                   capture_output=True)
+    assert inked_fraction(shot) > 0.01
