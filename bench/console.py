@@ -3,7 +3,6 @@ compact table of the best provider per shape and one line per reason a provider 
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter
 
 import pandas as pd
@@ -13,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 err = Console(stderr=True)
-out = Console(file=sys.stdout, width=160)
+out = Console(width=160)  # writes to whatever sys.stdout is at the time
 
 
 def progress(total: int) -> Progress:

@@ -76,8 +76,8 @@ def sdpa(backend_name):
         try:  # ask once whether this backend takes these inputs here
             fn()
         except RuntimeError as e:
-            raise Unavailable(f"SDPA {backend_name.lower()} backend unavailable for these inputs "
-                              f"({str(e).splitlines()[0][:120]})") from None
+            first = str(e).strip().split(". ")[0].splitlines()[0][:120]
+            raise Unavailable(f"SDPA {backend_name.lower()} backend unavailable here ({first})") from None
         return fn
     return factory
 

@@ -1,0 +1,199 @@
+"""The runner end to end on the CPU: the correctness gate, failure isolation, kill -9 then --resume,
+several workers, and the results store it leaves behind."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from bench import run, store
+
+SMALL = """\
+workload: fmha
+baseline: native
+providers:
+{providers}
+axes:
+  batch: [1]
+  heads: [2]
+  seq_len: {seq_lens}
+  head_dim: [16]
+  dtype: [float32]
+timing: {{warmup_ms: 1, min_reps: 3, max_reps: 20, max_time_s: 0.05, target_ci: 0.5, timeout_s: {timeout}}}
+"""
+
+
+def small(providers, seq_lens="[13, 33]", timeout=60):
+    items = "\n".join(f"  - {p}" if ":" not in p else f"  - {{name: {p.split(':')[1]}, module: '{p}'}}"
+                      for p in providers)
+    return SMALL.format(providers=items, seq_lens=seq_lens, timeout=timeout)
+
+
+def run_sweep(path, out, *args):
+    code = run.main([str(path), "--out", str(out), *args])
+    return code, store.load_run(out / "latest") if (out / "latest").exists() else None
+
+
+def by_provider(records):
+    return {(r["provider"], r["params"]["seq_len"]): r for r in records}
+
+
+def test_gate_marks_a_wrong_provider_incorrect_and_keeps_it_out_of_speedups(write_sweep, tmp_path):
+    path = write_sweep(small(["native", "sdpa-math", "faulty_providers:wrong"]))
+    code, r = run_sweep(path, tmp_path)
+    assert code == 0 and r.meta["complete"]
+    recs = by_provider(r.records)
+    assert recs[("wrong", 13)]["status"] == "incorrect"
+    assert recs[("wrong", 13)]["max_abs_err"] == pytest.approx(1.0, rel=1e-6)
+    assert recs[("wrong", 13)]["samples_ms"], "an incorrect provider is still timed"
+    assert recs[("sdpa-math", 13)]["status"] == "ok" and recs[("sdpa-math", 13)]["rel_err"] < 1e-5
+    summary = pd.read_csv(r.path / "summary.csv")
+    wrong = summary[summary.provider == "wrong"]
+    assert wrong.speedup.isna().all()
+    ok = summary[summary.provider == "sdpa-math"]
+    assert (ok.speedup > 0).all()
+    native = summary[summary.provider == "native"]
+    assert (native.speedup == 1.0).all()
+
+
+def test_crash_hang_and_oom_cost_only_their_own_case(write_sweep, tmp_path):
+    path = write_sweep(small(["native", "faulty_providers:abort", "faulty_providers:hang",
+                              "faulty_providers:oom", "sdpa-math"], seq_lens="[13]", timeout=3))
+    t0 = time.time()
+    code, r = run_sweep(path, tmp_path)
+    assert code == 0 and r.meta["complete"]
+    status = {p: rec["status"] for (p, _), rec in by_provider(r.records).items()}
+    assert status == {"native": "ok", "abort": "crashed", "hang": "timeout", "oom": "oom",
+                      "sdpa-math": "ok"}
+    reasons = {rec["provider"]: rec["reason"] for rec in r.records}
+    assert "exit code" in reasons["abort"] and "3 s" in reasons["hang"]
+    assert "out of memory" in reasons["oom"]
+    assert time.time() - t0 < 90
+
+
+def test_store_layout(write_sweep, tmp_path):
+    path = write_sweep(small(["native", "sdpa-math"]))
+    code, r = run_sweep(path, tmp_path)
+    assert code == 0
+    assert r.path.parent == tmp_path and r.path.name.endswith(r.meta["git"]["sha"][:10] if r.meta["git"]["sha"] else "nogit")
+    meta = r.meta
+    assert meta["sweep"]["sha256"] and meta["sweep"]["baseline"] == "native"
+    assert meta["env"]["torch"] and meta["env"]["python"] and meta["env"]["device_kind"] == "cpu"
+    assert meta["cases"] == 4 and len(r.records) == 4
+    for rec in r.records:
+        assert rec["status"] == "ok" and len(rec["samples_ms"]) >= 3
+        assert all(x > 0 for x in rec["samples_ms"]) and rec["flops"] > 0 and rec["bytes"] > 0
+    summary = pd.read_csv(r.path / "summary.csv")
+    assert len(summary) == 4
+    for col in ["median_ms", "iqr_ms", "ci_low_ms", "ci_high_ms", "tflops", "gbps", "speedup",
+                "max_abs_err", "rel_err", "status", "seq_len"]:
+        assert col in summary.columns
+    assert (summary.ci_low_ms <= summary.median_ms).all() and (summary.median_ms <= summary.ci_high_ms).all()
+
+
+def _case_ids(run_path):
+    return sorted(rec["case_id"] for rec in store.read_records(run_path))
+
+
+def test_kill_9_then_resume_gives_the_same_cases(write_sweep, tmp_path, subprocess_env):
+    path = write_sweep(small(["native", "faulty_providers:slow"], seq_lens="[5, 9, 13, 17, 21, 25]"))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", str(path), "--out", str(out)],
+                            env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    run_dir = None
+    while time.time() < deadline:
+        dirs = [d for d in out.glob("*") if d.is_dir()] if out.exists() else []
+        if dirs and len(store.read_records(dirs[0])) >= 3:
+            run_dir = dirs[0]
+            break
+        time.sleep(0.05)
+    assert run_dir is not None, "the run never stored three cases"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    partial = store.load_run(run_dir)
+    assert not partial.meta["complete"] and not (out / "latest").exists()
+    assert 3 <= len(partial.records) < 12
+
+    code = run.main(["--resume", str(run_dir)])
+    assert code == 0
+    resumed = store.load_run(run_dir)
+    assert resumed.meta["complete"] and (out / "latest").resolve() == run_dir.resolve()
+    lines = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert len([ln for ln in lines if ln.strip()]) <= 12 + 1  # nothing finished was run again
+
+    code, full = run_sweep(path, tmp_path / "full")
+    assert code == 0
+    assert _case_ids(run_dir) == _case_ids(full.path) and len(_case_ids(run_dir)) == 12
+
+
+def test_two_workers_give_the_same_cases_as_one(write_sweep, tmp_path):
+    path = write_sweep(small(["native", "sdpa-math"], seq_lens="[5, 9, 13]"))
+    code1, one = run_sweep(path, tmp_path / "one")
+    code2, two = run_sweep(path, tmp_path / "two", "--workers", "2")
+    assert code1 == code2 == 0
+    assert _case_ids(one.path) == _case_ids(two.path)
+    assert all(rec["status"] == "ok" for rec in two.records)
+    assert two.meta["devices"] == ["cpu", "cpu"]
+
+
+def test_interrupt_leaves_a_partial_run_that_resumes(write_sweep, tmp_path, subprocess_env):
+    path = write_sweep(small(["native", "faulty_providers:slow"], seq_lens="[5, 9, 13, 17]"))
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", str(path), "--out", str(out)],
+                            env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        dirs = [d for d in out.glob("*") if d.is_dir()] if out.exists() else []
+        if dirs and store.read_records(dirs[0]):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "--resume" in stderr
+    run_dir = dirs[0]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["complete"] is False
+    assert run.main(["--resume", str(run_dir)]) == 0
+    assert len(store.read_records(run_dir)) == 8
+
+
+def test_dry_run_lists_cases_and_writes_nothing(write_sweep, tmp_path, capsys):
+    path = write_sweep(small(["native", "sdpa-math"]))
+    assert run.main([str(path), "--out", str(tmp_path / "r"), "--dry-run"]) == 0
+    assert "4 cases" in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()
+
+
+def test_unavailable_provider_is_skipped_with_its_reason(write_sweep, tmp_path, capsys):
+    path = write_sweep(small(["native", "cutile"]))
+    code, r = run_sweep(path, tmp_path)
+    assert code == 0
+    skipped = [rec for rec in r.records if rec["provider"] == "cutile"]
+    import kernels
+
+    ok, reason = kernels.available()
+    if ok:
+        pytest.skip("cuTile runs here; nothing is skipped")
+    assert all(rec["status"] == "skipped" and reason in rec["reason"] for rec in skipped)
+    out = capsys.readouterr().out
+    assert f"skipped cutile (2 cases): cuTile not available: {reason}" in out
+    assert "Traceback" not in out
+
+
+def test_median_is_finite_and_speedup_matches_samples(write_sweep, tmp_path):
+    path = write_sweep(small(["native", "sdpa-math"], seq_lens="[13]"))
+    code, r = run_sweep(path, tmp_path)
+    recs = by_provider(r.records)
+    import numpy as np
+
+    expect = np.median(recs[("native", 13)]["samples_ms"]) / np.median(recs[("sdpa-math", 13)]["samples_ms"])
+    summary = pd.read_csv(r.path / "summary.csv").set_index("provider")
+    assert math.isclose(summary.loc["sdpa-math", "speedup"], expect, rel_tol=1e-9)
