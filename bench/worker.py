@@ -33,6 +33,16 @@ def _seed(case: Case) -> int:
     return int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16)
 
 
+def build(case: Case, device: torch.device):
+    """(inputs, fn) for a case: seeded fresh inputs and the provider's callable over them."""
+    wl = workloads.get(case.workload)
+    factory = (workloads.load_user_provider(case.module) if case.module
+               else wl.providers[case.provider])
+    torch.manual_seed(_seed(case))
+    inputs = wl.make_inputs(case.params, device)
+    return inputs, factory(case.params, inputs)
+
+
 def run_case(case: Case, device: torch.device) -> dict:
     """Build inputs, check the provider against the reference, then time it. Never raises."""
     rec = {
@@ -46,14 +56,10 @@ def run_case(case: Case, device: torch.device) -> dict:
     gpu = device.index if device.type == "cuda" else None
     try:
         wl = workloads.get(case.workload)
-        factory = (workloads.load_user_provider(case.module) if case.module
-                   else wl.providers[case.provider])
         rec["flops"] = wl.flops(case.params) if wl.flops else None
         rec["bytes"] = wl.bytes(case.params) if wl.bytes else None
         with timing.nvtx_range(f"case {case.case_id} {case.label}"):
-            torch.manual_seed(_seed(case))
-            inputs = wl.make_inputs(case.params, device)
-            fn = factory(case.params, inputs)
+            inputs, fn = build(case, device)
             with timing.nvtx_range("check"):
                 t0 = time.perf_counter()
                 out = fn()
