@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import textwrap
 
 import matplotlib
 
@@ -29,7 +30,7 @@ def to_base64(fig) -> str:
 
 
 def facet_label(key: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in key.items()) or "all cases"
+    return ", ".join(f"{k}={v}" if k else str(v) for k, v in key.items()) or "all cases"
 
 
 def _facets(frame: pd.DataFrame, by: list[str]) -> list[tuple[dict, pd.DataFrame]]:
@@ -49,7 +50,7 @@ def _pages(facets, draw, title: str, width: float = 4.2, height: float = 3.0) ->
         fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
         for ax, (key, group) in zip(axes.flat, page):
             draw(ax, key, group)
-            ax.set_title(facet_label(key), fontsize=8)
+            ax.set_title(textwrap.fill(facet_label(key), 60), fontsize=8)
         for ax in axes.flat[len(page):]:
             ax.set_visible(False)
         fig.suptitle(title, fontsize=10)
@@ -157,5 +158,5 @@ def trend(history: pd.DataFrame, title: str) -> list[str]:
         ax.tick_params(axis="x", labelsize=6, rotation=30)
         ax.grid(True, alpha=0.3)
 
-    facets = [({"case": case}, g) for case, g in history.groupby("case", sort=True)]
+    facets = [({"": case}, g) for case, g in history.groupby("case", sort=True)]
     return _pages(facets, draw, title)

@@ -111,7 +111,8 @@ def workload_section(name: str, frame: pd.DataFrame, records: list[dict], meta: 
     if frame["config"].ne("").any():
         cols["config"] = "config"
     cols.update({a: a for a in vary})
-    cols.update(status="status", median_ms="median ms", ci_rel="CI ±")
+    frame["ci_pct"] = frame["ci_rel"] * 100
+    cols.update(status="status", median_ms="median ms", ci_pct="CI ± %")
     if m:
         cols[m[0]] = m[1]
     cols.update(speedup="speedup", rel_err="rel err", max_abs_err="max abs err")

@@ -1,0 +1,90 @@
+"""bench.nightly and bench.baseline on CPU: a first night without a baseline, blessing it, then a
+night with a provider slowed 10% that fails, names the case, and lands in the history and trend."""
+import gzip
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench import baseline, nightly, sweep
+from test_compare import exit_code, record, write_run
+from test_report import Page
+
+SWEEP = """
+name: tiny
+workload: layernorm
+baseline: steady
+providers:
+  - {{name: steady, module: "delay_provider:steady"}}
+  - {{name: delay, module: "delay_provider:{delay}"}}
+axes: {{rows: [4], hidden: [16], dtype: [float32], mode: [fwd]}}
+timing: {{warmup_ms: 5, min_reps: 60, max_reps: 80, max_time_s: 1.0, target_ci: 0.0001, timeout_s: 60}}
+"""
+
+
+def night(tmp_path, write_sweep, delay: str) -> tuple[int, str]:
+    sweep = write_sweep(SWEEP.format(delay=delay), "tiny.yaml")
+    config = write_sweep(f"sweeps:\n  - sweep: {sweep}\n    set: ['hidden=[16]']\n", "nightly.yaml")
+    rc = nightly.main(["--config", str(config), "--out", str(tmp_path / "results"),
+                       "--baselines", str(tmp_path / "baselines"),
+                       "--history", str(tmp_path / "history.csv")])
+    summaries = sorted((tmp_path / "results" / "nightly").glob("*/report.md"))
+    return rc, summaries[-1].read_text()
+
+
+def test_nightly_blesses_compares_and_keeps_history(tmp_path, write_sweep, capsys):
+    rc, md = night(tmp_path, write_sweep, "steady")
+    assert rc == 0 and "No baseline for cpu / tiny" in md
+    latest = tmp_path / "results" / "latest"
+    assert (latest / "report.html").exists()
+
+    assert baseline.main(["set", str(latest), "--root", str(tmp_path / "baselines")]) == 0
+    stored = tmp_path / "baselines" / "cpu" / "tiny"
+    assert {p.name for p in stored.iterdir()} == {"meta.json", "summary.csv", "samples.jsonl.gz",
+                                                  "blessed.json"}
+    with gzip.open(stored / "samples.jsonl.gz", "rt") as f:
+        assert len(f.read().splitlines()) == 2
+    assert len(baseline.open_run(stored).records) == 2
+
+    capsys.readouterr()
+    rc, md = night(tmp_path, write_sweep, "slowed")
+    assert rc == 1, capsys.readouterr().out
+    assert "Nightly benchmark: REGRESSION" in md and "layernorm/delay" in md
+    assert "layernorm/steady" not in md.split("Regressions against the baseline")[1]
+
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert len(history) == 4 and history["run_id"].nunique() == 2
+    flagged = history[history["verdict"] == "regression"]
+    assert list(flagged["provider"]) == ["delay"] and flagged["change"].iloc[0] > 0.05
+    trends = sorted((tmp_path / "results" / "nightly").glob("*/trend.html"))
+    page = Page(trends[-1].read_text())
+    assert "flagged" in page.sections and len(page.images) == 1
+    assert "regression: layernorm/delay" in trends[-1].read_text()
+
+
+def test_bless_refuses_an_incomplete_run(tmp_path, capsys):
+    run = write_run(tmp_path / "run", [record("a", [1.0, 1.0])])
+    meta = (run / "meta.json").read_text().replace('"complete": true', '"complete": false')
+    (run / "meta.json").write_text(meta)
+    assert baseline.main(["set", str(run), "--root", str(tmp_path / "b")]) == 2
+    assert "incomplete" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["sweeps: []", "sweeps: [{sweep: nowhere.yaml}]", "[1, 2",
+                                  "sweeps: [{sweep: SWEEP, sizes: 3}]", "sweeps: [{sweep: SWEEP, set: [1]}]"])
+def test_bad_config_is_one_line_and_exit_2(tmp_path, write_sweep, capsys, text):
+    sweep = write_sweep(SWEEP.format(delay="steady"), "tiny.yaml")
+    config = write_sweep(text.replace("SWEEP", str(sweep)), "nightly.yaml")
+    assert exit_code(nightly.main, ["--config", str(config), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:")
+    assert not (tmp_path / "nightly").exists()
+
+
+def test_shipped_nightly_config_is_valid(monkeypatch):
+    """Every entry loads as the GPU machine would run it (no CPU profile), at the sizes in the file."""
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    plan = nightly.load_plan("sweeps/nightly.yaml")
+    counts = {p["sweep"]: len(sweep.load(p["sweep"], None, p["set"], p["filter"], p["providers"] or None).cases)
+              for p in plan}
+    assert counts == {"sweeps/fmha.yaml": 96, "sweeps/layernorm.yaml": 30, "sweeps/model.yaml": 16}
