@@ -38,7 +38,8 @@ def make_inputs(p, device):
 
 def reference(p, x):
     """The float32 torch model with naive attention: logits for fwd, else the loss."""
-    model = GPT(x["config"]).to(x["idx"].device)
+    with x["idx"].device:
+        model = GPT(x["config"])
     model.load_state_dict(x["state"])
     with torch.no_grad():
         logits, loss = model(x["idx"], None if p["mode"] == "fwd" else x["targets"])
@@ -51,7 +52,8 @@ def _provider(backend: str, attention: str = "naive", compile: bool = False):
             for name in ("fmha", "layernorm", "gelu"):
                 cutile_module(name)  # Unavailable, with the reason, where cuTile cannot run
         device = x["idx"].device
-        model = GPT(x["config"], backend=backend, attention=attention).to(device)
+        with device:
+            model = GPT(x["config"], backend=backend, attention=attention)
         model.load_state_dict(x["state"])
         step = torch.compile(model) if compile else model
         amp = torch.autocast(device.type, dtype=dtype_of(p["dtype"]), enabled=p["dtype"] != "float32")
