@@ -103,7 +103,6 @@ class LayerNorm(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, attention: str, kernel=None):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -166,6 +165,8 @@ class GPT(nn.Module):
         """backend "cutile" runs attention, LayerNorm and GELU in cuTile kernels; where they cannot run it
         falls back to torch with SDPA and logs one warning line. `attention` picks the torch one."""
         super().__init__()
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
         if config.gelu not in ("none", "tanh"):
             raise ValueError(f"gelu must be 'none' or 'tanh', got {config.gelu!r}")
         if backend not in BACKENDS:

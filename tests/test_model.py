@@ -116,11 +116,13 @@ def test_runs_under_bf16_autocast_close_to_float32():
     assert (out.float() - ref).norm() / ref.norm() < 2e-2
 
 
-def test_bad_backend_or_attention_is_a_value_error():
+def test_bad_backend_attention_or_heads_is_a_value_error():
     with pytest.raises(ValueError, match="backend"):
         GPT(tiny(), backend="triton")
     with pytest.raises(ValueError, match="attention"):
         GPT(tiny(), attention="flash")
+    with pytest.raises(ValueError, match="multiple of n_head"):
+        GPT(tiny(n_head=3))
 
 
 @pytest.mark.skipif(kernels.available()[0], reason="cuTile runs here, so there is no fallback to see")
