@@ -4,7 +4,9 @@ The forward pass keeps an online softmax in fp32 (exp2, with log2(e) folded into
 also returns the log-sum-exp of every query row, which lets the backward pass rebuild the softmax
 tile by tile instead of storing it. The backward pass is three kernels: delta = rowsum(dO * O),
 then dK/dV (one block per key tile, looping over query tiles) and dQ (one block per query tile,
-looping over key tiles), so no block ever needs an atomic add.
+looping over key tiles), so no block ever needs an atomic add. The tile config (tile_m, tile_n,
+k_lat, v_lat, occupancy, num_ctas) steers the forward kernel; the backward kernels keep their own
+measured tiles and share only the load latencies (see _bwd_config).
 
 Masked scores are set to the fp32 floor -1e20 rather than -inf, so no row can turn into NaN.
 Causal blocks stop at the diagonal and build a mask only on the tiles that cross it (or that run
@@ -29,19 +31,20 @@ except Exception:  # no cuda-tile here: the kernels stay undefined and require()
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
-DEFAULT_CONFIG = {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1}
+DEFAULT_CONFIG = {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 1}
 
-# The tile configs worth sweeping (sweeps/fmha.yaml is written from this list).
+# The forward tile configs worth sweeping (sweeps/fmha.yaml is written from this list).
 SWEEP_CONFIGS = [
     {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
-    {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 1},
-    {"tile_m": 64, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
+    {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 3, "num_ctas": 1},
+    DEFAULT_CONFIG,
+    {"tile_m": 64, "tile_n": 64, "k_lat": 3, "v_lat": 3, "occupancy": 4, "num_ctas": 1},
     {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 1, "num_ctas": 1},
+    {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 2},
+    {"tile_m": 64, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
+    {"tile_m": 64, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 1},
     {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
-    {"tile_m": 128, "tile_n": 64, "k_lat": 3, "v_lat": 3, "occupancy": 2, "num_ctas": 1},
-    {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 2},
     {"tile_m": 128, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 1, "num_ctas": 1},
-    {"tile_m": 128, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
 ]
 
 _LIMITS = {  # key: (smallest, largest, must be a power of two)
@@ -257,25 +260,28 @@ def _forward(q, k, v, causal, scale, cfg):
     return out, lse
 
 
-def _bwd_tiles(cfg, d):
-    """The backward kernels hold about twice the forward's live tiles: cap a tile side at 8192 / D
-    (128 for D=64, 64 for D=128), past which they spill registers and take a minute to compile."""
-    cap = 8192 // d
-    return min(cfg["tile_m"], cap), min(cfg["tile_n"], cap)
+def _bwd_config(cfg, d):
+    """The backward kernels' own launch config: the tile config steers the forward kernel, and only
+    its load latencies reach the backward. Measured on an H100 (docs/fmha-notes.md), both backward
+    kernels ran fastest with 64 rows per block, 128 rows a loop step (for D=64; 8192 / D in general,
+    past which they spill registers) and occupancy 2, whatever suited the forward; 2-CTA clusters
+    broke them (misaligned address)."""
+    return {**cfg, "block": 64, "step": min(128, 8192 // d), "occupancy": 2, "num_ctas": 1}
 
 
 def _backward(dout, q, k, v, out, lse, causal, scale, cfg):
     b, h, t, d = q.shape
-    (tm, tn), lat = _bwd_tiles(cfg, d), (cfg["k_lat"], cfg["v_lat"])
+    cfg = _bwd_config(cfg, d)
+    blk, step, lat = cfg["block"], cfg["step"], (cfg["k_lat"], cfg["v_lat"])
     delta = torch.empty_like(lse)
-    _launch("delta", (math.ceil(t / tm), b * h, 1), (out, dout, delta, h, d, tm), cfg)
+    _launch("delta", (math.ceil(t / blk), b * h, 1), (out, dout, delta, h, d, blk), cfg)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _launch("dkdv", (math.ceil(t / tn), b * h, 1),
-            (q, k, v, dout, lse, delta, dk, dv, scale * LOG2E, scale, h, d, tm, tn, causal,
+    _launch("dkdv", (math.ceil(t / blk), b * h, 1),
+            (q, k, v, dout, lse, delta, dk, dv, scale * LOG2E, scale, h, d, step, blk, causal,
              *lat), cfg)
-    _launch("dq", (math.ceil(t / tm), b * h, 1),
-            (q, k, v, dout, lse, delta, dq, scale * LOG2E, scale, h, d, tm, tn, causal,
-             causal or t % tn == 0, *lat), cfg)
+    _launch("dq", (math.ceil(t / blk), b * h, 1),
+            (q, k, v, dout, lse, delta, dq, scale * LOG2E, scale, h, d, blk, step, causal,
+             causal or t % step == 0, *lat), cfg)
     return dq, dk, dv
 
 
@@ -317,7 +323,7 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None, **
 
 
 def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int):
-    """(name, KernelSignature) for every kernel of one config, with the masked (uneven T) paths."""
+    """(name, launch config, KernelSignature) for every kernel, with the masked (uneven T) paths."""
     from cuda.tile.compilation import ArrayConstraint, CallingConvention, KernelSignature, ScalarConstraint
 
     cfg = validate_config(config)
@@ -332,15 +338,16 @@ def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int
     x, row = array(tdt, 4), array(ct.float32, 3)
     f32 = ScalarConstraint(ct.float32)
     h, d, lat = num_heads, head_dim, (cfg["k_lat"], cfg["v_lat"])
-    tm, tn = _bwd_tiles(cfg, d)
+    bwd = _bwd_config(cfg, d)
+    blk, step = bwd["block"], bwd["step"]
     params = {
-        "fwd": [x, x, x, x, row, f32, h, d, cfg["tile_m"], cfg["tile_n"], causal, causal, *lat],
-        "delta": [x, x, row, h, d, tm],
-        "dkdv": [x, x, x, x, row, row, x, x, f32, f32, h, d, tm, tn, causal, *lat],
-        "dq": [x, x, x, x, row, row, x, f32, f32, h, d, tm, tn, causal, causal, *lat],
+        "fwd": (cfg, [x, x, x, x, row, f32, h, d, cfg["tile_m"], cfg["tile_n"], causal, causal, *lat]),
+        "delta": (bwd, [x, x, row, h, d, blk]),
+        "dkdv": (bwd, [x, x, x, x, row, row, x, x, f32, f32, h, d, step, blk, causal, *lat]),
+        "dq": (bwd, [x, x, x, x, row, row, x, f32, f32, h, d, blk, step, causal, causal, *lat]),
     }
     cc = CallingConvention.cutile_python_v2()
-    return [(name, KernelSignature(p, cc).with_mangled_symbol(name)) for name, p in params.items()]
+    return [(name, c, KernelSignature(p, cc).with_mangled_symbol(name)) for name, (c, p) in params.items()]
 
 
 def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, causal: bool = True,
@@ -356,9 +363,9 @@ def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, caus
     cfg = validate_config(config)
     tag = "_".join(f"{k}{cfg[k]}" for k in sorted(cfg))
     paths = []
-    for name, sig in _signatures(cfg, dtype, head_dim, causal, num_heads):
+    for name, kcfg, sig in _signatures(cfg, dtype, head_dim, causal, num_heads):
         path = os.path.join(out_dir, f"fmha_{name}_{tag}_d{head_dim}_{'causal' if causal else 'full'}.cubin")
-        export_kernel(_hinted(name, cfg["occupancy"], cfg["num_ctas"]), [sig], path,
+        export_kernel(_hinted(name, kcfg["occupancy"], kcfg["num_ctas"]), [sig], path,
                       gpu_code=gpu_code, output_format="cubin")
         paths.append(path)
     return paths
