@@ -154,7 +154,7 @@ providers:
   - {{name: quick, module: "delay_provider:quick"}}
   - {{name: delay, module: "delay_provider:{delay}"}}
 axes: {{rows: [4], hidden: [16], dtype: [float32], mode: [fwd]}}
-timing: {{warmup_ms: 5, min_reps: 60, max_reps: 80, max_time_s: 1.0, target_ci: 0.0001, timeout_s: 60}}
+timing: {{warmup_ms: 5, min_reps: 200, max_reps: 300, max_time_s: 1.0, target_ci: 0.0001, timeout_s: 60}}
 """
 
 
