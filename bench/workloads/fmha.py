@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.workloads import Unavailable, Workload
-from bench.workloads.providers import cutile_module, dtype_of, tilegym_ops
+from bench.workloads.providers import cutile_module, dtype_of, reference_step, step, tilegym_ops
 from kernels import reference
 
 DEFAULTS = dict(batch=8, heads=12, seq_len=1024, head_dim=64, dtype="float16", causal=True,
@@ -25,29 +25,12 @@ def make_inputs(p, device):
 
 
 def _run(attn, p, x):
-    """fn() for a forward-only or forward+backward case around attn(q, k, v) -> out."""
-    q, k, v, dout = x["q"], x["k"], x["v"], x["dout"]
-    if p["mode"] == "fwd":
-        def fn():
-            with torch.no_grad():
-                return attn(q, k, v)
-        return fn
-
-    def fn():
-        q.grad = k.grad = v.grad = None
-        out = attn(q, k, v)
-        out.backward(dout)
-        return out.detach(), q.grad, k.grad, v.grad
-    return fn
+    return step(attn, p["mode"], [x["q"], x["k"], x["v"]], x["dout"])
 
 
 def reference_output(p, x):
-    if p["mode"] == "fwd":
-        return reference.attention(x["q"], x["k"], x["v"], p["causal"])
-    q, k, v = (x[n].detach().float().requires_grad_() for n in "qkv")
-    out = reference.attention(q, k, v, p["causal"])
-    out.backward(x["dout"].float())
-    return out.detach(), q.grad, k.grad, v.grad
+    attn = lambda q, k, v: reference.attention(q, k, v, p["causal"])  # noqa: E731
+    return reference_step(attn, p["mode"], [x["q"], x["k"], x["v"]], x["dout"])
 
 
 def native(p, x):

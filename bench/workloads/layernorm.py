@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.workloads import Unavailable, Workload
-from bench.workloads.providers import cutile_module, dtype_of, tilegym_ops
+from bench.workloads.providers import cutile_module, dtype_of, reference_step, step, tilegym_ops
 from kernels import reference
 
 EPS = 1e-5
@@ -23,28 +23,12 @@ def make_inputs(p, device):
 
 
 def _run(norm, p, t):
-    x, w, b, dy = t["x"], t["w"], t["b"], t["dy"]
-    if p["mode"] == "fwd":
-        def fn():
-            with torch.no_grad():
-                return norm(x, w, b)
-        return fn
-
-    def fn():
-        x.grad = w.grad = b.grad = None
-        y = norm(x, w, b)
-        y.backward(dy)
-        return y.detach(), x.grad, w.grad, b.grad
-    return fn
+    return step(norm, p["mode"], [t["x"], t["w"], t["b"]], t["dy"])
 
 
 def reference_output(p, t):
-    if p["mode"] == "fwd":
-        return reference.layer_norm(t["x"], t["w"], t["b"], EPS)
-    x, w, b = (t[n].detach().float().requires_grad_() for n in "xwb")
-    y = reference.layer_norm(x, w, b, EPS)
-    y.backward(t["dy"].float())
-    return y.detach(), x.grad, w.grad, b.grad
+    norm = lambda x, w, b: reference.layer_norm(x, w, b, EPS)  # noqa: E731
+    return reference_step(norm, p["mode"], [t["x"], t["w"], t["b"]], t["dy"])
 
 
 def torch_layer_norm(p, t):

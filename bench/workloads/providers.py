@@ -37,3 +37,31 @@ def dtype_of(name: str):
     import torch
 
     return getattr(torch, name)
+
+
+def step(op, mode: str, args, grad_out):
+    """fn() running op(*args) forward only (no autograd), or forward and backward with grad_out,
+    returning (out, grad of each arg): what a provider is timed on and checked by."""
+    import torch
+
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return op(*args)
+        return fn
+
+    def fn():
+        for a in args:
+            a.grad = None
+        out = op(*args)
+        out.backward(grad_out)
+        return (out.detach(), *(a.grad for a in args))
+    return fn
+
+
+def reference_step(op, mode: str, args, grad_out):
+    """The same in float32 on detached copies: the reference a provider's step is checked against."""
+    if mode == "fwd":
+        return op(*args)
+    args = [a.detach().float().requires_grad_() for a in args]
+    return step(op, mode, args, grad_out.float())()
