@@ -17,7 +17,9 @@ try:
 except Exception:  # no cuda-tile here: the public functions raise through kernels.require()
     ct = None
 
-TILE_ELEMS = 4096  # default block_m * block_n
+# default block_m * block_n, measured on an H100 (docs/layernorm-notes.md): a block takes one row
+# of up to 1024 columns; a persistent grid (blocks_per_sm) measured slower than one block per tile
+TILE_ELEMS = 1024
 MAX_BLOCK_N = 1024
 
 # Abramowitz & Stegun 7.1.26
@@ -36,7 +38,8 @@ if ct is not None:
     def _cdf_pdf(x):
         """(Phi(x), phi(x)) of the standard normal, in fp32."""
         e = ct.exp(-0.5 * x * x)
-        t = 1.0 / (1.0 + (_P * _INV_SQRT2) * ct.abs(x))
+        # div.full (2 ulp) instead of IEEE division: far below the approximation's own error
+        t = ct.truediv(1.0, 1.0 + (_P * _INV_SQRT2) * ct.abs(x), rounding_mode=ct.RoundingMode.FULL)
         poly = t * (_A[0] + t * (_A[1] + t * (_A[2] + t * (_A[3] + t * _A[4]))))
         q = 0.5 * poly * e
         return ct.where(x < 0.0, q, 1.0 - q), e * _INV_SQRT_2PI
@@ -59,18 +62,24 @@ if ct is not None:
         b = ct.astype(ct.load(Bias, (j,), (BLOCK_N,), padding_mode=ZERO), ct.float32)
         return x + ct.reshape(b, (1, BLOCK_N))
 
+    # Both kernels loop over the (row tile, column tile) pairs in row-major order, so a grid
+    # smaller than the number of tiles is persistent.
     @ct.kernel
     def _fwd_kernel(X, Bias, Y, TANH: ConstBool, BLOCK_M: ConstInt, BLOCK_N: ConstInt):
-        i, j = ct.bid(0), ct.bid(1)
-        z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N)
-        ct.store(Y, (i, j), ct.astype(_gelu_and_grad(z, TANH, False), Y.dtype))
+        tiles_n = ct.cdiv(X.shape[1], BLOCK_N)
+        for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M) * tiles_n, ct.num_blocks(0)):
+            i, j = t // tiles_n, t % tiles_n
+            z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N)
+            ct.store(Y, (i, j), ct.astype(_gelu_and_grad(z, TANH, False), Y.dtype))
 
     @ct.kernel
     def _bwd_kernel(DY, X, Bias, DX, TANH: ConstBool, BLOCK_M: ConstInt, BLOCK_N: ConstInt):
-        i, j = ct.bid(0), ct.bid(1)
-        z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N)
-        dy = ct.astype(ct.load(DY, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO), ct.float32)
-        ct.store(DX, (i, j), ct.astype(dy * _gelu_and_grad(z, TANH, True), DX.dtype))
+        tiles_n = ct.cdiv(X.shape[1], BLOCK_N)
+        for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M) * tiles_n, ct.num_blocks(0)):
+            i, j = t // tiles_n, t % tiles_n
+            z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N)
+            dy = ct.astype(ct.load(DY, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO), ct.float32)
+            ct.store(DX, (i, j), ct.astype(dy * _gelu_and_grad(z, TANH, True), DX.dtype))
 
 
 def _tiles(n: int, tile) -> tuple[int, int]:
@@ -87,40 +96,45 @@ def _tanh(approximate: str) -> bool:
     return approximate == "tanh"
 
 
-def _prepare(x, bias, tile):
+def _prepare(x, bias, tile, blocks_per_sm):
     """x as contiguous (M, N) rows, the bias (zeros if None), the grid and the tile shape."""
     n = x.shape[-1] if x.dim() else 1
-    x2 = x.reshape(-1, n).contiguous()
-    b = torch.zeros(n, device=x.device, dtype=torch.float32) if bias is None else bias.contiguous()
+    # detached: ct.launch takes a slow path for tensors that require grad
+    x2 = x.detach().reshape(-1, n).contiguous()
+    b = torch.zeros(n, device=x.device, dtype=torch.float32) if bias is None else bias.detach().contiguous()
     block_m, block_n = _tiles(n, tile)
-    grid = (-(-x2.shape[0] // block_m), -(-n // block_n))
-    return x2, b, grid, (block_m, block_n)
+    grid = (-(-x2.shape[0] // block_m)) * (-(-n // block_n))
+    if blocks_per_sm is not None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        grid = min(grid, blocks_per_sm * sms)
+    return x2, b, (grid,), (block_m, block_n)
 
 
-def gelu_forward(x, bias=None, approximate="none", tile=None):
+def gelu_forward(x, bias=None, approximate="none", tile=None, blocks_per_sm=None):
     """GELU(x + bias), bias of shape (N,) over x's last dim or None; computed in fp32.
 
     tile: (block_m, block_n) of the (M, N) view a block takes (default: TILE_ELEMS elements).
+    blocks_per_sm: size of the persistent grid; None launches one block per tile.
     """
     kernels.require()
     tanh = _tanh(approximate)
     if x.numel() == 0:
         return torch.empty_like(x)
-    x2, b, grid, blocks = _prepare(x, bias, tile)
+    x2, b, grid, blocks = _prepare(x, bias, tile, blocks_per_sm)
     y = torch.empty_like(x2)
     ct.launch(torch.cuda.current_stream(), grid, _fwd_kernel, (x2, b, y, tanh, *blocks))
     return y.reshape(x.shape)
 
 
-def gelu_backward(dy, x, bias=None, approximate="none", tile=None):
+def gelu_backward(dy, x, bias=None, approximate="none", tile=None, blocks_per_sm=None):
     """dy * GELU'(x + bias): the gradient of x, and of bias once summed over the rows."""
     kernels.require()
     tanh = _tanh(approximate)
     if x.numel() == 0:
         return torch.empty_like(x)
-    x2, b, grid, blocks = _prepare(x, bias, tile)
+    x2, b, grid, blocks = _prepare(x, bias, tile, blocks_per_sm)
     dx = torch.empty_like(x2)
-    dy2 = dy.reshape(x2.shape).contiguous()
+    dy2 = dy.detach().reshape(x2.shape).contiguous()
     ct.launch(torch.cuda.current_stream(), grid, _bwd_kernel, (dy2, x2, b, dx, tanh, *blocks))
     return dx.reshape(x.shape)
 
