@@ -40,12 +40,13 @@ def _facets(frame: pd.DataFrame, by: list[str]) -> list[tuple[dict, pd.DataFrame
             for k, g in frame.groupby(by, sort=True, dropna=False)]
 
 
-def _pages(facets, draw, title: str, width: float = 4.2, height: float = 3.0) -> list[str]:
+def _pages(facets, draw, title: str, width: float = 4.2, height: float = 3.0,
+           columns: int = COLS) -> list[str]:
     """Draw each facet with draw(ax, key, group) on grids of PER_PAGE subplots."""
     images = []
     for start in range(0, len(facets), PER_PAGE):
         page = facets[start:start + PER_PAGE]
-        cols = min(COLS, len(page))
+        cols = min(columns, len(page))
         rows = math.ceil(len(page) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
         for ax, (key, group) in zip(axes.flat, page):
@@ -108,7 +109,7 @@ def tile_heatmaps(frame: pd.DataFrame, x: str, facets: list[str], title: str) ->
     keyed = [(dict(provider=p, **k), g) for p, pg in data.groupby("provider")
              for k, g in _facets(pg, facets)]
     height = max(3.0, 0.25 * data["config"].nunique() + 1.5)
-    return _pages(keyed, draw, title, width=5.0, height=height)
+    return _pages(keyed, draw, title, width=7.0, height=height, columns=2)
 
 
 SEED = {"cutile": 2.8, "torch-naive": 7.4}  # ms per step, as the seed reports them

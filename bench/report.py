@@ -119,16 +119,18 @@ def workload_section(name: str, frame: pd.DataFrame, records: list[dict], meta: 
     ordered = frame.sort_values([*vary, "provider", "config"], kind="stable")
     images = []
     x = next((a for a in X_AXES if a in vary), None)
-    if x is not None:
-        facets = [a for a in vary if a != x]
+    ok = frame[frame["status"] == "ok"]  # an incorrect result's time is not worth drawing
+    if x is not None and not ok.empty:
+        # an axis zipped with x (batch shrinking as seq_len grows) is part of the x point, not a facet
+        facets = [a for a in vary if a != x and ok.groupby(x)[a].nunique().max() > 1]
         images += [("median time vs " + x, img) for img in plots.lines_vs_axis(
-            frame, x, "median_ms", "median ms", facets, f"{name}: time per call", logy=True)]
+            ok, x, "median_ms", "median ms", facets, f"{name}: time per call", logy=True)]
         if m:
             ceiling = copy_ceiling(meta) if m[0] == "gbps" else None
             images += [(f"{m[1]} vs {x}", img) for img in plots.lines_vs_axis(
-                frame, x, m[0], m[1], facets, f"{name}: {m[1]}", ceiling=ceiling)]
+                ok, x, m[0], m[1], facets, f"{name}: {m[1]}", ceiling=ceiling)]
         images += [("tile config speedup", img) for img in plots.tile_heatmaps(
-            frame, x, facets, f"{name}: speedup of each tile config vs the baseline")]
+            ok, x, facets, f"{name}: speedup of each tile config vs the baseline")]
     return Section(name, fixed, Table.of(ordered, cols), images)
 
 

@@ -87,4 +87,4 @@ def test_shipped_nightly_config_is_valid(monkeypatch):
     plan = nightly.load_plan("sweeps/nightly.yaml")
     counts = {p["sweep"]: len(sweep.load(p["sweep"], None, p["set"], p["filter"], p["providers"] or None).cases)
               for p in plan}
-    assert counts == {"sweeps/fmha.yaml": 96, "sweeps/layernorm.yaml": 30, "sweeps/model.yaml": 16}
+    assert counts == {"sweeps/fmha.yaml": 224, "sweeps/layernorm.yaml": 100, "sweeps/model.yaml": 36}
