@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 import subprocess
 import sys
@@ -32,14 +33,17 @@ def _nvml():
 
 
 def git_state() -> dict:
+    """The commit measured: git's HEAD, or BENCH_GIT_SHA for a tree copied without its history."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
     try:
-        sha = git("rev-parse", "HEAD") or None
+        sha = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}") or None
         dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None
     except (OSError, subprocess.SubprocessError):
         sha, dirty = None, None
+    if sha is None and os.environ.get("BENCH_GIT_SHA"):
+        sha = os.environ["BENCH_GIT_SHA"]
     return {"sha": sha, "dirty": dirty}
 
 
