@@ -31,16 +31,16 @@ except Exception:  # no cuda-tile here: the kernels stay undefined and require()
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
-DEFAULT_CONFIG = {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 1}
+DEFAULT_CONFIG = {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 3, "num_ctas": 1}
 
 # The forward tile configs worth sweeping (sweeps/fmha.yaml is written from this list).
 SWEEP_CONFIGS = [
     {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
-    {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 3, "num_ctas": 1},
     DEFAULT_CONFIG,
+    {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 1},
     {"tile_m": 64, "tile_n": 64, "k_lat": 3, "v_lat": 3, "occupancy": 4, "num_ctas": 1},
     {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 1, "num_ctas": 1},
-    {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 2},
+    {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 2},
     {"tile_m": 64, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
     {"tile_m": 64, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 1},
     {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
