@@ -10,18 +10,14 @@ from typing import Callable
 
 from bench.store import utc_now
 from bench.sweep import Case
-from bench.worker import serve
+from bench.worker import blank_record, serve
 
 _CTX = mp.get_context("spawn")
 STARTUP_S = 120.0  # allowed for a fresh worker to import torch and say it is ready
 
 
 def _failure(case: Case, device: str, status: str, reason: str, started: str) -> dict:
-    return {"case_id": case.case_id, "workload": case.workload, "provider": case.provider,
-            "baseline": case.baseline, "params": case.params, "shape": case.shape,
-            "status": status, "reason": reason, "device": device, "samples_ms": [],
-            "first_call_ms": None, "max_abs_err": None, "rel_err": None, "tolerance": None,
-            "flops": None, "bytes": None, "telemetry": None, "stop": None,
+    return {**blank_record(case, device), "status": status, "reason": reason,
             "started_utc": started, "ended_utc": utc_now()}
 
 

@@ -23,6 +23,7 @@ TIMING_DEFAULTS = {
     "target_ci": 0.01,  # stop once the median's 95% CI half-width is under this fraction
     "l2_flush": True,
     "cuda_graph": False,
+    "hide_launch": True,  # queue each rep behind a spin kernel so events time the GPU, not Python
     "timeout_s": 600.0,  # a case still running after this is killed and marked `timeout`
 }
 COMPARE_DEFAULTS = {"threshold": 0.03}

@@ -1,6 +1,11 @@
 """Timing one callable: warm-up by time, per-rep samples (CUDA events on a GPU, perf_counter_ns on
 the CPU), an L2 flush between reps, optional CUDA-graph replay, and a noise-based stop rule: reps
-continue until the median's 95% CI half-width is under `target_ci` or the time budget ends."""
+continue until the median's 95% CI half-width is under `target_ci` or the time budget ends.
+
+With `hide_launch`, a spin kernel sized to the host's enqueue time of one call runs before each
+rep's start event, so the whole rep is queued before the GPU reaches it: the events then measure GPU
+time alone, not Python launch gaps (without it, a call whose host side takes longer than its kernels
+measures the host, and its samples scatter by tens of percent)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +21,8 @@ except ImportError:  # fall back to torch's NVTX bindings
     _nvtx = None
 
 FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MB)
+SPIN_HZ = 2.0e9  # cycles per second assumed for the spin kernel: at or above current boost clocks
+MAX_SPIN_S = 0.01
 
 
 @contextlib.contextmanager
@@ -39,12 +46,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _batch_cuda(call, n: int, flush) -> list[float]:
+def _batch_cuda(call, n: int, flush, spin_cycles: int) -> list[float]:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for s, e in zip(starts, ends):
         if flush is not None:
             flush()
+        if spin_cycles:
+            torch.cuda._sleep(spin_cycles)
         s.record()
         call()
         e.record()
@@ -52,7 +61,7 @@ def _batch_cuda(call, n: int, flush) -> list[float]:
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-def _batch_cpu(call, n: int, flush) -> list[float]:
+def _batch_cpu(call, n: int, flush, spin_cycles: int) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter_ns()
@@ -75,8 +84,10 @@ def _graph_of(fn, device):
 
 
 def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps: int,
-            max_time_s: float, target_ci: float, l2_flush: bool, cuda_graph: bool, **_) -> dict:
-    """Samples of fn in milliseconds, plus how many warm-up calls ran and why timing stopped."""
+            max_time_s: float, target_ci: float, l2_flush: bool, cuda_graph: bool,
+            hide_launch: bool = True, **_) -> dict:
+    """Samples of fn in milliseconds; how many warm-up calls ran; the host's median time to enqueue
+    one call (`host_ms`: near or above the median sample, a case is launch-bound); why timing stopped."""
     on_gpu = device.type == "cuda"
     call = fn
     if cuda_graph and on_gpu:
@@ -88,12 +99,16 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     batch = _batch_cuda if on_gpu else _batch_cpu
 
     with nvtx_range("warmup"):
-        warm, t0 = 0, time.perf_counter()
+        warm, host, t0 = 0, [], time.perf_counter()
         while warm < 2 or (time.perf_counter() - t0) * 1e3 < warmup_ms:
+            t1 = time.perf_counter()
             call()
-            warm += 1
+            host.append(time.perf_counter() - t1)
             sync(device)
+            warm += 1
         per_call = max((time.perf_counter() - t0) / warm, 1e-6)
+    host_s = sorted(host)[len(host) // 2]
+    spin = int(min(1.5 * host_s + 20e-6, MAX_SPIN_S) * SPIN_HZ) if hide_launch and on_gpu else 0
 
     samples: list[float] = []
     start, stop = time.perf_counter(), "max_reps"
@@ -101,11 +116,11 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
         while len(samples) < max_reps:
             # batches of about 50 ms keep the check cheap and the budget honoured
             n = int(min(max_reps - len(samples), max(min_reps, 0.05 / per_call)))
-            samples += batch(call, max(n, 1), flush)
+            samples += batch(call, max(n, 1), flush, spin)
             if len(samples) >= min_reps and ci_rel(samples) <= target_ci:
                 stop = "converged"
                 break
             if time.perf_counter() - start >= max_time_s:
                 stop = "time_budget"
                 break
-    return {"samples_ms": samples, "warmup_reps": warm, "stop": stop}
+    return {"samples_ms": samples, "warmup_reps": warm, "host_ms": host_s * 1e3, "stop": stop}

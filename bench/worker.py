@@ -33,6 +33,18 @@ def _seed(case: Case) -> int:
     return int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16)
 
 
+def blank_record(case: Case, device: str) -> dict:
+    """A case's record before anything is known; every record has these keys."""
+    return {
+        "case_id": case.case_id, "workload": case.workload, "provider": case.provider,
+        "baseline": case.baseline, "params": case.params, "shape": case.shape,
+        "status": "ok", "reason": "", "device": device, "samples_ms": [],
+        "first_call_ms": None, "max_abs_err": None, "rel_err": None, "tolerance": None,
+        "flops": None, "bytes": None, "telemetry": None, "stop": None, "host_ms": None,
+        "started_utc": utc_now(),
+    }
+
+
 def build(case: Case, device: torch.device):
     """(inputs, fn) for a case: seeded fresh inputs and the provider's callable over them."""
     wl = workloads.get(case.workload)
@@ -45,14 +57,7 @@ def build(case: Case, device: torch.device):
 
 def run_case(case: Case, device: torch.device) -> dict:
     """Build inputs, check the provider against the reference, then time it. Never raises."""
-    rec = {
-        "case_id": case.case_id, "workload": case.workload, "provider": case.provider,
-        "baseline": case.baseline, "params": case.params, "shape": case.shape,
-        "status": "ok", "reason": "", "device": str(device), "samples_ms": [],
-        "first_call_ms": None, "max_abs_err": None, "rel_err": None, "tolerance": None,
-        "flops": None, "bytes": None, "telemetry": None, "stop": None,
-        "started_utc": utc_now(),
-    }
+    rec = blank_record(case, str(device))
     gpu = device.index if device.type == "cuda" else None
     try:
         wl = workloads.get(case.workload)
@@ -76,7 +81,7 @@ def run_case(case: Case, device: torch.device) -> dict:
             before = env.telemetry(gpu) if gpu is not None else None
             result = timing.measure(fn, device, **case.timing)
             after = env.telemetry(gpu) if gpu is not None else None
-            rec.update(samples_ms=result["samples_ms"], stop=result["stop"],
+            rec.update(samples_ms=result["samples_ms"], stop=result["stop"], host_ms=result["host_ms"],
                        telemetry={"before": before, "after": after} if before or after else None)
     except workloads.Unavailable as e:
         rec.update(status="skipped", reason=str(e))
