@@ -87,4 +87,6 @@ def test_shipped_nightly_config_is_valid(monkeypatch):
     plan = nightly.load_plan("sweeps/nightly.yaml")
     counts = {p["sweep"]: len(sweep.load(p["sweep"], None, p["set"], p["filter"], p["providers"] or None).cases)
               for p in plan}
-    assert counts == {"sweeps/fmha.yaml": 224, "sweeps/layernorm.yaml": 100, "sweeps/model.yaml": 36}
+    assert set(counts) == {"sweeps/fmha.yaml", "sweeps/layernorm.yaml", "sweeps/model.yaml"}
+    assert all(n > 0 for n in counts.values())
+    assert sum(counts.values()) <= 400, "the nightly set is sized for about 20 minutes on one H100"

@@ -165,3 +165,14 @@ def test_shipped_sweeps_expand(name, profile):
 
     sw = sweep.load(ROOT / "sweeps" / f"{name}.yaml", profile=profile)
     assert sw.cases and sw.baseline in {c.provider for c in sw.cases}
+
+
+def test_fmha_sweep_tile_configs_are_the_kernels_list():
+    """The sweep times exactly the configs the kernel's parity tests and AOT check cover."""
+    from conftest import ROOT
+    from kernels.fmha import SWEEP_CONFIGS
+
+    sw = sweep.load(ROOT / "sweeps" / "fmha.yaml")
+    keys = SWEEP_CONFIGS[0].keys()
+    swept = {tuple(c.params[k] for k in keys) for c in sw.cases if c.provider == "cutile"}
+    assert swept == {tuple(c[k] for k in keys) for c in SWEEP_CONFIGS}
