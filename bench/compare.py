@@ -172,6 +172,9 @@ def headline(cmp: Comparison) -> str:
         f"{cmp.confidence:.0%} bootstrap CI of the ratio of medians)"
 
 
+MD_LIST = 10
+
+
 def to_markdown(cmp: Comparison, only_changes: bool = False) -> str:
     """A markdown table; `only_changes` keeps regressions, breakages and improvements."""
     rows = [r for r in table_rows(cmp) if not only_changes or
@@ -185,8 +188,10 @@ def to_markdown(cmp: Comparison, only_changes: bool = False) -> str:
         lines += [f"| {r['verdict']} | {r['case']} | {r['base_ms']:.4g} | {r['cur_ms']:.4g} | "
                   f"{r['change']} | {r['ci']} | {r['status']} |" for r in rows]
     for title, cases in (("Only in the baseline", cmp.only_base), ("Only in the current run", cmp.only_cur)):
-        if cases:
-            lines += ["", f"{title}:", *[f"- {c}" for c in cases]]
+        if cases:  # a nightly subset of a full baseline leaves hundreds: list a few, count the rest
+            lines += ["", f"{title} ({len(cases)}):", *[f"- {c}" for c in cases[:MD_LIST]]]
+            if len(cases) > MD_LIST:
+                lines.append(f"- ... and {len(cases) - MD_LIST} more (compare.json lists them all)")
     return "\n".join(lines) + "\n"
 
 

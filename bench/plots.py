@@ -62,9 +62,11 @@ def _pages(facets, draw, title: str, width: float = 4.2, height: float = 3.0,
 
 def lines_vs_axis(frame: pd.DataFrame, x: str, y: str, ylabel: str, facets: list[str],
                   title: str, ceiling: float | None = None, logy: bool = False) -> list[str]:
-    """One line per provider (its best config at each point), log x, one subplot per facet."""
+    """One line per provider (its best config at each point), log x, one subplot per facet;
+    facets with a single x value (nothing to draw a line along) are left out."""
     data = frame.dropna(subset=[y])
-    if data.empty:
+    facets = [(k, g) for k, g in _facets(data, facets) if g[x].nunique() > 1]
+    if not facets:
         return []
 
     def draw(ax, key, group):
@@ -82,7 +84,7 @@ def lines_vs_axis(frame: pd.DataFrame, x: str, y: str, ylabel: str, facets: list
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
 
-    return _pages(_facets(data, facets), draw, title)
+    return _pages(facets, draw, title)
 
 
 def tile_heatmaps(frame: pd.DataFrame, x: str, facets: list[str], title: str) -> list[str]:
