@@ -324,18 +324,12 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None, **
 
 def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int):
     """(name, launch config, KernelSignature) for every kernel, with the masked (uneven T) paths."""
-    from cuda.tile.compilation import ArrayConstraint, CallingConvention, KernelSignature, ScalarConstraint
+    from cuda.tile.compilation import CallingConvention, KernelSignature, ScalarConstraint
+
+    from kernels.aot import array_param, ct_dtype
 
     cfg = validate_config(config)
-    tdt = {torch.float16: ct.float16, torch.bfloat16: ct.bfloat16}[dtype]
-
-    def array(dt, ndim):
-        return ArrayConstraint(dt, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0,
-                               alias_groups=(), may_alias_internally=False,
-                               stride_constant=(None,) * (ndim - 1) + (1,),
-                               base_addr_divisible_by=16)
-
-    x, row = array(tdt, 4), array(ct.float32, 3)
+    x, row = array_param(ct_dtype(dtype), 4), array_param(ct.float32, 3)
     f32 = ScalarConstraint(ct.float32)
     h, d, lat = num_heads, head_dim, (cfg["k_lat"], cfg["v_lat"])
     bwd = _bwd_config(cfg, d)

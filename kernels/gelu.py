@@ -10,7 +10,7 @@ import math
 import torch
 
 import kernels
-from kernels.layernorm import array_param, ct_dtype, dtype_name, export
+from kernels.aot import array_param, ct_dtype, dtype_name, export
 
 try:
     import cuda.tile as ct

@@ -7,7 +7,6 @@ grid of one block per row tile, or a persistent grid of a few blocks per SM that
 tiles. The backward writes dx and one partial dweight/dbias row per block, then a second kernel
 sums the partial rows.
 """
-import os
 
 import torch
 
@@ -208,6 +207,8 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         kernels.require()
     from cuda.tile import compilation as cc
 
+    from kernels.aot import array_param, ct_dtype, dtype_name, export
+
     f32, scalar = ct.float32, cc.ScalarConstraint(ct.float32)
     stat, part = array_param(f32, 1), array_param(f32, 2)
     jobs = []
@@ -220,31 +221,3 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
                      [mat, mat, vec, stat, stat, mat, part, part, *_blocks(n, None, BWD_TILE_ELEMS)]))
     jobs.append((_colsum_kernel, "layernorm_colsum", [part, part, stat, stat, 32, REDUCE_BLOCK_N]))
     return [export(kernel, name, params, out_dir, gpu_code) for kernel, name, params in jobs]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def ct_dtype(dtype: torch.dtype):
-    """The cuTile dtype of a torch floating dtype."""
-    return {torch.float16: ct.float16, torch.bfloat16: ct.bfloat16, torch.float32: ct.float32}[dtype]
-
-
-def array_param(dtype, ndim: int):
-    """A contiguous array parameter, as torch allocates it (16-byte aligned, unit last stride)."""
-    from cuda.tile import compilation as cc
-
-    return cc.ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0,
-                              alias_groups=(), may_alias_internally=False,
-                              stride_constant=(None,) * (ndim - 1) + (1,), base_addr_divisible_by=16)
-
-
-def export(kernel, name: str, params: list, out_dir, gpu_code: str) -> str:
-    """Compile one kernel for one signature to `out_dir/name.cubin`."""
-    from cuda.tile import compilation as cc
-
-    sig = cc.KernelSignature(params, cc.CallingConvention.cutile_python_v2())
-    path = os.path.join(os.fspath(out_dir), f"{name}.{gpu_code}.cubin")
-    cc.export_kernel(kernel, [sig], path, gpu_code=gpu_code, output_format="cubin")
-    return path
