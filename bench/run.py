@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bench import console, runner, store, sweep
+from bench import console, runner, sweep
 
 
 class UsageError(Exception):

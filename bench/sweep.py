@@ -262,7 +262,7 @@ def _expand_axes(v: _Validator, axes: dict, zips: list, at: tuple) -> list[dict]
             grouped.add(name)
         lengths = {len(axes[n]) for n in group}
         if len(lengths) != 1:
-            v.fail(at + (gi,), f"zipped axes need lists of one length, got "
+            v.fail(at + (gi,), "zipped axes need lists of one length, got "
                    + ", ".join(f"{n}: {len(axes[n])}" for n in group))
         groups.append([dict(zip(group, vals)) for vals in zip(*(axes[n] for n in group))])
     for name, values in axes.items():

@@ -12,6 +12,17 @@ except Exception:  # kernels.available() says why; nothing here is called withou
     ct = None
 
 
+def compiler_missing() -> str | None:
+    """Why kernels cannot be compiled ahead of time here (cuda-tile or tileiras missing), or None."""
+    try:
+        from cuda.tile._compile import _find_compiler_bin
+
+        _find_compiler_bin()
+    except Exception as e:
+        return f"cuda-tile with tileiras is needed to compile ahead of time ({type(e).__name__})"
+    return None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import kernels
+from kernels.aot import compiler_missing
 from bench.check import errors, passes, tolerance_for
 from kernels import gelu as G
 from kernels import reference
@@ -10,16 +11,6 @@ from kernels import reference
 OK, REASON = kernels.available()
 gpu = pytest.mark.skipif(not OK, reason=REASON)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _tileiras_missing() -> str | None:
-    try:
-        from cuda.tile._compile import _find_compiler_bin
-
-        _find_compiler_bin()
-    except Exception as e:
-        return f"cuda-tile with tileiras is needed to compile ahead of time ({type(e).__name__})"
-    return None
 
 
 def test_imports_and_reasons_without_cutile():
@@ -49,7 +40,7 @@ def test_tanh_form_differs_from_erf_form_beyond_fp32_tolerance():
 
 
 def test_export_compiles_every_kernel_for_sm90(tmp_path):
-    reason = _tileiras_missing()
+    reason = compiler_missing()
     if reason:
         pytest.skip(reason)
     paths = G.export_for_check(tmp_path)
@@ -60,18 +51,6 @@ def test_export_compiles_every_kernel_for_sm90(tmp_path):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(4) == b"\x7fELF", p
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every torch.empty/empty_like comes back filled with NaN, so an unwritten element shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
 
 
 CASES = [

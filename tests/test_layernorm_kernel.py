@@ -3,13 +3,13 @@
 The GPU tests compare with the reference in float64, so fp32 inputs with a large offset are judged
 against the exact answer rather than against another fp32 rounding of it.
 """
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.aot import compiler_missing
 from bench.check import errors, passes, tolerance_for
 from kernels import layernorm, reference
 
@@ -19,28 +19,6 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 # std of the inputs that sit on an offset of 1e3: small next to the offset, large next to the
 # rounding step of the dtype there
 OFFSET_STD = {"float16": 8.0, "bfloat16": 64.0, "float32": 10.0}
-
-
-def _tileiras_missing() -> str | None:
-    try:
-        from cuda.tile._compile import _find_compiler_bin
-
-        _find_compiler_bin()
-    except Exception as e:
-        return f"cuda-tile with tileiras is needed to compile ahead of time ({type(e).__name__})"
-    return None
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every torch.empty/empty_like comes back filled with NaN, so an unwritten element shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
 
 
 def make(shape, dtype, device, offset=0.0, std=1.0, seed=0):
@@ -66,7 +44,7 @@ def test_imports_and_reasons_without_cutile():
 
 
 def test_export_compiles_every_kernel_for_sm90(tmp_path):
-    reason = _tileiras_missing()
+    reason = compiler_missing()
     if reason:
         pytest.skip(reason)
     paths = layernorm.export_for_check(tmp_path)

@@ -15,17 +15,11 @@ from bench.workloads import Unavailable, get
 from model import parity, prepare_shakespeare, sample, train
 from model.gpt import GPT, GPTConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # the tiny Shakespeare corpus: $TINYSHAKESPEARE, or the copy shared beside the repository, if present
 CORPUS = Path(os.environ.get("TINYSHAKESPEARE")
               or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def corpus_text(n: int = 200_000) -> str:
