@@ -7,7 +7,6 @@ A baseline keeps meta.json, summary.csv and the raw samples gzip-compressed (the
 a comparison needs; the summary is for people reading the directory)."""
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import re
@@ -15,23 +14,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from bench.cli import BadInput, Parser
 from bench.store import META, SAMPLES, SUMMARY, Run, load_run, utc_now
 from bench.summary import summarize
 
 ROOT = Path("results/baselines")
 SAMPLES_GZ = SAMPLES + ".gz"
 BLESSED = "blessed.json"
-
-
-class BadInput(Exception):
-    """Something the user gave cannot be used; the message is the one line they see."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (not usage + error) and exits 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def hardware(meta: dict) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.baseline import BadInput, Parser, hardware, open_run
+from bench.baseline import hardware, open_run
+from bench.cli import BadInput, Parser
 from bench.store import Run
 
 THRESHOLD = 0.03

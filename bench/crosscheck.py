@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from bench import store, sweep, timing
+from bench.cli import Parser
 from bench.worker import build
 
 
@@ -85,7 +86,7 @@ def spread(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.crosscheck", description=__doc__,
+    p = Parser(prog="python -m bench.crosscheck", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("dobench")

@@ -17,7 +17,8 @@ import pandas as pd
 import yaml
 
 from bench import compare, plots, report
-from bench.baseline import BadInput, Parser, baseline_dir, hardware, open_run
+from bench.baseline import baseline_dir, hardware, open_run
+from bench.cli import BadInput, Parser
 from bench.run import main as run_main
 from bench.store import META, Run, utc_now
 from bench.summary import summarize

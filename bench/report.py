@@ -16,7 +16,8 @@ import jinja2
 import pandas as pd
 
 from bench import compare, plots
-from bench.baseline import BadInput, Parser, hardware, open_run
+from bench.baseline import hardware, open_run
+from bench.cli import BadInput, Parser
 from bench.store import Run
 from bench.summary import summarize
 

@@ -2,7 +2,6 @@
 sample. Bad input ends in one line and exit status 2; Ctrl-C leaves a partial run to --resume."""
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 from pathlib import Path
@@ -10,14 +9,11 @@ from pathlib import Path
 import torch
 
 from bench import console, runner, sweep
-
-
-class UsageError(Exception):
-    pass
+from bench.cli import BadInput, Parser
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p = Parser(prog="python -m bench.run", description=__doc__)
     p.add_argument("sweep", nargs="?", help="sweep YAML file (not needed with --resume)")
     p.add_argument("--out", default="results", help="results root (default: results)")
     p.add_argument("--profile", help="sweep profile to apply (default: 'cpu' on a machine "
@@ -39,16 +35,16 @@ def devices_for(gpus: str | None, workers: int) -> list[str]:
     if gpus is None:
         return ["cuda:0"] if count else ["cpu"] * max(1, workers)
     if not count:
-        raise UsageError(f"--gpus {gpus}: no CUDA GPU is visible on this machine")
+        raise BadInput(f"--gpus {gpus}: no CUDA GPU is visible on this machine")
     if gpus == "all":
         return [f"cuda:{i}" for i in range(count)]
     try:
         ids = [int(x) for x in gpus.split(",")]
     except ValueError:
-        raise UsageError(f"--gpus {gpus!r}: expected comma-separated indices or 'all'") from None
+        raise BadInput(f"--gpus {gpus!r}: expected comma-separated indices or 'all'") from None
     bad = [i for i in ids if not 0 <= i < count]
     if bad or len(set(ids)) != len(ids):
-        raise UsageError(f"--gpus {gpus}: this machine has GPUs 0..{count - 1}, each named once")
+        raise BadInput(f"--gpus {gpus}: this machine has GPUs 0..{count - 1}, each named once")
     return [f"cuda:{i}" for i in ids]
 
 
@@ -61,31 +57,31 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.workers < 1:
-            raise UsageError("--workers must be at least 1")
+            raise BadInput("--workers must be at least 1")
         devices = devices_for(args.gpus, args.workers)
         if args.resume:
             try:
                 writer, todo = runner.resume_run(Path(args.resume), ["-m", "bench.run", *argv])
             except (FileNotFoundError, KeyError, ValueError) as e:
-                raise UsageError(f"--resume {args.resume}: {e}") from None
+                raise BadInput(f"--resume {args.resume}: {e}") from None
             root = writer.path.parent
         else:
             if not args.sweep:
-                raise UsageError("name a sweep file, or --resume a run directory")
+                raise BadInput("name a sweep file, or --resume a run directory")
             profile = args.profile
             if profile is None and devices[0] == "cpu":
                 profile = "cpu" if sweep.has_profile(args.sweep, "cpu") else None
             providers = args.providers.split(",") if args.providers else None
             sw = sweep.load(args.sweep, profile, args.set, args.filter, providers)
             if not sw.cases:
-                raise UsageError(f"{args.sweep}: no cases left after filters and constraints")
+                raise BadInput(f"{args.sweep}: no cases left after filters and constraints")
             if args.dry_run:
                 console.out.print(console.case_table(sw.cases))
                 return 0
             root = Path(args.out)
             writer = runner.new_run(sw, root, ["-m", "bench.run", *argv], devices)
             todo = sw.cases
-    except (sweep.SweepError, UsageError) as e:
+    except (sweep.SweepError, BadInput) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
