@@ -12,7 +12,7 @@ import torch
 
 from bench.workloads import Workload
 from bench.workloads.providers import cutile_module, dtype_of
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT, PRESETS, GPTConfig
 
 DEFAULTS = dict(model="tiny", batch=2, seq_len=32, mode="fwd", dtype="float16")
 MODES = ("fwd", "fwd_bwd", "train")
@@ -122,4 +122,5 @@ WORKLOAD = Workload(
     },
     flops=flops,
     defaults=DEFAULTS,
+    choices=dict(model=sorted(PRESETS), mode=list(MODES), dtype=["float16", "bfloat16", "float32"]),
 )
