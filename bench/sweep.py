@@ -326,8 +326,12 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
         module = item.get("module")
         if module is not None:
             v.string(module, at + ("module",))
-            if ":" not in module:
-                v.fail(at + ("module",), f"expected 'module:function', got {module!r}")
+            try:
+                workloads.load_user_provider(module)
+            except ValueError as e:
+                v.fail(at + ("module",), str(e))
+            except Exception as e:  # the user's module failed to import, or lacks the function
+                v.fail(at + ("module",), f"cannot load {module!r} ({type(e).__name__}: {e})")
         elif name not in wl.providers:
             v.fail(at + ("name",), f"unknown provider '{name}' for workload {wl_name} "
                    f"(known: {', '.join(wl.providers)}; or give module: 'pkg.mod:factory')")

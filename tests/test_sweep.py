@@ -111,6 +111,12 @@ BAD = [
     ("  dtype: [float32]", "  dtype: [float32]\nconstraints: ['heads2 > 1']", "names 'heads2', which is not an axis", 8),
     ("  dtype: [float32]", "  dtype: [float32]\ntolerance: {float32: {max_abs: big}}", "tolerance.float32.max_abs: expected a number", 8),
     ("  dtype: [float32]", "  dtype: [float32]\nsurprise: 1", "surprise: unknown key", 8),
+    ("providers: [native, sdpa-math]", "providers: [native, {name: mine, module: 'no_such_module:make'}]",
+     "providers.1.module: cannot load 'no_such_module:make' (ModuleNotFoundError", 3),
+    ("providers: [native, sdpa-math]", "providers: [native, {name: mine, module: 'faulty_providers:nothing'}]",
+     "providers.1.module: cannot load 'faulty_providers:nothing' (AttributeError", 3),
+    ("providers: [native, sdpa-math]", "providers: [native, {name: mine, module: 'faulty_providers'}]",
+     "providers.1.module: expected 'module:function'", 3),
     ("  dtype: [float32]", "  dtype: [float32]\n  dtype: [float16]", "duplicate key 'dtype'", 8),
     ("  seq_len: [13, 64, 127]", "  seq_len: [13, 64, 127", "not valid YAML", 7),
 ]
