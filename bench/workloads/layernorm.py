@@ -40,13 +40,22 @@ def compiled(p, t):
     return _run(norm, p, t)
 
 
-KNOBS = ("persistent", "rows_per_block")
+FORWARD_KNOBS = ("rows_per_block", "blocks_per_sm")  # tile knobs of the forward kernel alone
 
 
 def cutile(p, t):
+    """The autograd-aware layer_norm; a sweep's forward tile knobs go to layer_norm_forward."""
     ln = cutile_module("layernorm")
-    knobs = {k: p[k] for k in KNOBS if k in p}
-    return _run(lambda x, w, b: ln.layer_norm(x, w, b, EPS, **knobs), p, t)
+    persistent = p.get("persistent")
+    knobs = {k: p[k] for k in FORWARD_KNOBS if k in p}
+    if not knobs:
+        return _run(lambda x, w, b: ln.layer_norm(x, w, b, EPS, persistent=persistent), p, t)
+    if p["mode"] != "fwd":
+        raise Unavailable(f"{', '.join(knobs)} tune the forward kernel only; sweep them with mode fwd")
+
+    def forward(x, w, b):
+        return ln.layer_norm_forward(x, w, b, EPS, persistent is not False, **knobs)[0]
+    return _run(forward, p, t)
 
 
 def tilegym(p, t):
