@@ -21,6 +21,7 @@ import os
 import torch
 
 from kernels import require
+from kernels.config import validate
 from kernels.reference import MASK_FLOOR
 
 try:
@@ -59,17 +60,7 @@ _LIMITS = {  # key: (smallest, largest, must be a power of two)
 
 def validate_config(config: dict) -> dict:
     """DEFAULT_CONFIG updated with `config`; ValueError naming the first bad key or value."""
-    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown fmha tile config key(s) {unknown}; known: {sorted(DEFAULT_CONFIG)}")
-    cfg = {**DEFAULT_CONFIG, **config}
-    for key, (lo, hi, pow2) in _LIMITS.items():
-        val = cfg[key]
-        if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= hi:
-            raise ValueError(f"fmha config {key}={val!r}: expected an integer in [{lo}, {hi}]")
-        if pow2 and val & (val - 1):
-            raise ValueError(f"fmha config {key}={val}: expected a power of two")
-    return cfg
+    return validate("fmha", config, DEFAULT_CONFIG, _LIMITS)
 
 
 def _check_inputs(q, k, v, scale):
@@ -97,6 +88,21 @@ if ct is not None:
     ConstBool = ct.Constant[bool]
     ZERO = ct.PaddingMode.ZERO
 
+    def _key_tiles(m_blk, t, TILE_M, TILE_N, CAUSAL):
+        """(end, mask_from): the key tiles query tile m_blk visits, and the first that needs a mask
+        (causal blocks stop at the diagonal; a tile past the end of the sequence is masked too)."""
+        if CAUSAL:
+            return (ct.cdiv(min((m_blk + 1) * TILE_M, t), TILE_N),
+                    min(m_blk * TILE_M // TILE_N, t // TILE_N))
+        return ct.cdiv(t, TILE_N), t // TILE_N
+
+    def _masked(x, rows, cols, t, CAUSAL, fill):
+        """x with `fill` where a key may not be seen: above the diagonal (which also drops keys past
+        the end for every real query row), or past the end of the sequence."""
+        if CAUSAL:
+            return ct.where(rows >= cols, x, fill)
+        return ct.where(cols < t, x, fill)
+
     @ct.kernel
     def _fwd_kernel(Q, K, V, Out, Lse, scale_log2: float,
                     H: ConstInt, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt,
@@ -112,22 +118,13 @@ if ct is not None:
         m_i = ct.full((TILE_M, 1), -math.inf, dtype=ct.float32)
         l_i = ct.zeros((TILE_M, 1), dtype=ct.float32)
         acc = ct.zeros((TILE_M, D), dtype=ct.float32)
-        if CAUSAL:
-            n_end = ct.cdiv(min((m_blk + 1) * TILE_M, t), TILE_N)
-            mask_from = min(m_blk * TILE_M // TILE_N, t // TILE_N)
-        else:
-            n_end = ct.cdiv(t, TILE_N)
-            mask_from = t // TILE_N
+        n_end, mask_from = _key_tiles(m_blk, t, TILE_M, TILE_N, CAUSAL)
         for j in range(n_end):
             kt = ct.load(K, index=(b, h, 0, j), shape=(1, 1, D, TILE_N), order=(0, 1, 3, 2),
                          padding_mode=ZERO, latency=K_LAT).reshape((D, TILE_N))
             s = ct.mma(q, kt, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))
             if (CAUSAL or not EVEN_N) and j >= mask_from:
-                cols = j * TILE_N + cols0
-                if CAUSAL:  # also drops keys past the end, for every real query row
-                    s = ct.where(rows >= cols, s, MASK_FLOOR)
-                else:
-                    s = ct.where(cols < t, s, MASK_FLOOR)
+                s = _masked(s, rows, j * TILE_N + cols0, t, CAUSAL, MASK_FLOOR)
             # the scale multiplies the row max, not the whole tile: one fma per score below
             m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True) * scale_log2)
             p = ct.exp2(s * scale_log2 - m_new, flush_to_zero=True)
@@ -210,12 +207,7 @@ if ct is not None:
         rows = (m_blk * TILE_M + ct.arange(TILE_M, dtype=ct.int32))[:, None]
         cols0 = ct.arange(TILE_N, dtype=ct.int32)[None, :]
         dq = ct.zeros((TILE_M, D), dtype=ct.float32)
-        if CAUSAL:
-            n_end = ct.cdiv(min((m_blk + 1) * TILE_M, t), TILE_N)
-            mask_from = min(m_blk * TILE_M // TILE_N, t // TILE_N)
-        else:
-            n_end = ct.cdiv(t, TILE_N)
-            mask_from = t // TILE_N
+        n_end, mask_from = _key_tiles(m_blk, t, TILE_M, TILE_N, CAUSAL)
         for j in range(n_end):
             kj = ct.load(K, index=(b, h, j, 0), shape=(1, 1, TILE_N, D), padding_mode=ZERO,
                          latency=K_LAT).reshape((TILE_N, D))
@@ -224,11 +216,7 @@ if ct is not None:
             s = ct.mma(q, ct.transpose(kj), ct.zeros((TILE_M, TILE_N), dtype=ct.float32))
             p = ct.exp2(s * scale_log2 - lse2, flush_to_zero=True)
             if (CAUSAL or not EVEN_N) and j >= mask_from:
-                cols = j * TILE_N + cols0
-                if CAUSAL:
-                    p = ct.where(rows >= cols, p, 0.0)
-                else:
-                    p = ct.where(cols < t, p, 0.0)
+                p = _masked(p, rows, j * TILE_N + cols0, t, CAUSAL, 0.0)
             dp = ct.mma(do, vt, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))
             ds = p * (dp - delta)
             dq = ct.mma(ds.astype(Q.dtype), kj, dq)
