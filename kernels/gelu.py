@@ -56,28 +56,32 @@ if ct is not None:
             return cdf + x * pdf
         return x * cdf
 
-    def _input(X, Bias, i, j, BLOCK_M, BLOCK_N):
-        """The (BLOCK_M, BLOCK_N) tile (i, j) of X + Bias, in fp32."""
+    def _input(X, Bias, i, j, BLOCK_M, BLOCK_N, HAS_BIAS):
+        """The (BLOCK_M, BLOCK_N) tile (i, j) of X (+ Bias), in fp32."""
         x = ct.astype(ct.load(X, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO), ct.float32)
+        if not HAS_BIAS:
+            return x
         b = ct.astype(ct.load(Bias, (j,), (BLOCK_N,), padding_mode=ZERO), ct.float32)
         return x + ct.reshape(b, (1, BLOCK_N))
 
     # Both kernels loop over the (row tile, column tile) pairs in row-major order, so a grid
     # smaller than the number of tiles is persistent.
     @ct.kernel
-    def _fwd_kernel(X, Bias, Y, TANH: ConstBool, BLOCK_M: ConstInt, BLOCK_N: ConstInt):
+    def _fwd_kernel(X, Bias, Y, HAS_BIAS: ConstBool, TANH: ConstBool, BLOCK_M: ConstInt,
+                    BLOCK_N: ConstInt):
         tiles_n = ct.cdiv(X.shape[1], BLOCK_N)
         for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M) * tiles_n, ct.num_blocks(0)):
             i, j = t // tiles_n, t % tiles_n
-            z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N)
+            z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N, HAS_BIAS)
             ct.store(Y, (i, j), ct.astype(_gelu_and_grad(z, TANH, False), Y.dtype))
 
     @ct.kernel
-    def _bwd_kernel(DY, X, Bias, DX, TANH: ConstBool, BLOCK_M: ConstInt, BLOCK_N: ConstInt):
+    def _bwd_kernel(DY, X, Bias, DX, HAS_BIAS: ConstBool, TANH: ConstBool, BLOCK_M: ConstInt,
+                    BLOCK_N: ConstInt):
         tiles_n = ct.cdiv(X.shape[1], BLOCK_N)
         for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M) * tiles_n, ct.num_blocks(0)):
             i, j = t // tiles_n, t % tiles_n
-            z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N)
+            z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N, HAS_BIAS)
             dy = ct.astype(ct.load(DY, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO), ct.float32)
             ct.store(DX, (i, j), ct.astype(dy * _gelu_and_grad(z, TANH, True), DX.dtype))
 
@@ -96,18 +100,29 @@ def _tanh(approximate: str) -> bool:
     return approximate == "tanh"
 
 
-def _prepare(x, bias, tile, blocks_per_sm):
-    """x as contiguous (M, N) rows, the bias (zeros if None), the grid and the tile shape."""
+def _launch(x, bias, approximate, tile, blocks_per_sm, dy=None):
+    """GELU(x + bias) (dy None), or dy * GELU'(x + bias), over x's (M, N) rows; shaped like x."""
+    kernels.require()
+    tanh = _tanh(approximate)
+    if x.numel() == 0:
+        return torch.empty_like(x)
     n = x.shape[-1] if x.dim() else 1
     # detached: ct.launch takes a slow path for tensors that require grad
     x2 = x.detach().reshape(-1, n).contiguous()
-    b = torch.zeros(n, device=x.device, dtype=torch.float32) if bias is None else bias.detach().contiguous()
+    b = x2[0] if bias is None else bias.detach().contiguous()  # never read without a bias
     block_m, block_n = _tiles(n, tile)
     grid = (-(-x2.shape[0] // block_m)) * (-(-n // block_n))
     if blocks_per_sm is not None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         grid = min(grid, blocks_per_sm * sms)
-    return x2, b, (grid,), (block_m, block_n)
+    out = torch.empty_like(x2)
+    args = (x2, b, out, bias is not None, tanh, block_m, block_n)
+    if dy is None:
+        ct.launch(torch.cuda.current_stream(), (grid,), _fwd_kernel, args)
+    else:
+        ct.launch(torch.cuda.current_stream(), (grid,), _bwd_kernel,
+                  (dy.detach().reshape(x2.shape).contiguous(), *args))
+    return out.reshape(x.shape)
 
 
 def gelu_forward(x, bias=None, approximate="none", tile=None, blocks_per_sm=None):
@@ -116,27 +131,12 @@ def gelu_forward(x, bias=None, approximate="none", tile=None, blocks_per_sm=None
     tile: (block_m, block_n) of the (M, N) view a block takes (default: TILE_ELEMS elements).
     blocks_per_sm: size of the persistent grid; None launches one block per tile.
     """
-    kernels.require()
-    tanh = _tanh(approximate)
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    x2, b, grid, blocks = _prepare(x, bias, tile, blocks_per_sm)
-    y = torch.empty_like(x2)
-    ct.launch(torch.cuda.current_stream(), grid, _fwd_kernel, (x2, b, y, tanh, *blocks))
-    return y.reshape(x.shape)
+    return _launch(x, bias, approximate, tile, blocks_per_sm)
 
 
 def gelu_backward(dy, x, bias=None, approximate="none", tile=None, blocks_per_sm=None):
     """dy * GELU'(x + bias): the gradient of x, and of bias once summed over the rows."""
-    kernels.require()
-    tanh = _tanh(approximate)
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    x2, b, grid, blocks = _prepare(x, bias, tile, blocks_per_sm)
-    dx = torch.empty_like(x2)
-    dy2 = dy.detach().reshape(x2.shape).contiguous()
-    ct.launch(torch.cuda.current_stream(), grid, _bwd_kernel, (dy2, x2, b, dx, tanh, *blocks))
-    return dx.reshape(x.shape)
+    return _launch(x, bias, approximate, tile, blocks_per_sm, dy)
 
 
 class Gelu(torch.autograd.Function):
@@ -169,12 +169,14 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         kernels.require()
     f32 = ct.float32
     paths = []
-    for dtype, tanh, grad in [(torch.float16, False, False), (torch.float16, True, False),
-                              (torch.float16, False, True), (torch.float16, True, True),
-                              (torch.bfloat16, False, False), (torch.float32, False, True)]:
+    for dtype, tanh, grad, bias in [(torch.float16, False, False, True), (torch.float16, True, False, True),
+                                    (torch.float16, False, True, True), (torch.float16, True, True, True),
+                                    (torch.bfloat16, False, False, False), (torch.float32, False, True, False)]:
         a = array_param(ct_dtype(dtype), 2)
         kernel, arrays = (_bwd_kernel, [a, a]) if grad else (_fwd_kernel, [a])
-        name = f"gelu_{'bwd' if grad else 'fwd'}_{'tanh' if tanh else 'erf'}_{dtype_name(dtype)}"
-        params = [*arrays, array_param(f32, 1), a, tanh, *_tiles(3072, None)]
+        name = (f"gelu_{'bwd' if grad else 'fwd'}_{'tanh' if tanh else 'erf'}_{dtype_name(dtype)}"
+                + ("" if bias else "_nobias"))
+        bias_param = array_param(f32, 1) if bias else array_param(ct_dtype(dtype), 1)
+        params = [*arrays, bias_param, a, bias, tanh, *_tiles(3072, None)]
         paths.append(export(kernel, name, params, out_dir, gpu_code))
     return paths
