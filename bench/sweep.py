@@ -347,6 +347,7 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     baseline = v.string(data["baseline"], ("baseline",))
     if baseline not in (p["name"] for p in prov_specs):
         v.fail(("baseline",), f"baseline '{baseline}' is not one of the providers")
+    provider_axes = {ax for spec in prov_specs for ax in spec["axes"]}  # before --providers filters
     if providers is not None:
         unknown = [p for p in providers if p not in (s["name"] for s in prov_specs)]
         if unknown:
@@ -422,7 +423,7 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
                 params = {**point, **extra}
                 if any(_matches(params, r) for r in excludes):  # provider axes can be excluded too
                     continue
-                if not _within(v, constraints, params) or not all(
+                if not _within(v, constraints, params, provider_axes) or not all(
                         _same(params.get(k), want) for k, want in filt if k in params):
                     continue
                 cases.append(Case(
@@ -449,13 +450,15 @@ def _check_value(v: _Validator, wl, name: str, x, at: tuple) -> None:
         v.fail(at, f"expected a string, got {_kind(x)}")
 
 
-def _within(v: _Validator, constraints, params: dict) -> bool:
+def _within(v: _Validator, constraints, params: dict, provider_axes: set) -> bool:
+    """Whether params meet every constraint; one that names another provider's axis does not apply."""
     for i, text, tree in constraints:
         try:
             if not _eval(tree, params):
                 return False
         except KeyError as e:
-            v.fail(("constraints", i), f"{text!r} names {e.args[0]!r}, which is not an axis")
+            if e.args[0] not in provider_axes:
+                v.fail(("constraints", i), f"{text!r} names {e.args[0]!r}, which is not an axis")
         except (TypeError, ZeroDivisionError) as e:
             v.fail(("constraints", i), f"{text!r} cannot be evaluated ({e})")
     return True

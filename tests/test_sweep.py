@@ -72,6 +72,21 @@ def test_provider_axes_expand_only_that_provider_and_keep_the_shape(write_sweep)
     assert len(points(sw)) == 6
 
 
+def test_a_constraint_on_a_provider_axis_applies_to_that_provider_only(write_sweep):
+    text = BASE.replace("providers: [native, sdpa-math]", """providers:
+  - native
+  - name: cutile
+    axes: {tile_m: [64, 128]}""") + "constraints: ['tile_m * batch <= 128']\n"
+    sw = load(write_sweep, text)
+    assert {(c.params["batch"], c.params["tile_m"]) for c in sw.cases if c.provider == "cutile"} == {
+        (1, 64), (1, 128), (2, 64)}
+    assert len(points(sw)) == 6  # native has no tile_m: the constraint leaves it alone
+    # still so when --providers leaves out the provider that has the axis
+    assert len(load(write_sweep, text, providers=["native"]).cases) == 6
+    with pytest.raises(SweepError, match=r"constraints.0: .*names 'tile_k', which is not an axis"):
+        load(write_sweep, text.replace("tile_m * batch", "tile_k * batch"))
+
+
 def test_set_filter_and_providers(write_sweep):
     path = write_sweep(BASE)
     sw = sweep.load(path, overrides=["seq_len=[256]", "timing.max_time_s=0.5"],
