@@ -8,9 +8,12 @@ tiles. The backward writes dx and one partial dweight/dbias row per block, then 
 sums the partial rows.
 """
 
+import functools
+
 import torch
 
 import kernels
+from kernels.config import validate
 
 try:
     import cuda.tile as ct
@@ -18,36 +21,70 @@ except Exception:  # no cuda-tile here: the public functions raise through kerne
     ct = None
 
 MAX_N = 8192  # one row must fit in one tile of registers
-# defaults measured on an H100 (docs/layernorm-notes.md): rows_per_block * padded N, and blocks per SM
-FWD_TILE_ELEMS, FWD_BLOCKS_PER_SM = 8192, 2  # with occupancy=2 on the kernel
+# Forward launch config. The defaults were measured on an H100 with sweeps/layernorm_tune.yaml
+# (docs/layernorm-notes.md); None lets the launch code (or, for the hints, the compiler) choose.
+FWD_CONFIG = {
+    "rows_per_block": None,  # rows a block normalises at once; None: FWD_TILE_ELEMS elements
+    "chunk": None,           # columns per load, a row being cdiv(N, chunk) of them; None: _chunk
+    "blocks_per_sm": 2,      # persistent grid size
+    "occupancy": None,       # compiler hint; None: blocks_per_sm when persistent, else inferred
+    "num_worker_warps": 8,   # compiler hint
+    "latency": 5,            # DRAM latency hint (1-10) of the x loads
+}
+_FWD_LIMITS = {"rows_per_block": (1, 4096, True), "chunk": (16, MAX_N, True),
+               "blocks_per_sm": (1, 32, False), "occupancy": (1, 32, False),
+               "num_worker_warps": (1, 32, True), "latency": (1, 10, False)}
+_FWD_OPTIONAL = {"rows_per_block", "chunk", "occupancy", "num_worker_warps", "latency"}
+FWD_TILE_ELEMS = 8192
 BWD_TILE_ELEMS, BWD_BLOCKS_PER_SM = 8192, 1
 REDUCE_BLOCK_N = 32  # columns per block of the dweight/dbias reduction
 
 if ct is not None:
     ConstInt = ct.Constant[int]
+    ConstBool = ct.Constant[bool]
     ZERO = ct.PaddingMode.ZERO
 
-    def _row(a, BLOCK_N):
-        """A length-N vector as a (1, BLOCK_N) fp32 tile, zero past N."""
-        return ct.reshape(ct.astype(ct.load(a, (0,), (BLOCK_N,), padding_mode=ZERO), ct.float32),
+    def _row(a, c, BLOCK_N):
+        """Columns c*BLOCK_N.. of a length-N vector as a (1, BLOCK_N) fp32 tile, zero past N."""
+        return ct.reshape(ct.astype(ct.load(a, (c,), (BLOCK_N,), padding_mode=ZERO), ct.float32),
                           (1, BLOCK_N))
 
     def _col(a, t, BLOCK_M):
         """Rows t*BLOCK_M.. of a length-M vector as a (BLOCK_M, 1) tile, zero past M."""
         return ct.reshape(ct.load(a, (t,), (BLOCK_M,), padding_mode=ZERO), (BLOCK_M, 1))
 
-    @ct.kernel(occupancy=2)
-    def _fwd_kernel(X, W, B, Y, Mean, Rstd, eps, BLOCK_M: ConstInt, BLOCK_N: ConstInt):
+    @ct.kernel
+    def _fwd_kernel(X, W, B, Y, Mean, Rstd, eps, BLOCK_M: ConstInt, CHUNK: ConstInt,
+                    NCHUNK: ConstInt, RAGGED: ConstBool, LATENCY: ConstInt):
+        """A row is NCHUNK tiles of CHUNK columns held in registers at once (unrolled at compile
+        time), so N need not be a power of two to be read without padding; only the last chunk
+        can stick out past N (RAGGED), and only it is masked."""
         n = X.shape[1]
-        inside = ct.reshape(ct.arange(BLOCK_N, dtype=ct.int32) < n, (1, BLOCK_N))
-        w = _row(W, BLOCK_N)
-        b = _row(B, BLOCK_N)
+        last = ct.reshape(ct.arange(CHUNK, dtype=ct.int32) + (NCHUNK - 1) * CHUNK < n, (1, CHUNK))
+        w, b = (), ()
+        for c in ct.static_iter(range(NCHUNK)):
+            w += (_row(W, c, CHUNK),)
+            b += (_row(B, c, CHUNK),)
         for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M), ct.num_blocks(0)):
-            x = ct.astype(ct.load(X, (t, 0), (BLOCK_M, BLOCK_N), padding_mode=ZERO), ct.float32)
-            mean = ct.sum(x, axis=1, keepdims=True) / n
-            xc = ct.where(inside, x - mean, 0.0)
-            rstd = ct.rsqrt(ct.sum(xc * xc, axis=1, keepdims=True) / n + eps)
-            ct.store(Y, (t, 0), ct.astype(xc * rstd * w + b, Y.dtype))
+            x = ()
+            total = ct.zeros((BLOCK_M, 1), dtype=ct.float32)
+            for c in ct.static_iter(range(NCHUNK)):
+                xt = ct.load(X, (t, c), (BLOCK_M, CHUNK), padding_mode=ZERO,
+                             latency=ct.static_eval(LATENCY or None))
+                x += (ct.astype(xt, ct.float32),)
+                total += ct.sum(x[c], axis=1, keepdims=True)
+            mean = total / n
+            xc = ()
+            squares = ct.zeros((BLOCK_M, 1), dtype=ct.float32)
+            for c in ct.static_iter(range(NCHUNK)):
+                d = x[c] - mean
+                if RAGGED and c == NCHUNK - 1:
+                    d = ct.where(last, d, 0.0)
+                xc += (d,)
+                squares += ct.sum(d * d, axis=1, keepdims=True)
+            rstd = ct.rsqrt(squares / n + eps)
+            for c in ct.static_iter(range(NCHUNK)):
+                ct.store(Y, (t, c), ct.astype(xc[c] * rstd * w[c] + b[c], Y.dtype))
             ct.store(Mean, (t,), ct.reshape(mean, (BLOCK_M,)))
             ct.store(Rstd, (t,), ct.reshape(rstd, (BLOCK_M,)))
 
@@ -55,7 +92,7 @@ if ct is not None:
     def _bwd_kernel(DY, X, W, Mean, Rstd, DX, DWp, DBp, BLOCK_M: ConstInt, BLOCK_N: ConstInt):
         n = X.shape[1]
         inside = ct.reshape(ct.arange(BLOCK_N, dtype=ct.int32) < n, (1, BLOCK_N))
-        w = _row(W, BLOCK_N)
+        w = _row(W, 0, BLOCK_N)
         dw = ct.zeros((1, BLOCK_N), dtype=ct.float32)
         db = ct.zeros((1, BLOCK_N), dtype=ct.float32)
         for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M), ct.num_blocks(0)):
@@ -89,12 +126,14 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _blocks(n: int, rows_per_block: int | None, tile_elems: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): how many rows a block takes at once, and the padded row length."""
+def _check_width(n: int) -> None:
     if n > MAX_N:
         raise ValueError(f"layer_norm: last dimension {n} is larger than the supported {MAX_N}")
-    block_n = _pow2(n)
-    return (rows_per_block or max(1, tile_elems // block_n)), block_n
+
+
+def _rows_for(tile_elems: int, width: int) -> int:
+    """The largest power of two of rows of `width` elements that fit in `tile_elems` (at least 1)."""
+    return 1 << (max(1, tile_elems // width).bit_length() - 1)
 
 
 def _grid(m: int, block_m: int, blocks_per_sm: int | None, device) -> int:
@@ -103,6 +142,37 @@ def _grid(m: int, block_m: int, blocks_per_sm: int | None, device) -> int:
     if blocks_per_sm is None:
         return tiles
     return min(tiles, blocks_per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def _chunk(n: int, chunk: int | None) -> int:
+    """Columns per load: `chunk` (at most pow2(n)), or else whichever of pow2(n), its half and its
+    quarter pads a row least, the widest on a tie (768 -> 3 x 256, 1000 -> 1 x 1024). Rows of
+    more than four chunks measured slower than one padded chunk."""
+    p = _pow2(n)
+    if chunk:
+        return min(chunk, p)
+    return min((c for c in (p, p // 2, p // 4) if c >= 16 or c == p), key=lambda c: (-(-n // c) * c, -c))
+
+
+def _fwd_shape(n: int, cfg: dict) -> tuple[int, int, int]:
+    """(BLOCK_M, CHUNK, NCHUNK) of the forward kernel for rows of n elements."""
+    _check_width(n)
+    chunk = _chunk(n, cfg["chunk"])
+    nchunk = -(-n // chunk)
+    return cfg["rows_per_block"] or _rows_for(FWD_TILE_ELEMS, chunk * nchunk), chunk, nchunk
+
+
+def _bwd_shape(n: int, rows_per_block: int | None) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the backward kernel: BLOCK_N is n padded to a power of two."""
+    _check_width(n)
+    return rows_per_block or _rows_for(BWD_TILE_ELEMS, _pow2(n)), _pow2(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_hinted(occupancy: int | None, num_worker_warps: int | None):
+    """The forward kernel with these compiler hints, built once (each copy has its own JIT cache)."""
+    hints = {"occupancy": occupancy, "num_worker_warps": num_worker_warps}
+    return _fwd_kernel.replace_hints(**{k: v for k, v in hints.items() if v is not None})
 
 
 def _vector(v, n: int, fill: float, like: torch.Tensor):
@@ -118,16 +188,16 @@ def _rows(t, n: int):
     return t.detach().reshape(-1, n).contiguous()
 
 
-def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=False, rows_per_block=None,
-                       blocks_per_sm=FWD_BLOCKS_PER_SM):
+def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=False, **config):
     """y = (x - mean) * rstd * weight + bias over the last dim; also the fp32 mean and rstd.
 
     persistent: `blocks_per_sm` blocks per SM loop over the row tiles, instead of one block per
-    tile. rows_per_block: rows per tile, a power of two (default: FWD_TILE_ELEMS elements a tile).
+    tile. config: keys of FWD_CONFIG (tile shape and compiler hints), the rest from its defaults.
     """
+    cfg = validate("layer_norm forward", config, FWD_CONFIG, _FWD_LIMITS, _FWD_OPTIONAL)
     kernels.require()
     n = x.shape[-1]
-    block_m, block_n = _blocks(n, rows_per_block, FWD_TILE_ELEMS)
+    block_m, chunk, nchunk = _fwd_shape(n, cfg)
     x2 = _rows(x, n)
     m = x2.shape[0]
     w, b = _vector(weight, n, 1.0, x), _vector(bias, n, 0.0, x)
@@ -135,9 +205,11 @@ def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=False, rows_per_blo
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     if m:
-        grid = _grid(m, block_m, blocks_per_sm if persistent else None, x.device)
-        ct.launch(torch.cuda.current_stream(), (grid,),
-                  _fwd_kernel, (x2, w, b, y, mean, rstd, float(eps), block_m, block_n))
+        blocks_per_sm = cfg["blocks_per_sm"] if persistent else None
+        kernel = _fwd_hinted(cfg["occupancy"] or blocks_per_sm, cfg["num_worker_warps"])
+        ct.launch(torch.cuda.current_stream(), (_grid(m, block_m, blocks_per_sm, x.device),), kernel,
+                  (x2, w, b, y, mean, rstd, float(eps), block_m, chunk, nchunk, n % chunk != 0,
+                   cfg["latency"] or 0))
     lead = x.shape[:-1]
     return y.reshape(x.shape), mean.reshape(lead), rstd.reshape(lead)
 
@@ -150,7 +222,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, rows_per_block=None,
     """
     kernels.require()
     n = x.shape[-1]
-    block_m, block_n = _blocks(n, rows_per_block, BWD_TILE_ELEMS)
+    block_m, block_n = _bwd_shape(n, rows_per_block)
     x2, dy2 = _rows(x, n), _rows(dy, n)
     m = x2.shape[0]
     w = _vector(weight, n, 1.0, x)
@@ -212,12 +284,20 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     f32, scalar = ct.float32, cc.ScalarConstraint(ct.float32)
     stat, part = array_param(f32, 1), array_param(f32, 2)
     jobs = []
-    for dtype, n in [(torch.float16, 768), (torch.bfloat16, 1000), (torch.float32, 4096)]:
+    # the last two: a ragged last chunk, and every compiler hint set
+    for dtype, n, config in [(torch.float16, 768, {}), (torch.bfloat16, 1000, {}),
+                             (torch.float32, 4096, {}), (torch.float16, 1000, {"chunk": 256}),
+                             (torch.bfloat16, 768, {"chunk": 256, "occupancy": 2,
+                                                    "num_worker_warps": 8, "latency": 8})]:
         mat, vec = array_param(ct_dtype(dtype), 2), array_param(ct_dtype(dtype), 1)
-        name = f"{dtype_name(dtype)}_{n}"
-        jobs.append((_fwd_kernel, f"layernorm_fwd_{name}",
-                     [mat, vec, vec, mat, stat, stat, scalar, *_blocks(n, None, FWD_TILE_ELEMS)]))
-        jobs.append((_bwd_kernel, f"layernorm_bwd_{name}",
-                     [mat, mat, vec, stat, stat, mat, part, part, *_blocks(n, None, BWD_TILE_ELEMS)]))
+        cfg = validate("layer_norm forward", config, FWD_CONFIG, _FWD_LIMITS, _FWD_OPTIONAL)
+        block_m, chunk, nchunk = _fwd_shape(n, cfg)
+        name = f"{dtype_name(dtype)}_{n}" + (f"_chunk{chunk}" if config else "")
+        jobs.append((_fwd_hinted(cfg["occupancy"], cfg["num_worker_warps"]), f"layernorm_fwd_{name}",
+                     [mat, vec, vec, mat, stat, stat, scalar, block_m, chunk, nchunk, n % chunk != 0,
+                      cfg["latency"] or 0]))
+        if not config:
+            jobs.append((_bwd_kernel, f"layernorm_bwd_{name}",
+                         [mat, mat, vec, stat, stat, mat, part, part, *_bwd_shape(n, None)]))
     jobs.append((_colsum_kernel, "layernorm_colsum", [part, part, stat, stat, 32, REDUCE_BLOCK_N]))
     return [export(kernel, name, params, out_dir, gpu_code) for kernel, name, params in jobs]

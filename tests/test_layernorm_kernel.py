@@ -96,12 +96,44 @@ def test_forward_matches_reference(poisoned, shape, dtype, persistent, offset):
     assert errors(rstd, ref_rstd)["rel"] < 1e-4
 
 
+CHUNK_CASES = (
+    [((257, n), "float16", chunk, 0.0) for n in (384, 768, 1000, 1600) for chunk in (128, 256)]
+    + [((257, n), d, 256, 1e3) for n in (768, 1000) for d in DTYPES]
+    + [((1, 768), "float16", 256, 0.0), ((8192, 768), "float16", 256, 0.0),
+       ((3, 5, 4096), "bfloat16", 512, 0.0), ((130, 100), "float32", 16, 0.0)]
+)
+
+
 @gpu
-@pytest.mark.parametrize("rows_per_block", [1, 2, 16])
-def test_forward_rows_per_block_knob(poisoned, rows_per_block):
+@pytest.mark.parametrize("shape,dtype,chunk,offset", CHUNK_CASES)
+def test_forward_in_column_chunks_matches_reference(poisoned, shape, dtype, chunk, offset):
+    """Rows read as several chunks, the last one ragged where chunk does not divide N."""
+    std = OFFSET_STD[dtype] if offset else 1.0
+    x, w, b = make(shape, DTYPES[dtype], "cuda", offset, std, seed=shape[-1] + chunk)
+    y, mean, _ = layernorm.layer_norm_forward(x, w, b, persistent=True, chunk=chunk)
+    assert passes(errors(y, reference.layer_norm(x, w, b, dtype=torch.float64)), tolerance_for(dtype))
+    assert errors(mean, x.double().mean(-1))["rel"] < 1e-6
+
+
+@gpu
+@pytest.mark.parametrize("config", [
+    {"rows_per_block": 1}, {"rows_per_block": 2}, {"rows_per_block": 16},
+    {"blocks_per_sm": 1, "occupancy": 1, "num_worker_warps": 8},
+    {"chunk": 256, "latency": 8, "num_worker_warps": 8, "rows_per_block": 4},
+])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_forward_launch_config_knobs(poisoned, config, persistent):
     x, w, b = make((13, 1000), torch.float16, "cuda")
-    y, _, _ = layernorm.layer_norm_forward(x, w, b, persistent=True, rows_per_block=rows_per_block)
+    y, _, _ = layernorm.layer_norm_forward(x, w, b, persistent=persistent, **config)
     assert passes(errors(y, reference.layer_norm(x, w, b)), tolerance_for("float16"))
+
+
+@pytest.mark.parametrize("bad", [{"chunk": 100}, {"chunk": 8}, {"latency": 11}, {"occupancy": 0},
+                                 {"num_worker_warps": 3}, {"rows_per_block": 2.0}, {"tile_m": 64}])
+def test_bad_forward_config_is_a_value_error_before_anything_runs(bad):
+    x, w, b = make((3, 8), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="layer_norm forward"):
+        layernorm.layer_norm_forward(x, w, b, **bad)
 
 
 @gpu

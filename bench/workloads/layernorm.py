@@ -40,14 +40,12 @@ def compiled(p, t):
     return _run(norm, p, t)
 
 
-FORWARD_KNOBS = ("rows_per_block", "blocks_per_sm")  # tile knobs of the forward kernel alone
-
-
 def cutile(p, t):
-    """The autograd-aware layer_norm; a sweep's forward tile knobs go to layer_norm_forward."""
+    """The autograd-aware layer_norm; a sweep's forward launch knobs (the keys of the kernel's
+    FWD_CONFIG) go to layer_norm_forward."""
     ln = cutile_module("layernorm")
     persistent = p.get("persistent")
-    knobs = {k: p[k] for k in FORWARD_KNOBS if k in p}
+    knobs = {k: p[k] for k in ln.FWD_CONFIG if k in p}
     if not knobs:
         return _run(lambda x, w, b: ln.layer_norm(x, w, b, EPS, persistent=persistent), p, t)
     if p["mode"] != "fwd":
