@@ -22,6 +22,7 @@ import torch
 
 from kernels import require
 from kernels.config import validate
+from kernels.launch import launch
 from kernels.reference import MASK_FLOOR
 
 try:
@@ -234,7 +235,7 @@ def _hinted(name: str, occupancy: int, num_ctas: int):
 
 def _launch(name, grid, args, cfg):
     kernel = _hinted(name, cfg["occupancy"], cfg["num_ctas"])
-    ct.launch(torch.cuda.current_stream(), grid, kernel, args)
+    launch(args[0].device, grid, kernel, args)
 
 
 def _forward(q, k, v, causal, scale, cfg):

@@ -11,6 +11,7 @@ import torch
 
 import kernels
 from kernels.aot import array_param, ct_dtype, dtype_name, export
+from kernels.launch import launch, rows, sm_count
 
 try:
     import cuda.tile as ct
@@ -107,22 +108,19 @@ def _launch(x, bias, approximate, tile, blocks_per_sm, dy=None):
     if x.numel() == 0:
         return torch.empty_like(x)
     n = x.shape[-1] if x.dim() else 1
-    # detached: ct.launch takes a slow path for tensors that require grad
-    x2 = x.detach().reshape(-1, n).contiguous()
-    b = x2[0] if bias is None else bias.detach().contiguous()  # never read without a bias
+    x2 = rows(x, n)
+    b = x2 if bias is None else bias.contiguous()  # never read without a bias
     block_m, block_n = _tiles(n, tile)
     grid = (-(-x2.shape[0] // block_m)) * (-(-n // block_n))
     if blocks_per_sm is not None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        grid = min(grid, blocks_per_sm * sms)
+        grid = min(grid, blocks_per_sm * sm_count(x.device))
     out = torch.empty_like(x2)
     args = (x2, b, out, bias is not None, tanh, block_m, block_n)
     if dy is None:
-        ct.launch(torch.cuda.current_stream(), (grid,), _fwd_kernel, args)
+        launch(x.device, (grid,), _fwd_kernel, args)
     else:
-        ct.launch(torch.cuda.current_stream(), (grid,), _bwd_kernel,
-                  (dy.detach().reshape(x2.shape).contiguous(), *args))
-    return out.reshape(x.shape)
+        launch(x.device, (grid,), _bwd_kernel, (rows(dy, n), *args))
+    return out if out.shape == x.shape else out.view(x.shape)
 
 
 def gelu_forward(x, bias=None, approximate="none", tile=None, blocks_per_sm=None):
@@ -176,7 +174,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         kernel, arrays = (_bwd_kernel, [a, a]) if grad else (_fwd_kernel, [a])
         name = (f"gelu_{'bwd' if grad else 'fwd'}_{'tanh' if tanh else 'erf'}_{dtype_name(dtype)}"
                 + ("" if bias else "_nobias"))
-        bias_param = array_param(f32, 1) if bias else array_param(ct_dtype(dtype), 1)
+        bias_param = array_param(f32, 1) if bias else a  # without a bias, x stands in
         params = [*arrays, bias_param, a, bias, tanh, *_tiles(3072, None)]
         paths.append(export(kernel, name, params, out_dir, gpu_code))
     return paths
