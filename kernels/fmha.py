@@ -89,6 +89,10 @@ if ct is not None:
     ConstBool = ct.Constant[bool]
     ZERO = ct.PaddingMode.ZERO
 
+    def _head_tile(A, b, h, i, ROWS, D):
+        """Rows i*ROWS.. of head (b, h) of a (B, H, T, D) tensor as a (ROWS, D) tile, zero past T."""
+        return ct.load(A, index=(b, h, i, 0), shape=(1, 1, ROWS, D), padding_mode=ZERO).reshape((ROWS, D))
+
     def _key_tiles(m_blk, t, TILE_M, TILE_N, CAUSAL):
         """(end, mask_from): the key tiles query tile m_blk visits, and the first that needs a mask
         (causal blocks stop at the diagonal; a tile past the end of the sequence is masked too)."""
@@ -112,8 +116,7 @@ if ct is not None:
         m_blk = ct.num_blocks(0) - 1 - ct.bid(0)  # the longest causal rows start first
         b, h = ct.bid(1) // H, ct.bid(1) % H
         t = K.shape[2]
-        q = ct.load(Q, index=(b, h, m_blk, 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
-        q = q.reshape((TILE_M, D))
+        q = _head_tile(Q, b, h, m_blk, TILE_M, D)
         rows = (m_blk * TILE_M + ct.arange(TILE_M, dtype=ct.int32))[:, None]
         cols0 = ct.arange(TILE_N, dtype=ct.int32)[None, :]
         m_i = ct.full((TILE_M, 1), -math.inf, dtype=ct.float32)
@@ -161,10 +164,8 @@ if ct is not None:
         n_blk = ct.bid(0)
         b, h = ct.bid(1) // H, ct.bid(1) % H
         t = Q.shape[2]
-        kt = ct.load(K, index=(b, h, n_blk, 0), shape=(1, 1, TILE_N, D), padding_mode=ZERO)
-        kt = kt.reshape((TILE_N, D))
-        vt = ct.load(V, index=(b, h, n_blk, 0), shape=(1, 1, TILE_N, D), padding_mode=ZERO)
-        vt = vt.reshape((TILE_N, D))
+        kt = _head_tile(K, b, h, n_blk, TILE_N, D)
+        vt = _head_tile(V, b, h, n_blk, TILE_N, D)
         cols = (n_blk * TILE_N + ct.arange(TILE_N, dtype=ct.int32))[:, None]  # key positions
         rows0 = ct.arange(TILE_M, dtype=ct.int32)[None, :]
         dk = ct.zeros((TILE_N, D), dtype=ct.float32)
@@ -197,10 +198,8 @@ if ct is not None:
         m_blk = ct.num_blocks(0) - 1 - ct.bid(0)
         b, h = ct.bid(1) // H, ct.bid(1) % H
         t = K.shape[2]
-        q = ct.load(Q, index=(b, h, m_blk, 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
-        q = q.reshape((TILE_M, D))
-        do = ct.load(dOut, index=(b, h, m_blk, 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
-        do = do.reshape((TILE_M, D))
+        q = _head_tile(Q, b, h, m_blk, TILE_M, D)
+        do = _head_tile(dOut, b, h, m_blk, TILE_M, D)
         lse = ct.load(Lse, index=(b, h, m_blk), shape=(1, 1, TILE_M), padding_mode=ZERO)
         lse2 = lse.reshape((TILE_M, 1)) * LOG2E
         delta = ct.load(Delta, index=(b, h, m_blk), shape=(1, 1, TILE_M), padding_mode=ZERO)
