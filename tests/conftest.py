@@ -49,3 +49,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def exported_cubins(tmp_path):
+    """Compile a kernel module's export_for_check ahead of time and return the cubin file names,
+    each checked to be an ELF image; skips (saying why) where tileiras is missing."""
+    from kernels.aot import compiler_missing
+
+    def export(module) -> list[str]:
+        reason = compiler_missing()
+        if reason:
+            pytest.skip(reason)
+        paths = module.export_for_check(tmp_path)
+        for p in paths:
+            with open(p, "rb") as f:
+                assert f.read(4) == b"\x7fELF", p  # a cubin is an ELF image
+        return [p.rsplit("/", 1)[-1] for p in paths]
+    return export

@@ -7,19 +7,13 @@ import pandas as pd
 import pytest
 
 from bench import baseline, nightly, sweep
-from test_compare import exit_code, record, write_run
+from test_compare import SWEEP as COMPARE_SWEEP, exit_code, record, write_run
 from test_report import Page
 
-SWEEP = """
-name: tiny
-workload: layernorm
-baseline: steady
-providers:
-  - {{name: steady, module: "delay_provider:steady"}}
-  - {{name: delay, module: "delay_provider:{delay}"}}
-axes: {{rows: [4], hidden: [16], dtype: [float32], mode: [fwd]}}
-timing: {{warmup_ms: 5, min_reps: 200, max_reps: 300, max_time_s: 1.0, target_ci: 0.0001, timeout_s: 60}}
-"""
+# the comparison tests' sweep, less their second fast provider: the assertions below count providers
+SWEEP = COMPARE_SWEEP.replace("\nname: delay\n", "\nname: tiny\n").replace(
+    '  - {{name: quick, module: "delay_provider:quick"}}\n', "")
+assert SWEEP.count("name:") == 3
 
 
 def night(tmp_path, write_sweep, delay: str) -> tuple[int, str]:
