@@ -69,6 +69,7 @@ FWD_CASES = (
     + [((2, 13, 1000), "bfloat16", True, 0.0), ((65536, 384), "bfloat16", True, 0.0),
        ((65536, 384), "float16", False, 0.0)]
     + [((257, n), d, False, 1e3) for n in (768, 1600) for d in DTYPES]
+    + [((257, 1400), d, True, 0.0) for d in DTYPES]
 )
 
 
@@ -141,7 +142,8 @@ def test_forward_without_weight_or_bias(poisoned, affine):
 BWD_CASES = (
     [((257, n), d, 0.0) for n in (384, 768, 1000, 1600, 4096) for d in DTYPES]
     + [((1, 768), "float16", 0.0), ((4, 127, 768), "bfloat16", 0.0), ((8192, 768), "float16", 0.0),
-       ((129, 1000), "float32", 1e3)]
+       ((129, 1000), "float32", 1e3), ((257, 1400), "float16", 0.0), ((257, 1400), "float32", 1e3),
+       ((33, 1536), "bfloat16", 0.0)]  # 1400: three 512-column chunks, the last one ragged
 )
 
 
@@ -159,3 +161,16 @@ def test_backward_matches_autograd_of_reference(poisoned, shape, dtype, offset):
         assert got.grad.dtype == got.dtype
         err = errors(got.grad, want.grad)
         assert err["rel"] < 2e-2, (name, err)
+
+
+@gpu
+@pytest.mark.parametrize("shape,chunk", [((257, 768), 256), ((129, 1400), 512), ((65, 384), 128)])
+def test_backward_in_column_chunks_matches_autograd_of_reference(shape, chunk):
+    x, w, b = make(shape, torch.float32, "cuda", seed=chunk)
+    dy = torch.randn(shape, device="cuda")
+    _, mean, rstd = layernorm.layer_norm_forward(x, w, b)
+    got = layernorm.layer_norm_backward(dy, x, w, mean, rstd, chunk=chunk)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    reference.layer_norm(*ref_leaves, dtype=torch.float64).backward(dy.double())
+    for name, g, want in zip(("dx", "dw", "db"), got, ref_leaves):
+        assert errors(g, want.grad)["rel"] < 1e-4, name
