@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from kernels.aot import array_param, ct_dtype, dtype_name, export
-from kernels.launch import launch, rows, sm_count
+from kernels.launch import grid_size, launch, rows
 
 try:
     import cuda.tile as ct
@@ -111,9 +111,7 @@ def _launch(x, bias, approximate, tile, blocks_per_sm, dy=None):
     x2 = rows(x, n)
     b = x2 if bias is None else bias.contiguous()  # never read without a bias
     block_m, block_n = _tiles(n, tile)
-    grid = (-(-x2.shape[0] // block_m)) * (-(-n // block_n))
-    if blocks_per_sm is not None:
-        grid = min(grid, blocks_per_sm * sm_count(x.device))
+    grid = grid_size((-(-x2.shape[0] // block_m)) * (-(-n // block_n)), blocks_per_sm, x.device)
     out = torch.empty_like(x2)
     args = (x2, b, out, bias is not None, tanh, block_m, block_n)
     if dy is None:

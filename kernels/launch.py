@@ -23,6 +23,14 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def grid_size(tiles: int, blocks_per_sm: int | None, device: torch.device) -> int:
+    """One block per tile, or a persistent grid of at most blocks_per_sm blocks per SM looping
+    over the tiles."""
+    if blocks_per_sm is None:
+        return tiles
+    return min(tiles, blocks_per_sm * sm_count(device))
+
+
 def launch(device: torch.device, grid: tuple, kernel, args: tuple) -> None:
     """ct.launch on torch's current stream of `device`."""
     ct.launch(torch._C._cuda_getCurrentRawStream(device.index), grid, kernel, args)

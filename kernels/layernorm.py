@@ -15,7 +15,7 @@ import torch
 
 import kernels
 from kernels.config import validate
-from kernels.launch import launch, rows, sm_count
+from kernels.launch import grid_size, launch, rows
 
 try:
     import cuda.tile as ct
@@ -168,14 +168,6 @@ def _rows_for(tile_elems: int, width: int) -> int:
     return 1 << (max(1, tile_elems // width).bit_length() - 1)
 
 
-def _grid(m: int, block_m: int, blocks_per_sm: int | None, device) -> int:
-    """One block per row tile, or at most blocks_per_sm blocks per SM looping over them."""
-    tiles = -(-m // block_m)
-    if blocks_per_sm is None:
-        return tiles
-    return min(tiles, blocks_per_sm * sm_count(device))
-
-
 def _chunk(n: int, chunk: int | None) -> int:
     """Columns per load: `chunk` (at most pow2(n)), or else whichever of pow2(n), its half and its
     quarter pads a row least, the widest on a tie (768 -> 3 x 256, 1000 -> 1 x 1024). Rows of
@@ -221,7 +213,7 @@ def _forward(x, weight, bias, eps, persistent, cfg):
     if m:
         blocks_per_sm = cfg["blocks_per_sm"] if persistent else None
         kernel = _fwd_hinted(cfg["occupancy"] or blocks_per_sm, cfg["num_worker_warps"])
-        launch(x.device, (_grid(m, block_m, blocks_per_sm, x.device),), kernel,
+        launch(x.device, (grid_size(-(-m // block_m), blocks_per_sm, x.device),), kernel,
                (x2, _vector(weight, n, 1.0, x), _vector(bias, n, 0.0, x), y, mean, rstd, float(eps),
                 block_m, chunk, nchunk, ragged, cfg["latency"] or 0))
     return (y if x.dim() == 2 else y.view(x.shape)), mean, rstd
@@ -259,7 +251,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, row
     db = torch.empty(n, device=x.device, dtype=grad_dtype)
     if m == 0:
         return dx.view(x.shape), dw.zero_(), db.zero_()
-    g = _grid(m, block_m, blocks_per_sm, x.device)
+    g = grid_size(-(-m // block_m), blocks_per_sm, x.device)
     dwp = torch.empty(g, n, device=x.device, dtype=torch.float32)  # every block writes its row
     dbp = torch.empty_like(dwp)
     stats = [t if t.dim() == 1 else t.reshape(-1) for t in (mean, rstd)]
