@@ -6,9 +6,9 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
 
-from bench import console, runner, sweep
+from bench.measure import runner, sweep
+from bench.present import console
 from bench.cli import BadInput, Parser
 
 
@@ -30,24 +30,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def devices_for(gpus: str | None, workers: int) -> list[str]:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus is None:
-        return ["cuda:0"] if count else ["cpu"] * max(1, workers)
-    if not count:
-        raise BadInput(f"--gpus {gpus}: no CUDA GPU is visible on this machine")
-    if gpus == "all":
-        return [f"cuda:{i}" for i in range(count)]
-    try:
-        ids = [int(x) for x in gpus.split(",")]
-    except ValueError:
-        raise BadInput(f"--gpus {gpus!r}: expected comma-separated indices or 'all'") from None
-    bad = [i for i in ids if not 0 <= i < count]
-    if bad or len(set(ids)) != len(ids):
-        raise BadInput(f"--gpus {gpus}: this machine has GPUs 0..{count - 1}, each named once")
-    return [f"cuda:{i}" for i in ids]
-
-
 def _sigterm(*_):
     raise KeyboardInterrupt
 
@@ -58,7 +40,7 @@ def main(argv=None) -> int:
     try:
         if args.workers < 1:
             raise BadInput("--workers must be at least 1")
-        devices = devices_for(args.gpus, args.workers)
+        devices = runner.devices_for(args.gpus, args.workers)
         if args.resume:
             try:
                 writer, todo = runner.resume_run(Path(args.resume), ["-m", "bench.run", *argv])

@@ -1,6 +1,6 @@
 """Parity of the cutile backend with the torch one, at three levels, written as JSON.
 
-L1: each kernel (attention, LayerNorm, GELU) against its float32 reference (kernels.reference, judged by bench.check), forward
+L1: each kernel (attention, LayerNorm, GELU) against its float32 reference (kernels.reference, judged by bench.measure.check), forward
     and backward. L2: every transformer block's output hidden states. L3: the full logits.
 L2 and L3 run the same weights through the torch backend (naive attention) and the candidate, both
 under autocast in --dtype, and also report each side's distance from the float32 torch model, the
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.check import errors, passes, tolerance_for
+from bench.measure.check import errors, passes, tolerance_for
 from kernels import reference
 from model.cli import DTYPES, ArgumentParser, autocast, fail, pick_device
 from model.gpt import GPT, PRESETS, GPTConfig

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from bench import check
+from bench.measure import check
 
 
 def test_errors_on_unit_scale_tensors_are_plain_differences():

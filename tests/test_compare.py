@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from bench import compare
+from bench import compare as compare_cli
+from bench.results import compare
 from bench.run import main as run_main
-from bench.store import RunWriter
+from bench.results.store import RunWriter
 
 H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "sm_count": 132, "memory_gb": 79.6,
         "max_sm_clock_mhz": 1980, "max_mem_clock_mhz": 2619}
@@ -87,7 +88,7 @@ def test_matching_one_side_and_status_changes(tmp_path):
     cur = write_run(tmp_path / "cur", [
         record("a", [1.2] * 30), record("b", [1.0] * 30), record("c", status="incorrect"),
         record("new", [1.0] * 30), record("a", [1.0] * 30, n=2), record("d", [1.0] * 30)])
-    rc = compare.main([str(base), str(cur), "-o", str(tmp_path / "out")])
+    rc = compare_cli.main([str(base), str(cur), "-o", str(tmp_path / "out")])
     assert rc == 1
     data = json.loads((tmp_path / "out" / "compare.json").read_text())
     verdicts = {(c["provider"], c["params"]["n"]): c["verdict"] for c in data["cases"]}
@@ -101,7 +102,7 @@ def test_matching_one_side_and_status_changes(tmp_path):
 
 def test_unchanged_runs_exit_zero_and_print_the_table(tmp_path, capsys):
     recs = [record("a", [1.0, 1.01, 0.99] * 10)]
-    rc = compare.main([str(write_run(tmp_path / "x", recs)), str(write_run(tmp_path / "y", recs))])
+    rc = compare_cli.main([str(write_run(tmp_path / "x", recs)), str(write_run(tmp_path / "y", recs))])
     assert rc == 0
     out = capsys.readouterr().out
     assert "unchanged" in out and "w/a [n=1]" in out
@@ -111,18 +112,18 @@ def test_unchanged_runs_exit_zero_and_print_the_table(tmp_path, capsys):
 def test_threshold_comes_from_the_sweep_and_the_command_line(tmp_path):
     base = write_run(tmp_path / "b", [record("a", [1.0] * 30)])
     cur = write_run(tmp_path / "c", [record("a", [1.05] * 30)], threshold=0.10)
-    assert compare.main([str(base), str(cur)]) == 0  # 5% is under the sweep's 10%
-    assert compare.main([str(base), str(cur), "--threshold", "0.03"]) == 1
+    assert compare_cli.main([str(base), str(cur)]) == 0  # 5% is under the sweep's 10%
+    assert compare_cli.main([str(base), str(cur), "--threshold", "0.03"]) == 1
 
 
 def test_different_hardware_is_refused_unless_allowed(tmp_path, capsys):
     other = dict(H100, name="NVIDIA H200")
     base = write_run(tmp_path / "b", [record("a", [1.0] * 30)])
     cur = write_run(tmp_path / "c", [record("a", [1.0] * 30)], gpu=other)
-    assert compare.main([str(base), str(cur)]) == 2
+    assert compare_cli.main([str(base), str(cur)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "different hardware" in err
-    assert compare.main([str(base), str(cur), "--allow-different-hardware"]) == 0
+    assert compare_cli.main([str(base), str(cur), "--allow-different-hardware"]) == 0
 
 
 def exit_code(main, argv) -> int:
@@ -140,7 +141,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args):
     (tmp_path / "malformed").mkdir()
     (tmp_path / "malformed" / "meta.json").write_text("{not json")
     (tmp_path / "empty").mkdir()
-    assert exit_code(compare.main, args) == 2
+    assert exit_code(compare_cli.main, args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:")
 
@@ -164,7 +165,7 @@ def test_real_cpu_run_with_a_slowed_provider(tmp_path, write_sweep, capsys):
         path = write_sweep(SWEEP.format(delay=delay), f"{delay}.yaml")
         assert run_main([str(path), "--out", str(tmp_path / "results")]) == 0
         runs.append(capsys.readouterr().out.strip().splitlines()[-1])
-    rc = compare.main([runs[0], runs[1], "-o", str(tmp_path / "cmp")])
+    rc = compare_cli.main([runs[0], runs[1], "-o", str(tmp_path / "cmp")])
     out = capsys.readouterr().out
     assert rc == 1, out
     cases = json.loads((tmp_path / "cmp" / "compare.json").read_text())["cases"]

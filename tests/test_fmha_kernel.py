@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernels
-from bench.check import errors, passes, tolerance_for
+from bench.measure.check import errors, passes, tolerance_for
 from kernels import fmha, reference
 
 GPU_OK, GPU_REASON = kernels.available()

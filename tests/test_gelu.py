@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kernels
-from bench.check import errors, passes, tolerance_for
+from bench.measure.check import errors, passes, tolerance_for
 from kernels import gelu as G
 from kernels import reference
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.check import errors, passes, tolerance_for
+from bench.measure.check import errors, passes, tolerance_for
 from kernels import layernorm, reference
 
 OK, REASON = kernels.available()

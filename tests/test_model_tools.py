@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from bench.check import errors, passes, tolerance_for
+from bench.measure.check import errors, passes, tolerance_for
 from bench.workloads import Unavailable, get
 from model import parity, prepare_shakespeare, sample, train
 from model.gpt import GPT, GPTConfig

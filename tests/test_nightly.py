@@ -6,7 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import baseline, nightly, sweep
+from bench.measure import sweep
+from bench import baseline as baseline_cli, nightly as nightly_cli
+from bench.results import baseline, nightly
 from test_compare import SWEEP as COMPARE_SWEEP, exit_code, record, write_run
 from test_report import Page
 
@@ -19,7 +21,7 @@ assert SWEEP.count("name:") == 3
 def night(tmp_path, write_sweep, delay: str) -> tuple[int, str]:
     sweep = write_sweep(SWEEP.format(delay=delay), "tiny.yaml")
     config = write_sweep(f"sweeps:\n  - sweep: {sweep}\n    set: ['hidden=[16]']\n", "nightly.yaml")
-    rc = nightly.main(["--config", str(config), "--out", str(tmp_path / "results"),
+    rc = nightly_cli.main(["--config", str(config), "--out", str(tmp_path / "results"),
                        "--baselines", str(tmp_path / "baselines"),
                        "--history", str(tmp_path / "history.csv")])
     summaries = sorted((tmp_path / "results" / "nightly").glob("*/report.md"))
@@ -32,7 +34,7 @@ def test_nightly_blesses_compares_and_keeps_history(tmp_path, write_sweep, capsy
     latest = tmp_path / "results" / "latest"
     assert (latest / "report.html").exists()
 
-    assert baseline.main(["set", str(latest), "--root", str(tmp_path / "baselines")]) == 0
+    assert baseline_cli.main(["set", str(latest), "--root", str(tmp_path / "baselines")]) == 0
     stored = tmp_path / "baselines" / "cpu" / "tiny"
     assert {p.name for p in stored.iterdir()} == {"meta.json", "summary.csv", "samples.jsonl.gz",
                                                   "blessed.json"}
@@ -60,7 +62,7 @@ def test_bless_refuses_an_incomplete_run(tmp_path, capsys):
     run = write_run(tmp_path / "run", [record("a", [1.0, 1.0])])
     meta = (run / "meta.json").read_text().replace('"complete": true', '"complete": false')
     (run / "meta.json").write_text(meta)
-    assert baseline.main(["set", str(run), "--root", str(tmp_path / "b")]) == 2
+    assert baseline_cli.main(["set", str(run), "--root", str(tmp_path / "b")]) == 2
     assert "incomplete" in capsys.readouterr().err
 
 
@@ -69,7 +71,7 @@ def test_bless_refuses_an_incomplete_run(tmp_path, capsys):
 def test_bad_config_is_one_line_and_exit_2(tmp_path, write_sweep, capsys, text):
     sweep = write_sweep(SWEEP.format(delay="steady"), "tiny.yaml")
     config = write_sweep(text.replace("SWEEP", str(sweep)), "nightly.yaml")
-    assert exit_code(nightly.main, ["--config", str(config), "--out", str(tmp_path)]) == 2
+    assert exit_code(nightly_cli.main, ["--config", str(config), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:")
     assert not (tmp_path / "nightly").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from bench import report
+from bench import report as report_cli
 from bench.run import main as run_main
 from test_compare import exit_code, record, write_run
 
@@ -42,7 +42,7 @@ class Page(HTMLParser):
 
 def render(run_dir, tmp_path, *extra) -> tuple[Page, str, str]:
     out = tmp_path / "out" / "report.html"
-    assert report.main([str(run_dir), "-o", str(out), *extra]) == 0
+    assert report_cli.main([str(run_dir), "-o", str(out), *extra]) == 0
     html = out.read_text()
     return Page(html), html, (out.parent / "report.md").read_text()
 
@@ -110,7 +110,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "bad" / "meta.json").write_text("[1, 2")
     for argv in (["nowhere"], [str(tmp_path / "bad")], [str(FIXTURE), "--baseline", "nowhere"],
                  [str(FIXTURE), "--colour"]):
-        assert exit_code(report.main, argv) == 2
+        assert exit_code(report_cli.main, argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error:")
 

@@ -11,7 +11,8 @@ import time
 import pandas as pd
 import pytest
 
-from bench import run, store
+from bench import run
+from bench.results import store
 
 SMALL = """\
 workload: fmha

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from bench import sweep
-from bench.sweep import SweepError
+from bench.measure import sweep
+from bench.measure.sweep import SweepError
 
 BASE = """\
 workload: fmha

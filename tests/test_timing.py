@@ -4,7 +4,8 @@ import time
 import numpy as np
 import torch
 
-from bench import stats, timing
+from bench.measure import timing
+from bench.results import stats
 
 
 def test_median_ci_covers_the_true_median_about_95_percent_of_the_time():

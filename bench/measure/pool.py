@@ -8,9 +8,9 @@ import queue
 import threading
 from typing import Callable
 
-from bench.store import utc_now
-from bench.sweep import Case
-from bench.worker import blank_record, serve
+from bench.results.store import utc_now
+from bench.measure.sweep import Case
+from bench.measure.worker import blank_record, serve
 
 _CTX = mp.get_context("spawn")
 STARTUP_S = 120.0  # allowed for a fresh worker to import torch and say it is ready

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench.stats import ci_rel
+from bench.results.stats import ci_rel
 
 try:
     import nvtx as _nvtx

@@ -7,9 +7,32 @@ import threading
 import time
 from pathlib import Path
 
-from bench import console, env, pool, store
-from bench.summary import summarize
-from bench.sweep import Case, Sweep
+import torch
+
+from bench.cli import BadInput
+from bench.measure import env, pool
+from bench.present import console
+from bench.results import store
+from bench.results.summary import summarize
+from bench.measure.sweep import Case, Sweep
+
+
+def devices_for(gpus: str | None, workers: int) -> list[str]:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus is None:
+        return ["cuda:0"] if count else ["cpu"] * max(1, workers)
+    if not count:
+        raise BadInput(f"--gpus {gpus}: no CUDA GPU is visible on this machine")
+    if gpus == "all":
+        return [f"cuda:{i}" for i in range(count)]
+    try:
+        ids = [int(x) for x in gpus.split(",")]
+    except ValueError:
+        raise BadInput(f"--gpus {gpus!r}: expected comma-separated indices or 'all'") from None
+    bad = [i for i in ids if not 0 <= i < count]
+    if bad or len(set(ids)) != len(ids):
+        raise BadInput(f"--gpus {gpus}: this machine has GPUs 0..{count - 1}, each named once")
+    return [f"cuda:{i}" for i in ids]
 
 
 def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str]) -> store.RunWriter:

@@ -7,7 +7,7 @@ import math
 
 import pandas as pd
 
-from bench.stats import describe
+from bench.results.stats import describe
 
 LEAD = ["case_id", "workload", "provider", "baseline", "status", "reason", "device"]
 STATS = ["n", "median_ms", "mean_ms", "iqr_ms", "ci_low_ms", "ci_high_ms", "ci_rel", "min_ms",

@@ -12,9 +12,10 @@ import traceback
 
 import torch
 
-from bench import check, env, timing, workloads
-from bench.sweep import Case
-from bench.store import utc_now
+from bench import workloads
+from bench.measure import check, env, timing
+from bench.measure.sweep import Case
+from bench.results.store import utc_now
 
 
 def _one_line(e: BaseException) -> str:

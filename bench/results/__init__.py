@@ -1,0 +1,1 @@
+"""Results: the run store, statistics and summaries, baselines, comparisons and the history."""

@@ -1,0 +1,224 @@
+"""Compare two runs case by case and flag regressions.
+
+For each case present in both runs (same workload, provider and parameters) the ratio of medians
+CUR/BASE gets a bootstrap confidence interval from the stored samples. A case is a regression when
+it is slower by more than the threshold *and* the interval lies wholly above 1 (the slowdown is
+larger than the measured noise); improvements mirror that. Exit status: 1 on any regression (or a
+case that ran in BASE and fails in CUR), 0 otherwise, 2 on bad input. docs/regressions.md says why."""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.results.baseline import hardware
+from bench.cli import BadInput
+from bench.results.store import Run
+
+THRESHOLD = 0.03
+CONFIDENCE = 0.99
+N_BOOT = 2000
+FAILED = {"incorrect", "error", "crashed", "timeout", "oom"}
+FAILING = {"regression", "broken"}  # verdicts that make the comparison fail
+
+
+def ratio_ci(base, cur, confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
+             seed: int = 0) -> tuple[float, float, float]:
+    """(median(cur)/median(base), low, high): percentile bootstrap, each side resampled on its own.
+
+    Seeded, so a comparison is reproducible. With fewer than 2 samples on a side the interval is
+    (nan, nan): nothing can be said about the noise.
+    """
+    b, c = np.asarray(base, dtype=float), np.asarray(cur, dtype=float)
+    if b.size == 0 or c.size == 0:
+        return math.nan, math.nan, math.nan
+    ratio = float(np.median(c) / np.median(b))
+    if b.size < 2 or c.size < 2:
+        return ratio, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    mb = np.median(b[rng.integers(0, b.size, (n_boot, b.size))], axis=1)
+    mc = np.median(c[rng.integers(0, c.size, (n_boot, c.size))], axis=1)
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(mc / mb, [alpha / 2, 1 - alpha / 2])
+    return ratio, float(lo), float(hi)
+
+
+def verdict(ratio: float, lo: float, hi: float, threshold: float) -> str:
+    """regression / improvement when the change passes the threshold and the interval excludes 1."""
+    if not (lo > 0 and hi > 0):
+        return "unchanged"
+    if ratio > 1 + threshold and lo > 1:
+        return "regression"
+    if ratio < 1 - threshold and hi < 1:
+        return "improvement"
+    return "unchanged"
+
+
+def case_key(rec: dict) -> str:
+    return json.dumps([rec["workload"], rec["provider"], rec.get("params", {})], sort_keys=True)
+
+
+def case_label(rec: dict) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in sorted((rec.get("params") or {}).items()))
+    return f"{rec['workload']}/{rec['provider']} [{params}]"
+
+
+def _median(rec: dict) -> float:
+    s = rec.get("samples_ms") or []
+    return float(np.median(s)) if s else math.nan
+
+
+def compare_case(base: dict, cur: dict, threshold: float) -> dict:
+    """One row of the comparison table."""
+    b_ok, c_ok = base.get("status") == "ok", cur.get("status") == "ok"
+    ratio = lo = hi = math.nan
+    if b_ok and c_ok:
+        seed = zlib.crc32(case_key(cur).encode())
+        ratio, lo, hi = ratio_ci(base.get("samples_ms") or [], cur.get("samples_ms") or [], seed=seed)
+        result = verdict(ratio, lo, hi, threshold)
+    elif b_ok and cur.get("status") in FAILED:
+        result = "broken"
+    elif c_ok:
+        result = "fixed"
+    else:
+        result = "not compared"
+    noisy = bool(hi - lo > 2 * threshold) if b_ok and c_ok and not math.isnan(lo) else False
+    return {
+        "case": case_label(cur), "workload": cur["workload"], "provider": cur["provider"],
+        "params": cur.get("params", {}), "base_status": base.get("status"),
+        "cur_status": cur.get("status"), "base_ms": _median(base), "cur_ms": _median(cur),
+        "ratio": ratio, "ci_low": lo, "ci_high": hi, "verdict": result, "noisy": noisy,
+        "reason": "" if c_ok else (cur.get("reason") or ""),
+    }
+
+
+@dataclass
+class Comparison:
+    base: str
+    cur: str
+    hardware: tuple[str, str]
+    threshold: float
+    confidence: float
+    rows: list[dict] = field(default_factory=list)
+    only_base: list[str] = field(default_factory=list)
+    only_cur: list[str] = field(default_factory=list)
+
+    def count(self, kind: str) -> int:
+        return sum(r["verdict"] == kind for r in self.rows)
+
+    @property
+    def failing(self) -> list[dict]:
+        return [r for r in self.rows if r["verdict"] in FAILING]
+
+
+def sweep_threshold(meta: dict) -> float | None:
+    value = ((meta.get("sweep") or {}).get("compare") or {}).get("threshold")
+    return float(value) if value is not None else None
+
+
+def compare_runs(base: Run, cur: Run, threshold: float | None = None,
+                 allow_different_hardware: bool = False) -> Comparison:
+    """Match the two runs' cases and judge each; BadInput for runs from different GPU models."""
+    hw = (hardware(base.meta), hardware(cur.meta))
+    if hw[0] != hw[1] and not allow_different_hardware:
+        raise BadInput(f"runs are from different hardware ({hw[0]} vs {hw[1]}); "
+                       "pass --allow-different-hardware to compare anyway")
+    if threshold is None:
+        threshold = sweep_threshold(cur.meta) or sweep_threshold(base.meta) or THRESHOLD
+    if not threshold > 0:
+        raise BadInput(f"threshold must be positive, got {threshold}")
+    b = {case_key(r): r for r in base.records}
+    c = {case_key(r): r for r in cur.records}
+    out = Comparison(str(base.path), str(cur.path), hw, threshold, CONFIDENCE)
+    out.rows = [compare_case(b[k], c[k], threshold) for k in c if k in b]
+    out.only_base = sorted(case_label(b[k]) for k in b if k not in c)
+    out.only_cur = sorted(case_label(c[k]) for k in c if k not in b)
+    return out
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{(x - 1) * 100:+.1f}%"
+
+
+def table_rows(cmp: Comparison) -> list[dict]:
+    """Rows for people: failing verdicts first, then by the size of the change."""
+    def order(r):
+        rank = {"broken": 0, "regression": 1, "improvement": 2, "fixed": 3}.get(r["verdict"], 4)
+        return rank, -abs((r["ratio"] if not math.isnan(r["ratio"]) else 1) - 1)
+
+    return [{
+        "verdict": r["verdict"] + (" (noisy)" if r["noisy"] else ""), "case": r["case"],
+        "base_ms": r["base_ms"], "cur_ms": r["cur_ms"], "change": _pct(r["ratio"]),
+        "ci": f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]" if not math.isnan(r["ci_low"]) else "-",
+        "status": r["cur_status"] if r["base_status"] == r["cur_status"]
+        else f"{r['base_status']} -> {r['cur_status']}",
+    } for r in sorted(cmp.rows, key=order)]
+
+
+def headline(cmp: Comparison) -> str:
+    parts = [f"{cmp.count(k)} {k}" for k in ("regression", "broken", "improvement", "unchanged",
+                                              "fixed", "not compared") if cmp.count(k)]
+    one_side = len(cmp.only_base) + len(cmp.only_cur)
+    if one_side:
+        parts.append(f"{one_side} on one side only")
+    return (", ".join(parts) or "no cases") + f" (threshold {cmp.threshold:.1%}, " \
+        f"{cmp.confidence:.0%} bootstrap CI of the ratio of medians)"
+
+
+MD_LIST = 10
+
+
+def to_markdown(cmp: Comparison, only_changes: bool = False) -> str:
+    """A markdown table; `only_changes` keeps regressions, breakages and improvements."""
+    rows = [r for r in table_rows(cmp) if not only_changes or
+            r["verdict"].split(" ")[0] in ("regression", "broken", "improvement")]
+    lines = [f"**{headline(cmp)}**", ""]
+    if cmp.hardware[0] != cmp.hardware[1]:
+        lines += [f"Different hardware: {cmp.hardware[0]} vs {cmp.hardware[1]}.", ""]
+    if rows:
+        lines += ["| verdict | case | base ms | current ms | change | CI | status |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['verdict']} | {r['case']} | {r['base_ms']:.4g} | {r['cur_ms']:.4g} | "
+                  f"{r['change']} | {r['ci']} | {r['status']} |" for r in rows]
+    for title, cases in (("Only in the baseline", cmp.only_base), ("Only in the current run", cmp.only_cur)):
+        if cases:  # a nightly subset of a full baseline leaves hundreds: list a few, count the rest
+            lines += ["", f"{title} ({len(cases)}):", *[f"- {c}" for c in cases[:MD_LIST]]]
+            if len(cases) > MD_LIST:
+                lines.append(f"- ... and {len(cases) - MD_LIST} more (compare.json lists them all)")
+    return "\n".join(lines) + "\n"
+
+
+def to_text(cmp: Comparison) -> str:
+    rows = table_rows(cmp)
+    cols = ["verdict", "change", "ci", "base_ms", "cur_ms", "status", "case"]
+    cells = [[c for c in cols]] + [[r[c] if isinstance(r[c], str) else f"{r[c]:.4g}" for c in cols]
+                                   for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols) - 1)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + row[-1] for row in cells]
+    for title, cases in (("only in BASE", cmp.only_base), ("only in CUR", cmp.only_cur)):
+        lines += [f"{title}: {c}" for c in cases]
+    return "\n".join(lines + [headline(cmp)])
+
+
+def to_json(cmp: Comparison) -> dict:
+    def clean(v):
+        return None if isinstance(v, float) and math.isnan(v) else v
+    return {
+        "base": cmp.base, "current": cmp.cur, "hardware": list(cmp.hardware),
+        "threshold": cmp.threshold, "confidence": cmp.confidence,
+        "counts": {k: cmp.count(k) for k in ("regression", "broken", "improvement", "unchanged",
+                                             "fixed", "not compared")},
+        "cases": [{k: clean(v) for k, v in r.items()} for r in cmp.rows],
+        "only_base": cmp.only_base, "only_current": cmp.only_cur,
+    }
+
+
+def write(cmp: Comparison, out_dir) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(to_json(cmp), indent=2) + "\n")
+    (out / "compare.md").write_text(to_markdown(cmp))
