@@ -237,9 +237,10 @@ def _launch(name, grid, args, cfg):
     launch(args[0].device, grid, kernel, args)
 
 
-def _forward(q, k, v, causal, scale, cfg):
+def _forward(q, k, v, causal, scale, cfg, out=None):
+    """(out, lse); `out` may be given, in any layout with a unit stride along D."""
     b, h, t, d = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     tm, tn = cfg["tile_m"], cfg["tile_n"]
     _launch("fwd", (math.ceil(t / tm), b * h, 1),
@@ -257,13 +258,14 @@ def _bwd_config(cfg, d):
     return {**cfg, "block": 64, "step": min(128, 8192 // d), "occupancy": 2, "num_ctas": 1}
 
 
-def _backward(dout, q, k, v, out, lse, causal, scale, cfg):
+def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
+    """(dq, dk, dv); `grads` may give them, in any layout with a unit stride along D."""
     b, h, t, d = q.shape
     cfg = _bwd_config(cfg, d)
     blk, step, lat = cfg["block"], cfg["step"], (cfg["k_lat"], cfg["v_lat"])
     delta = torch.empty_like(lse)
     _launch("delta", (math.ceil(t / blk), b * h, 1), (out, dout, delta, h, d, blk), cfg)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = grads or (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     _launch("dkdv", (math.ceil(t / blk), b * h, 1),
             (q, k, v, dout, lse, delta, dk, dv, scale * LOG2E, scale, h, d, step, blk, causal,
              *lat), cfg)
@@ -308,6 +310,47 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None, **
     """softmax(q k^T * scale, causal mask) v for (B, H, T, D) fp16/bf16 tensors, differentiable."""
     (q, k, v), scale, cfg = _prepare(q, k, v, scale, tile_config)
     return _FlashAttention.apply(q, k, v, bool(causal), scale, cfg)
+
+
+def _heads(qkv, n_head: int):
+    """q, k, v as (B, H, T, D) views into a (B, T, 3C) c_attn output (or its gradient): no copy."""
+    b, t, c3 = qkv.shape
+    return qkv.view(b, t, 3, n_head, c3 // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class _AttentionQKV(torch.autograd.Function):
+    """Causal attention from a (B, T, 3C) qkv tensor to a (B, T, C) output, with the kernels reading
+    and writing those layouts through strided views: no transposes, no .contiguous() copies, and
+    the backward writes dq, dk and dv straight into one (B, T, 3C) gradient."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_head, scale, cfg):
+        b, t, c3 = qkv.shape
+        q, k, v = _heads(qkv, n_head)
+        out = torch.empty((b, t, n_head, c3 // (3 * n_head)), dtype=qkv.dtype, device=qkv.device)
+        _, lse = _forward(q, k, v, True, scale, cfg, out=out.transpose(1, 2))
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.n_head, ctx.scale, ctx.cfg = n_head, scale, cfg
+        return out.view(b, t, c3 // 3)
+
+    @staticmethod
+    def backward(ctx, dy):
+        qkv, out, lse = ctx.saved_tensors
+        dqkv = torch.empty_like(qkv)
+        dout = dy.contiguous().view(out.shape).transpose(1, 2)
+        _backward(dout, *_heads(qkv, ctx.n_head), out.transpose(1, 2), lse, True, ctx.scale, ctx.cfg,
+                  grads=_heads(dqkv, ctx.n_head))
+        return dqkv, None, None, None
+
+
+def attention_qkv(qkv, n_head: int, scale: float | None = None, **tile_config):
+    """Causal softmax(q k^T * scale) v of the q, k, v packed in a (B, T, 3C) tensor (GPT-2's c_attn
+    output), as a (B, T, C) tensor, differentiable."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * n_head):
+        raise ValueError(f"qkv must be (B, T, 3C) with C a multiple of n_head={n_head}, got {tuple(qkv.shape)}")
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    _, scale, cfg = _prepare(*_heads(qkv, n_head), scale, tile_config)
+    return _AttentionQKV.apply(qkv, n_head, scale, cfg)
 
 
 def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int):

@@ -84,13 +84,21 @@ if ct is not None:
     # so N need not be a power of two to be read without padding; only the last chunk can stick
     # out past N (RAGGED), and only it is masked.
     @ct.kernel
-    def _fwd_kernel(X, W, B, Y, Mean, Rstd, eps, BLOCK_M: ConstInt, CHUNK: ConstInt,
-                    NCHUNK: ConstInt, RAGGED: ConstBool, LATENCY: ConstInt):
+    def _fwd_kernel(X, R, S, W, B, Y, Mean, Rstd, eps, BLOCK_M: ConstInt, CHUNK: ConstInt,
+                    NCHUNK: ConstInt, RAGGED: ConstBool, LATENCY: ConstInt, HAS_RES: ConstBool):
+        """Y = LayerNorm(X), or with HAS_RES: S = X + R (stored) and Y = LayerNorm(S)."""
         n = X.shape[1]
         last = ct.reshape(ct.arange(CHUNK, dtype=ct.int32) + (NCHUNK - 1) * CHUNK < n, (1, CHUNK))
         w, b = _vector_chunks(W, CHUNK, NCHUNK), _vector_chunks(B, CHUNK, NCHUNK)
         for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M), ct.num_blocks(0)):
             x = _row_chunks(X, t, BLOCK_M, CHUNK, NCHUNK, LATENCY)
+            if HAS_RES:
+                r = _row_chunks(R, t, BLOCK_M, CHUNK, NCHUNK, LATENCY)
+                summed = ()
+                for c in ct.static_iter(range(NCHUNK)):
+                    summed += (x[c] + r[c],)
+                    ct.store(S, (t, c), ct.astype(summed[c], S.dtype))
+                x = summed
             total = ct.zeros((BLOCK_M, 1), dtype=ct.float32)
             for c in ct.static_iter(range(NCHUNK)):
                 total += ct.sum(x[c], axis=1, keepdims=True)
@@ -107,9 +115,10 @@ if ct is not None:
             ct.store(Rstd, (t,), ct.reshape(rstd, (BLOCK_M,)))
 
     @ct.kernel
-    def _bwd_kernel(DY, X, W, Mean, Rstd, DX, DWp, DBp, BLOCK_M: ConstInt, CHUNK: ConstInt,
-                    NCHUNK: ConstInt, RAGGED: ConstBool):
-        """dx for each row tile, and this block's partial dweight/dbias row (one per block)."""
+    def _bwd_kernel(DY, X, W, Mean, Rstd, DRes, DX, DWp, DBp, BLOCK_M: ConstInt, CHUNK: ConstInt,
+                    NCHUNK: ConstInt, RAGGED: ConstBool, HAS_DRES: ConstBool):
+        """dx for each row tile (plus DRes, the gradient reaching x by the residual path, with
+        HAS_DRES), and this block's partial dweight/dbias row (one per block)."""
         n = X.shape[1]
         last = ct.reshape(ct.arange(CHUNK, dtype=ct.int32) + (NCHUNK - 1) * CHUNK < n, (1, CHUNK))
         w = _vector_chunks(W, CHUNK, NCHUNK)  # zero past N, so w * dy is too
@@ -133,7 +142,11 @@ if ct is not None:
             c1, c2 = c1 / n, c2 / n
             new_dw, new_db = (), ()
             for c in ct.static_iter(range(NCHUNK)):
-                ct.store(DX, (t, c), ct.astype((wdy[c] - xhat[c] * c1 - c2) * rstd, DX.dtype))
+                dx = (wdy[c] - xhat[c] * c1 - c2) * rstd
+                if HAS_DRES:
+                    dx = dx + ct.astype(ct.load(DRes, (t, c), (BLOCK_M, CHUNK), padding_mode=ZERO),
+                                        ct.float32)
+                ct.store(DX, (t, c), ct.astype(dx, DX.dtype))
                 new_dw += (dw[c] + ct.sum(dy[c] * xhat[c], axis=0, keepdims=True),)
                 new_db += (db[c] + ct.sum(dy[c], axis=0, keepdims=True),)
             dw, db = new_dw, new_db
@@ -201,22 +214,29 @@ def _vector(v, n: int, fill: float, like: torch.Tensor):
     return v.contiguous()
 
 
-def _forward(x, weight, bias, eps, persistent, cfg):
-    """(y shaped like x, mean, rstd), the statistics flat over the rows of the (M, N) view."""
+def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None):
+    """(y shaped like x, mean, rstd, s): the statistics flat over the rows of the (M, N) view; with
+    a residual, s = x + residual (in the wider dtype of the two) is normalised and returned too.
+    y is in y_dtype (default: x's)."""
     n = x.shape[-1]
     block_m, chunk, nchunk, ragged = _shape(n, cfg["rows_per_block"], cfg["chunk"], FWD_TILE_ELEMS)
     x2 = rows(x, n)
     m = x2.shape[0]
-    y = torch.empty_like(x2)
+    y = torch.empty_like(x2, dtype=y_dtype or x.dtype)
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    r2 = s = x2
+    if residual is not None:
+        r2 = rows(residual, n)
+        s = torch.empty_like(x2, dtype=torch.promote_types(x.dtype, residual.dtype))
     if m:
         blocks_per_sm = cfg["blocks_per_sm"] if persistent else None
         kernel = _fwd_hinted(cfg["occupancy"] or blocks_per_sm, cfg["num_worker_warps"])
         launch(x.device, (grid_size(-(-m // block_m), blocks_per_sm, x.device),), kernel,
-               (x2, _vector(weight, n, 1.0, x), _vector(bias, n, 0.0, x), y, mean, rstd, float(eps),
-                block_m, chunk, nchunk, ragged, cfg["latency"] or 0))
-    return (y if x.dim() == 2 else y.view(x.shape)), mean, rstd
+               (x2, r2, s, _vector(weight, n, 1.0, x), _vector(bias, n, 0.0, x), y, mean, rstd,
+                float(eps), block_m, chunk, nchunk, ragged, cfg["latency"] or 0, residual is not None))
+    shaped = (lambda a: a) if x.dim() == 2 else (lambda a: a.view(x.shape))
+    return shaped(y), mean, rstd, shaped(s)
 
 
 def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=False, **config):
@@ -227,16 +247,16 @@ def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=False, **config):
     """
     cfg = validate("layer_norm forward", config, FWD_CONFIG, _FWD_LIMITS, _FWD_OPTIONAL) if config else FWD_CONFIG
     kernels.require()
-    y, mean, rstd = _forward(x, weight, bias, eps, persistent, cfg)
+    y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, cfg)
     if x.dim() == 2:
         return y, mean, rstd
     return y, mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
 def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, rows_per_block=None,
-                        blocks_per_sm=BWD_BLOCKS_PER_SM, chunk=None):
+                        blocks_per_sm=BWD_BLOCKS_PER_SM, chunk=None, dres=None):
     """(dx, dweight, dbias) from the saved fp32 mean and rstd; dweight and dbias in grad_dtype,
-    summed in fp32.
+    summed in fp32; dx in x's dtype, plus `dres` (the gradient reaching x by another path) if given.
 
     Always persistent: each of the `blocks_per_sm` blocks per SM writes one partial row.
     chunk: columns per load as in the forward; None reads a row as one padded tile.
@@ -255,8 +275,10 @@ def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, row
     dwp = torch.empty(g, n, device=x.device, dtype=torch.float32)  # every block writes its row
     dbp = torch.empty_like(dwp)
     stats = [t if t.dim() == 1 else t.reshape(-1) for t in (mean, rstd)]
+    dres2 = dx if dres is None else rows(dres, n)
     launch(x.device, (g,), _bwd_kernel,
-           (dy2, x2, _vector(weight, n, 1.0, x), *stats, dx, dwp, dbp, block_m, chunk, nchunk, ragged))
+           (dy2, x2, _vector(weight, n, 1.0, x), *stats, dres2, dx, dwp, dbp, block_m, chunk, nchunk,
+            ragged, dres is not None))
     launch(x.device, (-(-n // REDUCE_BLOCK_N),), _colsum_kernel,
            (dwp, dbp, dw, db, min(32, _pow2(g)), REDUCE_BLOCK_N))
     return (dx if x.dim() == 2 else dx.view(x.shape)), dw, db
@@ -267,7 +289,7 @@ class LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, persistent):
-        y, mean, rstd = _forward(x, weight, bias, eps, persistent, FWD_CONFIG)
+        y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, FWD_CONFIG)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.has = (weight is not None, bias is not None)
         ctx.grad_dtype = next((t.dtype for t in (weight, bias) if t is not None), torch.float32)
@@ -278,6 +300,36 @@ class LayerNorm(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = layer_norm_backward(dy, x, weight, mean, rstd, ctx.grad_dtype)
         return dx, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None
+
+
+class AddLayerNorm(torch.autograd.Function):
+    """Autograd for the residual add fused into the LayerNorm: (s = x + r, y = LayerNorm(s)). The
+    backward adds the gradient that reaches s from later layers in the same pass that writes dx."""
+
+    @staticmethod
+    def forward(ctx, x, r, weight, bias, eps, y_dtype):
+        y, mean, rstd, s = _forward(x, weight, bias, eps, True, FWD_CONFIG, residual=r, y_dtype=y_dtype)
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.has = (weight is not None, bias is not None)
+        ctx.grad_dtype = next((t.dtype for t in (weight, bias) if t is not None), torch.float32)
+        ctx.set_materialize_grads(False)
+        return s, y
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            return ds, ds, None, None, None, None
+        dx, dw, db = layer_norm_backward(dy, s, weight, mean, rstd, ctx.grad_dtype, dres=ds)
+        return dx, dx, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+    """(x + residual, LayerNorm of it) in one pass, differentiable. Under autocast the normalised
+    output is written in the autocast dtype, which is what the next Linear reads anyway."""
+    kernels.require()
+    y_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    return AddLayerNorm.apply(x, residual, weight, bias, eps, y_dtype)
 
 
 def layer_norm(x, weight, bias, eps=1e-5, persistent=None):
@@ -313,12 +365,16 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         cfg = validate("layer_norm forward", config, FWD_CONFIG, _FWD_LIMITS, _FWD_OPTIONAL)
         shape = _shape(n, cfg["rows_per_block"], cfg["chunk"], FWD_TILE_ELEMS)
         name = f"{dtype_name(dtype)}_{n}" + (f"_chunk{shape[1]}" if config else "")
-        jobs.append((_fwd_hinted(cfg["occupancy"], cfg["num_worker_warps"]), f"layernorm_fwd_{name}",
-                     [mat, vec, vec, mat, stat, stat, scalar, *shape, cfg["latency"] or 0]))
-        if not config:
-            jobs.append((_bwd_kernel, f"layernorm_bwd_{name}",
-                         [mat, mat, vec, stat, stat, mat, part, part,
-                          *_shape(n, None, _pow2(n), BWD_TILE_ELEMS)]))
+        for residual in (False, True) if not config else (False,):
+            wide = array_param(f32, 2) if residual else mat  # the residual stream is float32
+            jobs.append((_fwd_hinted(cfg["occupancy"], cfg["num_worker_warps"]),
+                         f"layernorm_fwd_{name}" + ("_add" if residual else ""),
+                         [wide, mat, wide, vec, vec, mat, stat, stat, scalar, *shape,
+                          cfg["latency"] or 0, residual]))
+            if not config:
+                jobs.append((_bwd_kernel, f"layernorm_bwd_{name}" + ("_add" if residual else ""),
+                             [mat, wide, vec, stat, stat, wide, wide, part, part,
+                              *_shape(n, None, _pow2(n), BWD_TILE_ELEMS), residual]))
     for dtype in (torch.float32, torch.float16):  # dweight and dbias in the parameters' dtype
         grad = array_param(ct_dtype(dtype), 1)
         jobs.append((_colsum_kernel, f"layernorm_colsum_{dtype_name(dtype)}",

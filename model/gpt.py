@@ -66,10 +66,15 @@ PRESETS = {
 
 BACKENDS = ("torch", "cutile")
 ATTENTIONS = ("naive", "sdpa")
+# what the cutile backend fuses, each measured separately (docs/PERF.md): attention that reads q, k,
+# v from the c_attn output and writes (B, T, C) ("attn_qkv"), the residual add inside LayerNorm
+# forward and backward ("add_ln"), and the LM head with the cross-entropy, by row chunks, never
+# holding all logits ("head_ce")
+FUSIONS = ("attn_qkv", "add_ln", "head_ce")
 
 
 def _cutile_kernels() -> tuple[SimpleNamespace | None, str]:
-    """(flash_attention, layer_norm and gelu, '') or (None, why not)."""
+    """(the cuTile kernels the model calls, '') or (None, why not)."""
     import kernels
 
     ok, reason = kernels.available()
@@ -79,25 +84,36 @@ def _cutile_kernels() -> tuple[SimpleNamespace | None, str]:
         fmha = importlib.import_module("kernels.fmha")
         ln = importlib.import_module("kernels.layernorm")
         gelu = importlib.import_module("kernels.gelu")
-        return SimpleNamespace(flash_attention=fmha.flash_attention, layer_norm=ln.layer_norm,
-                               gelu=gelu.gelu), ""
+        head = importlib.import_module("kernels.cross_entropy")
+        return SimpleNamespace(flash_attention=fmha.flash_attention, attention_qkv=fmha.attention_qkv,
+                               layer_norm=ln.layer_norm, add_layer_norm=ln.add_layer_norm,
+                               gelu=gelu.gelu, head_cross_entropy=head.linear_cross_entropy), ""
     except Exception as e:  # a kernel module missing or broken: fall back, say why
         return None, f"cuTile kernels failed to import ({type(e).__name__}: {e})"
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's cannot drop it); eps 1e-5 as GPT-2."""
+    """LayerNorm with an optional bias (PyTorch's cannot drop it); eps 1e-5 as GPT-2.
 
-    def __init__(self, ndim: int, bias: bool, kernel=None):
+    With a `residual`, it first adds it to x and returns (x + residual, LayerNorm of that): the
+    residual add of a transformer block, which the cuTile kernel fuses into the normalisation."""
+
+    def __init__(self, ndim: int, bias: bool, kernel=None, add_kernel=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-        self.kernel = kernel
+        self.kernel, self.add_kernel = kernel, add_kernel
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        if residual is not None and self.add_kernel is not None:
+            return self.add_kernel(x, residual, self.weight, self.bias, 1e-5)
+        if residual is not None:
+            x = x + residual
         if self.kernel is not None:
-            return self.kernel(x, self.weight, self.bias, 1e-5)
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+            y = self.kernel(x, self.weight, self.bias, 1e-5)
+        else:
+            y = F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return y if residual is None else (x, y)
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,19 +128,22 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.size()
+        if self.attention.startswith("cutile") and self.training and self.dropout > 0:
+            raise ValueError("the cuTile attention kernel has no dropout; use dropout=0 with it")
+        if self.attention == "cutile_qkv":  # reads q, k, v out of c_attn's output, writes (B, T, C)
+            return self.resid_dropout(self.c_proj(self.kernel(self.c_attn(x), self.n_head)))
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.attention == "cutile":
-            if self.training and self.dropout > 0:
-                raise ValueError("the cuTile attention kernel has no dropout; use dropout=0 with it")
             y = self.kernel(q, k, v, causal=True)
         elif self.attention == "sdpa":
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        else:  # the seed's naive attention; its -1e20 floor only fits fp32, so mask fp32 scores
+        else:  # the seed's naive attention; its -1e20 floor only fits fp32, so mask fp32 (or wider) scores
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-            att = F.softmax(att.float().masked_fill(mask, MASK_FLOOR), dim=-1).to(v.dtype)
+            wide = torch.promote_types(att.dtype, torch.float32)  # never narrower than the scores
+            att = F.softmax(att.to(wide).masked_fill(mask, MASK_FLOOR), dim=-1).to(v.dtype)
             y = self.attn_dropout(att) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -146,24 +165,39 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+def _layer_norm(config: GPTConfig, cutile, fusions) -> LayerNorm:
+    if cutile is None:
+        return LayerNorm(config.n_embd, config.bias)
+    return LayerNorm(config.n_embd, config.bias, cutile.layer_norm,
+                     cutile.add_layer_norm if "add_ln" in fusions else None)
+
+
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, attention: str, cutile=None):
+    """One transformer block. It takes the residual stream x and h = ln_1(x), computed by the caller
+    (the previous block's MLP residual add goes into that LayerNorm), and returns the residual stream
+    after the attention and the MLP branch's output, which the caller adds the same way."""
+
+    def __init__(self, config: GPTConfig, attention: str, cutile=None, fusions=()):
         super().__init__()
-        ln = cutile.layer_norm if cutile else None
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, ln)
-        self.attn = CausalSelfAttention(config, attention, cutile.flash_attention if cutile else None)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, ln)
+        self.ln_1 = _layer_norm(config, cutile, fusions)
+        attn_kernel = None
+        if cutile is not None:
+            attn_kernel = cutile.attention_qkv if attention == "cutile_qkv" else cutile.flash_attention
+        self.attn = CausalSelfAttention(config, attention, attn_kernel)
+        self.ln_2 = _layer_norm(config, cutile, fusions)
         self.mlp = MLP(config, cutile.gelu if cutile else None)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, h):
+        x, h = self.ln_2(x, self.attn(h))
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, backend: str = "torch", attention: str = "naive"):
-        """backend "cutile" runs attention, LayerNorm and GELU in cuTile kernels; where they cannot run it
-        falls back to torch with SDPA and logs one warning line. `attention` picks the torch one."""
+    def __init__(self, config: GPTConfig, backend: str = "torch", attention: str = "naive",
+                 fusions=FUSIONS):
+        """backend "cutile" runs attention, LayerNorm and GELU in cuTile kernels, with the `fusions`
+        named (a subset of FUSIONS); where cuTile cannot run it falls back to torch with SDPA and
+        logs one warning line. `attention` picks the torch one."""
         super().__init__()
         if config.n_embd % config.n_head:
             raise ValueError(f"n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
@@ -173,6 +207,9 @@ class GPT(nn.Module):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        unknown = [f for f in fusions if f not in FUSIONS]
+        if unknown:
+            raise ValueError(f"unknown fusions {unknown}; choose from {', '.join(FUSIONS)}")
         cutile = None
         if backend == "cutile":
             cutile, reason = _cutile_kernels()
@@ -180,14 +217,16 @@ class GPT(nn.Module):
                 log.warning("cutile backend unavailable (%s); using torch with SDPA attention", reason)
                 backend, attention = "torch", "sdpa"
             else:
-                attention = "cutile"
-        self.config, self.backend, self.attention = config, backend, attention
+                attention = "cutile_qkv" if "attn_qkv" in fusions else "cutile"
+        fusions = tuple(fusions) if cutile is not None else ()
+        self.config, self.backend, self.attention, self.fusions = config, backend, attention, fusions
+        self.head_loss = cutile.head_cross_entropy if "head_ce" in fusions else None
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, attention, cutile) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias, cutile.layer_norm if cutile else None),
+            h=nn.ModuleList([Block(config, attention, cutile, fusions) for _ in range(config.n_layer)]),
+            ln_f=_layer_norm(config, cutile, fusions),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
@@ -210,15 +249,23 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None):
-        """(logits for every position, mean cross-entropy or None); targets of -1 are ignored."""
+        """(logits for every position, mean cross-entropy or None); targets of -1 are ignored.
+
+        With the fused LM head and cross-entropy ("head_ce") and targets, the logits are never held
+        whole, and None is returned in their place."""
         b, t = idx.size()
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
         pos = torch.arange(t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        blocks = self.transformer.h
+        h = blocks[0].ln_1(x)
+        for i, block in enumerate(blocks):
+            x, branch = block(x, h)
+            x, h = (blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f)(x, branch)
+        if targets is not None and self.head_loss is not None:
+            return None, self.head_loss(h.view(b * t, -1), self.lm_head.weight, targets.view(-1))
+        logits = self.lm_head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)

@@ -34,3 +34,14 @@ def slow(params, inputs):
         time.sleep(0.02)
         return fn()
     return run
+
+
+def perturbed_backward(params, inputs):
+    """A model_step provider whose forward is right and whose backward is 1% off: the gradient that
+    leaves the final LayerNorm is scaled, so every gradient before it is wrong and the loss is not."""
+    from bench.workloads import model_step
+
+    model = model_step.build_model(params, inputs, "torch", "sdpa")
+    model.transformer.ln_f.register_full_backward_hook(
+        lambda module, grad_in, grad_out: tuple(None if g is None else g * 1.01 for g in grad_in))
+    return model_step.make_step(params, inputs, model)

@@ -148,13 +148,30 @@ def test_model_step_gate_passes_for_the_torch_providers(mode, dtype):
     p = dict(w.defaults, mode=mode, dtype=dtype, seq_len=13)
     x = w.make_inputs(p, torch.device("cpu"))
     ref = w.reference(p, x)
-    assert ref.shape == ((2, 13, 65) if mode == "fwd" else ())
+    if mode == "fwd":
+        assert ref.shape == (2, 13, 65)
+    else:  # the loss, every gradient and, after an update, every parameter
+        names = [n for n, _ in GPT(x["config"]).named_parameters()]
+        assert list(ref) == ["loss"] + [f"grad.{n}" for n in names] + (
+            [f"param.{n}" for n in names] if mode == "train" else [])
     for name in ("torch-naive", "torch-sdpa"):
         fn = w.providers[name](p, x)
         err = errors(fn(), ref)
         assert passes(err, tolerance_for(dtype)), (name, err)
     if mode == "train":  # the step updates the weights, so the next loss differs
-        assert not torch.equal(fn(), fn())
+        assert not torch.equal(fn()["loss"].clone(), fn()["loss"])
+
+
+def test_model_step_gate_checks_the_update_not_only_the_loss():
+    """A step whose optimizer does nothing has the right loss and gradients, and still fails."""
+    w = get("model_step")
+    p = dict(w.defaults, mode="train", dtype="float32", seq_len=13)
+    x = w.make_inputs(p, torch.device("cpu"))
+    fn = w.providers["torch-sdpa"](p, x)
+    out = fn()
+    frozen = {k: (x["state"][k[len("param."):]] if k.startswith("param.") else v) for k, v in out.items()}
+    err = errors(frozen, w.reference(p, x))
+    assert not passes(err, tolerance_for("float32")) and err["worst"].startswith("param.")
 
 
 @pytest.mark.skipif(kernels.available()[0], reason="cuTile runs here")

@@ -5,6 +5,7 @@ Used by the harness before timing and by the kernel parity tests, so both judge 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -17,39 +18,63 @@ DEFAULT_TOLERANCE = {
 }
 
 
-def _flat(x) -> list[torch.Tensor]:
+def _flat(x, name: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a tensor, a tuple/list or a dict of them (names from dict keys and
+    positions), so an error can say which tensor it is in."""
     if isinstance(x, torch.Tensor):
-        return [x]
+        return [(name or "0", x)]
+    if isinstance(x, Mapping):
+        return [p for k, v in x.items() for p in _flat(v, f"{name}.{k}" if name else str(k))]
     if isinstance(x, (list, tuple)):
-        return [t for item in x for t in _flat(item)]
-    raise TypeError(f"expected a tensor or a tuple of tensors, got {type(x).__name__}")
+        return [p for i, v in enumerate(x) for p in _flat(v, f"{name}.{i}" if name else str(i))]
+    raise TypeError(f"expected a tensor, or a tuple or dict of tensors, got {type(x).__name__}")
 
 
-def errors(out, ref) -> dict[str, float]:
-    """max_abs: the largest |out - ref|, in units of the reference tensor's RMS where that exceeds 1
-    (a weight gradient summed over 8192 rows is ~100 in size, and its fp16 rounding alone is ~0.06);
-    rel: ||out - ref|| / ||ref|| over all tensors together.
+def errors(out, ref) -> dict:
+    """How far `out` is from `ref`, judged tensor by tensor so that no tensor hides in the others
+    (a wrong gradient of one layer among 150 tensors must show):
 
-    NaN or inf anywhere in `out`, or a shape mismatch, gives inf for both.
+    max_abs: the largest |out - ref| of any tensor, in units of that tensor's RMS where the RMS
+    exceeds 1 (a weight gradient summed over 8192 rows is ~100 in size, and its fp16 rounding alone
+    is ~0.06);
+    rel: the largest ||out - ref|| / ||ref|| of any tensor, where a tensor much smaller than its
+    group (a gradient that is zero in exact arithmetic, say) is measured against the norm it would
+    have with its group's typical element size, not against its own rounding noise. Named tensors
+    ("grad.h.0.c_fc.weight", "param.h.0.c_fc.weight") group by the part of their name before the
+    first dot, so gradients are judged at the gradients' scale and parameters at theirs; the tensors
+    of a tuple form one group;
+    worst: the name of the tensor with the largest rel.
+
+    NaN or inf anywhere in `out`, or a mismatch of names or shapes, gives inf for both.
     """
     outs, refs = _flat(out), _flat(ref)
-    if len(outs) != len(refs) or any(o.shape != r.shape for o, r in zip(outs, refs)):
-        return {"max_abs": math.inf, "rel": math.inf}
-    max_abs, diff_sq, ref_sq = 0.0, 0.0, 0.0
-    for o, r in zip(outs, refs):
-        o, r = o.detach().double(), r.detach().double()
-        if not torch.isfinite(o).all():
-            return {"max_abs": math.inf, "rel": math.inf}
+    if [n for n, _ in outs] != [n for n, _ in refs] or any(
+            o.shape != r.shape for (_, o), (_, r) in zip(outs, refs)):
+        return {"max_abs": math.inf, "rel": math.inf, "worst": None}
+    pairs = [(n, o.detach().double(), r.detach().double()) for (n, o), (_, r) in zip(outs, refs)]
+    bad = next((n for n, o, _ in pairs if not torch.isfinite(o).all()), None)
+    if bad is not None:
+        return {"max_abs": math.inf, "rel": math.inf, "worst": bad}
+    group = lambda name: name.split(".")[0] if "." in name else ""  # noqa: E731
+    sums: dict[str, list[float]] = {}
+    for name, _, r in pairs:
+        s = sums.setdefault(group(name), [0.0, 0])
+        s[0] += r.square().sum().item()
+        s[1] += r.numel()
+    max_abs, rel, worst = 0.0, 0.0, None
+    for name, o, r in pairs:
+        total_sq, count = sums[group(name)]
+        typical = math.sqrt(total_sq / max(count, 1))
         if not o.numel():
             continue
         d = o - r
-        r_sq = r.square().sum().item()
-        scale = max(1.0, math.sqrt(r_sq / r.numel()))
-        max_abs = max(max_abs, d.abs().max().item() / scale)
-        diff_sq += d.square().sum().item()
-        ref_sq += r_sq
-    rel = math.sqrt(diff_sq) / math.sqrt(ref_sq) if ref_sq > 0 else math.sqrt(diff_sq)
-    return {"max_abs": max_abs, "rel": rel}
+        r_norm = r.norm().item()
+        max_abs = max(max_abs, d.abs().max().item() / max(1.0, r_norm / math.sqrt(r.numel())))
+        scale = max(r_norm, typical * math.sqrt(r.numel()))
+        t_rel = d.norm().item() / scale if scale > 0 else d.norm().item()
+        if worst is None or t_rel > rel:
+            rel, worst = t_rel, name
+    return {"max_abs": max_abs, "rel": rel, "worst": worst}
 
 
 def tolerance_for(dtype: str, overrides: dict | None = None) -> dict[str, float]:

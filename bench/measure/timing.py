@@ -83,11 +83,33 @@ def _graph_of(fn, device):
     return graph.replay
 
 
+def busy_ms(call, device: torch.device) -> float | None:
+    """The GPU-busy time of one call: the union of the intervals in which its kernels and copies ran
+    (torch.profiler, through CUPTI). Beside the wall time it shows how much of a step the GPU worked:
+    a step whose wall time is well above it is bound by the host. None on the CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        sync(device)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, -float("inf")
+    for lo, hi in spans:
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    return busy / 1e3 if spans else None
+
+
 def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps: int,
             max_time_s: float, target_ci: float, l2_flush: bool, cuda_graph: bool,
             hide_launch: bool = True, **_) -> dict:
     """Samples of fn in milliseconds; how many warm-up calls ran; the host's median time to enqueue
-    one call (`host_ms`: near or above the median sample, a case is launch-bound); why timing stopped."""
+    one call (`host_ms`: near or above the median sample, a case is launch-bound); why timing stopped;
+    the GPU-busy time of one more call (`busy_ms`)."""
     on_gpu = device.type == "cuda"
     call = fn
     if cuda_graph and on_gpu:
@@ -123,4 +145,5 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
             if time.perf_counter() - start >= max_time_s:
                 stop = "time_budget"
                 break
-    return {"samples_ms": samples, "warmup_reps": warm, "host_ms": host_s * 1e3, "stop": stop}
+    return {"samples_ms": samples, "warmup_reps": warm, "host_ms": host_s * 1e3, "stop": stop,
+            "busy_ms": busy_ms(call, device)}

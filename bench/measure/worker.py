@@ -42,6 +42,7 @@ def blank_record(case: Case, device: str) -> dict:
         "status": "ok", "reason": "", "device": device, "samples_ms": [],
         "first_call_ms": None, "max_abs_err": None, "rel_err": None, "tolerance": None,
         "flops": None, "bytes": None, "telemetry": None, "stop": None, "host_ms": None,
+        "busy_ms": None,
         "started_utc": utc_now(),
     }
 
@@ -78,11 +79,13 @@ def run_case(case: Case, device: torch.device) -> dict:
             if not check.passes(err, tol):
                 rec["status"] = "incorrect"
                 rec["reason"] = (f"max abs error {err['max_abs']:.3g} (tolerance {tol['max_abs']:g}), "
-                                 f"relative error {err['rel']:.3g} (tolerance {tol['rel']:g})")
+                                 f"relative error {err['rel']:.3g} (tolerance {tol['rel']:g})"
+                                 + (f", worst in {err['worst']}" if err.get("worst") else ""))
             before = env.telemetry(gpu) if gpu is not None else None
             result = timing.measure(fn, device, **case.timing)
             after = env.telemetry(gpu) if gpu is not None else None
             rec.update(samples_ms=result["samples_ms"], stop=result["stop"], host_ms=result["host_ms"],
+                       busy_ms=result["busy_ms"],
                        telemetry={"before": before, "after": after} if before or after else None)
     except workloads.Unavailable as e:
         rec.update(status="skipped", reason=str(e))

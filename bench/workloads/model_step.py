@@ -1,21 +1,31 @@
 """One GPT step: inference forward (fwd), forward and backward (fwd_bwd), or a whole training step
-with a fused AdamW update and GradScaler (train), under autocast in params["dtype"].
+(train: forward, backward with fp16 loss scaling, gradient clipping and a fused AdamW update), under
+autocast in params["dtype"], run eagerly or (graph=true) captured once into a CUDA graph and replayed.
 
-Every provider starts from the same random weights (dropout off, so runs are deterministic) and is
-checked against the float32 torch model: the logits for fwd, the loss (before the update) otherwise.
+Every step reads static input buffers that are refilled from a few pre-drawn batches before each
+call, the way a graphed training loop feeds its graph, so the eager and the graphed step do the same
+work. Every provider starts from the same random weights (dropout off) and its first step is checked
+against the float32 torch model: the logits for fwd; for fwd_bwd the loss and every parameter's
+gradient; for train also every parameter after the update.
 """
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Mapping
 
 import torch
 
-from bench.workloads import Workload
+from bench.workloads import Unavailable, Workload
 from bench.workloads.providers import cutile_module, dtype_of
-from model.gpt import GPT, PRESETS, GPTConfig
+from model.gpt import FUSIONS, GPT, PRESETS, GPTConfig
 
-DEFAULTS = dict(model="tiny", batch=2, seq_len=32, mode="fwd", dtype="float16")
+DEFAULTS = dict(model="tiny", batch=2, seq_len=32, mode="fwd", dtype="float16", graph=False)
 MODES = ("fwd", "fwd_bwd", "train")
+BATCHES = 4  # pre-drawn batches the static inputs are refilled from, in turn; the first is checked
+# nanoGPT's GPT-2 training step: AdamW lr 6e-4, betas (0.9, 0.95), weight decay 0.1, clip at 1.0
+LR, BETAS, WEIGHT_DECAY, CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
+WARMUP_STEPS = 3  # eager steps on a side stream before a capture, as CUDA graphs require
 
 
 def _config(p) -> GPTConfig:
@@ -32,66 +42,188 @@ def make_inputs(p, device):
     torch.manual_seed(0)
     with torch.device(device):  # initialising a large model on the GPU takes a fraction of the CPU's time
         state = GPT(config).state_dict()
-    idx = torch.randint(config.vocab_size, (p["batch"], p["seq_len"] + 1), device=device)
-    return dict(config=config, state=state, idx=idx[:, :-1].contiguous(), targets=idx[:, 1:].contiguous())
+    tokens = torch.randint(config.vocab_size, (BATCHES, p["batch"], p["seq_len"] + 1), device=device)
+    return dict(config=config, state=state, idx=tokens[:, :, :-1].contiguous(),
+                targets=tokens[:, :, 1:].contiguous())
+
+
+class StepOutputs(Mapping):
+    """What a step is checked by: the loss, every gradient and (train) every updated parameter,
+    read from the model when the gate looks, so a timed step spends no host time gathering them."""
+
+    def __init__(self, mode: str, model, loss):
+        self.mode, self.model, self.loss = mode, model, loss
+
+    def _items(self):
+        yield "loss", self.loss
+        named = list(self.model.named_parameters())
+        yield from ((f"grad.{n}", q.grad) for n, q in named)
+        if self.mode == "train":
+            yield from ((f"param.{n}", q) for n, q in named)
+
+    def __getitem__(self, key):
+        return dict(self._items())[key]
+
+    def __iter__(self):
+        return (k for k, _ in self._items())
+
+    def __len__(self):
+        return sum(1 for _ in self._items())
 
 
 def reference(p, x):
-    """The float32 torch model with naive attention: logits for fwd, else the loss."""
+    """The float32 torch model with naive attention, one step on the first batch: the logits (fwd),
+    the loss and gradients (fwd_bwd), and the clipped gradients and parameters after an unfused
+    float32 AdamW update (train)."""
     with x["idx"].device:
         model = GPT(x["config"])
     model.load_state_dict(x["state"])
-    with torch.no_grad():
-        logits, loss = model(x["idx"], None if p["mode"] == "fwd" else x["targets"])
-    return logits if p["mode"] == "fwd" else loss
+    idx, targets = x["idx"][0], x["targets"][0]
+    if p["mode"] == "fwd":
+        with torch.no_grad():
+            return model(idx)[0]
+    _, loss = model(idx, targets)
+    loss.backward()
+    if p["mode"] == "train":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        _optimizer(model, fused=False).step()
+    return dict(StepOutputs(p["mode"], model, loss))
 
 
-def _provider(backend: str, attention: str = "naive", compile: bool = False):
+def _optimizer(model, fused: bool):
+    """AdamW with nanoGPT's groups (weight decay on matrices only); fused and capturable on CUDA,
+    so the same optimizer serves the eager and the graphed step."""
+    params = [q for q in model.parameters() if q.requires_grad]
+    groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+              {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=fused, capturable=fused)
+
+
+def build_model(p, x, backend: str, attention: str = "naive", fusions=()):
+    """The model of a case, on the inputs' device, with the case's starting weights."""
+    with x["idx"].device:
+        model = GPT(x["config"], backend=backend, attention=attention, fusions=fusions)
+    model.load_state_dict(x["state"])
+    return model
+
+
+def make_step(p, x, model, forward=None):
+    """fn() running one step of `model` through `forward` (the model itself, or a compiled version
+    of it) on freshly refilled static inputs, eagerly or replaying a CUDA graph of the step."""
+    mode, device, graph = p["mode"], x["idx"].device, p["graph"]
+    forward = forward or model
+    idx, targets = x["idx"][0].clone(), x["targets"][0].clone()  # the static input buffers
+    order = itertools.cycle(range(BATCHES))
+    amp = functools.partial(torch.autocast, device.type, dtype=dtype_of(p["dtype"]),
+                            enabled=p["dtype"] != "float32", cache_enabled=not graph)
+
+    def refill():
+        i = next(order)
+        idx.copy_(x["idx"][i])
+        targets.copy_(x["targets"][i])
+
+    if mode == "fwd":
+        model.eval()
+
+        def step():
+            with torch.no_grad(), amp():
+                return forward(idx)[0]
+    elif mode == "fwd_bwd":
+        def step():
+            with amp():
+                _, loss = forward(idx, targets)
+            loss.backward()
+            return StepOutputs(mode, model, loss)
+    else:
+        opt = _optimizer(model, fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=p["dtype"] == "float16")
+        fresh_scaler = scaler.state_dict()
+
+        def step():
+            with amp():
+                _, loss = forward(idx, targets)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # loss scaling stays on the GPU: no .item() anywhere in the step
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            scaler.step(opt)
+            scaler.update()
+            return StepOutputs(mode, model, loss)
+
+    if not graph:
+        def fn():
+            refill()
+            if mode != "fwd":
+                model.zero_grad(set_to_none=True)
+            return step()
+        return fn
+
+    replay, out = _capture(step, model, device, mode != "fwd")
+    if mode == "train":  # the warm-up steps moved the weights: start the replays where eager starts
+        with torch.no_grad():
+            model.load_state_dict(x["state"])
+        for state in opt.state.values():
+            for t in state.values():
+                t.zero_()
+        scaler.load_state_dict(fresh_scaler)
+    order = itertools.cycle(range(BATCHES))
+
+    def fn():
+        refill()
+        replay()
+        return out
+    return fn
+
+
+def _capture(step, model, device, has_grads: bool):
+    """(replay, static outputs) of `step` captured in a CUDA graph after warm-up steps on a side
+    stream. Gradients are unset before the capture, so the graph's backward writes them afresh at
+    every replay instead of accumulating."""
+    if device.type != "cuda":
+        raise Unavailable("graph=true needs a CUDA GPU (CUDA graphs)")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            model.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if has_grads:
+        model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = step()
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise Unavailable(f"the step cannot be captured in a CUDA graph ({first})") from None
+    return graph.replay, out
+
+
+def _provider(backend: str, attention: str = "naive", compile_mode: str | None = None):
     def make(p, x):
+        if compile_mode == "reduce-overhead" and p["graph"]:
+            raise Unavailable("torch.compile reduce-overhead replays CUDA graphs of its own, which "
+                              "cannot be captured inside another graph; see graph=false")
+        fusions = ()
         if backend == "cutile":
             for name in ("fmha", "layernorm", "gelu"):
                 cutile_module(name)  # Unavailable, with the reason, where cuTile cannot run
-        device = x["idx"].device
-        with device:
-            model = GPT(x["config"], backend=backend, attention=attention)
-        model.load_state_dict(x["state"])
-        step = torch.compile(model) if compile else model
-        amp = torch.autocast(device.type, dtype=dtype_of(p["dtype"]), enabled=p["dtype"] != "float32")
-        idx, targets = x["idx"], x["targets"]
-
-        if p["mode"] == "fwd":
-            model.eval()
-
-            def fn():
-                with torch.no_grad(), amp:
-                    return step(idx)[0]
-            return fn
-
-        if p["mode"] == "fwd_bwd":
-            def fn():
-                model.zero_grad(set_to_none=True)
-                with amp:
-                    _, loss = step(idx, targets)
-                loss.backward()
-                return loss.detach().float()
-            return fn
-
-        # train: nanoGPT's step for GPT-2 (lr 6e-4, betas 0.9/0.95, weight decay 0.1, clip 1.0)
-        opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
-        scaler = torch.amp.GradScaler(device.type, enabled=p["dtype"] == "float16")
-
-        def fn():
-            with amp:
-                _, loss = step(idx, targets)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach().float()
-        return fn
+            fusions = _fusions(p.get("fusions", "all"))
+        model = build_model(p, x, backend, attention, fusions)
+        forward = torch.compile(model, mode=compile_mode) if compile_mode else None
+        return make_step(p, x, model, forward)
     return make
+
+
+def _fusions(spec: str) -> tuple[str, ...]:
+    """'all', 'none' or a '+'-joined subset of model.gpt.FUSIONS."""
+    if spec == "all":
+        return FUSIONS
+    names = () if spec == "none" else tuple(spec.split("+"))
+    unknown = [n for n in names if n not in FUSIONS]
+    if unknown:
+        raise ValueError(f"fusions: unknown {unknown}; choose 'all', 'none' or from {'+'.join(FUSIONS)}")
+    return names
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,10 +249,12 @@ WORKLOAD = Workload(
     providers={
         "torch-naive": _provider("torch", "naive"),
         "torch-sdpa": _provider("torch", "sdpa"),
-        "torch-compile": _provider("torch", "sdpa", compile=True),
+        "torch-compile": _provider("torch", "sdpa", compile_mode="default"),
+        "torch-compile-ro": _provider("torch", "sdpa", compile_mode="reduce-overhead"),
         "cutile": _provider("cutile"),
     },
     flops=flops,
     defaults=DEFAULTS,
-    choices=dict(model=sorted(PRESETS), mode=list(MODES), dtype=["float16", "bfloat16", "float32"]),
+    choices=dict(model=sorted(PRESETS), mode=list(MODES), dtype=["float16", "bfloat16", "float32"],
+                 graph=[False, True]),
 )

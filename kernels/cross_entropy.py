@@ -1,0 +1,136 @@
+"""The LM head and its cross-entropy by row chunks, with a cuTile kernel for the softmax: the logits
+of all tokens are never held at once (for GPT-2 at 8 x 1024 tokens they are 8192 x 50304 values,
+824 MB in fp16, 1.6 GB once upcast).
+
+For each chunk of rows the forward pass computes the chunk's logits with one matmul; the kernel reads
+them twice (an online max and sum, then the softmax) and writes K * (softmax - onehot) over them in
+place, with each row's loss; two more matmuls turn that into the chunk's share of the gradients of
+the input rows and of the head's weight, summed in fp32. The backward pass only scales them by the
+incoming gradient. K keeps fp16 softmax values clear of subnormals; the matmuls of fp16 operands
+write fp32, so the gradient sums cannot overflow whatever the token counts.
+"""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from kernels.launch import launch
+
+try:
+    import cuda.tile as ct
+except Exception:  # no cuda-tile here: linear_cross_entropy raises through kernels.require()
+    ct = None
+
+K = 256.0  # scale of the stored softmax gradient: a probability of 1e-5 stays a normal fp16 number
+CHUNK_BYTES = 256 << 20  # logits held at once
+ROWS_PER_BLOCK = 4
+MAX_TILE_V = 1024
+
+if ct is not None:
+    ConstInt = ct.Constant[int]
+
+    @ct.kernel
+    def _softmax_grad_kernel(Logits, Targets, Loss, K_SCALE: float, ROWS: ConstInt, TILE_V: ConstInt):
+        """Per row: loss = logsumexp(logits) - logits[target] (0 where target < 0), and the logits
+        overwritten by K_SCALE * (softmax - onehot(target)) (0 where target < 0)."""
+        r = ct.bid(0)
+        v = Logits.shape[1]
+        tiles = ct.cdiv(v, TILE_V)
+        cols0 = ct.arange(TILE_V, dtype=ct.int32)[None, :]
+        target = ct.astype(ct.reshape(ct.load(Targets, (r,), (ROWS,), padding_mode=ct.PaddingMode.ZERO),
+                                      (ROWS, 1)), ct.int32)
+        valid = target >= 0
+        m = ct.full((ROWS, 1), -1.0e30, dtype=ct.float32)
+        s = ct.zeros((ROWS, 1), dtype=ct.float32)
+        for j in range(tiles):
+            x = ct.astype(ct.load(Logits, (r, j), (ROWS, TILE_V), padding_mode=ct.PaddingMode.NEG_INF),
+                          ct.float32)
+            m_new = ct.maximum(m, ct.max(x, axis=1, keepdims=True))
+            s = s * ct.exp(m - m_new) + ct.sum(ct.exp(x - m_new), axis=1, keepdims=True)
+            m = m_new
+        inv_s = 1.0 / s
+        picked = ct.zeros((ROWS, 1), dtype=ct.float32)
+        for j in range(tiles):
+            x = ct.astype(ct.load(Logits, (r, j), (ROWS, TILE_V), padding_mode=ct.PaddingMode.NEG_INF),
+                          ct.float32)
+            hit = (j * TILE_V + cols0) == target
+            picked += ct.sum(ct.where(hit, x, 0.0), axis=1, keepdims=True)
+            grad = ct.exp(x - m) * inv_s - ct.where(hit, 1.0, 0.0)
+            ct.store(Logits, (r, j), ct.astype(ct.where(valid, grad * K_SCALE, 0.0), Logits.dtype))
+        loss = ct.where(valid, ct.log(s) + m - picked, 0.0)
+        ct.store(Loss, (r,), ct.reshape(loss, (ROWS,)))
+
+
+def _tile_v(v: int) -> int:
+    return min(MAX_TILE_V, 1 << max(0, v - 1).bit_length())
+
+
+def _mm_f32(a, b, acc=None):
+    """acc + a @ b (or a @ b) with an fp32 result, from fp16/bf16 operands without an fp32 copy of
+    either: cuBLAS accumulates in fp32 and writes fp32."""
+    if a.dtype == torch.float32:
+        return a @ b if acc is None else acc.addmm_(a, b)
+    if acc is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.addmm(acc, a, b, out_dtype=torch.float32)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, compute_dtype):
+        rows, v = x.shape[0], weight.shape[0]
+        xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
+        dx = torch.empty(rows, x.shape[1], dtype=torch.float32, device=x.device)
+        dw = None
+        losses = torch.empty(rows, dtype=torch.float32, device=x.device)
+        step = max(ROWS_PER_BLOCK, CHUNK_BYTES // (v * wc.element_size()) // ROWS_PER_BLOCK * ROWS_PER_BLOCK)
+        for i in range(0, rows, step):
+            xs = xc[i:i + step]
+            logits = xs @ wc.t()  # (chunk, V), overwritten by the kernel with K * d(loss)/d(logits)
+            launch(x.device, (-(-xs.shape[0] // ROWS_PER_BLOCK),), _softmax_grad_kernel,
+                   (logits, targets[i:i + step], losses[i:i + step], K, ROWS_PER_BLOCK, _tile_v(v)))
+            dx[i:i + step] = _mm_f32(logits, wc)
+            dw = _mm_f32(logits.t(), xs, dw)
+        count = (targets >= 0).sum().clamp(min=1)  # a tensor: no host sync
+        ctx.save_for_backward(dx, dw, count)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return losses.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw, count = ctx.saved_tensors
+        scale = grad / (count * K)
+        return (dx * scale).to(ctx.dtypes[0]), (dw * scale).to(ctx.dtypes[1]), None, None
+
+
+def linear_cross_entropy(x, weight, targets):
+    """mean cross-entropy of (x @ weight^T) against targets (rows with target -1 ignored), for x of
+    (N, C) and weight of (V, C), differentiable in x and weight; under autocast the matmuls run in
+    the autocast dtype, as a Linear would."""
+    kernels.require()
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or targets.shape != x.shape[:1]:
+        raise ValueError(f"expected x (N, C), weight (V, C), targets (N,), got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(x, weight, targets.contiguous(), dtype)
+
+
+def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
+    """Compile the softmax-gradient kernel ahead of time (no GPU needed) for fp16, bf16 and fp32
+    logits and GPT-2's and the character model's vocabularies; the cubin paths."""
+    if ct is None:
+        kernels.require()
+    from cuda.tile import compilation as cc
+
+    from kernels.aot import array_param, ct_dtype, dtype_name, export
+
+    paths = []
+    for dtype, v in [(torch.float16, 50304), (torch.bfloat16, 50304), (torch.float32, 65)]:
+        params = [array_param(ct_dtype(dtype), 2), array_param(ct.int64, 1),
+                  array_param(ct.float32, 1), cc.ScalarConstraint(ct.float32),
+                  ROWS_PER_BLOCK, _tile_v(v)]
+        paths.append(export(_softmax_grad_kernel, f"softmax_grad_{dtype_name(dtype)}_v{v}", params,
+                            out_dir, gpu_code))
+    return paths

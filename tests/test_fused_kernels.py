@@ -1,0 +1,153 @@
+"""Parity of the kernels the cuTile GPT step fuses (attention on the packed c_attn output, the
+residual add inside LayerNorm, the LM head with its cross-entropy) with float64 references, forward
+and backward, at awkward shapes; and the graphed training step against the eager one.
+
+Every GPU test draws fresh random inputs; outputs the kernels write are poisoned with NaN first."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from bench.measure.check import errors, passes, tolerance_for
+from kernels import cross_entropy, reference
+
+OK, REASON = kernels.available()
+gpu = pytest.mark.skipif(not OK, reason=REASON)
+DT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+AWKWARD_T = [1, 13, 127, 257]
+
+
+def test_export_compiles_the_softmax_gradient_kernel_for_sm90(exported_cubins):
+    names = exported_cubins(cross_entropy)
+    assert {"float16", "bfloat16", "float32"} == {n.split("_")[2] for n in names}, names
+
+
+def _grads(fn, inputs, dout):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(dout.to(out.dtype))
+    return out, [t.grad for t in leaves]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("t", AWKWARD_T)
+def test_attention_on_packed_qkv_matches_the_reference(poisoned, t, dtype):
+    from kernels.fmha import attention_qkv
+
+    b, h, d = 2, 6, 64
+    qkv = torch.randn(b, t, 3 * h * d, device="cuda", dtype=DT[dtype])
+    dout = torch.randn(b, t, h * d, device="cuda")
+
+    def ref(x):
+        q, k, v = (y.view(b, t, h, d).transpose(1, 2) for y in x.split(h * d, dim=2))
+        return reference.attention(q, k, v, True, dtype=torch.float64).transpose(1, 2).reshape(b, t, h * d)
+
+    out, (dqkv,) = _grads(lambda x: attention_qkv(x, h), [qkv], dout)
+    ref_out, (ref_dqkv,) = _grads(ref, [qkv.double()], dout.double())
+    tol = tolerance_for(dtype)
+    assert out.shape == (b, t, h * d) and out.is_contiguous()
+    assert passes(errors(out, ref_out), tol), errors(out, ref_out)
+    assert passes(errors(dqkv, ref_dqkv), tol), errors(dqkv, ref_dqkv)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("rows,n", [(1, 768), (13, 384), (127, 1000), (257, 768), (4096, 1024)])
+def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype):
+    from kernels.layernorm import add_layer_norm
+
+    x = torch.randn(rows, n, device="cuda")  # the residual stream is float32 under autocast
+    r = torch.randn(rows, n, device="cuda", dtype=DT[dtype])
+    w = 1 + 0.1 * torch.randn(n, device="cuda")
+    bias = 0.1 * torch.randn(n, device="cuda")
+    ds, dy = torch.randn(rows, n, device="cuda"), torch.randn(rows, n, device="cuda")
+
+    def run(fn, args):
+        leaves = [a.detach().requires_grad_() for a in args]
+        with torch.autocast("cuda", dtype=DT[dtype]):
+            s, y = fn(*leaves)
+        torch.autograd.backward([s, y], [ds.to(s.dtype), dy.to(y.dtype)])
+        return s, y, [a.grad for a in leaves]
+
+    s, y, grads = run(lambda a, b_, c, d: add_layer_norm(a, b_, c, d, 1e-5), [x, r, w, bias])
+    ref_in = [a.double() for a in (x, r, w, bias)]
+
+    def ref(a, b_, c, d):
+        summed = a + b_
+        return summed, reference.layer_norm(summed, c, d, 1e-5, dtype=torch.float64)
+
+    rs, ry, rgrads = run(ref, ref_in)
+    tol = tolerance_for(dtype)
+    assert y.dtype == DT[dtype] and s.dtype == torch.float32
+    for name, got, want in [("s", s, rs), ("y", y, ry), ("dx", grads[0], rgrads[0]), ("dr", grads[1], rgrads[1])]:
+        assert passes(errors(got, want), tol), (name, errors(got, want))
+    big = max(1.0, max(g.abs().max().item() for g in rgrads[2:]))  # summed over the rows
+    assert passes(errors(grads[2:], rgrads[2:]), {**tol, "max_abs": tol["max_abs"] * big})
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("rows,v", [(1, 65), (13, 50304), (257, 65), (1000, 50304)])
+def test_head_cross_entropy_matches_the_reference(rows, v, dtype):
+    c = 768 if v > 1000 else 384
+    x = torch.randn(rows, c, device="cuda", dtype=DT[dtype])
+    w = 0.02 * torch.randn(v, c, device="cuda")
+    targets = torch.randint(v, (rows,), device="cuda")
+    targets[::5] = -1  # ignored rows
+    if (targets < 0).all():
+        targets[0] = 1
+
+    def run(fn, args):
+        leaves = [a.detach().requires_grad_() for a in args]
+        with torch.autocast("cuda", dtype=DT[dtype]):
+            loss = fn(*leaves)
+        (loss * 3.0).backward()  # an incoming gradient other than 1, as a loss scaler gives
+        return loss, [a.grad for a in leaves]
+
+    loss, grads = run(lambda a, b: cross_entropy.linear_cross_entropy(a, b, targets), [x, w])
+    rloss, rgrads = run(lambda a, b: F.cross_entropy(a.double() @ b.double().t(), targets, ignore_index=-1),
+                        [x, w])
+    tol = tolerance_for(dtype)
+    assert passes(errors(loss, rloss), tol), errors(loss, rloss)
+    assert passes(errors({"grad.x": grads[0], "grad.w": grads[1]}, {"grad.x": rgrads[0], "grad.w": rgrads[1]}),
+                  tol)
+
+
+@gpu
+def test_ten_graphed_train_steps_equal_ten_eager_steps():
+    """The graphed training step is the same step: the same parameters after 10 steps."""
+    from bench.workloads import model_step
+
+    for provider in ("torch-sdpa", "cutile"):
+        params = {}
+        for graph in (False, True):
+            p = dict(model="shakespeare-char", batch=8, seq_len=127, mode="train", dtype="float16",
+                     graph=graph)
+            x = model_step.make_inputs(p, torch.device("cuda"))
+            fn = model_step.WORKLOAD.providers[provider](p, x)
+            for _ in range(10):
+                out = fn()
+            params[graph] = {k: v.detach().clone() for k, v in out.items() if k.startswith("param.")}
+        err = errors(params[True], params[False])
+        assert passes(err, tolerance_for("float16")) and err["rel"] < 1e-3, (provider, err)
+
+
+@gpu
+def test_a_process_that_graphed_cutile_kernels_exits_cleanly():
+    code = textwrap.dedent("""
+        import torch
+        from bench.workloads import model_step
+        p = dict(model="tiny", batch=2, seq_len=32, mode="train", dtype="float16", graph=True)
+        x = model_step.make_inputs(p, torch.device("cuda"))
+        fn = model_step.WORKLOAD.providers["cutile"](p, x)
+        fn(); fn()
+        torch.cuda.synchronize()
+        print("done")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "done" in proc.stdout, (proc.returncode, proc.stderr[-2000:])

@@ -1,0 +1,44 @@
+"""The model_step workload through the harness on the CPU: the graph axis, and a gate that checks
+what a step computes (every gradient and updated parameter), not only its loss."""
+import pytest
+
+from bench import run
+from bench.measure import sweep
+from bench.results import store
+
+SWEEP = """\
+workload: model_step
+baseline: torch-sdpa
+providers:
+  - torch-sdpa
+  - {name: perturbed, module: "faulty_providers:perturbed_backward"}
+axes:
+  model: [tiny]
+  batch: [2]
+  seq_len: [13]
+  mode: [fwd_bwd, train]
+  dtype: [float32]
+  graph: [false, true]
+timing: {warmup_ms: 1, min_reps: 3, max_reps: 10, max_time_s: 0.05, target_ci: 0.5, timeout_s: 120}
+"""
+
+
+def test_graph_axis_expands_and_rejects_a_non_boolean(write_sweep):
+    cases = sweep.load(write_sweep(SWEEP)).cases
+    assert sorted({c.params["graph"] for c in cases}) == [False, True] and len(cases) == 8
+    with pytest.raises(sweep.SweepError, match=r"sweep.yaml:\d+: axes.graph.0: expected one of"):
+        sweep.load(write_sweep(SWEEP.replace("graph: [false, true]", "graph: [yes-please]")))
+
+
+def test_perturbed_backward_is_incorrect_and_graphs_skip_on_cpu(write_sweep, tmp_path):
+    assert run.main([str(write_sweep(SWEEP)), "--out", str(tmp_path)]) == 0
+    records = store.load_run(tmp_path / "latest").records
+    by = {(r["provider"], r["params"]["mode"], r["params"]["graph"]): r for r in records}
+    for mode in ("fwd_bwd", "train"):
+        assert by[("torch-sdpa", mode, False)]["status"] == "ok"
+        bad = by[("perturbed", mode, False)]
+        assert bad["status"] == "incorrect" and "worst in grad." in bad["reason"], bad["reason"]
+        assert bad["rel_err"] > 5e-3  # the 1% error shows whole, not diluted across the gradients
+        for provider in ("torch-sdpa", "perturbed"):
+            rec = by[(provider, mode, True)]
+            assert rec["status"] == "skipped" and "needs a CUDA GPU" in rec["reason"]
