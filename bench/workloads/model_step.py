@@ -111,7 +111,7 @@ def make_step(p, x, model, forward=None):
     """fn() running one step of `model` through `forward` (the model itself, or a compiled version
     of it) on freshly refilled static inputs, eagerly or replaying a CUDA graph of the step."""
     mode, device, graph = p["mode"], x["idx"].device, p["graph"]
-    forward = forward or model
+    forward = model if forward is None else forward
     idx, targets = x["idx"][0].clone(), x["targets"][0].clone()  # the static input buffers
     order = itertools.cycle(range(BATCHES))
     amp = functools.partial(torch.autocast, device.type, dtype=dtype_of(p["dtype"]),
