@@ -88,10 +88,15 @@ if ct is not None:
 
 
 def _tiles(n: int, tile) -> tuple[int, int]:
-    """(block_m, block_n): `tile` if given, else block_n covers N up to MAX_BLOCK_N."""
+    """(block_m, block_n): `tile` if given, else block_n covers N up to MAX_BLOCK_N, or, where a
+    row is no whole number of such tiles, the widest power of two (256 or more) that divides N:
+    1536 = 3 x 512 measured 60 / 72 us forward / backward at 16384 x 1536 fp16 on an H100, against
+    71 / 79 us with a half-masked second 1024-column tile."""
     if tile is not None:
         return tile
     block_n = min(MAX_BLOCK_N, 1 << max(0, n - 1).bit_length())
+    if n % block_n and (n & -n) >= 256:
+        block_n = n & -n
     return max(1, TILE_ELEMS // block_n), block_n
 
 

@@ -49,7 +49,7 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
 CASES = [
     ((1, 1), "float32", False), ((7, 13), "float16", True), ((127,), "bfloat16", False),
     ((2, 257, 768), "float16", True), ((129, 3072), "bfloat16", True), ((33, 1000), "float32", True),
-    ((8192, 3072), "float16", True),
+    ((8192, 3072), "float16", True), ((257, 1536), "float16", False),  # 1536 = 3 x 512-column tiles
 ]
 
 
