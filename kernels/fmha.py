@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from kernels import require
+from kernels import require, tuned
 from kernels.config import validate
 from kernels.launch import launch
 from kernels.reference import MASK_FLOOR
@@ -62,6 +62,13 @@ _LIMITS = {  # key: (smallest, largest, must be a power of two)
 def validate_config(config: dict) -> dict:
     """DEFAULT_CONFIG updated with `config`; ValueError naming the first bad key or value."""
     return validate("fmha", config, DEFAULT_CONFIG, _LIMITS)
+
+
+def tuned_config(q, causal: bool) -> dict:
+    """The forward config kernels/tuned remembers for q's GPU, dtype, head dim and length, else
+    DEFAULT_CONFIG (shared: do not change it)."""
+    _, _, t, d = q.shape
+    return tuned.lookup("fmha_fwd" if causal else "fmha_fwd_full", q.get_device(), q.dtype, d, t)
 
 
 def _check_inputs(q, k, v, scale):
@@ -273,19 +280,21 @@ def _backward(dout, q, k, v, out, lse, causal, scale, cfg):
     return dq, dk, dv
 
 
-def _prepare(q, k, v, scale, tile_config):
-    cfg = validate_config(tile_config)
+def _prepare(q, k, v, causal, scale, tile_config):
+    """Checked inputs, the scale, and the tile config: the caller's, or else the tuned one."""
+    cfg = validate_config(tile_config) if tile_config else None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     _check_inputs(q, k, v, scale)
     require()
     if not q.is_cuda:
         raise ValueError("q, k, v must be CUDA tensors")
-    return [_lead_dim_contiguous(x) for x in (q, k, v)], scale, cfg
+    return [_lead_dim_contiguous(x) for x in (q, k, v)], scale, cfg or tuned_config(q, causal)
 
 
 def fmha_forward(q, k, v, causal: bool = True, scale: float | None = None, **tile_config):
-    """(out, lse): attention output like q and the fp32 (B, H, T) log-sum-exp; no autograd."""
-    (q, k, v), scale, cfg = _prepare(q, k, v, scale, tile_config)
+    """(out, lse): attention output like q and the fp32 (B, H, T) log-sum-exp; no autograd.
+    Without a tile config, the tuned one for this GPU and shape (kernels/tuned.py)."""
+    (q, k, v), scale, cfg = _prepare(q, k, v, causal, scale, tile_config)
     return _forward(q, k, v, bool(causal), scale, cfg)
 
 
@@ -305,8 +314,9 @@ class _FlashAttention(torch.autograd.Function):
 
 
 def flash_attention(q, k, v, causal: bool = True, scale: float | None = None, **tile_config):
-    """softmax(q k^T * scale, causal mask) v for (B, H, T, D) fp16/bf16 tensors, differentiable."""
-    (q, k, v), scale, cfg = _prepare(q, k, v, scale, tile_config)
+    """softmax(q k^T * scale, causal mask) v for (B, H, T, D) fp16/bf16 tensors, differentiable.
+    Without a tile config, the tuned one for this GPU and shape (kernels/tuned.py)."""
+    (q, k, v), scale, cfg = _prepare(q, k, v, causal, scale, tile_config)
     return _FlashAttention.apply(q, k, v, bool(causal), scale, cfg)
 
 
