@@ -343,8 +343,10 @@ def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int
 
 
 def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, causal: bool = True,
-                     out_dir: str = ".", gpu_code: str = "sm_90", num_heads: int = 12) -> list[str]:
-    """Compile every kernel of one tile config ahead of time (no GPU needed); the cubin paths.
+                     out_dir: str = ".", gpu_code: str = "sm_90", num_heads: int = 12,
+                     only=("fwd", "delta", "dkdv", "dq")) -> list[str]:
+    """Compile every kernel (or those named in `only`) of one tile config ahead of time (no GPU
+    needed); the cubin paths.
 
     Raises whatever tileiras raises when a kernel no longer compiles for this config.
     """
@@ -356,6 +358,8 @@ def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, caus
     tag = "_".join(f"{k}{cfg[k]}" for k in sorted(cfg))
     paths = []
     for name, kcfg, sig in _signatures(cfg, dtype, head_dim, causal, num_heads):
+        if name not in only:
+            continue
         path = os.path.join(out_dir, f"fmha_{name}_{tag}_d{head_dim}_{'causal' if causal else 'full'}.cubin")
         export_kernel(_hinted(name, kcfg["occupancy"], kcfg["num_ctas"]), [sig], path,
                       gpu_code=gpu_code, output_format="cubin")

@@ -318,13 +318,13 @@ def _fwd_job(config: dict, dtype, n: int) -> tuple:
             [mat, vec, vec, mat, stat, stat, cc.ScalarConstraint(ct.float32), *shape, cfg["latency"] or 0])
 
 
-def export_forward(config: dict, dtype, n: int, out_dir, gpu_code="sm_90") -> str:
-    """Compile the forward kernel of one config for rows of n ahead of time; the cubin path."""
+def export_forward(config: dict, dtype, n: int, out_dir, gpu_code="sm_90") -> list[str]:
+    """Compile the forward kernel of one config for rows of n ahead of time; [the cubin path]."""
     if ct is None:
         kernels.require()
     from kernels.aot import export
 
-    return export(*_fwd_job(config, dtype, n), out_dir, gpu_code)
+    return [export(*_fwd_job(config, dtype, n), out_dir, gpu_code)]
 
 
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:

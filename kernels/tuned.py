@@ -126,3 +126,33 @@ def clear() -> None:
     """Forget every cached file and lookup (after a tuned file changes)."""
     for cached in (_table, _by_bucket, lookup):
         cached.cache_clear()
+
+
+
+def export_for_check(path, out_dir, gpu_code: str = "sm_90") -> list[str]:
+    """Compile every config of a tuned file ahead of time (no GPU needed): the layernorm forward,
+    the fmha forward and the backward kernels its load latencies reach, each distinct kernel and
+    signature once. The cubin paths, one folder per compile."""
+    import torch
+
+    from kernels import fmha, layernorm
+
+    jobs = {}
+    for e in read(path)["configs"]:
+        dtype, dim, cfg = getattr(torch, e["dtype"]), e["dim"], validator(e["kernel"])(e["config"])
+        if e["kernel"] == "layernorm_fwd":
+            jobs[("ln", dtype, dim, json.dumps(cfg, sort_keys=True))] = \
+                functools.partial(layernorm.export_forward, e["config"], dtype, dim)
+            continue
+        causal = e["kernel"] == "fmha_fwd"
+        export = functools.partial(fmha.export_for_check, cfg, dtype, dim, causal)
+        jobs[("fwd", dtype, dim, causal, json.dumps(cfg, sort_keys=True))] = \
+            functools.partial(export, only=("fwd",))
+        jobs[("bwd", dtype, dim, causal, cfg["k_lat"], cfg["v_lat"])] = \
+            functools.partial(export, only=("delta", "dkdv", "dq"))
+    paths = []
+    for i, job in enumerate(jobs.values()):
+        out = Path(out_dir) / str(i)
+        out.mkdir(parents=True, exist_ok=True)
+        paths += job(out_dir=str(out), gpu_code=gpu_code)
+    return paths

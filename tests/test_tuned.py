@@ -3,6 +3,7 @@ file. CPU only: the GPU's name is patched in, the files are temporary."""
 import json
 import logging
 import timeit
+import types
 
 import pytest
 import torch
@@ -136,3 +137,22 @@ def test_a_cached_lookup_costs_well_under_a_microsecond(gpu):
     n = 20000
     best = min(timeit.repeat(lambda: fmha.tuned_config(q, True), number=n, repeat=5)) / n
     assert best < 2e-6, f"{best * 1e9:.0f} ns per lookup"  # wide margin for a loaded CI machine
+
+
+SYNTHETIC = {"gpu": H100, "configs": [  # non-default configs of both kernels, two buckets sharing one
+    entry(kernel="fmha_fwd", dtype="bfloat16", dim=128, bucket=4096, config={"tile_m": 128, "occupancy": 2}),
+    entry(kernel="fmha_fwd", dtype="bfloat16", dim=128, bucket=16384, config={"tile_m": 128, "occupancy": 2}),
+    entry(kernel="layernorm_fwd", dim=768, bucket=8192, config={"rows_per_block": 8, "chunk": 256, "latency": 10}),
+]}
+
+
+@pytest.mark.parametrize("name", ["synthetic"] + sorted(p.name for p in tuned.DIR.glob("*.json")))
+def test_every_tuned_config_compiles_for_sm90(name, exported_cubins, tmp_path):
+    """Every file in kernels/tuned, and a synthetic one so that the check never passes vacuously."""
+    path = tuned.DIR / name
+    if name == "synthetic":
+        path = tmp_path / "synthetic.json"
+        path.write_text(json.dumps(SYNTHETIC))
+    names = exported_cubins(types.SimpleNamespace(export_for_check=lambda out: tuned.export_for_check(path, out)))
+    if name == "synthetic":  # the fmha forward and its backward once, though two buckets name it
+        assert sorted(n.split("_")[1] for n in names) == ["delta", "dkdv", "dq", "fwd", "fwd"], names
