@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 
+from bench.measure.check import errors, passes, tolerance_for
 from kernels import fmha, layernorm, tuned
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -156,3 +157,38 @@ def test_every_tuned_config_compiles_for_sm90(name, exported_cubins, tmp_path):
     names = exported_cubins(types.SimpleNamespace(export_for_check=lambda out: tuned.export_for_check(path, out)))
     if name == "synthetic":  # the fmha forward and its backward once, though two buckets name it
         assert sorted(n.split("_")[1] for n in names) == ["delta", "dkdv", "dq", "fwd", "fwd"], names
+
+
+def _this_gpus_entries():
+    import kernels
+
+    ok, reason = kernels.available()
+    if not ok:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+    path = tuned.path_for(torch.cuda.get_device_name(0))
+    if not path.exists():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no tuned file for this GPU ({path.name})"))]
+    return [pytest.param(e, id=f"{e['kernel']}-{e['dtype']}-{e['dim']}-{e['bucket']}")
+            for e in tuned.read(path)["configs"]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("e", _this_gpus_entries())
+def test_every_tuned_config_of_this_gpu_matches_the_reference(e, poisoned):
+    """Given no config, the kernels take the tuned one at a size inside its bucket, and it is correct."""
+    from test_fmha_kernel import _check_forward, _qkv
+    from test_layernorm_kernel import make
+
+    tuned.clear()
+    size, dtype = e["bucket"] // 2 + 1, getattr(torch, e["dtype"])
+    if e["kernel"] == "layernorm_fwd":
+        x, w, b = make((size, e["dim"]), dtype, "cuda")
+        assert layernorm.tuned_config(x) == layernorm.validate_fwd_config(e["config"])
+        y = layernorm.layer_norm_forward(x, w, b, persistent=True)[0]
+        ref = torch.nn.functional.layer_norm(x.double(), (e["dim"],), w.double(), b.double())
+        assert passes(errors(y, ref), tolerance_for(e["dtype"]))
+        return
+    q, k, v = _qkv(1, 2, size, e["dim"], dtype)
+    causal = e["kernel"] == "fmha_fwd"
+    assert fmha.tuned_config(q, causal) == fmha.validate_config(e["config"])
+    _check_forward(q, k, v, causal)
