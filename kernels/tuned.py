@@ -86,8 +86,9 @@ def _table(gpu_name: str, directory: Path) -> dict:
     if not path.exists():
         others = sorted(p.stem for p in directory.glob("*.json"))
         if others:
-            log.warning("tuned configs ignored: %s is for another GPU, this one is %s "
-                        "(%s); the kernels use their defaults", ", ".join(others), gpu_name, slug(gpu_name))
+            log.warning("tuned configs ignored: there are files for %s only, not for this GPU, %s "
+                        "(%s.json); the kernels use their defaults", ", ".join(others), gpu_name,
+                        slug(gpu_name))
         return {}
     try:
         data = read(path)
@@ -126,7 +127,6 @@ def clear() -> None:
     """Forget every cached file and lookup (after a tuned file changes)."""
     for cached in (_table, _by_bucket, lookup):
         cached.cache_clear()
-
 
 
 def export_for_check(path, out_dir, gpu_code: str = "sm_90") -> list[str]:

@@ -36,6 +36,7 @@ class Group:
 
 
 def groups(records: list[dict]) -> list[Group]:
+    """The cutile cases that name a config, grouped by tuned key, in key order."""
     by_key: dict[tuple, Group] = {}
     for rec in records:
         if rec.get("provider") != PROVIDER:
