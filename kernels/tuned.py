@@ -14,6 +14,7 @@ one log line and the defaults, never an error.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import logging
@@ -70,6 +71,15 @@ def read(path: Path) -> dict:
         except ValueError as err:
             raise ValueError(f"{path}: configs[{i}]: {err}") from None
     return data
+
+
+def fingerprint(gpu_name: str, directory: Path | None = None) -> dict | None:
+    """{file, sha256} of the tuned file the kernels read on this GPU, None when there is none:
+    what a run records, so that its numbers can be traced to the configs behind them."""
+    path = path_for(gpu_name, directory)
+    if not path.exists():
+        return None
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def _gpu_name(index: int) -> str:

@@ -170,6 +170,13 @@ def test_the_report_shows_the_tuned_config_beside_the_default(fixture_run, tuned
     rows = {(r[0][0], r[2][0], r[3][0]): [c[0] for c in r[4:7]] for r in block["table"]["rows"]}
     assert rows[("fmha_fwd", "64", "<=4096")] == ["tile_n=128, occupancy=2", "tile_n=64, occupancy=3",
                                                   "1.333x"]
+    assert block["used"] == "The run did not record which tuned file it used."
+    gpus = [{"name": H100}]
+    now = tuned.fingerprint(H100, tuned_dir)
+    assert now["file"] == "nvidia-h100-80gb-hbm3.json" and len(now["sha256"]) == 64
+    for recorded, says in [(now, "as it is now"), (None, "ran the defaults"),
+                           ({**now, "sha256": "0" * 64}, "changed since the run")]:
+        assert says in tuned_view.section({"env": {"gpus": gpus, "tuned": recorded}}, tuned_dir)["used"]
     assert tuned_view.section({"env": {"gpus": [{"name": "NVIDIA H200"}]}}, tuned_dir) is None
     assert tuned_view.section({"env": {"gpus": []}}, tuned_dir) is None
     (tuned_dir / "nvidia-h100-80gb-hbm3.json").write_text("[]")

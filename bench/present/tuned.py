@@ -37,6 +37,19 @@ def lines(entries: list[dict], none_passed: list[tuple]) -> list[str]:
     return out
 
 
+def used_note(meta: dict, now: dict) -> str:
+    """Whether the run used this file as it is now (runs record its sha256)."""
+    env = meta.get("env") or {}
+    if "tuned" not in env:
+        return "The run did not record which tuned file it used."
+    if env["tuned"] is None:
+        return "The run found no tuned file: its cuTile cases that named no config ran the defaults."
+    if env["tuned"]["sha256"] != now["sha256"]:
+        return (f"The file has changed since the run, which used the version with sha256 "
+                f"{env['tuned']['sha256'][:12]}.")
+    return "The run used this file as it is now."
+
+
 def section(meta: dict, directory=None) -> dict | None:
     """The report's block for the tuned file of the run's GPU; None when it has none."""
     gpus = [g.get("name") for g in (meta.get("env") or {}).get("gpus") or [] if g.get("name")]
@@ -45,7 +58,8 @@ def section(meta: dict, directory=None) -> dict | None:
     path = tuned.path_for(gpus[0], directory)
     if not path.exists():
         return None
-    block = {"gpu": gpus[0], "file": f"kernels/tuned/{path.name}", "error": None, "table": None}
+    block = {"gpu": gpus[0], "file": f"kernels/tuned/{path.name}", "error": None, "table": None,
+             "used": used_note(meta, tuned.fingerprint(gpus[0], directory))}
     try:
         data = tuned.read(path)
     except ValueError as e:
