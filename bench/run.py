@@ -12,8 +12,8 @@ from bench.present import console
 from bench.cli import BadInput, Parser
 
 
-def parse_args(argv):
-    p = Parser(prog="python -m bench.run", description=__doc__)
+def add_arguments(p) -> None:
+    """The flags that say what to run (bench.tune takes them too)."""
     p.add_argument("sweep", nargs="?", help="sweep YAML file (not needed with --resume)")
     p.add_argument("--out", default="results", help="results root (default: results)")
     p.add_argument("--profile", help="sweep profile to apply (default: 'cpu' on a machine "
@@ -27,6 +27,11 @@ def parse_args(argv):
     p.add_argument("--resume", metavar="DIR", help="finish a partial run without redoing its cases")
     p.add_argument("--gpus", help="GPU indices to run on at once, e.g. 0,1, or 'all'")
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes (no GPU)")
+
+
+def parse_args(argv):
+    p = Parser(prog="python -m bench.run", description=__doc__)
+    add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -34,16 +39,15 @@ def _sigterm(*_):
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+def run(args, command: list[str]) -> tuple[int, Path | None]:
+    """(exit status, run directory) of running what `args` name; `command` goes into meta.json."""
     try:
         if args.workers < 1:
             raise BadInput("--workers must be at least 1")
         devices = runner.devices_for(args.gpus, args.workers)
         if args.resume:
             try:
-                writer, todo = runner.resume_run(Path(args.resume), ["-m", "bench.run", *argv])
+                writer, todo = runner.resume_run(Path(args.resume), command)
             except (FileNotFoundError, KeyError, ValueError) as e:
                 raise BadInput(f"--resume {args.resume}: {e}") from None
             root = writer.path.parent
@@ -59,17 +63,22 @@ def main(argv=None) -> int:
                 raise BadInput(f"{args.sweep}: no cases left after filters and constraints")
             if args.dry_run:
                 console.out.print(console.case_table(sw.cases))
-                return 0
+                return 0, None
             root = Path(args.out)
-            writer = runner.new_run(sw, root, ["-m", "bench.run", *argv], devices)
+            writer = runner.new_run(sw, root, command, devices)
             todo = sw.cases
     except (sweep.SweepError, BadInput) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     signal.signal(signal.SIGTERM, _sigterm)
     code = runner.execute(writer, todo, devices, root)
     print(writer.path)
-    return code
+    return code, writer.path
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(parse_args(argv), ["-m", "bench.run", *argv])[0]
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from kernels import require
+from kernels import require, tuned
 from kernels.config import validate
 from kernels.launch import launch
 from kernels.reference import MASK_FLOOR
@@ -62,6 +62,13 @@ _LIMITS = {  # key: (smallest, largest, must be a power of two)
 def validate_config(config: dict) -> dict:
     """DEFAULT_CONFIG updated with `config`; ValueError naming the first bad key or value."""
     return validate("fmha", config, DEFAULT_CONFIG, _LIMITS)
+
+
+def tuned_config(q, causal: bool) -> dict:
+    """The forward config kernels/tuned remembers for q's GPU, dtype, head dim and length, else
+    DEFAULT_CONFIG (shared: do not change it)."""
+    _, _, t, d = q.shape
+    return tuned.lookup("fmha_fwd" if causal else "fmha_fwd_full", q.get_device(), q.dtype, d, t)
 
 
 def _check_inputs(q, k, v, scale):
@@ -275,19 +282,21 @@ def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
     return dq, dk, dv
 
 
-def _prepare(q, k, v, scale, tile_config):
-    cfg = validate_config(tile_config)
+def _prepare(q, k, v, causal, scale, tile_config):
+    """Checked inputs, the scale, and the tile config: the caller's, or else the tuned one."""
+    cfg = validate_config(tile_config) if tile_config else None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     _check_inputs(q, k, v, scale)
     require()
     if not q.is_cuda:
         raise ValueError("q, k, v must be CUDA tensors")
-    return [_lead_dim_contiguous(x) for x in (q, k, v)], scale, cfg
+    return [_lead_dim_contiguous(x) for x in (q, k, v)], scale, cfg or tuned_config(q, causal)
 
 
 def fmha_forward(q, k, v, causal: bool = True, scale: float | None = None, **tile_config):
-    """(out, lse): attention output like q and the fp32 (B, H, T) log-sum-exp; no autograd."""
-    (q, k, v), scale, cfg = _prepare(q, k, v, scale, tile_config)
+    """(out, lse): attention output like q and the fp32 (B, H, T) log-sum-exp; no autograd.
+    Without a tile config, the tuned one for this GPU and shape (kernels/tuned.py)."""
+    (q, k, v), scale, cfg = _prepare(q, k, v, causal, scale, tile_config)
     return _forward(q, k, v, bool(causal), scale, cfg)
 
 
@@ -307,8 +316,9 @@ class _FlashAttention(torch.autograd.Function):
 
 
 def flash_attention(q, k, v, causal: bool = True, scale: float | None = None, **tile_config):
-    """softmax(q k^T * scale, causal mask) v for (B, H, T, D) fp16/bf16 tensors, differentiable."""
-    (q, k, v), scale, cfg = _prepare(q, k, v, scale, tile_config)
+    """softmax(q k^T * scale, causal mask) v for (B, H, T, D) fp16/bf16 tensors, differentiable.
+    Without a tile config, the tuned one for this GPU and shape (kernels/tuned.py)."""
+    (q, k, v), scale, cfg = _prepare(q, k, v, causal, scale, tile_config)
     return _FlashAttention.apply(q, k, v, bool(causal), scale, cfg)
 
 
@@ -376,8 +386,10 @@ def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int
 
 
 def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, causal: bool = True,
-                     out_dir: str = ".", gpu_code: str = "sm_90", num_heads: int = 12) -> list[str]:
-    """Compile every kernel of one tile config ahead of time (no GPU needed); the cubin paths.
+                     out_dir: str = ".", gpu_code: str = "sm_90", num_heads: int = 12,
+                     only=("fwd", "delta", "dkdv", "dq")) -> list[str]:
+    """Compile every kernel (or those named in `only`) of one tile config ahead of time (no GPU
+    needed); the cubin paths.
 
     Raises whatever tileiras raises when a kernel no longer compiles for this config.
     """
@@ -389,6 +401,8 @@ def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, caus
     tag = "_".join(f"{k}{cfg[k]}" for k in sorted(cfg))
     paths = []
     for name, kcfg, sig in _signatures(cfg, dtype, head_dim, causal, num_heads):
+        if name not in only:
+            continue
         path = os.path.join(out_dir, f"fmha_{name}_{tag}_d{head_dim}_{'causal' if causal else 'full'}.cubin")
         export_kernel(_hinted(name, kcfg["occupancy"], kcfg["num_ctas"]), [sig], path,
                       gpu_code=gpu_code, output_format="cubin")

@@ -14,6 +14,7 @@ import functools
 import torch
 
 import kernels
+from kernels import tuned
 from kernels.config import validate
 from kernels.launch import grid_size, launch, rows
 
@@ -209,6 +210,18 @@ def _fwd_hinted(occupancy: int | None, num_worker_warps: int | None):
     return _fwd_kernel.replace_hints(**{k: v for k, v in hints.items() if v is not None})
 
 
+def validate_fwd_config(config: dict) -> dict:
+    """FWD_CONFIG updated with `config`; ValueError naming the first bad key or value."""
+    return validate("layer_norm forward", config, FWD_CONFIG, _FWD_LIMITS, _FWD_OPTIONAL)
+
+
+def tuned_config(x) -> dict:
+    """The forward config kernels/tuned remembers for x's GPU, dtype, width and row count, else
+    FWD_CONFIG (shared: do not change it)."""
+    n = x.shape[-1]
+    return tuned.lookup("layernorm_fwd", x.get_device(), x.dtype, n, x.numel() // max(1, n))
+
+
 def _vector(v, n: int, fill: float, like: torch.Tensor):
     """v contiguous, or `fill` repeated n times when v is None."""
     if v is None:
@@ -245,11 +258,12 @@ def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=False, **config):
     """y = (x - mean) * rstd * weight + bias over the last dim; also the fp32 mean and rstd.
 
     persistent: `blocks_per_sm` blocks per SM loop over the row tiles, instead of one block per
-    tile. config: keys of FWD_CONFIG (tile shape and compiler hints), the rest from its defaults.
+    tile. config: keys of FWD_CONFIG (tile shape and compiler hints), the rest from its defaults;
+    without any, the tuned config for this GPU and shape (kernels/tuned.py).
     """
-    cfg = validate("layer_norm forward", config, FWD_CONFIG, _FWD_LIMITS, _FWD_OPTIONAL) if config else FWD_CONFIG
+    cfg = validate_fwd_config(config) if config else None
     kernels.require()
-    y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, cfg)
+    y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, cfg or tuned_config(x))
     if x.dim() == 2:
         return y, mean, rstd
     return y, mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
@@ -291,7 +305,7 @@ class LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, persistent):
-        y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, FWD_CONFIG)
+        y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, tuned_config(x))
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.has = (weight is not None, bias is not None)
         ctx.grad_dtype = next((t.dtype for t in (weight, bias) if t is not None), torch.float32)
@@ -310,7 +324,7 @@ class AddLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, r, weight, bias, eps, y_dtype):
-        y, mean, rstd, s = _forward(x, weight, bias, eps, True, FWD_CONFIG, residual=r, y_dtype=y_dtype)
+        y, mean, rstd, s = _forward(x, weight, bias, eps, True, tuned_config(x), residual=r, y_dtype=y_dtype)
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.has = (weight is not None, bias is not None)
         ctx.grad_dtype = next((t.dtype for t in (weight, bias) if t is not None), torch.float32)
@@ -343,6 +357,34 @@ def layer_norm(x, weight, bias, eps=1e-5, persistent=None):
     return LayerNorm.apply(x, weight, bias, eps, persistent is not False)
 
 
+def _fwd_job(config: dict, dtype, n: int, residual: bool = False) -> tuple:
+    """(kernel, cubin name, signature params) of the forward kernel for rows of n under a config,
+    with the residual add (a float32 residual stream) or without."""
+    from cuda.tile import compilation as cc
+
+    from kernels.aot import array_param, ct_dtype, dtype_name
+
+    mat, vec = array_param(ct_dtype(dtype), 2), array_param(ct_dtype(dtype), 1)
+    wide = array_param(ct.float32, 2) if residual else mat
+    stat = array_param(ct.float32, 1)
+    cfg = validate_fwd_config(config)
+    shape = _shape(n, cfg["rows_per_block"], cfg["chunk"], FWD_TILE_ELEMS)
+    tag = "".join(f"_{k}{v}" for k, v in sorted(config.items()))
+    return (_fwd_hinted(cfg["occupancy"], cfg["num_worker_warps"]),
+            f"layernorm_fwd_{dtype_name(dtype)}_{n}{tag}" + ("_add" if residual else ""),
+            [wide, mat, wide, vec, vec, mat, stat, stat, cc.ScalarConstraint(ct.float32), *shape,
+             cfg["latency"] or 0, residual])
+
+
+def export_forward(config: dict, dtype, n: int, out_dir, gpu_code="sm_90") -> list[str]:
+    """Compile the forward kernel of one config for rows of n ahead of time; [the cubin path]."""
+    if ct is None:
+        kernels.require()
+    from kernels.aot import export
+
+    return [export(*_fwd_job(config, dtype, n), out_dir, gpu_code)]
+
+
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     """Compile the forward, backward and reduction kernels ahead of time (no GPU needed).
 
@@ -351,30 +393,22 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     """
     if ct is None:
         kernels.require()
-    from cuda.tile import compilation as cc
-
     from kernels.aot import array_param, ct_dtype, dtype_name, export
 
-    f32, scalar = ct.float32, cc.ScalarConstraint(ct.float32)
-    stat, part = array_param(f32, 1), array_param(f32, 2)
+    stat, part = array_param(ct.float32, 1), array_param(ct.float32, 2)
     jobs = []
     # the last two: a ragged last chunk, and every compiler hint set
     for dtype, n, config in [(torch.float16, 768, {}), (torch.bfloat16, 1000, {}),
                              (torch.float32, 4096, {}), (torch.float16, 1000, {"chunk": 256}),
                              (torch.bfloat16, 768, {"chunk": 256, "occupancy": 2,
                                                     "num_worker_warps": 8, "latency": 8})]:
-        mat, vec = array_param(ct_dtype(dtype), 2), array_param(ct_dtype(dtype), 1)
-        cfg = validate("layer_norm forward", config, FWD_CONFIG, _FWD_LIMITS, _FWD_OPTIONAL)
-        shape = _shape(n, cfg["rows_per_block"], cfg["chunk"], FWD_TILE_ELEMS)
-        name = f"{dtype_name(dtype)}_{n}" + (f"_chunk{shape[1]}" if config else "")
-        for residual in (False, True) if not config else (False,):
-            wide = array_param(f32, 2) if residual else mat  # the residual stream is float32
-            jobs.append((_fwd_hinted(cfg["occupancy"], cfg["num_worker_warps"]),
-                         f"layernorm_fwd_{name}" + ("_add" if residual else ""),
-                         [wide, mat, wide, vec, vec, mat, stat, stat, scalar, *shape,
-                          cfg["latency"] or 0, residual]))
-            if not config:
-                jobs.append((_bwd_kernel, f"layernorm_bwd_{name}" + ("_add" if residual else ""),
+        jobs.append(_fwd_job(config, dtype, n))
+        if not config:
+            jobs.append(_fwd_job(config, dtype, n, residual=True))
+            mat, vec = array_param(ct_dtype(dtype), 2), array_param(ct_dtype(dtype), 1)
+            for residual in (False, True):
+                wide = array_param(ct.float32, 2) if residual else mat  # the residual stream is float32
+                jobs.append((_bwd_kernel, f"layernorm_bwd_{dtype_name(dtype)}_{n}" + ("_add" if residual else ""),
                              [mat, wide, vec, stat, stat, wide, wide, part, part,
                               *_shape(n, None, _pow2(n), BWD_TILE_ELEMS), residual]))
     for dtype in (torch.float32, torch.float16):  # dweight and dbias in the parameters' dtype

@@ -31,3 +31,12 @@ def slowed(params, inputs):
 def quick(params, inputs):
     """A second steady provider, at another speed, that must not be flagged."""
     return _spinning(params, inputs, STEADY_MS * 0.75)
+
+
+def tiled(params, inputs):
+    """A stand-in for a tile-config sweep: the time grows with rows_per_block (1: 0.25 ms, 2: 0.5
+    ms, ...), except that rows_per_block 1 at 16 rows is wrong (its output is off by one)."""
+    fn = _spinning(params, inputs, STEADY_MS * params["rows_per_block"] / 2)
+    if params["rows_per_block"] == 1 and params["rows"] == 16:
+        return lambda: fn() + 1
+    return fn

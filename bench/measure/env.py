@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import tuned
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -83,12 +85,13 @@ def fingerprint(gpu_indices: list[int]) -> dict:
             driver = driver.decode() if isinstance(driver, bytes) else driver
         except Exception:
             pass
+    gpus = [gpu_info(i) for i in gpu_indices]
     return {
         "host": platform.node(), "platform": platform.platform(), "python": sys.version.split()[0],
         "torch": torch.__version__, "cuda": torch.version.cuda, "driver": driver,
         "cuda_tile": _version("cuda-tile"), "tileiras": _tileiras_version() if gpu_indices else None,
         "device_kind": "cuda" if gpu_indices else "cpu",
-        "gpus": [gpu_info(i) for i in gpu_indices],
+        "gpus": gpus, "tuned": tuned.fingerprint(gpus[0]["name"]) if gpus else None,
     }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from bench.present import plots
+from bench.present import plots, tuned
 from bench.results import compare
 from bench.results.baseline import hardware
 from bench.results.store import Run
@@ -239,7 +239,7 @@ def build(run: Run, cmp: compare.Comparison | None = None) -> dict:
         "run_id": run.meta.get("run_id") or run.path.name, "hardware": hardware(run.meta),
         "env": env_card(run), "counts": dict(counts), "sections": sections,
         "best": best_speedups(frame) if not frame.empty else None,
-        "model_step": steps, "seed_note": SEED_NOTE,
+        "model_step": steps, "seed_note": SEED_NOTE, "tuned": tuned.section(run.meta),
         "failures": failures(frame) if counts.get("ok", 0) < len(frame) else None,
         "compare": cmp, "compare_table": comparison_table(cmp) if cmp else None,
         "compare_headline": compare.headline(cmp) if cmp else None,

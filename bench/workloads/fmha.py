@@ -74,6 +74,15 @@ def cutile(p, x):
     return _run(lambda q, k, v: fmha.flash_attention(q, k, v, causal=p["causal"], **config), p, x)
 
 
+def tuned_key(p):
+    """The forward kernel's config, keyed by causality, head dim and T; fwd_bwd cases time the
+    backward kernels too, whose tiles the config does not set."""
+    if p["mode"] != "fwd":
+        return None
+    return ("fmha_fwd" if p["causal"] else "fmha_fwd_full", p["head_dim"], p["seq_len"],
+            {k: p[k] for k in TILE_KEYS if k in p})
+
+
 def tilegym(p, x):
     ops = tilegym_ops()
     if not torch.cuda.is_available():
@@ -100,4 +109,4 @@ WORKLOAD = Workload(
     providers={"native": native, "sdpa-math": sdpa("MATH"), "sdpa-flash": sdpa("FLASH_ATTENTION"),
                "sdpa-efficient": sdpa("EFFICIENT_ATTENTION"), "sdpa-cudnn": sdpa("CUDNN_ATTENTION"),
                "compile": compiled, "cutile": cutile, "tilegym": tilegym},
-    flops=flops, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES)
+    flops=flops, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES, tuned_key=tuned_key)

@@ -56,6 +56,16 @@ def cutile(p, t):
     return _run(forward, p, t)
 
 
+def tuned_key(p):
+    """The forward kernel's FWD_CONFIG keys, keyed by hidden and rows; only the persistent grid
+    (what layer_norm runs) and forward-only cases count."""
+    from kernels.layernorm import FWD_CONFIG
+
+    if p["mode"] != "fwd" or p.get("persistent") is False:
+        return None
+    return "layernorm_fwd", p["hidden"], p["rows"], {k: p[k] for k in FWD_CONFIG if k in p}
+
+
 def tilegym(p, t):
     ops = tilegym_ops()
     if not torch.cuda.is_available():
@@ -72,4 +82,4 @@ def bytes_moved(p):
 WORKLOAD = Workload(
     name="layernorm", make_inputs=make_inputs, reference=reference_output,
     providers={"torch": torch_layer_norm, "compile": compiled, "cutile": cutile, "tilegym": tilegym},
-    flops=None, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES)
+    flops=None, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES, tuned_key=tuned_key)

@@ -1,0 +1,126 @@
+"""Picks each kernel's best tile config from a finished run and merges it into the GPU's tuned file
+(kernels/tuned/<gpu slug>.json), which the kernels read when a caller gives them no config.
+
+Cases of the cutile provider that name a config (its provider-only axes) are grouped by kernel,
+dtype, dim and size bucket (kernels/tuned.py). A config counts in a group only if every one of its
+cases there passed the correctness gate (status `ok`) and it was timed at every shape of the group;
+the winner has the lowest geometric mean of its median over the best median at each shape.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import geometric_mean
+
+from bench import workloads
+from bench.cli import BadInput
+from bench.results.stats import describe
+from bench.results.store import load_run
+from kernels import tuned
+
+PROVIDER = "cutile"
+
+
+@dataclass
+class Group:
+    """The configs measured for one tuned key: median ms per (config, shape), and the failed ones."""
+    key: tuple  # (kernel, dtype, dim, bucket)
+    medians: dict  # config json -> {shape json: median ms}
+    failed: set  # config json that did not pass at some shape
+
+    def eligible(self) -> dict:
+        shapes = set().union(*self.medians.values()) if self.medians else set()
+        return {c: m for c, m in self.medians.items() if c not in self.failed and set(m) == shapes}
+
+
+def groups(records: list[dict]) -> list[Group]:
+    """The cutile cases that name a config, grouped by tuned key, in key order."""
+    by_key: dict[tuple, Group] = {}
+    for rec in records:
+        if rec.get("provider") != PROVIDER:
+            continue
+        key_of = workloads.get(rec["workload"]).tuned_key
+        found = key_of(rec["params"]) if key_of else None
+        if not found or not found[3]:  # no config named: the case ran whatever was tuned then
+            continue
+        kernel, dim, size, config = found
+        key = (kernel, rec["params"]["dtype"], dim, tuned.bucket(size))
+        g = by_key.setdefault(key, Group(key, {}, set()))
+        cfg = json.dumps(config, sort_keys=True)
+        if rec.get("status") == "ok":
+            shape = json.dumps(rec.get("shape", {}), sort_keys=True)
+            g.medians.setdefault(cfg, {})[shape] = describe(rec["samples_ms"])["median"]
+        else:
+            g.failed.add(cfg)
+    return [by_key[k] for k in sorted(by_key, key=str)]
+
+
+def winner(group: Group, run_id: str) -> dict | None:
+    """The tuned-file entry of the group's best config; None when no config counts."""
+    cands = group.eligible()
+    if not cands:
+        return None
+    shapes = next(iter(cands.values())).keys()
+    best_at = {s: min(m[s] for m in cands.values()) for s in shapes}
+    score = {c: geometric_mean([m[s] / best_at[s] for s in shapes]) for c, m in cands.items()}
+    best = min(score, key=score.get)
+    kernel, dtype, dim, b = group.key
+    check = tuned.validator(kernel)
+    default = next((c for c in cands if check(json.loads(c)) == check({})), None)
+    vs_default = None
+    if default is not None:
+        vs_default = geometric_mean([cands[default][s] / cands[best][s] for s in shapes])
+    return {"kernel": kernel, "dtype": dtype, "dim": dim, "bucket": b, "config": json.loads(best),
+            "shapes": len(shapes), "configs_compared": len(cands), "speedup_vs_default": vs_default,
+            "run": run_id}
+
+
+def gpu_of(meta: dict) -> str:
+    names = {g.get("name") for g in (meta.get("env") or {}).get("gpus") or []}
+    if len(names) != 1:
+        raise BadInput(f"run {meta.get('run_id')}: tuned configs are per GPU, and this run has "
+                       f"{'no GPU' if not names else 'several kinds: ' + ', '.join(sorted(names))}")
+    return names.pop()
+
+
+def merge(path: Path, gpu: str, entries: list[dict]) -> None:
+    """Write `entries` into the tuned file, replacing the entries of the same keys."""
+    data = {"gpu": gpu, "configs": []}
+    if path.exists():
+        try:
+            data = tuned.read(path)
+        except ValueError as e:
+            raise BadInput(f"{e}; fix or remove it before tuning into it") from None
+        if tuned.slug(data["gpu"]) != tuned.slug(gpu):
+            raise BadInput(f"{path}: tuned on {data['gpu']}, not on this run's {gpu}")
+
+    def key(e):
+        return e["kernel"], e["dtype"], e["dim"], e["bucket"]
+    new = {key(e): e for e in entries}
+    data["configs"] = sorted([e for e in data["configs"] if key(e) not in new] + entries, key=key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def tune_run(run_path, directory=None) -> tuple[Path, list[dict], list[tuple]]:
+    """(tuned file, entries written, keys of groups where no config counted) for a finished run."""
+    try:
+        run = load_run(run_path)
+    except FileNotFoundError as e:
+        raise BadInput(str(e)) from None
+    gpu = gpu_of(run.meta)
+    entries, none_passed = [], []
+    for g in groups(run.records):
+        entry = winner(g, run.meta.get("run_id") or run.path.name)
+        if entry is None:
+            none_passed.append(g.key)
+        else:
+            entries.append(entry)
+    path = tuned.path_for(gpu, directory)
+    if entries:
+        merge(path, gpu, entries)
+    return path, entries, none_passed

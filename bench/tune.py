@@ -1,0 +1,43 @@
+"""python -m bench.tune SWEEP.yaml: run a sweep's tile-config axes through the harness (as bench.run
+does) and write each kernel's best correct config into kernels/tuned/<gpu>.json, which the kernels
+use when a caller gives them no config. --from-run DIR tunes from a finished run instead."""
+from __future__ import annotations
+
+import sys
+
+from bench import run as bench_run
+from bench.cli import BadInput, Parser
+from bench.present import tuned
+from bench.results import tune
+
+
+def parse_args(argv):
+    p = Parser(prog="python -m bench.tune", description=__doc__)
+    bench_run.add_arguments(p)
+    p.add_argument("--from-run", metavar="DIR", help="pick the winners of this finished run; run nothing")
+    p.add_argument("--tuned-dir", metavar="DIR", help="where the tuned files live (default: kernels/tuned)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    path = args.from_run
+    if path is None:
+        code, path = bench_run.run(args, ["-m", "bench.tune", *argv])
+        if code or path is None:  # bad input, interrupted, or a dry run
+            return code
+    try:
+        written, entries, none_passed = tune.tune_run(path, args.tuned_dir)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in tuned.lines(entries, none_passed):
+        print(line)
+    print(written if entries else f"nothing to write: {path} holds no cutile case with a tile "
+                                  "config that passed the correctness check")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

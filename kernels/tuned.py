@@ -1,0 +1,168 @@
+"""Tuned launch configs the kernels remember: kernels/tuned/<gpu slug>.json, written by
+`python -m bench.tune`, read here when a caller gives a kernel no config.
+
+A config is keyed by GPU, kernel, dtype, dim (head_dim or hidden) and a bucket of the size (T or
+rows): the smallest power of two at or above it. A lookup takes its own bucket, or else the
+nearest bucket tuned for that kernel, dtype and dim (nearest in log2; the smaller on a tie), or
+else the kernel's defaults. Any tuned config is a correct config at any size (the parity tests run
+each one), so a neighbouring bucket's winner is a guess about speed only.
+
+The wrappers that call lookup() run thousands of times per training step, so everything past the
+first call for a (device, dtype, dim, bucket) comes from a cache; a file that cannot be used costs
+one log line and the defaults, never an error.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+import logging
+import re
+from pathlib import Path
+
+DIR = Path(__file__).with_name("tuned")
+log = logging.getLogger(__name__)
+
+# kernel -> (module, its config validator: config -> the full config, validator({}) the defaults)
+KERNELS = {
+    "fmha_fwd": ("kernels.fmha", "validate_config"),        # causal
+    "fmha_fwd_full": ("kernels.fmha", "validate_config"),   # not causal
+    "layernorm_fwd": ("kernels.layernorm", "validate_fwd_config"),
+}
+
+
+def slug(gpu_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3': the tuned file's name."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+
+
+def bucket(n: int) -> int:
+    """The smallest power of two at or above n (at least 1)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def validator(kernel: str):
+    module, name = KERNELS[kernel]
+    return getattr(importlib.import_module(module), name)
+
+
+def path_for(gpu_name: str, directory: Path | None = None) -> Path:
+    return Path(directory or DIR) / f"{slug(gpu_name)}.json"
+
+
+def read(path: Path) -> dict:
+    """A tuned file as {"gpu": name, "configs": [entry, ...]}; ValueError saying what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("gpu"), str) \
+            or not isinstance(data.get("configs"), list):
+        raise ValueError(f"{path}: expected an object with 'gpu' (a name) and 'configs' (a list)")
+    for i, e in enumerate(data["configs"]):
+        if not (isinstance(e, dict) and e.get("kernel") in KERNELS and isinstance(e.get("dtype"), str)
+                and all(isinstance(e.get(k), int) for k in ("dim", "bucket"))
+                and isinstance(e.get("config"), dict)):
+            raise ValueError(f"{path}: configs[{i}] needs kernel (one of {sorted(KERNELS)}), dtype, "
+                             f"dim, bucket and config")
+        try:
+            validator(e["kernel"])(e["config"])
+        except ValueError as err:
+            raise ValueError(f"{path}: configs[{i}]: {err}") from None
+    return data
+
+
+def fingerprint(gpu_name: str, directory: Path | None = None) -> dict | None:
+    """{file, sha256} of the tuned file the kernels read on this GPU, None when there is none:
+    what a run records, so that its numbers can be traced to the configs behind them."""
+    path = path_for(gpu_name, directory)
+    if not path.exists():
+        return None
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _gpu_name(index: int) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _table(gpu_name: str, directory: Path) -> dict:
+    """{(kernel, dtype, dim): {bucket: config}} from this GPU's file; {} (and one log line saying
+    why) when it is missing while other GPUs' files exist, or cannot be used."""
+    path = path_for(gpu_name, directory)
+    if not path.exists():
+        others = sorted(p.stem for p in directory.glob("*.json"))
+        if others:
+            log.warning("tuned configs ignored: there are files for %s only, not for this GPU, %s "
+                        "(%s.json); the kernels use their defaults", ", ".join(others), gpu_name,
+                        slug(gpu_name))
+        return {}
+    try:
+        data = read(path)
+        if slug(data["gpu"]) != slug(gpu_name):
+            raise ValueError(f"{path}: tuned on {data['gpu']}, not this GPU ({gpu_name})")
+    except ValueError as e:
+        log.warning("tuned configs ignored: %s; the kernels use their defaults", e)
+        return {}
+    table: dict = {}
+    for e in data["configs"]:
+        table.setdefault((e["kernel"], e["dtype"], e["dim"]), {})[e["bucket"]] = e["config"]
+    return table
+
+
+def nearest(buckets, b: int) -> int:
+    """The bucket closest to b in log2 (the smaller on a tie)."""
+    return min(buckets, key=lambda x: (abs(x.bit_length() - b.bit_length()), x))
+
+
+@functools.lru_cache(maxsize=None)
+def _by_bucket(kernel: str, device_index: int, dtype, dim: int, b: int) -> dict:
+    check = validator(kernel)
+    found = _table(_gpu_name(device_index), DIR).get((kernel, str(dtype).removeprefix("torch."), dim))
+    return check(found[nearest(found, b)] if found else {})
+
+
+@functools.lru_cache(maxsize=4096)
+def lookup(kernel: str, device_index: int, dtype, dim: int, size: int) -> dict:
+    """The full launch config of `kernel` for the GPU of this index, a torch dtype, dim and size:
+    tuned, or the defaults. Cached by size too (a hit is one dict lookup, no bucket arithmetic);
+    shared: callers must not change it."""
+    return _by_bucket(kernel, device_index, dtype, dim, bucket(size))
+
+
+def clear() -> None:
+    """Forget every cached file and lookup (after a tuned file changes)."""
+    for cached in (_table, _by_bucket, lookup):
+        cached.cache_clear()
+
+
+def export_for_check(path, out_dir, gpu_code: str = "sm_90") -> list[str]:
+    """Compile every config of a tuned file ahead of time (no GPU needed): the layernorm forward,
+    the fmha forward and the backward kernels its load latencies reach, each distinct kernel and
+    signature once. The cubin paths, one folder per compile."""
+    import torch
+
+    from kernels import fmha, layernorm
+
+    jobs = {}
+    for e in read(path)["configs"]:
+        dtype, dim, cfg = getattr(torch, e["dtype"]), e["dim"], validator(e["kernel"])(e["config"])
+        if e["kernel"] == "layernorm_fwd":
+            jobs[("ln", dtype, dim, json.dumps(cfg, sort_keys=True))] = \
+                functools.partial(layernorm.export_forward, e["config"], dtype, dim)
+            continue
+        causal = e["kernel"] == "fmha_fwd"
+        export = functools.partial(fmha.export_for_check, cfg, dtype, dim, causal)
+        jobs[("fwd", dtype, dim, causal, json.dumps(cfg, sort_keys=True))] = \
+            functools.partial(export, only=("fwd",))
+        jobs[("bwd", dtype, dim, causal, cfg["k_lat"], cfg["v_lat"])] = \
+            functools.partial(export, only=("delta", "dkdv", "dq"))
+    paths = []
+    for i, job in enumerate(jobs.values()):
+        out = Path(out_dir) / str(i)
+        out.mkdir(parents=True, exist_ok=True)
+        paths += job(out_dir=str(out), gpu_code=gpu_code)
+    return paths
