@@ -11,6 +11,7 @@ import torch
 
 from bench.cli import BadInput
 from bench.measure import env, pool
+from bench.measure import sweep as sweep_mod
 from bench.present import console
 from bench.results import store
 from bench.results.summary import summarize
@@ -35,10 +36,28 @@ def devices_for(gpus: str | None, workers: int) -> list[str]:
     return [f"cuda:{i}" for i in ids]
 
 
-def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str]) -> store.RunWriter:
+NCU = "ncu"  # a --profile value reserved for profiling with Nsight Compute, not a sweep profile
+
+
+def load_sweep(args, device: str) -> Sweep:
+    """The sweep named on a command line (sweep_options), with the `cpu` profile by default on a
+    machine without a GPU; BadInput when no case is left."""
+    profile = None if args.profile == NCU else args.profile
+    if profile is None and device == "cpu":
+        profile = "cpu" if sweep_mod.has_profile(args.sweep, "cpu") else None
+    providers = args.providers.split(",") if args.providers else None
+    sw = sweep_mod.load(args.sweep, profile, args.set, args.filter, providers)
+    if not sw.cases:
+        raise BadInput(f"{args.sweep}: no cases left after filters and constraints")
+    return sw
+
+
+def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str],
+            name: str | None = None) -> store.RunWriter:
+    """A run directory ROOT/NAME (by default named after the time, sweep and commit)."""
     git = env.git_state()
     gpus = sorted({int(d.split(":")[1]) for d in devices if d.startswith("cuda")})
-    path = Path(root) / store.run_dir_name(sweep.name, git["sha"])
+    path = Path(root) / (name or store.run_dir_name(sweep.name, git["sha"]))
     meta = {
         "run_id": path.name, "command": argv, "started_utc": store.utc_now(), "ended_utc": None,
         "complete": False,
