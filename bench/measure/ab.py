@@ -176,6 +176,6 @@ def run(sw: Sweep, base: str, head: str | None, root: Path, argv: list[str], dev
         for case in sw.cases:
             writer.append(records[side][case.case_id])
         writer.close(complete=True)
-        writer.write_summary(summarize(store.read_records(writer.path)))
+        writer.write_summary(summarize(store.read_records(writer.path), writer.meta.get("ceilings")))
         runs[side] = store.load_run(writer.path)
     return ab_dir, runs["base"], runs["head"]

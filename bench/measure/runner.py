@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bench.cli import BadInput
-from bench.measure import env, pool
+from bench.measure import ceilings, env, pool
 from bench.measure import sweep as sweep_mod
 from bench.present import console
 from bench.results import store
@@ -66,6 +66,7 @@ def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str],
                   "compare": sweep.compare},
         "git": git, "env": env.fingerprint(gpus), "devices": devices, "cases": len(sweep.cases),
     }
+    meta["ceilings"] = ceilings.for_run(root, meta["env"]["gpus"])
     return store.RunWriter(path, meta, [c.to_dict() for c in sweep.cases])
 
 
@@ -105,7 +106,7 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
     writer.meta["wall_s"] = writer.meta.get("wall_s", 0.0) + (time.time() - t0)
     writer.close(complete=complete)
     records = store.read_records(writer.path)
-    summary = summarize(records)
+    summary = summarize(records, writer.meta.get("ceilings"))
     writer.write_summary(summary)
     console.report_end(summary, records)
     if complete and root is not None:
