@@ -55,6 +55,8 @@ def main(argv=None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
     code = runner.execute(writer, todo, devices, root)
+    if code == 0 and args.profile == runner.NCU:
+        runner.profile_counters(writer.path, todo, devices[0])
     print(writer.path)
     return code
 

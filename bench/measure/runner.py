@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bench.cli import BadInput
-from bench.measure import ceilings, env, pool
+from bench.measure import ceilings, env, ncu, pool
 from bench.measure import sweep as sweep_mod
 from bench.present import console
 from bench.results import store
@@ -115,3 +115,13 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
         print(f"interrupted: {len(records)} of {writer.meta['cases']} cases stored; finish with "
               f"--resume {writer.path}", file=sys.stderr)
     return 0 if complete else 130
+
+
+def profile_counters(path: Path, cases: list[Case], device: str) -> None:
+    """counters.json of a run: Nsight Compute's counters of each case's kernels, or why none."""
+    records = {r["case_id"]: r for r in store.read_records(path)}
+    counters = {}
+    for case in cases:
+        print(f"ncu {case.label}", file=sys.stderr, flush=True)
+        counters[case.case_id] = ncu.profile_case(case, records.get(case.case_id, {}), device)
+    store.write_counters(path, counters)
