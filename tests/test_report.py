@@ -12,11 +12,12 @@ import matplotlib.image
 import pytest
 
 from bench import report as report_cli
+from bench.present import report
 from bench.run import main as run_main
 from test_compare import exit_code, record, write_run
 
 FIXTURE = Path(__file__).resolve().parent.parent / "results" / "fixtures" / "h100_synthetic"
-SECTIONS = {"environment", "headline", "per-step", "failures"}
+SECTIONS = {"environment", "headline", "failures", "skipped"}
 
 
 class Page(HTMLParser):
@@ -49,7 +50,8 @@ def render(run_dir, tmp_path, *extra) -> tuple[Page, str, str]:
 
 def test_fixture_renders_every_section_with_images(tmp_path):
     page, html, md = render(FIXTURE, tmp_path)
-    assert SECTIONS | {"workload-fmha", "workload-layernorm", "workload-model_step"} <= page.sections
+    assert SECTIONS | {"per-step", "workload-fmha", "workload-layernorm",
+                       "workload-model_step"} <= page.sections
     assert "comparison" not in page.sections
     # fmha: time, TFLOP/s, tile heatmap; layernorm: time, GB/s; model_step: time; per-step chart
     assert len(page.images) >= 7
@@ -57,8 +59,15 @@ def test_fixture_renders_every_section_with_images(tmp_path):
     assert "NVIDIA H100 80GB HBM3" in html and "580.159.04" in html and "sw_power_cap" in html
     assert "tileiras compile exceeded" in html and "TileGym is not installed" in html
     assert "reported on other hardware" in html
-    assert "### Best speedup per workload" in md and "| fmha | cutile |" in md
-    assert "### Per-step comparison" in md and "2.8 ms" in md
+    assert "### cuTile against PyTorch" in md
+    # fmha: cuTile's best config at seq_len=256 is 1.22x faster than sdpa-flash, its worst shape
+    assert "| vs the best PyTorch provider | 3 | 1.33x faster | 1.22x faster at seq_len=256 |" in md
+    assert "1.04x slower at model=gpt2" in md  # a loss reads as a loss
+    assert "### Per-step comparison" in md and "Reference, not a measurement of this run: " \
+        "the seed reports 2.8 ms" in md
+    # skipped cases apart from failures, one row per reason
+    assert "TileGym is not installed" in html.split('id="skipped"')[1]
+    assert "TileGym is not installed" not in html.split('id="failures"')[1].split('id="skipped"')[0]
 
 
 def test_baseline_adds_the_comparison(tmp_path):
@@ -103,6 +112,43 @@ def test_odd_runs_still_render(tmp_path):
     empty = write_run(tmp_path / "empty", [], gpu=None)
     page, html, _ = render(empty, tmp_path)
     assert SECTIONS <= page.sections and "no cases" in html
+
+
+def fmha_run(path, providers, status="ok", reason=""):
+    recs = [{**record(p, [1.0 + i, 1.1 + i, 0.9 + i], workload="fmha", seq_len=s, batch=b),
+             "baseline": "native"} for p in providers for i, (s, b) in enumerate(((64, 8), (128, 4)))]
+    for r in recs:
+        if r["provider"].startswith("cutile") and status != "ok":
+            r.update(status=status, reason=reason, samples_ms=[])
+    return write_run(path, recs, gpu=None)
+
+
+def test_fmha_only_run_has_no_per_step_section(tmp_path):
+    page, html, md = render(fmha_run(tmp_path / "r", ["native", "cutile"]), tmp_path)
+    assert "per-step" not in page.sections and "Per-step" not in md and "2.8 ms" not in html
+
+
+def test_a_run_without_cutile_says_so_in_the_headline(tmp_path):
+    page, html, md = render(fmha_run(tmp_path / "none", ["native", "sdpa-flash"]), tmp_path)
+    assert "cuTile did not run: no cuTile provider was part of this run." in md
+    assert "cuTile did not run" in html.split('id="headline"')[1].split("</section>")[0]
+    page, html, md = render(fmha_run(tmp_path / "skip", ["native", "cutile"], "skipped",
+                                     "cuTile not available: no GPU"), tmp_path)
+    assert "cuTile did not run: skipped: cuTile not available: no GPU (2 cases)." in md
+
+
+def test_zipped_axes_label_points_instead_of_joining_them(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(report.plots, "lines_vs_axis", lambda *a, **kw: drawn.append(kw) or [])
+    render(fmha_run(tmp_path / "r", ["native", "cutile"]), tmp_path)
+    assert drawn and all(kw["zipped"] == ["batch"] for kw in drawn)  # batch changes with seq_len
+
+
+def test_rows_sort_numerically(tmp_path):
+    recs = [record("p", [1.0], workload="gemm", m=m) for m in (127, 64, 1024)]
+    page, html, _ = render(write_run(tmp_path / "r", recs, gpu=None), tmp_path)
+    body = html.split('id="table-gemm"')[1]
+    assert body.index(">64<") < body.index(">127<") < body.index(">1024<")
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
