@@ -161,13 +161,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and err.startswith("error:")
 
 
-def inked_fraction(png: Path) -> float:
-    """Share of pixels that are not near-white: 0 for a blank page."""
-    img = matplotlib.image.imread(png)
-    return float((img[..., :3] < 0.9).any(axis=-1).mean())
+HEADER = (0xe3, 0xea, 0xf5)  # table headers' background (base.html.j2)
+LINE = (0x1f, 0x77, 0xb4)  # matplotlib's first line colour
 
 
-def test_headless_screenshot_is_not_blank(tmp_path):
+def rows_of(img, colour, tol: float = 6 / 255) -> list[int]:
+    """Screen rows holding a run of at least 100 pixels of `colour`."""
+    near = (abs(img[..., :3] - [c / 255 for c in colour]) <= tol).all(axis=-1)
+    return [y for y in range(near.shape[0]) if near[y].sum() >= 100]
+
+
+def test_headless_screenshot_shows_the_headline_table_and_a_plot(tmp_path):
     browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
                     if shutil.which(b)), None)
     if browser is None:
@@ -178,4 +182,9 @@ def test_headless_screenshot_is_not_blank(tmp_path):
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     "--window-size=1400,3000", html.as_uri()], check=True, timeout=120,
                    capture_output=True)
-    assert inked_fraction(shot) > 0.01
+    img = matplotlib.image.imread(shot)
+    headers = rows_of(img, HEADER)
+    assert headers and headers[0] < 400, "the headline table heads the page"
+    line = (abs(img[..., :3] - [c / 255 for c in LINE]) <= 0.05).all(axis=-1)
+    assert line.sum() > 500, "a plot's lines are drawn"
+    assert line.any(axis=1).nonzero()[0][0] > headers[0], "the plots come after the headline"

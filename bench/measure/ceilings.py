@@ -29,7 +29,8 @@ def datasheet(gpu_name: str) -> dict | None:
 
 
 def _median_ms(fn, reps: int) -> float:
-    fn()
+    for _ in range(5):  # warm: clocks up, kernels chosen
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -54,7 +55,7 @@ def measure(index: int) -> dict:
         for name in ("float16", "bfloat16"):
             a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=getattr(torch, name))
             b = torch.randn_like(a)
-            ms = _median_ms(lambda: a @ b, 20)
+            ms = _median_ms(lambda: a @ b, 30)
             tflops[name] = 2 * MATMUL_N ** 3 / ms / 1e9
             del a, b
         torch.cuda.empty_cache()

@@ -8,27 +8,27 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shutil
 import subprocess
 import sys
 
 from bench.measure.sweep import Case
 
-# (field, metric, unit scale): durations to ms, bytes to bytes; percentages and counts as they are
+# (field, metric): the tensor pipe's hmma cycles count Hopper's HGMMA (wgmma) too; local-memory
+# stores are register spills (and local arrays)
 METRICS = [
     ("duration_ms", "gpu__time_duration.sum"),
     ("dram_pct", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"),
     ("sm_pct", "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
     ("tensor_pct", "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"),
-    ("tensor_pct", "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active"),
     ("occupancy_pct", "sm__warps_active.avg.pct_of_peak_sustained_active"),
     ("registers", "launch__registers_per_thread"),
     ("spill_bytes", "l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum"),
 ]
-FIELDS = list(dict.fromkeys(f for f, _ in METRICS))
-UNITS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3,
-         "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1024.0, "MB": 1024.0 ** 2}
+FIELDS = [f for f, _ in METRICS]
+UNITS = {  # to ms and bytes; ncu writes either the short or the long unit names
+    "ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3, "nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0,
+    "second": 1e3, "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
 TIMEOUT_S = 600
 
 # Runs the case in the profiled process: two warm-up calls (compiling), then one call in `timed`.
@@ -70,47 +70,34 @@ def parse_csv(text: str) -> list[dict]:
         cells = dict(zip(header, row))
         if not cells.get("ID", "").strip().isdigit():
             continue  # the units row
-        k = {"name": cells["Kernel Name"], **dict.fromkeys(FIELDS)}
-        for field, metric in METRICS:
+        k = {"name": cells["Kernel Name"]}
+        for field, metric in METRICS:  # a metric this ncu does not know is missing: None
             value = _number(cells.get(metric, ""))
-            if value is None:
-                continue
-            value *= UNITS.get(unit.get(metric, ""), 1.0)
-            k[field] = value if k[field] is None else max(k[field], value)
+            k[field] = None if value is None else value * UNITS.get(unit.get(metric, ""), 1.0)
         kernels.append(k)
     return kernels
 
 
-def command(case: Case, device: str, metrics: list[str]) -> list[str]:
+def command(case: Case, device: str) -> list[str]:
     return ["ncu", "--clock-control", "none", "--nvtx", "--nvtx-include", "timed/", "--csv",
-            "--page", "raw", "--metrics", ",".join(metrics),
+            "--page", "raw", "--metrics", ",".join(m for _, m in METRICS),
             sys.executable, "-c", _CHILD, json.dumps(case.to_dict()), device]
 
 
 def profile_case(case: Case, record: dict, device: str) -> dict:
-    """{"kernels": [...]} or {"reason": why there are no counters}. Metrics this ncu does not know
-    are left out (and named) rather than failing the case."""
+    """{"kernels": [...]} or {"reason": why there are no counters}."""
     if not device.startswith("cuda"):
         return {"reason": "no GPU: Nsight Compute profiles CUDA kernels"}
     if record.get("status") != "ok":
         return {"reason": f"not profiled: the case is {record.get('status')}"}
     if shutil.which("ncu") is None:
         return {"reason": "ncu (Nsight Compute) not found on PATH"}
-    metrics, unknown = [m for _, m in METRICS], []
-    for _ in range(len(METRICS)):
-        try:
-            done = subprocess.run(command(case, device, metrics), capture_output=True, text=True,
-                                  timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return {"reason": f"ncu did not finish within {TIMEOUT_S} s"}
-        out = done.stdout + done.stderr
-        missing = [m for m in re.findall(r"Failed to find metric ([\w.]+)", out) if m in metrics]
-        if not missing:
-            break
-        unknown += missing
-        metrics = [m for m in metrics if m not in missing]
+    try:
+        done = subprocess.run(command(case, device), capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"reason": f"ncu did not finish within {TIMEOUT_S} s"}
     kernels = parse_csv(done.stdout)
     if not kernels:
-        errors = [line for line in out.splitlines() if "ERROR" in line]
+        errors = [line for line in (done.stdout + done.stderr).splitlines() if "ERROR" in line]
         return {"reason": (errors[-1] if errors else "ncu saw no kernel in the NVTX range 'timed'")[:300]}
-    return {"kernels": kernels, "unknown_metrics": unknown}
+    return {"kernels": kernels}
