@@ -113,17 +113,17 @@ def tile_heatmaps(frame: pd.DataFrame, shape_cols: list[str], facets: list[str],
         return []
 
     def draw(ax, key, group):
-        group = group.sort_values(shape_cols)
-        shapes = list(dict.fromkeys(group["shape_short"]))
+        group = group.sort_values(shape_cols).assign(
+            shape=[", ".join(f"{c}={r[c]}" for c in shape_cols) or "all" for _, r in group.iterrows()])
+        shapes = list(dict.fromkeys(group["shape"]))
         configs = sorted(group["config"].unique(), key=natural)
-        grid = group.pivot_table(index="config", columns="shape_short", values="speedup",
+        grid = group.pivot_table(index="config", columns="shape", values="speedup",
                                  aggfunc="max").reindex(index=configs, columns=shapes)
         values = grid.to_numpy(dtype=float)
         im = ax.imshow(values, aspect="auto", cmap="RdYlGn",
                        norm=matplotlib.colors.TwoSlopeNorm(1.0, min(np.nanmin(values), 0.99),
                                                            max(np.nanmax(values), 1.01)))
-        ax.set_xticks(range(len(shapes)), [textwrap.fill(s, 18) for s in shapes], fontsize=6,
-                      rotation=90 if len(shapes) > 6 else 0)
+        ax.set_xticks(range(len(shapes)), shapes, fontsize=7, rotation=90 if len(shapes) > 4 else 0)
         ax.set_yticks(range(len(configs)), configs, fontsize=7)
         for (i, j), v in np.ndenumerate(values):
             if not math.isnan(v):
@@ -137,8 +137,9 @@ def tile_heatmaps(frame: pd.DataFrame, shape_cols: list[str], facets: list[str],
 
     keyed = [(dict(provider=p, **k), g) for p, pg in data.groupby("provider")
              for k, g in _facets(pg, facets)]
-    height = max(3.0, 0.25 * data["config"].nunique() + 2.5)
-    return _pages(keyed, draw, title, width=max(7.0, 0.45 * data["shape_short"].nunique() + 3),
+    height = max(3.5, 0.4 * data["config"].nunique() + 3.0)
+    shapes = data.groupby(facets)["shape_short"].nunique().max() if facets else data["shape_short"].nunique()
+    return _pages(keyed, draw, title, width=min(max(7.0, 0.6 * shapes + 3), 16),
                   height=height, columns=1)
 
 

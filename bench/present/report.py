@@ -152,7 +152,8 @@ def workload_section(name: str, frame: pd.DataFrame, records: list[dict], meta: 
     if m:
         cols[m[0]] = m[1]
     if frame["ceiling_pct"].notna().any():
-        cols.update(bound="bound", ceiling_pct="% of ceiling", suspect="suspect")
+        frame["suspect_text"] = frame["suspect"].map({True: "suspect", False: ""})
+        cols.update(bound="bound", ceiling_pct="% of ceiling", suspect_text="above the ceiling")
     cols.update(speedup="speedup", rel_err="rel err", max_abs_err="max abs err")
     if "host_ms" in frame and frame["host_ms"].notna().any():
         # the host's time to enqueue one call: at or above the median, a caller is host-bound
@@ -277,7 +278,7 @@ def model_step(frame: pd.DataFrame) -> tuple[Table, list[str]] | None:
         busy = r["busy_ms"] if r["busy_ms"] is not None and r["busy_ms"] == r["busy_ms"] else None
         bound = "host-bound" if busy and r["median_ms"] > HOST_BOUND * busy else ("-" if busy is None else "no")
         ref = naive.get((r["group"], r.get("mode")), math.nan)
-        ratio = ref / r["median_ms"] if ref == ref else math.nan
+        ratio = ref / r["median_ms"] if ref == ref and r["provider"] != "torch-naive" else math.nan
         table.rows.append([(r["group"], r["group"]), (str(r.get("mode")), str(r.get("mode"))),
                            (r["provider"], r["provider"]), (fmt(r["median_ms"]), r["median_ms"]),
                            (fmt(busy), busy if busy is not None else ""), (bound, bound),
