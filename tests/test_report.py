@@ -1,6 +1,7 @@
 """bench.report: renders from the committed fixture run and from a fresh CPU run; the HTML parses and
 holds every section with its embedded images; odd runs (all skipped, no seq_len axis, no cases)
-still render; a headless screenshot is non-blank where Chromium exists."""
+still render; the headline leads with cuTile (and says when it did not run); a headless screenshot
+shows the headline table and a plot where Chromium exists."""
 import base64
 import json
 import shutil

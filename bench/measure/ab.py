@@ -23,14 +23,19 @@ from bench.results.store import Run, utc_now
 from bench.results.summary import summarize
 
 # Runs in the side's tree (its directory first on sys.path): records go back on a private copy of
-# stdout, and whatever a provider prints goes to stderr, so it cannot corrupt a record.
+# stdout, and whatever a provider prints goes to stderr, so it cannot corrupt a record. Trees from
+# before the modules were grouped by stage keep the worker at bench/worker.py.
 _CHILD = r"""
 import json, os, sys
 out = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)
 import torch
-from bench.measure.sweep import Case
-from bench.measure.worker import run_case
+try:
+    from bench.measure.sweep import Case
+    from bench.measure.worker import run_case
+except ImportError:
+    from bench.sweep import Case
+    from bench.worker import run_case
 device = torch.device(sys.argv[1])
 if device.type == "cuda":
     torch.cuda.set_device(device)
