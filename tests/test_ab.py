@@ -5,8 +5,6 @@ import json
 import shutil
 import subprocess
 
-import pytest
-
 from bench import ab as ab_cli
 from conftest import ROOT, TESTS
 

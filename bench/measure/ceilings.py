@@ -43,24 +43,27 @@ def _median_ms(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _copy_gbps(device) -> float:
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / _median_ms(lambda: dst.copy_(src), 20) / 1e6
+
+
+def _matmul_tflops(device, dtype: str) -> float:
+    a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn_like(a)
+    return 2 * MATMUL_N ** 3 / _median_ms(lambda: a @ b, 30) / 1e9
+
+
 def measure(index: int) -> dict:
     """Device-to-device copy bandwidth (bytes read + written) and dense matmul rate per dtype."""
     device = torch.device("cuda", index)
     with torch.cuda.device(device):
-        src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        copy_ms = _median_ms(lambda: dst.copy_(src), 20)
-        del src, dst
-        tflops = {}
-        for name in ("float16", "bfloat16"):
-            a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=getattr(torch, name))
-            b = torch.randn_like(a)
-            ms = _median_ms(lambda: a @ b, 30)
-            tflops[name] = 2 * MATMUL_N ** 3 / ms / 1e9
-            del a, b
+        out = {"copy_gbps": _copy_gbps(device),
+               "tflops": {name: _matmul_tflops(device, name) for name in ("float16", "bfloat16")},
+               "measured_unix": time.time()}
         torch.cuda.empty_cache()
-    return {"copy_gbps": 2 * COPY_BYTES / copy_ms / 1e6, "tflops": tflops,
-            "measured_unix": time.time()}
+    return out
 
 
 def for_run(root: Path, gpus: list[dict]) -> dict:

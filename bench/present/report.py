@@ -276,7 +276,8 @@ def model_step(frame: pd.DataFrame) -> tuple[Table, list[str]] | None:
                    "host-bound", "vs torch-naive"])
     for _, r in numeric_order(data, ["group", "mode", "provider"]).iterrows():
         busy = r["busy_ms"] if r["busy_ms"] is not None and r["busy_ms"] == r["busy_ms"] else None
-        bound = "host-bound" if busy and r["median_ms"] > HOST_BOUND * busy else ("-" if busy is None else "no")
+        bound = ("-" if busy is None else
+                 "host-bound" if r["median_ms"] > HOST_BOUND * busy else "no")
         ref = naive.get((r["group"], r.get("mode")), math.nan)
         ratio = ref / r["median_ms"] if ref == ref and r["provider"] != "torch-naive" else math.nan
         table.rows.append([(r["group"], r["group"]), (str(r.get("mode")), str(r.get("mode"))),
@@ -352,7 +353,8 @@ def ceilings_note(meta: dict) -> str:
     c = meta.get("ceilings") or {}
     measured = c.get("measured")
     if not measured:
-        return f"No ceilings: {c.get('reason') or 'this run did not measure them'}; no case has a % of ceiling."
+        why = c.get("reason") or "this run did not measure them"
+        return f"No ceilings: {why}; no case has a % of ceiling."
     rates = ", ".join(f"{k} {v:.0f}" for k, v in measured["tflops"].items())
     text = (f"Measured ceilings of this {c.get('gpu')}: device-to-device copy "
             f"{measured['copy_gbps'] / 1e3:.2f} TB/s, dense matmul TFLOP/s {rates}.")
