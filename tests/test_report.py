@@ -69,6 +69,7 @@ def test_fixture_renders_every_section_with_images(tmp_path):
     # skipped cases apart from failures, one row per reason
     assert "TileGym is not installed" in html.split('id="skipped"')[1]
     assert "TileGym is not installed" not in html.split('id="failures"')[1].split('id="skipped"')[0]
+    assert '<span class="status-skipped">1 skipped</span>' in html  # not coloured as a failure
 
 
 def test_baseline_adds_the_comparison(tmp_path):
@@ -143,6 +144,20 @@ def test_zipped_axes_label_points_instead_of_joining_them(tmp_path, monkeypatch)
     monkeypatch.setattr(report.plots, "lines_vs_axis", lambda *a, **kw: drawn.append(kw) or [])
     render(fmha_run(tmp_path / "r", ["native", "cutile"]), tmp_path)
     assert drawn and all(kw["zipped"] == ["batch"] for kw in drawn)  # batch changes with seq_len
+
+
+def test_a_case_faster_than_its_ceiling_is_suspect_and_not_a_win(tmp_path):
+    # 1 GB at a 1000 GB/s ceiling takes at least 1 ms: cutile's 0.5 ms is impossible
+    recs = [{**record(p, [ms] * 3, workload="layernorm", hidden=768, dtype="float16"),
+             "baseline": "torch", "bytes": 1e9} for p, ms in (("torch", 2.0), ("cutile", 0.5))]
+    run = write_run(tmp_path / "r", recs)
+    meta = json.loads((run / "meta.json").read_text())
+    meta["ceilings"] = {"gpu": "GPU", "measured": {"copy_gbps": 1000.0, "tflops": {}}}
+    (run / "meta.json").write_text(json.dumps(meta))
+    page, html, md = render(run, tmp_path)
+    assert ">suspect<" in html.split('id="table-layernorm"')[1]
+    assert "cuTile gave no usable time: suspect: faster than the measured ceiling (1 case)." in md
+    assert "device-to-device copy 1.00 TB/s" in md
 
 
 def test_rows_sort_numerically(tmp_path):

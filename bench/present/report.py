@@ -200,7 +200,8 @@ def best_row(frame: pd.DataFrame):
 def why_not_run(rows: pd.DataFrame) -> str:
     if rows.empty:
         return "no cuTile provider was part of this run"
-    reasons = Counter(f"{r['status']}: {r['reason']}" if r["reason"] else r["status"]
+    reasons = Counter("suspect: faster than the measured ceiling" if r["status"] == "ok"
+                      else f"{r['status']}: {r['reason']}" if r["reason"] else r["status"]
                       for _, r in rows.iterrows())
     return "; ".join(f"{reason} ({n} case{'s' * (n > 1)})" for reason, n in reasons.most_common(3))
 
@@ -219,7 +220,9 @@ def headline(name: str, g: pd.DataFrame) -> Headline:
     usable = g[(g["status"] == "ok") & ~g["suspect"]]
     subject = g[g["provider"].map(is_cutile)]
     if usable[usable["provider"].map(is_cutile)].empty:
-        return Headline(name, f"cuTile did not run: {why_not_run(subject)}.")
+        ran = subject["status"].eq("ok").any()
+        return Headline(name, f"cuTile {'gave no usable time' if ran else 'did not run'}: "
+                              f"{why_not_run(subject)}.")
     baseline = str(g["baseline"].iloc[0])
     shapes = Table(["shape", "cuTile config", "cuTile ms", "best PyTorch", "PyTorch ms",
                     "vs best PyTorch", f"{baseline} ms", f"vs {baseline}"])
@@ -357,7 +360,7 @@ def ceilings_note(meta: dict) -> str:
         return f"No ceilings: {why}; no case has a % of ceiling."
     rates = ", ".join(f"{k} {v:.0f}" for k, v in measured["tflops"].items())
     text = (f"Measured ceilings of this {c.get('gpu')}: device-to-device copy "
-            f"{measured['copy_gbps'] / 1e3:.2f} TB/s, dense matmul TFLOP/s {rates}.")
+            f"{measured['copy_gbps'] / 1e3:.2f} TB/s" + (f", dense matmul TFLOP/s {rates}." if rates else "."))
     sheet = c.get("datasheet")
     if sheet:
         text += (f" Datasheet peaks ({c.get('datasheet_source')}): {sheet['gbps'] / 1e3:.2f} TB/s, "
