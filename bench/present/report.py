@@ -360,7 +360,8 @@ def ceilings_note(meta: dict) -> str:
         return f"No ceilings: {why}; no case has a % of ceiling."
     rates = ", ".join(f"{k} {v:.0f}" for k, v in measured["tflops"].items())
     text = (f"Measured ceilings of this {c.get('gpu')}: device-to-device copy "
-            f"{measured['copy_gbps'] / 1e3:.2f} TB/s" + (f", dense matmul TFLOP/s {rates}." if rates else "."))
+            f"{measured['copy_gbps'] / 1e3:.2f} TB/s"
+            + (f", dense matmul TFLOP/s {rates}." if rates else "."))
     sheet = c.get("datasheet")
     if sheet:
         text += (f" Datasheet peaks ({c.get('datasheet_source')}): {sheet['gbps'] / 1e3:.2f} TB/s, "
