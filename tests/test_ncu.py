@@ -64,6 +64,14 @@ def test_why_a_case_has_no_counters(monkeypatch, device, record, path, reason):
     assert reason in ncu.profile_case(CASE, record, device)["reason"]
 
 
+def test_a_sweep_profile_named_ncu_is_refused(tmp_path, write_sweep, capsys):
+    sweep = write_sweep("workload: layernorm\nbaseline: torch\nproviders: [torch]\n"
+                        "axes: {rows: [4], hidden: [16]}\nprofiles: {ncu: {axes: {rows: [8]}}}\n")
+    assert run_main([str(sweep), "--out", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "reserved" in err
+
+
 def test_a_cpu_run_with_profile_ncu_records_why_per_case(tmp_path, write_sweep, capsys):
     sweep = write_sweep("""
 workload: layernorm

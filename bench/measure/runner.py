@@ -42,6 +42,9 @@ NCU = "ncu"  # a --profile value reserved for profiling with Nsight Compute, not
 def load_sweep(args, device: str) -> Sweep:
     """The sweep named on a command line (sweep_options), with the `cpu` profile by default on a
     machine without a GPU; BadInput when no case is left."""
+    if sweep_mod.has_profile(args.sweep, NCU):
+        raise BadInput(f"{args.sweep}: profile name '{NCU}' is reserved for --profile {NCU} "
+                       "(Nsight Compute); rename the profile")
     profile = None if args.profile == NCU else args.profile
     if profile is None and device == "cpu":
         profile = "cpu" if sweep_mod.has_profile(args.sweep, "cpu") else None
