@@ -13,3 +13,15 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def sweep_options(p: Parser) -> None:
+    """The options that choose a sweep's cases, shared by every command that runs a sweep."""
+    p.add_argument("--out", default="results", help="results root (default: results)")
+    p.add_argument("--profile", help="sweep profile to apply (default: 'cpu' on a machine without a "
+                                     "GPU, when the sweep defines it); 'ncu' profiles with Nsight Compute")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep key or axis, e.g. timing.max_time_s=1 or seq_len=[128,256]")
+    p.add_argument("--filter", action="append", default=[], metavar="AXIS=VALUE",
+                   help="keep only cases whose axis has this value (or one of a [list])")
+    p.add_argument("--providers", help="comma-separated providers to run")

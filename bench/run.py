@@ -9,20 +9,13 @@ from pathlib import Path
 
 from bench.measure import runner, sweep
 from bench.present import console
-from bench.cli import BadInput, Parser
+from bench.cli import BadInput, Parser, sweep_options
 
 
 def add_arguments(p) -> None:
     """The flags that say what to run (bench.tune takes them too)."""
     p.add_argument("sweep", nargs="?", help="sweep YAML file (not needed with --resume)")
-    p.add_argument("--out", default="results", help="results root (default: results)")
-    p.add_argument("--profile", help="sweep profile to apply (default: 'cpu' on a machine "
-                                     "without a GPU, when the sweep defines it)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a sweep key or axis, e.g. timing.max_time_s=1 or seq_len=[128,256]")
-    p.add_argument("--filter", action="append", default=[], metavar="AXIS=VALUE",
-                   help="keep only cases whose axis has this value (or one of a [list])")
-    p.add_argument("--providers", help="comma-separated providers to run")
+    sweep_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the expanded cases and stop")
     p.add_argument("--resume", metavar="DIR", help="finish a partial run without redoing its cases")
     p.add_argument("--gpus", help="GPU indices to run on at once, e.g. 0,1, or 'all'")
@@ -54,13 +47,7 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
         else:
             if not args.sweep:
                 raise BadInput("name a sweep file, or --resume a run directory")
-            profile = args.profile
-            if profile is None and devices[0] == "cpu":
-                profile = "cpu" if sweep.has_profile(args.sweep, "cpu") else None
-            providers = args.providers.split(",") if args.providers else None
-            sw = sweep.load(args.sweep, profile, args.set, args.filter, providers)
-            if not sw.cases:
-                raise BadInput(f"{args.sweep}: no cases left after filters and constraints")
+            sw = runner.load_sweep(args, devices[0])
             if args.dry_run:
                 console.out.print(console.case_table(sw.cases))
                 return 0, None
@@ -72,6 +59,8 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
         return 2, None
     signal.signal(signal.SIGTERM, _sigterm)
     code = runner.execute(writer, todo, devices, root)
+    if code == 0 and args.profile == runner.NCU:
+        runner.profile_counters(writer.path, todo, devices[0])
     print(writer.path)
     return code, writer.path
 

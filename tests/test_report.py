@@ -1,6 +1,7 @@
 """bench.report: renders from the committed fixture run and from a fresh CPU run; the HTML parses and
 holds every section with its embedded images; odd runs (all skipped, no seq_len axis, no cases)
-still render; a headless screenshot is non-blank where Chromium exists."""
+still render; the headline leads with cuTile (and says when it did not run); a headless screenshot
+shows the headline table and a plot where Chromium exists."""
 import base64
 import json
 import shutil
@@ -12,11 +13,12 @@ import matplotlib.image
 import pytest
 
 from bench import report as report_cli
+from bench.present import report
 from bench.run import main as run_main
 from test_compare import exit_code, record, write_run
 
 FIXTURE = Path(__file__).resolve().parent.parent / "results" / "fixtures" / "h100_synthetic"
-SECTIONS = {"environment", "headline", "per-step", "failures"}
+SECTIONS = {"environment", "headline", "failures", "skipped"}
 
 
 class Page(HTMLParser):
@@ -49,7 +51,8 @@ def render(run_dir, tmp_path, *extra) -> tuple[Page, str, str]:
 
 def test_fixture_renders_every_section_with_images(tmp_path):
     page, html, md = render(FIXTURE, tmp_path)
-    assert SECTIONS | {"workload-fmha", "workload-layernorm", "workload-model_step"} <= page.sections
+    assert SECTIONS | {"per-step", "workload-fmha", "workload-layernorm",
+                       "workload-model_step"} <= page.sections
     assert "comparison" not in page.sections
     # fmha: time, TFLOP/s, tile heatmap; layernorm: time, GB/s; model_step: time; per-step chart
     assert len(page.images) >= 7
@@ -57,8 +60,16 @@ def test_fixture_renders_every_section_with_images(tmp_path):
     assert "NVIDIA H100 80GB HBM3" in html and "580.159.04" in html and "sw_power_cap" in html
     assert "tileiras compile exceeded" in html and "TileGym is not installed" in html
     assert "reported on other hardware" in html
-    assert "### Best speedup per workload" in md and "| fmha | cutile |" in md
-    assert "### Per-step comparison" in md and "2.8 ms" in md
+    assert "### cuTile against PyTorch" in md
+    # fmha: cuTile's best config at seq_len=256 is 1.22x faster than sdpa-flash, its worst shape
+    assert "| vs the best PyTorch provider | 3 | 1.33x faster | 1.22x faster at seq_len=256 |" in md
+    assert "1.04x slower at model=gpt2" in md  # a loss reads as a loss
+    assert "### Per-step comparison" in md and "Reference, not a measurement of this run: " \
+        "the seed reports 2.8 ms" in md
+    # skipped cases apart from failures, one row per reason
+    assert "TileGym is not installed" in html.split('id="skipped"')[1]
+    assert "TileGym is not installed" not in html.split('id="failures"')[1].split('id="skipped"')[0]
+    assert '<span class="status-skipped">1 skipped</span>' in html  # not coloured as a failure
 
 
 def test_baseline_adds_the_comparison(tmp_path):
@@ -105,6 +116,57 @@ def test_odd_runs_still_render(tmp_path):
     assert SECTIONS <= page.sections and "no cases" in html
 
 
+def fmha_run(path, providers, status="ok", reason=""):
+    recs = [{**record(p, [1.0 + i, 1.1 + i, 0.9 + i], workload="fmha", seq_len=s, batch=b),
+             "baseline": "native"} for p in providers for i, (s, b) in enumerate(((64, 8), (128, 4)))]
+    for r in recs:
+        if r["provider"].startswith("cutile") and status != "ok":
+            r.update(status=status, reason=reason, samples_ms=[])
+    return write_run(path, recs, gpu=None)
+
+
+def test_fmha_only_run_has_no_per_step_section(tmp_path):
+    page, html, md = render(fmha_run(tmp_path / "r", ["native", "cutile"]), tmp_path)
+    assert "per-step" not in page.sections and "Per-step" not in md and "2.8 ms" not in html
+
+
+def test_a_run_without_cutile_says_so_in_the_headline(tmp_path):
+    page, html, md = render(fmha_run(tmp_path / "none", ["native", "sdpa-flash"]), tmp_path)
+    assert "cuTile did not run: no cuTile provider was part of this run." in md
+    assert "cuTile did not run" in html.split('id="headline"')[1].split("</section>")[0]
+    page, html, md = render(fmha_run(tmp_path / "skip", ["native", "cutile"], "skipped",
+                                     "cuTile not available: no GPU"), tmp_path)
+    assert "cuTile did not run: skipped: cuTile not available: no GPU (2 cases)." in md
+
+
+def test_zipped_axes_label_points_instead_of_joining_them(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(report.plots, "lines_vs_axis", lambda *a, **kw: drawn.append(kw) or [])
+    render(fmha_run(tmp_path / "r", ["native", "cutile"]), tmp_path)
+    assert drawn and all(kw["zipped"] == ["batch"] for kw in drawn)  # batch changes with seq_len
+
+
+def test_a_case_faster_than_its_ceiling_is_suspect_and_not_a_win(tmp_path):
+    # 1 GB at a 1000 GB/s ceiling takes at least 1 ms: cutile's 0.5 ms is impossible
+    recs = [{**record(p, [ms] * 3, workload="layernorm", hidden=768, dtype="float16"),
+             "baseline": "torch", "bytes": 1e9} for p, ms in (("torch", 2.0), ("cutile", 0.5))]
+    run = write_run(tmp_path / "r", recs)
+    meta = json.loads((run / "meta.json").read_text())
+    meta["ceilings"] = {"gpu": "GPU", "measured": {"copy_gbps": 1000.0, "tflops": {}}}
+    (run / "meta.json").write_text(json.dumps(meta))
+    page, html, md = render(run, tmp_path)
+    assert ">suspect<" in html.split('id="table-layernorm"')[1]
+    assert "cuTile gave no usable time: suspect: faster than the measured ceiling (1 case)." in md
+    assert "device-to-device copy 1.00 TB/s" in md
+
+
+def test_rows_sort_numerically(tmp_path):
+    recs = [record("p", [1.0], workload="gemm", m=m) for m in (127, 64, 1024)]
+    page, html, _ = render(write_run(tmp_path / "r", recs, gpu=None), tmp_path)
+    body = html.split('id="table-gemm"')[1]
+    assert body.index(">64<") < body.index(">127<") < body.index(">1024<")
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "meta.json").write_text("[1, 2")
@@ -115,13 +177,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and err.startswith("error:")
 
 
-def inked_fraction(png: Path) -> float:
-    """Share of pixels that are not near-white: 0 for a blank page."""
-    img = matplotlib.image.imread(png)
-    return float((img[..., :3] < 0.9).any(axis=-1).mean())
+HEADER = (0xe3, 0xea, 0xf5)  # table headers' background (base.html.j2)
+LINE = (0x1f, 0x77, 0xb4)  # matplotlib's first line colour
 
 
-def test_headless_screenshot_is_not_blank(tmp_path):
+def rows_of(img, colour, tol: float = 6 / 255) -> list[int]:
+    """Screen rows holding a run of at least 100 pixels of `colour`."""
+    near = (abs(img[..., :3] - [c / 255 for c in colour]) <= tol).all(axis=-1)
+    return [y for y in range(near.shape[0]) if near[y].sum() >= 100]
+
+
+def test_headless_screenshot_shows_the_headline_table_and_a_plot(tmp_path):
     browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
                     if shutil.which(b)), None)
     if browser is None:
@@ -132,4 +198,9 @@ def test_headless_screenshot_is_not_blank(tmp_path):
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     "--window-size=1400,3000", html.as_uri()], check=True, timeout=120,
                    capture_output=True)
-    assert inked_fraction(shot) > 0.01
+    img = matplotlib.image.imread(shot)
+    headers = rows_of(img, HEADER)
+    assert headers and headers[0] < 400, "the headline table heads the page"
+    line = (abs(img[..., :3] - [c / 255 for c in LINE]) <= 0.05).all(axis=-1)
+    assert line.sum() > 500, "a plot's lines are drawn"
+    assert line.any(axis=1).nonzero()[0][0] > headers[0], "the plots come after the headline"

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from bench.cli import BadInput
-from bench.measure import env, pool
+from bench.measure import ceilings, env, ncu, pool
+from bench.measure import sweep as sweep_mod
 from bench.present import console
 from bench.results import store
 from bench.results.summary import summarize
@@ -35,10 +36,31 @@ def devices_for(gpus: str | None, workers: int) -> list[str]:
     return [f"cuda:{i}" for i in ids]
 
 
-def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str]) -> store.RunWriter:
+NCU = "ncu"  # a --profile value reserved for profiling with Nsight Compute, not a sweep profile
+
+
+def load_sweep(args, device: str) -> Sweep:
+    """The sweep named on a command line (sweep_options), with the `cpu` profile by default on a
+    machine without a GPU; BadInput when no case is left."""
+    if sweep_mod.has_profile(args.sweep, NCU):
+        raise BadInput(f"{args.sweep}: profile name '{NCU}' is reserved for --profile {NCU} "
+                       "(Nsight Compute); rename the profile")
+    profile = None if args.profile == NCU else args.profile
+    if profile is None and device == "cpu":
+        profile = "cpu" if sweep_mod.has_profile(args.sweep, "cpu") else None
+    providers = args.providers.split(",") if args.providers else None
+    sw = sweep_mod.load(args.sweep, profile, args.set, args.filter, providers)
+    if not sw.cases:
+        raise BadInput(f"{args.sweep}: no cases left after filters and constraints")
+    return sw
+
+
+def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str],
+            name: str | None = None) -> store.RunWriter:
+    """A run directory ROOT/NAME (by default named after the time, sweep and commit)."""
     git = env.git_state()
     gpus = sorted({int(d.split(":")[1]) for d in devices if d.startswith("cuda")})
-    path = Path(root) / store.run_dir_name(sweep.name, git["sha"])
+    path = Path(root) / (name or store.run_dir_name(sweep.name, git["sha"]))
     meta = {
         "run_id": path.name, "command": argv, "started_utc": store.utc_now(), "ended_utc": None,
         "complete": False,
@@ -47,6 +69,7 @@ def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str]) -> st
                   "compare": sweep.compare},
         "git": git, "env": env.fingerprint(gpus), "devices": devices, "cases": len(sweep.cases),
     }
+    meta["ceilings"] = ceilings.for_run(root, meta["env"]["gpus"])
     return store.RunWriter(path, meta, [c.to_dict() for c in sweep.cases])
 
 
@@ -86,7 +109,7 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
     writer.meta["wall_s"] = writer.meta.get("wall_s", 0.0) + (time.time() - t0)
     writer.close(complete=complete)
     records = store.read_records(writer.path)
-    summary = summarize(records)
+    summary = summarize(records, writer.meta.get("ceilings"))
     writer.write_summary(summary)
     console.report_end(summary, records)
     if complete and root is not None:
@@ -95,3 +118,13 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
         print(f"interrupted: {len(records)} of {writer.meta['cases']} cases stored; finish with "
               f"--resume {writer.path}", file=sys.stderr)
     return 0 if complete else 130
+
+
+def profile_counters(path: Path, cases: list[Case], device: str) -> None:
+    """counters.json of a run: Nsight Compute's counters of each case's kernels, or why none."""
+    records = {r["case_id"]: r for r in store.read_records(path)}
+    counters = {}
+    for case in cases:
+        print(f"ncu {case.label}", file=sys.stderr, flush=True)
+        counters[case.case_id] = ncu.profile_case(case, records.get(case.case_id, {}), device)
+    store.write_counters(path, counters)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 import textwrap
 
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -20,6 +22,12 @@ import pandas as pd  # noqa: E402
 PER_PAGE = 12  # facets per figure
 COLS = 3
 DPI = 80
+
+
+def natural(text) -> tuple:
+    """Sort key that orders the numbers inside a label by value: tile=64 before tile=128."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", str(text))
+    return tuple(float(p) if i % 2 else p for i, p in enumerate(parts))
 
 
 def to_base64(fig) -> str:
@@ -61,9 +69,12 @@ def _pages(facets, draw, title: str, width: float = 4.2, height: float = 3.0,
 
 
 def lines_vs_axis(frame: pd.DataFrame, x: str, y: str, ylabel: str, facets: list[str],
-                  title: str, ceiling: float | None = None, logy: bool = False) -> list[str]:
+                  title: str, ceiling: float | None = None, logy: bool = False,
+                  zipped: list[str] = ()) -> list[str]:
     """One line per provider (its best config at each point), log x, one subplot per facet;
-    facets with a single x value (nothing to draw a line along) are left out."""
+    facets with a single x value (nothing to draw a line along) are left out. Axes `zipped` with x
+    change along it (batch shrinking as seq_len grows): the points are then not joined, since
+    neighbours differ in more than x, and each x tick names its zipped values."""
     data = frame.dropna(subset=[y])
     facets = [(k, g) for k, g in _facets(data, facets) if g[x].nunique() > 1]
     if not facets:
@@ -72,11 +83,17 @@ def lines_vs_axis(frame: pd.DataFrame, x: str, y: str, ylabel: str, facets: list
     def draw(ax, key, group):
         for provider, g in group.groupby("provider", sort=True):
             best = g.groupby(x)[y].max() if y != "median_ms" else g.groupby(x)[y].min()
-            ax.plot(best.index, best.values, marker="o", markersize=3, label=provider)
+            ax.plot(best.index, best.values, marker="o", markersize=4, label=provider,
+                    linestyle="none" if zipped else "-")
         if ceiling:
             ax.axhline(ceiling, color="black", linestyle="--", linewidth=1,
-                       label=f"copy ceiling {ceiling:g}")
+                       label=f"measured ceiling {ceiling:g}")
         ax.set_xscale("log", base=2)
+        if zipped:
+            ticks = group.drop_duplicates(x).sort_values(x)
+            ax.set_xticks(ticks[x], [f"{v}\n" + "\n".join(f"{a}={r[a]}" for a in zipped)
+                                     for v, (_, r) in zip(ticks[x], ticks.iterrows())], fontsize=7)
+            ax.minorticks_off()
         if logy:
             ax.set_yscale("log")
         ax.set_xlabel(x)
@@ -87,47 +104,87 @@ def lines_vs_axis(frame: pd.DataFrame, x: str, y: str, ylabel: str, facets: list
     return _pages(facets, draw, title)
 
 
-def tile_heatmaps(frame: pd.DataFrame, x: str, facets: list[str], title: str) -> list[str]:
-    """Speedup of each tile config (rows) at each value of x (columns), one heatmap per facet."""
+def tile_heatmaps(frame: pd.DataFrame, shape_cols: list[str], facets: list[str], title: str) -> list[str]:
+    """Speedup of each tile config (rows) at each shape (columns, in numeric order), one heatmap per
+    provider and facet; the best config of each shape is boxed."""
     data = frame.dropna(subset=["speedup"])
     data = data[data["config"] != ""]
     if data.empty:
         return []
 
     def draw(ax, key, group):
-        grid = group.pivot_table(index="config", columns=x, values="speedup", aggfunc="max")
+        group = group.sort_values(shape_cols).assign(
+            shape=[", ".join(f"{c}={r[c]}" for c in shape_cols) or "all" for _, r in group.iterrows()])
+        shapes = list(dict.fromkeys(group["shape"]))
+        configs = sorted(group["config"].unique(), key=natural)
+        grid = group.pivot_table(index="config", columns="shape", values="speedup",
+                                 aggfunc="max").reindex(index=configs, columns=shapes)
         values = grid.to_numpy(dtype=float)
         im = ax.imshow(values, aspect="auto", cmap="RdYlGn",
                        norm=matplotlib.colors.TwoSlopeNorm(1.0, min(np.nanmin(values), 0.99),
                                                            max(np.nanmax(values), 1.01)))
-        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], fontsize=7)
-        ax.set_yticks(range(grid.shape[0]), list(grid.index), fontsize=7)
-        ax.set_xlabel(x)
+        ax.set_xticks(range(len(shapes)), shapes, fontsize=7, rotation=90 if len(shapes) > 4 else 0)
+        ax.set_yticks(range(len(configs)), configs, fontsize=7)
         for (i, j), v in np.ndenumerate(values):
             if not math.isnan(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
-        ax.figure.colorbar(im, ax=ax, shrink=0.8, label="speedup")
+        for j in range(values.shape[1]):
+            if not np.isnan(values[:, j]).all():
+                i = int(np.nanargmax(values[:, j]))
+                ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
+                                                          edgecolor="black", linewidth=2))
+        ax.figure.colorbar(im, ax=ax, shrink=0.8, label="speedup (best per shape boxed)")
 
     keyed = [(dict(provider=p, **k), g) for p, pg in data.groupby("provider")
              for k, g in _facets(pg, facets)]
-    height = max(3.0, 0.25 * data["config"].nunique() + 1.5)
-    return _pages(keyed, draw, title, width=7.0, height=height, columns=2)
+    height = max(3.5, 0.4 * data["config"].nunique() + 3.0)
+    shapes = data.groupby(facets)["shape_short"].nunique().max() if facets else data["shape_short"].nunique()
+    return _pages(keyed, draw, title, width=min(max(7.0, 0.6 * shapes + 3), 16),
+                  height=height, columns=1)
 
 
-SEED = {"cutile": 2.8, "torch-naive": 7.4}  # ms per step, as the seed reports them
+def roofline(frame: pd.DataFrame, ceilings: dict, title: str) -> list[str]:
+    """Achieved TFLOP/s against arithmetic intensity (FLOPs per byte moved), one colour per
+    provider, under the measured memory and matmul ceilings of the case dtypes."""
+    data = frame.dropna(subset=["tflops", "gbps"])
+    measured = (ceilings or {}).get("measured")
+    if data.empty or not measured:
+        return []
+    data = data.assign(intensity=data["tflops"] * 1e3 / data["gbps"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for provider, g in data.groupby("provider", sort=True):
+        ax.scatter(g["intensity"], g["tflops"], s=14, label=provider,
+                   marker="x" if g["suspect"].any() else "o")
+    lo, hi = data["intensity"].min() / 4, data["intensity"].max() * 4
+    xs = np.geomspace(lo, hi, 200)
+    bw = measured["copy_gbps"] / 1e3  # TB/s: TFLOP/s per FLOP/byte
+    for dtype in sorted(data["dtype"].astype(str).unique()) if "dtype" in data else []:
+        peak = measured["tflops"].get(dtype)
+        ax.plot(xs, np.minimum(bw * xs, peak or np.inf), linestyle="--", linewidth=1,
+                label=f"ceiling {dtype}: {bw:.2f} TB/s" + (f", {peak:.0f} TFLOP/s" if peak else ""))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("FLOPs per byte")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return [to_base64(fig)]
 
 
 def model_step_bars(frame: pd.DataFrame, providers: list[str]) -> list[str]:
-    """Step time per model size and shape, one bar per provider, one subplot per mode; the seed's
-    reported numbers drawn beside ours in their own, hatched, panel."""
+    """Step time per model size and shape (and CUDA graph or not), one bar per provider, one
+    subplot per mode. Only this run's measurements: numbers reported elsewhere are a note."""
     data = frame.dropna(subset=["median_ms"])
     modes = sorted(data["mode"].unique()) if "mode" in data and not data.empty else []
-    fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5.0 * len(modes) + 3.0, 3.6),
-                             squeeze=False, gridspec_kw={"width_ratios": [5] * len(modes) + [2]})
+    if not modes:
+        return []
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.0 * len(modes), 3.8), squeeze=False)
     width = 0.8 / max(len(providers), 1)
     for ax, mode in zip(axes[0], modes):
         g = data[data["mode"] == mode]
-        groups = sorted(g["group"].unique())
+        groups = sorted(g["group"].unique(), key=natural)
         for i, provider in enumerate(providers):
             ms = g[g["provider"] == provider].groupby("group")["median_ms"].min()
             xs = [j + i * width for j, grp in enumerate(groups) if grp in ms.index]
@@ -135,15 +192,9 @@ def model_step_bars(frame: pd.DataFrame, providers: list[str]) -> list[str]:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=7,
                       rotation=20, ha="right")
         ax.set_ylabel("ms per step")
-        ax.set_title(f"this run, mode={mode}", fontsize=9)
+        ax.set_title(f"mode={mode}", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(True, axis="y", alpha=0.3)
-    seed_ax = axes[0][-1]
-    seed_ax.bar(list(SEED), list(SEED.values()), color="lightgrey", edgecolor="black", hatch="//")
-    for i, v in enumerate(SEED.values()):
-        seed_ax.text(i, v, f"{v} ms", ha="center", va="bottom", fontsize=8)
-    seed_ax.set_title("seed, reported on other hardware\n(Blackwell, config unstated)", fontsize=8)
-    seed_ax.set_ylabel("ms per step")
     fig.tight_layout()
     return [to_base64(fig)]
 

@@ -19,24 +19,58 @@ from bench.results.summary import summarize
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "report_templates"
 X_AXES = ("seq_len", "hidden")  # the axis a workload's plots run along, first one that varies
-# measured device-to-device copy bandwidth (bytes read + written), GB/s, by GPU model
-COPY_CEILING_GBPS = {"H100 80GB HBM3": 3000.0}
-SEED_NOTE = ("The seed reports 2.8 ms (cuTile) vs 7.4 ms (native PyTorch) per step, 2.64x, measured on a "
-             "Blackwell GPU with an unstated config: reported on other hardware, not comparable "
-             "number for number.")
+SEED_NOTE = ("Reference, not a measurement of this run: the seed reports 2.8 ms (cuTile) vs 7.4 ms "
+             "(native PyTorch) per step, 2.64x, on a Blackwell GPU with an unstated config; reported on "
+             "other hardware, not comparable number for number.")
+HOST_BOUND = 1.25  # a step whose median exceeds its GPU-busy time by this factor waits on the host
+NOT_PYTORCH = {"tilegym"}  # providers that are neither the subject (cutile*) nor PyTorch
+COUNTER_COLUMNS = {"ncu": "ncu", "ncu_ms": "ncu ms", "dram_pct": "DRAM %", "sm_pct": "SM %",
+                   "tensor_pct": "tensor %", "occupancy_pct": "occupancy %", "registers": "regs",
+                   "spill_bytes": "local st B"}
+
+
+def is_cutile(provider: str) -> bool:
+    return str(provider).startswith("cutile")
+
+
+def is_pytorch(provider: str) -> bool:
+    return not is_cutile(provider) and provider not in NOT_PYTORCH
 
 
 def label(params: dict, skip=()) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items() if k not in skip)
 
 
-def case_frame(records: list[dict]) -> pd.DataFrame:
+def counters_of(entry: dict | None) -> dict:
+    """One case's Nsight Compute counters as table cells: the kernels' summed time, the rest from
+    its longest kernel; or why there are none."""
+    if not entry:
+        return {}
+    kernels = entry.get("kernels") or []
+    if not kernels:
+        return {"ncu": entry.get("reason", "")}
+    top = max(kernels, key=lambda k: k.get("duration_ms") or 0)
+    return {"ncu": f"{len(kernels)} kernel{'s' * (len(kernels) > 1)}: {top['name']}"[:80],
+            "ncu_ms": sum(k.get("duration_ms") or 0 for k in kernels),
+            **{k: top.get(k) for k in list(COUNTER_COLUMNS)[2:]}}
+
+
+def case_frame(records: list[dict], meta: dict | None = None,
+               counters: dict | None = None) -> pd.DataFrame:
     """summarize()'s table plus labels: the tile config (the provider-only parameters), the shape
-    and all parameters of each case."""
-    frame = summarize(records)
+    and all parameters of each case; GPU-busy time and ncu counters where the run has them."""
+    frame = summarize(records, (meta or {}).get("ceilings"))
     frame["config"] = [label(r.get("params") or {}, r.get("shape") or {}) for r in records]
     frame["shape_label"] = [label(r.get("shape") or {}) for r in records]
     frame["params_label"] = [label(r.get("params") or {}) for r in records]
+    frame["busy_ms"] = [r.get("busy_ms") for r in records]
+    vary = varying(frame, shape_axes(records))  # what tells this run's shapes apart
+    frame["shape_short"] = [label({k: v for k, v in (r.get("shape") or {}).items() if k in vary})
+                            or "all" for r in records]
+    if counters:
+        cells = [counters_of(counters.get(r["case_id"])) for r in records]
+        for col in COUNTER_COLUMNS:
+            frame[col] = [c.get(col) for c in cells]
     return frame
 
 
@@ -93,9 +127,14 @@ def metric(frame: pd.DataFrame) -> tuple[str, str] | None:
     return None
 
 
-def copy_ceiling(meta: dict) -> float | None:
-    gpu = hardware(meta)
-    return next((v for k, v in COPY_CEILING_GBPS.items() if k in gpu), None)
+def ceiling_gbps(meta: dict) -> float | None:
+    return (((meta.get("ceilings") or {}).get("measured")) or {}).get("copy_gbps")
+
+
+def numeric_order(frame: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Rows sorted by `cols`, numbers by value and labels with numbers in them by those values."""
+    return frame.sort_values(cols, kind="stable", key=lambda c: c if pd.api.types.is_numeric_dtype(c)
+                             else c.map(plots.natural))
 
 
 def workload_section(name: str, frame: pd.DataFrame, records: list[dict], meta: dict) -> Section:
@@ -112,64 +151,142 @@ def workload_section(name: str, frame: pd.DataFrame, records: list[dict], meta: 
     cols.update(status="status", median_ms="median ms", ci_pct="CI ± %")
     if m:
         cols[m[0]] = m[1]
+    if frame["ceiling_pct"].notna().any():
+        frame["suspect_text"] = frame["suspect"].map({True: "suspect", False: ""})
+        cols.update(bound="bound", ceiling_pct="% of ceiling", suspect_text="above the ceiling")
     cols.update(speedup="speedup", rel_err="rel err", max_abs_err="max abs err")
     if "host_ms" in frame and frame["host_ms"].notna().any():
         # the host's time to enqueue one call: at or above the median, a caller is host-bound
         cols["host_ms"] = "host ms per call"
-    ordered = frame.sort_values([*vary, "provider", "config"], kind="stable")
+    if "ncu" in frame and frame["ncu"].notna().any():
+        cols.update(COUNTER_COLUMNS)
+    ordered = numeric_order(frame, [*vary, "provider", "config"])
     images = []
     x = next((a for a in X_AXES if a in vary), None)
-    ok = frame[frame["status"] == "ok"]  # an incorrect result's time is not worth drawing
+    ok = frame[(frame["status"] == "ok") & ~frame["suspect"]]  # neither wrong nor impossible
     if x is not None and not ok.empty:
-        # an axis zipped with x (batch shrinking as seq_len grows) is part of the x point, not a facet
+        # an axis that varies within one x point is a facet; one zipped with x labels the x points
         facets = [a for a in vary if a != x and ok.groupby(x)[a].nunique().max() > 1]
+        zipped = [a for a in vary if a != x and a not in facets]
         images += [("median time vs " + x, img) for img in plots.lines_vs_axis(
-            ok, x, "median_ms", "median ms", facets, f"{name}: time per call", logy=True)]
+            ok, x, "median_ms", "median ms", facets, f"{name}: time per call", logy=True,
+            zipped=zipped)]
         if m:
-            ceiling = copy_ceiling(meta) if m[0] == "gbps" else None
+            ceiling = ceiling_gbps(meta) if m[0] == "gbps" else None
             images += [(f"{m[1]} vs {x}", img) for img in plots.lines_vs_axis(
-                ok, x, m[0], m[1], facets, f"{name}: {m[1]}", ceiling=ceiling)]
-        images += [("tile config speedup", img) for img in plots.tile_heatmaps(
-            ok, x, facets, f"{name}: speedup of each tile config vs the baseline")]
+                ok, x, m[0], m[1], facets, f"{name}: {m[1]}", ceiling=ceiling, zipped=zipped)]
+    if not ok.empty:
+        facets = [a for a in vary if a in ("dtype", "mode", "graph")]
+        images += [("tile config x shape: speedup over the baseline", img) for img in
+                   plots.tile_heatmaps(ok, [a for a in vary if a not in facets], facets,
+                                       f"{name}: speedup of each tile config vs the baseline")]
+    images += [("roofline: achieved TFLOP/s against FLOPs per byte under the measured ceilings",
+                img) for img in plots.roofline(frame[frame["status"] == "ok"], meta.get("ceilings"),
+                                               f"{name}: roofline")]
     return Section(name, fixed, Table.of(ordered, cols), images)
 
 
-def best_speedups(frame: pd.DataFrame) -> Table:
-    """Per workload, the provider (and config) with the largest speedup over the baseline."""
-    table = Table(["workload", "best provider", "config", "shape", "median ms", "speedup"])
-    for name, g in frame.groupby("workload", sort=True):
-        cand = g[(g["provider"] != g["baseline"]) & g["speedup"].notna()]
-        if cand.empty:
-            table.rows.append([(name, name), ("-", ""), ("-", ""),
-                               ("no provider was compared with the baseline", ""), ("-", 0), ("-", 0)])
+def times(ratio: float) -> str:
+    """A speedup for people: a loss reads as a loss."""
+    if ratio != ratio:
+        return "-"
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def best_row(frame: pd.DataFrame):
+    return frame.loc[frame["median_ms"].idxmin()] if not frame.empty else None
+
+
+def why_not_run(rows: pd.DataFrame) -> str:
+    if rows.empty:
+        return "no cuTile provider was part of this run"
+    reasons = Counter("suspect: faster than the measured ceiling" if r["status"] == "ok"
+                      else f"{r['status']}: {r['reason']}" if r["reason"] else r["status"]
+                      for _, r in rows.iterrows())
+    return "; ".join(f"{reason} ({n} case{'s' * (n > 1)})" for reason, n in reasons.most_common(3))
+
+
+@dataclass
+class Headline:
+    """How cuTile did in one workload: per shape against the best PyTorch provider and the
+    sweep's baseline, and the geometric mean, worst and best of each comparison."""
+    name: str
+    missing: str = ""
+    summary: Table | None = None
+    shapes: Table | None = None
+
+
+def headline(name: str, g: pd.DataFrame) -> Headline:
+    usable = g[(g["status"] == "ok") & ~g["suspect"]]
+    subject = g[g["provider"].map(is_cutile)]
+    if usable[usable["provider"].map(is_cutile)].empty:
+        ran = subject["status"].eq("ok").any()
+        return Headline(name, f"cuTile {'gave no usable time' if ran else 'did not run'}: "
+                              f"{why_not_run(subject)}.")
+    baseline = str(g["baseline"].iloc[0])
+    shapes = Table(["shape", "cuTile config", "cuTile ms", "best PyTorch", "PyTorch ms",
+                    "vs best PyTorch", f"{baseline} ms", f"vs {baseline}"])
+    ratios: dict[str, list[tuple[float, str]]] = {"torch": [], "base": []}
+    for shape, sg in numeric_order(subject, ["shape_short"]).groupby("shape_short", sort=False):
+        ok = usable[usable["shape_short"] == shape]
+        cut = best_row(ok[ok["provider"].map(is_cutile)])
+        torch_best = best_row(ok[ok["provider"].map(is_pytorch)])
+        base = best_row(ok[ok["provider"] == baseline])
+        if cut is None:
+            shapes.rows.append([(shape, shape), (f"did not run: {why_not_run(sg)}", "")]
+                               + [("-", "")] * 6)
             continue
-        row = cand.loc[cand["speedup"].idxmax()]
-        shape = row["shape_label"]
-        table.rows.append([(name, name), (row["provider"], row["provider"]),
-                           (row["config"] or "-", row["config"]), (shape, shape),
-                           (fmt(row["median_ms"]), row["median_ms"]),
-                           (f"{row['speedup']:.2f}x", row["speedup"])])
-    return table
+        row = [(shape, shape), (cut["config"] or cut["provider"], cut["config"]),
+               (fmt(cut["median_ms"]), cut["median_ms"])]
+        for key, other in (("torch", torch_best), ("base", base)):
+            ratio = other["median_ms"] / cut["median_ms"] if other is not None else math.nan
+            if ratio == ratio:
+                ratios[key].append((ratio, shape))
+            if key == "torch":
+                row.append((other["provider"], other["provider"]) if other is not None else ("-", ""))
+            row += [(fmt(other["median_ms"]) if other is not None else "-",
+                     other["median_ms"] if other is not None else ""), (times(ratio), ratio)]
+        shapes.rows.append(row)
+    summary = Table(["cuTile's best config", "shapes", "geometric mean", "worst", "best"])
+    for key, text in (("torch", "vs the best PyTorch provider"), ("base", f"vs the baseline ({baseline})")):
+        rs = ratios[key]
+        if not rs:
+            summary.rows.append([(text, text), ("0", 0), ("no shape to compare", "")] + [("-", "")] * 2)
+            continue
+        geo = math.exp(sum(math.log(r) for r, _ in rs) / len(rs))
+        worst, best = min(rs), max(rs)
+        summary.rows.append([(text, text), (str(len(rs)), len(rs)), (times(geo), geo),
+                             (f"{times(worst[0])} at {worst[1]}", worst[0]),
+                             (f"{times(best[0])} at {best[1]}", best[0])])
+    return Headline(name, "", summary, shapes)
 
 
 def model_step(frame: pd.DataFrame) -> tuple[Table, list[str]] | None:
-    """The per-step comparison: cuTile model vs the native PyTorch model, per size and mode."""
+    """Per-step time of each provider per model size, batch x length and CUDA graph or not, with
+    its GPU-busy time (summed kernel time of one call) where recorded; a step much slower than
+    its busy time is host-bound."""
     data = frame[frame["status"] == "ok"].copy()
     if data.empty:
         return None
-    data["group"] = [f"{r.get('model', '')} {r.get('batch', '')}x{r.get('seq_len', '')} {r.get('dtype', '')}"
-                     for _, r in data.iterrows()]
+    graph = data["graph"] if "graph" in data else pd.Series([None] * len(data), index=data.index)
+    data["group"] = [f"{r.get('model', '')} {r.get('batch', '')}x{r.get('seq_len', '')} "
+                     f"{r.get('dtype', '')}" + (f" graph={g}" if g is not None and g == g else "")
+                     for (_, r), g in zip(data.iterrows(), graph)]
     providers = sorted(data["provider"].unique(), key=lambda p: (p != "torch-naive", p != "cutile", p))
-    by = [k for k in ("group", "mode") if k in data]
-    wide = data.pivot_table(index=by, columns="provider", values="median_ms", aggfunc="min")
-    table = Table(by + [f"{p} ms" for p in providers] + ["cutile vs torch-naive"])
-    for idx, row in wide.iterrows():
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        ms = [row.get(p, math.nan) for p in providers]
-        naive, cut = row.get("torch-naive", math.nan), row.get("cutile", math.nan)
-        ratio = naive / cut if naive == naive and cut == cut else math.nan
-        table.rows.append([(str(v), v) for v in idx] + [(fmt(v), v) for v in ms]
-                          + [(fmt(ratio, 3) + ("x" if ratio == ratio else ""), ratio)])
+    naive = data[data["provider"] == "torch-naive"].groupby(["group", "mode"])["median_ms"].min() \
+        if "mode" in data else pd.Series(dtype=float)
+    table = Table(["model, batch x length, dtype", "mode", "provider", "median ms", "GPU-busy ms",
+                   "host-bound", "vs torch-naive"])
+    for _, r in numeric_order(data, ["group", "mode", "provider"]).iterrows():
+        busy = r["busy_ms"] if r["busy_ms"] is not None and r["busy_ms"] == r["busy_ms"] else None
+        bound = ("-" if busy is None else
+                 "host-bound" if r["median_ms"] > HOST_BOUND * busy else "no")
+        ref = naive.get((r["group"], r.get("mode")), math.nan)
+        ratio = ref / r["median_ms"] if ref == ref and r["provider"] != "torch-naive" else math.nan
+        table.rows.append([(r["group"], r["group"]), (str(r.get("mode")), str(r.get("mode"))),
+                           (r["provider"], r["provider"]), (fmt(r["median_ms"]), r["median_ms"]),
+                           (fmt(busy), busy if busy is not None else ""), (bound, bound),
+                           (times(ratio), ratio)])
     return table, plots.model_step_bars(data, providers)
 
 
@@ -210,10 +327,19 @@ def env_card(run: Run) -> list[tuple[str, str]]:
 
 
 def failures(frame: pd.DataFrame) -> Table:
-    bad = frame[frame["status"] != "ok"]
-    return Table.of(bad.sort_values(["status", "workload", "provider"], kind="stable"),
+    bad = frame[~frame["status"].isin(["ok", "skipped"])]
+    return Table.of(numeric_order(bad, ["status", "workload", "provider", "params_label"]),
                     {"status": "status", "workload": "workload", "provider": "provider",
                      "params_label": "parameters", "reason": "reason"})
+
+
+def skipped(frame: pd.DataFrame) -> Table:
+    """One row per distinct reason a provider was skipped, with how many cases it cost."""
+    table = Table(["workload", "provider", "reason", "cases"])
+    rows = frame[frame["status"] == "skipped"]
+    for (w, p, reason), g in rows.groupby(["workload", "provider", "reason"], sort=True):
+        table.rows.append([(w, w), (p, p), (reason, reason), (str(len(g)), len(g))])
+    return table
 
 
 def comparison_table(cmp: compare.Comparison) -> Table:
@@ -225,22 +351,46 @@ def comparison_table(cmp: compare.Comparison) -> Table:
     return table
 
 
+def ceilings_note(meta: dict) -> str:
+    """What the % of ceiling is measured against, or why there is none."""
+    c = meta.get("ceilings") or {}
+    measured = c.get("measured")
+    if not measured:
+        why = c.get("reason") or "this run did not measure them"
+        return f"No ceilings: {why}; no case has a % of ceiling."
+    rates = ", ".join(f"{k} {v:.0f}" for k, v in measured["tflops"].items())
+    text = (f"Measured ceilings of this {c.get('gpu')}: device-to-device copy "
+            f"{measured['copy_gbps'] / 1e3:.2f} TB/s"
+            + (f", dense matmul TFLOP/s {rates}." if rates else "."))
+    sheet = c.get("datasheet")
+    if sheet:
+        text += (f" Datasheet peaks ({c.get('datasheet_source')}): {sheet['gbps'] / 1e3:.2f} TB/s, "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in sheet["tflops"].items()) + " TFLOP/s.")
+    return text + " A case above 100% of the measured ceiling is suspect and never counted as a speedup."
+
+
 def build(run: Run, cmp: compare.Comparison | None = None) -> dict:
     """Everything the templates need."""
-    frame = case_frame(run.records)
+    frame = case_frame(run.records, run.meta, run.counters)
     counts = Counter(frame["status"]) if not frame.empty else Counter()
-    by_workload = {}
+    by_workload: dict[str, list[dict]] = {}
     for rec in run.records:
         by_workload.setdefault(rec["workload"], []).append(rec)
-    sections = [workload_section(name, case_frame(recs), recs, run.meta)
+    frames = {name: case_frame(recs, run.meta, run.counters) for name, recs in by_workload.items()}
+    sections = [workload_section(name, frames[name], recs, run.meta)
                 for name, recs in sorted(by_workload.items())]
-    steps = model_step(case_frame(by_workload["model_step"])) if "model_step" in by_workload else None
+    skips = skipped(frame) if counts.get("skipped") else None
     return {
         "run_id": run.meta.get("run_id") or run.path.name, "hardware": hardware(run.meta),
         "env": env_card(run), "counts": dict(counts), "sections": sections,
-        "best": best_speedups(frame) if not frame.empty else None,
-        "model_step": steps, "seed_note": SEED_NOTE, "tuned": tuned.section(run.meta),
-        "failures": failures(frame) if counts.get("ok", 0) < len(frame) else None,
+        "headlines": [headline(name, frames[name]) for name in sorted(frames)],
+        "ceilings_note": ceilings_note(run.meta),
+        "model_step": model_step(frames["model_step"]) if "model_step" in frames else None,
+        "has_model_step": "model_step" in frames, "seed_note": SEED_NOTE,
+        "tuned": tuned.section(run.meta),
+        "failures": failures(frame) if len(frame) - counts.get("ok", 0) - counts.get("skipped", 0)
+        else None,
+        "skipped": skips,
         "compare": cmp, "compare_table": comparison_table(cmp) if cmp else None,
         "compare_headline": compare.headline(cmp) if cmp else None,
         "compare_md": compare.to_markdown(cmp, only_changes=True) if cmp else None,

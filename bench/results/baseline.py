@@ -75,7 +75,7 @@ def bless(run_path, root=ROOT) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / META).write_text(json.dumps(run.meta, indent=2, default=str) + "\n")
-    summarize(run.records).to_csv(tmp / SUMMARY, index=False)
+    summarize(run.records, run.meta.get("ceilings")).to_csv(tmp / SUMMARY, index=False)
     with gzip.open(tmp / SAMPLES_GZ, "wt") as f:
         for rec in run.records:
             f.write(json.dumps(rec, default=str) + "\n")

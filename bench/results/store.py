@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 META, SAMPLES, SUMMARY, CASES = "meta.json", "samples.jsonl", "summary.csv", "cases.json"
+COUNTERS = "counters.json"  # Nsight Compute counters per case id (bench.run --profile ncu)
 
 
 def utc_now() -> str:
@@ -33,6 +34,7 @@ class Run:
     meta: dict
     records: list[dict] = field(default_factory=list)
     cases: list[dict] = field(default_factory=list)
+    counters: dict = field(default_factory=dict)
 
     @property
     def done_ids(self) -> set[str]:
@@ -62,7 +64,13 @@ def load_run(path) -> Run:
         raise FileNotFoundError(f"{path}: not a run directory (no {META})")
     cases_path = path / CASES
     cases = json.loads(cases_path.read_text()) if cases_path.exists() else []
-    return Run(path, json.loads(meta_path.read_text()), read_records(path), cases)
+    counters_path = path / COUNTERS
+    counters = json.loads(counters_path.read_text()) if counters_path.exists() else {}
+    return Run(path, json.loads(meta_path.read_text()), read_records(path), cases, counters)
+
+
+def write_counters(path: Path, counters: dict) -> None:
+    _write_json_atomic(Path(path) / COUNTERS, counters)
 
 
 class RunWriter:

@@ -1,5 +1,6 @@
 """The summary table: one row per case, statistics recomputed from the stored samples, speedup
-against the sweep's baseline provider for the same shape."""
+against the sweep's baseline provider for the same shape, and the share of the machine's measured
+ceiling (meta.json's `ceilings`) that the case reaches."""
 from __future__ import annotations
 
 import json
@@ -11,15 +12,32 @@ from bench.results.stats import describe
 
 LEAD = ["case_id", "workload", "provider", "baseline", "status", "reason", "device"]
 STATS = ["n", "median_ms", "mean_ms", "iqr_ms", "ci_low_ms", "ci_high_ms", "ci_rel", "min_ms",
-         "tflops", "gbps", "speedup", "max_abs_err", "rel_err", "first_call_ms", "host_ms", "busy_ms"]
+         "tflops", "gbps", "bound", "ceiling_pct", "suspect", "speedup", "max_abs_err", "rel_err",
+         "first_call_ms", "host_ms", "busy_ms"]
 
 
 def shape_key(record: dict) -> str:
     return record["workload"] + json.dumps(record.get("shape", {}), sort_keys=True)
 
 
-def summarize(records: list[dict]) -> pd.DataFrame:
-    """Rows in record order; speedup = baseline median / median, only where both are `ok`."""
+def floor_ms(rec: dict, ceilings: dict | None) -> tuple[float, str] | None:
+    """(the least time the case can take at the measured ceilings, its bound: memory or compute);
+    None where nothing is known. FLOPs count against the matmul rate of the case's dtype only."""
+    measured = (ceilings or {}).get("measured")
+    if not measured:
+        return None
+    nbytes, flops = rec.get("bytes"), rec.get("flops")
+    mem = nbytes / (measured["copy_gbps"] * 1e6) if nbytes else 0.0
+    rate = measured["tflops"].get(str((rec.get("params") or {}).get("dtype")))
+    comp = flops / (rate * 1e9) if flops and rate else 0.0
+    if not mem and not comp:
+        return None
+    return (mem, "memory") if mem >= comp else (comp, "compute")
+
+
+def summarize(records: list[dict], ceilings: dict | None = None) -> pd.DataFrame:
+    """Rows in record order; speedup = baseline median / median, only where both are `ok` and
+    neither is `suspect` (faster than the measured ceiling: a broken measurement, not a win)."""
     rows, base_median = [], {}
     for rec in records:
         d = describe(rec.get("samples_ms") or [])
@@ -37,12 +55,17 @@ def summarize(records: list[dict]) -> pd.DataFrame:
             first_call_ms=rec.get("first_call_ms"), host_ms=rec.get("host_ms"),
             busy_ms=rec.get("busy_ms"),
         )
+        floor = floor_ms(rec, ceilings)
+        row["bound"] = floor[1] if floor else None
+        row["ceiling_pct"] = floor[0] / med * 100 if floor and med > 0 else math.nan
+        row["suspect"] = bool(row["ceiling_pct"] > 100)
         rows.append(row)
-        if rec.get("status") == "ok" and rec["provider"] == rec.get("baseline"):
+        if rec.get("status") == "ok" and rec["provider"] == rec.get("baseline") and not row["suspect"]:
             base_median[shape_key(rec)] = med
     for rec, row in zip(records, rows):
         base = base_median.get(shape_key(rec))
-        ok = rec.get("status") == "ok" and base is not None and row["median_ms"] > 0
+        ok = (rec.get("status") == "ok" and base is not None and row["median_ms"] > 0
+              and not row["suspect"])
         row["speedup"] = base / row["median_ms"] if ok else math.nan
     frame = pd.DataFrame(rows)
     if frame.empty:
