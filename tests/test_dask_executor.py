@@ -1,0 +1,58 @@
+"""The Dask executor on the CPU: a local cluster of two workers gives the same cases and statuses as
+the local pool, --resume finishes a partial run through it, and a Dask worker killed mid-sweep costs
+only its own case (retried once on another worker; lost twice, it is recorded as crashed)."""
+import json
+
+import pytest
+
+from bench import run
+from bench.results import store
+from test_run import small
+
+pytest.importorskip("distributed", reason="the dask extra is not installed")
+
+DASK = ["--executor", "dask", "--workers", "2"]
+
+
+def statuses(path) -> dict:
+    return {r["case_id"]: r["status"] for r in store.load_run(path).records}
+
+
+def test_local_cluster_matches_the_local_pool_and_resumes(write_sweep, tmp_path):
+    path = write_sweep(small(["native", "faulty_providers:wrong", "faulty_providers:abort"]))
+    assert run.main([str(path), "--out", str(tmp_path / "pool"), "--workers", "2"]) == 0
+    assert run.main([str(path), "--out", str(tmp_path / "dask"), *DASK]) == 0
+    pool, dask = statuses(tmp_path / "pool" / "latest"), statuses(tmp_path / "dask" / "latest")
+    assert dask == pool and len(dask) == 6
+    assert sorted(dask.values()) == ["crashed", "crashed", "incorrect", "incorrect", "ok", "ok"]
+    hosts = {r["host"] for r in store.load_run(tmp_path / "dask" / "latest").records}
+    assert len(hosts) == 1
+
+    # a run killed after two cases: --resume through Dask runs only the other four
+    done = (tmp_path / "dask" / "latest").resolve()
+    lines = (done / store.SAMPLES).read_text().splitlines()
+    (done / store.SAMPLES).write_text("\n".join(lines[:2]) + "\n")
+    assert run.main(["--resume", str(done), *DASK]) == 0
+    records = [json.loads(x) for x in (done / store.SAMPLES).read_text().splitlines()]
+    assert len(records) == 6 and statuses(done) == pool
+
+
+def test_a_lost_worker_costs_only_its_case(write_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILL_MARKS", str(tmp_path))
+    path = write_sweep(small(["native", "faulty_providers:kill_worker_once", "faulty_providers:kill_worker"],
+                             seq_lens="[13]"))
+    assert run.main([str(path), "--out", str(tmp_path / "r"), *DASK]) == 0
+    recs = {r["provider"]: r for r in store.load_run(tmp_path / "r" / "latest").records}
+    assert recs["native"]["status"] == "ok"
+    assert recs["kill_worker_once"]["status"] == "ok", "retried on another worker"
+    assert recs["kill_worker"]["status"] == "crashed"
+    assert recs["kill_worker"]["reason"] == "its Dask worker was lost twice"
+
+
+def test_an_unreachable_scheduler_is_one_line_and_exit_2(write_sweep, tmp_path, capsys):
+    path = write_sweep(small(["native"]))
+    code = run.main([str(path), "--out", str(tmp_path), "--executor", "dask",
+                     "--scheduler", "tcp://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--scheduler tcp://127.0.0.1:9" in err
+    assert not list(tmp_path.glob("2*")), "nothing written"
