@@ -76,26 +76,40 @@ def _lost(case: Case, error: BaseException) -> dict:
     return {**blank_record(case, "dask"), "status": status, "reason": reason, "ended_utc": utc_now()}
 
 
+def gpu_slots(client) -> int:
+    """GPUs the scheduler's workers declare now (at least 1, so a sweep waits for workers)."""
+    workers = client.scheduler_info()["workers"].values()
+    return max(1, sum(int(w.get("resources", {}).get("GPU", 0)) for w in workers))
+
+
 def run_cases(client, cases: list[Case], devices: list[str], on_start: Callable[[Case, str], None],
               on_record: Callable[[Case, dict], None], stop: threading.Event) -> None:
     """bench.measure.pool.run_cases over a Dask client (bind it with functools.partial); `devices`
-    are the workers' business here. on_start is called as cases are handed to the scheduler, which
-    does not say when a task starts. The client, and a local cluster, are closed at the end."""
+    are the workers' business here. No more tasks are handed to the scheduler than there are GPUs,
+    so that a worker holds only the task it runs and a lost worker fails no case still waiting.
+    The client, and a local cluster, are closed at the end."""
     from distributed import as_completed
-    try:
-        futures = {}
-        for case in cases:
-            futures[client.submit(run_task, case.to_dict(), resources={"GPU": 1}, pure=False)] = case
+    todo, running, finished = list(cases), {}, as_completed()
+
+    def feed():
+        while todo and len(running) < gpu_slots(client):
+            case = todo.pop(0)
+            future = client.submit(run_task, case.to_dict(), resources={"GPU": 1}, pure=False)
+            running[future] = case
+            finished.add(future)
             on_start(case, "dask")
-        for future in as_completed(futures):
+    try:
+        feed()
+        for future in finished:
             if stop.is_set():
                 return
-            case = futures[future]
+            case = running.pop(future)
             try:
                 record = future.result()
             except Exception as e:
                 record = _lost(case, e)
             on_record(case, record)
+            feed()
     finally:
         stop.set()
         cluster = client.cluster
