@@ -3,12 +3,12 @@ night with a provider slowed 10% that fails, names the case, and lands in the hi
 import gzip
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from bench.measure import sweep
 from bench import baseline as baseline_cli, nightly as nightly_cli
 from bench.results import baseline, nightly
+from bench.results.history import connect, read
 from test_compare import SWEEP as COMPARE_SWEEP, exit_code, record, write_run
 from test_report import Page
 
@@ -23,7 +23,7 @@ def night(tmp_path, write_sweep, delay: str) -> tuple[int, str]:
     config = write_sweep(f"sweeps:\n  - sweep: {sweep}\n    set: ['hidden=[16]']\n", "nightly.yaml")
     rc = nightly_cli.main(["--config", str(config), "--out", str(tmp_path / "results"),
                        "--baselines", str(tmp_path / "baselines"),
-                       "--history", str(tmp_path / "history.csv")])
+                       "--history", str(tmp_path / "history.sqlite")])
     summaries = sorted((tmp_path / "results" / "nightly").glob("*/report.md"))
     return rc, summaries[-1].read_text()
 
@@ -48,7 +48,7 @@ def test_nightly_blesses_compares_and_keeps_history(tmp_path, write_sweep, capsy
     assert "Nightly benchmark: REGRESSION" in md and "layernorm/delay" in md
     assert "layernorm/steady" not in md.split("Regressions against the baseline")[1]
 
-    history = pd.read_csv(tmp_path / "history.csv")
+    history = read(connect(str(tmp_path / "history.sqlite")))
     assert len(history) == 4 and history["run_id"].nunique() == 2
     flagged = history[history["verdict"] == "regression"]
     assert list(flagged["provider"]) == ["delay"] and flagged["change"].iloc[0] > 0.05

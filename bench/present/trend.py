@@ -3,17 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 
 from bench.present import plots, report
 from bench.results import compare
+from bench.results.history import read
 from bench.results.store import utc_now
 
 
-def render_trend(history_path: Path, gpu: str, out_html: Path) -> Path:
+def render_trend(db, gpu: str, out_html: Path) -> Path:
     """Median over time per case on this GPU model, regressions marked; one section per sweep."""
-    history = pd.read_csv(history_path, keep_default_na=False, na_values=[""])
-    history = history[history["hardware"] == gpu]
+    history = read(db, gpu)
     sections = []
     for (sweep, workload), g in history.groupby(["sweep", "workload"], sort=True):
         sections.append((f"{sweep}: {workload}", plots.trend(g, f"{sweep} / {workload}: median per night")))

@@ -11,7 +11,7 @@ import yaml
 
 from bench.present import report
 from bench.present.trend import render_trend
-from bench.results.history import append_history, history_rows
+from bench.results import history
 from bench.results import compare
 from bench.results.baseline import baseline_dir, hardware, open_run
 from bench.cli import BadInput
@@ -76,7 +76,7 @@ def run_sweep(entry: dict, out: Path, profile: str | None) -> tuple[int, str]:
 
 
 
-def nightly(plan: list[dict], out: Path, baselines: Path, history: Path,
+def nightly(plan: list[dict], out: Path, baselines: Path, db,
             profile: str | None) -> int:
     """Run the plan; write reports, history, trend page and a combined report.md."""
     night = out / "nightly" / utc_now()[:19].replace(":", "").replace("-", "")
@@ -99,8 +99,8 @@ def nightly(plan: list[dict], out: Path, baselines: Path, history: Path,
         if cmp is None:
             summary.append(f"No baseline for {gpu} / {(run.meta.get('sweep') or {}).get('name')}: "
                            f"bless one with `python -m bench.baseline set {run.path}`.\n")
-        append_history(history, history_rows(run, cmp))
-    trend = render_trend(history, gpu, night / "trend.html")
+        history.record_run(db, run, cmp)
+    trend = render_trend(db, gpu, night / "trend.html")
     verdict = "REGRESSION" if failing else "no regression"
     (night / "report.md").write_text(f"# Nightly benchmark: {verdict}\n\n" + "\n".join(summary))
     print(f"nightly: {verdict}; summary {night / 'report.md'}, trend {trend}")
