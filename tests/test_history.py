@@ -23,6 +23,11 @@ CASES = [("layernorm", "torch", {"hidden": 768}), ("layernorm", "cutile", {"hidd
 START = pd.Timestamp("2026-01-01T02:00:00")
 
 
+def sha(night: int) -> str:
+    """The synthetic commit measured on a night: its number first, so that a short sha tells it."""
+    return f"{night:04d}{'f' * 36}"
+
+
 def nights(count: int, hardware: str = "NVIDIA H100 80GB HBM3", prefix: str = "run",
            medians=None) -> pd.DataFrame:
     """`count` nightly runs of CASES as history rows; medians[i] is night i's median (default 1 ms)."""
@@ -32,7 +37,7 @@ def nights(count: int, hardware: str = "NVIDIA H100 80GB HBM3", prefix: str = "r
         for workload, provider, params in CASES:
             m = float(medians[i])
             rows.append({"date": f"{START + pd.Timedelta(days=i):%Y-%m-%dT%H:%M:%S.%fZ}", "run_id": f"{prefix}{i:03d}",
-                         "sweep": "nightly", "hardware": hardware, "git_sha": f"{i:040x}",
+                         "sweep": "nightly", "hardware": hardware, "git_sha": sha(i),
                          "case": f"{workload}/{provider} {params}", "workload": workload,
                          "provider": provider, "params": json.dumps(params, sort_keys=True),
                          "status": "ok", "median_ms": m, "ci_low_ms": m * 0.99, "ci_high_ms": m * 1.01,
