@@ -11,7 +11,8 @@ import yaml
 
 from bench.present import report
 from bench.present.trend import render_trend
-from bench.results import history
+from bench.results import changepoints, history
+from bench.measure.sweep import COMPARE_DEFAULTS
 from bench.results import compare
 from bench.results.baseline import baseline_dir, hardware, open_run
 from bench.cli import BadInput
@@ -76,6 +77,13 @@ def run_sweep(entry: dict, out: Path, profile: str | None) -> tuple[int, str]:
 
 
 
+def pinned(standing: list[changepoints.Step], gpu: str) -> str:
+    """report.md's section of the lasting slowdowns on this GPU, each named by its commit."""
+    lines = [f"- {s.case} ({s.sweep}): {s.describe()}; the change is in "
+             f"{s.previous_sha[:10]}..{s.sha[:10]}" for s in standing if s.hardware == gpu]
+    return "## Slower since a commit\n\n" + ("\n".join(lines) or "None on this GPU.") + "\n"
+
+
 def nightly(plan: list[dict], out: Path, baselines: Path, db,
             profile: str | None) -> int:
     """Run the plan; write reports, history, trend page and a combined report.md."""
@@ -100,7 +108,10 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db,
             summary.append(f"No baseline for {gpu} / {(run.meta.get('sweep') or {}).get('name')}: "
                            f"bless one with `python -m bench.baseline set {run.path}`.\n")
         history.record_run(db, run, cmp)
-    trend = render_trend(db, gpu, night / "trend.html")
+    past = history.read(db)
+    steps = changepoints.find_steps(past, COMPARE_DEFAULTS["threshold"])
+    trend = render_trend(past, steps, gpu, night / "trend.html")
+    summary.append(pinned(changepoints.standing_regressions(steps), gpu))
     verdict = "REGRESSION" if failing else "no regression"
     (night / "report.md").write_text(f"# Nightly benchmark: {verdict}\n\n" + "\n".join(summary))
     print(f"nightly: {verdict}; summary {night / 'report.md'}, trend {trend}")
