@@ -4,6 +4,7 @@ on a regression (2 on bad input, the runner's status if a sweep could not finish
 
     python -m bench.nightly [--config sweeps/nightly.yaml] [--out results]
                             [--baselines results/baselines] [--history results/history.sqlite | URL]
+                            [--scheduler DASK_ADDRESS]
 """
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ def main(argv=None) -> int:
                         help="a SQLite file or any SQLAlchemy URL, e.g. postgresql+psycopg://host/db "
                              "(default: %(default)s)")
     parser.add_argument("--profile", help="sweep profile for every run (default: bench.run's choice)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="run the sweeps on this Dask cluster (bench.run --executor dask)")
     args = parser.parse_args(argv)
     try:
         plan = load_plan(args.config)
         return nightly(plan, Path(args.out), Path(args.baselines), history.connect(args.history),
-                       args.profile)
+                       args.profile, args.scheduler)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

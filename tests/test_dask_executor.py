@@ -2,10 +2,12 @@
 the local pool, --resume finishes a partial run through it, and a Dask worker killed mid-sweep costs
 only its own case (retried once on another worker; lost twice, it is recorded as crashed)."""
 import json
+import logging
 
 import pytest
 
-from bench import run
+from bench import nightly as nightly_cli, run
+from bench.measure import dask_executor
 from bench.results import store
 from test_run import small
 
@@ -55,7 +57,28 @@ def test_a_case_that_loses_its_worker_twice_is_crashed(write_sweep, tmp_path, mo
     assert recs["kill_worker"]["reason"] == "its Dask worker was lost twice"
 
 
-def test_an_unreachable_scheduler_is_one_line_and_exit_2(write_sweep, tmp_path, capsys):
+def test_the_nightly_runs_on_a_scheduler_it_is_given(write_sweep, tmp_path):
+    """A cluster started apart, as a team's would be: workers declaring one GPU each."""
+    import dask
+    from distributed import LocalCluster
+    from test_nightly import SWEEP
+
+    sweep = write_sweep(SWEEP.format(delay="steady"), "tiny.yaml")
+    config = write_sweep(f"sweeps:\n  - sweep: {sweep}\n    set: ['hidden=[16]']\n", "nightly.yaml")
+    with dask.config.set(dask_executor.CONFIG), \
+            LocalCluster(n_workers=2, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=None,
+                         host="127.0.0.1", silence_logs=logging.ERROR) as cluster:
+        rc = nightly_cli.main(["--config", str(config), "--out", str(tmp_path / "results"),
+                               "--baselines", str(tmp_path / "baselines"), "--history",
+                               str(tmp_path / "history.sqlite"), "--scheduler", cluster.scheduler_address])
+        assert rc == 0
+        assert len(cluster.scheduler_info["workers"]) == 2, "a team's cluster is left running"
+    records = store.load_run(tmp_path / "results" / "latest").records
+    assert len(records) == 2 and all(r["status"] == "ok" and r["host"] for r in records)
+
+
+def test_an_unreachable_scheduler_is_one_line_and_exit_2(write_sweep, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT", "2s")
     path = write_sweep(small(["native"]))
     code = run.main([str(path), "--out", str(tmp_path), "--executor", "dask",
                      "--scheduler", "tcp://127.0.0.1:9"])

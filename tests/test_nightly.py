@@ -104,3 +104,16 @@ def test_nightly_names_the_commit_of_a_lasting_step_and_shows_cases_across_gpus(
     page = Page(html)
     assert "steps" in page.sections and "nightly: across GPU models" in html
     assert len(page.images) == 4, "the tiny sweep, two synthetic workloads, the synthetic cases across GPUs"
+
+
+def test_the_fleet_workflow_runs_the_nightly_on_every_gpu_model_into_one_history():
+    import yaml
+    workflow = yaml.safe_load((Path(__file__).resolve().parent.parent / ".github" / "workflows" /
+                               "nightly-perf.yml").read_text())
+    job = workflow["jobs"]["nightly"]
+    assert job["strategy"]["matrix"]["gpu"] == ["h100", "h200", "b200"]
+    assert job["strategy"]["fail-fast"] is False
+    assert "${{ matrix.gpu }}" in job["runs-on"]
+    assert job["env"]["PERF_HISTORY_URL"] == "${{ secrets.PERF_HISTORY_URL }}"
+    script = "\n".join(step.get("run", "") for step in job["steps"])
+    assert 'python -m bench.nightly --history "$history"' in script and ".[cutile,postgres]" in script

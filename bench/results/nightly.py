@@ -53,7 +53,8 @@ def load_plan(path) -> list[dict]:
     return plan
 
 
-def run_sweep(entry: dict, out: Path, profile: str | None) -> tuple[int, str]:
+def run_sweep(entry: dict, out: Path, profile: str | None,
+              scheduler: str | None) -> tuple[int, str]:
     """Run one entry through bench.run; (exit status, run directory it printed last)."""
     argv = [entry["sweep"], "--out", str(out)]
     argv += [a for v in entry["set"] for a in ("--set", v)]
@@ -62,6 +63,8 @@ def run_sweep(entry: dict, out: Path, profile: str | None) -> tuple[int, str]:
         argv += ["--providers", ",".join(entry["providers"])]
     if profile:
         argv += ["--profile", profile]
+    if scheduler:
+        argv += ["--executor", "dask", "--scheduler", scheduler]
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         rc = run_main(argv)
@@ -84,14 +87,14 @@ def pinned(standing: list[changepoints.Step], gpu: str) -> str:
     return "## Slower since a commit\n\n" + ("\n".join(lines) or "None on this GPU.") + "\n"
 
 
-def nightly(plan: list[dict], out: Path, baselines: Path, db,
-            profile: str | None) -> int:
+def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | None,
+            scheduler: str | None = None) -> int:
     """Run the plan; write reports, history, trend page and a combined report.md."""
     night = out / "nightly" / utc_now()[:19].replace(":", "").replace("-", "")
     night.mkdir(parents=True, exist_ok=True)
     summary, failing, gpu = [], False, None
     for entry in plan:
-        rc, run_path = run_sweep(entry, out, profile)
+        rc, run_path = run_sweep(entry, out, profile, scheduler)
         if rc != 0:
             print(f"error: {entry['sweep']} did not finish (bench.run exit status {rc})", file=sys.stderr)
             return rc
