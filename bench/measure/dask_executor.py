@@ -71,8 +71,9 @@ def connect(scheduler: str | None, devices: list[str]):
 
 def _lost(case: Case, error: BaseException) -> dict:
     status = "crashed" if type(error).__name__ == "KilledWorker" else "error"
+    first = (str(error).strip().splitlines() or [""])[0]
     reason = ("its Dask worker was lost twice" if status == "crashed"
-              else f"Dask task failed: {type(error).__name__}: {error}"[:300])
+              else f"Dask task failed: {type(error).__name__}: {first}"[:300])
     return {**blank_record(case, "dask"), "status": status, "reason": reason, "ended_utc": utc_now()}
 
 
