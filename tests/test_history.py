@@ -36,7 +36,8 @@ def nights(count: int, hardware: str = "NVIDIA H100 80GB HBM3", prefix: str = "r
     for i in range(count):
         for workload, provider, params in CASES:
             m = float(medians[i])
-            rows.append({"date": f"{START + pd.Timedelta(days=i):%Y-%m-%dT%H:%M:%S.%fZ}", "run_id": f"{prefix}{i:03d}",
+            rows.append({"date": f"{START + pd.Timedelta(days=i):%Y-%m-%dT%H:%M:%S.%fZ}",
+                         "run_id": f"{prefix}{i:03d}",
                          "sweep": "nightly", "hardware": hardware, "git_sha": sha(i),
                          "case": f"{workload}/{provider} {params}", "workload": workload,
                          "provider": provider, "params": json.dumps(params, sort_keys=True),
@@ -45,46 +46,38 @@ def nights(count: int, hardware: str = "NVIDIA H100 80GB HBM3", prefix: str = "r
     return pd.DataFrame(rows, columns=history.HISTORY_COLUMNS)
 
 
-def _start_postgres(root: str) -> str:
-    """initdb and pg_ctl start in `root`, listening on a unix socket there only; as the `postgres`
-    user when run as root (PostgreSQL refuses root). Returns the URL; raises with the reason."""
-    bins = [os.path.dirname(p) for p in [shutil.which("pg_ctl") or ""] if p]
-    bins += sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    if not bins:
-        raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
-    as_user = []
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data = os.path.join(root, "data")
-
-    def pg(*args):
-        done = subprocess.run(as_user + [os.path.join(bins[0], args[0]), *args[1:]],
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"{args[0]} failed: {(done.stderr or done.stdout).strip()[-300:]}")
-
-    pg("initdb", "-D", data, "-A", "trust", "-U", "bench", "--no-sync")
-    pg("pg_ctl", "-D", data, "-w", "-t", "60", "-l", os.path.join(root, "log"),
-       "-o", f"-k {root} -c listen_addresses='' -F", "start")
-    return f"postgresql+psycopg://bench@/postgres?host={root}"
+def _pg(program: str, *args: str) -> None:
+    """Run a PostgreSQL server program, as the `postgres` user when run as root (PostgreSQL refuses
+    root); raises with the reason when it is missing or fails."""
+    found = shutil.which(program)
+    found = found or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"))), None)
+    if not found:
+        raise RuntimeError(f"no {program}: PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    done = subprocess.run(as_user + [found, *args], capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise RuntimeError(f"{program} failed: {(done.stderr or done.stdout).strip()[-300:]}")
 
 
 @pytest.fixture(scope="module")
 def postgres():
+    """A PostgreSQL server in a temporary directory, on a unix socket there only."""
     pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
     root = tempfile.mkdtemp(prefix="bench-pg-")
     os.chmod(root, 0o755)
+    data = os.path.join(root, "data")
     try:
-        url = _start_postgres(root)
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(root, user.pw_uid, user.pw_gid)
+        _pg("initdb", "-D", data, "-A", "trust", "-U", "bench", "--no-sync")
+        _pg("pg_ctl", "-D", data, "-w", "-t", "60", "-l", os.path.join(root, "log"),
+            "-o", f"-k {root} -c listen_addresses='' -F", "start")
     except (RuntimeError, KeyError, OSError, subprocess.TimeoutExpired) as e:
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"no PostgreSQL server could be started: {e}")
-    yield url
-    subprocess.run((["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else [])
-                   + [shutil.which("pg_ctl") or sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))[0],
-                      "-D", os.path.join(root, "data"), "-m", "immediate", "stop"], capture_output=True)
+    yield f"postgresql+psycopg://bench@/postgres?host={root}"
+    _pg("pg_ctl", "-D", data, "-m", "immediate", "stop")
     shutil.rmtree(root, ignore_errors=True)
 
 
