@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
-
-from bench.measure import runner, sweep
+from bench.measure import dask_executor, pool, runner, sweep
 from bench.present import console
 from bench.cli import BadInput, Parser, sweep_options
 
@@ -20,6 +20,11 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", metavar="DIR", help="finish a partial run without redoing its cases")
     p.add_argument("--gpus", help="GPU indices to run on at once, e.g. 0,1, or 'all'")
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes (no GPU)")
+    p.add_argument("--executor", choices=["local", "dask"], default="local",
+                   help="local: a worker per device of this host (default); dask: one Dask task "
+                        "per case (docs/regressions.md)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: the Dask scheduler "
+                                                          "(default: a local cluster, a worker per GPU)")
 
 
 def parse_args(argv):
@@ -37,7 +42,20 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
     try:
         if args.workers < 1:
             raise BadInput("--workers must be at least 1")
-        devices = runner.devices_for(args.gpus, args.workers)
+        if args.scheduler and args.executor != "dask":
+            raise BadInput("--scheduler needs --executor dask")
+        local_gpus = "all" if args.executor == "dask" and runner.gpu_count() else None
+        devices = runner.devices_for(args.gpus or local_gpus, args.workers)
+        if not args.resume:
+            if not args.sweep:
+                raise BadInput("name a sweep file, or --resume a run directory")
+            sw = runner.load_sweep(args, devices[0])
+            if args.dry_run:
+                console.out.print(console.case_table(sw.cases))
+                return 0, None
+        run_cases = pool.run_cases
+        if args.executor == "dask":  # connected before anything is written
+            run_cases = partial(dask_executor.run_cases, dask_executor.connect(args.scheduler, devices))
         if args.resume:
             try:
                 writer, todo = runner.resume_run(Path(args.resume), command)
@@ -45,12 +63,6 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
                 raise BadInput(f"--resume {args.resume}: {e}") from None
             root = writer.path.parent
         else:
-            if not args.sweep:
-                raise BadInput("name a sweep file, or --resume a run directory")
-            sw = runner.load_sweep(args, devices[0])
-            if args.dry_run:
-                console.out.print(console.case_table(sw.cases))
-                return 0, None
             root = Path(args.out)
             writer = runner.new_run(sw, root, command, devices)
             todo = sw.cases
@@ -58,7 +70,7 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
         print(f"error: {e}", file=sys.stderr)
         return 2, None
     signal.signal(signal.SIGTERM, _sigterm)
-    code = runner.execute(writer, todo, devices, root)
+    code = runner.execute(writer, todo, devices, root, run_cases)
     if code == 0 and args.profile == runner.NCU:
         runner.profile_counters(writer.path, todo, devices[0])
     print(writer.path)

@@ -45,3 +45,25 @@ def perturbed_backward(params, inputs):
     model.transformer.ln_f.register_full_backward_hook(
         lambda module, grad_in, grad_out: tuple(None if g is None else g * 1.01 for g in grad_in))
     return model_step.make_step(params, inputs, model)
+
+
+def _kill_dask_worker(params, inputs, once: bool):
+    """Kills the Dask worker that runs this case (the parent of the case's own worker process), the
+    first time only when `once`; then behaves as the native path. Refuses outside a Dask worker,
+    where the parent would be the test itself."""
+    if not os.environ.get("BENCH_DEVICE"):
+        raise RuntimeError("only for a Dask worker")
+    mark = os.path.join(os.environ["KILL_MARKS"], str(params["seq_len"]))
+    if not (once and os.path.exists(mark)):
+        open(mark, "w").close()
+        os.kill(os.getppid(), 9)
+        os._exit(1)
+    return fmha.native(params, inputs)
+
+
+def kill_worker_once(params, inputs):
+    return _kill_dask_worker(params, inputs, once=True)
+
+
+def kill_worker(params, inputs):
+    return _kill_dask_worker(params, inputs, once=False)

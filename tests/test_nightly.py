@@ -3,13 +3,15 @@ night with a provider slowed 10% that fails, names the case, and lands in the hi
 import gzip
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 import pytest
 
 from bench.measure import sweep
 from bench import baseline as baseline_cli, nightly as nightly_cli
 from bench.results import baseline, nightly
+from bench.results.history import connect, read, write
 from test_compare import SWEEP as COMPARE_SWEEP, exit_code, record, write_run
+from test_history import nights
 from test_report import Page
 
 # the comparison tests' sweep, less their second fast provider: the assertions below count providers
@@ -23,7 +25,7 @@ def night(tmp_path, write_sweep, delay: str) -> tuple[int, str]:
     config = write_sweep(f"sweeps:\n  - sweep: {sweep}\n    set: ['hidden=[16]']\n", "nightly.yaml")
     rc = nightly_cli.main(["--config", str(config), "--out", str(tmp_path / "results"),
                        "--baselines", str(tmp_path / "baselines"),
-                       "--history", str(tmp_path / "history.csv")])
+                       "--history", str(tmp_path / "history.sqlite")])
     summaries = sorted((tmp_path / "results" / "nightly").glob("*/report.md"))
     return rc, summaries[-1].read_text()
 
@@ -48,7 +50,7 @@ def test_nightly_blesses_compares_and_keeps_history(tmp_path, write_sweep, capsy
     assert "Nightly benchmark: REGRESSION" in md and "layernorm/delay" in md
     assert "layernorm/steady" not in md.split("Regressions against the baseline")[1]
 
-    history = pd.read_csv(tmp_path / "history.csv")
+    history = read(connect(str(tmp_path / "history.sqlite")))
     assert len(history) == 4 and history["run_id"].nunique() == 2
     flagged = history[history["verdict"] == "regression"]
     assert list(flagged["provider"]) == ["delay"] and flagged["change"].iloc[0] > 0.05
@@ -86,3 +88,32 @@ def test_shipped_nightly_config_is_valid(monkeypatch):
     assert set(counts) == {"sweeps/fmha.yaml", "sweeps/layernorm.yaml", "sweeps/model.yaml"}
     assert all(n > 0 for n in counts.values())
     assert sum(counts.values()) <= 400, "the nightly set is sized for about 20 minutes on one H100"
+
+
+def test_nightly_names_the_commit_of_a_lasting_step_and_shows_cases_across_gpus(tmp_path, write_sweep):
+    db = connect(str(tmp_path / "history.sqlite"))
+    write(db, nights(13, hardware="cpu", medians=np.r_[np.ones(8), np.full(5, 1.08)]))
+    write(db, nights(13, hardware="NVIDIA H100 80GB HBM3", prefix="h100-"))
+    rc, md = night(tmp_path, write_sweep, "steady")
+    assert rc == 0
+    pinned = md.split("## Slower since a commit")[1]
+    assert "layernorm/torch" in pinned and "slower by 8.0% since 0008ffffff (2026-01-09)" in pinned
+    assert "NVIDIA" not in pinned, "only this GPU's steps"
+    html = sorted((tmp_path / "results" / "nightly").glob("*/trend.html"))[-1].read_text()
+    assert "the change is in 0007ffffff..0008ffffff" in html
+    page = Page(html)
+    assert "steps" in page.sections and "nightly: across GPU models" in html
+    assert len(page.images) == 4, "the tiny sweep, two synthetic workloads, the synthetic cases across GPUs"
+
+
+def test_the_fleet_workflow_runs_the_nightly_on_every_gpu_model_into_one_history():
+    import yaml
+    workflow = yaml.safe_load((Path(__file__).resolve().parent.parent / ".github" / "workflows" /
+                               "nightly-perf.yml").read_text())
+    job = workflow["jobs"]["nightly"]
+    assert job["strategy"]["matrix"]["gpu"] == ["h100", "h200", "b200"]
+    assert job["strategy"]["fail-fast"] is False
+    assert "${{ matrix.gpu }}" in job["runs-on"]
+    assert job["env"]["PERF_HISTORY_URL"] == "${{ secrets.PERF_HISTORY_URL }}"
+    script = "\n".join(step.get("run", "") for step in job["steps"])
+    assert 'python -m bench.nightly --history "$history"' in script and ".[cutile,postgres]" in script

@@ -76,6 +76,15 @@ class _Slot:
                             f"worker process died (exit code {code})", started)
 
 
+_held: dict[str, _Slot] = {}
+
+
+def run_isolated(case: Case, device: str) -> dict:
+    """One case in this process's worker for `device`, kept for the next case: how a task of
+    another executor (bench.measure.dask_executor) still isolates each case."""
+    return _held.setdefault(device, _Slot(device)).run(case)
+
+
 def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, str], None],
               on_record: Callable[[Case, dict], None], stop: threading.Event) -> None:
     """Run every case on the first free device slot; callbacks are called from slot threads,

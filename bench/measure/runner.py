@@ -18,8 +18,12 @@ from bench.results.summary import summarize
 from bench.measure.sweep import Case, Sweep
 
 
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def devices_for(gpus: str | None, workers: int) -> list[str]:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = gpu_count()
     if gpus is None:
         return ["cuda:0"] if count else ["cpu"] * max(1, workers)
     if not count:
@@ -81,8 +85,10 @@ def resume_run(path: Path, argv: list[str]) -> tuple[store.RunWriter, list[Case]
     return store.RunWriter(run.path, run.meta), [c for c in cases if c.case_id not in run.done_ids]
 
 
-def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root: Path | None) -> int:
-    """Run `todo` into `writer`. Returns 0 when the run is complete, 130 when interrupted."""
+def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root: Path | None,
+            run_cases=pool.run_cases) -> int:
+    """Run `todo` into `writer` with `run_cases` (the local pool, or another executor behind the same
+    interface). Returns 0 when the run is complete, 130 when interrupted."""
     stop = threading.Event()
     bar = console.progress(len(todo))
     task = bar.task_ids[0]
@@ -101,7 +107,7 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
     interrupted = False
     with bar:
         try:
-            pool.run_cases(todo, devices, on_start, on_record, stop)
+            run_cases(todo, devices, on_start, on_record, stop)
         except KeyboardInterrupt:
             interrupted = True
             stop.set()

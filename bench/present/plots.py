@@ -199,15 +199,24 @@ def model_step_bars(frame: pd.DataFrame, providers: list[str]) -> list[str]:
     return [to_base64(fig)]
 
 
-def trend(history: pd.DataFrame, title: str) -> list[str]:
-    """Median (with its CI) over time, one subplot per case; regressions marked in red."""
+def trend(history: pd.DataFrame, title: str, steps=()) -> list[str]:
+    """Median (with its CI) over time, one subplot per case and one line per GPU model;
+    regressions against the baseline in red, lasting steps (bench.results.changepoints) as dashed
+    lines labelled with the first commit on the new level."""
     def draw(ax, key, group):
-        g = group.sort_values("date")
-        t = pd.to_datetime(g["date"], utc=True)
-        ax.plot(t, g["median_ms"], marker="o", markersize=3)
-        ax.fill_between(t, g["ci_low_ms"], g["ci_high_ms"], alpha=0.2)
-        bad = g["verdict"].isin(["regression", "broken"])
-        ax.scatter(t[bad], g["median_ms"][bad], color="red", zorder=3, label="regression")
+        for gpu, g in group.sort_values("date").groupby("hardware", sort=True):
+            t = pd.to_datetime(g["date"], utc=True)
+            line, = ax.plot(t, g["median_ms"], marker="o", markersize=3, label=gpu)
+            ax.fill_between(t, g["ci_low_ms"], g["ci_high_ms"], alpha=0.2, color=line.get_color())
+            bad = g["verdict"].isin(["regression", "broken"])
+            ax.scatter(t[bad], g["median_ms"][bad], color="red", zorder=3)
+            for s in steps:
+                if (s.case, s.hardware) == (key[""], gpu):
+                    ax.axvline(pd.to_datetime(s.date, utc=True), color=line.get_color(), linestyle="--")
+                    ax.annotate(f"{s.change:+.1%} {s.sha[:8]}", (pd.to_datetime(s.date, utc=True), 1),
+                                xycoords=("data", "axes fraction"), fontsize=6, va="top", rotation=90)
+        if group["hardware"].nunique() > 1:
+            ax.legend(fontsize=6)
         ax.set_ylabel("median ms")
         ax.tick_params(axis="x", labelsize=6, rotation=30)
         ax.grid(True, alpha=0.3)

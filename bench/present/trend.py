@@ -1,27 +1,36 @@
-"""The trend page: each case's median per nightly run on one GPU model, regressions marked."""
+"""The trend page: each case's median per nightly run on one GPU model, regressions and lasting
+steps marked, and the cases also measured on other GPU models side by side."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
 
+
 from bench.present import plots, report
 from bench.results import compare
+from bench.results.changepoints import Step
 from bench.results.store import utc_now
 
 
-def render_trend(history_path: Path, gpu: str, out_html: Path) -> Path:
-    """Median over time per case on this GPU model, regressions marked; one section per sweep."""
-    history = pd.read_csv(history_path, keep_default_na=False, na_values=[""])
-    history = history[history["hardware"] == gpu]
+def render_trend(history: pd.DataFrame, steps: list[Step], gpu: str, out_html: Path) -> Path:
+    """Median over time per case on this GPU model, regressions and steps marked, one section per
+    sweep; then each case also measured on other GPU models, one line per model."""
+    here = history[history["hardware"] == gpu]
     sections = []
-    for (sweep, workload), g in history.groupby(["sweep", "workload"], sort=True):
-        sections.append((f"{sweep}: {workload}", plots.trend(g, f"{sweep} / {workload}: median per night")))
-    latest = history.sort_values("date", kind="stable").groupby(["sweep", "case"]).tail(1)
+    for (sweep, workload), g in here.groupby(["sweep", "workload"], sort=True):
+        sections.append((f"{sweep}: {workload}",
+                         plots.trend(g, f"{sweep} / {workload}: median per night", steps)))
+    shared = history[history["case"].isin(set(here["case"]))]
+    shared = shared[shared.groupby(["sweep", "case"])["hardware"].transform("nunique") > 1]
+    for sweep, g in shared.groupby("sweep", sort=True):
+        sections.append((f"{sweep}: across GPU models",
+                         plots.trend(g, f"{sweep}: median per night on each GPU model", steps)))
+    latest = here.sort_values("date", kind="stable").groupby(["sweep", "case"]).tail(1)
     flagged = latest[latest["verdict"].isin(sorted(compare.FAILING))]
     html = report.environment().get_template("trend.html.j2").render(
-        hardware=gpu, updated=utc_now(), nights=history["run_id"].nunique(), sections=sections,
-        flagged=flagged.to_dict("records"))
+        hardware=gpu, updated=utc_now(), nights=here["run_id"].nunique(), sections=sections,
+        flagged=flagged.to_dict("records"), steps=[s for s in steps if s.hardware == gpu])
     out_html.parent.mkdir(parents=True, exist_ok=True)
     out_html.write_text(html)
     return out_html

@@ -1,19 +1,96 @@
-"""The nightly history: one row per case per run (median, its CI, the verdict against the
-baseline), appended after every nightly run and read by the trend page."""
+"""The nightly history in a database: one row per run, per case and per case of a run (median, its
+CI, sample count, status and the verdict against the baseline), written after every nightly run and
+read by the trend page and the change-point search.
+
+Any SQLAlchemy URL works: by default a SQLite file; for a team, one PostgreSQL server that the
+nightly of every GPU host writes to. Several hosts may write at once: every row has a natural key
+(the run id; workload, provider and params; run and case), inserts skip rows already there, and a
+run is written in one transaction, so a row is never duplicated and a run is never half written.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
+from bench.cli import BadInput
 from bench.results import compare
 from bench.results.baseline import hardware
 from bench.results.store import Run
 from bench.results.summary import summarize
 
 HISTORY_COLUMNS = ["date", "run_id", "sweep", "hardware", "git_sha", "case", "workload", "provider",
-                   "params", "status", "median_ms", "ci_low_ms", "ci_high_ms", "verdict", "change"]
+                   "params", "status", "median_ms", "ci_low_ms", "ci_high_ms", "samples", "verdict",
+                   "change"]
+DEFAULT = "results/history.sqlite"
+
+schema = sa.MetaData()
+runs = sa.Table(
+    "runs", schema,
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("date", sa.String(40), nullable=False),
+    sa.Column("git_sha", sa.String(64)),
+    sa.Column("hardware", sa.String(200), nullable=False),
+    sa.Column("sweep", sa.String(200)),
+    sa.Column("fingerprint", sa.Text),  # meta.json's environment, as JSON
+)
+cases = sa.Table(
+    "cases", schema,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("workload", sa.String(100), nullable=False),
+    sa.Column("provider", sa.String(200), nullable=False),
+    sa.Column("params", sa.Text, nullable=False),  # JSON, keys sorted: one text per case
+    sa.Column("label", sa.Text, nullable=False),
+    sa.UniqueConstraint("workload", "provider", "params"),
+)
+results = sa.Table(
+    "results", schema,
+    sa.Column("run_id", sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("case_id", sa.ForeignKey("cases.id"), primary_key=True),
+    sa.Column("median_ms", sa.Float),
+    sa.Column("ci_low_ms", sa.Float),
+    sa.Column("ci_high_ms", sa.Float),
+    sa.Column("samples", sa.Integer),
+    sa.Column("status", sa.String(20)),
+    sa.Column("verdict", sa.String(20)),
+    sa.Column("change", sa.Float),
+)
+
+
+def url_for(where: str) -> str:
+    """A SQLAlchemy URL as given, or a path taken as a SQLite file."""
+    if "://" in where:
+        return where
+    if where.endswith(".csv"):
+        raise BadInput(f"--history {where}: the history is a database now; move the CSV into one "
+                       f"with `python -m bench.history migrate {where}`")
+    Path(where).parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{where}"
+
+
+def connect(where: str) -> sa.Engine:
+    """An engine on the history at `where` (URL or SQLite path), its tables created if missing."""
+    try:
+        engine = sa.create_engine(url_for(where), connect_args=_connect_args(where))
+        try:
+            schema.create_all(engine)
+        except sa.exc.DBAPIError:  # another host created them at the same moment
+            schema.create_all(engine)
+    except ModuleNotFoundError as e:
+        raise BadInput(f"--history {where}: no database driver {e.name!r} "
+                       f"(for PostgreSQL: pip install -e '.[postgres]')") from None
+    except (sa.exc.ArgumentError, sa.exc.OperationalError) as e:
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise BadInput(f"--history {where}: cannot open ({first})") from None
+    return engine
+
+
+def _connect_args(where: str) -> dict:
+    # SQLite serialises writers with a file lock: wait for it rather than fail
+    return {"timeout": 60} if "://" not in where or where.startswith("sqlite") else {}
 
 
 def history_rows(run: Run, cmp: compare.Comparison | None) -> pd.DataFrame:
@@ -31,11 +108,92 @@ def history_rows(run: Run, cmp: compare.Comparison | None) -> pd.DataFrame:
             "workload": rec["workload"], "provider": rec["provider"],
             "params": json.dumps(rec.get("params") or {}, sort_keys=True), "status": rec.get("status"),
             "median_ms": s["median_ms"], "ci_low_ms": s["ci_low_ms"], "ci_high_ms": s["ci_high_ms"],
+            "samples": len(rec.get("samples_ms") or []),
             "verdict": judged.get("verdict", ""), "change": judged.get("ratio", float("nan")) - 1,
         })
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
 
 
-def append_history(path: Path, rows: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(path, mode="a", header=not path.exists() or path.stat().st_size == 0, index=False)
+def _insert_new(conn, table: sa.Table, rows: list[dict]) -> None:
+    """Insert rows, skipping those whose key is already there (written by another host)."""
+    if not rows:
+        return
+    dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(conn.dialect.name)
+    if dialect is not None:
+        conn.execute(dialect.insert(table).on_conflict_do_nothing(), rows)
+        return
+    for row in rows:  # other databases: one savepoint per row
+        try:
+            with conn.begin_nested():
+                conn.execute(table.insert(), row)
+        except sa.exc.IntegrityError:
+            pass
+
+
+def _value(x):
+    """A frame's cell as a database value: NaN and pandas' NA become NULL."""
+    return None if pd.isna(x) else x
+
+
+def write(engine: sa.Engine, rows: pd.DataFrame, fingerprints: dict[str, dict] | None = None) -> None:
+    """Write history rows (HISTORY_COLUMNS) in one transaction; rows already stored are kept as
+    they are, so writing the same run twice, or from two hosts at once, changes nothing."""
+    fingerprints = fingerprints or {}
+    with engine.begin() as conn:
+        run_rows = rows.drop_duplicates("run_id")
+        _insert_new(conn, runs, [
+            {"id": r.run_id, "date": r.date, "git_sha": _value(r.git_sha), "hardware": r.hardware,
+             "sweep": _value(r.sweep), "fingerprint": json.dumps(fingerprints[r.run_id], default=str)
+             if r.run_id in fingerprints else None} for r in run_rows.itertuples()])
+        keys = rows.drop_duplicates(["workload", "provider", "params"])
+        _insert_new(conn, cases, [{"workload": r.workload, "provider": r.provider, "params": r.params,
+                                   "label": r.case} for r in keys.itertuples()])
+        ids = {(w, p, q): i for i, w, p, q in conn.execute(
+            sa.select(cases.c.id, cases.c.workload, cases.c.provider, cases.c.params)
+            .where(cases.c.workload.in_(set(rows["workload"]))))}
+        _insert_new(conn, results, [
+            {"run_id": r.run_id, "case_id": ids[(r.workload, r.provider, r.params)],
+             **{c: _value(getattr(r, c)) for c in ("median_ms", "ci_low_ms", "ci_high_ms", "status",
+                                                   "verdict", "change")},
+             "samples": None if pd.isna(r.samples) else int(r.samples)}
+            for r in rows.itertuples()])
+
+
+def record_run(engine: sa.Engine, run: Run, cmp: compare.Comparison | None) -> None:
+    """Store one run's cases, with its environment fingerprint."""
+    rows = history_rows(run, cmp)
+    write(engine, rows, {rows["run_id"].iloc[0]: run.meta.get("env") or {}} if len(rows) else {})
+
+
+def read(engine: sa.Engine, gpu: str | None = None) -> pd.DataFrame:
+    """The history as a frame of HISTORY_COLUMNS, oldest first; only one GPU model's when given."""
+    query = (sa.select(runs.c.date, runs.c.id.label("run_id"), runs.c.sweep, runs.c.hardware,
+                       runs.c.git_sha, cases.c.label.label("case"), cases.c.workload,
+                       cases.c.provider, cases.c.params, results.c.status, results.c.median_ms,
+                       results.c.ci_low_ms, results.c.ci_high_ms, results.c.samples,
+                       results.c.verdict, results.c.change)
+             .join_from(results, runs).join_from(results, cases)
+             .order_by(runs.c.date, runs.c.id, cases.c.id))
+    if gpu is not None:
+        query = query.where(runs.c.hardware == gpu)
+    with engine.connect() as conn:
+        frame = pd.DataFrame(conn.execute(query).fetchall(), columns=HISTORY_COLUMNS)
+    frame["verdict"] = frame["verdict"].fillna("")
+    return frame.astype({c: float for c in ("median_ms", "ci_low_ms", "ci_high_ms", "change")})
+
+
+def migrate(csv_path: Path, engine: sa.Engine) -> int:
+    """Move a history.csv (as the nightly wrote before the database) into the database; rows
+    already there are skipped, so a migration can be run again. Returns the rows read."""
+    try:
+        frame = pd.read_csv(csv_path, keep_default_na=False, na_values=[""], dtype={"git_sha": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise BadInput(f"{csv_path}: cannot read a history CSV ({e})") from None
+    missing = [c for c in HISTORY_COLUMNS if c not in frame.columns and c != "samples"]
+    if missing:
+        raise BadInput(f"{csv_path}: not a history CSV (no column {', '.join(missing)})")
+    if "samples" not in frame.columns:
+        frame["samples"] = None
+    frame["verdict"] = frame["verdict"].fillna("")
+    write(engine, frame[HISTORY_COLUMNS])
+    return len(frame)

@@ -11,7 +11,8 @@ import yaml
 
 from bench.present import report
 from bench.present.trend import render_trend
-from bench.results.history import append_history, history_rows
+from bench.results import changepoints, history
+from bench.measure.sweep import COMPARE_DEFAULTS
 from bench.results import compare
 from bench.results.baseline import baseline_dir, hardware, open_run
 from bench.cli import BadInput
@@ -52,7 +53,8 @@ def load_plan(path) -> list[dict]:
     return plan
 
 
-def run_sweep(entry: dict, out: Path, profile: str | None) -> tuple[int, str]:
+def run_sweep(entry: dict, out: Path, profile: str | None,
+              scheduler: str | None) -> tuple[int, str]:
     """Run one entry through bench.run; (exit status, run directory it printed last)."""
     argv = [entry["sweep"], "--out", str(out)]
     argv += [a for v in entry["set"] for a in ("--set", v)]
@@ -61,6 +63,8 @@ def run_sweep(entry: dict, out: Path, profile: str | None) -> tuple[int, str]:
         argv += ["--providers", ",".join(entry["providers"])]
     if profile:
         argv += ["--profile", profile]
+    if scheduler:
+        argv += ["--executor", "dask", "--scheduler", scheduler]
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         rc = run_main(argv)
@@ -76,14 +80,21 @@ def run_sweep(entry: dict, out: Path, profile: str | None) -> tuple[int, str]:
 
 
 
-def nightly(plan: list[dict], out: Path, baselines: Path, history: Path,
-            profile: str | None) -> int:
+def pinned(standing: list[changepoints.Step], gpu: str) -> str:
+    """report.md's section of the lasting slowdowns on this GPU, each named by its commit."""
+    lines = [f"- {s.case} ({s.sweep}): {s.describe()}; the change is in "
+             f"{s.previous_sha[:10]}..{s.sha[:10]}" for s in standing if s.hardware == gpu]
+    return "## Slower since a commit\n\n" + ("\n".join(lines) or "None on this GPU.") + "\n"
+
+
+def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | None,
+            scheduler: str | None = None) -> int:
     """Run the plan; write reports, history, trend page and a combined report.md."""
     night = out / "nightly" / utc_now()[:19].replace(":", "").replace("-", "")
     night.mkdir(parents=True, exist_ok=True)
     summary, failing, gpu = [], False, None
     for entry in plan:
-        rc, run_path = run_sweep(entry, out, profile)
+        rc, run_path = run_sweep(entry, out, profile, scheduler)
         if rc != 0:
             print(f"error: {entry['sweep']} did not finish (bench.run exit status {rc})", file=sys.stderr)
             return rc
@@ -99,8 +110,11 @@ def nightly(plan: list[dict], out: Path, baselines: Path, history: Path,
         if cmp is None:
             summary.append(f"No baseline for {gpu} / {(run.meta.get('sweep') or {}).get('name')}: "
                            f"bless one with `python -m bench.baseline set {run.path}`.\n")
-        append_history(history, history_rows(run, cmp))
-    trend = render_trend(history, gpu, night / "trend.html")
+        history.record_run(db, run, cmp)
+    past = history.read(db)
+    steps = changepoints.find_steps(past, COMPARE_DEFAULTS["threshold"])
+    trend = render_trend(past, steps, gpu, night / "trend.html")
+    summary.append(pinned(changepoints.standing_regressions(steps), gpu))
     verdict = "REGRESSION" if failing else "no regression"
     (night / "report.md").write_text(f"# Nightly benchmark: {verdict}\n\n" + "\n".join(summary))
     print(f"nightly: {verdict}; summary {night / 'report.md'}, trend {trend}")
