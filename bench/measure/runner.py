@@ -51,8 +51,10 @@ def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str]) -> st
 
 
 def resume_run(path: Path, argv: list[str]) -> tuple[store.RunWriter, list[Case]]:
+    cut = store.cut_torn_tail(Path(path).resolve())
     run = store.load_run(path)
-    run.meta.setdefault("resumed", []).append({"utc": store.utc_now(), "command": argv})
+    run.meta.setdefault("resumed", []).append({"utc": store.utc_now(), "command": argv,
+                                               "cut_torn_record": cut})
     run.meta["complete"] = False
     cases = [Case.from_dict(c) for c in run.cases]
     return store.RunWriter(run.path, run.meta), [c for c in cases if c.case_id not in run.done_ids]
@@ -82,16 +84,17 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
         except KeyboardInterrupt:
             interrupted = True
             stop.set()
-    complete = not interrupted
     writer.meta["wall_s"] = writer.meta.get("wall_s", 0.0) + (time.time() - t0)
-    writer.close(complete=complete)
-    records = store.read_records(writer.path)
+    run = store.load_run(writer.path)
+    records = run.records
+    complete = not interrupted and {c["case_id"] for c in run.cases} <= run.done_ids
+    writer.close(complete)  # complete only when every case has a whole record
     summary = summarize(records)
     writer.write_summary(summary)
     console.report_end(summary, records)
     if complete and root is not None:
         store.point_latest(root, writer.path)
-    if interrupted:
-        print(f"interrupted: {len(records)} of {writer.meta['cases']} cases stored; finish with "
-              f"--resume {writer.path}", file=sys.stderr)
+    if not complete:
+        print(f"{'interrupted' if interrupted else 'incomplete'}: {len(records)} of "
+              f"{writer.meta['cases']} cases stored; finish with --resume {writer.path}", file=sys.stderr)
     return 0 if complete else 130

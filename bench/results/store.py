@@ -39,19 +39,40 @@ class Run:
         return {r["case_id"] for r in self.records}
 
 
+class TornSamples(ValueError):
+    """samples.jsonl has a line that is not a whole record (the run was killed mid-write)."""
+
+
 def read_records(path: Path) -> list[dict]:
-    """Records of samples.jsonl; a torn last line (the run was killed mid-write) is ignored, and a
-    case recorded twice keeps its last record."""
+    """Records of samples.jsonl; a case recorded twice keeps its last record. A line that is not a
+    whole JSON record raises TornSamples: a case lost in a torn write must not pass unnoticed
+    (`--resume` cuts a torn last line and runs that case again)."""
     by_id: dict[str, dict] = {}
     p = Path(path) / SAMPLES
     if p.exists():
-        for line in p.read_text().splitlines():
+        for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            by_id[rec["case_id"]] = rec
+                by_id[rec["case_id"]] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TornSamples(f"{p}:{n}: not a whole record (a torn write; "
+                                  "--resume the run to cut it and run that case again)") from None
     return list(by_id.values())
+
+
+def cut_torn_tail(path: Path) -> bool:
+    """Drop a last line of samples.jsonl that was never finished (each record is written with its
+    newline in one write, so a last line without one was torn), so resumed records start on a line
+    of their own. True when something was cut."""
+    p = Path(path) / SAMPLES
+    data = p.read_bytes() if p.exists() else b""
+    if not data or data.endswith(b"\n"):
+        return False
+    with open(p, "r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
 
 
 def load_run(path) -> Run:
@@ -98,10 +119,20 @@ class RunWriter:
 
 
 def point_latest(root: Path, run_path: Path) -> None:
-    """Switch ROOT/latest to run_path atomically (a new link renamed over the old one)."""
+    """Switch ROOT/latest to run_path atomically (a new link renamed over the old one), unless
+    `latest` already names a run started later: resuming an old run must not move it back."""
     root = Path(root)
+    current = root / "latest"
+    if current.exists() and Path(run_path).resolve() != current.resolve():
+        try:
+            theirs = json.loads((current / META).read_text()).get("started_utc") or ""
+            ours = json.loads((Path(run_path) / META).read_text()).get("started_utc") or ""
+        except (OSError, ValueError):
+            theirs = ours = ""
+        if theirs > ours:
+            return
     tmp = root / f".latest.{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(os.path.relpath(run_path, root), tmp)
-    os.replace(tmp, root / "latest")
+    os.replace(tmp, current)
