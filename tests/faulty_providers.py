@@ -43,3 +43,32 @@ def gated(params, inputs):
     while params["seq_len"] > 9 and not os.path.exists(gate):
         time.sleep(0.01)
     return fmha.native(params, inputs)
+
+
+_kept = []  # what `leak` never frees
+
+
+def one_thread(params, inputs):
+    """Changes a process-wide setting and never puts it back."""
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    return fmha.native(params, inputs)
+
+
+def leak(params, inputs):
+    """Keeps 768 MiB of host memory alive after its case ends."""
+    _kept.append(torch.ones(768 << 18))  # float32: 768 MiB, every page written
+    return fmha.native(params, inputs)
+
+
+def seen(params, inputs):
+    """Native, and appends what its worker looks like to the file named by BENCH_TEST_SEEN."""
+    import json
+
+    import psutil
+
+    with open(os.environ["BENCH_TEST_SEEN"], "a") as f:
+        f.write(json.dumps({"seq_len": params["seq_len"], "threads": torch.get_num_threads(),
+                            "grad": torch.is_grad_enabled(),
+                            "rss_mb": psutil.Process().memory_info().rss >> 20}) + "\n")
+    return fmha.native(params, inputs)

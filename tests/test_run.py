@@ -216,6 +216,27 @@ def test_resuming_an_older_run_leaves_latest_on_the_newest(write_sweep, tmp_path
     assert (tmp_path / "latest").resolve() == new.path
 
 
+@pytest.mark.parametrize("culprit", ["one_thread", "leak"])
+def test_a_case_that_changes_its_worker_does_not_change_the_next(write_sweep, tmp_path, monkeypatch,
+                                                               culprit):
+    seen = tmp_path / "seen.jsonl"
+    monkeypatch.setenv("BENCH_TEST_SEEN", str(seen))
+    path = write_sweep(small(["native", "faulty_providers:seen", f"faulty_providers:{culprit}"],
+                             seq_lens="[5, 9]"))
+    code, r = run_sweep(path, tmp_path / "r")
+    assert code == 0
+    first, second = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert (first["seq_len"], second["seq_len"]) == (5, 9)  # the culprit ran between them
+    assert second["threads"] == first["threads"] and second["grad"] is True
+    assert second["rss_mb"] < first["rss_mb"] + 384
+    leaked = {rec["params"]["seq_len"]: rec["leaked"] for rec in r.records if rec["provider"] == culprit}
+    if culprit == "one_thread":
+        assert leaked[5]["num_threads"][1] == 1 and leaked[5]["grad_enabled"] == [True, False]
+    else:
+        assert leaked[5]["rss_mb"][1] - leaked[5]["rss_mb"][0] >= 700
+    assert all(not rec["leaked"] for rec in r.records if rec["provider"] == "seen")
+
+
 def test_dry_run_lists_cases_and_writes_nothing(write_sweep, tmp_path, capsys):
     path = write_sweep(small(["native", "sdpa-math"]))
     assert run.main([str(path), "--out", str(tmp_path / "r"), "--dry-run"]) == 0

@@ -1,6 +1,6 @@
 """Runs cases on worker processes, one per device slot, each case isolated: a worker that dies is
 recorded as `crashed`, one that overruns its timeout is killed and recorded as `timeout`, and a fresh
-worker takes the next case."""
+worker takes the next case. So does a worker that a case left changed (bench.measure.leaks)."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -64,7 +64,10 @@ class _Slot:
         try:
             self.conn.send(case.to_dict())
             if self.conn.poll(case.timing["timeout_s"]):
-                return self.conn.recv()
+                record = self.conn.recv()
+                if record.get("leaked"):  # the worker exits; the next case starts a fresh one
+                    self.stop()
+                return record
             self.stop(kill=True)
             return _failure(case, self.device, "timeout",
                             f"no result within {case.timing['timeout_s']:g} s; worker killed", started)

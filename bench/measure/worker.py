@@ -13,7 +13,7 @@ import traceback
 import torch
 
 from bench import workloads
-from bench.measure import check, env, timing
+from bench.measure import check, env, leaks, timing
 from bench.measure.sweep import Case
 from bench.results.store import utc_now
 
@@ -42,7 +42,7 @@ def blank_record(case: Case, device: str) -> dict:
         "status": "ok", "reason": "", "device": device, "samples_ms": [],
         "first_call_ms": None, "max_abs_err": None, "rel_err": None, "tolerance": None,
         "flops": None, "bytes": None, "telemetry": None, "stop": None, "host_ms": None,
-        "started_utc": utc_now(),
+        "leaked": None, "started_utc": utc_now(),
     }
 
 
@@ -98,10 +98,12 @@ def run_case(case: Case, device: torch.device) -> dict:
 
 
 def serve(conn, device_name: str) -> None:
-    """Worker process main loop: receive a case dict, send back its record; stop on None or EOF."""
+    """Worker process main loop: receive a case dict, send back its record; stop on None or EOF,
+    or after a case that left the process changed (its record says what, under `leaked`)."""
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    clean = leaks.snapshot(device)
     conn.send("ready")
     while True:
         try:
@@ -111,7 +113,10 @@ def serve(conn, device_name: str) -> None:
         if msg is None:
             return
         record = run_case(Case.from_dict(msg), device)
+        record["leaked"] = leaks.changes(clean, device)
         try:
             conn.send(record)
         except (BrokenPipeError, OSError):
+            return
+        if record["leaked"]:
             return
