@@ -216,7 +216,7 @@ def test_resuming_an_older_run_leaves_latest_on_the_newest(write_sweep, tmp_path
     assert (tmp_path / "latest").resolve() == new.path
 
 
-@pytest.mark.parametrize("culprit", ["one_thread", "leak"])
+@pytest.mark.parametrize("culprit", ["threads", "leak"])
 def test_a_case_that_changes_its_worker_does_not_change_the_next(write_sweep, tmp_path, monkeypatch,
                                                                culprit):
     seen = tmp_path / "seen.jsonl"
@@ -230,8 +230,8 @@ def test_a_case_that_changes_its_worker_does_not_change_the_next(write_sweep, tm
     assert second["threads"] == first["threads"] and second["grad"] is True
     assert second["rss_mb"] < first["rss_mb"] + 384
     leaked = {rec["params"]["seq_len"]: rec["leaked"] for rec in r.records if rec["provider"] == culprit}
-    if culprit == "one_thread":
-        assert leaked[5]["num_threads"][1] == 1 and leaked[5]["grad_enabled"] == [True, False]
+    if culprit == "threads":
+        assert leaked[5]["num_threads"] == [1, 2] and leaked[5]["grad_enabled"] == [True, False]
     else:
         assert leaked[5]["rss_mb"][1] - leaked[5]["rss_mb"][0] >= 700
     assert all(not rec["leaked"] for rec in r.records if rec["provider"] == "seen")

@@ -18,6 +18,11 @@ from bench.measure.sweep import Case
 from bench.results.store import utc_now
 
 
+# One thread per CPU worker: with two, every op waits at a barrier for both, and on a shared machine
+# a descheduled thread made whole runs' medians 100x slower (docs/regressions.md).
+CPU_THREADS = 1
+
+
 def _one_line(e: BaseException) -> str:
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first}"[:300]
@@ -103,6 +108,8 @@ def serve(conn, device_name: str) -> None:
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(CPU_THREADS)
     clean = leaks.snapshot(device)
     conn.send("ready")
     while True:
