@@ -72,3 +72,16 @@ def seen(params, inputs):
                             "grad": torch.is_grad_enabled(),
                             "rss_mb": psutil.Process().memory_info().rss >> 20}) + "\n")
     return fmha.native(params, inputs)
+
+
+def chatty(params, inputs):
+    """Prints megabytes, from Python and from native code, then works."""
+    print("chatter " * 300_000)
+    os.write(2, b"native chatter\n" * 1000)
+    return fmha.native(params, inputs)
+
+
+def last_words(params, inputs):
+    """Says why, then dies."""
+    print("the reason it is about to die", flush=True)
+    os.abort()

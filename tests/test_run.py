@@ -237,6 +237,23 @@ def test_a_case_that_changes_its_worker_does_not_change_the_next(write_sweep, tm
     assert all(not rec["leaked"] for rec in r.records if rec["provider"] == "seen")
 
 
+def test_case_output_goes_to_the_run_directory_and_a_failure_shows_its_tail(write_sweep, tmp_path,
+                                                                          subprocess_env):
+    path = write_sweep(small(["native", "faulty_providers:chatty", "faulty_providers:last_words"],
+                             seq_lens="[13]"))
+    proc = subprocess.run([sys.executable, "-m", "bench.run", str(path), "--out", str(tmp_path)],
+                          env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    assert "chatter" not in proc.stdout + proc.stderr and len(proc.stdout) < 20_000
+    assert "the reason it is about to die" in proc.stderr
+    r = store.load_run(tmp_path / "latest")
+    logs = {rec["provider"]: rec["log"] for rec in r.records}
+    assert logs["native"] is None  # nothing written, no file kept
+    chatter = (r.path / logs["chatty"]).read_text()
+    assert chatter.count("chatter ") >= 300_000 and chatter.count("native chatter") == 1000
+    assert "about to die" in (r.path / logs["last_words"]).read_text()
+
+
 def test_dry_run_lists_cases_and_writes_nothing(write_sweep, tmp_path, capsys):
     path = write_sweep(small(["native", "sdpa-math"]))
     assert run.main([str(path), "--out", str(tmp_path / "r"), "--dry-run"]) == 0

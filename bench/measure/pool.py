@@ -54,7 +54,7 @@ class _Slot:
         self.conn.close()
         self.proc = self.conn = None
 
-    def run(self, case: Case) -> dict:
+    def run(self, case: Case, log: str) -> dict:
         started = utc_now()
         if self.proc is None or not self.proc.is_alive():
             if not self.start():
@@ -62,7 +62,7 @@ class _Slot:
                 return _failure(case, self.device, "crashed",
                                 f"worker process did not start within {STARTUP_S:g} s", started)
         try:
-            self.conn.send(case.to_dict())
+            self.conn.send((case.to_dict(), log))
             if self.conn.poll(case.timing["timeout_s"]):
                 record = self.conn.recv()
                 if record.get("leaked"):  # the worker exits; the next case starts a fresh one
@@ -80,9 +80,11 @@ class _Slot:
 
 
 def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, str], None],
-              on_record: Callable[[Case, dict], None], stop: threading.Event) -> None:
-    """Run every case on the first free device slot; callbacks are called from slot threads,
-    serialised by one lock. Returns when all cases are done or `stop` is set."""
+              on_record: Callable[[Case, dict], None], stop: threading.Event,
+              log_of: Callable[[Case], str]) -> None:
+    """Run every case on the first free device slot, its output going to the file log_of(case);
+    callbacks are called from slot threads, serialised by one lock. Returns when all cases are done
+    or `stop` is set."""
     todo: queue.Queue[Case] = queue.Queue()
     for c in cases:
         todo.put(c)
@@ -98,7 +100,7 @@ def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, s
                     return
                 with lock:
                     on_start(case, slot.device)
-                record = slot.run(case)
+                record = slot.run(case, log_of(case))
                 if stop.is_set():
                     return
                 with lock:

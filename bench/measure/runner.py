@@ -70,7 +70,14 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
     def on_start(case: Case, device: str):
         bar.update(task, current=f"{device} {case.label}"[:90])
 
+    logs = writer.path / store.LOGS
+    logs.mkdir(exist_ok=True)
+
+    def log_of(case: Case) -> str:
+        return str(logs / f"{case.case_id}.log")
+
     def on_record(case: Case, record: dict):
+        record["log"] = store.keep_log(writer.path, log_of(case), record["status"])
         writer.append(record)
         bar.advance(task)
         if not bar.console.is_terminal:
@@ -80,7 +87,7 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
     interrupted = False
     with bar:
         try:
-            pool.run_cases(todo, devices, on_start, on_record, stop)
+            pool.run_cases(todo, devices, on_start, on_record, stop, log_of)
         except KeyboardInterrupt:
             interrupted = True
             stop.set()

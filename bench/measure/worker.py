@@ -5,8 +5,10 @@ of memory costs only itself: the parent records it and starts a fresh worker.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import time
 import traceback
 
@@ -47,7 +49,7 @@ def blank_record(case: Case, device: str) -> dict:
         "status": "ok", "reason": "", "device": device, "samples_ms": [],
         "first_call_ms": None, "max_abs_err": None, "rel_err": None, "tolerance": None,
         "flops": None, "bytes": None, "telemetry": None, "stop": None, "host_ms": None,
-        "leaked": None, "started_utc": utc_now(),
+        "leaked": None, "log": None, "started_utc": utc_now(),
     }
 
 
@@ -102,8 +104,28 @@ def run_case(case: Case, device: torch.device) -> dict:
     return rec
 
 
+@contextlib.contextmanager
+def captured(path: str):
+    """Send everything written to stdout and stderr (by Python or by native code) to `path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+
+
 def serve(conn, device_name: str) -> None:
-    """Worker process main loop: receive a case dict, send back its record; stop on None or EOF,
+    """Worker process main loop: receive (case dict, log file), send back its record, with the case's
+    stdout and stderr in the log file; stop on None or EOF,
     or after a case that left the process changed (its record says what, under `leaked`)."""
     device = torch.device(device_name)
     if device.type == "cuda":
@@ -119,7 +141,9 @@ def serve(conn, device_name: str) -> None:
             return
         if msg is None:
             return
-        record = run_case(Case.from_dict(msg), device)
+        case, log = msg
+        with captured(log):
+            record = run_case(Case.from_dict(case), device)
         record["leaked"] = leaks.changes(clean, device)
         try:
             conn.send(record)

@@ -17,12 +17,11 @@ import numpy as np
 
 from bench.results.baseline import hardware
 from bench.cli import BadInput
-from bench.results.store import Run
+from bench.results.store import FAILED, Run
 
 THRESHOLD = 0.03
 CONFIDENCE = 0.99
 N_BOOT = 2000
-FAILED = {"incorrect", "error", "crashed", "timeout", "oom"}
 FAILING = {"regression", "broken"}  # verdicts that make the comparison fail
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 META, SAMPLES, SUMMARY, CASES = "meta.json", "samples.jsonl", "summary.csv", "cases.json"
+LOGS = "logs"  # one file per case that wrote to stdout or stderr
+TAIL_LINES = 20
+FAILED = {"incorrect", "error", "crashed", "timeout", "oom"}
 
 
 def utc_now() -> str:
@@ -116,6 +120,21 @@ class RunWriter:
         tmp = self.path / (SUMMARY + ".tmp")
         frame.to_csv(tmp, index=False)
         os.replace(tmp, self.path / SUMMARY)
+
+
+def keep_log(run_path: Path, log: str, status: str) -> str | None:
+    """A case's captured output: removed when empty, else its path within the run; its last lines
+    go to stderr when the case failed, since the cause is usually there."""
+    p = Path(log)
+    if not p.exists() or p.stat().st_size == 0:
+        p.unlink(missing_ok=True)
+        return None
+    if status in FAILED:
+        with open(p, "rb") as f:
+            f.seek(max(0, p.stat().st_size - 8192))
+            tail = f.read().decode(errors="replace").splitlines()[-TAIL_LINES:]
+        print(f"--- last lines of {p}:", *tail, sep="\n", file=sys.stderr)
+    return str(p.relative_to(run_path))
 
 
 def point_latest(root: Path, run_path: Path) -> None:
