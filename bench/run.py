@@ -27,6 +27,8 @@ def parse_args(argv):
     p.add_argument("--resume", metavar="DIR", help="finish a partial run without redoing its cases")
     p.add_argument("--gpus", help="GPU indices to run on at once, e.g. 0,1, or 'all'")
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes (no GPU)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when a case is incorrect, error, crashed, timeout or oom")
     return p.parse_args(argv)
 
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
-    code = runner.execute(writer, todo, devices, root)
+    code = runner.execute(writer, todo, devices, root, args.strict)
     print(writer.path)
     return code
 

@@ -31,3 +31,9 @@ def slowed(params, inputs):
 def quick(params, inputs):
     """A second steady provider, at another speed, that must not be flagged."""
     return _spinning(params, inputs, STEADY_MS * 0.75)
+
+
+def off(params, inputs):
+    """Steady, but its output is wrong: the case is `incorrect`."""
+    fn = steady(params, inputs)
+    return lambda: fn() + 1.0

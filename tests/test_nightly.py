@@ -86,3 +86,10 @@ def test_shipped_nightly_config_is_valid(monkeypatch):
     assert set(counts) == {"sweeps/fmha.yaml", "sweeps/layernorm.yaml", "sweeps/model.yaml"}
     assert all(n > 0 for n in counts.values())
     assert sum(counts.values()) <= 400, "the nightly set is sized for about 20 minutes on one H100"
+
+
+def test_a_failed_case_fails_the_nightly_after_its_reports(tmp_path, write_sweep, capsys):
+    rc, md = night(tmp_path, write_sweep, "off")
+    assert rc == 1
+    assert "strict: 1 case(s) incorrect" in capsys.readouterr().err
+    assert "Nightly benchmark" in md and (tmp_path / "history.csv").exists()

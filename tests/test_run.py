@@ -62,6 +62,16 @@ def test_gate_marks_a_wrong_provider_incorrect_and_keeps_it_out_of_speedups(writ
     assert (native.speedup == 1.0).all()
 
 
+def test_strict_exits_1_when_a_case_failed(write_sweep, tmp_path, capsys):
+    path = write_sweep(small(["native", "faulty_providers:wrong"], seq_lens="[13]"))
+    assert run.main([str(path), "--out", str(tmp_path / "a")]) == 0
+    assert run.main([str(path), "--out", str(tmp_path / "b"), "--strict"]) == 1
+    assert "strict: 1 case(s) incorrect; exit status 1" in capsys.readouterr().err
+    assert store.load_run(tmp_path / "b" / "latest").meta["complete"]
+    ok = write_sweep(small(["native"], seq_lens="[13]"), "ok.yaml")
+    assert run.main([str(ok), "--out", str(tmp_path / "c"), "--strict"]) == 0
+
+
 def test_crash_hang_and_oom_cost_only_their_own_case(write_sweep, tmp_path):
     path = write_sweep(small(["native", "faulty_providers:abort", "faulty_providers:hang",
                               "faulty_providers:oom", "sdpa-math"], seq_lens="[13]", timeout=3))

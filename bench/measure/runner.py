@@ -60,8 +60,10 @@ def resume_run(path: Path, argv: list[str]) -> tuple[store.RunWriter, list[Case]
     return store.RunWriter(run.path, run.meta), [c for c in cases if c.case_id not in run.done_ids]
 
 
-def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root: Path | None) -> int:
-    """Run `todo` into `writer`. Returns 0 when the run is complete, 130 when interrupted."""
+def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root: Path | None,
+            strict: bool = False) -> int:
+    """Run `todo` into `writer`. Returns 0 when the run is complete, 130 when it is not; with
+    `strict`, 1 when it is complete but a case failed (incorrect, error, crashed, timeout, oom)."""
     stop = threading.Event()
     bar = console.progress(len(todo))
     task = bar.task_ids[0]
@@ -104,4 +106,11 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
     if not complete:
         print(f"{'interrupted' if interrupted else 'incomplete'}: {len(records)} of "
               f"{writer.meta['cases']} cases stored; finish with --resume {writer.path}", file=sys.stderr)
-    return 0 if complete else 130
+    if not complete:
+        return 130
+    failed = sorted({r["status"] for r in records if r["status"] in store.FAILED})
+    if strict and failed:
+        n = sum(r["status"] in store.FAILED for r in records)
+        print(f"strict: {n} case(s) {', '.join(failed)}; exit status 1", file=sys.stderr)
+        return 1
+    return 0
