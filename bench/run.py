@@ -16,8 +16,9 @@ def parse_args(argv):
     p = Parser(prog="python -m bench.run", description=__doc__)
     p.add_argument("sweep", nargs="?", help="sweep YAML file (not needed with --resume)")
     p.add_argument("--out", default="results", help="results root (default: results)")
-    p.add_argument("--profile", help="sweep profile to apply (default: 'cpu' on a machine "
-                                     "without a GPU, when the sweep defines it)")
+    p.add_argument("--profile", help="sweep profile to apply, or 'none' for the sweep as written "
+                                     "(default: 'cpu' on a machine without a GPU, when the sweep "
+                                     "defines it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a sweep key or axis, e.g. timing.max_time_s=1 or seq_len=[128,256]")
     p.add_argument("--filter", action="append", default=[], metavar="AXIS=VALUE",
@@ -52,8 +53,8 @@ def main(argv=None) -> int:
         else:
             if not args.sweep:
                 raise BadInput("name a sweep file, or --resume a run directory")
-            profile = args.profile
-            if profile is None and devices[0] == "cpu":
+            profile = None if args.profile == "none" else args.profile
+            if args.profile is None and devices[0] == "cpu":
                 profile = "cpu" if sweep.has_profile(args.sweep, "cpu") else None
             providers = args.providers.split(",") if args.providers else None
             sw = sweep.load(args.sweep, profile, args.set, args.filter, providers)
@@ -61,6 +62,9 @@ def main(argv=None) -> int:
                 raise BadInput(f"{args.sweep}: no cases left after filters and constraints")
             if args.dry_run:
                 console.out.print(console.case_table(sw.cases))
+                if profile:
+                    console.out.print(f"profile: {profile}" + (" (no GPU here; --profile none shows "
+                                      "the sweep as written)" if args.profile is None else ""))
                 return 0
             root = Path(args.out)
             writer = runner.new_run(sw, root, ["-m", "bench.run", *argv], devices)

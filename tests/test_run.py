@@ -10,6 +10,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 from bench import run
 from bench.results import store
@@ -269,6 +270,18 @@ def test_dry_run_lists_cases_and_writes_nothing(write_sweep, tmp_path, capsys):
     assert run.main([str(path), "--out", str(tmp_path / "r"), "--dry-run"]) == 0
     assert "4 cases" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
+
+
+def test_profile_none_shows_the_sweep_as_written_on_a_cpu_machine(write_sweep, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: no profile is applied by default")
+    path = write_sweep(small(["native"]) + "profiles:\n  cpu: {axes: {seq_len: [5]}}\n")
+    assert run.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 cases" in out and "profile: cpu (no GPU here; --profile none" in out
+    assert run.main([str(path), "--dry-run", "--profile", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "2 cases" in out and "profile:" not in out
 
 
 def test_unavailable_provider_is_skipped_with_its_reason(write_sweep, tmp_path, capsys):

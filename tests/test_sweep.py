@@ -256,6 +256,16 @@ HOSTILE = {  # kinds of file that are not sweeps, each refused in one line, quic
 }
 
 
+def test_a_filter_no_case_matches_says_what_the_profile_replaced(write_sweep):
+    path = write_sweep(BASE + "profiles:\n  cpu: {axes: {seq_len: [5]}}\n")
+    with pytest.raises(SweepError, match=r"--filter seq_len=64: no case has it \(seq_len is \[5\]: "
+                       r"the 'cpu' profile replaced seq_len; --profile none keeps the sweep's own\)"):
+        sweep.load(path, profile="cpu", filters=["seq_len=64"])
+    with pytest.raises(SweepError, match=r"no case has it \(batch is \[1, 2\]\)$"):
+        sweep.load(path, profile="cpu", filters=["batch=3"])
+    assert len(sweep.load(path, filters=["seq_len=64"]).cases) == 4
+
+
 def test_anchors_and_merge_keys_still_work(write_sweep):
     text = BASE.replace("timing", "x") + "profiles:\n  a: &t {timing: {min_reps: 3}}\n  cpu: {<<: *t}\n"
     sw = load(write_sweep, text, profile="cpu")

@@ -532,9 +532,16 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     points = [{**wl.defaults, **p} for p in points]
 
     filt = [_parse_override(f, "--filter") for f in filters]
-    for key, _ in filt:
+    for key, want in filt:
         if key not in wl.defaults and not any(key in s["axes"] for s in prov_specs):
             raise SweepError(f"--filter {key}: not an axis of this sweep")
+        values = [p[key] for p in points] + [x for s in prov_specs for x in s["axes"].get(key, [])]
+        if not any(_same(x, want) for x in values):
+            replaced = profile in profiles and key in (profiles[profile].get("axes") or {})
+            raise SweepError(
+                f"--filter {key}={want}: no case has it ({key} is {list(dict.fromkeys(values))}"
+                + (f": the '{profile}' profile replaced {key}; --profile none keeps the sweep's own)"
+                   if replaced else ")"))
 
     cases = []
     for point in points:
