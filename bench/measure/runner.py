@@ -106,7 +106,6 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
     if not complete:
         print(f"{'interrupted' if interrupted else 'incomplete'}: {len(records)} of "
               f"{writer.meta['cases']} cases stored; finish with --resume {writer.path}", file=sys.stderr)
-    if not complete:
         return 130
     failed = sorted({r["status"] for r in records if r["status"] in store.FAILED})
     if strict and failed:
