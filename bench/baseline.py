@@ -14,7 +14,7 @@ from bench.results.baseline import ROOT, bless
 
 
 def main(argv=None) -> int:
-    parser = Parser(prog="python -m bench.baseline", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m bench.baseline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     set_ = sub.add_parser("set", help="bless RUN_DIR as the baseline for its GPU model and sweep")
     set_.add_argument("run_dir")

@@ -18,8 +18,9 @@ class Parser(argparse.ArgumentParser):
 def sweep_options(p: Parser) -> None:
     """The options that choose a sweep's cases, shared by every command that runs a sweep."""
     p.add_argument("--out", default="results", help="results root (default: results)")
-    p.add_argument("--profile", help="sweep profile to apply (default: 'cpu' on a machine without a "
-                                     "GPU, when the sweep defines it); 'ncu' profiles with Nsight Compute")
+    p.add_argument("--profile", help="sweep profile to apply, or 'none' for the sweep as written "
+                                     "(default: 'cpu' on a machine without a GPU, when the sweep "
+                                     "defines it); 'ncu' profiles with Nsight Compute")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a sweep key or axis, e.g. timing.max_time_s=1 or seq_len=[128,256]")
     p.add_argument("--filter", action="append", default=[], metavar="AXIS=VALUE",

@@ -4,9 +4,11 @@
 
 For each case present in both runs (same workload, provider and parameters) the ratio of medians
 CUR/BASE gets a bootstrap confidence interval from the stored samples. A case is a regression when
-it is slower by more than the threshold *and* the interval lies wholly above 1 (the slowdown is
-larger than the measured noise); improvements mirror that. Exit status: 1 on any regression (or a
-case that ran in BASE and fails in CUR), 0 otherwise, 2 on bad input. docs/regressions.md says why.
+it is slower by more than the threshold and by more than the run-to-run noise expected of it (its
+sample spread times a factor per device kind), *and* the interval lies wholly above 1 (the slowdown
+is larger than the measured noise); improvements mirror that. Exit status: 1 on any regression (or a
+case that ran in BASE and fails in CUR), 0 otherwise, 2 on bad input or when nothing could be
+compared. docs/regressions.md says why.
 """
 from __future__ import annotations
 

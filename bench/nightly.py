@@ -17,7 +17,7 @@ from bench.results.nightly import load_plan, nightly
 
 
 def main(argv=None) -> int:
-    parser = Parser(prog="python -m bench.nightly", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m bench.nightly", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="sweeps/nightly.yaml", help="default: %(default)s")
     parser.add_argument("--out", default="results", help="results root (default: %(default)s)")
     parser.add_argument("--baselines", default="results/baselines", help="default: %(default)s")

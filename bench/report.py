@@ -15,7 +15,7 @@ from bench.results.baseline import open_run
 
 
 def main(argv=None) -> int:
-    parser = Parser(prog="python -m bench.report", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("--baseline", help="run directory (or blessed baseline) to compare against")
     parser.add_argument("--allow-different-hardware", action="store_true")

@@ -20,6 +20,8 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", metavar="DIR", help="finish a partial run without redoing its cases")
     p.add_argument("--gpus", help="GPU indices to run on at once, e.g. 0,1, or 'all'")
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes (no GPU)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when a case is incorrect, error, crashed, timeout or oom")
     p.add_argument("--executor", choices=["local", "dask"], default="local",
                    help="local: a worker per device of this host (default); dask: one Dask task "
                         "per case (docs/regressions.md)")
@@ -52,6 +54,9 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
             sw = runner.load_sweep(args, devices[0])
             if args.dry_run:
                 console.out.print(console.case_table(sw.cases))
+                if sw.profile:
+                    console.out.print(f"profile: {sw.profile}" + (" (no GPU here; --profile none shows "
+                                      "the sweep as written)" if args.profile is None else ""))
                 return 0, None
         run_cases = pool.run_cases
         if args.executor == "dask":  # connected before anything is written
@@ -70,7 +75,7 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
         print(f"error: {e}", file=sys.stderr)
         return 2, None
     signal.signal(signal.SIGTERM, _sigterm)
-    code = runner.execute(writer, todo, devices, root, run_cases)
+    code = runner.execute(writer, todo, devices, root, run_cases, args.strict)
     if code == 0 and args.profile == runner.NCU:
         runner.profile_counters(writer.path, todo, devices[0])
     print(writer.path)

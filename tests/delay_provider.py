@@ -40,3 +40,9 @@ def tiled(params, inputs):
     if params["rows_per_block"] == 1 and params["rows"] == 16:
         return lambda: fn() + 1
     return fn
+
+
+def off(params, inputs):
+    """Steady, but its output is wrong: the case is `incorrect`."""
+    fn = steady(params, inputs)
+    return lambda: fn() + 1.0

@@ -81,6 +81,51 @@ def test_ratio_ci_is_reproducible_and_brackets_the_ratio():
     assert np.isnan(compare.ratio_ci([1.0], [1.0])[1])
 
 
+def runs_apart(rng, n: int, spread: float, shift: float, slowdown: float = 1.0):
+    """Two runs' samples of one case: lognormal scatter `spread` within a run, and each whole run
+    moved by a lognormal factor of sd `shift` (a shared machine's load differs from run to run)."""
+    def one():
+        return np.exp(rng.normal(rng.normal(0, shift), spread, n))
+    return one(), one() * slowdown
+
+
+def test_cpu_run_to_run_noise_is_not_called_a_regression():
+    rng = np.random.default_rng(11)
+    pairs = [runs_apart(rng, 300, 0.15, 0.05) for _ in range(300)]
+    rows = [compare.compare_case(record(samples=b), record(samples=c), 0.03, "cpu") for b, c in pairs]
+    assert sum(r["verdict"] != "unchanged" for r in rows) <= 3  # at most 1% of 300
+    within_run_only = sum(flagged(b, c) != "unchanged" for b, c in pairs)
+    assert within_run_only > 30  # the interval alone cries wolf on such a machine
+
+
+def test_gpu_five_percent_slowdown_is_still_flagged():
+    rng = np.random.default_rng(12)
+    pairs = [runs_apart(rng, 50, 0.01, 0.002, slowdown=1.05) for _ in range(300)]
+    hits = sum(compare.compare_case(record(samples=b), record(samples=c), 0.03, "cuda")["verdict"]
+               == "regression" for b, c in pairs)
+    assert hits >= 0.95 * 300
+    same = [runs_apart(rng, 50, 0.01, 0.002) for _ in range(300)]
+    assert sum(compare.compare_case(record(samples=b), record(samples=c), 0.03, "cuda")["verdict"]
+               != "unchanged" for b, c in same) <= 3
+
+
+def test_a_gate_that_compared_nothing_fails(tmp_path, capsys):
+    base = write_run(tmp_path / "base", [record("a", [1.0] * 30), record("b", [1.0] * 30)])
+    empty = write_run(tmp_path / "empty", [])
+    other = write_run(tmp_path / "other", [record("a", [1.0] * 30, workload="x")], sweep="t")
+    partial = write_run(tmp_path / "partial", [record("a", [1.0] * 30)])
+    meta = json.loads((partial / "meta.json").read_text())
+    (partial / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    torn = write_run(tmp_path / "torn", [record("a", [1.0] * 30), record("b", [1.0] * 30)])
+    text = (torn / "samples.jsonl").read_text()
+    (torn / "samples.jsonl").write_text(text[:-30])
+    for cur, says in ((empty, "nothing to compare"), (other, "nothing to compare"),
+                      (partial, "incomplete"), (torn, "not a whole record")):
+        assert compare_cli.main([str(base), str(cur)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+
+
 def test_matching_one_side_and_status_changes(tmp_path):
     base = write_run(tmp_path / "base", [
         record("a", [1.0] * 30), record("b", [1.0] * 30), record("c", [1.0] * 30),

@@ -117,3 +117,12 @@ def test_the_fleet_workflow_runs_the_nightly_on_every_gpu_model_into_one_history
     assert job["env"]["PERF_HISTORY_URL"] == "${{ secrets.PERF_HISTORY_URL }}"
     script = "\n".join(step.get("run", "") for step in job["steps"])
     assert 'python -m bench.nightly --history "$history"' in script and ".[cutile,postgres]" in script
+
+
+def test_a_failed_case_fails_the_nightly_after_its_reports(tmp_path, write_sweep, capsys):
+    rc, md = night(tmp_path, write_sweep, "off")
+    assert rc == 1
+    assert "strict: 1 case(s) incorrect" in capsys.readouterr().err
+    assert "Nightly benchmark" in md
+    history = read(connect(str(tmp_path / "history.sqlite")))
+    assert set(history["status"]) == {"incorrect"}, "the failed night is in the history"

@@ -1,5 +1,7 @@
 """Sweep loading: expansion rules, overrides, and one-line file:line errors for every bad field."""
 import subprocess
+import time
+from pathlib import Path
 import sys
 
 import pytest
@@ -197,3 +199,101 @@ def test_fmha_sweep_tile_configs_are_the_kernels_list():
     keys = SWEEP_CONFIGS[0].keys()
     swept = {tuple(c.params[k] for k in keys) for c in sw.cases if c.provider == "cutile"}
     assert swept == {tuple(c[k] for k in keys) for c in SWEEP_CONFIGS}
+
+
+def _laughs(levels: int, width: int) -> str:
+    """An alias bomb: each level names the one before `width` times."""
+    lines = ["a0: &a0 [x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]"
+                               for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def _merges(levels: int) -> str:
+    lines = ["m0: &m0 {k: 1}"] + [f"m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}], k{i}: 1}}"
+                                  for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+BASE_T = BASE + "timing: {%s}\n"
+HOSTILE = {  # kinds of file that are not sweeps, each refused in one line, quickly
+    "binary": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\xff\xfe" * 50,
+    "utf16": BASE.encode("utf-16"),
+    "latin1": (BASE + "name: caf\xe9\n").encode("latin-1"),
+    "nul": (BASE + "name: a\x00b\n").encode(),
+    "control": (BASE + "name: a\x07b\n").encode(),
+    "huge": b"# " + b"x" * (2 << 20) + b"\n",
+    "endless": None,  # /dev/zero
+    "alias bomb": (BASE + _laughs(12, 9)).encode(),
+    "merge bomb": (BASE + _merges(40)).encode(),
+    "self alias": (BASE + "name: &a [1, *a]\n").encode(),
+    "deep flow": (BASE + "name: " + "[" * 5000 + "]" * 5000 + "\n").encode(),
+    "deep block": (BASE + "".join(f"{' ' * i}k:\n" for i in range(600))).encode(),
+    "deep dashes": (BASE + "name:\n" + "- " * 100000 + "x\n").encode(),
+    "wide list": (BASE + "name: [" + ", ".join(["1"] * 100000) + "]\n").encode(),
+    "deep mapping": (BASE + "name: " + "{a: " * 500 + "1" + "}" * 500 + "\n").encode(),
+    "long int": BASE.replace("[1, 2]", "[1" + "0" * 5000 + "]").encode(),
+    "complex key": (BASE + "? [a, b]\n: 1\n").encode(),
+    "list in zip": (BASE + "zip: [[[batch], seq_len]]\n").encode(),
+    "power": (BASE + "constraints: ['2 ** 10 ** 10 > 1']\n").encode(),
+    "axis power": (BASE + "constraints: ['batch ** 999999999 > seq_len ** 99999']\n").encode(),
+    "string product": (BASE + "constraints: ['\"a\" * 10 ** 9 == \"b\"']\n").encode(),
+    "list product": (BASE + "constraints: ['[1] * 10 ** 9 == [1]']\n").encode(),
+    "float overflow": (BASE + "constraints: ['10.0 ** 400 > batch']\n").encode(),
+    "nested parens": (BASE + "constraints: ['" + "(" * 300 + "1" + ")" * 300 + " > 0']\n").encode(),
+    "too many cases": (BASE.replace("[1, 2]", str(list(range(1, 400))))
+                       .replace("[13, 64, 127]", str(list(range(1, 400))))).encode(),
+    "negative warmup": (BASE_T % "warmup_ms: -1").encode(),
+    "zero reps": (BASE_T % "min_reps: 0").encode(),
+    "fractional reps": (BASE_T % "min_reps: 2.5").encode(),
+    "nan budget": (BASE_T % "max_time_s: .nan").encode(),
+    "inf timeout": (BASE_T % "timeout_s: .inf").encode(),
+    "zero timeout": (BASE_T % "timeout_s: 0").encode(),
+    "ci above 1": (BASE_T % "target_ci: 5").encode(),
+    "huge warmup": (BASE_T % "warmup_ms: 1.0e+300").encode(),
+    "warmup past timeout": (BASE_T % "warmup_ms: 5000, timeout_s: 4").encode(),
+    "nan tolerance": (BASE + "tolerance: {float32: {max_abs: .nan, rel: 0.1}}\n").encode(),
+    "negative threshold": (BASE + "compare: {threshold: -0.1}\n").encode(),
+}
+
+
+def test_a_filter_no_case_matches_says_what_the_profile_replaced(write_sweep):
+    path = write_sweep(BASE + "profiles:\n  cpu: {axes: {seq_len: [5]}}\n")
+    with pytest.raises(SweepError, match=r"--filter seq_len=64: no case has it \(seq_len is \[5\]: "
+                       r"the 'cpu' profile replaced seq_len; --profile none keeps the sweep's own\)"):
+        sweep.load(path, profile="cpu", filters=["seq_len=64"])
+    with pytest.raises(SweepError, match=r"no case has it \(batch is \[1, 2\]\)$"):
+        sweep.load(path, profile="cpu", filters=["batch=3"])
+    assert len(sweep.load(path, filters=["seq_len=64"]).cases) == 4
+
+
+def test_anchors_and_merge_keys_still_work(write_sweep):
+    text = BASE.replace("timing", "x") + "profiles:\n  a: &t {timing: {min_reps: 3}}\n  cpu: {<<: *t}\n"
+    sw = load(write_sweep, text, profile="cpu")
+    assert sw.cases[0].timing["min_reps"] == 3
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_hostile_files_are_refused_in_one_line_quickly(tmp_path, kind):
+    path = tmp_path / "sweep.yaml"
+    if HOSTILE[kind] is None:
+        path = Path("/dev/zero")
+    else:
+        path.write_bytes(HOSTILE[kind])
+    t0 = time.perf_counter()
+    with pytest.raises(SweepError) as info:
+        sweep.load(path)
+    assert time.perf_counter() - t0 < 5
+    text = str(info.value)
+    assert text.startswith(str(path)) and "\n" not in text and len(text) < 400, text
+    assert not sweep.has_profile(path, "cpu")
+
+
+@pytest.mark.parametrize("kind", ["binary", "alias bomb", "deep flow", "power", "negative warmup"])
+def test_hostile_file_exits_2_and_writes_nothing(tmp_path, subprocess_env, kind):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(HOSTILE[kind])
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", str(path), "--out", str(out)],
+                          capture_output=True, text=True, env=subprocess_env, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: {path}") and not out.exists()

@@ -35,9 +35,12 @@ def worker_device() -> str:
     return os.environ.get(DEVICE_ENV) or ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-def run_task(case: dict) -> dict:
-    """The Dask task: one case, isolated, on this worker's device; the record says which host."""
-    record = run_isolated(Case.from_dict(case), worker_device())
+def run_task(case: dict, log: str) -> dict:
+    """The Dask task: one case, isolated, on this worker's device, its output going to `log` (the
+    run directory's file where that is shared, else the same path on the worker's host); the
+    record says which host."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    record = run_isolated(Case.from_dict(case), worker_device(), log)
     record["host"] = socket.gethostname()
     return record
 
@@ -84,7 +87,8 @@ def gpu_slots(client) -> int:
 
 
 def run_cases(client, cases: list[Case], devices: list[str], on_start: Callable[[Case, str], None],
-              on_record: Callable[[Case, dict], None], stop: threading.Event) -> None:
+              on_record: Callable[[Case, dict], None], stop: threading.Event,
+              log_of: Callable[[Case], str]) -> None:
     """bench.measure.pool.run_cases over a Dask client (bind it with functools.partial); `devices`
     are the workers' business here. No more tasks are handed to the scheduler than there are GPUs,
     so that a worker holds only the task it runs and a lost worker fails no case still waiting.
@@ -95,7 +99,7 @@ def run_cases(client, cases: list[Case], devices: list[str], on_start: Callable[
     def feed():
         while todo and len(running) < gpu_slots(client):
             case = todo.pop(0)
-            future = client.submit(run_task, case.to_dict(), resources={"GPU": 1}, pure=False)
+            future = client.submit(run_task, case.to_dict(), log_of(case), resources={"GPU": 1}, pure=False)
             running[future] = case
             finished.add(future)
             on_start(case, "dask")

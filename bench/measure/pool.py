@@ -1,6 +1,6 @@
 """Runs cases on worker processes, one per device slot, each case isolated: a worker that dies is
 recorded as `crashed`, one that overruns its timeout is killed and recorded as `timeout`, and a fresh
-worker takes the next case."""
+worker takes the next case. So does a worker that a case left changed (bench.measure.leaks)."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -54,7 +54,7 @@ class _Slot:
         self.conn.close()
         self.proc = self.conn = None
 
-    def run(self, case: Case) -> dict:
+    def run(self, case: Case, log: str) -> dict:
         started = utc_now()
         if self.proc is None or not self.proc.is_alive():
             if not self.start():
@@ -62,9 +62,12 @@ class _Slot:
                 return _failure(case, self.device, "crashed",
                                 f"worker process did not start within {STARTUP_S:g} s", started)
         try:
-            self.conn.send(case.to_dict())
+            self.conn.send((case.to_dict(), log))
             if self.conn.poll(case.timing["timeout_s"]):
-                return self.conn.recv()
+                record = self.conn.recv()
+                if record.get("leaked"):  # the worker exits; the next case starts a fresh one
+                    self.stop()
+                return record
             self.stop(kill=True)
             return _failure(case, self.device, "timeout",
                             f"no result within {case.timing['timeout_s']:g} s; worker killed", started)
@@ -79,16 +82,19 @@ class _Slot:
 _held: dict[str, _Slot] = {}
 
 
-def run_isolated(case: Case, device: str) -> dict:
-    """One case in this process's worker for `device`, kept for the next case: how a task of
-    another executor (bench.measure.dask_executor) still isolates each case."""
-    return _held.setdefault(device, _Slot(device)).run(case)
+def run_isolated(case: Case, device: str, log: str) -> dict:
+    """One case in this process's worker for `device`, kept for the next case, its output going to
+    the file `log`: how a task of another executor (bench.measure.dask_executor) still isolates
+    each case."""
+    return _held.setdefault(device, _Slot(device)).run(case, log)
 
 
 def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, str], None],
-              on_record: Callable[[Case, dict], None], stop: threading.Event) -> None:
-    """Run every case on the first free device slot; callbacks are called from slot threads,
-    serialised by one lock. Returns when all cases are done or `stop` is set."""
+              on_record: Callable[[Case, dict], None], stop: threading.Event,
+              log_of: Callable[[Case], str]) -> None:
+    """Run every case on the first free device slot, its output going to the file log_of(case);
+    callbacks are called from slot threads, serialised by one lock. Returns when all cases are done
+    or `stop` is set."""
     todo: queue.Queue[Case] = queue.Queue()
     for c in cases:
         todo.put(c)
@@ -104,7 +110,7 @@ def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, s
                     return
                 with lock:
                     on_start(case, slot.device)
-                record = slot.run(case)
+                record = slot.run(case, log_of(case))
                 if stop.is_set():
                     return
                 with lock:

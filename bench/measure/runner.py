@@ -45,12 +45,12 @@ NCU = "ncu"  # a --profile value reserved for profiling with Nsight Compute, not
 
 def load_sweep(args, device: str) -> Sweep:
     """The sweep named on a command line (sweep_options), with the `cpu` profile by default on a
-    machine without a GPU; BadInput when no case is left."""
+    machine without a GPU and none with --profile none; BadInput when no case is left."""
     if sweep_mod.has_profile(args.sweep, NCU):
         raise BadInput(f"{args.sweep}: profile name '{NCU}' is reserved for --profile {NCU} "
                        "(Nsight Compute); rename the profile")
-    profile = None if args.profile == NCU else args.profile
-    if profile is None and device == "cpu":
+    profile = None if args.profile in (NCU, "none") else args.profile
+    if args.profile is None and device == "cpu":
         profile = "cpu" if sweep_mod.has_profile(args.sweep, "cpu") else None
     providers = args.providers.split(",") if args.providers else None
     sw = sweep_mod.load(args.sweep, profile, args.set, args.filter, providers)
@@ -78,17 +78,20 @@ def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str],
 
 
 def resume_run(path: Path, argv: list[str]) -> tuple[store.RunWriter, list[Case]]:
+    cut = store.cut_torn_tail(Path(path).resolve())
     run = store.load_run(path)
-    run.meta.setdefault("resumed", []).append({"utc": store.utc_now(), "command": argv})
+    run.meta.setdefault("resumed", []).append({"utc": store.utc_now(), "command": argv,
+                                               "cut_torn_record": cut})
     run.meta["complete"] = False
     cases = [Case.from_dict(c) for c in run.cases]
     return store.RunWriter(run.path, run.meta), [c for c in cases if c.case_id not in run.done_ids]
 
 
 def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root: Path | None,
-            run_cases=pool.run_cases) -> int:
+            run_cases=pool.run_cases, strict: bool = False) -> int:
     """Run `todo` into `writer` with `run_cases` (the local pool, or another executor behind the same
-    interface). Returns 0 when the run is complete, 130 when interrupted."""
+    interface). Returns 0 when the run is complete, 130 when it is not; with `strict`, 1 when it is
+    complete but a case failed (incorrect, error, crashed, timeout, oom)."""
     stop = threading.Event()
     bar = console.progress(len(todo))
     task = bar.task_ids[0]
@@ -97,7 +100,14 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
     def on_start(case: Case, device: str):
         bar.update(task, current=f"{device} {case.label}"[:90])
 
+    logs = writer.path / store.LOGS
+    logs.mkdir(exist_ok=True)
+
+    def log_of(case: Case) -> str:
+        return str(logs / f"{case.case_id}.log")
+
     def on_record(case: Case, record: dict):
+        record["log"] = store.keep_log(writer.path, log_of(case), record["status"])
         writer.append(record)
         bar.advance(task)
         if not bar.console.is_terminal:
@@ -107,23 +117,30 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
     interrupted = False
     with bar:
         try:
-            run_cases(todo, devices, on_start, on_record, stop)
+            run_cases(todo, devices, on_start, on_record, stop, log_of)
         except KeyboardInterrupt:
             interrupted = True
             stop.set()
-    complete = not interrupted
     writer.meta["wall_s"] = writer.meta.get("wall_s", 0.0) + (time.time() - t0)
-    writer.close(complete=complete)
-    records = store.read_records(writer.path)
+    run = store.load_run(writer.path)
+    records = run.records
+    complete = not interrupted and {c["case_id"] for c in run.cases} <= run.done_ids
+    writer.close(complete)  # complete only when every case has a whole record
     summary = summarize(records, writer.meta.get("ceilings"))
     writer.write_summary(summary)
     console.report_end(summary, records)
     if complete and root is not None:
         store.point_latest(root, writer.path)
-    if interrupted:
-        print(f"interrupted: {len(records)} of {writer.meta['cases']} cases stored; finish with "
-              f"--resume {writer.path}", file=sys.stderr)
-    return 0 if complete else 130
+    if not complete:
+        print(f"{'interrupted' if interrupted else 'incomplete'}: {len(records)} of "
+              f"{writer.meta['cases']} cases stored; finish with --resume {writer.path}", file=sys.stderr)
+        return 130
+    failed = sorted({r["status"] for r in records if r["status"] in store.FAILED})
+    if strict and failed:
+        n = sum(r["status"] in store.FAILED for r in records)
+        print(f"strict: {n} case(s) {', '.join(failed)}; exit status 1", file=sys.stderr)
+        return 1
+    return 0
 
 
 def profile_counters(path: Path, cases: list[Case], device: str) -> None:

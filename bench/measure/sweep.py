@@ -6,6 +6,7 @@ import ast
 import hashlib
 import itertools
 import json
+import math
 import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,12 @@ TIMING_DEFAULTS = {
     "timeout_s": 600.0,  # a case still running after this is killed and marked `timeout`
 }
 COMPARE_DEFAULTS = {"threshold": 0.03}
+# A sweep file is small; these bound what a hostile or broken one can cost before it is refused.
+MAX_BYTES = 256 << 10
+MAX_NODES = 20_000  # YAML values, aliases expanded
+MAX_DEPTH = 32  # nesting of mappings and lists
+MAX_CASES = 100_000
+MAX_INT_BITS = 256  # of any number a constraint computes
 TOP_KEYS = {"name", "workload", "baseline", "providers", "axes", "zip", "include", "exclude",
             "constraints", "timing", "tolerance", "compare", "profiles"}
 PROFILE_KEYS = TOP_KEYS - {"name", "workload", "profiles"}
@@ -73,7 +80,26 @@ class Sweep:
     cases: list[Case]
 
 
+def _read(path: Path) -> str:
+    """The file as text: at most MAX_BYTES of UTF-8, read no further than that."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise SweepError(f"{path}: cannot read the sweep file ({e.strerror})") from None
+    if len(data) > MAX_BYTES:
+        raise SweepError(f"{path}: larger than {MAX_BYTES >> 10} KiB; not a sweep file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise SweepError(f"{path}:{line}: not UTF-8 text (byte {e.start}); not a sweep file") from None
+
+
 # ---- YAML with line numbers ------------------------------------------------------------------
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present: 10x faster
+
 
 class _Doc:
     """The parsed document plus the line of every key and item, for error messages."""
@@ -81,16 +107,74 @@ class _Doc:
     def __init__(self, path: Path, text: str):
         self.path = path
         self.lines: dict[tuple, int] = {}
-        loader = yaml.SafeLoader(text)
         try:
-            node = loader.get_single_node()
-            self.data = {} if node is None else self._convert(loader, node, ())
+            self._scan(text)
+            loader = _Loader(text)
+            try:
+                node = loader.get_single_node()
+                if node is not None:
+                    self._bound(node)
+                self.data = {} if node is None else self._convert(loader, node, ())
+            finally:
+                loader.dispose()
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise SweepError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+            problem = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
+            raise SweepError(f"{path}{line}: not valid YAML ({problem})") from None
+        except (RecursionError, MemoryError):
+            raise SweepError(f"{path}: too large or nested too deeply for a sweep file") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise SweepError(f"{path}: not a usable value ({_first_line(e)})") from None
+
+    def _scan(self, text: str) -> None:
+        """Walk the parser's events once, before any value is built, and stop at the first one past
+        MAX_DEPTH levels of nesting or MAX_NODES values: parsing deep nesting costs time that grows
+        with the square of the depth, so it must end early."""
+        loader = _Loader(text)
+        depth = count = 0
+        try:
+            while loader.check_event():
+                event = loader.get_event()
+                count += 1
+                if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                    depth += 1
+                elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                    depth -= 1
+                if depth > MAX_DEPTH or count > MAX_NODES:
+                    what = f"nested more than {MAX_DEPTH} levels deep" if depth > MAX_DEPTH \
+                        else f"more than {MAX_NODES} values"
+                    raise SweepError(f"{self.path}:{event.start_mark.line + 1}: {what}; not a sweep file")
         finally:
             loader.dispose()
+
+    def _bound(self, root) -> None:
+        """Refuse, before anything is built, a document whose aliases expand past MAX_NODES values
+        (an alias bomb), that refers to itself, or that nests deeper than MAX_DEPTH."""
+        sizes: dict[int, int] = {}
+
+        def size(node, depth: int) -> int:
+            if id(node) in sizes:
+                if sizes[id(node)] < 0:
+                    self._fail(node, "an alias refers to the value that contains it")
+                return sizes[id(node)]
+            if depth > MAX_DEPTH:
+                self._fail(node, f"nested more than {MAX_DEPTH} levels deep")
+            sizes[id(node)] = -1
+            children = (node.value if isinstance(node, yaml.SequenceNode) else
+                        [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else [])
+            total = 1
+            for child in children:
+                total += size(child, depth + 1)
+                if total > MAX_NODES:
+                    self._fail(node, f"expands to more than {MAX_NODES} values (aliases?); not a sweep file")
+            sizes[id(node)] = total
+            return total
+
+        size(root, 0)
+
+    def _fail(self, node, msg: str):
+        raise SweepError(f"{self.path}:{node.start_mark.line + 1}: {msg}")
 
     def _convert(self, loader, node, at: tuple):
         self.lines[at] = node.start_mark.line + 1
@@ -98,6 +182,8 @@ class _Doc:
             loader.flatten_mapping(node)
             out = {}
             for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    self._fail(key_node, "a key must be a plain value, not a mapping or list")
                 key = loader.construct_object(key_node, deep=True)
                 if key in out:
                     raise SweepError(f"{self.path}:{key_node.start_mark.line + 1}: "
@@ -133,6 +219,20 @@ def _check_expr(node: ast.AST) -> None:
             raise ValueError(f"'{type(n).__name__}' is not allowed in a constraint")
 
 
+def _arith(op, *args):
+    """An arithmetic step on numbers only, with bounded integers: `2 ** 10 ** 10` or `'a' * 10 ** 9`
+    in a constraint is refused, not computed."""
+    if not all(isinstance(a, (int, float)) for a in args):
+        raise TypeError("arithmetic needs numbers, got " + ", ".join(type(a).__name__ for a in args))
+    if op is operator.pow and isinstance(args[1], int) and isinstance(args[0], int):
+        if abs(args[1]) > MAX_INT_BITS or abs(args[0]).bit_length() * abs(args[1]) > MAX_INT_BITS:
+            raise OverflowError(f"{args[0]} ** {args[1]} is too large")
+    result = op(*args)
+    if isinstance(result, int) and result.bit_length() > MAX_INT_BITS:
+        raise OverflowError(f"a number of more than {MAX_INT_BITS} bits")
+    return result
+
+
 def _eval(node: ast.AST, env: dict):
     if isinstance(node, ast.Expression):
         return _eval(node.body, env)
@@ -143,9 +243,11 @@ def _eval(node: ast.AST, env: dict):
     if isinstance(node, (ast.Tuple, ast.List)):
         return [_eval(e, env) for e in node.elts]
     if isinstance(node, ast.BinOp):
-        return _OPS[type(node.op)](_eval(node.left, env), _eval(node.right, env))
+        return _arith(_OPS[type(node.op)], _eval(node.left, env), _eval(node.right, env))
     if isinstance(node, ast.UnaryOp):
-        return _OPS[type(node.op)](_eval(node.operand, env))
+        if isinstance(node.op, ast.Not):
+            return not _eval(node.operand, env)
+        return _arith(_OPS[type(node.op)], _eval(node.operand, env))
     if isinstance(node, ast.BoolOp):
         values = (_eval(v, env) for v in node.values)
         return all(values) if isinstance(node.op, ast.And) else any(values)
@@ -159,7 +261,12 @@ def _eval(node: ast.AST, env: dict):
 
 
 def _compile_constraint(text: str) -> ast.Expression:
-    tree = ast.parse(text, mode="eval")
+    if len(text) > 1000:
+        raise ValueError("longer than 1000 characters")
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (RecursionError, MemoryError):
+        raise ValueError("nested too deeply") from None
     _check_expr(tree)
     return tree
 
@@ -171,7 +278,7 @@ class _Validator:
         self.doc = doc
 
     def fail(self, at: tuple, msg: str):
-        key = ".".join(str(k) for k in at) or "(top level)"
+        key = ".".join(str(k)[:40] for k in at) or "(top level)"
         raise SweepError(f"{self.doc.where(at)}: {key}: {msg}")
 
     def mapping(self, value, at, keys=None):
@@ -195,12 +302,20 @@ class _Validator:
             self.fail(at, f"expected a non-empty string, got {_kind(value)}")
         return value
 
-    def number(self, value, at, positive=True):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(at, f"expected a number, got {_kind(value)}")
+    def number(self, value, at, positive=True, integer=False):
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            self.fail(at, f"expected {'an integer' if integer else 'a number'}, got {_kind(value)}")
+        if not math.isfinite(value) or abs(value) > 1e12:
+            self.fail(at, f"expected a finite number of sensible size, got {_kind(value)}")
         if positive and value <= 0:
             self.fail(at, f"expected a positive number, got {value}")
+        if value < 0:
+            self.fail(at, f"expected zero or more, got {value}")
         return value
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _kind(value) -> str:
@@ -255,7 +370,7 @@ def _expand_axes(v: _Validator, axes: dict, zips: list, at: tuple) -> list[dict]
     for gi, group in enumerate(zips):
         v.seq(group, at + (gi,))
         for name in group:
-            if name not in axes:
+            if not isinstance(name, str) or name not in axes:
                 v.fail(at + (gi,), f"'{name}' is not an axis")
             if name in grouped:
                 v.fail(at + (gi,), f"'{name}' is in two zip groups")
@@ -268,6 +383,8 @@ def _expand_axes(v: _Validator, axes: dict, zips: list, at: tuple) -> list[dict]
     for name, values in axes.items():
         if name not in grouped:
             groups.append([{name: x} for x in values])
+    if math.prod(len(g) for g in groups) > MAX_CASES:
+        v.fail(at[:-1] + ("axes",), f"the axes give more than {MAX_CASES} points")
     return [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*groups)]
 
 
@@ -290,10 +407,7 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
          providers: list[str] | None = None) -> Sweep:
     """Load, validate and expand a sweep file. Raises SweepError with one line on any problem."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SweepError(f"{path}: cannot read the sweep file ({e.strerror})") from None
+    text = _read(path)
     doc = _Doc(path, text)
     v = _Validator(doc)
     data = v.mapping(doc.data, (), TOP_KEYS)
@@ -370,9 +484,14 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
             if not isinstance(value, bool):
                 v.fail(at, f"expected true or false, got {_kind(value)}")
         else:
-            v.number(value, at, positive=key not in ("warmup_ms",))
+            v.number(value, at, positive=key != "warmup_ms", integer=key in ("min_reps", "max_reps"))
     if timing["min_reps"] > timing["max_reps"]:
         v.fail(("timing", "min_reps"), "min_reps is larger than max_reps")
+    if timing["target_ci"] >= 1:
+        v.fail(("timing", "target_ci"), f"expected a fraction below 1, got {timing['target_ci']}")
+    if timing["warmup_ms"] / 1e3 + timing["max_time_s"] >= timing["timeout_s"]:
+        v.fail(("timing", "timeout_s"), f"{timing['timeout_s']:g} s leaves no time: warmup_ms and "
+               "max_time_s alone take that long")
     tolerance = v.mapping(data.get("tolerance") or {}, ("tolerance",))
     for dt, tol in tolerance.items():
         v.mapping(tol, ("tolerance", dt), {"max_abs", "rel"})
@@ -385,7 +504,8 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
         try:
             constraints.append((i, text, _compile_constraint(v.string(text, ("constraints", i)))))
         except (SyntaxError, ValueError) as e:
-            v.fail(("constraints", i), f"bad expression {text!r} ({e.msg if isinstance(e, SyntaxError) else e})")
+            v.fail(("constraints", i), f"bad expression {text[:80]!r} "
+                   f"({e.msg if isinstance(e, SyntaxError) else e})")
 
     # points: the product, plus include points, minus exclude rules, within the constraints
     zips = v.seq(data.get("zip") or [], ("zip",), nonempty=False)
@@ -412,9 +532,16 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     points = [{**wl.defaults, **p} for p in points]
 
     filt = [_parse_override(f, "--filter") for f in filters]
-    for key, _ in filt:
+    for key, want in filt:
         if key not in wl.defaults and not any(key in s["axes"] for s in prov_specs):
             raise SweepError(f"--filter {key}: not an axis of this sweep")
+        values = [p[key] for p in points] + [x for s in prov_specs for x in s["axes"].get(key, [])]
+        if not any(_same(x, want) for x in values):
+            replaced = profile in profiles and key in (profiles[profile].get("axes") or {})
+            raise SweepError(
+                f"--filter {key}={want}: no case has it ({key} is {list(dict.fromkeys(values))}"
+                + (f": the '{profile}' profile replaced {key}; --profile none keeps the sweep's own)"
+                   if replaced else ")"))
 
     cases = []
     for point in points:
@@ -426,6 +553,8 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
                 if not _within(v, constraints, params, provider_axes) or not all(
                         _same(params.get(k), want) for k, want in filt if k in params):
                     continue
+                if len(cases) >= MAX_CASES:
+                    v.fail((), f"more than {MAX_CASES} cases")
                 cases.append(Case(
                     case_id=_case_id(wl_name, spec["name"], params), workload=wl_name,
                     provider=spec["name"], baseline=baseline, params=params, shape=dict(point),
@@ -459,15 +588,15 @@ def _within(v: _Validator, constraints, params: dict, provider_axes: set) -> boo
         except KeyError as e:
             if e.args[0] not in provider_axes:
                 v.fail(("constraints", i), f"{text!r} names {e.args[0]!r}, which is not an axis")
-        except (TypeError, ZeroDivisionError) as e:
-            v.fail(("constraints", i), f"{text!r} cannot be evaluated ({e})")
+        except (TypeError, ArithmeticError, ValueError, RecursionError) as e:
+            v.fail(("constraints", i), f"{text[:80]!r} cannot be evaluated ({_first_line(e)})")
     return True
 
 
 def has_profile(path, name: str) -> bool:
     """Whether the sweep file defines profile `name` (False for an unreadable file: load says why)."""
     try:
-        data = _Doc(Path(path), Path(path).read_text()).data
-    except (OSError, SweepError):
+        data = _Doc(Path(path), _read(Path(path))).data
+    except SweepError:
         return False
     return isinstance(data, dict) and isinstance(data.get("profiles"), dict) and name in data["profiles"]

@@ -5,17 +5,24 @@ of memory costs only itself: the parent records it and starts a fresh worker.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import time
 import traceback
 
 import torch
 
 from bench import workloads
-from bench.measure import check, env, timing
+from bench.measure import check, env, leaks, timing
 from bench.measure.sweep import Case
 from bench.results.store import utc_now
+
+
+# One thread per CPU worker: with two, every op waits at a barrier for both, and on a shared machine
+# a descheduled thread made whole runs' medians 100x slower (docs/regressions.md).
+CPU_THREADS = 1
 
 
 def _one_line(e: BaseException) -> str:
@@ -42,8 +49,7 @@ def blank_record(case: Case, device: str) -> dict:
         "status": "ok", "reason": "", "device": device, "samples_ms": [],
         "first_call_ms": None, "max_abs_err": None, "rel_err": None, "tolerance": None,
         "flops": None, "bytes": None, "telemetry": None, "stop": None, "host_ms": None,
-        "busy_ms": None,
-        "started_utc": utc_now(),
+        "busy_ms": None, "leaked": None, "log": None, "started_utc": utc_now(),
     }
 
 
@@ -100,11 +106,35 @@ def run_case(case: Case, device: torch.device) -> dict:
     return rec
 
 
+@contextlib.contextmanager
+def captured(path: str):
+    """Send everything written to stdout and stderr (by Python or by native code) to `path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+
+
 def serve(conn, device_name: str) -> None:
-    """Worker process main loop: receive a case dict, send back its record; stop on None or EOF."""
+    """Worker process main loop: receive (case dict, log file), send back its record, with the case's
+    stdout and stderr in the log file; stop on None or EOF,
+    or after a case that left the process changed (its record says what, under `leaked`)."""
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(CPU_THREADS)
+    clean = leaks.snapshot(device)
     conn.send("ready")
     while True:
         try:
@@ -113,8 +143,13 @@ def serve(conn, device_name: str) -> None:
             return
         if msg is None:
             return
-        record = run_case(Case.from_dict(msg), device)
+        case, log = msg
+        with captured(log):
+            record = run_case(Case.from_dict(case), device)
+        record["leaked"] = leaks.changes(clean, device)
         try:
             conn.send(record)
         except (BrokenPipeError, OSError):
+            return
+        if record["leaked"]:
             return

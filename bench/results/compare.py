@@ -2,9 +2,11 @@
 
 For each case present in both runs (same workload, provider and parameters) the ratio of medians
 CUR/BASE gets a bootstrap confidence interval from the stored samples. A case is a regression when
-it is slower by more than the threshold *and* the interval lies wholly above 1 (the slowdown is
-larger than the measured noise); improvements mirror that. Exit status: 1 on any regression (or a
-case that ran in BASE and fails in CUR), 0 otherwise, 2 on bad input. docs/regressions.md says why."""
+it is slower by more than the threshold and by more than the run-to-run noise expected of it (its
+sample spread times a factor per device kind), *and* the interval lies wholly above 1 (the slowdown
+is larger than the measured noise); improvements mirror that. Exit status: 1 on any regression (or a
+case that ran in BASE and fails in CUR), 0 otherwise, 2 on bad input or when nothing could be
+compared. docs/regressions.md says why."""
 from __future__ import annotations
 
 import json
@@ -17,12 +19,15 @@ import numpy as np
 
 from bench.results.baseline import hardware
 from bench.cli import BadInput
-from bench.results.store import Run
+from bench.results.store import FAILED, Run
 
 THRESHOLD = 0.03
 CONFIDENCE = 0.99
+# Run-to-run noise, in units of a case's own sample spread, per device kind: the bootstrap interval
+# covers the noise within one run only, and a shared CPU's load moves whole runs by more than its
+# samples scatter within one (docs/regressions.md has the measurements behind these numbers).
+RUN_NOISE = {"cpu": 5.0, "cuda": 1.0}
 N_BOOT = 2000
-FAILED = {"incorrect", "error", "crashed", "timeout", "oom"}
 FAILING = {"regression", "broken"}  # verdicts that make the comparison fail
 
 
@@ -47,15 +52,33 @@ def ratio_ci(base, cur, confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
     return ratio, float(lo), float(hi)
 
 
-def verdict(ratio: float, lo: float, hi: float, threshold: float) -> str:
-    """regression / improvement when the change passes the threshold and the interval excludes 1."""
+def spread(samples) -> float:
+    """A robust standard deviation of the log samples (IQR / 1.349): their relative scatter."""
+    x = np.asarray(samples, dtype=float)
+    if x.size < 2 or not (x > 0).all():
+        return 0.0
+    q1, q3 = np.percentile(np.log(x), [25, 75])
+    return float((q3 - q1) / 1.349)
+
+
+def verdict(ratio: float, lo: float, hi: float, threshold: float, noise: float = 0.0) -> str:
+    """regression / improvement when the change passes both the threshold and the expected
+    run-to-run noise (a change of the log median), and the interval excludes 1."""
     if not (lo > 0 and hi > 0):
         return "unchanged"
-    if ratio > 1 + threshold and lo > 1:
+    margin = max(math.log1p(threshold), noise)
+    if math.log(ratio) > margin and lo > 1:
         return "regression"
-    if ratio < 1 - threshold and hi < 1:
+    if -math.log(ratio) > margin and hi < 1:
         return "improvement"
     return "unchanged"
+
+
+def run_noise(base: dict, cur: dict, kind: str) -> float:
+    """How far a case's log median may move between two runs of the same code: its larger sample
+    spread times the device kind's factor."""
+    factor = RUN_NOISE.get(kind, max(RUN_NOISE.values()))
+    return factor * max(spread(base.get("samples_ms") or []), spread(cur.get("samples_ms") or []))
 
 
 def case_key(rec: dict) -> str:
@@ -72,14 +95,15 @@ def _median(rec: dict) -> float:
     return float(np.median(s)) if s else math.nan
 
 
-def compare_case(base: dict, cur: dict, threshold: float) -> dict:
+def compare_case(base: dict, cur: dict, threshold: float, kind: str = "cuda") -> dict:
     """One row of the comparison table."""
     b_ok, c_ok = base.get("status") == "ok", cur.get("status") == "ok"
     ratio = lo = hi = math.nan
+    noise = run_noise(base, cur, kind)
     if b_ok and c_ok:
         seed = zlib.crc32(case_key(cur).encode())
         ratio, lo, hi = ratio_ci(base.get("samples_ms") or [], cur.get("samples_ms") or [], seed=seed)
-        result = verdict(ratio, lo, hi, threshold)
+        result = verdict(ratio, lo, hi, threshold, noise)
     elif b_ok and cur.get("status") in FAILED:
         result = "broken"
     elif c_ok:
@@ -91,7 +115,8 @@ def compare_case(base: dict, cur: dict, threshold: float) -> dict:
         "case": case_label(cur), "workload": cur["workload"], "provider": cur["provider"],
         "params": cur.get("params", {}), "base_status": base.get("status"),
         "cur_status": cur.get("status"), "base_ms": _median(base), "cur_ms": _median(cur),
-        "ratio": ratio, "ci_low": lo, "ci_high": hi, "verdict": result, "noisy": noisy,
+        "ratio": ratio, "ci_low": lo, "ci_high": hi, "run_noise": noise, "verdict": result,
+        "noisy": noisy or noise > math.log1p(threshold),
         "reason": "" if c_ok else (cur.get("reason") or ""),
     }
 
@@ -131,10 +156,17 @@ def compare_runs(base: Run, cur: Run, threshold: float | None = None,
         threshold = sweep_threshold(cur.meta) or sweep_threshold(base.meta) or THRESHOLD
     if not threshold > 0:
         raise BadInput(f"threshold must be positive, got {threshold}")
+    if not cur.meta.get("complete", False):
+        raise BadInput(f"{cur.path}: the run is incomplete (interrupted?); finish it with "
+                       f"python -m bench.run --resume {cur.path}")
     b = {case_key(r): r for r in base.records}
     c = {case_key(r): r for r in cur.records}
+    if not any(k in b for k in c):
+        raise BadInput(f"no case of {cur.path} is in {base.path} "
+                       f"({len(cur.records)} against {len(base.records)} cases): nothing to compare")
+    kind = (cur.meta.get("env") or {}).get("device_kind", "cuda")
     out = Comparison(str(base.path), str(cur.path), hw, threshold, CONFIDENCE)
-    out.rows = [compare_case(b[k], c[k], threshold) for k in c if k in b]
+    out.rows = [compare_case(b[k], c[k], threshold, kind) for k in c if k in b]
     out.only_base = sorted(case_label(b[k]) for k in b if k not in c)
     out.only_cur = sorted(case_label(c[k]) for k in c if k not in b)
     return out

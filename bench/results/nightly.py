@@ -56,7 +56,7 @@ def load_plan(path) -> list[dict]:
 def run_sweep(entry: dict, out: Path, profile: str | None,
               scheduler: str | None) -> tuple[int, str]:
     """Run one entry through bench.run; (exit status, run directory it printed last)."""
-    argv = [entry["sweep"], "--out", str(out)]
+    argv = [entry["sweep"], "--out", str(out), "--strict"]
     argv += [a for v in entry["set"] for a in ("--set", v)]
     argv += [a for v in entry["filter"] for a in ("--filter", v)]
     if entry["providers"]:
@@ -95,9 +95,10 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
     summary, failing, gpu = [], False, None
     for entry in plan:
         rc, run_path = run_sweep(entry, out, profile, scheduler)
-        if rc != 0:
+        if rc not in (0, 1):
             print(f"error: {entry['sweep']} did not finish (bench.run exit status {rc})", file=sys.stderr)
             return rc
+        failing = failing or rc == 1  # a case failed (bench.run --strict): report it, then fail
         run = open_run(run_path)
         gpu = hardware(run.meta)
         base = baseline_dir(baselines, run.meta)

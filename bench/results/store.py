@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 META, SAMPLES, SUMMARY, CASES = "meta.json", "samples.jsonl", "summary.csv", "cases.json"
 COUNTERS = "counters.json"  # Nsight Compute counters per case id (bench.run --profile ncu)
+LOGS = "logs"  # one file per case that wrote to stdout or stderr
+TAIL_LINES = 20
+FAILED = {"incorrect", "error", "crashed", "timeout", "oom"}
 
 
 def utc_now() -> str:
@@ -41,19 +45,40 @@ class Run:
         return {r["case_id"] for r in self.records}
 
 
+class TornSamples(ValueError):
+    """samples.jsonl has a line that is not a whole record (the run was killed mid-write)."""
+
+
 def read_records(path: Path) -> list[dict]:
-    """Records of samples.jsonl; a torn last line (the run was killed mid-write) is ignored, and a
-    case recorded twice keeps its last record."""
+    """Records of samples.jsonl; a case recorded twice keeps its last record. A line that is not a
+    whole JSON record raises TornSamples: a case lost in a torn write must not pass unnoticed
+    (`--resume` cuts a torn last line and runs that case again)."""
     by_id: dict[str, dict] = {}
     p = Path(path) / SAMPLES
     if p.exists():
-        for line in p.read_text().splitlines():
+        for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            by_id[rec["case_id"]] = rec
+                by_id[rec["case_id"]] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TornSamples(f"{p}:{n}: not a whole record (a torn write; "
+                                  "--resume the run to cut it and run that case again)") from None
     return list(by_id.values())
+
+
+def cut_torn_tail(path: Path) -> bool:
+    """Drop a last line of samples.jsonl that was never finished (each record is written with its
+    newline in one write, so a last line without one was torn), so resumed records start on a line
+    of their own. True when something was cut."""
+    p = Path(path) / SAMPLES
+    data = p.read_bytes() if p.exists() else b""
+    if not data or data.endswith(b"\n"):
+        return False
+    with open(p, "r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
 
 
 def load_run(path) -> Run:
@@ -105,11 +130,36 @@ class RunWriter:
         os.replace(tmp, self.path / SUMMARY)
 
 
+def keep_log(run_path: Path, log: str, status: str) -> str | None:
+    """A case's captured output: removed when empty, else its path within the run; its last lines
+    go to stderr when the case failed, since the cause is usually there."""
+    p = Path(log)
+    if not p.exists() or p.stat().st_size == 0:
+        p.unlink(missing_ok=True)
+        return None
+    if status in FAILED:
+        with open(p, "rb") as f:
+            f.seek(max(0, p.stat().st_size - 8192))
+            tail = f.read().decode(errors="replace").splitlines()[-TAIL_LINES:]
+        print(f"--- last lines of {p}:", *tail, sep="\n", file=sys.stderr)
+    return str(p.relative_to(run_path))
+
+
 def point_latest(root: Path, run_path: Path) -> None:
-    """Switch ROOT/latest to run_path atomically (a new link renamed over the old one)."""
+    """Switch ROOT/latest to run_path atomically (a new link renamed over the old one), unless
+    `latest` already names a run started later: resuming an old run must not move it back."""
     root = Path(root)
+    current = root / "latest"
+    if current.exists() and Path(run_path).resolve() != current.resolve():
+        try:
+            theirs = json.loads((current / META).read_text()).get("started_utc") or ""
+            ours = json.loads((Path(run_path) / META).read_text()).get("started_utc") or ""
+        except (OSError, ValueError):
+            theirs = ours = ""
+        if theirs > ours:
+            return
     tmp = root / f".latest.{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(os.path.relpath(run_path, root), tmp)
-    os.replace(tmp, root / "latest")
+    os.replace(tmp, current)
