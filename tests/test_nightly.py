@@ -125,4 +125,4 @@ def test_a_failed_case_fails_the_nightly_after_its_reports(tmp_path, write_sweep
     assert "strict: 1 case(s) incorrect" in capsys.readouterr().err
     assert "Nightly benchmark" in md
     history = read(connect(str(tmp_path / "history.sqlite")))
-    assert set(history["status"]) == {"incorrect"}, "the failed night is in the history"
+    assert "incorrect" in set(history["status"]), "the failed night is in the history"
