@@ -359,7 +359,7 @@ def attention_qkv(qkv, n_head: int, scale: float | None = None, **tile_config):
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * n_head):
         raise ValueError(f"qkv must be (B, T, 3C) with C a multiple of n_head={n_head}, got {tuple(qkv.shape)}")
     qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-    _, scale, cfg = _prepare(*_heads(qkv, n_head), scale, tile_config)
+    _, scale, cfg = _prepare(*_heads(qkv, n_head), True, scale, tile_config)
     return _AttentionQKV.apply(qkv, n_head, scale, cfg)
 
 

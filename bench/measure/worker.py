@@ -134,6 +134,7 @@ def serve(conn, device_name: str) -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(CPU_THREADS)
+    leaks.warm(device)
     clean = leaks.snapshot(device)
     conn.send("ready")
     while True:
