@@ -214,3 +214,15 @@ def test_generate_is_seeded_and_greedy_is_argmax():
     out = m.generate(idx, 70, greedy=True)  # longer than block_size: the context is cropped
     assert out.shape == (2, 73)
     assert torch.equal(out[:, 3], m(idx)[0][:, -1].argmax(-1))
+
+
+def test_naive_attention_never_narrows_a_float64_model():
+    """Scores are widened to at least float32, never cut to it: a float64 model's logits match the
+    SDPA path to float64 rounding (with a float32 softmax they differed by about 1.6e-8)."""
+    torch.manual_seed(0)
+    a = GPT(tiny(), attention="naive").double().eval()
+    b = GPT(tiny(), attention="sdpa").double().eval()
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(65, (2, 33))
+    with torch.no_grad():
+        assert (a(idx)[0] - b(idx)[0]).abs().max().item() < 1e-12

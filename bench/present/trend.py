@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pandas as pd
 
-
 from bench.present import plots, report
 from bench.results import compare
 from bench.results.changepoints import Step
@@ -17,8 +16,9 @@ def render_trend(history: pd.DataFrame, steps: list[Step], gpu: str, out_html: P
     """Median over time per case on this GPU model, regressions and steps marked, one section per
     sweep; then each case also measured on other GPU models, one line per model."""
     here = history[history["hardware"] == gpu]
+    timed = here.dropna(subset=["median_ms"])  # a case skipped every night has nothing to draw
     sections = []
-    for (sweep, workload), g in here.groupby(["sweep", "workload"], sort=True):
+    for (sweep, workload), g in timed.groupby(["sweep", "workload"], sort=True):
         sections.append((f"{sweep}: {workload}",
                          plots.trend(g, f"{sweep} / {workload}: median per night", steps)))
     shared = history[history["case"].isin(set(here["case"]))]
