@@ -1,12 +1,7 @@
-"""Compare two runs case by case and flag regressions.
-
-For each case present in both runs (same workload, provider and parameters) the ratio of medians
-CUR/BASE gets a bootstrap confidence interval from the stored samples. A case is a regression when
-it is slower by more than the threshold and by more than the run-to-run noise expected of it (its
-sample spread times a factor per device kind), *and* the interval lies wholly above 1 (the slowdown
-is larger than the measured noise); improvements mirror that. Exit status: 1 on any regression (or a
-case that ran in BASE and fails in CUR), 0 otherwise, 2 on bad input or when nothing could be
-compared. docs/regressions.md says why."""
+"""Matching two runs' cases and judging each: the ratio of medians with a bootstrap interval, and a
+verdict that needs the change to clear the threshold, the run-to-run noise expected of the case
+(its sample spread times a factor per device kind) and the interval. The command is bench.compare;
+docs/regressions.md says why each rule is there."""
 from __future__ import annotations
 
 import json
