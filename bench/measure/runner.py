@@ -73,7 +73,7 @@ def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str],
                   "compare": sweep.compare},
         "git": git, "env": env.fingerprint(gpus), "devices": devices, "cases": len(sweep.cases),
     }
-    meta["ceilings"] = ceilings.for_run(root, meta["env"]["gpus"])
+    meta["ceilings"] = ceilings.for_run(root, meta["env"]["gpus"] if gpus else [])  # this run's GPUs only
     return store.RunWriter(path, meta, [c.to_dict() for c in sweep.cases])
 
 
