@@ -4,6 +4,12 @@ from __future__ import annotations
 import argparse
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:limit]
+
+
 class BadInput(Exception):
     """Something the user gave cannot be used; the message is the one line they see."""
 

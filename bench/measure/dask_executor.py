@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from bench.cli import BadInput
+from bench.cli import BadInput, first_line
 from bench.measure.pool import run_isolated
 from bench.measure.sweep import Case
 from bench.measure.worker import blank_record
@@ -74,9 +74,8 @@ def connect(scheduler: str | None, devices: list[str]):
 
 def _lost(case: Case, error: BaseException) -> dict:
     status = "crashed" if type(error).__name__ == "KilledWorker" else "error"
-    first = (str(error).strip().splitlines() or [""])[0]
     reason = ("its Dask worker was lost twice" if status == "crashed"
-              else f"Dask task failed: {type(error).__name__}: {first}"[:300])
+              else f"Dask task failed: {first_line(error)}")
     return {**blank_record(case, "dask"), "status": status, "reason": reason, "ended_utc": utc_now()}
 
 

@@ -15,6 +15,7 @@ import traceback
 import torch
 
 from bench import workloads
+from bench.cli import first_line
 from bench.measure import check, env, leaks, timing
 from bench.measure.sweep import Case
 from bench.results.store import utc_now
@@ -23,11 +24,6 @@ from bench.results.store import utc_now
 # One thread per CPU worker: with two, every op waits at a barrier for both, and on a shared machine
 # a descheduled thread made whole runs' medians 100x slower (docs/regressions.md).
 CPU_THREADS = 1
-
-
-def _one_line(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}"[:300]
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -96,7 +92,7 @@ def run_case(case: Case, device: torch.device) -> dict:
     except workloads.Unavailable as e:
         rec.update(status="skipped", reason=str(e))
     except Exception as e:
-        rec.update(status="oom" if _is_oom(e) else "error", reason=_one_line(e))
+        rec.update(status="oom" if _is_oom(e) else "error", reason=first_line(e))
         if rec["status"] == "error" and os.environ.get("BENCH_TRACEBACK"):
             traceback.print_exc()
     finally:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
+from bench.cli import first_line
 from bench.workloads import Unavailable, Workload
 from bench.workloads.providers import cutile_module, dtype_of
 from model.gpt import FUSIONS, GPT, PRESETS, GPTConfig
@@ -194,8 +195,7 @@ def _capture(step, model, device, has_grads: bool):
         with torch.cuda.graph(graph):
             out = step()
     except RuntimeError as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise Unavailable(f"the step cannot be captured in a CUDA graph ({first})") from None
+        raise Unavailable(f"the step cannot be captured in a CUDA graph ({first_line(e, 200)})") from None
     return graph.replay, out
 
 
