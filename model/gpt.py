@@ -7,7 +7,6 @@ has it, or SDPA) or the project's cuTile kernels, which are imported only when a
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import logging
 import math
@@ -271,13 +270,14 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str):
-        """AdamW with weight decay on matrices only; fused on CUDA, where it is faster."""
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, capturable: bool = False,
+                             fused: bool = True):
+        """AdamW with weight decay on matrices only, fused (one kernel for all parameters; it also
+        takes model.optim.ScaledAdamW's folded loss scale), capturable in a CUDA graph if asked."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, capturable=capturable)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -1,7 +1,7 @@
 """Train a GPT on token files in nanoGPT's format (train.bin / val.bin, uint16; meta.pkl optional).
 
-AdamW (fused on CUDA), linear warmup then cosine decay, gradient clipping, fp16 autocast with a
-GradScaler (bf16 and fp32 too), periodic evaluation, a nanoGPT checkpoint whenever the validation
+Fused AdamW with linear warmup then cosine decay, gradient clipping and fp16 loss scaling folded
+into its update (model.optim), fp16 autocast (bf16 and fp32 too), periodic evaluation, a nanoGPT checkpoint whenever the validation
 loss improves, and the loss curve as loss.csv and loss.json in --out.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from model.cli import DTYPES, ArgumentParser, autocast, fail, pick_device
 from model.gpt import ATTENTIONS, BACKENDS, GPT, PRESETS, GPTConfig
+from model.optim import ScaledAdamW
 
 
 def lr_at(it: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
@@ -127,8 +128,8 @@ def main(argv=None) -> dict:
         fail(f"the cutile backend's attention has no dropout; pass --dropout 0 (the preset has {config.dropout})")
 
     model = GPT(config, backend=args.backend, attention=args.attention).to(device)
-    optimizer = model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    optimizer = model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2))
+    update = ScaledAdamW(optimizer, loss_scaling=dtype == "float16", clip=args.grad_clip)
     step_model = torch.compile(model) if args.compile else model
     ctx = lambda: autocast(device, dtype)  # noqa: E731
     batches = {s: Batches(args.data / f"{s}.bin", args.batch_size, config.block_size, device, args.seed + i)
@@ -162,13 +163,9 @@ def main(argv=None) -> dict:
             with ctx():
                 _, loss = step_model(x, y)
             x, y = batches["train"].next()  # fetch the next batch while the GPU works
-            scaler.scale(loss / args.grad_accum).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            update.backward(loss / args.grad_accum)
+        update.step()
+        update.zero_grad()
         if (it + 1) % args.log_interval == 0:
             lossf = loss.item()  # syncs: only once per interval
             ms = (time.perf_counter() - t0) * 1000 / args.log_interval

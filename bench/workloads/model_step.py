@@ -1,5 +1,6 @@
 """One GPT step: inference forward (fwd), forward and backward (fwd_bwd), or a whole training step
-(train: forward, backward with fp16 loss scaling, gradient clipping and a fused AdamW update), under
+(train: forward, backward with fp16 loss scaling, gradient clipping and a fused AdamW update, the
+last three folded into one pass by model.optim.ScaledAdamW), under
 autocast in params["dtype"], run eagerly or (graph=true) captured once into a CUDA graph and replayed.
 
 Every step reads static input buffers that are refilled from a few pre-drawn batches before each
@@ -20,6 +21,7 @@ from bench.cli import first_line
 from bench.workloads import Unavailable, Workload
 from bench.workloads.providers import cutile_module, dtype_of
 from model.gpt import FUSIONS, GPT, PRESETS, GPTConfig
+from model.optim import ScaledAdamW
 
 DEFAULTS = dict(model="tiny", batch=2, seq_len=32, mode="fwd", dtype="float16", graph=False)
 MODES = ("fwd", "fwd_bwd", "train")
@@ -87,17 +89,8 @@ def reference(p, x):
     loss.backward()
     if p["mode"] == "train":
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        _optimizer(model, fused=False).step()
+        model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, fused=False).step()
     return dict(StepOutputs(p["mode"], model, loss))
-
-
-def _optimizer(model, fused: bool):
-    """AdamW with nanoGPT's groups (weight decay on matrices only); fused and capturable on CUDA,
-    so the same optimizer serves the eager and the graphed step."""
-    params = [q for q in model.parameters() if q.requires_grad]
-    groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": WEIGHT_DECAY},
-              {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=fused, capturable=fused)
 
 
 def build_model(p, x, backend: str, attention: str = "naive", fusions=()):
@@ -136,18 +129,14 @@ def make_step(p, x, model, forward=None):
             loss.backward()
             return StepOutputs(mode, model, loss)
     else:
-        opt = _optimizer(model, fused=device.type == "cuda")
-        scaler = torch.amp.GradScaler(device.type, enabled=p["dtype"] == "float16")
-        fresh_scaler = scaler.state_dict()
+        update = ScaledAdamW(model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, device.type == "cuda"),
+                             loss_scaling=p["dtype"] == "float16", clip=CLIP)
 
         def step():
             with amp():
                 _, loss = forward(idx, targets)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)  # loss scaling stays on the GPU: no .item() anywhere in the step
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            scaler.step(opt)
-            scaler.update()
+            update.backward(loss)
+            update.step()  # loss scaling stays on the GPU: no .item() anywhere in the step
             return StepOutputs(mode, model, loss)
 
     if not graph:
@@ -162,10 +151,7 @@ def make_step(p, x, model, forward=None):
     if mode == "train":  # the warm-up steps moved the weights: start the replays where eager starts
         with torch.no_grad():
             model.load_state_dict(x["state"])
-        for state in opt.state.values():
-            for t in state.values():
-                t.zero_()
-        scaler.load_state_dict(fresh_scaler)
+        update.reset()
     order = itertools.cycle(range(BATCHES))
 
     def fn():
