@@ -18,6 +18,7 @@ import torch
 
 import kernels
 from kernels.launch import launch
+from kernels.linear import WeightCasts, cast, mm_f32
 
 try:
     import cuda.tile as ct
@@ -77,21 +78,11 @@ def _tile_v(v: int) -> int:
     return min(MAX_TILE_V, 1 << max(0, v - 1).bit_length())
 
 
-def _mm_f32(a, b, acc=None):
-    """acc + a @ b (or a @ b) with an fp32 result, from fp16/bf16 operands without an fp32 copy of
-    either: cuBLAS accumulates in fp32 and writes fp32."""
-    if a.dtype == torch.float32:
-        return a @ b if acc is None else acc.addmm_(a, b)
-    if acc is None:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.addmm(acc, a, b, out_dtype=torch.float32)
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, compute_dtype):
+    def forward(ctx, x, weight, targets, compute_dtype, casts):
         rows, v = x.shape[0], weight.shape[0]
-        xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
+        xc, wc = x.to(compute_dtype), cast(weight, compute_dtype, casts)
         dx = torch.empty(rows, x.shape[1], dtype=compute_dtype, device=x.device)
         dw = None
         losses = torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -102,7 +93,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             launch(x.device, (-(-xs.shape[0] // ROWS_PER_BLOCK),), _hinted(),
                    (logits, targets[i:i + step], losses[i:i + step], K, ROWS_PER_BLOCK, _tile_v(v), LATENCY))
             torch.mm(logits, wc, out=dx[i:i + step])  # |dx| <= 2K max|W|: no overflow
-            dw = _mm_f32(logits.t(), xs, dw)
+            dw = mm_f32(logits.t(), xs, dw)
         count = (targets >= 0).sum().clamp(min=1)  # a tensor: no host sync
         ctx.save_for_backward(dx, dw, count)
         ctx.dtypes = (x.dtype, weight.dtype)
@@ -112,13 +103,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         dx, dw, count = ctx.saved_tensors
         scale = grad / (count * K)
-        return (dx * scale).to(ctx.dtypes[0]), (dw * scale).to(ctx.dtypes[1]), None, None
+        return (dx * scale).to(ctx.dtypes[0]), (dw * scale).to(ctx.dtypes[1]), None, None, None
 
 
-def linear_cross_entropy(x, weight, targets):
+def linear_cross_entropy(x, weight, targets, casts: WeightCasts | None = None):
     """mean cross-entropy of (x @ weight^T) against targets (rows with target -1 ignored), for x of
     (N, C) and weight of (V, C), differentiable in x and weight; under autocast the matmuls run in
-    the autocast dtype, as a Linear would."""
+    the autocast dtype, as a Linear would (reading the weight's copy from `casts` when given)."""
     kernels.require()
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or targets.shape != x.shape[:1]:
         raise ValueError(f"expected x (N, C), weight (V, C), targets (N,), got {tuple(x.shape)}, "
@@ -126,7 +117,7 @@ def linear_cross_entropy(x, weight, targets):
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(x, weight, targets.contiguous(), dtype)
+        return _LinearCrossEntropy.apply(x, weight, targets.contiguous(), dtype, casts)
 
 
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:

@@ -5,6 +5,7 @@ cuTile has no erf, so the exact form computes the normal CDF from erfc by Abramo
 q = 0.5 * t * P(t) * exp(-x^2 / 2), t = 1 / (1 + p |x| / sqrt(2)). Working from erfc keeps the
 negative tail free of cancellation, and the backward reuses exp(-x^2 / 2) for the normal density.
 """
+import functools
 import math
 
 import torch
@@ -12,16 +13,20 @@ import torch
 import kernels
 from kernels.aot import array_param, ct_dtype, dtype_name, export
 from kernels.launch import grid_size, launch, rows
+from kernels.linear import column_sum
 
 try:
     import cuda.tile as ct
 except Exception:  # no cuda-tile here: the public functions raise through kernels.require()
     ct = None
 
-# default block_m * block_n, measured on an H100 (docs/layernorm-notes.md): a block takes one row
-# of up to 1024 columns; a persistent grid (blocks_per_sm) measured slower than one block per tile
-TILE_ELEMS = 1024
+# default block_m * block_n and occupancy hint, measured on an H100 (docs/PERF.md): 4096-element
+# tiles with 8 blocks per SM ran GPT-2's (8192, 3072) GELU at 2.1 / 2.6 TB/s forward / backward,
+# against 1.6 / 2.1 TB/s with one 1024-column row per block and the compiler's occupancy; a
+# persistent grid (blocks_per_sm) measured slower than one block per tile
+TILE_ELEMS = 4096
 MAX_BLOCK_N = 1024
+OCCUPANCY = 8
 
 # Abramowitz & Stegun 7.1.26
 _P = 0.3275911
@@ -89,15 +94,20 @@ if ct is not None:
 
 def _tiles(n: int, tile) -> tuple[int, int]:
     """(block_m, block_n): `tile` if given, else block_n covers N up to MAX_BLOCK_N, or, where a
-    row is no whole number of such tiles, the widest power of two (256 or more) that divides N:
-    1536 = 3 x 512 measured 60 / 72 us forward / backward at 16384 x 1536 fp16 on an H100, against
-    71 / 79 us with a half-masked second 1024-column tile."""
+    row is no whole number of such tiles and 256 divides N, 256: 1536 = 6 x 256 measured 50 / 59 us
+    forward / backward at 16384 x 1536 fp16 on an H100, against 50 / 64 us with 512 columns and
+    61 / 78 us with a half-masked second 1024-column tile."""
     if tile is not None:
         return tile
     block_n = min(MAX_BLOCK_N, 1 << max(0, n - 1).bit_length())
-    if n % block_n and (n & -n) >= 256:
-        block_n = n & -n
+    if n % block_n and n % 256 == 0:
+        block_n = 256
     return max(1, TILE_ELEMS // block_n), block_n
+
+
+@functools.lru_cache(maxsize=None)
+def _hinted(kernel):
+    return kernel.replace_hints(occupancy=OCCUPANCY)
 
 
 def _tanh(approximate: str) -> bool:
@@ -120,9 +130,9 @@ def _launch(x, bias, approximate, tile, blocks_per_sm, dy=None):
     out = torch.empty_like(x2)
     args = (x2, b, out, bias is not None, tanh, block_m, block_n)
     if dy is None:
-        launch(x.device, (grid,), _fwd_kernel, args)
+        launch(x.device, (grid,), _hinted(_fwd_kernel), args)
     else:
-        launch(x.device, (grid,), _bwd_kernel, (rows(dy, n), *args))
+        launch(x.device, (grid,), _hinted(_bwd_kernel), (rows(dy, n), *args))
     return out if out.shape == x.shape else out.view(x.shape)
 
 
@@ -153,10 +163,7 @@ class Gelu(torch.autograd.Function):
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
         dz = gelu_backward(dy, x, bias, ctx.approximate)
-        db = None
-        if bias is not None:
-            db = dz.reshape(-1, bias.shape[0]).sum(0, dtype=torch.float32).to(bias.dtype)
-        return dz, db, None
+        return dz, None if bias is None else column_sum(dz, bias.dtype), None
 
 
 def gelu(x, bias=None, approximate="none"):
@@ -179,5 +186,5 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
                 + ("" if bias else "_nobias"))
         bias_param = array_param(f32, 1) if bias else a  # without a bias, x stands in
         params = [*arrays, bias_param, a, bias, tanh, *_tiles(3072, None)]
-        paths.append(export(kernel, name, params, out_dir, gpu_code))
+        paths.append(export(_hinted(kernel), name, params, out_dir, gpu_code))
     return paths

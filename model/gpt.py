@@ -6,6 +6,7 @@ has it, or SDPA) or the project's cuTile kernels, which are imported only when a
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -67,9 +68,10 @@ BACKENDS = ("torch", "cutile")
 ATTENTIONS = ("naive", "sdpa")
 # what the cutile backend fuses, each measured separately (docs/PERF.md): attention that reads q, k,
 # v from the c_attn output and writes (B, T, C) ("attn_qkv"), the residual add inside LayerNorm
-# forward and backward ("add_ln"), and the LM head with the cross-entropy, by row chunks, never
-# holding all logits ("head_ce")
-FUSIONS = ("attn_qkv", "add_ln", "head_ce")
+# forward and backward ("add_ln"), the LM head with the cross-entropy, by row chunks, never
+# holding all logits ("head_ce"), and Linears whose backward writes fp32 weight gradients from the
+# matmul and sums bias gradients in a cuTile kernel ("linear")
+FUSIONS = ("attn_qkv", "add_ln", "head_ce", "linear")
 
 
 def _cutile_kernels() -> tuple[SimpleNamespace | None, str]:
@@ -84,9 +86,11 @@ def _cutile_kernels() -> tuple[SimpleNamespace | None, str]:
         ln = importlib.import_module("kernels.layernorm")
         gelu = importlib.import_module("kernels.gelu")
         head = importlib.import_module("kernels.cross_entropy")
+        linear = importlib.import_module("kernels.linear")
         return SimpleNamespace(flash_attention=fmha.flash_attention, attention_qkv=fmha.attention_qkv,
                                layer_norm=ln.layer_norm, add_layer_norm=ln.add_layer_norm,
-                               gelu=gelu.gelu, head_cross_entropy=head.linear_cross_entropy), ""
+                               gelu=gelu.gelu, head_cross_entropy=head.linear_cross_entropy,
+                               linear=linear.linear, weight_casts=linear.WeightCasts), ""
     except Exception as e:  # a kernel module missing or broken: fall back, say why
         return None, f"cuTile kernels failed to import ({type(e).__name__}: {e})"
 
@@ -116,22 +120,24 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, attention: str, kernel=None):
+    def __init__(self, config: GPTConfig, attention: str, kernel=None, linear=F.linear):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
-        self.attention, self.kernel = attention, kernel
+        self.attention, self.kernel, self.linear = attention, kernel, linear
 
     def forward(self, x):
         B, T, C = x.size()
         if self.attention.startswith("cutile") and self.training and self.dropout > 0:
             raise ValueError("the cuTile attention kernel has no dropout; use dropout=0 with it")
+        qkv = self.linear(x, self.c_attn.weight, self.c_attn.bias)
         if self.attention == "cutile_qkv":  # reads q, k, v out of c_attn's output, writes (B, T, C)
-            return self.resid_dropout(self.c_proj(self.kernel(self.c_attn(x), self.n_head)))
-        q, k, v = self.c_attn(x).split(C, dim=2)
+            y = self.kernel(qkv, self.n_head)
+            return self.resid_dropout(self.linear(y, self.c_proj.weight, self.c_proj.bias))
+        q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.attention == "cutile":
             y = self.kernel(q, k, v, causal=True)
@@ -145,23 +151,23 @@ class CausalSelfAttention(nn.Module):
             att = F.softmax(att.to(wide).masked_fill(mask, MASK_FLOOR), dim=-1).to(v.dtype)
             y = self.attn_dropout(att) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.linear(y, self.c_proj.weight, self.c_proj.bias))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, kernel=None):
+    def __init__(self, config: GPTConfig, kernel=None, linear=F.linear):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.approximate, self.kernel = config.gelu, kernel
+        self.approximate, self.kernel, self.linear = config.gelu, kernel, linear
 
     def forward(self, x):
         if self.kernel is not None:  # the kernel adds c_fc's bias itself, in the same pass as GELU
-            h = self.kernel(F.linear(x, self.c_fc.weight), self.c_fc.bias, self.approximate)
+            h = self.kernel(self.linear(x, self.c_fc.weight), self.c_fc.bias, self.approximate)
         else:
-            h = F.gelu(self.c_fc(x), approximate=self.approximate)
-        return self.dropout(self.c_proj(h))
+            h = F.gelu(self.linear(x, self.c_fc.weight, self.c_fc.bias), approximate=self.approximate)
+        return self.dropout(self.linear(h, self.c_proj.weight, self.c_proj.bias))
 
 
 def _layer_norm(config: GPTConfig, cutile, fusions) -> LayerNorm:
@@ -176,15 +182,17 @@ class Block(nn.Module):
     (the previous block's MLP residual add goes into that LayerNorm), and returns the residual stream
     after the attention and the MLP branch's output, which the caller adds the same way."""
 
-    def __init__(self, config: GPTConfig, attention: str, cutile=None, fusions=()):
+    def __init__(self, config: GPTConfig, attention: str, cutile=None, fusions=(), casts=None):
         super().__init__()
         self.ln_1 = _layer_norm(config, cutile, fusions)
-        attn_kernel = None
+        attn_kernel, linear = None, F.linear
         if cutile is not None:
             attn_kernel = cutile.attention_qkv if attention == "cutile_qkv" else cutile.flash_attention
-        self.attn = CausalSelfAttention(config, attention, attn_kernel)
+        if casts is not None:
+            linear = functools.partial(cutile.linear, casts=casts)
+        self.attn = CausalSelfAttention(config, attention, attn_kernel, linear)
         self.ln_2 = _layer_norm(config, cutile, fusions)
-        self.mlp = MLP(config, cutile.gelu if cutile else None)
+        self.mlp = MLP(config, cutile.gelu if cutile else None, linear)
 
     def forward(self, x, h):
         x, h = self.ln_2(x, self.attn(h))
@@ -219,12 +227,17 @@ class GPT(nn.Module):
                 attention = "cutile_qkv" if "attn_qkv" in fusions else "cutile"
         fusions = tuple(fusions) if cutile is not None else ()
         self.config, self.backend, self.attention, self.fusions = config, backend, attention, fusions
-        self.head_loss = cutile.head_cross_entropy if "head_ce" in fusions else None
+        # the "linear" fusion's Linears read weights cast once per forward pass (kernels.linear)
+        self.casts = cutile.weight_casts() if "linear" in fusions else None
+        self.head_loss = None
+        if "head_ce" in fusions:
+            self.head_loss = functools.partial(cutile.head_cross_entropy, casts=self.casts)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, attention, cutile, fusions) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, attention, cutile, fusions, self.casts)
+                             for _ in range(config.n_layer)]),
             ln_f=_layer_norm(config, cutile, fusions),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -233,6 +246,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if self.casts is not None:
+            self.casts.track(p for m in self.modules() if isinstance(m, nn.Linear) for p in m.parameters())
 
     @staticmethod
     def _init_weights(module):
@@ -252,6 +267,13 @@ class GPT(nn.Module):
 
         With the fused LM head and cross-entropy ("head_ce") and targets, the logits are never held
         whole, and None is returned in their place."""
+        device = idx.device.type
+        if self.casts is None or not torch.is_autocast_enabled(device):
+            return self._forward(idx, targets)
+        with self.casts.fresh(torch.get_autocast_dtype(device)):
+            return self._forward(idx, targets)
+
+    def _forward(self, idx, targets):
         b, t = idx.size()
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")

@@ -1,6 +1,7 @@
 """Parity of the kernels the cuTile GPT step fuses (attention on the packed c_attn output, the
-residual add inside LayerNorm, the LM head with its cross-entropy) with float64 references, forward
-and backward, at awkward shapes; and the graphed training step against the eager one.
+residual add inside LayerNorm, the LM head with its cross-entropy, the Linear with its fp32
+gradients and column sums) with float64 references, forward and backward, at awkward shapes; and
+the graphed training step against the eager one.
 
 Every GPU test draws fresh random inputs; outputs the kernels write are poisoned with NaN first."""
 import subprocess
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 import kernels
 from bench.measure.check import errors, passes, tolerance_for
-from kernels import cross_entropy, reference
+from kernels import cross_entropy, linear, reference
 
 OK, REASON = kernels.available()
 gpu = pytest.mark.skipif(not OK, reason=REASON)
@@ -24,6 +25,36 @@ AWKWARD_T = [1, 13, 127, 257]
 def test_export_compiles_the_softmax_gradient_kernel_for_sm90(exported_cubins):
     names = exported_cubins(cross_entropy)
     assert {"float16", "bfloat16", "float32"} == {n.split("_")[2] for n in names}, names
+
+
+def test_export_compiles_the_column_sum_kernels_for_sm90(exported_cubins):
+    names = exported_cubins(linear)
+    assert {"float16", "bfloat16", "float32"} == {n.split("_")[2] for n in names}, names
+
+
+def test_weight_casts_are_refilled_for_each_pass_and_read_only_inside_it():
+    w, b = torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    casts = linear.WeightCasts()
+    casts.track([w, b, w])  # a tied weight once
+    assert casts.params == [w, b]
+    with casts.fresh(torch.bfloat16):
+        copy = casts.cast(w, torch.bfloat16)
+        assert torch.equal(copy, w.detach().bfloat16()) and casts.cast(w, torch.bfloat16) is copy
+        assert casts.cast(w, torch.float16).dtype == torch.float16  # not cached: cast anew
+    with torch.no_grad():
+        w.add_(1.0)
+    outside = casts.cast(w, torch.bfloat16)
+    assert outside is not copy and torch.equal(outside, w.detach().bfloat16())
+    with casts.fresh(torch.bfloat16):
+        assert casts.cast(w, torch.bfloat16) is copy and torch.equal(copy, w.detach().bfloat16())
+    # a pass whose saved copy is refilled before its backward runs fails loudly, never silently
+    x = torch.randn(2, 3, dtype=torch.bfloat16, requires_grad=True)
+    with casts.fresh(torch.bfloat16):
+        y = x @ casts.cast(w, torch.bfloat16).t()
+    with casts.fresh(torch.bfloat16):
+        pass
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
 
 
 def _grads(fn, inputs, dout):
@@ -116,6 +147,48 @@ def test_head_cross_entropy_matches_the_reference(rows, v, dtype):
     assert passes(errors(loss, rloss), tol), errors(loss, rloss)
     assert passes(errors({"grad.x": grads[0], "grad.w": grads[1]}, {"grad.x": rgrads[0], "grad.w": rgrads[1]}),
                   tol)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("rows,n", [(1, 1), (13, 65), (127, 1000), (257, 2304), (8192, 768), (3, 50304)])
+def test_column_sum_matches_the_reference(poisoned, rows, n, dtype):
+    x = torch.randn(rows, n, device="cuda", dtype=DT.get(dtype, torch.float32)) + 0.5  # sums well off 0
+    got = linear.column_sum(x.view(1, rows, n))
+    want = x.double().sum(0)
+    assert got.shape == (n,) and got.dtype == torch.float32
+    assert passes(errors(got, want), {"max_abs": 1e-4 * rows, "rel": 1e-5}), errors(got, want)
+    assert torch.equal(got, linear.column_sum(x))  # the same order every run
+    assert linear.column_sum(x[:0]).eq(0).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("t,k,n,bias", [(1, 64, 48, True), (13, 384, 1152, False), (127, 768, 2304, True),
+                                        (257, 1000, 77, True)])
+def test_linear_matches_the_reference(t, k, n, bias, dtype):
+    """Under autocast, as the model runs it: fp32 parameters and residual stream, gradients back in
+    each input's dtype, checked against float64."""
+    x = torch.randn(2, t, k, device="cuda")
+    w = torch.randn(n, k, device="cuda") / k ** 0.5
+    b = torch.randn(n, device="cuda") if bias else None
+    dout = torch.randn(2, t, n, device="cuda")
+
+    def run(fn, args):
+        leaves = [a.detach().requires_grad_() for a in args if a is not None]
+        with torch.autocast("cuda", dtype=DT[dtype]):
+            out = fn(*leaves)
+        out.backward(dout.to(out.dtype))
+        return out, [a.grad for a in leaves]
+
+    out, grads = run(linear.linear, [x, w, b])
+    rout, rgrads = run(lambda *a: F.linear(*(t.double() for t in a)), [x, w, b])
+    tol = tolerance_for(dtype)
+    assert out.dtype == DT[dtype] and [g.dtype for g in grads] == [torch.float32] * len(grads)
+    assert passes(errors(out, rout), tol), errors(out, rout)
+    assert passes(errors(grads[0], rgrads[0]), tol), errors(grads[0], rgrads[0])
+    big = max(1.0, max(g.abs().max().item() for g in rgrads[1:]))  # summed over the rows
+    assert passes(errors(grads[1:], rgrads[1:]), {**tol, "max_abs": tol["max_abs"] * big})
 
 
 @gpu
