@@ -72,6 +72,12 @@ def test_provider_axes_expand_only_that_provider_and_keep_the_shape(write_sweep)
     assert {(c.params["tile_m"], c.params["tile_n"]) for c in cut} == {(64, 64), (128, 128)}
     assert all("tile_m" not in c.shape for c in cut)
     assert len(points(sw)) == 6
+    # a filter on a provider's axis narrows that provider and leaves the others alone
+    picked = sweep.load(write_sweep(text), filters=["tile_m=[128]"])
+    assert {c.provider for c in picked.cases} == {"native", "cutile"}
+    assert {c.params["tile_m"] for c in picked.cases if c.provider == "cutile"} == {128}
+    with pytest.raises(SweepError, match=r"--filter tile_m=\[96\]: no case has it \(tile_m is \[64, 128\]\)"):
+        sweep.load(write_sweep(text), filters=["tile_m=[96]"])
 
 
 def test_a_constraint_on_a_provider_axis_applies_to_that_provider_only(write_sweep):

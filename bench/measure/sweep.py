@@ -535,7 +535,7 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     for key, want in filt:
         if key not in wl.defaults and not any(key in s["axes"] for s in prov_specs):
             raise SweepError(f"--filter {key}: not an axis of this sweep")
-        values = [p[key] for p in points] + [x for s in prov_specs for x in s["axes"].get(key, [])]
+        values = [p[key] for p in points if key in p] + [x for s in prov_specs for x in s["axes"].get(key, [])]
         if not any(_same(x, want) for x in values):
             replaced = profile in profiles and key in (profiles[profile].get("axes") or {})
             raise SweepError(
