@@ -31,9 +31,12 @@ def grid_size(tiles: int, blocks_per_sm: int | None, device: torch.device) -> in
     return min(tiles, blocks_per_sm * sm_count(device))
 
 
-def launch(device: torch.device, grid: tuple, kernel, args: tuple) -> None:
-    """ct.launch on torch's current stream of `device`."""
-    ct.launch(torch._C._cuda_getCurrentRawStream(device.index), grid, kernel, args)
+def launch(device: torch.device, grid: tuple, kernel, args: tuple, dependent: bool = False) -> None:
+    """ct.launch on torch's current stream of `device`. dependent: a programmatic dependent launch,
+    which may start before the previous kernel ends; the kernel must begin with
+    ct.grid_dependency_control_wait() before it reads what that kernel wrote."""
+    ct.launch(torch._C._cuda_getCurrentRawStream(device.index), grid, kernel, args,
+              programmatic_dependent_launch=dependent)
 
 
 def rows(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ single read of x. A row is read as one power-of-two tile with the padding masked
 power-of-two chunks of columns (768 = 3 x 256) with nothing padded. Two variants share one
 forward kernel: a grid of one block per row tile, or a persistent grid of a few blocks per SM that
 loop over the row tiles. The backward writes dx and one partial dweight/dbias row per block, then
-a second kernel sums the partial rows.
+a second kernel sums the partial rows; it is launched as a programmatic dependent of the first, so
+its launch overlaps the first kernel's tail and it waits on the GPU for the partial rows.
 """
 
 import functools
@@ -39,11 +40,12 @@ _FWD_LIMITS = {"rows_per_block": (1, 4096, True), "chunk": (16, MAX_N, True),
                "num_worker_warps": (1, 32, True), "latency": (1, 10, False)}
 _FWD_OPTIONAL = {"rows_per_block", "chunk", "occupancy", "num_worker_warps", "latency"}
 FWD_TILE_ELEMS = 8192
-# the backward reads a row as one padded tile: in chunks (as the forward does) it measured slower,
-# 948 against 1368 GB/s forward+backward at 8192 x 768 fp16 on an H100
-# 4096-element tiles: 62 and 48 us at 16384 x 384 and 8192 x 768 (fp32 x, fp16 dy, with the
-# residual gradient) against 69 us with 8192, on an H100
-BWD_TILE_ELEMS, BWD_BLOCKS_PER_SM = 4096, 1
+# The backward reads a row as one padded tile: in chunks (as the forward does) it measured 2-3x
+# slower on an H100. A tile holds 16 KB of x (8192 fp16 or 4096 fp32 elements), and 2 blocks per
+# SM with an occupancy hint of 2 run the persistent grid: at 8192 x 768 fp16 that measured 26-28 us
+# against 36-37 us for 4096-element tiles and 1 block per SM, and 40-42 against 60 us at
+# 16384 x 768 (docs/layernorm-notes.md).
+BWD_TILE_BYTES, BWD_BLOCKS_PER_SM = 16 << 10, 2
 REDUCE_BLOCK_N = 32  # columns per block of the dweight/dbias reduction
 
 if ct is not None:
@@ -159,7 +161,9 @@ if ct is not None:
 
     @ct.kernel
     def _colsum_kernel(DWp, DBp, DW, DB, BLOCK_G: ConstInt, BLOCK_N: ConstInt):
-        """DW[j] = sum_i DWp[i, j] (and DB likewise) for one tile of BLOCK_N columns."""
+        """DW[j] = sum_i DWp[i, j] (and DB likewise) for one tile of BLOCK_N columns; launched as a
+        programmatic dependent of the kernel that writes the partial rows, so it waits for them."""
+        ct.grid_dependency_control_wait()
         j = ct.bid(0)
         dw = ct.zeros((BLOCK_G, BLOCK_N), dtype=ct.float32)
         db = ct.zeros((BLOCK_G, BLOCK_N), dtype=ct.float32)
@@ -204,10 +208,14 @@ def _shape(n: int, rows_per_block: int | None, chunk: int | None, tile_elems: in
 
 
 @functools.lru_cache(maxsize=None)
-def _fwd_hinted(occupancy: int | None, num_worker_warps: int | None):
-    """The forward kernel with these compiler hints, built once (each copy has its own JIT cache)."""
+def _hinted(kernel, occupancy: int | None, num_worker_warps: int | None = None):
+    """The kernel with these compiler hints, built once (each copy has its own JIT cache)."""
     hints = {"occupancy": occupancy, "num_worker_warps": num_worker_warps}
-    return _fwd_kernel.replace_hints(**{k: v for k, v in hints.items() if v is not None})
+    return kernel.replace_hints(**{k: v for k, v in hints.items() if v is not None})
+
+
+def _fwd_hinted(occupancy: int | None, num_worker_warps: int | None):
+    return _hinted(_fwd_kernel, occupancy, num_worker_warps)
 
 
 def validate_fwd_config(config: dict) -> dict:
@@ -279,7 +287,8 @@ def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, row
     """
     kernels.require()
     n = x.shape[-1]
-    block_m, chunk, nchunk, ragged = _shape(n, rows_per_block, chunk or _pow2(n), BWD_TILE_ELEMS)
+    block_m, chunk, nchunk, ragged = _shape(n, rows_per_block, chunk or _pow2(n),
+                                            BWD_TILE_BYTES // x.element_size())
     x2, dy2 = rows(x, n), rows(dy, n)
     m = x2.shape[0]
     dx = torch.empty_like(x2)
@@ -292,11 +301,11 @@ def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, row
     dbp = torch.empty_like(dwp)
     stats = [t if t.dim() == 1 else t.reshape(-1) for t in (mean, rstd)]
     dres2 = dx if dres is None else rows(dres, n)
-    launch(x.device, (g,), _bwd_kernel,
+    launch(x.device, (g,), _hinted(_bwd_kernel, blocks_per_sm),
            (dy2, x2, _vector(weight, n, 1.0, x), *stats, dres2, dx, dwp, dbp, block_m, chunk, nchunk,
             ragged, dres is not None))
     launch(x.device, (-(-n // REDUCE_BLOCK_N),), _colsum_kernel,
-           (dwp, dbp, dw, db, min(32, _pow2(g)), REDUCE_BLOCK_N))
+           (dwp, dbp, dw, db, min(32, _pow2(g)), REDUCE_BLOCK_N), dependent=True)
     return (dx if x.dim() == 2 else dx.view(x.shape)), dw, db
 
 
@@ -408,9 +417,11 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
             mat, vec = array_param(ct_dtype(dtype), 2), array_param(ct_dtype(dtype), 1)
             for residual in (False, True):
                 wide = array_param(ct.float32, 2) if residual else mat  # the residual stream is float32
-                jobs.append((_bwd_kernel, f"layernorm_bwd_{dtype_name(dtype)}_{n}" + ("_add" if residual else ""),
+                x_size = 4 if residual else dtype.itemsize
+                jobs.append((_hinted(_bwd_kernel, BWD_BLOCKS_PER_SM),
+                             f"layernorm_bwd_{dtype_name(dtype)}_{n}" + ("_add" if residual else ""),
                              [mat, wide, vec, stat, stat, wide, wide, part, part,
-                              *_shape(n, None, _pow2(n), BWD_TILE_ELEMS), residual]))
+                              *_shape(n, None, _pow2(n), BWD_TILE_BYTES // x_size), residual]))
     for dtype in (torch.float32, torch.float16):  # dweight and dbias in the parameters' dtype
         grad = array_param(ct_dtype(dtype), 1)
         jobs.append((_colsum_kernel, f"layernorm_colsum_{dtype_name(dtype)}",
