@@ -4,9 +4,16 @@ The forward pass keeps an online softmax in fp32 (exp2, with log2(e) folded into
 also returns the log-sum-exp of every query row, which lets the backward pass rebuild the softmax
 tile by tile instead of storing it. The backward pass is three kernels: delta = rowsum(dO * O),
 then dK/dV (one block per key tile, looping over query tiles) and dQ (one block per query tile,
-looping over key tiles), so no block ever needs an atomic add. The tile config (tile_m, tile_n,
-k_lat, v_lat, occupancy, num_ctas) steers the forward kernel; the backward kernels keep their own
-measured tiles and share only the load latencies (see _bwd_config).
+looping over key tiles), so no block ever needs an atomic add (cuTile's atomic_add is per element:
+a dK/dV kernel that added dQ with it measured 1.6-7x slower than the three kernels, docs/fmha-notes.md).
+The tile config (tile_m, tile_n, k_lat, v_lat, occupancy, num_ctas, num_worker_warps, head_group)
+steers the forward kernel; the backward kernels keep their own measured tiles and share only the
+load latencies (see _bwd_config).
+
+Causal query tiles differ in work by up to T / tile_n times, so blocks start longest-first: the grid
+is (head_group, query tiles, B*H / head_group), and the hardware dispatches the longest tile of
+`head_group` heads before any shorter one of them. 1 keeps each head's tiles together (K and V of
+few heads live in L2 at once); 0 takes all heads at once, the shortest tail.
 
 Masked scores are set to the fp32 floor -1e20 rather than -inf, so no row can turn into NaN.
 Causal blocks stop at the diagonal and build a mask only on the tiles that cross it (or that run
@@ -33,20 +40,31 @@ except Exception:  # no cuda-tile here: the kernels stay undefined and require()
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
-DEFAULT_CONFIG = {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 3, "num_ctas": 1}
+DEFAULT_CONFIG = {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 3, "num_ctas": 1,
+                  "num_worker_warps": None, "head_group": 1}
 
-# The forward tile configs worth sweeping (sweeps/fmha.yaml is written from this list).
+
+def _config(tile_m, tile_n, occupancy, k_lat=2, v_lat=5, num_worker_warps=None, head_group=1):
+    return {**DEFAULT_CONFIG, "tile_m": tile_m, "tile_n": tile_n, "k_lat": k_lat, "v_lat": v_lat,
+            "occupancy": occupancy, "num_worker_warps": num_worker_warps, "head_group": head_group}
+
+
+# The forward tile configs worth sweeping (sweeps/fmha.yaml is written from this list): the winners
+# of the H100 runs in docs/fmha-notes.md and their neighbours. 128-row tiles need 8 worker warps
+# (two warpgroups of 64 rows): with the compiler's choice they measured 1.3-2.4x slower.
 SWEEP_CONFIGS = [
-    {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
     DEFAULT_CONFIG,
-    {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 1},
-    {"tile_m": 64, "tile_n": 64, "k_lat": 3, "v_lat": 3, "occupancy": 4, "num_ctas": 1},
-    {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 1, "num_ctas": 1},
-    {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 2},
-    {"tile_m": 64, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
-    {"tile_m": 64, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 4, "num_ctas": 1},
-    {"tile_m": 128, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 2, "num_ctas": 1},
-    {"tile_m": 128, "tile_n": 128, "k_lat": 2, "v_lat": 5, "occupancy": 1, "num_ctas": 1},
+    _config(64, 64, 4),
+    _config(64, 64, 4, head_group=0),
+    _config(64, 64, 3, 3, 3, head_group=0),
+    _config(64, 128, 2),
+    _config(64, 128, 2, head_group=0),
+    _config(64, 128, 2, 3, 3),
+    _config(64, 128, 2, 3, 3, head_group=0),
+    _config(64, 128, 4),
+    _config(128, 64, 2),
+    _config(128, 128, 1, num_worker_warps=8),
+    _config(128, 128, 2, num_worker_warps=8),
 ]
 
 _LIMITS = {  # key: (smallest, largest, must be a power of two)
@@ -56,12 +74,14 @@ _LIMITS = {  # key: (smallest, largest, must be a power of two)
     "v_lat": (1, 10, False),
     "occupancy": (1, 32, False),
     "num_ctas": (1, 16, True),
+    "num_worker_warps": (4, 8, True),  # 4 and 8 are what tileiras 13.4 takes
+    "head_group": (0, 4096, False),
 }
 
 
 def validate_config(config: dict) -> dict:
     """DEFAULT_CONFIG updated with `config`; ValueError naming the first bad key or value."""
-    return validate("fmha", config, DEFAULT_CONFIG, _LIMITS)
+    return validate("fmha", config, DEFAULT_CONFIG, _LIMITS, optional={"num_worker_warps"})
 
 
 def tuned_config(q, causal: bool) -> dict:
@@ -100,6 +120,11 @@ if ct is not None:
         """Rows i*ROWS.. of head (b, h) of a (B, H, T, D) tensor as a (ROWS, D) tile, zero past T."""
         return ct.load(A, index=(b, h, i, 0), shape=(1, 1, ROWS, D), padding_mode=ZERO).reshape((ROWS, D))
 
+    def _query_block():
+        """(query tile, batch*head) of this block in the (head_group, query tiles, B*H / head_group)
+        grid, the longest causal tiles first."""
+        return ct.num_blocks(1) - 1 - ct.bid(1), ct.bid(2) * ct.num_blocks(0) + ct.bid(0)
+
     def _key_tiles(m_blk, t, TILE_M, TILE_N, CAUSAL):
         """(end, mask_from): the key tiles query tile m_blk visits, and the first that needs a mask
         (causal blocks stop at the diagonal; a tile past the end of the sequence is masked too)."""
@@ -120,8 +145,8 @@ if ct is not None:
                     H: ConstInt, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt,
                     CAUSAL: ConstBool, EVEN_N: ConstBool, K_LAT: ConstInt, V_LAT: ConstInt):
         """One block per (query tile, batch*head): out = softmax(q k^T * scale) v, and the row lse."""
-        m_blk = ct.num_blocks(0) - 1 - ct.bid(0)  # the longest causal rows start first
-        b, h = ct.bid(1) // H, ct.bid(1) % H
+        m_blk, bh = _query_block()
+        b, h = bh // H, bh % H
         t = K.shape[2]
         q = _head_tile(Q, b, h, m_blk, TILE_M, D)
         rows = (m_blk * TILE_M + ct.arange(TILE_M, dtype=ct.int32))[:, None]
@@ -202,8 +227,8 @@ if ct is not None:
                        H: ConstInt, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt,
                        CAUSAL: ConstBool, EVEN_N: ConstBool, K_LAT: ConstInt, V_LAT: ConstInt):
         """One block per (query tile, batch*head): dQ = scale * dS K over the key tiles it sees."""
-        m_blk = ct.num_blocks(0) - 1 - ct.bid(0)
-        b, h = ct.bid(1) // H, ct.bid(1) % H
+        m_blk, bh = _query_block()
+        b, h = bh // H, bh % H
         t = K.shape[2]
         q = _head_tile(Q, b, h, m_blk, TILE_M, D)
         do = _head_tile(dOut, b, h, m_blk, TILE_M, D)
@@ -234,14 +259,24 @@ if ct is not None:
 
 
 @functools.lru_cache(maxsize=None)
-def _hinted(name: str, occupancy: int, num_ctas: int):
+def _hinted(name: str, occupancy: int, num_ctas: int, num_worker_warps: int | None):
     """The kernel with these compiler hints, built once (each hinted copy has its own JIT cache)."""
-    return _KERNELS[name].replace_hints(occupancy=occupancy, num_ctas=num_ctas)
+    hints = {"occupancy": occupancy, "num_ctas": num_ctas}
+    if num_worker_warps:
+        hints["num_worker_warps"] = num_worker_warps
+    return _KERNELS[name].replace_hints(**hints)
 
 
 def _launch(name, grid, args, cfg):
-    kernel = _hinted(name, cfg["occupancy"], cfg["num_ctas"])
+    kernel = _hinted(name, cfg["occupancy"], cfg["num_ctas"], cfg["num_worker_warps"])
     launch(args[0].device, grid, kernel, args)
+
+
+def _query_grid(t: int, rows: int, bh: int, head_group: int) -> tuple:
+    """The (head_group, query tiles, B*H / head_group) grid of _query_block; a head_group that does
+    not divide B*H shrinks to their largest common divisor (0: all of B*H)."""
+    g = math.gcd(head_group or bh, bh)
+    return g, math.ceil(t / rows), bh // g
 
 
 def _forward(q, k, v, causal, scale, cfg, out=None):
@@ -250,35 +285,43 @@ def _forward(q, k, v, causal, scale, cfg, out=None):
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     tm, tn = cfg["tile_m"], cfg["tile_n"]
-    _launch("fwd", (math.ceil(t / tm), b * h, 1),
+    _launch("fwd", _query_grid(t, tm, b * h, cfg["head_group"]),
             (q, k, v, out, lse, scale * LOG2E, h, d, tm, tn, causal, causal or t % tn == 0,
              cfg["k_lat"], cfg["v_lat"]), cfg)
     return out, lse
 
 
 def _bwd_config(cfg, d):
-    """The backward kernels' own launch config: the tile config steers the forward kernel, and only
-    its load latencies reach the backward. Measured on an H100 (docs/fmha-notes.md), both backward
-    kernels ran fastest with 64 rows per block, 128 rows a loop step (for D=64; 8192 / D in general,
-    past which they spill registers) and occupancy 2, whatever suited the forward; 2-CTA clusters
-    broke them (misaligned address)."""
-    return {**cfg, "block": 64, "step": min(128, 8192 // d), "occupancy": 2, "num_ctas": 1}
+    """Each backward kernel's own launch config ({kernel: config}): the tile config steers the
+    forward kernel, and only its load latencies reach the backward. Measured on an H100
+    (docs/fmha-notes.md): dK/dV ran fastest with 64 key rows per block, 128 query rows a loop step
+    (for D=64; 8192 / D in general, past which it spills registers) and occupancy 2, whatever
+    suited the forward. dQ, at D=64: 64 x 64 tiles, occupancy 3, all heads' longest tiles first
+    (4-14% faster than dK/dV's shape); at D=128: 128-row blocks of 8 worker warps, occupancy 1
+    (15-17% faster). 2-CTA clusters broke both (misaligned address)."""
+    step = min(128, 8192 // d)
+    base = {**cfg, "num_ctas": 1, "num_worker_warps": None, "head_group": 1}
+    dkdv = {**base, "block": 64, "step": step, "occupancy": 2}
+    dq = {64: {**base, "block": 64, "step": 64, "occupancy": 3, "head_group": 0},
+          128: {**base, "block": 128, "step": 64, "occupancy": 1, "num_worker_warps": 8}}.get(d, dkdv)
+    return {"delta": dkdv, "dkdv": dkdv, "dq": dq}
 
 
 def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
     """(dq, dk, dv); `grads` may give them, in any layout with a unit stride along D."""
     b, h, t, d = q.shape
-    cfg = _bwd_config(cfg, d)
-    blk, step, lat = cfg["block"], cfg["step"], (cfg["k_lat"], cfg["v_lat"])
+    cfgs = _bwd_config(cfg, d)
+    lat = (cfg["k_lat"], cfg["v_lat"])
     delta = torch.empty_like(lse)
-    _launch("delta", (math.ceil(t / blk), b * h, 1), (out, dout, delta, h, d, blk), cfg)
+    kv, qc = cfgs["dkdv"], cfgs["dq"]
+    _launch("delta", (math.ceil(t / kv["block"]), b * h, 1), (out, dout, delta, h, d, kv["block"]), kv)
     dq, dk, dv = grads or (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    _launch("dkdv", (math.ceil(t / blk), b * h, 1),
-            (q, k, v, dout, lse, delta, dk, dv, scale * LOG2E, scale, h, d, step, blk, causal,
-             *lat), cfg)
-    _launch("dq", (math.ceil(t / blk), b * h, 1),
-            (q, k, v, dout, lse, delta, dq, scale * LOG2E, scale, h, d, blk, step, causal,
-             causal or t % step == 0, *lat), cfg)
+    _launch("dkdv", (math.ceil(t / kv["block"]), b * h, 1),
+            (q, k, v, dout, lse, delta, dk, dv, scale * LOG2E, scale, h, d, kv["step"], kv["block"],
+             causal, *lat), kv)
+    _launch("dq", _query_grid(t, qc["block"], b * h, qc["head_group"]),
+            (q, k, v, dout, lse, delta, dq, scale * LOG2E, scale, h, d, qc["block"], qc["step"], causal,
+             causal or t % qc["step"] == 0, *lat), qc)
     return dq, dk, dv
 
 
@@ -374,12 +417,12 @@ def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int
     f32 = ScalarConstraint(ct.float32)
     h, d, lat = num_heads, head_dim, (cfg["k_lat"], cfg["v_lat"])
     bwd = _bwd_config(cfg, d)
-    blk, step = bwd["block"], bwd["step"]
+    kv, qc = bwd["dkdv"], bwd["dq"]
     params = {
         "fwd": (cfg, [x, x, x, x, row, f32, h, d, cfg["tile_m"], cfg["tile_n"], causal, causal, *lat]),
-        "delta": (bwd, [x, x, row, h, d, blk]),
-        "dkdv": (bwd, [x, x, x, x, row, row, x, x, f32, f32, h, d, step, blk, causal, *lat]),
-        "dq": (bwd, [x, x, x, x, row, row, x, f32, f32, h, d, blk, step, causal, causal, *lat]),
+        "delta": (kv, [x, x, row, h, d, kv["block"]]),
+        "dkdv": (kv, [x, x, x, x, row, row, x, x, f32, f32, h, d, kv["step"], kv["block"], causal, *lat]),
+        "dq": (qc, [x, x, x, x, row, row, x, f32, f32, h, d, qc["block"], qc["step"], causal, causal, *lat]),
     }
     cc = CallingConvention.cutile_python_v2()
     return [(name, c, KernelSignature(p, cc).with_mangled_symbol(name)) for name, (c, p) in params.items()]
@@ -398,13 +441,13 @@ def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, caus
     from cuda.tile.compilation import export_kernel
 
     cfg = validate_config(config)
-    tag = "_".join(f"{k}{cfg[k]}" for k in sorted(cfg))
+    tag = "_".join(f"{k}{cfg[k]}" for k in sorted(cfg) if cfg[k] is not None)
     paths = []
     for name, kcfg, sig in _signatures(cfg, dtype, head_dim, causal, num_heads):
         if name not in only:
             continue
         path = os.path.join(out_dir, f"fmha_{name}_{tag}_d{head_dim}_{'causal' if causal else 'full'}.cubin")
-        export_kernel(_hinted(name, kcfg["occupancy"], kcfg["num_ctas"]), [sig], path,
+        export_kernel(_hinted(name, kcfg["occupancy"], kcfg["num_ctas"], kcfg["num_worker_warps"]), [sig], path,
                       gpu_code=gpu_code, output_format="cubin")
         paths.append(path)
     return paths

@@ -38,6 +38,7 @@ def test_sweep_configs_are_valid_and_distinct():
 @pytest.mark.parametrize("bad", [
     {"tile_m": 96}, {"tile_n": 8}, {"tile_m": 512}, {"k_lat": 0}, {"v_lat": 11},
     {"occupancy": 0}, {"num_ctas": 3}, {"tile_m": 64.0}, {"occupancy": True}, {"block_m": 64},
+    {"num_worker_warps": 2}, {"num_worker_warps": 6}, {"head_group": -1}, {"head_group": None},
 ])
 def test_bad_config_is_a_value_error(bad):
     with pytest.raises(ValueError, match="fmha"):
@@ -46,6 +47,33 @@ def test_bad_config_is_a_value_error(bad):
 
 def test_partial_config_fills_in_defaults():
     assert fmha.validate_config({"tile_n": 128}) == {**fmha.DEFAULT_CONFIG, "tile_n": 128}
+    assert fmha.validate_config({"num_worker_warps": 8})["num_worker_warps"] == 8
+    assert fmha.validate_config({"num_worker_warps": None})["num_worker_warps"] is None
+
+
+@pytest.mark.parametrize("head_group, bh, grid", [
+    (1, 48, (1, 16, 48)),    # each head's tiles together, longest first
+    (0, 48, (48, 16, 1)),    # every head's longest tile first
+    (8, 48, (8, 16, 6)),
+    (8, 12, (4, 16, 3)),     # 8 does not divide 12: the largest common divisor
+    (0, 1, (1, 16, 1)),
+])
+def test_query_grid_covers_every_tile_of_every_head_once(head_group, bh, grid):
+    g = fmha._query_grid(1000, 64, bh, head_group)
+    assert g == grid
+    # the kernels' _query_block: (tiles - 1 - bid(1), bid(2) * grid[0] + bid(0))
+    blocks = {(g[1] - 1 - y, z * g[0] + x) for x in range(g[0]) for y in range(g[1]) for z in range(g[2])}
+    assert blocks == {(m, h) for m in range(16) for h in range(bh)}
+
+
+@pytest.mark.parametrize("d", [16, 32, 64, 128, 256])
+def test_backward_kernels_get_their_own_configs(d):
+    cfgs = fmha._bwd_config(fmha.validate_config({"tile_m": 128, "num_worker_warps": 8, "head_group": 0}), d)
+    assert set(cfgs) == {"delta", "dkdv", "dq"}
+    for name, c in cfgs.items():
+        assert c["num_ctas"] == 1 and c["block"] * c["step"] * d <= 128 * 64 * 128, name
+    assert cfgs["dkdv"]["head_group"] == 1 and cfgs["dkdv"]["num_worker_warps"] is None
+    assert cfgs["dq"]["num_worker_warps"] == (8 if d == 128 else None)
 
 
 @pytest.mark.parametrize("shapes, dtype, scale", [
@@ -70,13 +98,24 @@ def test_public_functions_say_why_they_cannot_run():
 
 
 @pytest.mark.skipif(not CUTILE, reason=CUTILE_REASON)
-@pytest.mark.parametrize("config", fmha.SWEEP_CONFIGS, ids=lambda c: "{tile_m}x{tile_n}-k{k_lat}v{v_lat}-o{occupancy}-c{num_ctas}".format(**c))
+@pytest.mark.parametrize("config", fmha.SWEEP_CONFIGS, ids=lambda c: "{tile_m}x{tile_n}-k{k_lat}v{v_lat}-o{occupancy}-c{num_ctas}-w{num_worker_warps}-g{head_group}".format(**c))
 def test_every_kernel_compiles_ahead_of_time_for_sm90(config, tmp_path):
     if not AOT_ALL and config != fmha.DEFAULT_CONFIG:
         pytest.skip("set FMHA_AOT_ALL=1 to compile every sweep config")
     causal = config is fmha.DEFAULT_CONFIG  # the other configs build the non-causal paths
     paths = fmha.export_for_check(config, torch.float16, 64, causal, str(tmp_path))
     assert len(paths) == 4  # forward, delta, dK/dV, dQ
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(4) == b"\x7fELF"
+
+
+@pytest.mark.skipif(not CUTILE, reason=CUTILE_REASON)
+def test_head_dim_128_kernels_with_worker_warps_compile_for_sm90(tmp_path):
+    """The two-warpgroup forward the tuned file picks at D=128, and the D=128 dQ kernel."""
+    config = fmha.validate_config({"tile_m": 128, "tile_n": 128, "occupancy": 1, "num_worker_warps": 8})
+    paths = fmha.export_for_check(config, torch.bfloat16, 128, True, str(tmp_path), only=("fwd", "dq"))
+    assert len(paths) == 2
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(4) == b"\x7fELF"
@@ -168,7 +207,7 @@ def test_backward_extreme_inputs(case, poisoned):
 
 
 @gpu
-@pytest.mark.parametrize("config", fmha.SWEEP_CONFIGS, ids=lambda c: "{tile_m}x{tile_n}-k{k_lat}v{v_lat}-o{occupancy}-c{num_ctas}".format(**c))
+@pytest.mark.parametrize("config", fmha.SWEEP_CONFIGS, ids=lambda c: "{tile_m}x{tile_n}-k{k_lat}v{v_lat}-o{occupancy}-c{num_ctas}-w{num_worker_warps}-g{head_group}".format(**c))
 def test_every_sweep_config_passes_parity(config, poisoned):
     for t, d, causal in [(127, 64, True), (257, 64, True), (200, 128, False)]:
         q, k, v = _qkv(2, 2, t, d, torch.float16, seed=t)

@@ -65,7 +65,7 @@ def sdpa(backend_name):
     return factory
 
 
-TILE_KEYS = ("tile_m", "tile_n", "k_lat", "v_lat", "occupancy", "num_ctas")
+TILE_KEYS = ("tile_m", "tile_n", "k_lat", "v_lat", "occupancy", "num_ctas", "num_worker_warps", "head_group")
 
 
 def cutile(p, x):
