@@ -85,3 +85,19 @@ timing: {warmup_ms: 1, min_reps: 3, max_reps: 5, max_time_s: 0.1}
     run = Path(capsys.readouterr().out.strip().splitlines()[-1])
     counters = json.loads((run / "counters.json").read_text())
     assert len(counters) == 1 and "no GPU" in next(iter(counters.values()))["reason"]
+
+
+def test_the_profiled_program_runs_a_backward_on_its_own_thread():
+    """The program ncu profiles runs one fwd_bwd call with autograd's multithreading off (NVTX
+    ranges are per thread, and a CUDA backward would run on autograd's thread, outside `timed`)."""
+    import subprocess
+    import sys
+
+    params = {"rows": 8, "hidden": 16, "dtype": "float32", "mode": "fwd_bwd"}
+    case = Case("c2", "layernorm", "torch", "torch", params, params,
+                {"timeout_s": 60, "max_time_s": 0.1, "target_ci": 0.5})
+    probe = ncu._CHILD + "\nprint('multithreaded backward:', torch._C._is_multithreading_enabled())\n"
+    done = subprocess.run([sys.executable, "-c", probe, json.dumps(case.to_dict()), "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "multithreaded backward: False" in done.stdout

@@ -32,6 +32,9 @@ UNITS = {  # to ms and bytes; ncu writes either the short or the long unit names
 TIMEOUT_S = 600
 
 # Runs the case in the profiled process: two warm-up calls (compiling), then one call in `timed`.
+# NVTX ranges belong to a thread, and autograd runs a CUDA backward on a thread of its own, so the
+# child runs backward on the calling thread: otherwise a fwd_bwd case's counters miss every
+# backward kernel.
 _CHILD = r"""
 import json, sys
 import torch
@@ -39,6 +42,7 @@ from bench.measure import timing
 from bench.measure.sweep import Case
 from bench.measure.worker import build
 case, device = Case.from_dict(json.loads(sys.argv[1])), torch.device(sys.argv[2])
+torch.autograd.set_multithreading_enabled(False)  # backward kernels launch inside the NVTX range
 if device.type == "cuda":
     torch.cuda.set_device(device)
 inputs, fn = build(case, device)
