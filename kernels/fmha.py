@@ -7,8 +7,8 @@ then dK/dV (one block per key tile, looping over query tiles) and dQ (one block 
 looping over key tiles), so no block ever needs an atomic add (cuTile's atomic_add is per element:
 a dK/dV kernel that added dQ with it measured 1.6-7x slower than the three kernels, docs/fmha-notes.md).
 The tile config (tile_m, tile_n, k_lat, v_lat, occupancy, num_ctas, num_worker_warps, head_group)
-steers the forward kernel; the backward kernels keep their own measured tiles and share only the
-load latencies (see _bwd_config).
+steers the forward kernel; the backward kernels keep their own measured tiles and latencies (see
+_bwd_config).
 
 Causal query tiles differ in work by up to T / tile_n times, so blocks start longest-first: the grid
 is (head_group, query tiles, B*H / head_group), and the hardware dispatches the longest tile of
@@ -293,14 +293,15 @@ def _forward(q, k, v, causal, scale, cfg, out=None):
 
 def _bwd_config(cfg, d):
     """Each backward kernel's own launch config ({kernel: config}): the tile config steers the
-    forward kernel, and only its load latencies reach the backward. Measured on an H100
+    forward kernel only, so one build of the backward serves every forward config. Measured on an H100
     (docs/fmha-notes.md): dK/dV ran fastest with 64 key rows per block, 128 query rows a loop step
     (for D=64; 8192 / D in general, past which it spills registers) and occupancy 2, whatever
     suited the forward. dQ, at D=64: 64 x 64 tiles, occupancy 3, all heads' longest tiles first
     (4-14% faster than dK/dV's shape); at D=128: 128-row blocks of 8 worker warps, occupancy 1
     (15-17% faster). 2-CTA clusters broke both (misaligned address)."""
     step = min(128, 8192 // d)
-    base = {**cfg, "num_ctas": 1, "num_worker_warps": None, "head_group": 1}
+    base = {**DEFAULT_CONFIG, "k_lat": 2, "v_lat": 5, "num_ctas": 1, "num_worker_warps": None,
+            "head_group": 1}
     dkdv = {**base, "block": 64, "step": step, "occupancy": 2}
     dq = {64: {**base, "block": 64, "step": 64, "occupancy": 3, "head_group": 0},
           128: {**base, "block": 128, "step": 64, "occupancy": 1, "num_worker_warps": 8}}.get(d, dkdv)
@@ -311,9 +312,9 @@ def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
     """(dq, dk, dv); `grads` may give them, in any layout with a unit stride along D."""
     b, h, t, d = q.shape
     cfgs = _bwd_config(cfg, d)
-    lat = (cfg["k_lat"], cfg["v_lat"])
     delta = torch.empty_like(lse)
     kv, qc = cfgs["dkdv"], cfgs["dq"]
+    lat = (kv["k_lat"], kv["v_lat"])
     _launch("delta", (math.ceil(t / kv["block"]), b * h, 1), (out, dout, delta, h, d, kv["block"]), kv)
     dq, dk, dv = grads or (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     _launch("dkdv", (math.ceil(t / kv["block"]), b * h, 1),
@@ -415,11 +416,13 @@ def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int
     cfg = validate_config(config)
     x, row = array_param(ct_dtype(dtype), 4), array_param(ct.float32, 3)
     f32 = ScalarConstraint(ct.float32)
-    h, d, lat = num_heads, head_dim, (cfg["k_lat"], cfg["v_lat"])
+    h, d = num_heads, head_dim
     bwd = _bwd_config(cfg, d)
     kv, qc = bwd["dkdv"], bwd["dq"]
+    lat = (kv["k_lat"], kv["v_lat"])
     params = {
-        "fwd": (cfg, [x, x, x, x, row, f32, h, d, cfg["tile_m"], cfg["tile_n"], causal, causal, *lat]),
+        "fwd": (cfg, [x, x, x, x, row, f32, h, d, cfg["tile_m"], cfg["tile_n"], causal, causal,
+                      cfg["k_lat"], cfg["v_lat"]]),
         "delta": (kv, [x, x, row, h, d, kv["block"]]),
         "dkdv": (kv, [x, x, x, x, row, row, x, x, f32, f32, h, d, kv["step"], kv["block"], causal, *lat]),
         "dq": (qc, [x, x, x, x, row, row, x, f32, f32, h, d, qc["block"], qc["step"], causal, causal, *lat]),

@@ -98,9 +98,10 @@ def test_winners_pass_the_gate_at_every_shape_of_their_bucket(fixture_run, tuned
     assert "tile_m=128, tile_n=128, occupancy=1 (default tile_m=64, tile_n=64, occupancy=3)" in out
     # what the kernels now use when given no config
     q = torch.empty(1, 1, 900, 64, dtype=torch.float16)
-    assert fmha.tuned_config(q, causal=True) == WIDE
-    assert fmha.tuned_config(torch.empty(1, 1, 4000, 64, dtype=torch.float16), True) == TALL
-    assert fmha.tuned_config(torch.empty(1, 1, 900, 64, dtype=torch.bfloat16), True) == DEFAULT
+    assert fmha.tuned_config(q, causal=True) == fmha.validate_config(WIDE)
+    assert fmha.tuned_config(torch.empty(1, 1, 4000, 64, dtype=torch.float16), True) \
+        == fmha.validate_config(TALL)
+    assert fmha.tuned_config(torch.empty(1, 1, 900, 64, dtype=torch.bfloat16), True) == fmha.DEFAULT_CONFIG
 
 
 def test_tuning_again_replaces_its_keys_and_keeps_the_others(fixture_run, tuned_dir, tmp_path):
