@@ -118,13 +118,20 @@ def _whole_lines(run_dir) -> int:
     return p.read_bytes().count(b"\n") if p.exists() else 0
 
 
+def _interruptible():
+    """In the child before exec: SIGINT at its default, as in a foreground terminal. A suite run as
+    a background job inherits SIGINT ignored, and so would bench.run, which then could not be
+    interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_gated(path, out, env, gate, stored):
     """bench.run in a subprocess, returned once it stored `stored` records and is blocked at the
     gate (faulty_providers:gated): it cannot finish before the test opens the gate."""
     env = {**env, "BENCH_TEST_GATE": str(gate)}
     proc = subprocess.Popen([sys.executable, "-m", "bench.run", str(path), "--out", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_interruptible)
     deadline = time.time() + 120
     while time.time() < deadline:
         dirs = [d for d in out.glob("*") if d.is_dir()] if out.exists() else []
