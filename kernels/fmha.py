@@ -291,17 +291,17 @@ def _forward(q, k, v, causal, scale, cfg, out=None):
     return out, lse
 
 
-def _bwd_config(cfg, d):
-    """Each backward kernel's own launch config ({kernel: config}): the tile config steers the
-    forward kernel only, so one build of the backward serves every forward config. Measured on an H100
+def _bwd_config(d):
+    """Each backward kernel's own launch config ({kernel: config}) for head dim d: the tile config
+    steers the forward kernel only, so one build of the backward serves every forward config.
+    Measured on an H100
     (docs/fmha-notes.md): dK/dV ran fastest with 64 key rows per block, 128 query rows a loop step
     (for D=64; 8192 / D in general, past which it spills registers) and occupancy 2, whatever
     suited the forward. dQ, at D=64: 64 x 64 tiles, occupancy 3, all heads' longest tiles first
     (4-14% faster than dK/dV's shape); at D=128: 128-row blocks of 8 worker warps, occupancy 1
     (15-17% faster). 2-CTA clusters broke both (misaligned address)."""
     step = min(128, 8192 // d)
-    base = {**DEFAULT_CONFIG, "k_lat": 2, "v_lat": 5, "num_ctas": 1, "num_worker_warps": None,
-            "head_group": 1}
+    base = {"k_lat": 2, "v_lat": 5, "num_ctas": 1, "num_worker_warps": None, "head_group": 1}
     dkdv = {**base, "block": 64, "step": step, "occupancy": 2}
     dq = {64: {**base, "block": 64, "step": 64, "occupancy": 3, "head_group": 0},
           128: {**base, "block": 128, "step": 64, "occupancy": 1, "num_worker_warps": 8}}.get(d, dkdv)
@@ -311,7 +311,7 @@ def _bwd_config(cfg, d):
 def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
     """(dq, dk, dv); `grads` may give them, in any layout with a unit stride along D."""
     b, h, t, d = q.shape
-    cfgs = _bwd_config(cfg, d)
+    cfgs = _bwd_config(d)
     delta = torch.empty_like(lse)
     kv, qc = cfgs["dkdv"], cfgs["dq"]
     lat = (kv["k_lat"], kv["v_lat"])
@@ -417,15 +417,17 @@ def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int
     x, row = array_param(ct_dtype(dtype), 4), array_param(ct.float32, 3)
     f32 = ScalarConstraint(ct.float32)
     h, d = num_heads, head_dim
-    bwd = _bwd_config(cfg, d)
+    bwd = _bwd_config(d)
     kv, qc = bwd["dkdv"], bwd["dq"]
     lat = (kv["k_lat"], kv["v_lat"])
     params = {
         "fwd": (cfg, [x, x, x, x, row, f32, h, d, cfg["tile_m"], cfg["tile_n"], causal, causal,
                       cfg["k_lat"], cfg["v_lat"]]),
         "delta": (kv, [x, x, row, h, d, kv["block"]]),
-        "dkdv": (kv, [x, x, x, x, row, row, x, x, f32, f32, h, d, kv["step"], kv["block"], causal, *lat]),
-        "dq": (qc, [x, x, x, x, row, row, x, f32, f32, h, d, qc["block"], qc["step"], causal, causal, *lat]),
+        "dkdv": (kv, [x, x, x, x, row, row, x, x, f32, f32, h, d, kv["step"], kv["block"], causal,
+                      *lat]),
+        "dq": (qc, [x, x, x, x, row, row, x, f32, f32, h, d, qc["block"], qc["step"], causal, causal,
+                    *lat]),
     }
     cc = CallingConvention.cutile_python_v2()
     return [(name, c, KernelSignature(p, cc).with_mangled_symbol(name)) for name, (c, p) in params.items()]
@@ -450,7 +452,7 @@ def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, caus
         if name not in only:
             continue
         path = os.path.join(out_dir, f"fmha_{name}_{tag}_d{head_dim}_{'causal' if causal else 'full'}.cubin")
-        export_kernel(_hinted(name, kcfg["occupancy"], kcfg["num_ctas"], kcfg["num_worker_warps"]), [sig], path,
-                      gpu_code=gpu_code, output_format="cubin")
+        kernel = _hinted(name, kcfg["occupancy"], kcfg["num_ctas"], kcfg["num_worker_warps"])
+        export_kernel(kernel, [sig], path, gpu_code=gpu_code, output_format="cubin")
         paths.append(path)
     return paths
