@@ -192,3 +192,23 @@ def test_the_html_report_carries_the_tuned_table(fixture_run, tuned_dir, tmp_pat
     html, _ = report.render(fixture, tmp_path / "report.html")
     text = html.read_text()
     assert 'id="tuned-table"' in text and "tile_n=128, occupancy=2" in text and "1.333x" in text
+
+
+@pytest.mark.parametrize("path", ["sweeps/fmha.yaml", "sweeps/layernorm_tune.yaml"])
+def test_tuning_sweeps_measure_the_defaults_at_every_shape(path):
+    """A winner's speedup over the defaults is only known when the defaults ran beside it."""
+    from bench import workloads
+    from bench.measure import sweep
+
+    root = Path(__file__).resolve().parents[1]
+    shapes, with_default = set(), set()
+    for case in sweep.load(root / path).cases:
+        found = workloads.get(case.workload).tuned_key(case.params) if case.provider == "cutile" else None
+        if not found or not found[3]:
+            continue
+        kernel, shape = found[0], json.dumps(case.shape, sort_keys=True)
+        shapes.add(shape)
+        check = tuned.validator(kernel)
+        if check(found[3]) == check({}):
+            with_default.add(shape)
+    assert shapes and shapes == with_default
