@@ -12,21 +12,26 @@ import torch
 
 import kernels
 from kernels.aot import array_param, ct_dtype, dtype_name, export
-from kernels.launch import grid_size, launch, rows
-from kernels.linear import column_sum
+from kernels.launch import grid_size, launch, rows, sm_count
+from kernels.linear import sum_partials
 
 try:
     import cuda.tile as ct
 except Exception:  # no cuda-tile here: the public functions raise through kernels.require()
     ct = None
 
-# default block_m * block_n and occupancy hint, measured on an H100 (docs/PERF.md): 4096-element
-# tiles with 8 blocks per SM ran GPT-2's (8192, 3072) GELU at 2.1 / 2.6 TB/s forward / backward,
-# against 1.6 / 2.1 TB/s with one 1024-column row per block and the compiler's occupancy; a
-# persistent grid (blocks_per_sm) measured slower than one block per tile
+# the forward's default block_m * block_n and occupancy hint, measured on an H100 (docs/PERF.md):
+# 4096-element tiles with 8 blocks per SM ran GPT-2's (8192, 3072) GELU at 2.1 TB/s, against 1.6 TB/s
+# with one 1024-column row per block and the compiler's occupancy; a persistent grid
+# (blocks_per_sm) measured slower than one block per tile
 TILE_ELEMS = 4096
 MAX_BLOCK_N = 1024
 OCCUPANCY = 8
+# the backward: a persistent grid of (column tile, row group) blocks, 2 per SM, each over (16, 256)
+# tiles, summing the bias gradient's columns as it writes dx. At GPT-2's (8192, 3072) fp16 on an
+# H100 that took 58 us for both, against 61 us for the one-block-per-tile backward plus 22 us for a
+# separate column sum; 4 or 8 blocks per SM and (4..8, 512..1024) tiles took 61-92 us
+BWD_TILE, BWD_BLOCKS_PER_SM = (16, 256), 2
 
 # Abramowitz & Stegun 7.1.26
 _P = 0.3275911
@@ -70,11 +75,11 @@ if ct is not None:
         b = ct.astype(ct.load(Bias, (j,), (BLOCK_N,), padding_mode=ZERO), ct.float32)
         return x + ct.reshape(b, (1, BLOCK_N))
 
-    # Both kernels loop over the (row tile, column tile) pairs in row-major order, so a grid
-    # smaller than the number of tiles is persistent.
     @ct.kernel
     def _fwd_kernel(X, Bias, Y, HAS_BIAS: ConstBool, TANH: ConstBool, BLOCK_M: ConstInt,
                     BLOCK_N: ConstInt):
+        """Over the (row tile, column tile) pairs in row-major order: a grid smaller than the number
+        of tiles is persistent."""
         tiles_n = ct.cdiv(X.shape[1], BLOCK_N)
         for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M) * tiles_n, ct.num_blocks(0)):
             i, j = t // tiles_n, t % tiles_n
@@ -82,14 +87,21 @@ if ct is not None:
             ct.store(Y, (i, j), ct.astype(_gelu_and_grad(z, TANH, False), Y.dtype))
 
     @ct.kernel
-    def _bwd_kernel(DY, X, Bias, DX, HAS_BIAS: ConstBool, TANH: ConstBool, BLOCK_M: ConstInt,
-                    BLOCK_N: ConstInt):
-        tiles_n = ct.cdiv(X.shape[1], BLOCK_N)
-        for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M) * tiles_n, ct.num_blocks(0)):
-            i, j = t // tiles_n, t % tiles_n
+    def _bwd_kernel(DY, X, Bias, DX, Part, HAS_BIAS: ConstBool, SUMS: ConstBool, TANH: ConstBool,
+                    BLOCK_M: ConstInt, BLOCK_N: ConstInt):
+        """dx = dy * GELU'(x + bias) over column tile j and row tiles g, g + G, ...; with SUMS,
+        Part[g] gets the fp32 column sums of those rows of dx (as written), the bias gradient's share."""
+        j, g = ct.bid(0), ct.bid(1)
+        acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
+        for i in range(g, ct.cdiv(X.shape[0], BLOCK_M), ct.num_blocks(1)):
             z = _input(X, Bias, i, j, BLOCK_M, BLOCK_N, HAS_BIAS)
             dy = ct.astype(ct.load(DY, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO), ct.float32)
-            ct.store(DX, (i, j), ct.astype(dy * _gelu_and_grad(z, TANH, True), DX.dtype))
+            dx = ct.astype(dy * _gelu_and_grad(z, TANH, True), DX.dtype)
+            ct.store(DX, (i, j), dx)
+            if SUMS:
+                acc += ct.astype(dx, ct.float32)
+        if SUMS:
+            ct.store(Part, (g, j), ct.sum(acc, axis=0, keepdims=True))
 
 
 def _tiles(n: int, tile) -> tuple[int, int]:
@@ -110,30 +122,23 @@ def _hinted(kernel):
     return kernel.replace_hints(occupancy=OCCUPANCY)
 
 
+@functools.lru_cache(maxsize=None)
+def _bwd_hinted():
+    return _bwd_kernel.replace_hints(occupancy=BWD_BLOCKS_PER_SM)
+
+
 def _tanh(approximate: str) -> bool:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     return approximate == "tanh"
 
 
-def _launch(x, bias, approximate, tile, blocks_per_sm, dy=None):
-    """GELU(x + bias) (dy None), or dy * GELU'(x + bias), over x's (M, N) rows; shaped like x."""
+def _prepare(x, bias, approximate):
+    """(tanh, N, x as (M, N) rows, the bias array; x stands in for a missing bias, never read)."""
     kernels.require()
-    tanh = _tanh(approximate)
-    if x.numel() == 0:
-        return torch.empty_like(x)
     n = x.shape[-1] if x.dim() else 1
     x2 = rows(x, n)
-    b = x2 if bias is None else bias.contiguous()  # never read without a bias
-    block_m, block_n = _tiles(n, tile)
-    grid = grid_size((-(-x2.shape[0] // block_m)) * (-(-n // block_n)), blocks_per_sm, x.device)
-    out = torch.empty_like(x2)
-    args = (x2, b, out, bias is not None, tanh, block_m, block_n)
-    if dy is None:
-        launch(x.device, (grid,), _hinted(_fwd_kernel), args)
-    else:
-        launch(x.device, (grid,), _hinted(_bwd_kernel), (rows(dy, n), *args))
-    return out if out.shape == x.shape else out.view(x.shape)
+    return _tanh(approximate), n, x2, x2 if bias is None else bias.contiguous()
 
 
 def gelu_forward(x, bias=None, approximate="none", tile=None, blocks_per_sm=None):
@@ -142,12 +147,34 @@ def gelu_forward(x, bias=None, approximate="none", tile=None, blocks_per_sm=None
     tile: (block_m, block_n) of the (M, N) view a block takes (default: TILE_ELEMS elements).
     blocks_per_sm: size of the persistent grid; None launches one block per tile.
     """
-    return _launch(x, bias, approximate, tile, blocks_per_sm)
+    tanh, n, x2, b = _prepare(x, bias, approximate)
+    out = torch.empty_like(x2)
+    if x.numel():
+        block_m, block_n = _tiles(n, tile)
+        grid = grid_size((-(-x2.shape[0] // block_m)) * (-(-n // block_n)), blocks_per_sm, x.device)
+        launch(x.device, (grid,), _hinted(_fwd_kernel), (x2, b, out, bias is not None, tanh, block_m, block_n))
+    return out.view(x.shape)
 
 
-def gelu_backward(dy, x, bias=None, approximate="none", tile=None, blocks_per_sm=None):
-    """dy * GELU'(x + bias): the gradient of x, and of bias once summed over the rows."""
-    return _launch(x, bias, approximate, tile, blocks_per_sm, dy)
+def gelu_backward(dy, x, bias=None, approximate="none", bias_grad=False):
+    """dy * GELU'(x + bias), the gradient of x; with bias_grad, (that, the bias's gradient: its
+    column sums, in the bias's dtype), summed in the same pass."""
+    tanh, n, x2, b = _prepare(x, bias, approximate)
+    out = torch.empty_like(x2)
+    sums = bias_grad and bias is not None
+    db = torch.empty(n, device=x.device, dtype=b.dtype) if sums else None
+    if x.numel():
+        block_m, block_n = BWD_TILE[0], min(BWD_TILE[1], 1 << max(0, n - 1).bit_length())
+        tiles_m, tiles_n = -(-x2.shape[0] // block_m), -(-n // block_n)
+        groups = min(tiles_m, max(1, BWD_BLOCKS_PER_SM * sm_count(x.device) // tiles_n))
+        part = torch.empty(groups, n, device=x.device, dtype=torch.float32) if sums else x2
+        launch(x.device, (tiles_n, groups), _bwd_hinted(),
+               (rows(dy, n), x2, b, out, part, bias is not None, sums, tanh, block_m, block_n))
+        if sums:
+            sum_partials(part, db)
+    elif sums:
+        db.zero_()
+    return (out.view(x.shape), db) if bias_grad else out.view(x.shape)
 
 
 class Gelu(torch.autograd.Function):
@@ -162,8 +189,8 @@ class Gelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
-        dz = gelu_backward(dy, x, bias, ctx.approximate)
-        return dz, None if bias is None else column_sum(dz, bias.dtype), None
+        dz, db = gelu_backward(dy, x, bias, ctx.approximate, bias_grad=True)
+        return dz, db, None
 
 
 def gelu(x, bias=None, approximate="none"):
@@ -181,10 +208,14 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
                                     (torch.float16, False, True, True), (torch.float16, True, True, True),
                                     (torch.bfloat16, False, False, False), (torch.float32, False, True, False)]:
         a = array_param(ct_dtype(dtype), 2)
-        kernel, arrays = (_bwd_kernel, [a, a]) if grad else (_fwd_kernel, [a])
         name = (f"gelu_{'bwd' if grad else 'fwd'}_{'tanh' if tanh else 'erf'}_{dtype_name(dtype)}"
                 + ("" if bias else "_nobias"))
         bias_param = array_param(f32, 1) if bias else a  # without a bias, x stands in
-        params = [*arrays, bias_param, a, bias, tanh, *_tiles(3072, None)]
-        paths.append(export(_hinted(kernel), name, params, out_dir, gpu_code))
+        if grad:  # with a bias, its gradient's partial sums; without, x stands in for them too
+            part = array_param(f32, 2) if bias else a
+            params = [a, a, bias_param, a, part, bias, bias, tanh, BWD_TILE[0], BWD_TILE[1]]
+            paths.append(export(_bwd_hinted(), name, params, out_dir, gpu_code))
+        else:
+            params = [a, bias_param, a, bias, tanh, *_tiles(3072, None)]
+            paths.append(export(_hinted(_fwd_kernel), name, params, out_dir, gpu_code))
     return paths
