@@ -89,19 +89,22 @@ if ct is not None:
     # so N need not be a power of two to be read without padding; only the last chunk can stick
     # out past N (RAGGED), and only it is masked.
     @ct.kernel
-    def _fwd_kernel(X, R, S, W, B, Y, Mean, Rstd, eps, BLOCK_M: ConstInt, CHUNK: ConstInt,
-                    NCHUNK: ConstInt, RAGGED: ConstBool, LATENCY: ConstInt, HAS_RES: ConstBool):
-        """Y = LayerNorm(X), or with HAS_RES: S = X + R (stored) and Y = LayerNorm(S)."""
+    def _fwd_kernel(X, R, RB, S, W, B, Y, Mean, Rstd, eps, BLOCK_M: ConstInt, CHUNK: ConstInt,
+                    NCHUNK: ConstInt, RAGGED: ConstBool, LATENCY: ConstInt, HAS_RES: ConstBool,
+                    HAS_RB: ConstBool):
+        """Y = LayerNorm(X), or with HAS_RES: S = X + R (+ RB, R's bias, a vector, with HAS_RB;
+        stored) and Y = LayerNorm(S)."""
         n = X.shape[1]
         last = ct.reshape(ct.arange(CHUNK, dtype=ct.int32) + (NCHUNK - 1) * CHUNK < n, (1, CHUNK))
         w, b = _vector_chunks(W, CHUNK, NCHUNK), _vector_chunks(B, CHUNK, NCHUNK)
+        rb = _vector_chunks(RB, CHUNK, NCHUNK)
         for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M), ct.num_blocks(0)):
             x = _row_chunks(X, t, BLOCK_M, CHUNK, NCHUNK, LATENCY)
             if HAS_RES:
                 r = _row_chunks(R, t, BLOCK_M, CHUNK, NCHUNK, LATENCY)
                 summed = ()
                 for c in ct.static_iter(range(NCHUNK)):
-                    summed += (x[c] + r[c],)
+                    summed += (x[c] + r[c] + rb[c] if HAS_RB else x[c] + r[c],)
                     ct.store(S, (t, c), ct.astype(summed[c], S.dtype))
                 x = summed
             total = ct.zeros((BLOCK_M, 1), dtype=ct.float32)
@@ -120,17 +123,21 @@ if ct is not None:
             ct.store(Rstd, (t,), ct.reshape(rstd, (BLOCK_M,)))
 
     @ct.kernel
-    def _bwd_kernel(DY, X, W, Mean, Rstd, DRes, DX, DWp, DBp, BLOCK_M: ConstInt, CHUNK: ConstInt,
-                    NCHUNK: ConstInt, RAGGED: ConstBool, HAS_DRES: ConstBool):
+    def _bwd_kernel(DY, X, W, Mean, Rstd, DRes, DX, DR, Part, BLOCK_M: ConstInt, CHUNK: ConstInt,
+                    NCHUNK: ConstInt, RAGGED: ConstBool, HAS_DRES: ConstBool, HAS_DR: ConstBool,
+                    SUM_DX: ConstBool):
         """dx for each row tile (plus DRes, the gradient reaching x by the residual path, with
-        HAS_DRES), and this block's partial dweight/dbias row (one per block)."""
+        HAS_DRES; with HAS_DR also written to DR, in DR's dtype), and this block's partial rows,
+        Part[k, block]: k = 0 dweight, 1 dbias, and with SUM_DX 2, the column sums of dx."""
         n = X.shape[1]
         last = ct.reshape(ct.arange(CHUNK, dtype=ct.int32) + (NCHUNK - 1) * CHUNK < n, (1, CHUNK))
         w = _vector_chunks(W, CHUNK, NCHUNK)  # zero past N, so w * dy is too
-        dw, db = (), ()
+        dw, db, ds = (), (), ()
         for c in ct.static_iter(range(NCHUNK)):
             dw += (ct.zeros((1, CHUNK), dtype=ct.float32),)
             db += (ct.zeros((1, CHUNK), dtype=ct.float32),)
+            if SUM_DX:
+                ds += (ct.zeros((1, CHUNK), dtype=ct.float32),)
         for t in range(ct.bid(0), ct.cdiv(X.shape[0], BLOCK_M), ct.num_blocks(0)):
             x = _row_chunks(X, t, BLOCK_M, CHUNK, NCHUNK, 0)
             dy = _row_chunks(DY, t, BLOCK_M, CHUNK, NCHUNK, 0)
@@ -145,33 +152,38 @@ if ct is not None:
                 c1 += ct.sum(xhat[c] * wdy[c], axis=1, keepdims=True)
                 c2 += ct.sum(wdy[c], axis=1, keepdims=True)
             c1, c2 = c1 / n, c2 / n
-            new_dw, new_db = (), ()
+            new_dw, new_db, new_ds = (), (), ()
             for c in ct.static_iter(range(NCHUNK)):
                 dx = (wdy[c] - xhat[c] * c1 - c2) * rstd
                 if HAS_DRES:
                     dx = dx + ct.astype(ct.load(DRes, (t, c), (BLOCK_M, CHUNK), padding_mode=ZERO),
                                         ct.float32)
                 ct.store(DX, (t, c), ct.astype(dx, DX.dtype))
+                if HAS_DR:
+                    ct.store(DR, (t, c), ct.astype(dx, DR.dtype))
                 new_dw += (dw[c] + ct.sum(dy[c] * xhat[c], axis=0, keepdims=True),)
                 new_db += (db[c] + ct.sum(dy[c], axis=0, keepdims=True),)
-            dw, db = new_dw, new_db
+                if SUM_DX:  # zero on padding rows (dy, DRes and rstd are); padding columns are never stored
+                    new_ds += (ds[c] + ct.sum(dx, axis=0, keepdims=True),)
+            dw, db, ds = new_dw, new_db, new_ds
         for c in ct.static_iter(range(NCHUNK)):
-            ct.store(DWp, (ct.bid(0), c), dw[c])
-            ct.store(DBp, (ct.bid(0), c), db[c])
+            ct.store(Part, (0, ct.bid(0), c), ct.reshape(dw[c], (1, 1, CHUNK)))
+            ct.store(Part, (1, ct.bid(0), c), ct.reshape(db[c], (1, 1, CHUNK)))
+            if SUM_DX:
+                ct.store(Part, (2, ct.bid(0), c), ct.reshape(ds[c], (1, 1, CHUNK)))
 
     @ct.kernel
-    def _colsum_kernel(DWp, DBp, DW, DB, BLOCK_G: ConstInt, BLOCK_N: ConstInt):
-        """DW[j] = sum_i DWp[i, j] (and DB likewise) for one tile of BLOCK_N columns; launched as a
-        programmatic dependent of the kernel that writes the partial rows, so it waits for them."""
+    def _colsum_kernel(Part, Out, BLOCK_G: ConstInt, BLOCK_N: ConstInt):
+        """Out[k, j-th tile] = the sum over i of Part[k, i, j-th tile], k the grid's second index;
+        launched as a programmatic dependent of the kernel that writes the partial rows, so it
+        waits for them."""
         ct.grid_dependency_control_wait()
-        j = ct.bid(0)
-        dw = ct.zeros((BLOCK_G, BLOCK_N), dtype=ct.float32)
-        db = ct.zeros((BLOCK_G, BLOCK_N), dtype=ct.float32)
-        for i in range(ct.cdiv(DWp.shape[0], BLOCK_G)):
-            dw += ct.load(DWp, (i, j), (BLOCK_G, BLOCK_N), padding_mode=ZERO)
-            db += ct.load(DBp, (i, j), (BLOCK_G, BLOCK_N), padding_mode=ZERO)
-        ct.store(DW, (j,), ct.astype(ct.sum(dw, axis=0), DW.dtype))
-        ct.store(DB, (j,), ct.astype(ct.sum(db, axis=0), DB.dtype))
+        j, k = ct.bid(0), ct.bid(1)
+        acc = ct.zeros((BLOCK_G, BLOCK_N), dtype=ct.float32)
+        for i in range(ct.cdiv(Part.shape[1], BLOCK_G)):
+            acc += ct.reshape(ct.load(Part, (k, i, j), (1, BLOCK_G, BLOCK_N), padding_mode=ZERO),
+                              (BLOCK_G, BLOCK_N))
+        ct.store(Out, (k, j), ct.reshape(ct.astype(ct.sum(acc, axis=0), Out.dtype), (1, BLOCK_N)))
 
 
 def _pow2(n: int) -> int:
@@ -237,10 +249,10 @@ def _vector(v, n: int, fill: float, like: torch.Tensor):
     return v.contiguous()
 
 
-def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None):
+def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None, residual_bias=None):
     """(y shaped like x, mean, rstd, s): the statistics flat over the rows of the (M, N) view; with
-    a residual, s = x + residual (in the wider dtype of the two) is normalised and returned too.
-    y is in y_dtype (default: x's)."""
+    a residual, s = x + residual (+ residual_bias, a vector) in the wider dtype of the two is
+    normalised and returned too. y is in y_dtype (default: x's)."""
     n = x.shape[-1]
     block_m, chunk, nchunk, ragged = _shape(n, cfg["rows_per_block"], cfg["chunk"], FWD_TILE_ELEMS)
     x2 = rows(x, n)
@@ -249,6 +261,8 @@ def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None)
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     r2 = s = x2
+    w, b = _vector(weight, n, 1.0, x), _vector(bias, n, 0.0, x)
+    rb = b if residual_bias is None else residual_bias.contiguous()  # b stands in, never read
     if residual is not None:
         r2 = rows(residual, n)
         s = torch.empty_like(x2, dtype=torch.promote_types(x.dtype, residual.dtype))
@@ -256,8 +270,8 @@ def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None)
         blocks_per_sm = cfg["blocks_per_sm"] if persistent else None
         kernel = _fwd_hinted(cfg["occupancy"] or blocks_per_sm, cfg["num_worker_warps"])
         launch(x.device, (grid_size(-(-m // block_m), blocks_per_sm, x.device),), kernel,
-               (x2, r2, s, _vector(weight, n, 1.0, x), _vector(bias, n, 0.0, x), y, mean, rstd,
-                float(eps), block_m, chunk, nchunk, ragged, cfg["latency"] or 0, residual is not None))
+               (x2, r2, rb, s, w, b, y, mean, rstd, float(eps), block_m, chunk, nchunk, ragged, cfg["latency"] or 0, residual is not None,
+                residual_bias is not None))
     shaped = (lambda a: a) if x.dim() == 2 else (lambda a: a.view(x.shape))
     return shaped(y), mean, rstd, shaped(s)
 
@@ -278,9 +292,12 @@ def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=False, **config):
 
 
 def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, rows_per_block=None,
-                        blocks_per_sm=BWD_BLOCKS_PER_SM, chunk=None, dres=None):
-    """(dx, dweight, dbias) from the saved fp32 mean and rstd; dweight and dbias in grad_dtype,
-    summed in fp32; dx in x's dtype, plus `dres` (the gradient reaching x by another path) if given.
+                        blocks_per_sm=BWD_BLOCKS_PER_SM, chunk=None, dres=None, dr_dtype=None,
+                        sum_dx=False):
+    """(dx, dweight, dbias, dr, dsum) from the saved fp32 mean and rstd; dweight and dbias in
+    grad_dtype, summed in fp32; dx in x's dtype, plus `dres` (the gradient reaching x by another
+    path) if given. dr: dx in dr_dtype, written by the same pass (dx itself if that is x's dtype
+    or None). dsum: with sum_dx, dx's column sums in grad_dtype (a residual bias's gradient), else None.
 
     Always persistent: each of the `blocks_per_sm` blocks per SM writes one partial row.
     chunk: columns per load as in the forward; None reads a row as one padded tile.
@@ -292,21 +309,23 @@ def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, row
     x2, dy2 = rows(x, n), rows(dy, n)
     m = x2.shape[0]
     dx = torch.empty_like(x2)
-    dw = torch.empty(n, device=x.device, dtype=grad_dtype)
-    db = torch.empty(n, device=x.device, dtype=grad_dtype)
+    dr = dx if dr_dtype in (None, x.dtype) else torch.empty_like(x2, dtype=dr_dtype)
+    sums = torch.empty(3 if sum_dx else 2, n, device=x.device, dtype=torch.float32)
     if m == 0:
-        return dx.view(x.shape), dw.zero_(), db.zero_()
-    g = grid_size(-(-m // block_m), blocks_per_sm, x.device)
-    dwp = torch.empty(g, n, device=x.device, dtype=torch.float32)  # every block writes its row
-    dbp = torch.empty_like(dwp)
-    stats = [t if t.dim() == 1 else t.reshape(-1) for t in (mean, rstd)]
-    dres2 = dx if dres is None else rows(dres, n)
-    launch(x.device, (g,), _hinted(_bwd_kernel, blocks_per_sm),
-           (dy2, x2, _vector(weight, n, 1.0, x), *stats, dres2, dx, dwp, dbp, block_m, chunk, nchunk,
-            ragged, dres is not None))
-    launch(x.device, (-(-n // REDUCE_BLOCK_N),), _colsum_kernel,
-           (dwp, dbp, dw, db, min(32, _pow2(g)), REDUCE_BLOCK_N), dependent=True)
-    return (dx if x.dim() == 2 else dx.view(x.shape)), dw, db
+        sums.zero_()
+    else:
+        g = grid_size(-(-m // block_m), blocks_per_sm, x.device)
+        part = torch.empty(sums.shape[0], g, n, device=x.device, dtype=torch.float32)  # a row per block
+        stats = [t if t.dim() == 1 else t.reshape(-1) for t in (mean, rstd)]
+        dres2 = dx if dres is None else rows(dres, n)
+        launch(x.device, (g,), _hinted(_bwd_kernel, blocks_per_sm),
+               (dy2, x2, _vector(weight, n, 1.0, x), *stats, dres2, dx, dr, part, block_m, chunk, nchunk,
+                ragged, dres is not None, dr is not dx, sum_dx))
+        launch(x.device, (-(-n // REDUCE_BLOCK_N), sums.shape[0]), _colsum_kernel,
+               (part, sums, min(32, _pow2(g)), REDUCE_BLOCK_N), dependent=True)
+    sums = sums.to(grad_dtype)  # the same tensor when grad_dtype is float32
+    shaped = (lambda a: a) if x.dim() == 2 else (lambda a: a.view(x.shape))
+    return shaped(dx), sums[0], sums[1], shaped(dr), sums[2] if sum_dx else None
 
 
 class LayerNorm(torch.autograd.Function):
@@ -323,38 +342,45 @@ class LayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_backward(dy, x, weight, mean, rstd, ctx.grad_dtype)
+        dx, dw, db, _, _ = layer_norm_backward(dy, x, weight, mean, rstd, ctx.grad_dtype)
         return dx, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None
 
 
 class AddLayerNorm(torch.autograd.Function):
-    """Autograd for the residual add fused into the LayerNorm: (s = x + r, y = LayerNorm(s)). The
-    backward adds the gradient that reaches s from later layers in the same pass that writes dx."""
+    """Autograd for the residual add fused into the LayerNorm: (s = x + r + r_bias,
+    y = LayerNorm(s)). The backward adds the gradient that reaches s from later layers in the same
+    pass that writes dx, and writes r's gradient (dx in r's dtype) and r_bias's (dx's column sums)
+    there too."""
 
     @staticmethod
-    def forward(ctx, x, r, weight, bias, eps, y_dtype):
-        y, mean, rstd, s = _forward(x, weight, bias, eps, True, tuned_config(x), residual=r, y_dtype=y_dtype)
+    def forward(ctx, x, r, r_bias, weight, bias, eps, y_dtype):
+        y, mean, rstd, s = _forward(x, weight, bias, eps, True, tuned_config(x), residual=r,
+                                    y_dtype=y_dtype, residual_bias=r_bias)
         ctx.save_for_backward(s, weight, mean, rstd)
-        ctx.has = (weight is not None, bias is not None)
+        ctx.has = (weight is not None, bias is not None, r_bias is not None)
         ctx.grad_dtype = next((t.dtype for t in (weight, bias) if t is not None), torch.float32)
+        ctx.r_dtype = r.dtype
         ctx.set_materialize_grads(False)
         return s, y
 
     @staticmethod
     def backward(ctx, ds, dy):
         s, weight, mean, rstd = ctx.saved_tensors
-        if dy is None:
-            return ds, ds, None, None, None, None
-        dx, dw, db = layer_norm_backward(dy, s, weight, mean, rstd, ctx.grad_dtype, dres=ds)
-        return dx, dx, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None
+        if dy is None:  # y unused: only the residual path's gradient flows
+            dy = torch.zeros_like(s)
+        dx, dw, db, dr, drb = layer_norm_backward(dy, s, weight, mean, rstd, ctx.grad_dtype, dres=ds,
+                                                  dr_dtype=ctx.r_dtype, sum_dx=ctx.has[2])
+        return dx, dr, drb, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-5):
-    """(x + residual, LayerNorm of it) in one pass, differentiable. Under autocast the normalised
-    output is written in the autocast dtype, which is what the next Linear reads anyway."""
+def add_layer_norm(x, residual, weight, bias, eps=1e-5, residual_bias=None):
+    """(x + residual + residual_bias, LayerNorm of it) in one pass, differentiable; residual_bias
+    (N,) or None is the bias of the layer that made `residual`, added here instead. Under autocast
+    the normalised output is written in the autocast dtype, which is what the next Linear reads
+    anyway."""
     kernels.require()
     y_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    return AddLayerNorm.apply(x, residual, weight, bias, eps, y_dtype)
+    return AddLayerNorm.apply(x, residual, residual_bias, weight, bias, eps, y_dtype)
 
 
 def layer_norm(x, weight, bias, eps=1e-5, persistent=None):
@@ -368,7 +394,7 @@ def layer_norm(x, weight, bias, eps=1e-5, persistent=None):
 
 def _fwd_job(config: dict, dtype, n: int, residual: bool = False) -> tuple:
     """(kernel, cubin name, signature params) of the forward kernel for rows of n under a config,
-    with the residual add (a float32 residual stream) or without."""
+    with the residual add (a float32 residual stream, and its bias) or without."""
     from cuda.tile import compilation as cc
 
     from kernels.aot import array_param, ct_dtype, dtype_name
@@ -381,8 +407,8 @@ def _fwd_job(config: dict, dtype, n: int, residual: bool = False) -> tuple:
     tag = "".join(f"_{k}{v}" for k, v in sorted(config.items()))
     return (_fwd_hinted(cfg["occupancy"], cfg["num_worker_warps"]),
             f"layernorm_fwd_{dtype_name(dtype)}_{n}{tag}" + ("_add" if residual else ""),
-            [wide, mat, wide, vec, vec, mat, stat, stat, cc.ScalarConstraint(ct.float32), *shape,
-             cfg["latency"] or 0, residual])
+            [wide, mat, vec, wide, vec, vec, mat, stat, stat, cc.ScalarConstraint(ct.float32), *shape,
+             cfg["latency"] or 0, residual, residual])
 
 
 def export_forward(config: dict, dtype, n: int, out_dir, gpu_code="sm_90") -> list[str]:
@@ -404,7 +430,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         kernels.require()
     from kernels.aot import array_param, ct_dtype, dtype_name, export
 
-    stat, part = array_param(ct.float32, 1), array_param(ct.float32, 2)
+    stat, part, sums = (array_param(ct.float32, k) for k in (1, 3, 2))
     jobs = []
     # the last two: a ragged last chunk, and every compiler hint set
     for dtype, n, config in [(torch.float16, 768, {}), (torch.bfloat16, 1000, {}),
@@ -415,15 +441,14 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         if not config:
             jobs.append(_fwd_job(config, dtype, n, residual=True))
             mat, vec = array_param(ct_dtype(dtype), 2), array_param(ct_dtype(dtype), 1)
+            # with the residual: a float32 stream, the branch's gradient in dtype, its bias's sums
             for residual in (False, True):
-                wide = array_param(ct.float32, 2) if residual else mat  # the residual stream is float32
+                wide = array_param(ct.float32, 2) if residual else mat
                 x_size = 4 if residual else dtype.itemsize
                 jobs.append((_hinted(_bwd_kernel, BWD_BLOCKS_PER_SM),
                              f"layernorm_bwd_{dtype_name(dtype)}_{n}" + ("_add" if residual else ""),
-                             [mat, wide, vec, stat, stat, wide, wide, part, part,
-                              *_shape(n, None, _pow2(n), BWD_TILE_BYTES // x_size), residual]))
-    for dtype in (torch.float32, torch.float16):  # dweight and dbias in the parameters' dtype
-        grad = array_param(ct_dtype(dtype), 1)
-        jobs.append((_colsum_kernel, f"layernorm_colsum_{dtype_name(dtype)}",
-                     [part, part, grad, grad, 32, REDUCE_BLOCK_N]))
+                             [mat, wide, vec, stat, stat, wide, wide, mat if residual else wide, part,
+                              *_shape(n, None, _pow2(n), BWD_TILE_BYTES // x_size),
+                              residual, residual, residual]))
+    jobs.append((_colsum_kernel, "layernorm_colsum", [part, sums, 32, REDUCE_BLOCK_N]))
     return [export(kernel, name, params, out_dir, gpu_code) for kernel, name, params in jobs]

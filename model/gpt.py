@@ -67,8 +67,8 @@ PRESETS = {
 BACKENDS = ("torch", "cutile")
 ATTENTIONS = ("naive", "sdpa")
 # what the cutile backend fuses, each measured separately (docs/PERF.md): attention that reads q, k,
-# v from the c_attn output and writes (B, T, C) ("attn_qkv"), the residual add inside LayerNorm
-# forward and backward ("add_ln"), the LM head with the cross-entropy, by row chunks, never
+# v from the c_attn output and writes (B, T, C) ("attn_qkv"), the residual add, with the branch's
+# c_proj bias, inside LayerNorm forward and backward ("add_ln"), the LM head with the cross-entropy, by row chunks, never
 # holding all logits ("head_ce"), and Linears whose backward writes fp32 weight gradients from the
 # matmul and sums bias gradients in a cuTile kernel ("linear")
 FUSIONS = ("attn_qkv", "add_ln", "head_ce", "linear")
@@ -98,8 +98,9 @@ def _cutile_kernels() -> tuple[SimpleNamespace | None, str]:
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's cannot drop it); eps 1e-5 as GPT-2.
 
-    With a `residual`, it first adds it to x and returns (x + residual, LayerNorm of that): the
-    residual add of a transformer block, which the cuTile kernel fuses into the normalisation."""
+    With a `residual`, it first adds it (and `residual_bias`, the bias of the layer that made it,
+    if that layer left it out) to x and returns (the sum, LayerNorm of it): the residual add of a
+    transformer block, which the cuTile kernel fuses into the normalisation."""
 
     def __init__(self, ndim: int, bias: bool, kernel=None, add_kernel=None):
         super().__init__()
@@ -107,11 +108,11 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
         self.kernel, self.add_kernel = kernel, add_kernel
 
-    def forward(self, x, residual=None):
+    def forward(self, x, residual=None, residual_bias=None):
         if residual is not None and self.add_kernel is not None:
-            return self.add_kernel(x, residual, self.weight, self.bias, 1e-5)
+            return self.add_kernel(x, residual, self.weight, self.bias, 1e-5, residual_bias)
         if residual is not None:
-            x = x + residual
+            x = x + residual if residual_bias is None else x + residual + residual_bias
         if self.kernel is not None:
             y = self.kernel(x, self.weight, self.bias, 1e-5)
         else:
@@ -119,8 +120,20 @@ class LayerNorm(nn.Module):
         return y if residual is None else (x, y)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, attention: str, kernel=None, linear=F.linear):
+class ResidualBranch(nn.Module):
+    """A block's branch, ending in c_proj. With bias_elsewhere, c_proj leaves its bias to the
+    residual add that takes the branch (branch_bias)."""
+    bias_elsewhere = False
+
+    def proj(self, y):
+        return self.linear(y, self.c_proj.weight, None if self.bias_elsewhere else self.c_proj.bias)
+
+    def branch_bias(self):
+        return self.c_proj.bias if self.bias_elsewhere else None
+
+
+class CausalSelfAttention(ResidualBranch):
+    def __init__(self, config: GPTConfig, attention: str, kernel=None, linear=F.linear, bias_elsewhere=False):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -128,6 +141,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
         self.attention, self.kernel, self.linear = attention, kernel, linear
+        self.bias_elsewhere = bias_elsewhere
 
     def forward(self, x):
         B, T, C = x.size()
@@ -136,7 +150,7 @@ class CausalSelfAttention(nn.Module):
         qkv = self.linear(x, self.c_attn.weight, self.c_attn.bias)
         if self.attention == "cutile_qkv":  # reads q, k, v out of c_attn's output, writes (B, T, C)
             y = self.kernel(qkv, self.n_head)
-            return self.resid_dropout(self.linear(y, self.c_proj.weight, self.c_proj.bias))
+            return self.resid_dropout(self.proj(y))
         q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.attention == "cutile":
@@ -151,23 +165,24 @@ class CausalSelfAttention(nn.Module):
             att = F.softmax(att.to(wide).masked_fill(mask, MASK_FLOOR), dim=-1).to(v.dtype)
             y = self.attn_dropout(att) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.linear(y, self.c_proj.weight, self.c_proj.bias))
+        return self.resid_dropout(self.proj(y))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, kernel=None, linear=F.linear):
+class MLP(ResidualBranch):
+    def __init__(self, config: GPTConfig, kernel=None, linear=F.linear, bias_elsewhere=False):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.approximate, self.kernel, self.linear = config.gelu, kernel, linear
+        self.bias_elsewhere = bias_elsewhere
 
     def forward(self, x):
         if self.kernel is not None:  # the kernel adds c_fc's bias itself, in the same pass as GELU
             h = self.kernel(self.linear(x, self.c_fc.weight), self.c_fc.bias, self.approximate)
         else:
             h = F.gelu(self.linear(x, self.c_fc.weight, self.c_fc.bias), approximate=self.approximate)
-        return self.dropout(self.linear(h, self.c_proj.weight, self.c_proj.bias))
+        return self.dropout(self.proj(h))
 
 
 def _layer_norm(config: GPTConfig, cutile, fusions) -> LayerNorm:
@@ -180,7 +195,9 @@ def _layer_norm(config: GPTConfig, cutile, fusions) -> LayerNorm:
 class Block(nn.Module):
     """One transformer block. It takes the residual stream x and h = ln_1(x), computed by the caller
     (the previous block's MLP residual add goes into that LayerNorm), and returns the residual stream
-    after the attention and the MLP branch's output, which the caller adds the same way."""
+    after the attention and the MLP branch's output, which the caller adds the same way (with
+    mlp.branch_bias()). With the fused residual add ("add_ln"), each branch's c_proj bias is added
+    there too, so its gradient is summed in the LayerNorm backward's pass."""
 
     def __init__(self, config: GPTConfig, attention: str, cutile=None, fusions=(), casts=None):
         super().__init__()
@@ -190,12 +207,14 @@ class Block(nn.Module):
             attn_kernel = cutile.attention_qkv if attention == "cutile_qkv" else cutile.flash_attention
         if casts is not None:
             linear = functools.partial(cutile.linear, casts=casts)
-        self.attn = CausalSelfAttention(config, attention, attn_kernel, linear)
+        # the bias must be added before the branch's dropout: move it only where there is none
+        elsewhere = cutile is not None and "add_ln" in fusions and config.dropout == 0
+        self.attn = CausalSelfAttention(config, attention, attn_kernel, linear, elsewhere)
         self.ln_2 = _layer_norm(config, cutile, fusions)
-        self.mlp = MLP(config, cutile.gelu if cutile else None, linear)
+        self.mlp = MLP(config, cutile.gelu if cutile else None, linear, elsewhere)
 
     def forward(self, x, h):
-        x, h = self.ln_2(x, self.attn(h))
+        x, h = self.ln_2(x, self.attn(h), self.attn.branch_bias())
         return x, self.mlp(h)
 
 
@@ -283,7 +302,8 @@ class GPT(nn.Module):
         h = blocks[0].ln_1(x)
         for i, block in enumerate(blocks):
             x, branch = block(x, h)
-            x, h = (blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f)(x, branch)
+            ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
+            x, h = ln(x, branch, block.mlp.branch_bias())
         if targets is not None and self.head_loss is not None:
             return None, self.head_loss(h.view(b * t, -1), self.lm_head.weight, targets.view(-1))
         logits = self.lm_head(h)

@@ -87,15 +87,17 @@ def test_attention_on_packed_qkv_matches_the_reference(poisoned, t, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("with_rbias", [False, True])
 @pytest.mark.parametrize("dtype", list(DT))
 @pytest.mark.parametrize("rows,n", [(1, 768), (13, 384), (127, 1000), (257, 768), (4096, 1024)])
-def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype):
+def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype, with_rbias):
     from kernels.layernorm import add_layer_norm
 
     x = torch.randn(rows, n, device="cuda")  # the residual stream is float32 under autocast
     r = torch.randn(rows, n, device="cuda", dtype=DT[dtype])
     w = 1 + 0.1 * torch.randn(n, device="cuda")
     bias = 0.1 * torch.randn(n, device="cuda")
+    rbias = torch.randn(n, device="cuda")  # the bias of the layer that made r, added here
     ds, dy = torch.randn(rows, n, device="cuda"), torch.randn(rows, n, device="cuda")
 
     def run(fn, args):
@@ -105,16 +107,16 @@ def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype):
         torch.autograd.backward([s, y], [ds.to(s.dtype), dy.to(y.dtype)])
         return s, y, [a.grad for a in leaves]
 
-    s, y, grads = run(lambda a, b_, c, d: add_layer_norm(a, b_, c, d, 1e-5), [x, r, w, bias])
-    ref_in = [a.double() for a in (x, r, w, bias)]
+    args = [x, r, w, bias] + ([rbias] if with_rbias else [])
+    s, y, grads = run(lambda a, b_, c, d, *e: add_layer_norm(a, b_, c, d, 1e-5, *e), args)
 
-    def ref(a, b_, c, d):
-        summed = a + b_
+    def ref(a, b_, c, d, *e):
+        summed = a + b_ + (e[0] if e else 0)
         return summed, reference.layer_norm(summed, c, d, 1e-5, dtype=torch.float64)
 
-    rs, ry, rgrads = run(ref, ref_in)
+    rs, ry, rgrads = run(ref, [a.double() for a in args])
     tol = tolerance_for(dtype)
-    assert y.dtype == DT[dtype] and s.dtype == torch.float32
+    assert y.dtype == DT[dtype] and s.dtype == torch.float32 and grads[1].dtype == DT[dtype]
     for name, got, want in [("s", s, rs), ("y", y, ry), ("dx", grads[0], rgrads[0]), ("dr", grads[1], rgrads[1])]:
         assert passes(errors(got, want), tol), (name, errors(got, want))
     big = max(1.0, max(g.abs().max().item() for g in rgrads[2:]))  # summed over the rows

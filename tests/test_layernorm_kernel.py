@@ -47,7 +47,8 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
     for kind in ("fwd", "bwd"):
         for dtype in DTYPES:
             assert any(f"layernorm_{kind}_{dtype}_" in s for s in names), (kind, dtype, names)
-    assert any("_chunk256" in s for s in names) and any("colsum_float16" in s for s in names), names
+    assert any("_chunk256" in s for s in names) and any("layernorm_colsum" in s for s in names), names
+    assert any(s.startswith("layernorm_bwd_") and "_add" in s for s in names), names
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
