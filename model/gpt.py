@@ -90,6 +90,7 @@ def _cutile_kernels() -> tuple[SimpleNamespace | None, str]:
         return SimpleNamespace(flash_attention=fmha.flash_attention, attention_qkv=fmha.attention_qkv,
                                layer_norm=ln.layer_norm, add_layer_norm=ln.add_layer_norm,
                                gelu=gelu.gelu, head_cross_entropy=head.linear_cross_entropy,
+                               tied_weight_grad=head.TiedWeightGrad,
                                linear=linear.linear, weight_casts=linear.WeightCasts), ""
     except Exception as e:  # a kernel module missing or broken: fall back, say why
         return None, f"cuTile kernels failed to import ({type(e).__name__}: {e})"
@@ -248,8 +249,9 @@ class GPT(nn.Module):
         self.config, self.backend, self.attention, self.fusions = config, backend, attention, fusions
         # the "linear" fusion's Linears read weights cast once per forward pass (kernels.linear)
         self.casts = cutile.weight_casts() if "linear" in fusions else None
-        self.head_loss = None
-        if "head_ce" in fusions:
+        self.head_loss = self.tied = None
+        if "head_ce" in fusions:  # the head's and the token embedding's gradients made as one
+            self.tied = cutile.tied_weight_grad()
             self.head_loss = functools.partial(cutile.head_cross_entropy, casts=self.casts)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -297,7 +299,10 @@ class GPT(nn.Module):
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
         pos = torch.arange(t, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        wte = self.transformer.wte
+        tied = self.tied if wte.weight is self.lm_head.weight else None  # unless someone untied them
+        tok = wte(idx) if tied is None else tied.embed(idx, wte.weight)
+        x = self.transformer.drop(tok + self.transformer.wpe(pos))
         blocks = self.transformer.h
         h = blocks[0].ln_1(x)
         for i, block in enumerate(blocks):
@@ -305,7 +310,7 @@ class GPT(nn.Module):
             ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
             x, h = ln(x, branch, block.mlp.branch_bias())
         if targets is not None and self.head_loss is not None:
-            return None, self.head_loss(h.view(b * t, -1), self.lm_head.weight, targets.view(-1))
+            return None, self.head_loss(h.view(b * t, -1), self.lm_head.weight, targets.view(-1), tied=tied)
         logits = self.lm_head(h)
         loss = None
         if targets is not None:

@@ -57,6 +57,47 @@ def test_weight_casts_are_refilled_for_each_pass_and_read_only_inside_it():
         y.sum().backward()
 
 
+class _Head(torch.autograd.Function):
+    """A stand-in for the fused head: loss = sum(x @ w^T * g), its weight gradient left in `tied`."""
+
+    @staticmethod
+    def forward(ctx, x, w, g, tied):
+        ctx.save_for_backward(x, w, g)
+        ctx.tied = tied
+        return (x @ w.t() * g).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, g = ctx.saved_tensors
+        ctx.tied.leave(grad * g.t() @ x)
+        return grad * g @ w, None, None, None
+
+
+def test_a_tied_weight_gets_the_head_and_embedding_gradients_in_one_tensor():
+    torch.manual_seed(0)
+    v, c = 11, 4
+    w = torch.randn(v, c, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[3, 3, 7], [0, 3, 10]])  # repeated rows sum
+    g = torch.randn(6, v, dtype=torch.float64)
+    tied = cross_entropy.TiedWeightGrad()
+    emb = tied.embed(idx, w)
+    _Head.apply(torch.tanh(emb).view(6, c), w, g, tied).backward()
+    ref_w = w.detach().clone().requires_grad_()
+    (torch.tanh(F.embedding(idx, ref_w)).view(6, c) @ ref_w.t() * g).sum().backward()
+    assert torch.allclose(w.grad, ref_w.grad) and tied.grad is None
+    # without a head's gradient left there, the embedding's own
+    w.grad = None
+    tied.embed(idx, w).pow(2).sum().backward()
+    ref_w.grad = None
+    F.embedding(idx, ref_w).pow(2).sum().backward()
+    assert torch.equal(w.grad, ref_w.grad)
+    # a forward pass drops what an unfinished earlier backward left
+    tied.leave(torch.ones(v, c, dtype=torch.float64))
+    w.grad = None
+    tied.embed(idx, w).sum().backward()
+    assert torch.equal(w.grad, F.one_hot(idx.reshape(-1), v).sum(0)[:, None].double().expand(v, c))
+
+
 def _grads(fn, inputs, dout):
     leaves = [t.detach().requires_grad_() for t in inputs]
     out = fn(*leaves)
