@@ -152,7 +152,8 @@ def gelu_forward(x, bias=None, approximate="none", tile=None, blocks_per_sm=None
     if x.numel():
         block_m, block_n = _tiles(n, tile)
         grid = grid_size((-(-x2.shape[0] // block_m)) * (-(-n // block_n)), blocks_per_sm, x.device)
-        launch(x.device, (grid,), _hinted(_fwd_kernel), (x2, b, out, bias is not None, tanh, block_m, block_n))
+        launch(x.device, (grid,), _hinted(_fwd_kernel),
+               (x2, b, out, bias is not None, tanh, block_m, block_n))
     return out.view(x.shape)
 
 

@@ -163,7 +163,8 @@ if ct is not None:
                     ct.store(DR, (t, c), ct.astype(dx, DR.dtype))
                 new_dw += (dw[c] + ct.sum(dy[c] * xhat[c], axis=0, keepdims=True),)
                 new_db += (db[c] + ct.sum(dy[c], axis=0, keepdims=True),)
-                if SUM_DX:  # zero on padding rows (dy, DRes and rstd are); padding columns are never stored
+                # dx is zero on padding rows (dy, DRes and rstd are); padding columns are never stored
+                if SUM_DX:
                     new_ds += (ds[c] + ct.sum(dx, axis=0, keepdims=True),)
             dw, db, ds = new_dw, new_db, new_ds
         for c in ct.static_iter(range(NCHUNK)):
@@ -270,8 +271,8 @@ def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None,
         blocks_per_sm = cfg["blocks_per_sm"] if persistent else None
         kernel = _fwd_hinted(cfg["occupancy"] or blocks_per_sm, cfg["num_worker_warps"])
         launch(x.device, (grid_size(-(-m // block_m), blocks_per_sm, x.device),), kernel,
-               (x2, r2, rb, s, w, b, y, mean, rstd, float(eps), block_m, chunk, nchunk, ragged, cfg["latency"] or 0, residual is not None,
-                residual_bias is not None))
+               (x2, r2, rb, s, w, b, y, mean, rstd, float(eps), block_m, chunk, nchunk, ragged,
+                cfg["latency"] or 0, residual is not None, residual_bias is not None))
     shaped = (lambda a: a) if x.dim() == 2 else (lambda a: a.view(x.shape))
     return shaped(y), mean, rstd, shaped(s)
 

@@ -68,8 +68,9 @@ BACKENDS = ("torch", "cutile")
 ATTENTIONS = ("naive", "sdpa")
 # what the cutile backend fuses, each measured separately (docs/PERF.md): attention that reads q, k,
 # v from the c_attn output and writes (B, T, C) ("attn_qkv"), the residual add, with the branch's
-# c_proj bias, inside LayerNorm forward and backward ("add_ln"), the LM head with the cross-entropy, by row chunks, never
-# holding all logits ("head_ce"), and Linears whose backward writes fp32 weight gradients from the
+# c_proj bias, inside LayerNorm forward and backward ("add_ln"), the LM head with the
+# cross-entropy, by row chunks, never holding all logits, and one gradient for the tied token
+# embedding ("head_ce"), and Linears whose backward writes fp32 weight gradients from the
 # matmul and sums bias gradients in a cuTile kernel ("linear")
 FUSIONS = ("attn_qkv", "add_ln", "head_ce", "linear")
 
