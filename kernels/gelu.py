@@ -12,8 +12,8 @@ import torch
 
 import kernels
 from kernels.aot import array_param, ct_dtype, dtype_name, export
-from kernels.launch import grid_size, launch, rows, sm_count
-from kernels.linear import sum_partials
+from kernels.launch import grid_size, launch, rows
+from kernels.linear import column_block, column_grid, sum_partials
 
 try:
     import cuda.tile as ct
@@ -28,10 +28,11 @@ TILE_ELEMS = 4096
 MAX_BLOCK_N = 1024
 OCCUPANCY = 8
 # the backward: a persistent grid of (column tile, row group) blocks, 2 per SM, each over (16, 256)
-# tiles, summing the bias gradient's columns as it writes dx. At GPT-2's (8192, 3072) fp16 on an
-# H100 that took 58 us for both, against 61 us for the one-block-per-tile backward plus 22 us for a
-# separate column sum; 4 or 8 blocks per SM and (4..8, 512..1024) tiles took 61-92 us
-BWD_TILE, BWD_BLOCKS_PER_SM = (16, 256), 2
+# tiles (the column sum's grid, kernels.linear.column_grid), summing the bias gradient's columns
+# as it writes dx. At GPT-2's (8192, 3072) fp16 on an H100 that took 58 us for both, against 61 us
+# for the one-block-per-tile backward plus 22 us for a separate column sum; 4 or 8 blocks per SM
+# and (4..8, 512..1024) tiles took 61-92 us
+BWD_BLOCK_M, BWD_BLOCKS_PER_SM = 16, 2
 
 # Abramowitz & Stegun 7.1.26
 _P = 0.3275911
@@ -165,12 +166,11 @@ def gelu_backward(dy, x, bias=None, approximate="none", bias_grad=False):
     sums = bias_grad and bias is not None
     db = torch.empty(n, device=x.device, dtype=b.dtype) if sums else None
     if x.numel():
-        block_m, block_n = BWD_TILE[0], min(BWD_TILE[1], 1 << max(0, n - 1).bit_length())
-        tiles_m, tiles_n = -(-x2.shape[0] // block_m), -(-n // block_n)
-        groups = min(tiles_m, max(1, BWD_BLOCKS_PER_SM * sm_count(x.device) // tiles_n))
+        block_n, tiles_n, groups = column_grid(x2.shape[0], n, BWD_BLOCK_M, BWD_BLOCKS_PER_SM,
+                                               x.device)
         part = torch.empty(groups, n, device=x.device, dtype=torch.float32) if sums else x2
         launch(x.device, (tiles_n, groups), _bwd_hinted(),
-               (rows(dy, n), x2, b, out, part, bias is not None, sums, tanh, block_m, block_n))
+               (rows(dy, n), x2, b, out, part, bias is not None, sums, tanh, BWD_BLOCK_M, block_n))
         if sums:
             sum_partials(part, db)
     elif sums:
@@ -214,7 +214,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         bias_param = array_param(f32, 1) if bias else a  # without a bias, x stands in
         if grad:  # with a bias, its gradient's partial sums; without, x stands in for them too
             part = array_param(f32, 2) if bias else a
-            params = [a, a, bias_param, a, part, bias, bias, tanh, BWD_TILE[0], BWD_TILE[1]]
+            params = [a, a, bias_param, a, part, bias, bias, tanh, BWD_BLOCK_M, column_block(3072)]
             paths.append(export(_bwd_hinted(), name, params, out_dir, gpu_code))
         else:
             params = [a, bias_param, a, bias, tanh, *_tiles(3072, None)]

@@ -50,8 +50,17 @@ if ct is not None:
         ct.store(Out, (j,), ct.astype(ct.sum(acc, axis=0), Out.dtype))
 
 
-def _block_n(n: int) -> int:
+def column_block(n: int) -> int:
+    """Columns per tile of a column sum over n columns."""
     return min(BLOCK_N, 1 << max(0, n - 1).bit_length())
+
+
+def column_grid(m: int, n: int, block_m: int, blocks_per_sm: int, device) -> tuple[int, int, int]:
+    """(block_n, column tiles, row groups) of a column-summing grid over (m, n): one block per
+    (column tile, row group), blocks_per_sm per SM, each over every G-th row tile."""
+    block_n = column_block(n)
+    tiles_n, tiles_m = -(-n // block_n), -(-m // block_m)
+    return block_n, tiles_n, min(tiles_m, max(1, blocks_per_sm * sm_count(device) // tiles_n))
 
 
 def column_sum(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -62,9 +71,7 @@ def column_sum(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     out = torch.empty(n, device=x.device, dtype=dtype)
     if x2.shape[0] == 0:
         return out.zero_()
-    block_n = _block_n(n)
-    tiles_n, tiles_m = -(-n // block_n), -(-x2.shape[0] // BLOCK_M)
-    groups = min(tiles_m, max(1, BLOCKS_PER_SM * sm_count(x.device) // tiles_n))
+    block_n, tiles_n, groups = column_grid(x2.shape[0], n, BLOCK_M, BLOCKS_PER_SM, x.device)
     part = torch.empty(groups, n, device=x.device, dtype=torch.float32)  # every block writes its row
     launch(x.device, (tiles_n, groups), _partial_kernel, (x2, part, BLOCK_M, block_n))
     return sum_partials(part, out)
@@ -72,7 +79,7 @@ def column_sum(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 def sum_partials(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = the sum of part's (G, N) fp32 rows, added in a fixed order (the same on every run)."""
-    block_n = _block_n(part.shape[1])
+    block_n = column_block(part.shape[1])
     launch(part.device, (-(-part.shape[1] // block_n),), _sum_kernel, (part, out, BLOCK_G, block_n))
     return out
 
@@ -174,7 +181,9 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     paths = []
     for dtype, n in [(torch.float16, 3072), (torch.bfloat16, 768), (torch.float32, 65)]:
         paths.append(export(_partial_kernel, f"colsum_partial_{dtype_name(dtype)}_{n}",
-                            [array_param(ct_dtype(dtype), 2), part, BLOCK_M, _block_n(n)], out_dir, gpu_code))
+                            [array_param(ct_dtype(dtype), 2), part, BLOCK_M, column_block(n)],
+                            out_dir, gpu_code))
         paths.append(export(_sum_kernel, f"colsum_sum_{dtype_name(dtype)}_{n}",
-                            [part, array_param(ct_dtype(dtype), 1), BLOCK_G, _block_n(n)], out_dir, gpu_code))
+                            [part, array_param(ct_dtype(dtype), 1), BLOCK_G, column_block(n)],
+                            out_dir, gpu_code))
     return paths
