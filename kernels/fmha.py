@@ -291,8 +291,10 @@ def _forward(q, k, v, causal, scale, cfg, out=None):
     return out, lse
 
 
+@functools.lru_cache(maxsize=None)
 def _bwd_config(d):
-    """Each backward kernel's own launch config ({kernel: config}) for head dim d: the tile config
+    """Each backward kernel's own launch config ({kernel: config}, shared: do not change it) for
+    head dim d: the tile config
     steers the forward kernel only, so one build of the backward serves every forward config.
     Measured on an H100
     (docs/fmha-notes.md): dK/dV ran fastest with 64 key rows per block, 128 query rows a loop step

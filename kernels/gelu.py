@@ -155,7 +155,7 @@ def gelu_forward(x, bias=None, approximate="none", tile=None, blocks_per_sm=None
         grid = grid_size((-(-x2.shape[0] // block_m)) * (-(-n // block_n)), blocks_per_sm, x.device)
         launch(x.device, (grid,), _hinted(_fwd_kernel),
                (x2, b, out, bias is not None, tanh, block_m, block_n))
-    return out.view(x.shape)
+    return out if x.dim() == 2 else out.view(x.shape)
 
 
 def gelu_backward(dy, x, bias=None, approximate="none", bias_grad=False):
@@ -175,7 +175,8 @@ def gelu_backward(dy, x, bias=None, approximate="none", bias_grad=False):
             sum_partials(part, db)
     elif sums:
         db.zero_()
-    return (out.view(x.shape), db) if bias_grad else out.view(x.shape)
+    out = out if x.dim() == 2 else out.view(x.shape)
+    return (out, db) if bias_grad else out
 
 
 class Gelu(torch.autograd.Function):

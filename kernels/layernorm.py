@@ -91,9 +91,9 @@ if ct is not None:
     @ct.kernel
     def _fwd_kernel(X, R, RB, S, W, B, Y, Mean, Rstd, eps, BLOCK_M: ConstInt, CHUNK: ConstInt,
                     NCHUNK: ConstInt, RAGGED: ConstBool, LATENCY: ConstInt, HAS_RES: ConstBool,
-                    HAS_RB: ConstBool):
-        """Y = LayerNorm(X), or with HAS_RES: S = X + R (+ RB, R's bias, a vector, with HAS_RB;
-        stored) and Y = LayerNorm(S)."""
+                    HAS_RB: ConstBool, HAS_B: ConstBool):
+        """Y = LayerNorm(X) (+ B with HAS_B), or with HAS_RES: S = X + R (+ RB, R's bias, a vector,
+        with HAS_RB; stored) and Y = LayerNorm(S)."""
         n = X.shape[1]
         last = ct.reshape(ct.arange(CHUNK, dtype=ct.int32) + (NCHUNK - 1) * CHUNK < n, (1, CHUNK))
         w, b = _vector_chunks(W, CHUNK, NCHUNK), _vector_chunks(B, CHUNK, NCHUNK)
@@ -118,7 +118,8 @@ if ct is not None:
                 squares += ct.sum(xc[c] * xc[c], axis=1, keepdims=True)
             rstd = ct.rsqrt(squares / n + eps)
             for c in ct.static_iter(range(NCHUNK)):
-                ct.store(Y, (t, c), ct.astype(xc[c] * rstd * w[c] + b[c], Y.dtype))
+                y = xc[c] * rstd * w[c]
+                ct.store(Y, (t, c), ct.astype(y + b[c] if HAS_B else y, Y.dtype))
             ct.store(Mean, (t,), ct.reshape(mean, (BLOCK_M,)))
             ct.store(Rstd, (t,), ct.reshape(rstd, (BLOCK_M,)))
 
@@ -262,8 +263,9 @@ def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None,
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     r2 = s = x2
-    w, b = _vector(weight, n, 1.0, x), _vector(bias, n, 0.0, x)
-    rb = b if residual_bias is None else residual_bias.contiguous()  # b stands in, never read
+    w = _vector(weight, n, 1.0, x)
+    b = w if bias is None else bias.contiguous()  # w stands in for what is not there, never read
+    rb = w if residual_bias is None else residual_bias.contiguous()
     if residual is not None:
         r2 = rows(residual, n)
         s = torch.empty_like(x2, dtype=torch.promote_types(x.dtype, residual.dtype))
@@ -272,7 +274,7 @@ def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None,
         kernel = _fwd_hinted(cfg["occupancy"] or blocks_per_sm, cfg["num_worker_warps"])
         launch(x.device, (grid_size(-(-m // block_m), blocks_per_sm, x.device),), kernel,
                (x2, r2, rb, s, w, b, y, mean, rstd, float(eps), block_m, chunk, nchunk, ragged,
-                cfg["latency"] or 0, residual is not None, residual_bias is not None))
+                cfg["latency"] or 0, residual is not None, residual_bias is not None, bias is not None))
     shaped = (lambda a: a) if x.dim() == 2 else (lambda a: a.view(x.shape))
     return shaped(y), mean, rstd, shaped(s)
 
@@ -324,9 +326,10 @@ def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, row
                 ragged, dres is not None, dr is not dx, sum_dx))
         launch(x.device, (-(-n // REDUCE_BLOCK_N), sums.shape[0]), _colsum_kernel,
                (part, sums, min(32, _pow2(g)), REDUCE_BLOCK_N), dependent=True)
-    sums = sums.to(grad_dtype)  # the same tensor when grad_dtype is float32
-    shaped = (lambda a: a) if x.dim() == 2 else (lambda a: a.view(x.shape))
-    return shaped(dx), sums[0], sums[1], shaped(dr), sums[2] if sum_dx else None
+    dw, db, *dsum = sums.to(grad_dtype).unbind()  # to(): the same tensor when grad_dtype is float32
+    if x.dim() != 2:
+        dx, dr = dx.view(x.shape), dr.view(x.shape)
+    return dx, dw, db, dr, dsum[0] if sum_dx else None
 
 
 class LayerNorm(torch.autograd.Function):
@@ -393,9 +396,10 @@ def layer_norm(x, weight, bias, eps=1e-5, persistent=None):
     return LayerNorm.apply(x, weight, bias, eps, persistent is not False)
 
 
-def _fwd_job(config: dict, dtype, n: int, residual: bool = False) -> tuple:
+def _fwd_job(config: dict, dtype, n: int, residual: bool = False, bias: bool = True) -> tuple:
     """(kernel, cubin name, signature params) of the forward kernel for rows of n under a config,
-    with the residual add (a float32 residual stream, and its bias) or without."""
+    with the residual add (a float32 residual stream, and its bias) or without, with a LayerNorm
+    bias or without."""
     from cuda.tile import compilation as cc
 
     from kernels.aot import array_param, ct_dtype, dtype_name
@@ -407,9 +411,10 @@ def _fwd_job(config: dict, dtype, n: int, residual: bool = False) -> tuple:
     shape = _shape(n, cfg["rows_per_block"], cfg["chunk"], FWD_TILE_ELEMS)
     tag = "".join(f"_{k}{v}" for k, v in sorted(config.items()))
     return (_fwd_hinted(cfg["occupancy"], cfg["num_worker_warps"]),
-            f"layernorm_fwd_{dtype_name(dtype)}_{n}{tag}" + ("_add" if residual else ""),
+            f"layernorm_fwd_{dtype_name(dtype)}_{n}{tag}" + ("_add" if residual else "")
+            + ("" if bias else "_nobias"),
             [wide, mat, vec, wide, vec, vec, mat, stat, stat, cc.ScalarConstraint(ct.float32), *shape,
-             cfg["latency"] or 0, residual, residual])
+             cfg["latency"] or 0, residual, residual, bias])
 
 
 def export_forward(config: dict, dtype, n: int, out_dir, gpu_code="sm_90") -> list[str]:
@@ -441,6 +446,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         jobs.append(_fwd_job(config, dtype, n))
         if not config:
             jobs.append(_fwd_job(config, dtype, n, residual=True))
+            jobs.append(_fwd_job(config, dtype, n, residual=True, bias=False))
             mat, vec = array_param(ct_dtype(dtype), 2), array_param(ct_dtype(dtype), 1)
             # with the residual: a float32 stream, the branch's gradient in dtype, its bias's sums
             for residual in (False, True):
