@@ -70,9 +70,11 @@ ATTENTIONS = ("naive", "sdpa")
 # v from the c_attn output and writes (B, T, C) ("attn_qkv"), the residual add, with the branch's
 # c_proj bias, inside LayerNorm forward and backward ("add_ln"), the LM head with the
 # cross-entropy, by row chunks, never holding all logits, and one gradient for the tied token
-# embedding ("head_ce"), and Linears whose backward writes fp32 weight gradients from the
-# matmul and sums bias gradients in a cuTile kernel ("linear")
-FUSIONS = ("attn_qkv", "add_ln", "head_ce", "linear")
+# embedding ("head_ce"), Linears whose backward writes fp32 weight gradients from the
+# matmul and sums bias gradients in a cuTile kernel ("linear"), and each block, with those three of
+# its fusions, as one autograd node, for the host time of an eager step ("block")
+FUSIONS = ("attn_qkv", "add_ln", "head_ce", "linear", "block")
+BLOCK_NEEDS = ("attn_qkv", "add_ln", "linear")
 
 
 def _cutile_kernels() -> tuple[SimpleNamespace | None, str]:
@@ -92,7 +94,8 @@ def _cutile_kernels() -> tuple[SimpleNamespace | None, str]:
                                layer_norm=ln.layer_norm, add_layer_norm=ln.add_layer_norm,
                                gelu=gelu.gelu, head_cross_entropy=head.linear_cross_entropy,
                                tied_weight_grad=head.TiedWeightGrad,
-                               linear=linear.linear, weight_casts=linear.WeightCasts), ""
+                               linear=linear.linear, weight_casts=linear.WeightCasts,
+                               block=importlib.import_module("kernels.block").block), ""
     except Exception as e:  # a kernel module missing or broken: fall back, say why
         return None, f"cuTile kernels failed to import ({type(e).__name__}: {e})"
 
@@ -195,11 +198,12 @@ def _layer_norm(config: GPTConfig, cutile, fusions) -> LayerNorm:
 
 
 class Block(nn.Module):
-    """One transformer block. It takes the residual stream x and h = ln_1(x), computed by the caller
-    (the previous block's MLP residual add goes into that LayerNorm), and returns the residual stream
-    after the attention and the MLP branch's output, which the caller adds the same way (with
-    mlp.branch_bias()). With the fused residual add ("add_ln"), each branch's c_proj bias is added
-    there too, so its gradient is summed in the LayerNorm backward's pass."""
+    """One transformer block. It takes the residual stream x and h = ln_1(x), computed by the caller,
+    and `next_ln`, the LayerNorm that follows it (the next block's ln_1, or ln_f), and returns the
+    residual stream after both branches and next_ln of it. So each residual add can be done inside
+    the LayerNorm that follows it ("add_ln"), with the branch's c_proj bias added there too, and
+    the bias gradient summed in that LayerNorm's backward pass. With "block", the whole block runs
+    as one autograd node (kernels.block)."""
 
     def __init__(self, config: GPTConfig, attention: str, cutile=None, fusions=(), casts=None):
         super().__init__()
@@ -214,10 +218,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, attention, attn_kernel, linear, elsewhere)
         self.ln_2 = _layer_norm(config, cutile, fusions)
         self.mlp = MLP(config, cutile.gelu if cutile else None, linear, elsewhere)
+        self.fused = None
+        if "block" in fusions and config.dropout == 0:
+            self.fused = functools.partial(cutile.block, n_head=config.n_head, approximate=config.gelu,
+                                           casts=casts)
 
-    def forward(self, x, h):
-        x, h = self.ln_2(x, self.attn(h), self.attn.branch_bias())
-        return x, self.mlp(h)
+    def forward(self, x, h, next_ln):
+        attn, mlp = self.attn, self.mlp
+        if self.fused is not None:
+            return self.fused(x, h, self.ln_2, attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, next_ln)
+        x, h = self.ln_2(x, attn(h), attn.branch_bias())
+        return next_ln(x, mlp(h), mlp.branch_bias())
 
 
 class GPT(nn.Module):
@@ -238,6 +249,9 @@ class GPT(nn.Module):
         unknown = [f for f in fusions if f not in FUSIONS]
         if unknown:
             raise ValueError(f"unknown fusions {unknown}; choose from {', '.join(FUSIONS)}")
+        missing = [f for f in BLOCK_NEEDS if "block" in fusions and f not in fusions]
+        if missing:
+            raise ValueError(f"fusion 'block' runs {'+'.join(BLOCK_NEEDS)} in one node; add {missing}")
         cutile = None
         if backend == "cutile":
             cutile, reason = _cutile_kernels()
@@ -307,9 +321,7 @@ class GPT(nn.Module):
         blocks = self.transformer.h
         h = blocks[0].ln_1(x)
         for i, block in enumerate(blocks):
-            x, branch = block(x, h)
-            ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
-            x, h = ln(x, branch, block.mlp.branch_bias())
+            x, h = block(x, h, blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f)
         if targets is not None and self.head_loss is not None:
             return None, self.head_loss(h.view(b * t, -1), self.lm_head.weight, targets.view(-1), tied=tied)
         logits = self.lm_head(h)

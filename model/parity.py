@@ -108,8 +108,8 @@ def compare_models(config: GPTConfig, state: dict, batch: int, seq_len: int, dev
 
     def run(model, precision):
         hidden = []
-        # a block returns (residual stream after attention, MLP branch): its output is their sum
-        hooks = [blk.register_forward_hook(lambda mod, inp, out: hidden.append((out[0] + out[1]).float()))
+        # a block returns (its output, the residual stream; the next LayerNorm of it)
+        hooks = [blk.register_forward_hook(lambda mod, inp, out: hidden.append(out[0].float()))
                  for blk in model.transformer.h]
         with torch.no_grad(), autocast(device, precision):
             logits, _ = model(idx)

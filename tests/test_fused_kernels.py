@@ -1,7 +1,8 @@
 """Parity of the kernels the cuTile GPT step fuses (attention on the packed c_attn output, the
 residual add inside LayerNorm, the LM head with its cross-entropy, the Linear with its fp32
-gradients and column sums) with float64 references, forward and backward, at awkward shapes; and
-the graphed training step against the eager one.
+gradients and column sums) with float64 references, forward and backward, at awkward shapes; the
+block as one autograd node against its separate Functions; and the graphed training step against
+the eager one.
 
 Every GPU test draws fresh random inputs; outputs the kernels write are poisoned with NaN first."""
 import subprocess
@@ -232,6 +233,39 @@ def test_linear_matches_the_reference(t, k, n, bias, dtype):
     assert passes(errors(grads[0], rgrads[0]), tol), errors(grads[0], rgrads[0])
     big = max(1.0, max(g.abs().max().item() for g in rgrads[1:]))  # summed over the rows
     assert passes(errors(grads[1:], rgrads[1:]), {**tol, "max_abs": tol["max_abs"] * big})
+
+
+@gpu
+@pytest.mark.parametrize("t", AWKWARD_T)
+@pytest.mark.parametrize("bias,gelu", [(True, "none"), (False, "tanh")])
+def test_a_block_as_one_node_computes_what_its_separate_functions_do(t, bias, gelu):
+    """The same kernels on the same inputs: the loss and every gradient bit for bit, under fp16
+    autocast, with random weights and biases; and both within the fp16 tolerance of the float32
+    torch model."""
+    from model.gpt import FUSIONS, GPT, GPTConfig
+
+    config = GPTConfig(block_size=512, vocab_size=97, n_layer=2, n_head=2, n_embd=128, bias=bias, gelu=gelu)
+    torch.manual_seed(0)
+    reference_model = GPT(config).cuda()
+    with torch.no_grad():
+        for p in reference_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    models = [GPT(config, "cutile", fusions=f).cuda() for f in (FUSIONS, tuple(f for f in FUSIONS if f != "block"))]
+    assert models[0].transformer.h[0].fused is not None and models[1].transformer.h[0].fused is None
+    idx, targets = torch.randint(97, (2, 3, t), device="cuda")
+    results = []
+    for model in [*models, reference_model]:
+        model.load_state_dict(reference_model.state_dict())
+        with torch.autocast("cuda", dtype=torch.float16, enabled=model is not reference_model):
+            _, loss = model(idx, targets)
+        loss.backward()
+        results.append([loss] + [p.grad for p in model.parameters()])
+    block, separate, ref = results
+    assert all(torch.equal(a, b) for a, b in zip(block, separate)), [
+        i for i, (a, b) in enumerate(zip(block, separate)) if not torch.equal(a, b)]
+    big = max(1.0, max(g.abs().max().item() for g in ref[1:]))
+    tol = tolerance_for("float16")
+    assert passes(errors(block, ref), {**tol, "max_abs": tol["max_abs"] * big}), errors(block, ref)
 
 
 @gpu

@@ -118,6 +118,11 @@ def test_bad_backend_attention_or_heads_is_a_value_error():
         GPT(tiny(n_head=3))
 
 
+def test_the_block_fusion_needs_the_fusions_it_runs_in_one_node():
+    with pytest.raises(ValueError, match="block.*add_ln"):
+        GPT(tiny(), backend="cutile", fusions=("block", "attn_qkv", "linear"))
+
+
 @pytest.mark.skipif(kernels.available()[0], reason="cuTile runs here, so there is no fallback to see")
 def test_cutile_backend_falls_back_to_torch_with_one_warning_line(caplog):
     with caplog.at_level(logging.WARNING, logger="model.gpt"):
