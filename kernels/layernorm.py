@@ -313,7 +313,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, row
     m = x2.shape[0]
     dx = torch.empty_like(x2)
     dr = dx if dr_dtype in (None, x.dtype) else torch.empty_like(x2, dtype=dr_dtype)
-    sums = torch.empty(3 if sum_dx else 2, n, device=x.device, dtype=torch.float32)
+    sums = torch.empty(3 if sum_dx else 2, n, device=x.device, dtype=grad_dtype)  # summed in fp32
     if m == 0:
         sums.zero_()
     else:
@@ -326,7 +326,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, row
                 ragged, dres is not None, dr is not dx, sum_dx))
         launch(x.device, (-(-n // REDUCE_BLOCK_N), sums.shape[0]), _colsum_kernel,
                (part, sums, min(32, _pow2(g)), REDUCE_BLOCK_N), dependent=True)
-    dw, db, *dsum = sums.to(grad_dtype).unbind()  # to(): the same tensor when grad_dtype is float32
+    dw, db, *dsum = sums.unbind()
     if x.dim() != 2:
         dx, dr = dx.view(x.shape), dr.view(x.shape)
     return dx, dw, db, dr, dsum[0] if sum_dx else None
@@ -436,7 +436,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         kernels.require()
     from kernels.aot import array_param, ct_dtype, dtype_name, export
 
-    stat, part, sums = (array_param(ct.float32, k) for k in (1, 3, 2))
+    stat, part = array_param(ct.float32, 1), array_param(ct.float32, 3)
     jobs = []
     # the last two: a ragged last chunk, and every compiler hint set
     for dtype, n, config in [(torch.float16, 768, {}), (torch.bfloat16, 1000, {}),
@@ -457,5 +457,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
                              [mat, wide, vec, stat, stat, wide, wide, mat if residual else wide, part,
                               *_shape(n, None, _pow2(n), BWD_TILE_BYTES // x_size),
                               residual, residual, residual]))
-    jobs.append((_colsum_kernel, "layernorm_colsum", [part, sums, 32, REDUCE_BLOCK_N]))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # the sums in the weights' dtype
+        jobs.append((_colsum_kernel, f"layernorm_colsum_{dtype_name(dtype)}",
+                     [part, array_param(ct_dtype(dtype), 2), 32, REDUCE_BLOCK_N]))
     return [export(kernel, name, params, out_dir, gpu_code) for kernel, name, params in jobs]
