@@ -55,8 +55,8 @@ class _Block(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dx_out, dh_out):
-        hc, q, k, v, out, lse, s1, mean1, rstd1, h1, fc, g, s2, mean2, rstd2, ca, cp, cf, cm, ln_w, next_w, bf = \
-            ctx.saved_tensors
+        (hc, q, k, v, out, lse, s1, mean1, rstd1, h1, fc, g, s2, mean2, rstd2,
+         ca, cp, cf, cm, ln_w, next_w, bf) = ctx.saved_tensors
         n_head, approximate, dtype, _ = ctx.spec
         h_dtype, ln_dtype, w_dtype = ctx.dtypes
         has_ln_b, has_ba, has_bp, has_bm, has_next_b = ctx.has

@@ -250,7 +250,8 @@ def test_a_block_as_one_node_computes_what_its_separate_functions_do(t, bias, ge
     with torch.no_grad():
         for p in reference_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    models = [GPT(config, "cutile", fusions=f).cuda() for f in (FUSIONS, tuple(f for f in FUSIONS if f != "block"))]
+    separate = tuple(f for f in FUSIONS if f != "block")
+    models = [GPT(config, "cutile", fusions=f).cuda() for f in (FUSIONS, separate)]
     assert models[0].transformer.h[0].fused is not None and models[1].transformer.h[0].fused is None
     idx, targets = torch.randint(97, (2, 3, t), device="cuda")
     results = []
