@@ -270,6 +270,29 @@ def test_a_block_as_one_node_computes_what_its_separate_functions_do(t, bias, ge
 
 
 @gpu
+def test_an_eager_step_makes_one_autograd_node_per_block():
+    """What the eager step's host time rests on (docs/PERF.md): one Python autograd node per block,
+    plus the first LayerNorm, the token embedding and the head; not eight per block."""
+    from model.gpt import GPT, GPTConfig
+
+    config = GPTConfig.preset("tiny", n_layer=3, dropout=0.0)
+    model = GPT(config, "cutile").cuda()
+    idx = torch.randint(config.vocab_size, (2, 13), device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        _, loss = model(idx, idx)
+    nodes, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    python_nodes = sorted(type(n).__name__ for n in nodes
+                          if isinstance(n, torch.autograd.function.BackwardCFunction))
+    assert python_nodes.count("_BlockBackward") == config.n_layer, python_nodes
+    assert len(python_nodes) == config.n_layer + 3, python_nodes
+
+
+@gpu
 def test_ten_graphed_train_steps_equal_ten_eager_steps():
     """The graphed training step is the same step: the same parameters after 10 steps."""
     from bench.workloads import model_step
