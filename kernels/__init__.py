@@ -36,3 +36,11 @@ def require() -> None:
     ok, reason = available()
     if not ok:
         raise RuntimeError(f"cuTile not available: {reason}")
+
+
+def autocast_dtype(device_type: str, default):
+    """The dtype autocast runs matmuls in on this device type, or `default` where autocast is off:
+    what the fused Functions compute in, which run with autocast itself turned off."""
+    import torch
+
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default

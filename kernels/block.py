@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import fmha, gelu, layernorm
+from kernels import autocast_dtype, fmha, gelu, layernorm
 from kernels.linear import cast, column_sum, mm_f32
 
 EPS = 1e-5  # GPT-2's LayerNorm epsilon
@@ -31,11 +31,9 @@ class _Block(torch.autograd.Function):
         b, t, c = x.shape
         ca, cp, cf, cm = (cast(w, dtype, casts) for w in (wa, wp, wf, wm))
         hc = h.reshape(b * t, c).to(dtype)
-        qkv = F.linear(hc, ca, None if ba is None else cast(ba, dtype, casts))
-        q, k, v = fmha._heads(qkv.view(b, t, 3 * c), n_head)
-        cfg, scale = fmha.tuned_config(q, True), 1.0 / math.sqrt(c // n_head)
-        out = torch.empty((b, t, n_head, c // n_head), dtype=dtype, device=x.device)
-        _, lse = fmha._forward(q, k, v, True, scale, cfg, out=out.transpose(1, 2))
+        qkv = F.linear(hc, ca, None if ba is None else cast(ba, dtype, casts)).view(b, t, 3 * c)
+        scale = 1.0 / math.sqrt(c // n_head)
+        out, lse, cfg = fmha.qkv_forward(qkv, n_head, scale)
         x2 = x.reshape(b * t, c)
         ln_cfg = layernorm.tuned_config(x2)  # keyed by the residual stream's dtype, as add_layer_norm's
         h1, mean1, rstd1, s1 = layernorm._forward(
@@ -45,7 +43,7 @@ class _Block(torch.autograd.Function):
         g = gelu.gelu_forward(fc, bf, approximate)
         h2, mean2, rstd2, s2 = layernorm._forward(s1, next_w, next_b, EPS, True, ln_cfg,
                                                   residual=F.linear(g, cm), y_dtype=dtype, residual_bias=bm)
-        ctx.save_for_backward(hc, q, k, v, out, lse, s1, mean1, rstd1, h1, fc, g, s2, mean2, rstd2,
+        ctx.save_for_backward(hc, qkv, out, lse, s1, mean1, rstd1, h1, fc, g, s2, mean2, rstd2,
                               ca, cp, cf, cm, ln_w, next_w, bf)
         ctx.spec, ctx.cfg, ctx.scale = spec, cfg, scale
         ctx.has = tuple(p is not None for p in (ln_b, ba, bp, bm, next_b))
@@ -55,7 +53,7 @@ class _Block(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dx_out, dh_out):
-        (hc, q, k, v, out, lse, s1, mean1, rstd1, h1, fc, g, s2, mean2, rstd2,
+        (hc, qkv, out, lse, s1, mean1, rstd1, h1, fc, g, s2, mean2, rstd2,
          ca, cp, cf, cm, ln_w, next_w, bf) = ctx.saved_tensors
         n_head, approximate, dtype, _ = ctx.spec
         h_dtype, ln_dtype, w_dtype = ctx.dtypes
@@ -73,10 +71,7 @@ class _Block(torch.autograd.Function):
         dx, dln_w, dln_b, dy, dbp = layernorm.layer_norm_backward(
             dfc @ cf, s1, ln_w, mean1, rstd1, ln_dtype, dres=ds1, dr_dtype=dtype, sum_dx=has_bp)
         dwp = mm_f32(dy.t(), out.view(rows, c))
-        dqkv = torch.empty((b, t, 3 * c), dtype=dtype, device=hc.device)
-        fmha._backward((dy @ cp).view(out.shape).transpose(1, 2), q, k, v, out.transpose(1, 2), lse, True,
-                       ctx.scale, ctx.cfg, grads=fmha._heads(dqkv, n_head))
-        dqkv = dqkv.view(rows, 3 * c)
+        dqkv = fmha.qkv_backward(dy @ cp, qkv, out, lse, n_head, ctx.scale, ctx.cfg).view(rows, 3 * c)
         dwa = mm_f32(dqkv.t(), hc)
         dba = column_sum(dqkv, w_dtype) if has_ba else None
         dh = (dqkv @ ca).view(b, t, c).to(h_dtype)
@@ -91,7 +86,7 @@ def block(x, h, ln, c_attn, c_proj, c_fc, mlp_proj, next_ln, n_head: int, approx
     have none); under autocast the matmuls and kernels run in the autocast dtype, reading the
     weights' copies from `casts` (kernels.linear.WeightCasts)."""
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    dtype = autocast_dtype(device, h.dtype)
     with torch.autocast(device, enabled=False):
         return _Block.apply(x, h, ln.weight, ln.bias, c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias,
                             c_fc.weight, c_fc.bias, mlp_proj.weight, mlp_proj.bias, next_ln.weight,

@@ -164,7 +164,7 @@ def linear_cross_entropy(x, weight, targets, casts: WeightCasts | None = None,
         raise ValueError(f"expected x (N, C), weight (V, C), targets (N,), got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = kernels.autocast_dtype(device, x.dtype)
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(x, weight, targets.contiguous(), dtype, casts, tied)
 

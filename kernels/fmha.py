@@ -374,6 +374,29 @@ def _heads(qkv, n_head: int):
     return qkv.view(b, t, 3, n_head, c3 // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def qkv_forward(qkv, n_head: int, scale: float, cfg=None):
+    """(out, lse, cfg): causal attention of the q, k, v in a (B, T, 3C) tensor, out as
+    (B, T, H, D) (a (B, T, C) tensor viewed by head), lse (B, H, T) fp32, and the tile config it
+    ran (the tuned one if cfg is None); the kernel reads and writes those layouts through strided
+    views."""
+    b, t, c3 = qkv.shape
+    q, k, v = _heads(qkv, n_head)
+    cfg = cfg or tuned_config(q, True)
+    out = torch.empty((b, t, n_head, c3 // (3 * n_head)), dtype=qkv.dtype, device=qkv.device)
+    _, lse = _forward(q, k, v, True, scale, cfg, out=out.transpose(1, 2))
+    return out, lse, cfg
+
+
+def qkv_backward(dy, qkv, out, lse, n_head: int, scale: float, cfg):
+    """The (B, T, 3C) gradient of qkv_forward's input from dy, the gradient of its out (any shape
+    of B*T*C contiguous elements); dq, dk and dv are written straight into it."""
+    dqkv = torch.empty_like(qkv)
+    dout = dy.contiguous().view(out.shape).transpose(1, 2)
+    _backward(dout, *_heads(qkv, n_head), out.transpose(1, 2), lse, True, scale, cfg,
+              grads=_heads(dqkv, n_head))
+    return dqkv
+
+
 class _AttentionQKV(torch.autograd.Function):
     """Causal attention from a (B, T, 3C) qkv tensor to a (B, T, C) output, with the kernels reading
     and writing those layouts through strided views: no transposes, no .contiguous() copies, and
@@ -381,22 +404,15 @@ class _AttentionQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, n_head, scale, cfg):
-        b, t, c3 = qkv.shape
-        q, k, v = _heads(qkv, n_head)
-        out = torch.empty((b, t, n_head, c3 // (3 * n_head)), dtype=qkv.dtype, device=qkv.device)
-        _, lse = _forward(q, k, v, True, scale, cfg, out=out.transpose(1, 2))
+        out, lse, _ = qkv_forward(qkv, n_head, scale, cfg)
         ctx.save_for_backward(qkv, out, lse)
         ctx.n_head, ctx.scale, ctx.cfg = n_head, scale, cfg
-        return out.view(b, t, c3 // 3)
+        return out.view(qkv.shape[0], qkv.shape[1], -1)
 
     @staticmethod
     def backward(ctx, dy):
         qkv, out, lse = ctx.saved_tensors
-        dqkv = torch.empty_like(qkv)
-        dout = dy.contiguous().view(out.shape).transpose(1, 2)
-        _backward(dout, *_heads(qkv, ctx.n_head), out.transpose(1, 2), lse, True, ctx.scale, ctx.cfg,
-                  grads=_heads(dqkv, ctx.n_head))
-        return dqkv, None, None, None
+        return qkv_backward(dy, qkv, out, lse, ctx.n_head, ctx.scale, ctx.cfg), None, None, None
 
 
 def attention_qkv(qkv, n_head: int, scale: float | None = None, **tile_config):

@@ -383,7 +383,7 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, residual_bias=None):
     the normalised output is written in the autocast dtype, which is what the next Linear reads
     anyway."""
     kernels.require()
-    y_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    y_dtype = kernels.autocast_dtype(x.device.type, None)
     return AddLayerNorm.apply(x, residual, residual_bias, weight, bias, eps, y_dtype)
 
 

@@ -165,7 +165,7 @@ def linear(x, weight, bias=None, casts: WeightCasts | None = None):
     and the gradients come back in each input's dtype."""
     kernels.require()
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = kernels.autocast_dtype(device, x.dtype)
     with torch.autocast(device, enabled=False):
         return _Linear.apply(x, weight, bias, dtype, casts)
 
