@@ -33,12 +33,19 @@ def ct_dtype(dtype: torch.dtype):
 
 
 def array_param(dtype, ndim: int):
-    """A contiguous array parameter, as torch allocates it (16-byte aligned, unit last stride)."""
+    """A contiguous array parameter as the JIT specializes a torch tensor whose sizes are multiples
+    of 16: 16-byte aligned, unit last stride, the other strides multiples of 16 bytes. Without the
+    divisibility the compiler cannot prove a tensor-memory (TMA) load legal and builds element-wise
+    loads, a different kernel from the one that runs."""
     from cuda.tile import compilation as cc
 
-    return cc.ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0,
+    per_16_bytes = max(1, 16 // (dtype.bitwidth // 8))
+    return cc.ArrayConstraint(dtype, ndim, index_dtype=ct.int32,
+                              stride_lower_bound_incl=(0,) * (ndim - 1) + (None,),
                               alias_groups=(), may_alias_internally=False,
-                              stride_constant=(None,) * (ndim - 1) + (1,), base_addr_divisible_by=16)
+                              stride_constant=(None,) * (ndim - 1) + (1,),
+                              stride_divisible_by=(per_16_bytes,) * (ndim - 1) + (1,),
+                              shape_divisible_by=16, base_addr_divisible_by=16)
 
 
 def export(kernel, name: str, params: list, out_dir, gpu_code: str) -> str:
