@@ -18,6 +18,7 @@ import kernels
 from kernels import tuned
 from kernels.config import validate
 from kernels.launch import grid_size, launch, rows
+from kernels.tile_ops import widen
 
 try:
     import cuda.tile as ct
@@ -76,7 +77,7 @@ if ct is not None:
         for c in ct.static_iter(range(NCHUNK)):
             tile = ct.load(A, (t, c), (BLOCK_M, CHUNK), padding_mode=ZERO,
                            latency=ct.static_eval(LATENCY or None))
-            out += (ct.astype(tile, ct.float32),)
+            out += (widen(tile),)
         return out
 
     def _inside(d, c, NCHUNK, RAGGED, last):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.launch import launch, rows, sm_count
+from kernels.tile_ops import widen
 
 try:
     import cuda.tile as ct
@@ -37,7 +38,7 @@ if ct is not None:
         j, g = ct.bid(0), ct.bid(1)
         acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
         for i in range(g, ct.cdiv(X.shape[0], BLOCK_M), ct.num_blocks(1)):
-            acc += ct.astype(ct.load(X, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO), ct.float32)
+            acc += widen(ct.load(X, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO))
         ct.store(Part, (g, j), ct.sum(acc, axis=0, keepdims=True))
 
     @ct.kernel
