@@ -4,11 +4,14 @@ The forward pass keeps an online softmax in fp32 (exp2, with log2(e) folded into
 also returns the log-sum-exp of every query row, which lets the backward pass rebuild the softmax
 tile by tile instead of storing it. The backward pass is three kernels: delta = rowsum(dO * O),
 then dK/dV (one block per key tile, looping over query tiles) and dQ (one block per query tile,
-looping over key tiles), so no block ever needs an atomic add (cuTile's atomic_add is per element:
-a dK/dV kernel that added dQ with it measured 1.6-7x slower than the three kernels, docs/fmha-notes.md).
-The tile config (tile_m, tile_n, k_lat, v_lat, occupancy, num_ctas, num_worker_warps, head_group)
-steers the forward kernel; the backward kernels keep their own measured tiles and latencies (see
-_bwd_config).
+looping over key tiles), so no block needs an atomic add (cuTile's atomic_add is per element: a
+dK/dV kernel that added dQ with it measured 1.6-7x slower, docs/fmha-notes.md). With
+fused_dq=1 the dK/dV kernel adds dQ itself through a tiled view's atomic_store_add, a bulk
+tensor reduce-add (UTMAREDG on sm_90) of a whole tile into an fp32 buffer, and a last kernel
+scales it: two matmuls fewer per pair of tiles, at the price of dQ bits that vary with the order
+of the adds. The tile config (tile_m, tile_n, k_lat, v_lat, occupancy, num_ctas,
+num_worker_warps, head_group) steers the forward kernel, fused_dq picks the backward; the
+backward kernels keep their own measured tiles and latencies (see _bwd_config).
 
 Causal query tiles differ in work by up to T / tile_n times, so blocks start longest-first: the grid
 is (head_group, query tiles, B*H / head_group), and the hardware dispatches the longest tile of
@@ -41,7 +44,7 @@ LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
 DEFAULT_CONFIG = {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 3, "num_ctas": 1,
-                  "num_worker_warps": None, "head_group": 1}
+                  "num_worker_warps": None, "head_group": 1, "fused_dq": 0}
 
 
 def _config(tile_m, tile_n, occupancy, k_lat=2, v_lat=5, num_worker_warps=None, head_group=1):
@@ -76,6 +79,7 @@ _LIMITS = {  # key: (smallest, largest, must be a power of two)
     "num_ctas": (1, 16, True),
     "num_worker_warps": (4, 8, True),  # 4 and 8 are what tileiras 13.4 takes
     "head_group": (0, 4096, False),
+    "fused_dq": (0, 1, False),
 }
 
 
@@ -185,14 +189,17 @@ if ct is not None:
         ct.store(Delta, index=(b, h, ct.bid(0)), tile=delta)
 
     @ct.kernel
-    def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, scale_log2: float, scale: float,
+    def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, DQacc, scale_log2: float, scale: float,
                          H: ConstInt, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt,
-                         CAUSAL: ConstBool, K_LAT: ConstInt, V_LAT: ConstInt):
+                         CAUSAL: ConstBool, K_LAT: ConstInt, V_LAT: ConstInt, FUSED_DQ: ConstBool):
         """One block per (key tile, batch*head), in transposed form (keys along rows):
         dV = P^T dO and dK = scale * dS^T Q, summed over the query tiles that see this key tile.
+        With FUSED_DQ it also adds each query tile's share of dQ / scale, dS K, into the fp32
+        DQacc by a bulk tensor reduce-add (TMA), so no dQ kernel has to compute S and dP again;
+        without it DQacc is not touched.
 
         Query rows past the end need no mask: q, dO, lse and delta load as zeros there, so their
-        p is 1 and both their dO and their dP - delta are 0."""
+        p is 1 and both their dO and their dP - delta are 0 (and the reduce-add drops them)."""
         n_blk = ct.bid(0)
         b, h = ct.bid(1) // H, ct.bid(1) % H
         t = Q.shape[2]
@@ -217,8 +224,12 @@ if ct is not None:
                 pt = ct.where(i * TILE_M + rows0 >= cols, pt, 0.0)
             dv = ct.mma(pt.astype(Q.dtype), do, dv)
             dpt = ct.mma(vt, ct.transpose(do), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))
-            dst = pt * (dpt - delta.reshape((1, TILE_M)))
-            dk = ct.mma(dst.astype(Q.dtype), qi, dk)
+            dst = (pt * (dpt - delta.reshape((1, TILE_M)))).astype(Q.dtype)
+            dk = ct.mma(dst, qi, dk)
+            if FUSED_DQ:
+                dqi = ct.mma(ct.transpose(dst), kt, ct.zeros((TILE_M, D), dtype=ct.float32))
+                DQacc.tiled_view((1, 1, TILE_M, D)).atomic_store_add(
+                    (b, h, i, 0), dqi.reshape((1, 1, TILE_M, D)))
         ct.store(dK, index=(b, h, n_blk, 0), tile=(dk * scale).astype(dK.dtype).reshape((1, 1, TILE_N, D)))
         ct.store(dV, index=(b, h, n_blk, 0), tile=dv.astype(dV.dtype).reshape((1, 1, TILE_N, D)))
 
@@ -254,8 +265,15 @@ if ct is not None:
             dq = ct.mma(ds.astype(Q.dtype), kj, dq)
         ct.store(dQ, index=(b, h, m_blk, 0), tile=(dq * scale).astype(dQ.dtype).reshape((1, 1, TILE_M, D)))
 
+    @ct.kernel
+    def _bwd_dq_scale_kernel(DQacc, dQ, scale: float, H: ConstInt, D: ConstInt, TILE_M: ConstInt):
+        """dQ = scale * DQacc in dQ's dtype and layout: the last step of the fused backward."""
+        b, h = ct.bid(1) // H, ct.bid(1) % H
+        acc = ct.load(DQacc, index=(b, h, ct.bid(0), 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
+        ct.store(dQ, index=(b, h, ct.bid(0), 0), tile=(acc * scale).astype(dQ.dtype))
+
     _KERNELS = {"fwd": _fwd_kernel, "delta": _bwd_delta_kernel, "dkdv": _bwd_dkdv_kernel,
-                "dq": _bwd_dq_kernel}
+                "dq": _bwd_dq_kernel, "dq_scale": _bwd_dq_scale_kernel}
 
 
 @functools.lru_cache(maxsize=None)
@@ -301,30 +319,47 @@ def _bwd_config(d):
     (for D=64; 8192 / D in general, past which it spills registers) and occupancy 2, whatever
     suited the forward. dQ, at D=64: 64 x 64 tiles, occupancy 3, all heads' longest tiles first
     (4-14% faster than dK/dV's shape); at D=128: 128-row blocks of 8 worker warps, occupancy 1
-    (15-17% faster). 2-CTA clusters broke both (misaligned address)."""
+    (15-17% faster). 2-CTA clusters broke both (misaligned address).
+
+    The fused dQ (fused_dq=1) keeps dK/dV's blocks with 64-row query steps, since the dQ share
+    of a step sits in registers beside dK and dV (not yet tuned), and scales dQ in 64-row
+    tiles."""
     step = min(128, 8192 // d)
     base = {"k_lat": 2, "v_lat": 5, "num_ctas": 1, "num_worker_warps": None, "head_group": 1}
     dkdv = {**base, "block": 64, "step": step, "occupancy": 2}
     dq = {64: {**base, "block": 64, "step": 64, "occupancy": 3, "head_group": 0},
           128: {**base, "block": 128, "step": 64, "occupancy": 1, "num_worker_warps": 8}}.get(d, dkdv)
-    return {"delta": dkdv, "dkdv": dkdv, "dq": dq}
+    return {"delta": dkdv, "dkdv": dkdv, "dq": dq, "dkdv_dq": {**dkdv, "step": 64}, "dq_scale": dkdv}
 
 
 def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
-    """(dq, dk, dv); `grads` may give them, in any layout with a unit stride along D."""
+    """(dq, dk, dv); `grads` may give them, in any layout with a unit stride along D.
+
+    fused_dq=0: dK/dV, then dQ in a kernel of its own, which computes S and dP again (7 matmuls
+    per pair of tiles, and bitwise the same dQ every run). fused_dq=1: the dK/dV kernel adds dQ
+    into an fp32 buffer by bulk reduce-adds (5 matmuls; the order of the adds, so dQ's last bits,
+    varies from run to run)."""
     b, h, t, d = q.shape
     cfgs = _bwd_config(d)
     delta = torch.empty_like(lse)
-    kv, qc = cfgs["dkdv"], cfgs["dq"]
+    fused = cfg["fused_dq"]
+    kv, qc = cfgs["dkdv_dq" if fused else "dkdv"], cfgs["dq"]
     lat = (kv["k_lat"], kv["v_lat"])
     _launch("delta", (math.ceil(t / kv["block"]), b * h, 1), (out, dout, delta, h, d, kv["block"]), kv)
     dq, dk, dv = grads or (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    # the fp32 buffer the fused kernel adds into; unfused, a placeholder it does not touch
+    dq_acc = torch.zeros((b, h, t, d), dtype=torch.float32, device=q.device) if fused else dq
     _launch("dkdv", (math.ceil(t / kv["block"]), b * h, 1),
-            (q, k, v, dout, lse, delta, dk, dv, scale * LOG2E, scale, h, d, kv["step"], kv["block"],
-             causal, *lat), kv)
-    _launch("dq", _query_grid(t, qc["block"], b * h, qc["head_group"]),
-            (q, k, v, dout, lse, delta, dq, scale * LOG2E, scale, h, d, qc["block"], qc["step"], causal,
-             causal or t % qc["step"] == 0, *lat), qc)
+            (q, k, v, dout, lse, delta, dk, dv, dq_acc, scale * LOG2E, scale, h, d, kv["step"],
+             kv["block"], causal, *lat, bool(fused)), kv)
+    if fused:
+        sc = cfgs["dq_scale"]
+        _launch("dq_scale", (math.ceil(t / sc["block"]), b * h, 1),
+                (dq_acc, dq, scale, h, d, sc["block"]), sc)
+    else:
+        _launch("dq", _query_grid(t, qc["block"], b * h, qc["head_group"]),
+                (q, k, v, dout, lse, delta, dq, scale * LOG2E, scale, h, d, qc["block"], qc["step"],
+                 causal, causal or t % qc["step"] == 0, *lat), qc)
     return dq, dk, dv
 
 
@@ -433,29 +468,34 @@ def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int
 
     cfg = validate_config(config)
     x, row = array_param(ct_dtype(dtype), 4), array_param(ct.float32, 3)
+    acc = array_param(ct.float32, 4)
     f32 = ScalarConstraint(ct.float32)
     h, d = num_heads, head_dim
     bwd = _bwd_config(d)
-    kv, qc = bwd["dkdv"], bwd["dq"]
+    fused = bool(cfg["fused_dq"])
+    kv, qc, sc = bwd["dkdv_dq" if fused else "dkdv"], bwd["dq"], bwd["dq_scale"]
     lat = (kv["k_lat"], kv["v_lat"])
     params = {
         "fwd": (cfg, [x, x, x, x, row, f32, h, d, cfg["tile_m"], cfg["tile_n"], causal, causal,
                       cfg["k_lat"], cfg["v_lat"]]),
         "delta": (kv, [x, x, row, h, d, kv["block"]]),
-        "dkdv": (kv, [x, x, x, x, row, row, x, x, f32, f32, h, d, kv["step"], kv["block"], causal,
-                      *lat]),
-        "dq": (qc, [x, x, x, x, row, row, x, f32, f32, h, d, qc["block"], qc["step"], causal, causal,
-                    *lat]),
+        "dkdv": (kv, [x, x, x, x, row, row, x, x, acc if fused else x, f32, f32, h, d, kv["step"],
+                      kv["block"], causal, *lat, fused]),
     }
+    if fused:
+        params["dq_scale"] = (sc, [acc, x, f32, h, d, sc["block"]])
+    else:
+        params["dq"] = (qc, [x, x, x, x, row, row, x, f32, f32, h, d, qc["block"], qc["step"], causal,
+                             causal, *lat])
     cc = CallingConvention.cutile_python_v2()
     return [(name, c, KernelSignature(p, cc).with_mangled_symbol(name)) for name, (c, p) in params.items()]
 
 
 def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, causal: bool = True,
                      out_dir: str = ".", gpu_code: str = "sm_90", num_heads: int = 12,
-                     only=("fwd", "delta", "dkdv", "dq")) -> list[str]:
+                     only=("fwd", "delta", "dkdv", "dq", "dq_scale")) -> list[str]:
     """Compile every kernel (or those named in `only`) of one tile config ahead of time (no GPU
-    needed); the cubin paths.
+    needed): the forward, delta, dK/dV, and dQ or (fused_dq=1) the dQ scale; the cubin paths.
 
     Raises whatever tileiras raises when a kernel no longer compiles for this config.
     """

@@ -156,11 +156,13 @@ def export_for_check(path, out_dir, gpu_code: str = "sm_90") -> list[str]:
             continue
         causal = e["kernel"] == "fmha_fwd"
         export = functools.partial(fmha.export_for_check, cfg, dtype, dim, causal)
-        # head_group shapes only the grid, and the backward kernels take nothing from the config
-        kernel_cfg = {k: v for k, v in cfg.items() if k != "head_group"}
+        # head_group shapes only the grid and fused_dq only the backward, which takes nothing
+        # else from the config
+        kernel_cfg = {k: v for k, v in cfg.items() if k not in ("head_group", "fused_dq")}
         jobs[("fwd", dtype, dim, causal, json.dumps(kernel_cfg, sort_keys=True))] = \
             functools.partial(export, only=("fwd",))
-        jobs[("bwd", dtype, dim, causal)] = functools.partial(export, only=("delta", "dkdv", "dq"))
+        jobs[("bwd", dtype, dim, causal, cfg["fused_dq"])] = \
+            functools.partial(export, only=("delta", "dkdv", "dq", "dq_scale"))
     paths = []
     for i, job in enumerate(jobs.values()):
         out = Path(out_dir) / str(i)

@@ -25,7 +25,8 @@ AOT_ALL = os.environ.get("FMHA_AOT_ALL") == "1"
 
 
 def config_id(c: dict) -> str:
-    return "{tile_m}x{tile_n}-k{k_lat}v{v_lat}-o{occupancy}-c{num_ctas}-w{num_worker_warps}-g{head_group}".format(**c)
+    return ("{tile_m}x{tile_n}-k{k_lat}v{v_lat}-o{occupancy}-c{num_ctas}-w{num_worker_warps}-g{head_group}"
+            "-f{fused_dq}").format(**c)
 
 
 # --- any machine -----------------------------------------------------------------------------
@@ -43,6 +44,7 @@ def test_sweep_configs_are_valid_and_distinct():
     {"tile_m": 96}, {"tile_n": 8}, {"tile_m": 512}, {"k_lat": 0}, {"v_lat": 11},
     {"occupancy": 0}, {"num_ctas": 3}, {"tile_m": 64.0}, {"occupancy": True}, {"block_m": 64},
     {"num_worker_warps": 2}, {"num_worker_warps": 6}, {"head_group": -1}, {"head_group": None},
+    {"fused_dq": 2}, {"fused_dq": True},
 ])
 def test_bad_config_is_a_value_error(bad):
     with pytest.raises(ValueError, match="fmha"):
@@ -73,11 +75,13 @@ def test_query_grid_covers_every_tile_of_every_head_once(head_group, bh, grid):
 @pytest.mark.parametrize("d", [16, 32, 64, 128, 256])
 def test_backward_kernels_get_their_own_configs(d):
     cfgs = fmha._bwd_config(d)
-    assert set(cfgs) == {"delta", "dkdv", "dq"}
+    assert set(cfgs) == {"delta", "dkdv", "dq", "dkdv_dq", "dq_scale"}
     for name, c in cfgs.items():
         assert c["num_ctas"] == 1 and c["block"] * c["step"] * d <= 128 * 64 * 128, name
     assert cfgs["dkdv"]["head_group"] == 1 and cfgs["dkdv"]["num_worker_warps"] is None
     assert cfgs["dq"]["num_worker_warps"] == (8 if d == 128 else None)
+    # the fused dK/dV kernel covers the same key blocks, a dQ share of 64 query rows at a time
+    assert cfgs["dkdv_dq"] == {**cfgs["dkdv"], "step": 64}
 
 
 @pytest.mark.parametrize("shapes, dtype, scale", [
@@ -120,6 +124,20 @@ def test_head_dim_128_kernels_with_worker_warps_compile_for_sm90(tmp_path):
     config = fmha.validate_config({"tile_m": 128, "tile_n": 128, "occupancy": 1, "num_worker_warps": 8})
     paths = fmha.export_for_check(config, torch.bfloat16, 128, True, str(tmp_path), only=("fwd", "dq"))
     assert len(paths) == 2
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(4) == b"\x7fELF"
+
+
+@pytest.mark.skipif(not CUTILE, reason=CUTILE_REASON)
+@pytest.mark.parametrize("d", [64, 128])
+def test_fused_dq_backward_compiles_for_sm90_with_bulk_reduce_adds(d, tmp_path):
+    """The dK/dV kernel that adds dQ, and the kernel that scales it, at both GPT head dims."""
+    config = fmha.validate_config({"fused_dq": 1})
+    paths = fmha.export_for_check(config, torch.bfloat16, d, True, str(tmp_path), only=("dkdv", "dq_scale"))
+    names = [os.path.basename(p) for p in paths]
+    assert len(names) == 2 and names[0].startswith("fmha_dkdv_fused_dq1") \
+        and names[1].startswith("fmha_dq_scale_fused_dq1"), names
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(4) == b"\x7fELF"
@@ -201,13 +219,23 @@ def test_backward_matches_reference(shape, causal, dtype, poisoned):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", BWD_CASES, ids=str)
+def test_fused_dq_backward_matches_reference(shape, causal, dtype, poisoned):
+    """dQ added by the dK/dV kernel's bulk reduce-adds, then scaled: every gradient checked."""
+    _check_backward(*_qkv(*shape, dtype, seed=5), causal, fused_dq=1)
+
+
+@gpu
+@pytest.mark.parametrize("fused_dq", [0, 1])
 @pytest.mark.parametrize("case", ["sharp", "large_negative"])
-def test_backward_extreme_inputs(case, poisoned):
+def test_backward_extreme_inputs(case, fused_dq, poisoned):
     q, k, v = _qkv(1, 2, 257, 64, torch.float16, seed=3)
     if case == "sharp":
-        _check_backward(q, k, v, True, scale=30.0 / 8)
+        _check_backward(q, k, v, True, scale=30.0 / 8, fused_dq=fused_dq)
     else:
-        _check_backward(q.abs() + 4.0, -(k.abs() + 4.0), v, False)
+        _check_backward(q.abs() + 4.0, -(k.abs() + 4.0), v, False, fused_dq=fused_dq)
 
 
 @gpu

@@ -107,9 +107,11 @@ def _grads(fn, inputs, dout):
 
 
 @gpu
+@pytest.mark.parametrize("fused_dq", [0, 1])
 @pytest.mark.parametrize("dtype", list(DT))
 @pytest.mark.parametrize("t", AWKWARD_T)
-def test_attention_on_packed_qkv_matches_the_reference(poisoned, t, dtype):
+def test_attention_on_packed_qkv_matches_the_reference(poisoned, t, dtype, fused_dq):
+    """Both backwards, each writing dq, dk and dv straight into the strided (B, T, 3C) gradient."""
     from kernels.fmha import attention_qkv
 
     b, h, d = 2, 6, 64
@@ -120,7 +122,7 @@ def test_attention_on_packed_qkv_matches_the_reference(poisoned, t, dtype):
         q, k, v = (y.view(b, t, h, d).transpose(1, 2) for y in x.split(h * d, dim=2))
         return reference.attention(q, k, v, True, dtype=torch.float64).transpose(1, 2).reshape(b, t, h * d)
 
-    out, (dqkv,) = _grads(lambda x: attention_qkv(x, h), [qkv], dout)
+    out, (dqkv,) = _grads(lambda x: attention_qkv(x, h, fused_dq=fused_dq), [qkv], dout)
     ref_out, (ref_dqkv,) = _grads(ref, [qkv.double()], dout.double())
     tol = tolerance_for(dtype)
     assert out.shape == (b, t, h * d) and out.is_contiguous()

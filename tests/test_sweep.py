@@ -197,14 +197,21 @@ def test_shipped_sweeps_expand(name, profile):
 
 
 def test_fmha_sweep_tile_configs_are_the_kernels_list():
-    """The sweep times exactly the configs the kernel's parity tests and AOT check cover."""
+    """The sweep times exactly the configs the kernel's parity tests and AOT check cover: its
+    forwards with the separate dQ kernel, and each config with both backwards."""
     from conftest import ROOT
     from kernels.fmha import SWEEP_CONFIGS
 
     sw = sweep.load(ROOT / "sweeps" / "fmha.yaml")
     keys = SWEEP_CONFIGS[0].keys()
-    swept = {tuple(c.params[k] for k in keys) for c in sw.cases if c.provider == "cutile"}
-    assert swept == {tuple(c[k] for k in keys) for c in SWEEP_CONFIGS}
+
+    def swept(mode):
+        return {tuple(c.params[k] for k in keys) for c in sw.cases
+                if c.provider == "cutile" and c.params["mode"] == mode}
+    assert all(c["fused_dq"] == 0 for c in SWEEP_CONFIGS)
+    assert swept("fwd") == {tuple(c[k] for k in keys) for c in SWEEP_CONFIGS}
+    assert swept("fwd_bwd") == {tuple({**c, "fused_dq": f}[k] for k in keys)
+                                for c in SWEEP_CONFIGS for f in (0, 1)}
 
 
 def _laughs(levels: int, width: int) -> str:

@@ -65,7 +65,8 @@ def sdpa(backend_name):
     return factory
 
 
-TILE_KEYS = ("tile_m", "tile_n", "k_lat", "v_lat", "occupancy", "num_ctas", "num_worker_warps", "head_group")
+FWD_KEYS = ("tile_m", "tile_n", "k_lat", "v_lat", "occupancy", "num_ctas", "num_worker_warps", "head_group")
+TILE_KEYS = FWD_KEYS + ("fused_dq",)  # fused_dq picks the backward
 
 
 def cutile(p, x):
@@ -80,7 +81,7 @@ def tuned_key(p):
     if p["mode"] != "fwd":
         return None
     return ("fmha_fwd" if p["causal"] else "fmha_fwd_full", p["head_dim"], p["seq_len"],
-            {k: p[k] for k in TILE_KEYS if k in p})
+            {k: p[k] for k in FWD_KEYS if k in p})
 
 
 def tilegym(p, x):
