@@ -131,8 +131,9 @@ def test_head_dim_128_kernels_with_worker_warps_compile_for_sm90(tmp_path):
 
 @pytest.mark.skipif(not CUTILE, reason=CUTILE_REASON)
 @pytest.mark.parametrize("d", [64, 128])
-def test_fused_dq_backward_compiles_for_sm90_with_bulk_reduce_adds(d, tmp_path):
-    """The dK/dV kernel that adds dQ, and the kernel that scales it, at both GPT head dims."""
+def test_fused_dq_backward_compiles_for_sm90(d, tmp_path):
+    """The dK/dV kernel that adds dQ by bulk reduce-adds, and the kernel that scales it, at both
+    GPT head dims."""
     config = fmha.validate_config({"fused_dq": 1})
     paths = fmha.export_for_check(config, torch.bfloat16, d, True, str(tmp_path), only=("dkdv", "dq_scale"))
     names = [os.path.basename(p) for p in paths]
