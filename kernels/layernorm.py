@@ -229,8 +229,11 @@ def _hinted(kernel, occupancy: int | None, num_worker_warps: int | None = None):
     return kernel.replace_hints(**{k: v for k, v in hints.items() if v is not None})
 
 
-def _fwd_hinted(occupancy: int | None, num_worker_warps: int | None):
-    return _hinted(_fwd_kernel, occupancy, num_worker_warps)
+def _fwd_hinted(cfg: dict, persistent: bool):
+    """The forward kernel as cfg runs it: on the persistent grid the occupancy hint, unless the
+    config names one, is the grid's blocks per SM (the launch and the ahead-of-time check alike)."""
+    occupancy = cfg["occupancy"] or (cfg["blocks_per_sm"] if persistent else None)
+    return _hinted(_fwd_kernel, occupancy, cfg["num_worker_warps"])
 
 
 def validate_fwd_config(config: dict) -> dict:
@@ -271,9 +274,8 @@ def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None,
         r2 = rows(residual, n)
         s = torch.empty_like(x2, dtype=torch.promote_types(x.dtype, residual.dtype))
     if m:
-        blocks_per_sm = cfg["blocks_per_sm"] if persistent else None
-        kernel = _fwd_hinted(cfg["occupancy"] or blocks_per_sm, cfg["num_worker_warps"])
-        launch(x.device, (grid_size(-(-m // block_m), blocks_per_sm, x.device),), kernel,
+        grid = (grid_size(-(-m // block_m), cfg["blocks_per_sm"] if persistent else None, x.device),)
+        launch(x.device, grid, _fwd_hinted(cfg, persistent),
                (x2, r2, rb, s, w, b, y, mean, rstd, float(eps), block_m, chunk, nchunk, ragged,
                 cfg["latency"] or 0, residual is not None, residual_bias is not None, bias is not None))
     shaped = (lambda a: a) if x.dim() == 2 else (lambda a: a.view(x.shape))
@@ -397,10 +399,12 @@ def layer_norm(x, weight, bias, eps=1e-5, persistent=None):
     return LayerNorm.apply(x, weight, bias, eps, persistent is not False)
 
 
-def _fwd_job(config: dict, dtype, n: int, residual: bool = False, bias: bool = True) -> tuple:
+def _fwd_job(config: dict, dtype, n: int, residual: bool = False, bias: bool = True,
+             persistent: bool = True) -> tuple:
     """(kernel, cubin name, signature params) of the forward kernel for rows of n under a config,
     with the residual add (a float32 residual stream, and its bias) or without, with a LayerNorm
-    bias or without."""
+    bias or without, for the persistent grid (what layer_norm and the tuned configs run) or the
+    grid of one block per tile."""
     from cuda.tile import compilation as cc
 
     from kernels.aot import array_param, ct_dtype, dtype_name
@@ -411,9 +415,9 @@ def _fwd_job(config: dict, dtype, n: int, residual: bool = False, bias: bool = T
     cfg = validate_fwd_config(config)
     shape = _shape(n, cfg["rows_per_block"], cfg["chunk"], FWD_TILE_ELEMS)
     tag = "".join(f"_{k}{v}" for k, v in sorted(config.items()))
-    return (_fwd_hinted(cfg["occupancy"], cfg["num_worker_warps"]),
+    return (_fwd_hinted(cfg, persistent),
             f"layernorm_fwd_{dtype_name(dtype)}_{n}{tag}" + ("_add" if residual else "")
-            + ("" if bias else "_nobias"),
+            + ("" if bias else "_nobias") + ("" if persistent else "_plain"),
             [wide, mat, vec, wide, vec, vec, mat, stat, stat, cc.ScalarConstraint(ct.float32), *shape,
              cfg["latency"] or 0, residual, residual, bias])
 
@@ -446,6 +450,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
                                                     "num_worker_warps": 8, "latency": 8})]:
         jobs.append(_fwd_job(config, dtype, n))
         if not config:
+            jobs.append(_fwd_job(config, dtype, n, persistent=False))
             jobs.append(_fwd_job(config, dtype, n, residual=True))
             jobs.append(_fwd_job(config, dtype, n, residual=True, bias=False))
             mat, vec = array_param(ct_dtype(dtype), 2), array_param(ct_dtype(dtype), 1)
