@@ -199,7 +199,10 @@ if ct is not None:
         without it DQacc is not touched.
 
         Query rows past the end need no mask: q, dO, lse and delta load as zeros there, so their
-        p is 1 and both their dO and their dP - delta are 0 (and the reduce-add drops them)."""
+        p is 1 and both their dO and their dP - delta are 0 (and the reduce-add drops them). Key
+        rows past the end (without the causal mask) get p = exp(-lse), inf where the scores are
+        far below zero: dK and dV drop those rows, but dQ sums over them, so the fused kernel
+        masks them."""
         n_blk = ct.bid(0)
         b, h = ct.bid(1) // H, ct.bid(1) % H
         t = Q.shape[2]
@@ -222,6 +225,8 @@ if ct is not None:
             pt = ct.exp2(st * scale_log2 - lse.reshape((1, TILE_M)) * LOG2E, flush_to_zero=True)
             if CAUSAL and i < diag_end:
                 pt = ct.where(i * TILE_M + rows0 >= cols, pt, 0.0)
+            if FUSED_DQ and not CAUSAL and (n_blk + 1) * TILE_N > t:
+                pt = ct.where(cols < t, pt, 0.0)  # keys past the end: their p may be inf
             dv = ct.mma(pt.astype(Q.dtype), do, dv)
             dpt = ct.mma(vt, ct.transpose(do), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))
             dst = (pt * (dpt - delta.reshape((1, TILE_M)))).astype(Q.dtype)
@@ -321,15 +326,17 @@ def _bwd_config(d):
     (4-14% faster than dK/dV's shape); at D=128: 128-row blocks of 8 worker warps, occupancy 1
     (15-17% faster). 2-CTA clusters broke both (misaligned address).
 
-    The fused dQ (fused_dq=1) keeps dK/dV's blocks with 64-row query steps, since the dQ share
-    of a step sits in registers beside dK and dV (not yet tuned), and scales dQ in 64-row
-    tiles."""
+    The same knobs measured again on an H200 found nothing faster. The fused dQ (fused_dq=1) takes
+    64-row query steps, since the dQ share of a step sits in registers beside dK and dV; at D=64,
+    128 keys a block in 8 worker warps (half the reduce-adds of 64-key blocks) measured fastest
+    on an H200. It scales dQ in 64-row tiles."""
     step = min(128, 8192 // d)
     base = {"k_lat": 2, "v_lat": 5, "num_ctas": 1, "num_worker_warps": None, "head_group": 1}
     dkdv = {**base, "block": 64, "step": step, "occupancy": 2}
     dq = {64: {**base, "block": 64, "step": 64, "occupancy": 3, "head_group": 0},
           128: {**base, "block": 128, "step": 64, "occupancy": 1, "num_worker_warps": 8}}.get(d, dkdv)
-    return {"delta": dkdv, "dkdv": dkdv, "dq": dq, "dkdv_dq": {**dkdv, "step": 64}, "dq_scale": dkdv}
+    fused = {**dkdv, "step": 64, **({"block": 128, "occupancy": 1, "num_worker_warps": 8} if d == 64 else {})}
+    return {"delta": dkdv, "dkdv": dkdv, "dq": dq, "dkdv_dq": fused, "dq_scale": dkdv}
 
 
 def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
@@ -343,9 +350,9 @@ def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
     cfgs = _bwd_config(d)
     delta = torch.empty_like(lse)
     fused = cfg["fused_dq"]
-    kv, qc = cfgs["dkdv_dq" if fused else "dkdv"], cfgs["dq"]
+    kv, qc, dc = cfgs["dkdv_dq" if fused else "dkdv"], cfgs["dq"], cfgs["delta"]
     lat = (kv["k_lat"], kv["v_lat"])
-    _launch("delta", (math.ceil(t / kv["block"]), b * h, 1), (out, dout, delta, h, d, kv["block"]), kv)
+    _launch("delta", (math.ceil(t / dc["block"]), b * h, 1), (out, dout, delta, h, d, dc["block"]), dc)
     dq, dk, dv = grads or (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     # the fp32 buffer the fused kernel adds into; unfused, a placeholder it does not touch
     dq_acc = torch.zeros((b, h, t, d), dtype=torch.float32, device=q.device) if fused else dq
@@ -478,7 +485,7 @@ def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int
     params = {
         "fwd": (cfg, [x, x, x, x, row, f32, h, d, cfg["tile_m"], cfg["tile_n"], causal, causal,
                       cfg["k_lat"], cfg["v_lat"]]),
-        "delta": (kv, [x, x, row, h, d, kv["block"]]),
+        "delta": (bwd["delta"], [x, x, row, h, d, bwd["delta"]["block"]]),
         "dkdv": (kv, [x, x, x, x, row, row, x, x, acc if fused else x, f32, f32, h, d, kv["step"],
                       kv["block"], causal, *lat, fused]),
     }

@@ -80,8 +80,11 @@ def test_backward_kernels_get_their_own_configs(d):
         assert c["num_ctas"] == 1 and c["block"] * c["step"] * d <= 128 * 64 * 128, name
     assert cfgs["dkdv"]["head_group"] == 1 and cfgs["dkdv"]["num_worker_warps"] is None
     assert cfgs["dq"]["num_worker_warps"] == (8 if d == 128 else None)
-    # the fused dK/dV kernel covers the same key blocks, a dQ share of 64 query rows at a time
-    assert cfgs["dkdv_dq"] == {**cfgs["dkdv"], "step": 64}
+    # the fused dK/dV kernel adds a dQ share of 64 query rows at a time; at D=64 from 128-key
+    # blocks of 8 warps, elsewhere from dK/dV's own blocks
+    wide = {"block": 128, "occupancy": 1, "num_worker_warps": 8} if d == 64 else {}
+    assert cfgs["dkdv_dq"] == {**cfgs["dkdv"], "step": 64, **wide}
+    assert cfgs["delta"] is cfgs["dkdv"]
 
 
 @pytest.mark.parametrize("shapes, dtype, scale", [
