@@ -19,6 +19,7 @@ from bench.measure.sweep import Case
 METRICS = [
     ("duration_ms", "gpu__time_duration.sum"),
     ("dram_pct", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"),
+    ("l2_pct", "lts__throughput.avg.pct_of_peak_sustained_elapsed"),
     ("sm_pct", "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
     ("tensor_pct", "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"),
     ("occupancy_pct", "sm__warps_active.avg.pct_of_peak_sustained_active"),
