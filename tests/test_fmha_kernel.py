@@ -84,7 +84,7 @@ def test_backward_kernels_get_their_own_configs(d):
     # blocks of 8 warps, elsewhere from dK/dV's own blocks
     wide = {"block": 128, "occupancy": 1, "num_worker_warps": 8} if d == 64 else {}
     assert cfgs["dkdv_dq"] == {**cfgs["dkdv"], "step": 64, **wide}
-    assert cfgs["delta"] is cfgs["dkdv"]
+    assert cfgs["delta"] == cfgs["dkdv"]
 
 
 @pytest.mark.parametrize("shapes, dtype, scale", [
