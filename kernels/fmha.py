@@ -9,9 +9,10 @@ dK/dV kernel that added dQ with it measured 1.6-7x slower, docs/fmha-notes.md). 
 fused_dq=1 the dK/dV kernel adds dQ itself through a tiled view's atomic_store_add, a bulk
 tensor reduce-add (UTMAREDG on sm_90) of a whole tile into an fp32 buffer, and a last kernel
 scales it: two matmuls fewer per pair of tiles, at the price of dQ bits that vary with the order
-of the adds. The tile config (tile_m, tile_n, k_lat, v_lat, occupancy, num_ctas,
-num_worker_warps, head_group) steers the forward kernel, fused_dq picks the backward; the
-backward kernels keep their own measured tiles and latencies (see _bwd_config).
+of the adds; measured, it pays only at D=64 and long sequences (docs/fmha-notes.md). The tile
+config (tile_m, tile_n, k_lat, v_lat, occupancy, num_ctas, num_worker_warps, head_group) steers
+the forward kernel, fused_dq picks the backward; the backward kernels keep their own measured
+tiles and latencies (see _bwd_config).
 
 Causal query tiles differ in work by up to T / tile_n times, so blocks start longest-first: the grid
 is (head_group, query tiles, B*H / head_group), and the hardware dispatches the longest tile of
