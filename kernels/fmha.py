@@ -336,7 +336,9 @@ def _bwd_config(d):
     dkdv = {**base, "block": 64, "step": step, "occupancy": 2}
     dq = {64: {**base, "block": 64, "step": 64, "occupancy": 3, "head_group": 0},
           128: {**base, "block": 128, "step": 64, "occupancy": 1, "num_worker_warps": 8}}.get(d, dkdv)
-    fused = {**dkdv, "step": 64, **({"block": 128, "occupancy": 1, "num_worker_warps": 8} if d == 64 else {})}
+    fused = {**dkdv, "step": 64}
+    if d == 64:
+        fused.update(block=128, occupancy=1, num_worker_warps=8)
     return {"delta": dkdv, "dkdv": dkdv, "dq": dq, "dkdv_dq": fused, "dq_scale": dkdv}
 
 

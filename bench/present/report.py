@@ -25,8 +25,8 @@ SEED_NOTE = ("Reference, not a measurement of this run: the seed reports 2.8 ms 
 HOST_BOUND = 1.25  # a step whose median exceeds its GPU-busy time by this factor waits on the host
 NOT_PYTORCH = {"tilegym"}  # providers that are neither the subject (cutile*) nor PyTorch
 COUNTER_COLUMNS = {"ncu": "ncu", "ncu_ms": "ncu ms", "dram_pct": "DRAM %", "l2_pct": "L2 %",
-                   "sm_pct": "SM %", "tensor_pct": "tensor %", "occupancy_pct": "occupancy %", "registers": "regs",
-                   "spill_bytes": "local st B"}
+                   "sm_pct": "SM %", "tensor_pct": "tensor %", "occupancy_pct": "occupancy %",
+                   "registers": "regs", "spill_bytes": "local st B"}
 
 
 def is_cutile(provider: str) -> bool:
