@@ -54,8 +54,8 @@ def _config(tile_m, tile_n, occupancy, k_lat=2, v_lat=5, num_worker_warps=None, 
 
 
 # The forward tile configs worth sweeping (sweeps/fmha.yaml is written from this list): the winners
-# of the H100 runs in docs/fmha-notes.md and their neighbours. 128-row tiles need 8 worker warps
-# (two warpgroups of 64 rows): with the compiler's choice they measured 1.3-2.4x slower.
+# of the H100 and H200 runs in docs/fmha-notes.md and their neighbours. 128-row tiles need 8 worker
+# warps (two warpgroups of 64 rows): with the compiler's choice they measured 1.3-2.4x slower.
 SWEEP_CONFIGS = [
     DEFAULT_CONFIG,
     _config(64, 64, 4),
@@ -66,9 +66,9 @@ SWEEP_CONFIGS = [
     _config(64, 128, 2, 3, 3),
     _config(64, 128, 2, 3, 3, head_group=0),
     _config(64, 128, 4),
-    _config(128, 64, 2),
+    _config(128, 64, 2, 2, 2, num_worker_warps=8, head_group=0),
+    _config(128, 64, 2, 2, 4, num_worker_warps=8, head_group=0),
     _config(128, 128, 1, num_worker_warps=8),
-    _config(128, 128, 2, num_worker_warps=8),
 ]
 
 _LIMITS = {  # key: (smallest, largest, must be a power of two)
