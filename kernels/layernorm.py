@@ -339,8 +339,8 @@ class LayerNorm(torch.autograd.Function):
     """Autograd for the cuTile LayerNorm: saves x, weight and the fp32 statistics."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, persistent):
-        y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, tuned_config(x))
+    def forward(ctx, x, weight, bias, eps, persistent, cfg):
+        y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, cfg or tuned_config(x))
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.has = (weight is not None, bias is not None)
         ctx.grad_dtype = next((t.dtype for t in (weight, bias) if t is not None), torch.float32)
@@ -350,7 +350,7 @@ class LayerNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db, _, _ = layer_norm_backward(dy, x, weight, mean, rstd, ctx.grad_dtype)
-        return dx, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None
+        return dx, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None, None
 
 
 class AddLayerNorm(torch.autograd.Function):
@@ -390,13 +390,16 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, residual_bias=None):
     return AddLayerNorm.apply(x, residual, residual_bias, weight, bias, eps, y_dtype)
 
 
-def layer_norm(x, weight, bias, eps=1e-5, persistent=None):
+def layer_norm(x, weight, bias, eps=1e-5, persistent=None, **config):
     """LayerNorm over the last dim, differentiable in x, weight and bias (either may be None).
 
     persistent=None takes the persistent grid, the faster variant at every measured shape.
+    config: the forward kernel's launch config (keys of FWD_CONFIG), as for layer_norm_forward;
+    without any, the tuned one. The backward reads the statistics that forward saved.
     """
+    cfg = validate_fwd_config(config) if config else None
     kernels.require()
-    return LayerNorm.apply(x, weight, bias, eps, persistent is not False)
+    return LayerNorm.apply(x, weight, bias, eps, persistent is not False, cfg)
 
 
 def _fwd_job(config: dict, dtype, n: int, residual: bool = False, bias: bool = True,

@@ -3,8 +3,9 @@
 
 Cases of the cutile provider that name a config (its provider-only axes) are grouped by kernel,
 dtype, dim and size bucket (kernels/tuned.py). A config counts in a group only if every one of its
-cases there passed the correctness gate (status `ok`) and it was timed at every shape of the group;
-the winner has the lowest geometric mean of its median over the best median at each shape.
+cases there passed the correctness gate (status `ok`), those that only gate it (a forward config's
+fwd_bwd cases) included, and it was timed at every shape of the group; the winner has the lowest
+geometric mean of its median over the best median at each shape.
 """
 from __future__ import annotations
 
@@ -45,15 +46,15 @@ def groups(records: list[dict]) -> list[Group]:
         found = key_of(rec["params"]) if key_of else None
         if not found or not found[3]:  # no config named: the case ran whatever was tuned then
             continue
-        kernel, dim, size, config = found
+        kernel, dim, size, config, timed = found
         key = (kernel, rec["params"]["dtype"], dim, tuned.bucket(size))
         g = by_key.setdefault(key, Group(key, {}, set()))
         cfg = json.dumps(config, sort_keys=True)
-        if rec.get("status") == "ok":
+        if rec.get("status") != "ok":
+            g.failed.add(cfg)
+        elif timed:
             shape = json.dumps(rec.get("shape", {}), sort_keys=True)
             g.medians.setdefault(cfg, {})[shape] = describe(rec["samples_ms"])["median"]
-        else:
-            g.failed.add(cfg)
     return [by_key[k] for k in sorted(by_key, key=str)]
 
 

@@ -31,8 +31,9 @@ class Workload:
     defaults: Params = field(default_factory=dict)
     # the allowed values of axes that take one of a few (dtype, mode, ...)
     choices: dict[str, list] = field(default_factory=dict)
-    # params -> (kernel, dim, size, config): where kernels/tuned.py remembers the config a case of
-    # the cutile provider measured; None for a case that times no single tunable kernel
+    # params -> (kernel, dim, size, config, timed): where kernels/tuned.py remembers the config a
+    # case of the cutile provider ran, and whether its time counts or it only gates the config;
+    # None for a case that runs no single tunable kernel
     tuned_key: Callable[[Params], tuple | None] | None = None
 
 

@@ -76,12 +76,11 @@ def cutile(p, x):
 
 
 def tuned_key(p):
-    """The forward kernel's config, keyed by causality, head dim and T; fwd_bwd cases time the
-    backward kernels too, whose tiles the config does not set."""
-    if p["mode"] != "fwd":
-        return None
+    """The forward kernel's config, keyed by causality, head dim and T. Forward-only cases are
+    timed; fwd_bwd cases, which time the backward kernels too (whose tiles the config does not
+    set), only gate the config: their backward reads the lse the forward saved."""
     return ("fmha_fwd" if p["causal"] else "fmha_fwd_full", p["head_dim"], p["seq_len"],
-            {k: p[k] for k in FWD_KEYS if k in p})
+            {k: p[k] for k in FWD_KEYS if k in p}, p["mode"] == "fwd")
 
 
 def tilegym(p, x):
