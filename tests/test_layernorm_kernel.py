@@ -20,6 +20,14 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 OFFSET_STD = {"float16": 8.0, "bfloat16": 64.0, "float32": 10.0}
 
 
+def check_statistics(x, mean, rstd):
+    """The saved fp32 mean and rstd of every row (what the backward reads) against float64."""
+    xd = x.double().reshape(-1, x.shape[-1])
+    assert (mean.reshape(-1) - xd.mean(-1)).abs().max().item() < 1e-5
+    want = torch.rsqrt(xd.var(-1, unbiased=False) + 1e-5)
+    assert (rstd.reshape(-1) / want - 1).abs().max().item() < 1e-5
+
+
 def make(shape, dtype, device, offset=0.0, std=1.0, seed=0):
     """x with the given offset and std, weight in [0.5, 1), bias ~ 0.1 N(0, 1)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -121,16 +129,48 @@ def test_forward_in_column_chunks_matches_reference(poisoned, shape, dtype, chun
 @pytest.mark.parametrize("persistent", [False, True])
 def test_forward_launch_config_knobs(poisoned, config, persistent):
     x, w, b = make((13, 1000), torch.float16, "cuda")
-    y, _, _ = layernorm.layer_norm_forward(x, w, b, persistent=persistent, **config)
+    y, mean, rstd = layernorm.layer_norm_forward(x, w, b, persistent=persistent, **config)
     assert passes(errors(y, reference.layer_norm(x, w, b)), tolerance_for("float16"))
+    check_statistics(x, mean, rstd)
+
+
+@gpu
+@pytest.mark.parametrize("config", [
+    {"rows_per_block": 8, "chunk": 256, "blocks_per_sm": 3, "num_worker_warps": 4},
+    {"rows_per_block": 8, "chunk": 256, "blocks_per_sm": 2, "num_worker_warps": 4},
+])
+@pytest.mark.parametrize("rows", [8192, 16384])
+def test_chunked_configs_keep_every_rows_statistics(poisoned, config, rows):
+    """Persistent blocks looping over many row tiles, called again and again: a 16-row config of
+    this kind stored wrong statistics for some rows, a different few each call (H200, 2026-12-01),
+    while y was right."""
+    x, w, b = make((rows, 768), torch.float16, "cuda", seed=rows)
+    for _ in range(3):
+        y, mean, rstd = layernorm.layer_norm_forward(x, w, b, persistent=True, **config)
+        check_statistics(x, mean, rstd)
+    assert passes(errors(y, reference.layer_norm(x, w, b)), tolerance_for("float16"))
+
+
+@gpu
+def test_layer_norm_takes_a_forward_config_and_its_backward_reads_its_statistics(poisoned):
+    config = {"rows_per_block": 4, "chunk": 256, "blocks_per_sm": 3}
+    x, w, b = make((257, 768), torch.float16, "cuda", seed=3)
+    dy = torch.randn(x.shape, device="cuda").half()
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    layernorm.layer_norm(*leaves, **config).backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    reference.layer_norm(*ref_leaves, dtype=torch.float64).backward(dy.double())
+    for name, got, want in zip(("dx", "dw", "db"), leaves, ref_leaves):
+        assert errors(got.grad, want.grad)["rel"] < 2e-2, name
 
 
 @pytest.mark.parametrize("bad", [{"chunk": 100}, {"chunk": 8}, {"latency": 11}, {"occupancy": 0},
                                  {"num_worker_warps": 3}, {"rows_per_block": 2.0}, {"tile_m": 64}])
-def test_bad_forward_config_is_a_value_error_before_anything_runs(bad):
+@pytest.mark.parametrize("fn", ["layer_norm_forward", "layer_norm"])
+def test_bad_forward_config_is_a_value_error_before_anything_runs(bad, fn):
     x, w, b = make((3, 8), torch.float32, "cpu")
     with pytest.raises(ValueError, match="layer_norm forward"):
-        layernorm.layer_norm_forward(x, w, b, **bad)
+        getattr(layernorm, fn)(x, w, b, **bad)
 
 
 @gpu

@@ -187,14 +187,16 @@ def _this_gpus_entries():
 def test_every_tuned_config_of_this_gpu_matches_the_reference(e, poisoned):
     """Given no config, the kernels take the tuned one at a size inside its bucket, and it is correct."""
     from test_fmha_kernel import _check_forward, _qkv
-    from test_layernorm_kernel import make
+    from test_layernorm_kernel import check_statistics, make
 
     tuned.clear()
     size, dtype = e["bucket"] // 2 + 1, getattr(torch, e["dtype"])
     if e["kernel"] == "layernorm_fwd":
         x, w, b = make((size, e["dim"]), dtype, "cuda")
         assert layernorm.tuned_config(x) == layernorm.validate_fwd_config(e["config"])
-        y = layernorm.layer_norm_forward(x, w, b, persistent=True)[0]
+        for _ in range(3):  # the statistics the backward reads, on every call
+            y, mean, rstd = layernorm.layer_norm_forward(x, w, b, persistent=True)
+            check_statistics(x, mean, rstd)
         ref = torch.nn.functional.layer_norm(x.double(), (e["dim"],), w.double(), b.double())
         assert passes(errors(y, ref), tolerance_for(e["dtype"]))
         return
