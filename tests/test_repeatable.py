@@ -44,3 +44,20 @@ def test_fmha_forward(poisoned, dtype, d):
     g = torch.Generator(device="cuda").manual_seed(2)
     q, k, v = (torch.randn(1, 4, 16384, d, device="cuda", dtype=dtype, generator=g) for _ in range(3))
     same_every_call(lambda: fmha.fmha_forward(q, k, v, causal=True))
+
+
+def test_add_layernorm_forward_and_backward(poisoned):
+    """The model's fused residual add: an fp32 stream plus an fp16 branch and its bias, under
+    autocast, 16384 x 768; the sum s, y and every gradient."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x, ds, dy = (torch.randn(16384, 768, device="cuda", generator=g) for _ in range(3))
+    r = torch.randn(16384, 768, device="cuda", generator=g).half()
+    w, b, rb = (torch.randn(768, device="cuda", generator=g) for _ in range(3))
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in (x, r, w, b, rb)]
+        with torch.autocast("cuda", dtype=torch.float16):
+            s, y = layernorm.add_layer_norm(leaves[0], leaves[1], leaves[2], leaves[3], 1e-5, leaves[4])
+        torch.autograd.backward([s, y], [ds, dy.half()])
+        return (s, y, *(t.grad for t in leaves))
+    same_every_call(run)
