@@ -1,6 +1,7 @@
-"""The same inputs give the same bits on every call, for every kernel whose reductions run in a
-fixed order (GPU). A race shows here first: a LayerNorm forward that stored its statistics by TMA
-left a few rows' mean and rstd wrong on some calls while y was right (docs/layernorm-notes.md)."""
+"""The same inputs give the same bits on every call, from the LayerNorm, fused add + LayerNorm and
+fmha forward kernels, whose reductions run in a fixed order (GPU). A race shows here first: a
+LayerNorm forward that stored its statistics by TMA left a few rows' mean and rstd wrong on some
+calls while y was right (docs/layernorm-notes.md)."""
 import pytest
 import torch
 
