@@ -12,10 +12,10 @@ try:
 except Exception:  # kernels.available() says why; nothing here is called without cuda-tile
     ct = None
 
-if ct is not None:
-    def widen(tile):
-        """tile as fp32."""
-        if tile.dtype == ct.bfloat16:
-            bits = ct.astype(ct.bitcast(tile, ct.uint16), ct.uint32)
-            return ct.bitcast(ct.bitwise_lshift(bits, 16), ct.float32)
-        return ct.astype(tile, ct.float32)
+
+def widen(tile):
+    """tile as fp32 (defined without cuda-tile too, so that the kernel modules import anywhere)."""
+    if tile.dtype == ct.bfloat16:
+        bits = ct.astype(ct.bitcast(tile, ct.uint16), ct.uint32)
+        return ct.bitcast(ct.bitwise_lshift(bits, 16), ct.float32)
+    return ct.astype(tile, ct.float32)
