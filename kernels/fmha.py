@@ -32,7 +32,8 @@ import os
 import torch
 
 from kernels import require, tuned
-from kernels.config import validate
+from kernels.config import FMHA_DEFAULTS as DEFAULT_CONFIG
+from kernels.config import validate_fmha as validate_config
 from kernels.launch import launch
 from kernels.reference import MASK_FLOOR
 
@@ -43,9 +44,6 @@ except Exception:  # no cuda-tile here: the kernels stay undefined and require()
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
-
-DEFAULT_CONFIG = {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 3, "num_ctas": 1,
-                  "num_worker_warps": None, "head_group": 1, "fused_dq": 0}
 
 
 def _config(tile_m, tile_n, occupancy, k_lat=2, v_lat=5, num_worker_warps=None, head_group=1):
@@ -70,23 +68,6 @@ SWEEP_CONFIGS = [
     _config(128, 64, 2, 2, 4, num_worker_warps=8, head_group=0),
     _config(128, 128, 1, num_worker_warps=8),
 ]
-
-_LIMITS = {  # key: (smallest, largest, must be a power of two)
-    "tile_m": (16, 256, True),
-    "tile_n": (16, 256, True),
-    "k_lat": (1, 10, False),
-    "v_lat": (1, 10, False),
-    "occupancy": (1, 32, False),
-    "num_ctas": (1, 16, True),
-    "num_worker_warps": (4, 8, True),  # 4 and 8 are what tileiras 13.4 takes
-    "head_group": (0, 4096, False),
-    "fused_dq": (0, 1, False),
-}
-
-
-def validate_config(config: dict) -> dict:
-    """DEFAULT_CONFIG updated with `config`; ValueError naming the first bad key or value."""
-    return validate("fmha", config, DEFAULT_CONFIG, _LIMITS, optional={"num_worker_warps"})
 
 
 def tuned_config(q, causal: bool) -> dict:

@@ -16,7 +16,8 @@ import torch
 
 import kernels
 from kernels import tuned
-from kernels.config import validate
+from kernels.config import LAYERNORM_FWD_DEFAULTS as FWD_CONFIG, LAYERNORM_MAX_N as MAX_N
+from kernels.config import validate_layernorm_fwd as validate_fwd_config
 from kernels.launch import grid_size, launch, rows
 from kernels.tile_ops import widen
 
@@ -25,21 +26,6 @@ try:
 except Exception:  # no cuda-tile here: the public functions raise through kernels.require()
     ct = None
 
-MAX_N = 8192  # one row must fit in one tile of registers
-# Forward launch config. The defaults were measured on an H100 with sweeps/layernorm_tune.yaml
-# (docs/layernorm-notes.md); None lets the launch code (or, for the hints, the compiler) choose.
-FWD_CONFIG = {
-    "rows_per_block": None,  # rows a block normalises at once; None: FWD_TILE_ELEMS elements
-    "chunk": None,           # columns per load, a row being cdiv(N, chunk) of them; None: _chunk
-    "blocks_per_sm": 2,      # persistent grid size
-    "occupancy": None,       # compiler hint; None: blocks_per_sm when persistent, else inferred
-    "num_worker_warps": 8,   # compiler hint
-    "latency": 5,            # DRAM latency hint (1-10) of the x loads
-}
-_FWD_LIMITS = {"rows_per_block": (1, 4096, True), "chunk": (16, MAX_N, True),
-               "blocks_per_sm": (1, 32, False), "occupancy": (1, 32, False),
-               "num_worker_warps": (1, 32, True), "latency": (1, 10, False)}
-_FWD_OPTIONAL = {"rows_per_block", "chunk", "occupancy", "num_worker_warps", "latency"}
 FWD_TILE_ELEMS = 8192
 # The backward reads a row as one padded tile: in chunks (as the forward does) it measured 2-3x
 # slower on an H100. A tile holds 16 KB of x (8192 fp16 or 4096 fp32 elements), and 2 blocks per
@@ -237,11 +223,6 @@ def _fwd_hinted(cfg: dict, persistent: bool):
     config names one, is the grid's blocks per SM (the launch and the ahead-of-time check alike)."""
     occupancy = cfg["occupancy"] or (cfg["blocks_per_sm"] if persistent else None)
     return _hinted(_fwd_kernel, occupancy, cfg["num_worker_warps"])
-
-
-def validate_fwd_config(config: dict) -> dict:
-    """FWD_CONFIG updated with `config`; ValueError naming the first bad key or value."""
-    return validate("layer_norm forward", config, FWD_CONFIG, _FWD_LIMITS, _FWD_OPTIONAL)
 
 
 def tuned_config(x) -> dict:

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
 import logging
 import re
 from pathlib import Path
 
+from kernels import config
+
 DIR = Path(__file__).with_name("tuned")
 log = logging.getLogger(__name__)
 
-# kernel -> (module, its config validator: config -> the full config, validator({}) the defaults)
+# kernel -> its config validator: config -> the full config, validator({}) the defaults
 KERNELS = {
-    "fmha_fwd": ("kernels.fmha", "validate_config"),        # causal
-    "fmha_fwd_full": ("kernels.fmha", "validate_config"),   # not causal
-    "layernorm_fwd": ("kernels.layernorm", "validate_fwd_config"),
+    "fmha_fwd": config.validate_fmha,        # causal
+    "fmha_fwd_full": config.validate_fmha,   # not causal
+    "layernorm_fwd": config.validate_layernorm_fwd,
 }
 
 
@@ -43,8 +44,7 @@ def bucket(n: int) -> int:
 
 
 def validator(kernel: str):
-    module, name = KERNELS[kernel]
-    return getattr(importlib.import_module(module), name)
+    return KERNELS[kernel]
 
 
 def path_for(gpu_name: str, directory: Path | None = None) -> Path:
@@ -137,35 +137,3 @@ def clear() -> None:
     """Forget every cached file and lookup (after a tuned file changes)."""
     for cached in (_table, _by_bucket, lookup):
         cached.cache_clear()
-
-
-def export_for_check(path, out_dir, gpu_code: str = "sm_90") -> list[str]:
-    """Compile every config of a tuned file ahead of time (no GPU needed): the layernorm forward,
-    the fmha forward, and the backward kernels of each dtype and head dim it names, each distinct
-    kernel and signature once. The cubin paths, one folder per compile."""
-    import torch
-
-    from kernels import fmha, layernorm
-
-    jobs = {}
-    for e in read(path)["configs"]:
-        dtype, dim, cfg = getattr(torch, e["dtype"]), e["dim"], validator(e["kernel"])(e["config"])
-        if e["kernel"] == "layernorm_fwd":
-            jobs[("ln", dtype, dim, json.dumps(cfg, sort_keys=True))] = \
-                functools.partial(layernorm.export_forward, e["config"], dtype, dim)
-            continue
-        causal = e["kernel"] == "fmha_fwd"
-        export = functools.partial(fmha.export_for_check, cfg, dtype, dim, causal)
-        # head_group shapes only the grid and fused_dq only the backward, which takes nothing
-        # else from the config
-        kernel_cfg = {k: v for k, v in cfg.items() if k not in ("head_group", "fused_dq")}
-        jobs[("fwd", dtype, dim, causal, json.dumps(kernel_cfg, sort_keys=True))] = \
-            functools.partial(export, only=("fwd",))
-        jobs[("bwd", dtype, dim, causal, cfg["fused_dq"])] = \
-            functools.partial(export, only=("delta", "dkdv", "dq", "dq_scale"))
-    paths = []
-    for i, job in enumerate(jobs.values()):
-        out = Path(out_dir) / str(i)
-        out.mkdir(parents=True, exist_ok=True)
-        paths += job(out_dir=str(out), gpu_code=gpu_code)
-    return paths

@@ -1,9 +1,11 @@
 """Tuned-config lookup (kernels/tuned.py): keys, buckets, fallback, another GPU's file, a broken
 file. CPU only: the GPU's name is patched in, the files are temporary."""
+import functools
 import json
 import logging
 import timeit
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,8 +137,8 @@ def test_after_the_first_call_a_lookup_reads_and_checks_nothing(gpu, monkeypatch
     """The wrappers call it on every launch: after the first call per size it is a cache hit."""
     gpu([entry()])
     calls = []
-    check = fmha.validate_config
-    monkeypatch.setattr(fmha, "validate_config", lambda c: calls.append(c) or check(c))
+    check = tuned.KERNELS["fmha_fwd"]
+    monkeypatch.setitem(tuned.KERNELS, "fmha_fwd", lambda c: calls.append(c) or check(c))
     monkeypatch.setattr(tuned, "read", lambda path, read=tuned.read: calls.append(path) or read(path))
     q = q_of(4096)
     fmha.tuned_config(q, True)
@@ -157,6 +159,34 @@ SYNTHETIC = {"gpu": H100, "configs": [  # non-default configs of both kernels, t
 ]}
 
 
+def export_tuned(path, out_dir, gpu_code: str = "sm_90") -> list[str]:
+    """Compile every config of a tuned file ahead of time (no GPU needed): the layernorm forward,
+    the fmha forward, and the backward kernels of each dtype and head dim it names, each distinct
+    kernel and signature once. The cubin paths, one folder per compile."""
+    jobs = {}
+    for e in tuned.read(path)["configs"]:
+        dtype, dim, cfg = getattr(torch, e["dtype"]), e["dim"], tuned.validator(e["kernel"])(e["config"])
+        if e["kernel"] == "layernorm_fwd":
+            jobs[("ln", dtype, dim, json.dumps(cfg, sort_keys=True))] = \
+                functools.partial(layernorm.export_forward, e["config"], dtype, dim)
+            continue
+        causal = e["kernel"] == "fmha_fwd"
+        export = functools.partial(fmha.export_for_check, cfg, dtype, dim, causal)
+        # head_group shapes only the grid and fused_dq only the backward, which takes nothing
+        # else from the config
+        kernel_cfg = {k: v for k, v in cfg.items() if k not in ("head_group", "fused_dq")}
+        jobs[("fwd", dtype, dim, causal, json.dumps(kernel_cfg, sort_keys=True))] = \
+            functools.partial(export, only=("fwd",))
+        jobs[("bwd", dtype, dim, causal, cfg["fused_dq"])] = \
+            functools.partial(export, only=("delta", "dkdv", "dq", "dq_scale"))
+    paths = []
+    for i, job in enumerate(jobs.values()):
+        out = Path(out_dir) / str(i)
+        out.mkdir(parents=True, exist_ok=True)
+        paths += job(out_dir=str(out), gpu_code=gpu_code)
+    return paths
+
+
 @pytest.mark.parametrize("name", ["synthetic"] + sorted(p.name for p in tuned.DIR.glob("*.json")))
 def test_every_tuned_config_compiles_for_sm90(name, exported_cubins, tmp_path):
     """Every file in kernels/tuned, and a synthetic one so that the check never passes vacuously."""
@@ -164,7 +194,7 @@ def test_every_tuned_config_compiles_for_sm90(name, exported_cubins, tmp_path):
     if name == "synthetic":
         path = tmp_path / "synthetic.json"
         path.write_text(json.dumps(SYNTHETIC))
-    names = exported_cubins(types.SimpleNamespace(export_for_check=lambda out: tuned.export_for_check(path, out)))
+    names = exported_cubins(types.SimpleNamespace(export_for_check=lambda out: export_tuned(path, out)))
     if name == "synthetic":  # the fmha forward and its backward once, though two buckets name it
         assert sorted(n.split("_")[1] for n in names) == ["delta", "dkdv", "dq", "fwd", "fwd"], names
 
