@@ -2,7 +2,7 @@
 of the tuned file for the run's GPU. A config shows only the keys where it differs from the default."""
 from __future__ import annotations
 
-from kernels import tuned
+from bench.results import tune
 
 
 def where(e: dict) -> str:
@@ -11,8 +11,7 @@ def where(e: dict) -> str:
 
 def side_by_side(kernel: str, config: dict) -> tuple[str, str]:
     """(tuned, default) as 'key=value' text over the keys where they differ."""
-    check = tuned.validator(kernel)
-    full, default = check(config), check({})
+    full, default = tune.defaults_beside(kernel, config)
     keys = [k for k in full if full[k] != default[k]]
     if not keys:
         return "the default", "-"
@@ -55,18 +54,16 @@ def section(meta: dict, directory=None) -> dict | None:
     gpus = [g.get("name") for g in (meta.get("env") or {}).get("gpus") or [] if g.get("name")]
     if not gpus:
         return None
-    path = tuned.path_for(gpus[0], directory)
-    if not path.exists():
+    found = tune.tuned_file(gpus[0], directory)
+    if found is None:
         return None
-    block = {"gpu": gpus[0], "file": f"kernels/tuned/{path.name}", "error": None, "table": None,
-             "used": used_note(meta, tuned.fingerprint(gpus[0], directory))}
-    try:
-        data = tuned.read(path)
-    except ValueError as e:
-        block["error"] = str(e).replace(str(path), block["file"])
+    block = {"gpu": gpus[0], "file": f"kernels/tuned/{found['path'].name}", "error": None,
+             "table": None, "used": used_note(meta, found)}
+    if found["error"]:
+        block["error"] = found["error"].replace(str(found["path"]), block["file"])
         return block
     rows = []
-    for e in data["configs"]:
+    for e in found["configs"]:
         cfg, default = side_by_side(e["kernel"], e["config"])
         s = e.get("speedup_vs_default")
         rows.append([(e["kernel"], e["kernel"]), (e["dtype"], e["dtype"]), (str(e["dim"]), e["dim"]),

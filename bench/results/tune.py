@@ -107,6 +107,27 @@ def merge(path: Path, gpu: str, entries: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def defaults_beside(kernel: str, config: dict) -> tuple[dict, dict]:
+    """(the full config, the kernel's defaults): an entry names only some keys, the rest default."""
+    check = tuned.validator(kernel)
+    return check(config), check({})
+
+
+def tuned_file(gpu: str, directory=None) -> dict | None:
+    """The tuned file of this GPU as a report shows it: {path, sha256, configs, error}, configs None
+    and error the one line why when it cannot be used; None when the GPU has no file."""
+    path = tuned.path_for(gpu, directory)
+    if not path.exists():
+        return None
+    found = {"path": path, "sha256": tuned.fingerprint(gpu, directory)["sha256"], "configs": None,
+             "error": None}
+    try:
+        found["configs"] = tuned.read(path)["configs"]
+    except ValueError as e:
+        found["error"] = str(e)
+    return found
+
+
 def tune_run(run_path, directory=None) -> tuple[Path, list[dict], list[tuple]]:
     """(tuned file, entries written, keys of groups where no config counted) for a finished run."""
     try:
