@@ -8,12 +8,83 @@ on a regression (2 on bad input, the runner's status if a sweep could not finish
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from pathlib import Path
 
 from bench.cli import BadInput, Parser
-from bench.results import history
-from bench.results.nightly import load_plan, nightly
+from bench.measure.sweep import COMPARE_DEFAULTS
+from bench.present import report
+from bench.present.trend import render_trend
+from bench.results import changepoints, compare, history
+from bench.results.baseline import baseline_dir, hardware, open_run
+from bench.results.nightly import load_plan
+from bench.results.store import META, utc_now
+from bench.run import main as run_main
+
+
+def run_sweep(entry: dict, out: Path, profile: str | None,
+              scheduler: str | None) -> tuple[int, str]:
+    """Run one entry through bench.run; (exit status, run directory it printed last)."""
+    argv = [entry["sweep"], "--out", str(out), "--strict"]
+    argv += [a for v in entry["set"] for a in ("--set", v)]
+    argv += [a for v in entry["filter"] for a in ("--filter", v)]
+    if entry["providers"]:
+        argv += ["--providers", ",".join(entry["providers"])]
+    if profile:
+        argv += ["--profile", profile]
+    if scheduler:
+        argv += ["--executor", "dask", "--scheduler", scheduler]
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        rc = run_main(argv)
+    text = captured.getvalue()
+    sys.stdout.write(text)
+    lines = text.strip().splitlines()
+    return rc, lines[-1] if lines else ""
+
+
+def pinned(standing: list[changepoints.Step], gpu: str) -> str:
+    """report.md's section of the lasting slowdowns on this GPU, each named by its commit."""
+    lines = [f"- {s.case} ({s.sweep}): {s.describe()}; the change is in "
+             f"{s.previous_sha[:10]}..{s.sha[:10]}" for s in standing if s.hardware == gpu]
+    return "## Slower since a commit\n\n" + ("\n".join(lines) or "None on this GPU.") + "\n"
+
+
+def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | None,
+            scheduler: str | None = None) -> int:
+    """Run the plan; write reports, history, trend page and a combined report.md."""
+    night = out / "nightly" / utc_now()[:19].replace(":", "").replace("-", "")
+    night.mkdir(parents=True, exist_ok=True)
+    summary, failing, gpu = [], False, None
+    for entry in plan:
+        rc, run_path = run_sweep(entry, out, profile, scheduler)
+        if rc not in (0, 1):
+            print(f"error: {entry['sweep']} did not finish (bench.run exit status {rc})", file=sys.stderr)
+            return rc
+        failing = failing or rc == 1  # a case failed (bench.run --strict): report it, then fail
+        run = open_run(run_path)
+        gpu = hardware(run.meta)
+        base = baseline_dir(baselines, run.meta)
+        cmp = compare.compare_runs(open_run(base), run) if (base / META).exists() else None
+        if cmp:
+            compare.write(cmp, run.path)
+            failing = failing or bool(cmp.failing)
+        _, md = report.render(run, run.path / "report.html", cmp)
+        summary.append(md.read_text())
+        if cmp is None:
+            summary.append(f"No baseline for {gpu} / {(run.meta.get('sweep') or {}).get('name')}: "
+                           f"bless one with `python -m bench.baseline set {run.path}`.\n")
+        history.record_run(db, run, cmp)
+    past = history.read(db)
+    steps = changepoints.find_steps(past, COMPARE_DEFAULTS["threshold"])
+    trend = render_trend(past, steps, gpu, night / "trend.html")
+    summary.append(pinned(changepoints.standing_regressions(steps), gpu))
+    verdict = "REGRESSION" if failing else "no regression"
+    (night / "report.md").write_text(f"# Nightly benchmark: {verdict}\n\n" + "\n".join(summary))
+    print(f"nightly: {verdict}; summary {night / 'report.md'}, trend {trend}")
+    return 1 if failing else 0
 
 
 def main(argv=None) -> int:
