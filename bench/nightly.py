@@ -1,10 +1,11 @@
 """The nightly regression job: run the nightly sweep set, compare each run with this GPU's blessed
 baseline, render the reports, append every case to the history, render the trend page, and exit 1
-on a regression (2 on bad input, the runner's status if a sweep could not finish).
+on a regression (2 on bad input, the runner's status if a sweep could not finish). Without a GPU,
+each sweep runs at its `cpu` profile.
 
     python -m bench.nightly [--config sweeps/nightly.yaml] [--out results]
                             [--baselines results/baselines] [--history results/history.sqlite | URL]
-                            [--scheduler DASK_ADDRESS]
+                            [--profile NAME] [--scheduler DASK_ADDRESS]
 """
 from __future__ import annotations
 
@@ -13,32 +14,70 @@ import io
 import sys
 from pathlib import Path
 
+from bench import run as bench_run
 from bench.cli import BadInput, Parser
-from bench.measure.sweep import COMPARE_DEFAULTS
+from bench.measure import runner, sweep
 from bench.present import report
 from bench.present.trend import render_trend
 from bench.results import changepoints, compare, history
 from bench.results.baseline import baseline_dir, hardware, open_run
 from bench.results.nightly import load_plan
 from bench.results.store import META, utc_now
-from bench.run import main as run_main
+
+
+def profile_for(entry: dict, profile: str | None) -> str | None:
+    """The sweep profile an entry runs at: --profile NAME, else `cpu` where there is no GPU and the
+    sweep defines it; None for the sweep as written (--profile none or ncu, or a GPU here)."""
+    if profile in ("none", runner.NCU):
+        return None
+    if profile:
+        return profile
+    return "cpu" if not runner.gpu_count() and sweep.has_profile(entry["sweep"], "cpu") else None
+
+
+def run_argv(entry: dict, out: Path, profile: str | None, scheduler: str | None) -> list[str]:
+    """bench.run's command line for an entry. Its set, filter and providers cut the sweep as
+    written, down to GPU sizes; at a profile they are left out: the profile's own sizes stand."""
+    argv = [entry["sweep"], "--out", str(out), "--strict"]
+    at = profile_for(entry, profile)
+    if at:
+        argv += ["--profile", at]
+    else:
+        argv += [a for v in entry["set"] for a in ("--set", v)]
+        argv += [a for v in entry["filter"] for a in ("--filter", v)]
+        if entry["providers"]:
+            argv += ["--providers", ",".join(entry["providers"])]
+        if profile:
+            argv += ["--profile", profile]
+    if scheduler:
+        argv += ["--executor", "dask", "--scheduler", scheduler]
+    return argv
+
+
+def load_sweeps(plan: list[dict], out: Path, profile: str | None,
+                scheduler: str | None) -> list[sweep.Sweep]:
+    """Each entry's sweep as bench.run will load it, so that a bad entry fails before any run."""
+    device = "cuda:0" if runner.gpu_count() else "cpu"
+    loaded = []
+    for i, entry in enumerate(plan):
+        try:
+            loaded.append(runner.load_sweep(bench_run.parse_args(run_argv(entry, out, profile, scheduler)),
+                                            device))
+        except (sweep.SweepError, BadInput) as e:
+            raise BadInput(f"nightly sweeps[{i}]: {e}") from None
+    return loaded
 
 
 def run_sweep(entry: dict, out: Path, profile: str | None,
               scheduler: str | None) -> tuple[int, str]:
     """Run one entry through bench.run; (exit status, run directory it printed last)."""
-    argv = [entry["sweep"], "--out", str(out), "--strict"]
-    argv += [a for v in entry["set"] for a in ("--set", v)]
-    argv += [a for v in entry["filter"] for a in ("--filter", v)]
-    if entry["providers"]:
-        argv += ["--providers", ",".join(entry["providers"])]
-    if profile:
-        argv += ["--profile", profile]
-    if scheduler:
-        argv += ["--executor", "dask", "--scheduler", scheduler]
+    at = profile_for(entry, profile)
+    if at and entry["set"] + entry["filter"] + entry["providers"]:
+        print(f"nightly: {entry['sweep']} at its '{at}' profile (the plan's set, filter and "
+              "providers are for the sweep as written)")
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
-        rc = run_main(argv)
+        rc = bench_run.main(run_argv(entry, out, profile, scheduler))
     text = captured.getvalue()
     sys.stdout.write(text)
     lines = text.strip().splitlines()
@@ -55,6 +94,7 @@ def pinned(standing: list[changepoints.Step], gpu: str) -> str:
 def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | None,
             scheduler: str | None = None) -> int:
     """Run the plan; write reports, history, trend page and a combined report.md."""
+    load_sweeps(plan, out, profile, scheduler)
     night = out / "nightly" / utc_now()[:19].replace(":", "").replace("-", "")
     night.mkdir(parents=True, exist_ok=True)
     summary, failing, gpu = [], False, None
@@ -78,7 +118,7 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
                            f"bless one with `python -m bench.baseline set {run.path}`.\n")
         history.record_run(db, run, cmp)
     past = history.read(db)
-    steps = changepoints.find_steps(past, COMPARE_DEFAULTS["threshold"])
+    steps = changepoints.find_steps(past, sweep.COMPARE_DEFAULTS["threshold"])
     trend = render_trend(past, steps, gpu, night / "trend.html")
     summary.append(pinned(changepoints.standing_regressions(steps), gpu))
     verdict = "REGRESSION" if failing else "no regression"
@@ -95,7 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--history", default=history.DEFAULT,
                         help="a SQLite file or any SQLAlchemy URL, e.g. postgresql+psycopg://host/db "
                              "(default: %(default)s)")
-    parser.add_argument("--profile", help="sweep profile for every run (default: bench.run's choice)")
+    parser.add_argument("--profile", help="sweep profile for every run, in place of the plan's sizes "
+                                          "(default: 'cpu' on a machine without a GPU)")
     parser.add_argument("--scheduler", metavar="ADDRESS",
                         help="run the sweeps on this Dask cluster (bench.run --executor dask)")
     args = parser.parse_args(argv)

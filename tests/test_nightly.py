@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.measure import sweep
+from bench.measure import runner, sweep
 from bench import baseline as baseline_cli, nightly as nightly_cli
 from bench.results import baseline, nightly
 from bench.results.history import connect, read, write
@@ -126,3 +126,56 @@ def test_a_failed_case_fails_the_nightly_after_its_reports(tmp_path, write_sweep
     assert "Nightly benchmark" in md
     history = read(connect(str(tmp_path / "history.sqlite")))
     assert "incorrect" in set(history["status"]), "the failed night is in the history"
+
+
+# a sweep whose GPU sizes are far too big for a CPU, with a provider axis its cpu profile drops
+PROFILED = """
+name: profiled
+workload: layernorm
+baseline: steady
+providers:
+  - {name: steady, module: "delay_provider:steady"}
+  - {name: tiled, module: "delay_provider:tiled", axes: {rows_per_block: [2, 4]}}
+axes: {rows: [65536], hidden: [4096], dtype: [float32], mode: [fwd]}
+timing: {warmup_ms: 5, min_reps: 5, max_time_s: 0.2, timeout_s: 60}
+profiles:
+  cpu:
+    providers: [{name: steady, module: "delay_provider:steady"}]
+    axes: {rows: [4], hidden: [16]}
+"""
+
+
+def test_without_a_gpu_each_sweep_runs_at_its_cpu_profile(tmp_path, write_sweep, capsys):
+    """The plan's set, filter and providers cut the sweep as written to GPU sizes; a filter on an
+    axis the cpu profile drops would fail, and its sizes would run for hours."""
+    sweep_path = write_sweep(PROFILED, "profiled.yaml")
+    config = write_sweep(f"sweeps:\n  - sweep: {sweep_path}\n    set: ['rows=[65536]']\n"
+                         "    filter: ['rows_per_block=2']\n", "nightly.yaml")
+    rc = nightly_cli.main(["--config", str(config), "--out", str(tmp_path / "results"),
+                           "--baselines", str(tmp_path / "baselines"),
+                           "--history", str(tmp_path / "history.sqlite")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "profiled.yaml at its 'cpu' profile" in out
+    history = read(connect(str(tmp_path / "history.sqlite")))
+    assert list(history["provider"]) == ["steady"]
+    assert len(list((tmp_path / "results" / "nightly").glob("*/trend.html"))) == 1
+
+
+def test_the_shipped_nightly_plan_loads_at_cpu_sizes_without_a_gpu(monkeypatch, tmp_path):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.setattr(runner, "gpu_count", lambda: 0)
+    sweeps = nightly_cli.load_sweeps(nightly.load_plan("sweeps/nightly.yaml"), tmp_path, None, None)
+    assert [s.profile for s in sweeps] == ["cpu"] * 3
+    assert all(c.params.get("seq_len", 0) <= 256 and c.params.get("rows", 0) <= 1000
+               for s in sweeps for c in s.cases)
+
+
+def test_a_bad_entry_fails_before_any_sweep_runs(tmp_path, write_sweep, capsys):
+    sweep_path = write_sweep(SWEEP.format(delay="steady"), "tiny.yaml")
+    config = write_sweep(f"sweeps:\n  - sweep: {sweep_path}\n  - sweep: {sweep_path}\n"
+                         "    filter: ['nothing=1']\n", "nightly.yaml")
+    assert nightly_cli.main(["--config", str(config), "--out", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: nightly sweeps[1]: --filter nothing: not an axis of this sweep"
+    assert not (tmp_path / "results").exists()
