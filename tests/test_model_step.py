@@ -42,3 +42,13 @@ def test_perturbed_backward_is_incorrect_and_graphs_skip_on_cpu(write_sweep, tmp
         for provider in ("torch-sdpa", "perturbed"):
             rec = by[(provider, mode, True)]
             assert rec["status"] == "skipped" and "needs a CUDA GPU" in rec["reason"]
+
+
+@pytest.mark.parametrize("name", ["model", "model_fusions"])
+def test_shipped_model_sweeps_run_the_tiny_preset_on_cpu(name):
+    """bench.run takes a sweep's cpu profile without a GPU: GPT-2 steps would take minutes each."""
+    from conftest import ROOT
+
+    sw = sweep.load(ROOT / "sweeps" / f"{name}.yaml", profile="cpu")
+    assert sw.cases and {c.params["model"] for c in sw.cases} == {"tiny"}
+    assert {c.params["dtype"] for c in sw.cases} == {"float32"}
