@@ -1,12 +1,14 @@
 """python -m bench.tune SWEEP.yaml: run a sweep's tile-config axes through the harness (as bench.run
 does) and write each kernel's best correct config into kernels/tuned/<gpu>.json, which the kernels
-use when a caller gives them no config. --from-run DIR tunes from a finished run instead."""
+use when a caller gives them no config. --from-run DIR tunes from a finished run instead. Without a
+GPU it refuses at once: every cuTile case would be skipped, after the whole sweep."""
 from __future__ import annotations
 
 import sys
 
 from bench import run as bench_run
 from bench.cli import BadInput, Parser
+from bench.measure.runner import gpu_count
 from bench.present import tuned
 from bench.results import tune
 
@@ -23,6 +25,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     path = args.from_run
+    if path is None and (args.sweep or args.resume) and not args.dry_run and not gpu_count():
+        print("error: bench.tune times cuTile configs on a CUDA GPU and none is visible here "
+              "(--from-run DIR tunes from a finished GPU run)", file=sys.stderr)
+        return 2
     if path is None:
         code, path = bench_run.run(args, ["-m", "bench.tune", *argv])
         if code or path is None:  # bad input, interrupted, or a dry run

@@ -151,11 +151,20 @@ timing: {warmup_ms: 1, min_reps: 5, max_reps: 10, max_time_s: 0.1, target_ci: 0.
 """
 
 
+def test_without_a_gpu_tuning_a_sweep_refuses_at_once(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(tune_cli, "gpu_count", lambda: 0)
+    assert tune_cli.main(["sweeps/fmha.yaml", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA GPU" in err and "--from-run" in err
+    assert list(tmp_path.iterdir()) == [], "nothing run, nothing written"
+
+
 def test_a_sweep_runs_through_the_harness_into_the_tuned_file(write_sweep, tuned_dir, tmp_path,
                                                               monkeypatch, capsys):
     """rows_per_block 1 is the fastest everywhere, but wrong at 16 rows: 2 wins there, 1 at 32."""
     fingerprint = env.fingerprint
     monkeypatch.setattr(env, "fingerprint", lambda gpus: {**fingerprint(gpus), "gpus": [{"name": H100}]})
+    monkeypatch.setattr(tune_cli, "gpu_count", lambda: 1)  # the cases still run on the CPU
     sweep = write_sweep(TUNE_SWEEP)
     code = tune_cli.main([str(sweep), "--out", str(tmp_path / "results"), "--tuned-dir", str(tuned_dir)])
     assert code == 0
