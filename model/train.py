@@ -2,7 +2,8 @@
 
 Fused AdamW with linear warmup then cosine decay, gradient clipping and fp16 loss scaling folded
 into its update (model.optim), fp16 autocast (bf16 and fp32 too), periodic evaluation, a nanoGPT checkpoint whenever the validation
-loss improves, and the loss curve as loss.csv and loss.json in --out.
+loss improves, and the loss curve as loss.csv and loss.json in --out. On a CPU, flags left unset
+take the batch, context, eval and log settings of nanoGPT's CPU example (DEFAULTS).
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ import torch
 from model.cli import DTYPES, ArgumentParser, autocast, fail, pick_device
 from model.gpt import ATTENTIONS, BACKENDS, GPT, PRESETS, GPTConfig
 from model.optim import ScaledAdamW
+
+# what a flag left unset means on a GPU and elsewhere (block_size None: the preset's); a step of the
+# GPU defaults takes tens of seconds on a laptop CPU, and the first eval 400 forwards of it
+DEFAULTS = {"cuda": {"batch_size": 64, "block_size": None, "eval_iters": 200, "log_interval": 10},
+            "cpu": {"batch_size": 12, "block_size": 64, "eval_iters": 20, "log_interval": 1}}
 
 
 def lr_at(it: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
@@ -57,9 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS))
     p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--attention", default="sdpa", choices=ATTENTIONS, help="the torch backend's attention")
-    p.add_argument("--block-size", type=int, default=None, help="context length (default: the preset's)")
-    p.add_argument("--dropout", type=float, default=None, help="default: the preset's")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="context length (default: the preset's on CUDA, 64 on CPU)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="default: the preset's; 0 with --backend cutile (its attention has none)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 on CUDA, 12 on CPU")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-iters", type=int, default=5000)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -71,20 +79,22 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=float, default=0.99)
     p.add_argument("--grad-clip", type=float, default=1.0, help="0 turns clipping off")
     p.add_argument("--eval-interval", type=int, default=250)
-    p.add_argument("--eval-iters", type=int, default=200)
-    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--eval-iters", type=int, default=None,
+                   help="batches per split (default: 200 on CUDA, 20 on CPU)")
+    p.add_argument("--log-interval", type=int, default=None, help="default: 10 on CUDA, 1 on CPU")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="autocast dtype (default: float16 on CUDA, else float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
-    for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
+                 "log_interval"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.block_size is not None and args.block_size < 1:
-        fail(f"--block-size must be at least 1, got {args.block_size}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         fail(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.backend == "cutile" and args.dropout:
+        fail(f"--dropout {args.dropout}: the cutile backend's attention has no dropout (leave it unset: 0)")
     for split in ("train.bin", "val.bin"):
         if not (args.data / split).exists():
             fail(f"{args.data / split}: no such file (run python -m model.prepare_shakespeare first)")
@@ -109,6 +119,9 @@ def main(argv=None) -> dict:
     """Train; returns the summary also written to loss.json."""
     args = parse_args(argv)
     device = pick_device(args.device)
+    for name, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -121,11 +134,9 @@ def main(argv=None) -> dict:
             overrides["vocab_size"] = pickle.load(f)["vocab_size"]
     if args.block_size is not None:
         overrides["block_size"] = args.block_size
-    if args.dropout is not None:
-        overrides["dropout"] = args.dropout
+    if args.dropout is not None or args.backend == "cutile":
+        overrides["dropout"] = args.dropout or 0.0
     config = GPTConfig.preset(args.preset, **overrides)
-    if args.backend == "cutile" and config.dropout > 0:
-        fail(f"the cutile backend's attention has no dropout; pass --dropout 0 (the preset has {config.dropout})")
 
     model = GPT(config, backend=args.backend, attention=args.attention).to(device)
     optimizer = model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2))
@@ -140,7 +151,9 @@ def main(argv=None) -> dict:
                   "attention_used": model.attention, "data_dir": str(args.data)}
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{args.preset}: {model.get_num_params() / 1e6:.2f}M parameters, backend {model.backend} "
-          f"({model.attention} attention), {dtype} on {device}", flush=True)
+          f"({model.attention} attention), {dtype} on {device}; batch {args.batch_size} x "
+          f"{config.block_size}, dropout {config.dropout}, eval every {args.eval_interval} iters on "
+          f"{args.eval_iters} batches per split", flush=True)
 
     rows, best_val, step_ms = [], float("inf"), []
     x, y = batches["train"].next()

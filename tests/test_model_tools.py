@@ -91,12 +91,32 @@ def test_a_tiny_training_run_lowers_the_loss(trained):
 
 def test_train_rejects_bad_flags_in_one_line(data_dir, tmp_path, capsys):
     for argv in (["--batch-size", "0"], ["--dtype", "float8"], ["--data", str(tmp_path)],
-                 ["--backend", "cutile", "--preset", "shakespeare-char"]):
+                 ["--backend", "cutile", "--dropout", "0.2"]):
         with pytest.raises(SystemExit) as e:
             train.main(["--data", str(data_dir), "--out", str(tmp_path), *argv] if argv[0] != "--data"
                        else argv)
         assert e.value.code == 2
         assert capsys.readouterr().err.count("\n") == 1, argv
+
+
+def test_on_cpu_unset_flags_take_small_defaults_said_at_once(data_dir, tmp_path, capsys):
+    """The GPU defaults (batch 64 x 256, 200 eval batches) printed nothing for minutes on a CPU."""
+    summary = train.main(["--data", str(data_dir), "--out", str(tmp_path), "--preset", "tiny",
+                          "--max-iters", "1", "--device", "cpu"])
+    config = summary["config"]
+    assert (config["batch_size"], config["block_size"], config["eval_iters"], config["log_interval"]) \
+        == (12, 64, 20, 1)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "float32 on cpu; batch 12 x 64" in first and "on 20 batches per split" in first
+
+
+def test_the_cutile_backend_trains_without_dropout(data_dir, tmp_path, capsys):
+    """Its attention has no dropout: unset, dropout is 0 whatever the preset says (0.2 here)."""
+    train.main(["--data", str(data_dir), "--out", str(tmp_path), "--backend", "cutile",
+                "--preset", "shakespeare-char", "--block-size", "8", "--batch-size", "2",
+                "--eval-iters", "1", "--max-iters", "1", "--device", "cpu"])
+    assert "dropout 0.0" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model_args"]["dropout"] == 0.0
 
 
 def test_sampling_is_seeded_and_deterministic(trained, capsys):
