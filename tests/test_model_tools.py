@@ -145,6 +145,15 @@ def test_parity_l1_l2_l3_on_cpu_compares_naive_with_sdpa(trained, tmp_path):
     assert all(r["candidate_vs_fp32"]["rel"] < 1e-5 for r in l3)
 
 
+def test_parity_says_when_cutile_was_not_run_and_why(monkeypatch, capsys):
+    monkeypatch.setattr(kernels, "available", lambda: (False, "no CUDA GPU is visible to torch"))
+    parity.main(["--models", "tiny", "--seq-lens", "13", "--batches", "1", "--levels", "L3",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("cuTile not run: no CUDA GPU is visible to torch; torch-sdpa stands in")
+    assert err[1].startswith("L3: pass (torch-sdpa vs torch-naive, 1 checks")
+
+
 def test_parity_l1_checks_every_kernel_forward_and_backward():
     rows = parity.level1(torch.device("cpu"), "float32", use_cutile=False)
     names = " ".join(r["name"] for r in rows)
