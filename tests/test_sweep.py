@@ -120,12 +120,12 @@ BAD = [
     ("baseline: native", "baseline: cutile", "baseline: baseline 'cutile' is not one of", 2),
     ("providers: [native, sdpa-math]", "providers: [native, sdpa-turbo]", "providers.1.name: unknown provider 'sdpa-turbo'", 3),
     ("providers: [native, sdpa-math]", "providers: [native, native]", "listed twice", 3),
-    ("  batch: [1, 2]", "  batch: [1, two]", "axes.batch.1: expected a positive integer, got str 'two'", 5),
+    ("  batch: [1, 2]", "  batch: [1, two]", "axes.batch.1: expected an integer, got str 'two'", 5),
     ("  batch: [1, 2]", "  batch: []", "axes.batch: expected a non-empty list", 5),
     ("  batch: [1, 2]", "  batch: 4", "axes.batch: expected a list, got int 4", 5),
     ("  batch: [1, 2]", "  btach: [1, 2]", "axes.btach: unknown axis for workload fmha", 5),
     ("  dtype: [float32]", "  dtype: [float8]", "axes.dtype.0: expected one of float16, bfloat16, float32", 7),
-    ("  dtype: [float32]", "  dtype: [float32]\ntiming: {max_reps: -1}", "timing.max_reps: expected a positive number", 8),
+    ("  dtype: [float32]", "  dtype: [float32]\ntiming: {max_reps: -1}", "timing.max_reps: expected an integer in [1, 10000000], got int -1", 8),
     ("  dtype: [float32]", "  dtype: [float32]\ntiming: {warmup: 3}", "timing.warmup: unknown key", 8),
     ("  dtype: [float32]", "  dtype: [float32]\ntiming: {l2_flush: 1}", "timing.l2_flush: expected true or false", 8),
     ("  dtype: [float32]", "  dtype: [float32]\nzip: [[batch, seq_len]]", "zip.0: zipped axes need lists of one length", 8),
@@ -183,7 +183,7 @@ def test_bad_file_exits_2_and_writes_nothing(write_sweep, tmp_path, subprocess_e
     proc = subprocess.run([sys.executable, "-m", "bench.run", str(path), "--out", str(out)],
                           capture_output=True, text=True, env=subprocess_env, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {path}:5: axes.batch.1: expected a positive integer, got int -2"
+    assert proc.stderr.strip() == f"error: {path}:5: axes.batch.1: expected an integer in [1, 2147483647], got int -2"
     assert not out.exists()
 
 

@@ -8,7 +8,11 @@ import itertools
 import json
 import math
 import operator
-from dataclasses import asdict, dataclass, field
+import os
+import re
+import reprlib
+import stat
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +37,43 @@ MAX_BYTES = 256 << 10
 MAX_NODES = 20_000  # YAML values, aliases expanded
 MAX_DEPTH = 32  # nesting of mappings and lists
 MAX_CASES = 100_000
+# Expansion work is counted before it is done, in steps of about half a microsecond: a few seconds'
+# worth at most. Making a point takes POINT_STEPS; checking a point with a provider's config takes
+# COMBO_STEPS plus one per term of the constraints, excludes and filters.
+MAX_STEPS = 5_000_000
+POINT_STEPS, COMBO_STEPS = 8, 4
+MAX_OPTIONS = 1000  # --set and --filter options together
 MAX_INT_BITS = 256  # of any number a constraint computes
+MAX_SIZE = 2**31 - 1  # of an integer axis: a size, which kernels index with 32-bit integers
+MAX_TEXT = 200  # characters of a string value of a provider's axis
 TOP_KEYS = {"name", "workload", "baseline", "providers", "axes", "zip", "include", "exclude",
             "constraints", "timing", "tolerance", "compare", "profiles"}
 PROFILE_KEYS = TOP_KEYS - {"name", "workload", "profiles"}
+SET_KEYS = TOP_KEYS - {"workload", "profiles"}  # these two are read before --set applies
+# The sweep name is part of the run directory's name: no separators, dots first, or control bytes.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Bounds (open or closed ends) of what the runner can carry out: a worker's result is waited for
+# with poll(), whose millisecond timeout overflows past 24 days; a day is the most any wait needs.
+TIMING_RANGES = {
+    "warmup_ms": ("[", 0, 600_000, "]"),
+    "min_reps": ("[", 1, 10_000_000, "]"),
+    "max_reps": ("[", 1, 10_000_000, "]"),
+    "max_time_s": ("(", 0, 86_400, "]"),
+    "target_ci": ("(", 0, 1, ")"),
+    "timeout_s": ("(", 0, 86_400, "]"),
+}
+POSITIVE = ("(", 0, 10**12, "]")
+# The YAML types a sweep holds, by kind of node: safe_load's plain ones (and the `<<` merge key).
+TAGS = {"ScalarNode": {"str", "int", "float", "bool", "null", "merge"},
+        "SequenceNode": {"seq"}, "MappingNode": {"map"}}
 
 
 class SweepError(Exception):
-    """A sweep file or an override is wrong; the message is one line: where, which key, what."""
+    """A sweep file or an override is wrong; the message is one line: where, which key, what.
+    Characters that would break the line (newlines, NUL, escapes) are shown escaped."""
+
+    def __init__(self, message: str):
+        super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
 
 
 @dataclass
@@ -81,12 +114,17 @@ class Sweep:
 
 
 def _read(path: Path) -> str:
-    """The file as text: at most MAX_BYTES of UTF-8, read no further than that."""
+    """The file as text: at most MAX_BYTES of UTF-8, read no further than that. Only a regular file
+    is read: a FIFO or device could block or never end, so it is refused before it is opened, and
+    the file is opened without blocking and checked again in case it was swapped in between."""
     try:
-        with open(path, "rb") as f:
+        _regular(path, os.stat(path).st_mode)
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            _regular(path, os.fstat(f.fileno()).st_mode)
             data = f.read(MAX_BYTES + 1)
-    except OSError as e:
-        raise SweepError(f"{path}: cannot read the sweep file ({e.strerror})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        why = getattr(e, "strerror", None) or e
+        raise SweepError(f"{path}: cannot read the sweep file ({why})") from None
     if len(data) > MAX_BYTES:
         raise SweepError(f"{path}: larger than {MAX_BYTES >> 10} KiB; not a sweep file")
     try:
@@ -96,16 +134,25 @@ def _read(path: Path) -> str:
         raise SweepError(f"{path}:{line}: not UTF-8 text (byte {e.start}); not a sweep file") from None
 
 
+def _regular(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = {"d": "a directory", "p": "a FIFO", "c": "a device", "b": "a device",
+                "s": "a socket"}.get(stat.filemode(mode)[0], "not a regular file")
+        raise SweepError(f"{path}: {kind}, not a regular file; not a sweep file")
+
+
 # ---- YAML with line numbers ------------------------------------------------------------------
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present: 10x faster
 
 
 class _Doc:
-    """The parsed document plus the line of every key and item, for error messages."""
+    """The parsed document (None when empty) plus the line of every key and item, for error
+    messages. `path` names the text in messages: a file, or an option whose value it is, which has
+    no line numbers (numbered=False)."""
 
-    def __init__(self, path: Path, text: str):
-        self.path = path
+    def __init__(self, path, text: str, numbered: bool = True):
+        self.path, self.numbered = path, numbered
         self.lines: dict[tuple, int] = {}
         try:
             self._scan(text)
@@ -114,18 +161,21 @@ class _Doc:
                 node = loader.get_single_node()
                 if node is not None:
                     self._bound(node)
-                self.data = {} if node is None else self._convert(loader, node, ())
+                self.data = None if node is None else self._convert(loader, node, ())
             finally:
                 loader.dispose()
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
             problem = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
-            raise SweepError(f"{path}{line}: not valid YAML ({problem})") from None
+            at = self._at(mark.line + 1 if mark else None)
+            raise SweepError(f"{at}: not valid YAML ({problem})") from None
         except (RecursionError, MemoryError):
             raise SweepError(f"{path}: too large or nested too deeply for a sweep file") from None
         except ValueError as e:  # e.g. an integer of more digits than Python converts
             raise SweepError(f"{path}: not a usable value ({_first_line(e)})") from None
+
+    def _at(self, line: int | None) -> str:
+        return f"{self.path}:{line}" if self.numbered and line else str(self.path)
 
     def _scan(self, text: str) -> None:
         """Walk the parser's events once, before any value is built, and stop at the first one past
@@ -144,13 +194,15 @@ class _Doc:
                 if depth > MAX_DEPTH or count > MAX_NODES:
                     what = f"nested more than {MAX_DEPTH} levels deep" if depth > MAX_DEPTH \
                         else f"more than {MAX_NODES} values"
-                    raise SweepError(f"{self.path}:{event.start_mark.line + 1}: {what}; not a sweep file")
+                    raise SweepError(f"{self._at(event.start_mark.line + 1)}: {what}; not a sweep file")
         finally:
             loader.dispose()
 
     def _bound(self, root) -> None:
         """Refuse, before anything is built, a document whose aliases expand past MAX_NODES values
-        (an alias bomb), that refers to itself, or that nests deeper than MAX_DEPTH."""
+        (an alias bomb), that refers to itself, that nests deeper than MAX_DEPTH, or that has a
+        node of a type safe_load would not build (`!!python/...`, `!!binary`, local tags), on a
+        mapping or list as much as on a plain value."""
         sizes: dict[int, int] = {}
 
         def size(node, depth: int) -> int:
@@ -160,6 +212,11 @@ class _Doc:
                 return sizes[id(node)]
             if depth > MAX_DEPTH:
                 self._fail(node, f"nested more than {MAX_DEPTH} levels deep")
+            tag = node.tag.removeprefix("tag:yaml.org,2002:")
+            if tag not in TAGS[type(node).__name__]:
+                shown = ("!!" + tag if tag != node.tag else tag)[:80]
+                self._fail(node, f"YAML tag {shown} is not allowed (a sweep holds mappings, lists, "
+                           "strings, numbers, true/false and null; quote a value to make it a string)")
             sizes[id(node)] = -1
             children = (node.value if isinstance(node, yaml.SequenceNode) else
                         [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else [])
@@ -174,7 +231,7 @@ class _Doc:
         size(root, 0)
 
     def _fail(self, node, msg: str):
-        raise SweepError(f"{self.path}:{node.start_mark.line + 1}: {msg}")
+        raise SweepError(f"{self._at(node.start_mark.line + 1)}: {msg}")
 
     def _convert(self, loader, node, at: tuple):
         self.lines[at] = node.start_mark.line + 1
@@ -186,8 +243,7 @@ class _Doc:
                     self._fail(key_node, "a key must be a plain value, not a mapping or list")
                 key = loader.construct_object(key_node, deep=True)
                 if key in out:
-                    raise SweepError(f"{self.path}:{key_node.start_mark.line + 1}: "
-                                     f"duplicate key '{key}'")
+                    self._fail(key_node, f"duplicate key '{str(key)[:80]}'")
                 out[key] = self._convert(loader, value_node, at + (key,))
                 self.lines[at + (key,)] = key_node.start_mark.line + 1
             return out
@@ -274,12 +330,12 @@ def _compile_constraint(text: str) -> ast.Expression:
 # ---- validation ------------------------------------------------------------------------------
 
 class _Validator:
-    def __init__(self, doc: _Doc):
-        self.doc = doc
+    def __init__(self, where):
+        self.where = where  # key path -> 'file:line' (or what else names its source) for messages
 
     def fail(self, at: tuple, msg: str):
         key = ".".join(str(k)[:40] for k in at) or "(top level)"
-        raise SweepError(f"{self.doc.where(at)}: {key}: {msg}")
+        raise SweepError(f"{self.where(at)}: {key}: {msg}")
 
     def mapping(self, value, at, keys=None):
         if not isinstance(value, dict):
@@ -302,15 +358,16 @@ class _Validator:
             self.fail(at, f"expected a non-empty string, got {_kind(value)}")
         return value
 
-    def number(self, value, at, positive=True, integer=False):
+    def number(self, value, at, bounds=POSITIVE, integer=False):
+        """A finite int (or, unless integer, float) within bounds: (end, low, high, end), each end
+        '[' or ']' for a closed one and '(' or ')' for an open one."""
+        what = "an integer" if integer else "a number"
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-            self.fail(at, f"expected {'an integer' if integer else 'a number'}, got {_kind(value)}")
-        if not math.isfinite(value) or abs(value) > 1e12:
-            self.fail(at, f"expected a finite number of sensible size, got {_kind(value)}")
-        if positive and value <= 0:
-            self.fail(at, f"expected a positive number, got {value}")
-        if value < 0:
-            self.fail(at, f"expected zero or more, got {value}")
+            self.fail(at, f"expected {what}, got {_kind(value)}")
+        left, low, high, right = bounds
+        if not ((low < value if left == "(" else low <= value)
+                and (value < high if right == ")" else value <= high)):  # NaN fails both
+            self.fail(at, f"expected {what} in {left}{low}, {high}{right}, got {_kind(value)}")
         return value
 
 
@@ -318,60 +375,102 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
 def _kind(value) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"[:80]
+    """A value for a message: its type and a short repr (reprlib stops at depth and length)."""
+    return "nothing" if value is None else f"{type(value).__name__} {_REPR.repr(value)}"[:80]
+
+
+def _clip(text: str) -> str:
+    """Command-line text for a message: at most 80 characters of it."""
+    return text[:80] + ("..." if len(text) > 80 else "")
+
+
+def _size(x) -> int:
+    """How many values a parsed value holds: the work of matching against it."""
+    if isinstance(x, list):
+        return 1 + sum(_size(y) for y in x)
+    if isinstance(x, dict):
+        return 1 + sum(1 + _size(y) for y in x.values())
+    return 1
 
 
 def _merge_profile(data: dict, profile: dict) -> dict:
     """A profile's axes, timing and tolerance are merged key by key; its other keys replace."""
     out = dict(data)
     for key, value in profile.items():
-        if key in ("axes", "timing", "tolerance", "compare") and isinstance(value, dict):
-            out[key] = {**(data.get(key) or {}), **value}
+        if key in ("axes", "timing", "tolerance", "compare") and isinstance(value, dict) \
+                and isinstance(data.get(key), dict):
+            out[key] = {**data[key], **value}
         else:
             out[key] = value
     return out
 
 
 def _parse_override(text: str, flag: str) -> tuple[str, Any]:
+    """key=value, the value parsed as YAML with the bounds of a sweep file (size, values, depth,
+    aliases, tags), so a hostile one is refused in one line like a file would be."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise SweepError(f"{flag} {text!r}: expected key=value")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise SweepError(f"{flag} {text!r}: the value is not valid YAML") from None
+        raise SweepError(f"{flag} {_clip(text)}: expected key=value")
+    if len(value) > MAX_BYTES:
+        raise SweepError(f"{flag} {_clip(text)}: the value is longer than {MAX_BYTES >> 10} KiB")
+    return key.strip(), _Doc(f"{flag} {_clip(text)}", value, numbered=False).data
 
 
-def _apply_set(data: dict, overrides: list[str], axis_names: set[str]) -> dict:
-    """--set timing.max_time_s=1 / axes.seq_len=[128,256] / seq_len=128 (an axis, by its name)."""
-    data = json.loads(json.dumps(data, default=str))
+def _apply_set(data: dict, overrides: list[str], axis_names: set[str]) -> tuple[dict, dict]:
+    """--set timing.max_time_s=1 / axes.seq_len=[128,256] / seq_len=128 (an axis, by its name).
+    Returns the data and, for messages, which --set gave (or made the mapping at) each key path."""
+    data, sets = json.loads(json.dumps(data, default=str)), {}
     for text in overrides:
         key, value = _parse_override(text, "--set")
         path = key.split(".")
-        if len(path) == 1 and path[0] not in TOP_KEYS:
-            if path[0] not in axis_names:
-                raise SweepError(f"--set {text!r}: '{key}' is neither a sweep key nor an axis")
+        if len(path) == 1 and path[0] not in TOP_KEYS and path[0] in axis_names:
             path = ["axes", path[0]]
+        if path[0] not in SET_KEYS or len(path) > 3:  # the deepest: tolerance.float16.rel
+            raise SweepError(f"--set {_clip(text)}: '{key[:80]}' is neither a sweep key nor an axis "
+                             f"(sweep keys: {', '.join(sorted(SET_KEYS))}; "
+                             f"axes: {', '.join(sorted(axis_names))})")
         if path[0] == "axes" and len(path) == 2 and not isinstance(value, list):
             value = [value]
         node = data
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
+            if part not in node:
+                sets[tuple(path[:i + 1])] = f"--set {_clip(text)}"
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise SweepError(f"--set {text!r}: '{part}' is not a mapping")
+                raise SweepError(f"--set {_clip(text)}: '{part[:80]}' is not a mapping")
         node[path[-1]] = value
-    return data
+        sets[tuple(path)] = f"--set {_clip(text)}"
+    return data, sets
 
 
-def _expand_axes(v: _Validator, axes: dict, zips: list, at: tuple) -> list[dict]:
-    """The cartesian product of the axes, where each zip group counts as one axis."""
+class _Budget:
+    """Expansion work, counted before it is done, so a sweep that would take minutes is refused at
+    once with its count."""
+
+    def __init__(self, v: _Validator):
+        self.v, self.used = v, 0
+
+    def spend(self, steps: int, at: tuple, what: str) -> None:
+        self.used += steps
+        if self.used > MAX_STEPS:
+            self.v.fail(at, f"{what}: more than {MAX_STEPS:,} steps to expand; narrow the axes")
+
+
+def _expand_axes(v: _Validator, axes: dict, zips: list, at: tuple, budget: _Budget) -> dict:
+    """The cartesian product of the axes, where each zip group counts as one axis, as {the point's
+    items: the point}: a point listed twice is there once. Its size is checked before any point of
+    it is made."""
     grouped, groups = set(), []
     for gi, group in enumerate(zips):
         v.seq(group, at + (gi,))
         for name in group:
             if not isinstance(name, str) or name not in axes:
-                v.fail(at + (gi,), f"'{name}' is not an axis")
+                v.fail(at + (gi,), f"'{str(name)[:40]}' is not an axis")
             if name in grouped:
                 v.fail(at + (gi,), f"'{name}' is in two zip groups")
             grouped.add(name)
@@ -383,9 +482,12 @@ def _expand_axes(v: _Validator, axes: dict, zips: list, at: tuple) -> list[dict]
     for name, values in axes.items():
         if name not in grouped:
             groups.append([{name: x} for x in values])
-    if math.prod(len(g) for g in groups) > MAX_CASES:
-        v.fail(at[:-1] + ("axes",), f"the axes give more than {MAX_CASES} points")
-    return [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*groups)]
+    count = math.prod(len(g) for g in groups)
+    if count > MAX_CASES:
+        v.fail(at[:-1] + ("axes",), f"the axes give {count:,} points, more than {MAX_CASES:,}")
+    budget.spend(count * POINT_STEPS, at[:-1] + ("axes",), f"the axes give {count:,} points")
+    points = (dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*groups))
+    return {frozenset(p.items()): p for p in points}
 
 
 def _case_id(workload: str, provider: str, params: dict) -> str:
@@ -409,8 +511,8 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     path = Path(path)
     text = _read(path)
     doc = _Doc(path, text)
-    v = _Validator(doc)
-    data = v.mapping(doc.data, (), TOP_KEYS)
+    v = _Validator(doc.where)
+    data = v.mapping({} if doc.data is None else doc.data, (), TOP_KEYS)
     for key in ("workload", "baseline", "providers", "axes"):
         if key not in data:
             v.fail((), f"missing required key '{key}'")
@@ -418,98 +520,105 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     try:
         wl = workloads.get(wl_name)
     except KeyError:
-        v.fail(("workload",), f"unknown workload '{wl_name}' (known: {', '.join(workloads.names())})")
+        v.fail(("workload",), f"unknown workload '{wl_name[:80]}' (known: {', '.join(workloads.names())})")
 
     profiles = v.mapping(data.get("profiles") or {}, ("profiles",))
     for pname, pdata in profiles.items():
         v.mapping(pdata, ("profiles", pname), PROFILE_KEYS)
     if profile is not None and profile != "gpu" and profile not in profiles:
-        raise SweepError(f"{path}: no profile '{profile}' (defined: {', '.join(profiles) or 'none'})")
+        raise SweepError(f"{path}: no profile '{profile[:80]}' "
+                         f"(defined: {', '.join(map(str, profiles)) or 'none'})")
     if profile in profiles:
         data = _merge_profile(data, profiles[profile])
-    data = _apply_set(data, list(overrides), set(wl.defaults) | set(data.get("axes") or {}))
+    if len(overrides) + len(filters) > MAX_OPTIONS:
+        raise SweepError(f"more than {MAX_OPTIONS} --set and --filter options")
+    data, sets = _apply_set(data, list(overrides), set(wl.defaults))
+
+    def where(at: tuple) -> str:
+        """The --set that gave the value at `at` (the one nearest it), else its file and line."""
+        key = max((key for key in sets if at[:len(key)] == key), key=len, default=None)
+        return doc.where(at) if key is None else sets[key]
+    v = _Validator(where)
+    name = data.get("name")
+    if name is None and not NAME.fullmatch(path.stem):
+        raise SweepError(f"{path}: the file name does not make a sweep name (letters, digits, '.', "
+                         "'_' and '-'); give the sweep a name: line")
+    if name is not None and not (isinstance(name, str) and NAME.fullmatch(name)):
+        v.fail(("name",), f"expected 1 to 64 letters, digits, '.', '_' or '-', the first a letter "
+               f"or digit, got {_kind(name)}")
 
     # providers
-    prov_specs = []
+    prov_specs, names = [], set()
     for i, item in enumerate(v.seq(data["providers"], ("providers",))):
         at = ("providers", i)
         if isinstance(item, str):
             item = {"name": item}
         v.mapping(item, at, {"name", "axes", "zip", "module"})
-        name = v.string(item.get("name"), at + ("name",))
+        pname = v.string(item.get("name"), at + ("name",))
         module = item.get("module")
         if module is not None:
             v.string(module, at + ("module",))
             try:
                 workloads.load_user_provider(module)
             except ValueError as e:
-                v.fail(at + ("module",), str(e))
+                v.fail(at + ("module",), _first_line(e))
             except Exception as e:  # the user's module failed to import, or lacks the function
-                v.fail(at + ("module",), f"cannot load {module!r} ({type(e).__name__}: {e})")
-        elif name not in wl.providers:
-            v.fail(at + ("name",), f"unknown provider '{name}' for workload {wl_name} "
+                v.fail(at + ("module",),
+                       f"cannot load {module[:80]!r} ({type(e).__name__}: {_first_line(e)})")
+        elif pname not in wl.providers:
+            v.fail(at + ("name",), f"unknown provider '{pname[:80]}' for workload {wl_name} "
                    f"(known: {', '.join(wl.providers)}; or give module: 'pkg.mod:factory')")
-        if name in (p["name"] for p in prov_specs):
-            v.fail(at + ("name",), f"provider '{name}' is listed twice")
+        if pname in names:
+            v.fail(at + ("name",), f"provider '{pname[:80]}' is listed twice")
+        names.add(pname)
         paxes = v.mapping(item.get("axes") or {}, at + ("axes",))
         for ax, values in paxes.items():
-            v.seq(values, at + ("axes", ax))
+            v.string(ax, at + ("axes", ax))
             if ax in wl.defaults:
                 v.fail(at + ("axes", ax), f"'{ax}' is a workload axis; provider axes must differ")
+            for j, x in enumerate(v.seq(values, at + ("axes", ax))):
+                _check_plain(v, x, at + ("axes", ax, j))
         pzip = v.seq(item.get("zip") or [], at + ("zip",), nonempty=False)
-        prov_specs.append({"name": name, "module": module, "axes": paxes, "zip": pzip, "at": at})
+        prov_specs.append({"name": pname, "module": module, "axes": paxes, "zip": pzip, "at": at})
     baseline = v.string(data["baseline"], ("baseline",))
-    if baseline not in (p["name"] for p in prov_specs):
-        v.fail(("baseline",), f"baseline '{baseline}' is not one of the providers")
+    if baseline not in names:
+        v.fail(("baseline",), f"baseline '{baseline[:80]}' is not one of the providers")
     provider_axes = {ax for spec in prov_specs for ax in spec["axes"]}  # before --providers filters
     if providers is not None:
-        unknown = [p for p in providers if p not in (s["name"] for s in prov_specs)]
+        unknown = [p for p in providers if p not in names]
         if unknown:
-            raise SweepError(f"--providers: unknown provider(s) {', '.join(unknown)} "
-                             f"(this sweep has: {', '.join(s['name'] for s in prov_specs)})")
+            raise SweepError(f"--providers: unknown provider(s) {', '.join(unknown)[:200]} "
+                             f"(this sweep has: {', '.join(s['name'] for s in prov_specs)[:200]})")
         prov_specs = [s for s in prov_specs if s["name"] in providers]
+    chosen_axes = {ax for spec in prov_specs for ax in spec["axes"]}
 
     # axes, checked against the workload's defaults for name, type and choices
     axes = v.mapping(data["axes"], ("axes",))
-    for name, values in axes.items():
-        at = ("axes", name)
-        if name not in wl.defaults:
+    for ax, values in axes.items():
+        at = ("axes", ax)
+        if ax not in wl.defaults:
             v.fail(at, f"unknown axis for workload {wl_name} (known: {', '.join(wl.defaults)})")
         for j, x in enumerate(v.seq(values, at)):
-            _check_value(v, wl, name, x, at + (j,))
+            _check_value(v, wl, ax, x, at + (j,))
     timing = {**TIMING_DEFAULTS, **v.mapping(data.get("timing") or {}, ("timing",), set(TIMING_DEFAULTS))}
-    for key, value in timing.items():
-        at = ("timing", key)
-        if isinstance(TIMING_DEFAULTS[key], bool):
-            if not isinstance(value, bool):
-                v.fail(at, f"expected true or false, got {_kind(value)}")
-        else:
-            v.number(value, at, positive=key != "warmup_ms", integer=key in ("min_reps", "max_reps"))
-    if timing["min_reps"] > timing["max_reps"]:
-        v.fail(("timing", "min_reps"), "min_reps is larger than max_reps")
-    if timing["target_ci"] >= 1:
-        v.fail(("timing", "target_ci"), f"expected a fraction below 1, got {timing['target_ci']}")
-    if timing["warmup_ms"] / 1e3 + timing["max_time_s"] >= timing["timeout_s"]:
-        v.fail(("timing", "timeout_s"), f"{timing['timeout_s']:g} s leaves no time: warmup_ms and "
-               "max_time_s alone take that long")
-    tolerance = v.mapping(data.get("tolerance") or {}, ("tolerance",))
-    for dt, tol in tolerance.items():
-        v.mapping(tol, ("tolerance", dt), {"max_abs", "rel"})
-        for k, x in tol.items():
-            v.number(x, ("tolerance", dt, k))
-    compare = {**COMPARE_DEFAULTS, **v.mapping(data.get("compare") or {}, ("compare",), set(COMPARE_DEFAULTS))}
+    _check_timing(v, timing, ("timing",))
+    tolerance = _check_tolerance(v, data.get("tolerance") or {}, ("tolerance",))
+    compare = {**COMPARE_DEFAULTS,
+               **v.mapping(data.get("compare") or {}, ("compare",), set(COMPARE_DEFAULTS))}
     v.number(compare["threshold"], ("compare", "threshold"))
     constraints = []
-    for i, text in enumerate(v.seq(data.get("constraints") or [], ("constraints",), nonempty=False)):
+    for i, expr in enumerate(v.seq(data.get("constraints") or [], ("constraints",), nonempty=False)):
         try:
-            constraints.append((i, text, _compile_constraint(v.string(text, ("constraints", i)))))
+            constraints.append((i, expr, _compile_constraint(v.string(expr, ("constraints", i)))))
         except (SyntaxError, ValueError) as e:
-            v.fail(("constraints", i), f"bad expression {text[:80]!r} "
+            v.fail(("constraints", i), f"bad expression {expr[:80]!r} "
                    f"({e.msg if isinstance(e, SyntaxError) else e})")
 
-    # points: the product, plus include points, minus exclude rules, within the constraints
+    # points: the product, plus include points, minus exclude rules, within the constraints; each
+    # step's work is counted before it is done
+    budget = _Budget(v)
     zips = v.seq(data.get("zip") or [], ("zip",), nonempty=False)
-    points = _expand_axes(v, axes, zips, ("zip",))
+    points = _expand_axes(v, axes, zips, ("zip",), budget)
     for i, rule in enumerate(v.seq(data.get("include") or [], ("include",), nonempty=False)):
         at = ("include", i)
         v.mapping(rule, at)
@@ -523,60 +632,117 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
                 v.fail(at, f"names {', '.join(named)} of the zip group [{', '.join(group)}]: "
                        "name all of them or none")
         fixed_axes = {**axes, **{k: [x] for k, x in rule.items()}}
-        for p in _expand_axes(v, fixed_axes, [g for g in zips if not any(n in rule for n in g)], ("zip",)):
-            if p not in points:
-                points.append(p)
+        free_zips = [g for g in zips if not any(n in rule for n in g)]
+        more = _expand_axes(v, fixed_axes, free_zips, ("zip",), budget)
+        points.update((k, p) for k, p in more.items() if k not in points)
+        if len(points) > MAX_CASES:
+            v.fail(at, f"the axes and include rules give more than {MAX_CASES:,} points")
     excludes = v.seq(data.get("exclude") or [], ("exclude",), nonempty=False)
     for i, rule in enumerate(excludes):
         v.mapping(rule, ("exclude", i))
-    points = [{**wl.defaults, **p} for p in points]
+    points = [{**wl.defaults, **p} for p in points.values()]
 
-    filt = [_parse_override(f, "--filter") for f in filters]
-    for key, want in filt:
-        if key not in wl.defaults and not any(key in s["axes"] for s in prov_specs):
-            raise SweepError(f"--filter {key}: not an axis of this sweep")
-        values = [p[key] for p in points if key in p] + [x for s in prov_specs for x in s["axes"].get(key, [])]
-        if not any(_same(x, want) for x in values):
+    filt = [(text, *_parse_override(text, "--filter")) for text in filters]
+    shown = {}  # axis -> the values it takes, for filters that match none
+    for text, key, want in filt:
+        if key not in wl.defaults and key not in chosen_axes:
+            raise SweepError(f"--filter {_clip(key)}: not an axis of this sweep")
+        if key not in shown:
+            budget.spend(len(points), ("axes",), f"--filter {_clip(text)} looks at {len(points):,} points")
+            shown[key] = list(dict.fromkeys([p[key] for p in points if key in p]
+                                            + [x for s in prov_specs for x in s["axes"].get(key, [])]))
+        budget.spend(len(shown[key]) * _size(want), ("axes",), f"--filter {_clip(text)}")
+        if not any(_same(x, want) for x in shown[key]):
             replaced = profile in profiles and key in (profiles[profile].get("axes") or {})
             raise SweepError(
-                f"--filter {key}={want}: no case has it ({key} is {list(dict.fromkeys(values))}"
+                f"--filter {_clip(text)}: no case has it ({key} is {_REPR.repr(shown[key])}"
                 + (f": the '{profile}' profile replaced {key}; --profile none keeps the sweep's own)"
                    if replaced else ")"))
 
+    configs = [list(_expand_axes(v, s["axes"], s["zip"], s["at"] + ("zip",), budget).values())
+               for s in prov_specs]
+    terms = (sum(1 for _, _, tree in constraints for _ in ast.walk(tree))
+             + sum(_size(r) for r in excludes) + sum(_size(want) for _, _, want in filt))
+    n_configs = sum(map(len, configs))
+    budget.spend(len(points) * n_configs * (COMBO_STEPS + terms), ("axes",),
+                 f"{len(points):,} points x {n_configs:,} provider configs"
+                 + (f", each checked against {terms:,} terms of the constraints, excludes and filters"
+                    if terms else ""))
     cases = []
     for point in points:
-        for spec in prov_specs:
-            for extra in _expand_axes(v, spec["axes"], spec["zip"], spec["at"] + ("zip",)):
+        for spec, extras in zip(prov_specs, configs):
+            for extra in extras:
                 params = {**point, **extra}
                 if any(_matches(params, r) for r in excludes):  # provider axes can be excluded too
                     continue
                 if not _within(v, constraints, params, provider_axes) or not all(
-                        _same(params.get(k), want) for k, want in filt if k in params):
+                        _same(params.get(k), want) for _, k, want in filt if k in params):
                     continue
                 if len(cases) >= MAX_CASES:
-                    v.fail((), f"more than {MAX_CASES} cases")
+                    v.fail((), f"more than {MAX_CASES:,} cases")
                 cases.append(Case(
                     case_id=_case_id(wl_name, spec["name"], params), workload=wl_name,
                     provider=spec["name"], baseline=baseline, params=params, shape=dict(point),
                     timing=dict(timing), tolerance=tolerance, module=spec["module"]))
-    return Sweep(name=data.get("name") or path.stem, path=str(path),
+    return Sweep(name=name or path.stem, path=str(path),
                  sha256=hashlib.sha256(text.encode()).hexdigest(), workload=wl_name,
                  baseline=baseline, profile=profile, compare=compare, cases=cases)
 
 
 def _check_value(v: _Validator, wl, name: str, x, at: tuple) -> None:
+    """A value the workload can take: one of its choices where it lists them, else of its default's
+    type, where an integer is a size (1 to MAX_SIZE)."""
     default = wl.defaults[name]
     choices = wl.choices.get(name)
-    if choices is not None and x not in choices:
-        v.fail(at, f"expected one of {', '.join(map(str, choices))}, got {_kind(x)}")
-    if isinstance(default, bool):
+    if choices is not None:
+        if not any(type(x) is type(c) and x == c for c in choices):
+            v.fail(at, f"expected one of {', '.join(map(str, choices))}, got {_kind(x)}")
+    elif isinstance(default, bool):
         if not isinstance(x, bool):
             v.fail(at, f"expected true or false, got {_kind(x)}")
     elif isinstance(default, int):
-        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-            v.fail(at, f"expected a positive integer, got {_kind(x)}")
-    elif isinstance(default, str) and not isinstance(x, str):
-        v.fail(at, f"expected a string, got {_kind(x)}")
+        v.number(x, at, ("[", 1, MAX_SIZE, "]"), integer=True)
+    elif isinstance(default, str):
+        if not isinstance(x, str):
+            v.fail(at, f"expected a string, got {_kind(x)}")
+    else:
+        _check_plain(v, x, at)
+
+
+def _check_plain(v: _Validator, x, at: tuple) -> None:
+    """A plain value (null, true/false, a finite number or a short string), as a provider's own
+    axes take: a case's parameters are compared, hashed and stored as JSON."""
+    if isinstance(x, str):
+        if len(x) > MAX_TEXT:
+            v.fail(at, f"expected at most {MAX_TEXT} characters, got {len(x)}")
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        v.number(x, at, ("[", -10**12, 10**12, "]"))
+    elif x is not None and not isinstance(x, bool):
+        v.fail(at, f"expected null, true/false, a number or a string, got {_kind(x)}")
+
+
+def _check_timing(v: _Validator, timing: dict, at: tuple) -> None:
+    """Every key of TIMING_DEFAULTS, each within what the runner can carry out."""
+    for key, value in timing.items():
+        if isinstance(TIMING_DEFAULTS[key], bool):
+            if not isinstance(value, bool):
+                v.fail(at + (key,), f"expected true or false, got {_kind(value)}")
+        else:
+            v.number(value, at + (key,), TIMING_RANGES[key], integer=key in ("min_reps", "max_reps"))
+    if timing["min_reps"] > timing["max_reps"]:
+        v.fail(at + ("min_reps",), "min_reps is larger than max_reps")
+    if timing["warmup_ms"] / 1e3 + timing["max_time_s"] >= timing["timeout_s"]:
+        v.fail(at + ("timeout_s",), f"{timing['timeout_s']:g} s leaves no time: warmup_ms and "
+               "max_time_s alone take that long")
+
+
+def _check_tolerance(v: _Validator, tolerance, at: tuple) -> dict:
+    """dtype -> {max_abs, rel}, each a positive number."""
+    for dt, tol in v.mapping(tolerance, at).items():
+        v.mapping(tol, at + (dt,), {"max_abs", "rel"})
+        for k, x in tol.items():
+            v.number(x, at + (dt, k))
+    return tolerance
 
 
 def _within(v: _Validator, constraints, params: dict, provider_axes: set) -> bool:
@@ -587,10 +753,65 @@ def _within(v: _Validator, constraints, params: dict, provider_axes: set) -> boo
                 return False
         except KeyError as e:
             if e.args[0] not in provider_axes:
-                v.fail(("constraints", i), f"{text!r} names {e.args[0]!r}, which is not an axis")
+                v.fail(("constraints", i), f"{text[:80]!r} names {e.args[0]!r}, which is not an axis")
         except (TypeError, ArithmeticError, ValueError, RecursionError) as e:
             v.fail(("constraints", i), f"{text[:80]!r} cannot be evaluated ({_first_line(e)})")
     return True
+
+
+def validate_cases(cases, path) -> list[Case]:
+    """Check cases read back from a run's cases.json (a list of Case.to_dict()) by the rules load()
+    applies to the cases it makes: every field there and of its type, a known workload and
+    provider, axis values the workload takes, timing and tolerance within bounds, unique case ids.
+    `path` names the file in messages. Returns the Cases; raises SweepError, one line, on the first
+    problem, so a resumed run never starts on cases that cannot run."""
+    v = _Validator(lambda at: str(path))
+    v.seq(cases, (), nonempty=False)
+    if len(cases) > MAX_CASES:
+        v.fail((), f"more than {MAX_CASES:,} cases")
+    keys, ids = [f.name for f in fields(Case)], set()
+    for i, c in enumerate(cases):
+        at = (i,)
+        v.mapping(c, at, set(keys))
+        for key in keys:
+            if key not in c:
+                v.fail(at, f"missing key '{key}'")
+        case_id = v.string(c["case_id"], at + ("case_id",))
+        if case_id in ids:
+            v.fail(at + ("case_id",), f"case id '{case_id[:80]}' is listed twice")
+        ids.add(case_id)
+        try:
+            wl = workloads.get(v.string(c["workload"], at + ("workload",)))
+        except KeyError:
+            v.fail(at + ("workload",), f"unknown workload '{c['workload'][:80]}' "
+                   f"(known: {', '.join(workloads.names())})")
+        provider = v.string(c["provider"], at + ("provider",))
+        v.string(c["baseline"], at + ("baseline",))
+        if c["module"] is not None:
+            if ":" not in v.string(c["module"], at + ("module",)):
+                v.fail(at + ("module",), f"expected 'module:function', got {_kind(c['module'])}")
+        elif provider not in wl.providers:
+            v.fail(at + ("provider",), f"unknown provider '{provider[:80]}' for workload {wl.name}")
+        params = v.mapping(c["params"], at + ("params",))
+        for k, x in params.items():
+            if k in wl.defaults:
+                _check_value(v, wl, k, x, at + ("params", k))
+            else:
+                v.string(k, at + ("params", k))
+                _check_plain(v, x, at + ("params", k))
+        for k in wl.defaults:
+            if k not in params:
+                v.fail(at + ("params",), f"missing axis '{k}'")
+        for k, x in v.mapping(c["shape"], at + ("shape",)).items():
+            if k not in params or params[k] != x:
+                v.fail(at + ("shape", k), f"differs from params: {_kind(x)}")
+        timing = v.mapping(c["timing"], at + ("timing",), set(TIMING_DEFAULTS))
+        for key in TIMING_DEFAULTS:
+            if key not in timing:
+                v.fail(at + ("timing",), f"missing key '{key}'")
+        _check_timing(v, timing, at + ("timing",))
+        _check_tolerance(v, c["tolerance"], at + ("tolerance",))
+    return [Case.from_dict(c) for c in cases]
 
 
 def has_profile(path, name: str) -> bool:
