@@ -24,7 +24,8 @@ def noisy(rng, n: int, scale: float = 1.0):
 
 def record(provider="p", samples=(1.0, 1.0), status="ok", workload="w", **params):
     params = params or {"n": 1}
-    return {"case_id": f"{provider}{sorted(params.items())}", "workload": workload,
+    return {"case_id": f"{workload}/{provider}{sorted(params.items())}", "workload": workload,
+            "device": "cuda:0",
             "provider": provider, "baseline": "p", "params": params, "shape": dict(params),
             "status": status, "reason": "" if status == "ok" else f"it was {status}",
             "samples_ms": list(samples), "flops": None, "bytes": None, "telemetry": None}
@@ -40,7 +41,7 @@ def write_run(path, records, gpu=H100, threshold=0.03, sweep="s"):
             "env": {"device_kind": "cuda" if gpu else "cpu", "gpus": [gpu] if gpu else [],
                     "torch": "2.13", "python": "3.11"},
             "cases": len(records)}
-    writer = RunWriter(path, meta)
+    writer = RunWriter(path, meta, [])
     for rec in records:
         writer.append(rec)
     writer.close(True)

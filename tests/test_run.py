@@ -92,7 +92,7 @@ def test_store_layout(write_sweep, tmp_path):
     path = write_sweep(small(["native", "sdpa-math"]))
     code, r = run_sweep(path, tmp_path)
     assert code == 0
-    assert r.path.parent == tmp_path and r.path.name.endswith(r.meta["git"]["sha"][:10] if r.meta["git"]["sha"] else "nogit")
+    assert r.path.parent == tmp_path and r.path.name.rsplit("_", 1)[0].endswith(r.meta["git"]["sha"][:10] if r.meta["git"]["sha"] else "nogit")
     meta = r.meta
     assert meta["sweep"]["sha256"] and meta["sweep"]["baseline"] == "native"
     assert meta["env"]["torch"] and meta["env"]["python"] and meta["env"]["device_kind"] == "cpu"
@@ -196,11 +196,12 @@ def test_resume_cuts_a_torn_last_record_and_runs_that_case_again(write_sweep, tm
     code, r = run_sweep(path, tmp_path)
     samples = r.path / "samples.jsonl"
     lines = samples.read_text().splitlines(keepends=True)
-    torn_id = json.loads(lines[-1])["case_id"]
+    torn_id = json.loads(lines[-1])["record"]["case_id"]
     samples.write_text("".join(lines[:-1]) + lines[-1][:40])  # killed in the middle of a write
     with pytest.raises(store.TornSamples, match="samples.jsonl:4"):
         store.load_run(r.path)
     meta = json.loads((r.path / "meta.json").read_text())
+    meta["records"] = {"count": 3, "head": json.loads(lines[-1])["prev"]}  # not yet named when killed
     (r.path / "meta.json").write_text(json.dumps({**meta, "complete": False}))
 
     assert run.main(["--resume", str(r.path)]) == 0
@@ -213,8 +214,12 @@ def test_resume_cuts_a_torn_last_record_and_runs_that_case_again(write_sweep, tm
 def test_a_run_missing_a_case_is_not_complete(write_sweep, tmp_path, capsys):
     path = write_sweep(small(["native", "sdpa-math"]))
     code, r = run_sweep(path, tmp_path / "a")
-    samples = r.path / "samples.jsonl"
-    samples.write_text("".join(samples.read_text().splitlines(keepends=True)[:-1]))
+    # killed after its last record was written, before meta.json named it: that record is off the
+    # chain, so its case is lost, and resuming runs it again
+    last = json.loads((r.path / "samples.jsonl").read_text().splitlines()[-1])
+    meta = json.loads((r.path / "meta.json").read_text())
+    meta["records"] = {"count": meta["records"]["count"] - 1, "head": last["prev"]}
+    (r.path / "meta.json").write_text(json.dumps(meta))
     from bench.measure import runner
 
     writer, todo = runner.resume_run(r.path, ["test"])

@@ -12,11 +12,10 @@ import shutil
 from pathlib import Path
 
 from bench.cli import BadInput
-from bench.results.store import META, SAMPLES, SUMMARY, Run, load_run, utc_now
+from bench.results.store import META, SAMPLES_GZ, SCHEMA_VERSION, SUMMARY, Run, chain, load_run, utc_now
 from bench.results.summary import summarize
 
 ROOT = Path("results/baselines")
-SAMPLES_GZ = SAMPLES + ".gz"
 BLESSED = "blessed.json"
 
 
@@ -46,13 +45,6 @@ def open_run(path) -> Run:
         raise BadInput(f"{path}: malformed run ({type(e).__name__}: {e})") from None
     if not isinstance(run.meta, dict):
         raise BadInput(f"{path}: malformed {META} (not a JSON object)")
-    gz = run.path / SAMPLES_GZ
-    if not run.records and gz.exists():
-        try:
-            with gzip.open(gz, "rt") as f:
-                run.records = [json.loads(line) for line in f if line.strip()]
-        except (OSError, ValueError) as e:
-            raise BadInput(f"{gz}: unreadable ({e})") from None
     bad = [r for r in run.records if not isinstance(r, dict) or not {"workload", "provider"} <= r.keys()]
     if bad:
         raise BadInput(f"{path}: malformed record in samples (needs workload and provider)")
@@ -74,11 +66,13 @@ def bless(run_path, root=ROOT) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    (tmp / META).write_text(json.dumps(run.meta, indent=2, default=str) + "\n")
+    lines, head = chain(run.records)
+    meta = {**run.meta, "schema_version": SCHEMA_VERSION, "records": {"count": len(lines), "head": head}}
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     summarize(run.records, run.meta.get("ceilings")).to_csv(tmp / SUMMARY, index=False)
     with gzip.open(tmp / SAMPLES_GZ, "wt") as f:
-        for rec in run.records:
-            f.write(json.dumps(rec, default=str) + "\n")
+        for line in lines:
+            f.write(json.dumps(line, default=str) + "\n")
     (tmp / BLESSED).write_text(json.dumps(
         {"run_id": run.meta.get("run_id"), "source": run.path.name, "blessed_utc": utc_now(),
          "hardware": hardware(run.meta)}, indent=2) + "\n")

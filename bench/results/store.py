@@ -1,29 +1,45 @@
 """The results store: one directory per run with meta.json, samples.jsonl (appended and flushed per
 case, so a killed run keeps every finished case) and summary.csv; `latest` points at the newest
-complete run."""
+complete run.
+
+Only the parent process writes a run, and only records it received from its own workers count:
+each line of samples.jsonl carries the hash of the line before it and of its own record, and
+meta.json, rewritten by the parent after every record, names the last hash. A reader follows that
+chain back from meta.json; a line that is not on it (written by something else, or torn by a kill)
+is reported and ignored. Runs written before schema version 2 have no chain and are read through
+record.upgrade.
+"""
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
+import secrets
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.results.record import FAILED, SCHEMA_VERSION, SchemaError, parse, utc_now  # noqa: F401
+
 META, SAMPLES, SUMMARY, CASES = "meta.json", "samples.jsonl", "summary.csv", "cases.json"
+SAMPLES_GZ = SAMPLES + ".gz"  # a blessed baseline's samples, compressed
 COUNTERS = "counters.json"  # Nsight Compute counters per case id (bench.run --profile ncu)
 LOGS = "logs"  # one file per case that wrote to stdout or stderr
 TAIL_LINES = 20
-FAILED = {"incorrect", "error", "crashed", "timeout", "oom"}
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+GENESIS = "0" * 64  # the hash before a run's first record
 
 
 def run_dir_name(sweep_name: str, git_sha: str | None) -> str:
+    """<UTC second>_<sweep>_<sha>_<random>: unique across processes and hosts that start together."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}_{sweep_name}_{(git_sha or 'nogit')[:10]}"
+    return f"{stamp}_{sweep_name}_{(git_sha or 'nogit')[:10]}_{secrets.token_hex(4)}"
+
+
+def chain_hash(prev: str, record: dict) -> str:
+    body = json.dumps(record, sort_keys=True, default=str)
+    return hashlib.sha256((prev + body).encode()).hexdigest()
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -49,22 +65,84 @@ class TornSamples(ValueError):
     """samples.jsonl has a line that is not a whole record (the run was killed mid-write)."""
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records of samples.jsonl; a case recorded twice keeps its last record. A line that is not a
-    whole JSON record raises TornSamples: a case lost in a torn write must not pass unnoticed
-    (`--resume` cuts a torn last line and runs that case again)."""
-    by_id: dict[str, dict] = {}
-    p = Path(path) / SAMPLES
+def chain(records: list[dict], head: str = GENESIS) -> tuple[list[dict], str]:
+    """The lines of `records` chained after `head`, and the new head."""
+    lines = []
+    for r in records:
+        lines.append({"prev": head, "hash": chain_hash(head, r), "record": r})
+        head = lines[-1]["hash"]
+    return lines, head
+
+
+def _lines(p: Path) -> list[tuple[int, object]]:
+    """(line number, parsed JSON) of each non-empty line; TornSamples for one that is not JSON."""
+    out = []
+    if not p.exists() and p.with_name(SAMPLES_GZ).exists():
+        p = p.with_name(SAMPLES_GZ)
     if p.exists():
-        for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+        text = gzip.decompress(p.read_bytes()).decode(errors="replace") if p.suffix == ".gz" \
+            else p.read_text(errors="replace")
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-                by_id[rec["case_id"]] = rec
-            except (json.JSONDecodeError, KeyError, TypeError):
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError:
                 raise TornSamples(f"{p}:{n}: not a whole record (a torn write; "
                                   "--resume the run to cut it and run that case again)") from None
+    return out
+
+
+def meta_version(meta: dict) -> int:
+    """The schema version of a run's meta.json; SchemaError for one this code does not read."""
+    version = meta.get("schema_version", 1)
+    if version not in (1, SCHEMA_VERSION):
+        raise SchemaError(f"run schema_version {version!r}: this harness reads versions 1 to "
+                          f"{SCHEMA_VERSION}; use a newer harness")
+    return version
+
+
+def _chained(p: Path, lines: list, head: str) -> tuple[list[dict], list[int]]:
+    """(the records on the chain that ends at `head`, in order; line numbers of the others)."""
+    by_hash = {}
+    for n, line in lines:
+        if isinstance(line, dict) and isinstance(line.get("record"), dict) \
+                and chain_hash(str(line.get("prev")), line["record"]) == line.get("hash"):
+            by_hash.setdefault(line["hash"], (n, line))
+    kept, at = [], head
+    while at != GENESIS and at in by_hash:
+        n, line = by_hash.pop(at)
+        kept.append((n, line["record"]))
+        at = line["prev"]
+    if at != GENESIS:
+        raise SchemaError(f"{p}: the record chain named by {META} is broken (a record the harness "
+                          "wrote is missing or changed)")
+    on_chain = {n for n, _ in kept}
+    return [r for _, r in reversed(kept)], [n for n, _ in lines if n not in on_chain]
+
+
+def read_records(path: Path, meta: dict | None = None) -> list[dict]:
+    """The run's records, checked against record.Record; a case recorded twice keeps its last record.
+    A line that is not JSON raises TornSamples: a case lost in a torn write must not pass unnoticed
+    (`--resume` cuts a torn last line and runs that case again). A line the harness did not write
+    is reported on stderr and ignored."""
+    path = Path(path)
+    if meta is None:
+        meta = json.loads((path / META).read_text())
+    p = path / SAMPLES
+    lines = _lines(p)
+    if meta_version(meta) == 1:
+        records, foreign = [line for _, line in lines], []
+    else:
+        records, foreign = _chained(p, lines, (meta.get("records") or {}).get("head", GENESIS))
+    if foreign:
+        print(f"warning: {p}: ignored {len(foreign)} line(s) the harness did not write "
+              f"(line {', '.join(map(str, foreign[:5]))}{', ...' if len(foreign) > 5 else ''})",
+              file=sys.stderr)
+    by_id: dict[str, dict] = {}
+    for rec in records:
+        rec = parse(rec)
+        by_id[rec["case_id"]] = rec
     return list(by_id.values())
 
 
@@ -87,11 +165,14 @@ def load_run(path) -> Run:
     meta_path = path / META
     if not meta_path.exists():
         raise FileNotFoundError(f"{path}: not a run directory (no {META})")
+    meta = json.loads(meta_path.read_text())
+    if not isinstance(meta, dict):
+        raise SchemaError(f"{meta_path}: not a JSON object")
     cases_path = path / CASES
     cases = json.loads(cases_path.read_text()) if cases_path.exists() else []
     counters_path = path / COUNTERS
     counters = json.loads(counters_path.read_text()) if counters_path.exists() else {}
-    return Run(path, json.loads(meta_path.read_text()), read_records(path), cases, counters)
+    return Run(path, meta, read_records(path, meta), cases, counters)
 
 
 def write_counters(path: Path, counters: dict) -> None:
@@ -99,14 +180,22 @@ def write_counters(path: Path, counters: dict) -> None:
 
 
 class RunWriter:
-    """Writes one run. Samples are appended and fsync'd per case; meta.json is replaced atomically."""
+    """Writes one run. Samples are appended and fsync'd per case, each on the record chain;
+    meta.json, which names the chain's last hash, is replaced atomically after each. A new run
+    (`cases` given) gets a directory of its own: never one that exists."""
 
     def __init__(self, path: Path, meta: dict, cases: list[dict] | None = None):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.meta = meta
         if cases is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir()  # FileExistsError rather than two runs in one directory
+            meta["schema_version"] = SCHEMA_VERSION
+            meta.setdefault("records", {"count": 0, "head": GENESIS})
             _write_json_atomic(self.path / CASES, cases)
+        elif meta_version(meta) != SCHEMA_VERSION:
+            raise SchemaError(f"{self.path}: written by schema version {meta_version(meta)}; "
+                              f"only version {SCHEMA_VERSION} runs can be resumed")
+        self.meta = meta
         self.write_meta()
         self._samples = open(self.path / SAMPLES, "a")
 
@@ -114,9 +203,13 @@ class RunWriter:
         _write_json_atomic(self.path / META, self.meta)
 
     def append(self, record: dict) -> None:
-        self._samples.write(json.dumps(record, default=str) + "\n")
+        count = self.meta["records"]["count"]
+        (line,), head = chain([parse(record)], self.meta["records"]["head"])
+        self._samples.write(json.dumps(line, default=str) + "\n")
         self._samples.flush()
         os.fsync(self._samples.fileno())
+        self.meta["records"] = {"count": count + 1, "head": head}
+        self.write_meta()
 
     def close(self, complete: bool) -> None:
         self._samples.close()
