@@ -55,7 +55,7 @@ def test_a_revision_that_slows_one_provider_fails_naming_it(tmp_path, monkeypatc
     assert [c["provider"] for c in cases if c["verdict"] != "unchanged"] == ["changed"], out
     assert [c["verdict"] for c in cases if c["provider"] == "changed"] == ["regression"]
     assert "layernorm/changed" in out and "+" in out
-    report = (tmp_path / "results").glob("*_ab/report.html")
+    report = (tmp_path / "results").glob("*_ab_*/report.html")
     assert "1 regression" in next(report).read_text()  # the report's comparison section
 
 

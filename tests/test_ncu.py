@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.measure import ncu
+from bench.measure import ncu, pool
 from bench.measure.sweep import Case
 from bench.run import main as run_main
+from conftest import TESTS
 
 FIXTURE = Path(__file__).parent / "data" / "ncu_raw.csv"  # an H100 capture, columns trimmed
 CASE = Case("c1", "layernorm", "torch", "torch", {"rows": 4}, {"rows": 4}, {"timeout_s": 60})
@@ -73,32 +74,36 @@ def test_a_sweep_profile_named_ncu_is_refused(tmp_path, write_sweep, capsys):
     assert len(err.splitlines()) == 1 and "reserved" in err
 
 
-def test_a_cpu_run_with_profile_ncu_records_why_per_case(tmp_path, write_sweep, capsys):
+def test_profile_ncu_without_a_gpu_is_refused_at_once(tmp_path, write_sweep, capsys):
     sweep = write_sweep("""
 workload: layernorm
 baseline: steady
 providers: [{name: steady, module: "delay_provider:quick"}]
 axes: {rows: [4], hidden: [16, 32], dtype: [float32], mode: [fwd]}
-timing: {warmup_ms: 1, min_reps: 3, max_reps: 5, max_time_s: 0.1}
 """)
-    argv = [str(sweep), "--out", str(tmp_path), "--profile", "ncu", "--filter", "hidden=16"]
-    assert run_main(argv) == 0
-    run = Path(capsys.readouterr().out.strip().splitlines()[-1])
-    counters = json.loads((run / "counters.json").read_text())
-    assert len(counters) == 1 and "no GPU" in next(iter(counters.values()))["reason"]
+    assert run_main([str(sweep), "--out", str(tmp_path / "r"), "--profile", "ncu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a CUDA GPU" in err
+    assert not (tmp_path / "r").exists()  # nothing written
 
 
-def test_the_profiled_program_runs_a_backward_on_its_own_thread():
+def test_the_profiled_program_runs_a_backward_on_its_own_thread(tmp_path):
     """The program ncu profiles runs one fwd_bwd call with autograd's multithreading off (NVTX
     ranges are per thread, and a CUDA backward would run on autograd's thread, outside `timed`)."""
     import subprocess
     import sys
 
     params = {"rows": 8, "hidden": 16, "dtype": "float32", "mode": "fwd_bwd"}
-    case = Case("c2", "layernorm", "torch", "torch", params, params,
-                {"timeout_s": 60, "max_time_s": 0.1, "target_ci": 0.5})
-    probe = ncu._CHILD + "\nprint('multithreaded backward:', torch._C._is_multithreading_enabled())\n"
-    done = subprocess.run([sys.executable, "-c", probe, json.dumps(case.to_dict()), "cpu"],
-                          capture_output=True, text=True, timeout=120)
+    case = Case("c2", "layernorm", "probe", "probe", params, params,
+                {"timeout_s": 60, "max_time_s": 0.1, "target_ci": 0.5, "warmup_ms": 0, "min_reps": 1,
+                 "max_reps": 1, "l2_flush": False, "cuda_graph": False, "hide_launch": False},
+                module="faulty_providers:threading_probe")
+    seen = tmp_path / "seen"
+    env = {**pool.worker_env(), "BENCH_TEST_SEEN": str(seen)}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env["PYTHONPATH"]])
+    done = subprocess.run(ncu.command("cpu")[ncu.command("cpu").index(sys.executable):],
+                          input=json.dumps({"case": case.to_dict()}) + "\n", capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "multithreaded backward: False" in done.stdout
+    assert json.loads(done.stdout.splitlines()[-1])["status"] == "ok", done.stdout
+    assert seen.read_text() == "multithreaded backward: False"

@@ -5,9 +5,6 @@ load) falls on both sides alike instead of on whichever side ran second."""
 from __future__ import annotations
 
 import io
-import json
-import os
-import select
 import subprocess
 import sys
 import tarfile
@@ -16,35 +13,11 @@ from pathlib import Path
 
 from bench.cli import BadInput
 from bench.measure import env, runner
-from bench.measure.pool import STARTUP_S, _failure
+from bench.measure.pool import Worker
 from bench.measure.sweep import Case, Sweep
 from bench.results import store
-from bench.results.store import Run, utc_now
+from bench.results.store import Run
 from bench.results.summary import summarize
-
-# Runs in the side's tree (its directory first on sys.path): records go back on a private copy of
-# stdout, and whatever a provider prints goes to stderr, so it cannot corrupt a record. Trees from
-# before the modules were grouped by stage keep the worker at bench/worker.py.
-_CHILD = r"""
-import json, os, sys
-out = os.fdopen(os.dup(1), "w")
-os.dup2(2, 1)
-import torch
-try:
-    from bench.measure.sweep import Case
-    from bench.measure.worker import run_case
-except ImportError:
-    from bench.sweep import Case
-    from bench.worker import run_case
-device = torch.device(sys.argv[1])
-if device.type == "cuda":
-    torch.cuda.set_device(device)
-print("ready", file=out, flush=True)
-for line in sys.stdin:
-    print(json.dumps(run_case(Case.from_dict(json.loads(line)), device), default=str), file=out,
-          flush=True)
-"""
-
 
 def _git(repo: Path, *args, binary: bool = False):
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=not binary, timeout=120)
@@ -70,59 +43,6 @@ def checkout(spec: str, repo: Path, into: Path) -> tuple[Path, dict]:
     return dest, {"tree": str(dest), "sha": sha, "revision": spec}
 
 
-class TreeWorker:
-    """A worker process running the tree's own bench.measure.worker; like pool's slots, a case
-    that crashes or hangs it costs only itself and a fresh process takes the next case."""
-
-    def __init__(self, tree: Path, device: str):
-        self.tree, self.device, self.proc = tree, device, None
-
-    def _env(self) -> dict:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.tree), env.get("PYTHONPATH")) if p)
-        return env
-
-    def _read(self, timeout: float) -> str | None:
-        """One line from the process within `timeout` seconds; None on timeout or end of output."""
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return (self.proc.stdout.readline() or None) if ready else None
-
-    def start(self) -> bool:
-        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, self.device], cwd=self.tree,
-                                     env=self._env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
-        return self._read(STARTUP_S) == "ready\n"
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc.stdin.close()
-            self.proc.stdout.close()
-            self.proc = None
-
-    def run(self, case: Case) -> dict:
-        started = utc_now()
-        if (self.proc is None or self.proc.poll() is not None) and not self.start():
-            self.stop()
-            return _failure(case, self.device, "crashed",
-                            f"worker in {self.tree} did not start within {STARTUP_S:g} s", started)
-        try:
-            self.proc.stdin.write(json.dumps(case.to_dict()) + "\n")
-            self.proc.stdin.flush()
-        except OSError:
-            pass  # the process died: the read below says so
-        line = self._read(case.timing["timeout_s"])
-        if line:
-            return json.loads(line)
-        died = self.proc.poll() is not None
-        self.stop()
-        if died:
-            return _failure(case, self.device, "crashed", "worker process died", started)
-        return _failure(case, self.device, "timeout",
-                        f"no result within {case.timing['timeout_s']:g} s; worker killed", started)
-
-
 def merge(first: dict | None, rec: dict) -> dict:
     """One record per case and side over all rounds: the samples of every round pooled; a round
     that failed makes the case fail, with that round's reason."""
@@ -137,17 +57,18 @@ def merge(first: dict | None, rec: dict) -> dict:
 
 
 def interleave(cases: list[Case], trees: dict[str, Path], device: str, rounds: int,
-               on_round=None) -> dict[str, dict[str, dict]]:
+               on_round=None, log_of=None) -> dict[str, dict[str, dict]]:
     """{side: {case_id: record}}: each case runs on both sides in A B B A ... order before the
-    next case starts, so both sides of a case see the machine in the same state."""
+    next case starts, so both sides of a case see the machine in the same state. `log_of(side,
+    case)` names the file a case's output goes to."""
     sides = list(trees)
-    workers = {s: TreeWorker(trees[s], device) for s in sides}
+    workers = {s: Worker(device, trees[s]) for s in sides}
     out: dict[str, dict[str, dict]] = {s: {} for s in sides}
     try:
         for case in cases:
             for r in range(rounds):
                 for side in (sides if r % 2 == 0 else sides[::-1]):
-                    rec = workers[side].run(case)
+                    rec = workers[side].run(case, log_of(side, case) if log_of else None)
                     out[side][case.case_id] = merge(out[side].get(case.case_id), rec)
                     if on_round:
                         on_round(side, case, rec)
@@ -159,27 +80,34 @@ def interleave(cases: list[Case], trees: dict[str, Path], device: str, rounds: i
 
 def run(sw: Sweep, base: str, head: str | None, root: Path, argv: list[str], device: str,
         rounds: int) -> tuple[Path, Run, Run]:
-    """Measure both sides into ROOT/<time>_<sweep>_ab/{base,head}, two ordinary run directories
-    whose records pool every round's samples; HEAD None is the working tree of this project."""
+    """Measure both sides into ROOT/<time>_<sweep>_ab_<random>/{base,head}, two ordinary run
+    directories whose records pool every round's samples; HEAD None is the working tree of this
+    project."""
     ab_dir = Path(root) / store.run_dir_name(sw.name, "ab")
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
-        trees, git = {}, {}
+        trees, writers = {}, {}
         for side, spec in (("base", base), ("head", head)):
             if spec is None:
-                trees[side], git[side] = env.ROOT, {**env.git_state(), "tree": "working tree"}
+                trees[side], git = env.ROOT, {**env.git_state(), "tree": "working tree"}
             else:
-                trees[side], git[side] = checkout(spec, Path.cwd(), Path(tmp))
+                trees[side], git = checkout(spec, Path.cwd(), Path(tmp))
+            writers[side] = runner.new_run(sw, ab_dir, argv, [device], name=side)
+            writers[side].meta.update(git=git, ab={"side": side, "rounds": rounds})
+            (writers[side].path / store.LOGS).mkdir()
 
         def progress(side, case, rec):
             print(f"{side:4s} {rec['status']:9s} {case.label}", file=sys.stderr, flush=True)
 
-        records = interleave(sw.cases, trees, device, rounds, progress)
+        def log_of(side, case):
+            return str(writers[side].path / store.LOGS / f"{case.case_id}.log")
+
+        records = interleave(sw.cases, trees, device, rounds, progress, log_of)
     runs = {}
-    for side in ("base", "head"):
-        writer = runner.new_run(sw, ab_dir, argv, [device], name=side)
-        writer.meta.update(git=git[side], ab={"side": side, "rounds": rounds})
+    for side, writer in writers.items():
         for case in sw.cases:
-            writer.append(records[side][case.case_id])
+            rec = records[side][case.case_id]
+            rec["log"] = store.keep_log(writer.path, log_of(side, case), rec["status"])
+            writer.append(rec)
         writer.close(complete=True)
         writer.write_summary(summarize(store.read_records(writer.path), writer.meta.get("ceilings")))
         runs[side] = store.load_run(writer.path)

@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import torch
 
-from bench.measure import sweep, timing
-from bench.results import store
+from bench.measure import sweep
+from bench.measure.pool import Worker
 from bench.measure.worker import build
+from bench.results import store
 
 
 def dobench(args) -> int:
@@ -24,13 +25,17 @@ def dobench(args) -> int:
     providers = args.providers.split(",") if args.providers else None
     sw = sweep.load(args.sweep, None, args.set, args.filter, providers)
     device = torch.device("cuda:0")
+    worker = Worker("cuda:0")  # ours, as every run measures it
     ratios, bound = [], 0
     print(f"{'case':70s} {'ours ms':>10s} {'do_bench ms':>12s} {'ratio':>7s} {'host ms':>8s}")
     for case in sw.cases[: args.limit]:
+        result = worker.run(case)
+        if result["status"] != "ok":
+            print(f"{case.label[:70]:70s} {result['status']}: {result['reason'][:60]}")
+            continue
         try:
             _, fn = build(case, device)
             fn()
-            result = timing.measure(fn, device, **case.timing)
             ours = float(np.median(result["samples_ms"]))
             theirs = float(triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median"))
         except Exception as e:  # a provider unavailable here is not the timer's business
@@ -45,6 +50,7 @@ def dobench(args) -> int:
         print(f"{case.label[:70]:70s} {ours:10.4f} {theirs:12.4f} {ours / theirs:7.3f} "
               f"{result['host_ms']:8.4f}{'  launch-bound' if launch_bound else ''}", flush=True)
         torch.cuda.empty_cache()
+    worker.stop()
     if ratios:
         dev = [abs(r - 1) for r in ratios]
         print(f"ours / do_bench over {len(ratios)} cases (and {bound} launch-bound left out): median "

@@ -18,9 +18,8 @@ from typing import Callable
 import torch
 
 from bench.cli import BadInput, first_line
-from bench.measure.pool import run_isolated
+from bench.measure.pool import failure, run_isolated
 from bench.measure.sweep import Case
-from bench.measure.worker import blank_record
 from bench.results.store import utc_now
 
 DEVICE_ENV = "BENCH_DEVICE"  # the device a Dask worker serves; default cuda:0, or cpu without a GPU
@@ -76,7 +75,7 @@ def _lost(case: Case, error: BaseException) -> dict:
     status = "crashed" if type(error).__name__ == "KilledWorker" else "error"
     reason = ("its Dask worker was lost twice" if status == "crashed"
               else f"Dask task failed: {first_line(error)}")
-    return {**blank_record(case, "dask"), "status": status, "reason": reason, "ended_utc": utc_now()}
+    return failure(case, "dask", status, reason, utc_now())
 
 
 def gpu_slots(client) -> int:

@@ -1,9 +1,16 @@
-"""What a case can leave behind in its worker process: torch's global settings, host memory and
-CUDA memory. A worker compares them after every case with what it saw when it started, and one that
-changed is replaced before the next case, so no case's result depends on the case before it."""
+"""What a case can leave behind in its worker process: torch's global settings, host memory, CUDA
+memory, the working directory, the environment, and the functions the harness times and checks
+with. A worker compares them after every case with what it saw when it started, and one that
+changed is replaced before the next case, so no case's result depends on the case before it.
+
+`harness` is the part a provider must not touch even during its own case: a case that replaced a
+timing or checking function (or its code) is `tampered`, whatever its numbers say."""
 from __future__ import annotations
 
 import gc
+import os
+import sys
+import time
 
 import psutil
 import torch
@@ -37,6 +44,47 @@ def settings() -> dict:
     }
 
 
+# modules whose functions time, check or record a case; their globals are compared one by one
+HARNESS_MODULES = ("bench.measure.timing", "bench.measure.check", "bench.measure.worker",
+                   "bench.measure.leaks", "bench.results.stats", "bench.results.record")
+
+
+def _fn_id(f) -> tuple:
+    code = getattr(f, "__code__", None)
+    return id(f), id(code) if code is not None else None, hash(code) if code is not None else None
+
+
+def harness() -> dict:
+    """Identities of the clocks, CUDA timing calls, comparison ops and harness functions a case is
+    measured and judged with."""
+    import torch.cuda
+
+    objs = {"time.perf_counter": time.perf_counter, "time.perf_counter_ns": time.perf_counter_ns,
+            "time.time": time.time, "time.monotonic": time.monotonic,
+            "torch.cuda.synchronize": torch.cuda.synchronize, "torch.cuda.Event": torch.cuda.Event,
+            "torch.cuda.Event.record": torch.cuda.Event.record,
+            "torch.cuda.Event.elapsed_time": torch.cuda.Event.elapsed_time,
+            "torch.cuda.Event.synchronize": torch.cuda.Event.synchronize,
+            "torch.cuda._sleep": torch.cuda._sleep, "torch.cuda.current_stream": torch.cuda.current_stream,
+            "torch.equal": torch.equal, "torch.isfinite": torch.isfinite,
+            "torch.Tensor.copy_": torch.Tensor.copy_, "torch.Tensor.double": torch.Tensor.double,
+            "torch.Tensor.norm": torch.Tensor.norm, "torch.Tensor.abs": torch.Tensor.abs,
+            "torch.Tensor.max": torch.Tensor.max, "torch.Tensor.item": torch.Tensor.item,
+            "torch.Tensor.__sub__": torch.Tensor.__sub__}
+    for name in HARNESS_MODULES:
+        module = sys.modules.get(name)
+        for attr, f in (vars(module).items() if module else ()):
+            if callable(f) and getattr(f, "__module__", None) == name:
+                objs[f"{name}.{attr}"] = f
+    return {k: _fn_id(f) for k, f in objs.items()}
+
+
+def harness_changes(clean: dict) -> list[str]:
+    """Names of the harness's functions that are not what they were in `clean`."""
+    now = harness()
+    return sorted(k for k in clean.keys() | now.keys() if clean.get(k) != now.get(k))
+
+
 def warm(device: torch.device) -> None:
     """Create the CUDA context and cuBLAS's handle before the clean snapshot, so that the first
     case's share of them (several hundred MB of host memory) is not counted as its leak."""
@@ -55,7 +103,8 @@ def snapshot(device: torch.device) -> dict:
         # not a case's (on an H100 every case that used a new stream "leaked" 32 MB of it)
         getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
         cuda = torch.cuda.memory_allocated(device)
-    return {"settings": settings(), "rss": psutil.Process().memory_info().rss, "cuda": cuda}
+    return {"settings": settings(), "rss": psutil.Process().memory_info().rss, "cuda": cuda,
+            "cwd": os.getcwd(), "environ": dict(os.environ), "harness": harness()}
 
 
 def changes(clean: dict, device: torch.device) -> dict:
@@ -66,4 +115,13 @@ def changes(clean: dict, device: torch.device) -> dict:
         out["rss_mb"] = [clean["rss"] >> 20, now["rss"] >> 20]
     if now["cuda"] - clean["cuda"] > CUDA_ALLOWANCE:
         out["cuda_allocated_mb"] = [clean["cuda"] >> 20, now["cuda"] >> 20]
+    if now["cwd"] != clean["cwd"]:
+        out["cwd"] = [clean["cwd"], now["cwd"]]
+    env = sorted(k for k in clean["environ"].keys() | now["environ"].keys()
+                 if clean["environ"].get(k) != now["environ"].get(k))
+    if env:
+        out["environ"] = env
+    funcs = harness_changes(clean["harness"])
+    if funcs:
+        out["harness"] = funcs
     return out

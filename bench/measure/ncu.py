@@ -1,17 +1,21 @@
 """Why a case is as fast as it is: Nsight Compute's counters for the kernels of one timed call.
 
-Each selected case runs once more in its own process under `ncu --clock-control none` (the GPU's
-clocks are left as they are, as they were while the case was timed). The worker's NVTX range
-`timed` aims ncu at the one call timed there (max_reps 1), after the warm-up calls that compile.
-A case that cannot be profiled records why, instead of counters."""
+Each selected case runs once more in the worker program (bench.measure.worker), started under
+`ncu --clock-control none` (the GPU's clocks are left as they are, as they were while the case was
+timed). The worker's NVTX range `timed` aims ncu at the one call timed there (max_reps 1, no L2
+flush, no fresh inputs: the case was judged when it was timed), after the gate and the warm-up
+calls that compile. A case that cannot be profiled records why, instead of counters."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
+import tempfile
 
+from bench.measure.pool import worker_env
 from bench.measure.sweep import Case
 
 # (field, metric): the tensor pipe's hmma cycles count Hopper's HGMMA (wgmma) too; local-memory
@@ -31,26 +35,6 @@ UNITS = {  # to ms and bytes; ncu writes either the short or the long unit names
     "ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3, "nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0,
     "second": 1e3, "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
 TIMEOUT_S = 600
-
-# Runs the case in the profiled process: two warm-up calls (compiling), then one call in `timed`.
-# NVTX ranges belong to a thread, and autograd runs a CUDA backward on a thread of its own, so the
-# child runs backward on the calling thread: otherwise a fwd_bwd case's counters miss every
-# backward kernel.
-_CHILD = r"""
-import json, sys
-import torch
-from bench.measure import timing
-from bench.measure.sweep import Case
-from bench.measure.worker import build
-case, device = Case.from_dict(json.loads(sys.argv[1])), torch.device(sys.argv[2])
-torch.autograd.set_multithreading_enabled(False)  # backward kernels launch inside the NVTX range
-if device.type == "cuda":
-    torch.cuda.set_device(device)
-inputs, fn = build(case, device)
-timing.measure(fn, device, **{**case.timing, "warmup_ms": 0, "min_reps": 1, "max_reps": 1,
-                              "l2_flush": False, "cuda_graph": False, "hide_launch": False})
-"""
-
 
 def _number(text: str) -> float | None:
     try:
@@ -83,10 +67,17 @@ def parse_csv(text: str) -> list[dict]:
     return kernels
 
 
-def command(case: Case, device: str) -> list[str]:
+def command(device: str) -> list[str]:
     return ["ncu", "--clock-control", "none", "--nvtx", "--nvtx-include", "timed/", "--csv",
             "--page", "raw", "--metrics", ",".join(m for _, m in METRICS),
-            sys.executable, "-c", _CHILD, json.dumps(case.to_dict()), device]
+            sys.executable, "-m", "bench.measure.worker", device, "--profiled"]
+
+
+def request(case: Case) -> str:
+    """The worker's request: the case with one timed call, after two warm-up calls."""
+    timing = {**case.timing, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "l2_flush": False,
+              "cuda_graph": False, "hide_launch": False, "hygiene": "basic"}
+    return json.dumps({"case": dataclasses.replace(case, timing=timing).to_dict()}) + "\n"
 
 
 def profile_case(case: Case, record: dict, device: str) -> dict:
@@ -98,7 +89,9 @@ def profile_case(case: Case, record: dict, device: str) -> dict:
     if shutil.which("ncu") is None:
         return {"reason": "ncu (Nsight Compute) not found on PATH"}
     try:
-        done = subprocess.run(command(case, device), capture_output=True, text=True, timeout=TIMEOUT_S)
+        with tempfile.TemporaryDirectory(prefix="bench-ncu-") as scratch:
+            done = subprocess.run(command(device), input=request(case), capture_output=True, text=True,
+                                  timeout=TIMEOUT_S, cwd=scratch, env=worker_env())
     except subprocess.TimeoutExpired:
         return {"reason": f"ncu did not finish within {TIMEOUT_S} s"}
     kernels = parse_csv(done.stdout)

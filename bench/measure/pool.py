@@ -1,92 +1,220 @@
-"""Runs cases on worker processes, one per device slot, each case isolated: a worker that dies is
-recorded as `crashed`, one that overruns its timeout is killed and recorded as `timeout`, and a fresh
-worker takes the next case. So does a worker that a case left changed (bench.measure.leaks)."""
+"""Worker processes, and the local pool that runs cases on them, one slot per device.
+
+Every executor (this pool, Dask, A/B, tune, Nsight Compute) runs a case through `Worker`: the
+worker program (bench.measure.worker) of a tree, in a process group of its own, in a scratch
+directory of its own. A worker that dies is recorded as `crashed`, one that overruns its timeout is
+killed with everything it started and recorded as `timeout`, and a fresh worker takes the next case.
+So does a worker that a case left changed (bench.measure.leaks). The worker never learns where the
+run is written: the parent moves each case's output into the run directory itself.
+"""
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import os
 import queue
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 from typing import Callable
 
-from bench.results.store import utc_now
 from bench.measure.sweep import Case
-from bench.measure.worker import blank_record, serve
+from bench.results.record import Record, SchemaError, parse, utc_now
 
-_CTX = mp.get_context("spawn")
 STARTUP_S = 120.0  # allowed for a fresh worker to import torch and say it is ready
+OWN_TREE = Path(__file__).resolve().parents[2]  # the tree this harness runs from
+
+# A tree from before the worker program (PROTOCOL 1) still serves A/B and bisection: its own
+# run_case, answering on a private copy of stdout.
+_LEGACY = r"""
+import json, os, sys
+out = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
+import torch
+try:
+    from bench.measure.sweep import Case
+    from bench.measure.worker import run_case
+except ImportError:
+    from bench.sweep import Case
+    from bench.worker import run_case
+device = torch.device(sys.argv[1])
+if device.type == "cuda":
+    torch.cuda.set_device(device)
+print("ready", file=out, flush=True)
+for line in sys.stdin:
+    case = json.loads(line)["case"]
+    print(json.dumps(run_case(Case.from_dict(case), device), default=str), file=out, flush=True)
+"""
 
 
-def _failure(case: Case, device: str, status: str, reason: str, started: str) -> dict:
-    return {**blank_record(case, device), "status": status, "reason": reason,
-            "started_utc": started, "ended_utc": utc_now()}
+def failure(case: Case, device: str, status: str, reason: str, started: str) -> dict:
+    """The record of a case that its worker could not answer for."""
+    return Record.blank(case, device, status=status, reason=reason, started_utc=started,
+                        ended_utc=utc_now()).to_dict()
 
 
-class _Slot:
-    """One device and the worker process currently serving it."""
+def _user_paths() -> list[str]:
+    """This process's import path less the interpreter's own, made absolute: the worker runs in a
+    directory of its own, and must import a provider module (`module: my_pkg.attn:make`) from
+    where the command could."""
+    system = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+    return [os.path.abspath(p or ".") for p in sys.path
+            if not os.path.abspath(p or ".").startswith(system) and os.path.isdir(p or ".")]
 
-    def __init__(self, device: str):
-        self.device, self.proc, self.conn = device, None, None
+
+def worker_env(tree: Path = OWN_TREE) -> dict:
+    """The environment a worker program of `tree` starts in."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), *_user_paths(), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _protocol(tree: Path) -> int:
+    try:
+        text = (tree / "bench" / "measure" / "worker.py").read_text()
+    except OSError:
+        return 1
+    return 2 if "\nPROTOCOL = 2" in text else 1
+
+
+class Worker:
+    """One worker process of the tree `tree` serving `device`, started on demand."""
+
+    def __init__(self, device: str, tree: Path = OWN_TREE):
+        self.device, self.tree = device, Path(tree)
+        self.proc, self.scratch = None, None
+
+    def _command(self) -> list[str]:
+        if _protocol(self.tree) == 2:
+            return [sys.executable, "-m", "bench.measure.worker", self.device]
+        return [sys.executable, "-c", _LEGACY, self.device]
 
     def start(self) -> bool:
         """Start a worker and wait until it has imported everything; False if it never does."""
-        parent, child = _CTX.Pipe()
-        self.proc = _CTX.Process(target=serve, args=(child, self.device), daemon=True)
-        self.proc.start()
-        child.close()
-        self.conn = parent
-        try:
-            return parent.poll(STARTUP_S) and parent.recv() == "ready"
-        except (EOFError, OSError):
-            return False
+        self.scratch = tempfile.mkdtemp(prefix="bench-worker-")
+        env = worker_env(self.tree)
+        with open(Path(self.scratch) / "worker.log", "wb") as err:
+            self.proc = subprocess.Popen(self._command(), cwd=self.scratch, env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                         start_new_session=True)
+        return self._read(STARTUP_S) == "ready"
 
-    def stop(self, kill: bool = False):
+    def _last_words(self) -> str:
+        """The last line the worker wrote outside a case (an import error, say)."""
+        try:
+            lines = (Path(self.scratch) / "worker.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f": {lines[-1][:200]}" if lines else ""
+
+    def kill(self) -> None:
+        """End the worker and every process it started (its process group), from any thread."""
+        proc = self.proc
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _read(self, timeout: float) -> str | None:
+        """One line from the worker within `timeout` s; None when it died or the time is up. The
+        worker's death is noticed even where a process it started still holds the pipe open."""
+        deadline = time.monotonic() + timeout
+        buf = b""
+        fd = self.proc.stdout.fileno()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], min(left, 0.2))
+            if ready:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    return None
+                buf += chunk
+                if buf.endswith(b"\n"):
+                    return buf.decode(errors="replace").rstrip("\n")
+            elif self.proc.poll() is not None:
+                return None
+
+    def stop(self) -> None:
+        """End the worker and every process it started (its process group)."""
         if self.proc is None:
             return
-        if not kill:
+        self.kill()
+        self.proc.wait(10)
+        for f in (self.proc.stdin, self.proc.stdout):
             try:
-                self.conn.send(None)
+                f.close()
             except OSError:
                 pass
-            self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
-        self.conn.close()
-        self.proc = self.conn = None
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.proc = self.scratch = None
 
-    def run(self, case: Case, log: str) -> dict:
+    def run(self, case: Case, log: str | None = None) -> dict:
+        """The record of `case`; its output is moved to the file `log` when it wrote any."""
         started = utc_now()
-        if self.proc is None or not self.proc.is_alive():
+        if self.proc is None or self.proc.poll() is not None:
+            self.stop()
             if not self.start():
-                self.stop(kill=True)
-                return _failure(case, self.device, "crashed",
-                                f"worker process did not start within {STARTUP_S:g} s", started)
+                why = self._last_words()
+                self.stop()
+                return failure(case, self.device, "crashed",
+                               f"worker process did not start within {STARTUP_S:g} s{why}; "
+                               "--resume runs it again", started)
         try:
-            self.conn.send((case.to_dict(), log))
-            if self.conn.poll(case.timing["timeout_s"]):
-                record = self.conn.recv()
-                if record.get("leaked"):  # the worker exits; the next case starts a fresh one
-                    self.stop()
-                return record
-            self.stop(kill=True)
-            return _failure(case, self.device, "timeout",
-                            f"no result within {case.timing['timeout_s']:g} s; worker killed", started)
-        except (EOFError, OSError):
-            self.proc.join(5)
-            code = self.proc.exitcode
-            self.stop(kill=True)
-            return _failure(case, self.device, "crashed",
-                            f"worker process died (exit code {code})", started)
+            self.proc.stdin.write((json.dumps({"case": case.to_dict()}) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # it died: the read below says so
+        line = self._read(case.timing["timeout_s"])
+        if line is None:
+            try:  # its output ended: give a dying worker a moment to be reaped
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
+        died = self.proc.poll() is not None
+        self._keep_log(log)
+        if line is None:
+            code = self.proc.poll()
+            self.stop()
+            if died:
+                return failure(case, self.device, "crashed", f"worker process died (exit code {code})",
+                               started)
+            return failure(case, self.device, "timeout",
+                           f"no result within {case.timing['timeout_s']:g} s; worker killed", started)
+        try:
+            record = parse(json.loads(line))
+        except (ValueError, SchemaError) as e:
+            self.stop()
+            return failure(case, self.device, "crashed", f"worker answered no record ({e})"[:300], started)
+        if record["case_id"] != case.case_id:
+            self.stop()
+            return failure(case, self.device, "crashed", "worker answered for another case", started)
+        if record.get("leaked"):  # the worker exits; the next case starts a fresh one
+            self.stop()
+        return record
+
+    def _keep_log(self, log: str | None) -> None:
+        src = Path(self.scratch) / "case.log"
+        if log and src.exists() and src.stat().st_size:
+            shutil.copyfile(src, log)
+        src.unlink(missing_ok=True)
 
 
-_held: dict[str, _Slot] = {}
+_held: dict[str, Worker] = {}
 
 
 def run_isolated(case: Case, device: str, log: str) -> dict:
     """One case in this process's worker for `device`, kept for the next case, its output going to
     the file `log`: how a task of another executor (bench.measure.dask_executor) still isolates
     each case."""
-    return _held.setdefault(device, _Slot(device)).run(case, log)
+    return _held.setdefault(device, Worker(device)).run(case, log)
 
 
 def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, str], None],
@@ -99,9 +227,9 @@ def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, s
     for c in cases:
         todo.put(c)
     lock = threading.Lock()
-    slots = [_Slot(d) for d in devices]
+    slots = [Worker(d) for d in devices]
 
-    def drive(slot: _Slot):
+    def drive(slot: Worker):
         try:
             while not stop.is_set():
                 try:
@@ -116,7 +244,7 @@ def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, s
                 with lock:
                     on_record(case, record)
         finally:
-            slot.stop(kill=stop.is_set())
+            slot.stop()
 
     threads = [threading.Thread(target=drive, args=(s,), daemon=True) for s in slots]
     for t in threads:
@@ -128,5 +256,4 @@ def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, s
     finally:
         stop.set()
         for s in slots:
-            if s.proc is not None and s.proc.is_alive():
-                s.proc.kill()
+            s.kill()

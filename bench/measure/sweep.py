@@ -30,7 +30,9 @@ TIMING_DEFAULTS = {
     "cuda_graph": False,
     "hide_launch": True,  # queue each rep behind a spin kernel so events time the GPU, not Python
     "timeout_s": 600.0,  # a case still running after this is killed and marked `timeout`
+    "hygiene": "full",  # full: fresh inputs every rep and re-checks; basic: the gate alone (docs/isolation.md)
 }
+HYGIENE = ("full", "basic")
 COMPARE_DEFAULTS = {"threshold": 0.03}
 # A sweep file is small; these bound what a hostile or broken one can cost before it is refused.
 MAX_BYTES = 256 << 10
@@ -724,7 +726,10 @@ def _check_plain(v: _Validator, x, at: tuple) -> None:
 def _check_timing(v: _Validator, timing: dict, at: tuple) -> None:
     """Every key of TIMING_DEFAULTS, each within what the runner can carry out."""
     for key, value in timing.items():
-        if isinstance(TIMING_DEFAULTS[key], bool):
+        if key == "hygiene":
+            if value not in HYGIENE:
+                v.fail(at + (key,), f"expected one of {', '.join(HYGIENE)}, got {_kind(value)}")
+        elif isinstance(TIMING_DEFAULTS[key], bool):
             if not isinstance(value, bool):
                 v.fail(at + (key,), f"expected true or false, got {_kind(value)}")
         else:

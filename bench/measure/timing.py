@@ -6,7 +6,15 @@ and a noise-based stop rule: reps continue until the median's 95% CI half-width 
 With `hide_launch`, a spin kernel sized to the host's enqueue time of one call runs before each
 rep's start event, so the whole rep is queued before the GPU reaches it: the events then measure GPU
 time alone, not Python launch gaps (without it, a call whose host side takes longer than its kernels
-measures the host, and its samples scatter by tens of percent)."""
+measures the host, and its samples scatter by tens of percent).
+
+Against providers that game a timer (docs/isolation.md): the clocks and CUDA event calls are bound
+here at import, so a provider that patches `time.perf_counter_ns` or `torch.cuda.Event` times
+nothing with them; `feed` puts new inputs in place before every rep (a provider that replays a
+stored result then returns a stale one, which the gate's re-checks see); and each batch ends by
+waiting for the whole device, so work a provider hides on another stream shows as time after the
+last rep's end event. Where it does, the case is timed again with every rep ending only once the
+whole device is idle."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +23,18 @@ import time
 import torch
 
 from bench.results.stats import ci_rel
+
+_perf_counter = time.perf_counter
+_perf_counter_ns = time.perf_counter_ns
+_Event = torch.cuda.Event
+_record = torch.cuda.Event.record
+_elapsed = torch.cuda.Event.elapsed_time
+_synchronize = torch.cuda.synchronize
+_spin = torch.cuda._sleep
+# work still running on the device after a batch's last end event was hidden from the events when
+# it is beyond this share of the median rep and this many ms: a host's wake-up from a blocking sync
+# alone measured 0.08-0.15 ms past the idle-device calibration on an H200 host
+HIDDEN_SHARE, HIDDEN_MS = 0.25, 0.5
 
 try:
     import nvtx as _nvtx
@@ -44,7 +64,7 @@ def nvtx_range(name: str):
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        _synchronize(device)
 
 
 def _l2_flush(device: torch.device):
@@ -61,28 +81,49 @@ def _l2_flush(device: torch.device):
     return flush
 
 
-def _batch_cuda(call, n: int, flush, spin_cycles: int) -> list[float]:
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for s, e in zip(starts, ends):
+def _event():
+    return _Event(enable_timing=True)
+
+
+def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, device_wide: bool):
+    """(samples, the last rep's output, ms the device kept working after the last end event).
+    With `device_wide`, every rep's end event waits until the whole device is idle."""
+    starts, ends = [_event() for _ in range(n)], [_event() for _ in range(n)]
+    out = None
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        out = None
+        if feed is not None:
+            feed(i == n - 1)
         if flush is not None:
             flush()
         if spin_cycles:
-            torch.cuda._sleep(spin_cycles)
-        s.record()
-        call()
-        e.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+            _spin(spin_cycles)
+        _record(s)
+        out = call()
+        if device_wide:
+            _synchronize()
+        _record(e)
+    # the host's wake-up after a sync is the gap between two events around an idle device; beyond
+    # it, the gap after the last end event is work the events did not see
+    idle = [_event(), _event()]
+    for e in idle:
+        _synchronize()
+        _record(e)
+    _synchronize()
+    late = _elapsed(ends[-1], idle[0]) - _elapsed(idle[0], idle[1])
+    return [_elapsed(s, e) for s, e in zip(starts, ends)], out, max(late, 0.0)
 
 
-def _batch_cpu(call, n: int, flush, spin_cycles: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        call()
-        out.append((time.perf_counter_ns() - t0) / 1e6)
-    return out
+def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, device_wide: bool):
+    samples, out = [], None
+    for i in range(n):
+        out = None
+        if feed is not None:
+            feed(i == n - 1)
+        t0 = _perf_counter_ns()
+        out = call()
+        samples.append((_perf_counter_ns() - t0) / 1e6)
+    return samples, out, 0.0
 
 
 def _graph_of(fn, device):
@@ -121,10 +162,15 @@ def busy_ms(call, device: torch.device) -> float | None:
 
 def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps: int,
             max_time_s: float, target_ci: float, l2_flush: bool, cuda_graph: bool,
-            hide_launch: bool = True, **_) -> dict:
+            hide_launch: bool = True, feed=None, verify=None, checks: int = 0, **_) -> dict:
     """Samples of fn in milliseconds; how many warm-up calls ran; the host's median time to enqueue
     one call (`host_ms`: near or above the median sample, a case is launch-bound); why timing stopped;
-    the GPU-busy time of one more call (`busy_ms`)."""
+    the GPU-busy time of one more call (`busy_ms`); `hidden_ms`, the most work any batch left running
+    after its last end event, and `device_wide` when that made every rep wait for the whole device.
+
+    `feed(last)` runs before each rep, outside its time, to put inputs in place; the last rep of each
+    of the first `checks` batches reads a check set and `verify(output)` judges what it returned:
+    a reason there stops timing and comes back as `failed`."""
     on_gpu = device.type == "cuda"
     call = fn
     if cuda_graph and on_gpu:
@@ -135,29 +181,49 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     batch = _batch_cuda if on_gpu else _batch_cpu
 
     with nvtx_range("warmup"):
-        warm, host, t0 = 0, [], time.perf_counter()
-        while warm < 2 or (time.perf_counter() - t0) * 1e3 < warmup_ms:
-            t1 = time.perf_counter()
+        warm, host, t0 = 0, [], _perf_counter()
+        while warm < 2 or (_perf_counter() - t0) * 1e3 < warmup_ms:
+            t1 = _perf_counter()
             call()
-            host.append(time.perf_counter() - t1)
+            host.append(_perf_counter() - t1)
             sync(device)
             warm += 1
-        per_call = max((time.perf_counter() - t0) / warm, 1e-6)
+        per_call = max((_perf_counter() - t0) / warm, 1e-6)
     host_s = sorted(host)[len(host) // 2]
     spin = int(min(1.5 * host_s + 20e-6, MAX_SPIN_S) * SPIN_HZ) if hide_launch and on_gpu else 0
 
     samples: list[float] = []
-    start, stop = time.perf_counter(), "max_reps"
+    start, stop, batches, hidden, suspected, device_wide = _perf_counter(), "max_reps", 0, 0.0, 0, False
+    failed = None
     with nvtx_range("timed"):
-        while len(samples) < max_reps:
+        while len(samples) < max_reps or batches < checks:  # every check runs, budget or not
             # batches of about 50 ms keep the check cheap and the budget honoured
             n = int(min(max_reps - len(samples), max(min_reps, 0.05 / per_call)))
-            samples += batch(call, max(n, 1), flush, spin)
-            if len(samples) >= min_reps and ci_rel(samples) <= target_ci:
+            checking = batches < checks and verify is not None
+            fed = (lambda last, c=checking: feed(last and c)) if feed is not None else None
+            got, out, left = batch(call, max(n, 1), flush, spin, fed, device_wide)
+            batches += 1
+            if checking:
+                failed = verify(out)
+            del out
+            if failed:
+                stop = "failed"
+                break
+            hidden = max(hidden, left)
+            if not device_wide and left > max(HIDDEN_MS, HIDDEN_SHARE * sorted(got)[len(got) // 2]):
+                suspected += 1
+                if suspected >= 2:  # twice: not a host that woke late once
+                    device_wide, samples, start = True, [], _perf_counter()
+                continue
+            suspected = 0
+            samples += got
+            if len(samples) >= min_reps and ci_rel(samples) <= target_ci and batches > checks:
                 stop = "converged"
                 break
-            if time.perf_counter() - start >= max_time_s:
+            if _perf_counter() - start >= max_time_s and batches >= checks:
                 stop = "time_budget"
                 break
     return {"samples_ms": samples, "warmup_reps": warm, "host_ms": host_s * 1e3, "stop": stop,
-            "busy_ms": busy_ms(call, device)}
+            "busy_ms": None if failed else busy_ms(call, device), "hidden_ms": hidden,
+            "device_wide": device_wide, "checked": min(batches, checks) if verify else 0,
+            "failed": failed}

@@ -1,15 +1,23 @@
-"""Turns one case into one record, inside a worker process that owns one device.
+"""The one worker program and the one case-execution function.
 
-The parent (bench.pool) sends cases over a pipe; a case that crashes the process, hangs or runs out
-of memory costs only itself: the parent records it and starts a fresh worker.
+`python -m bench.measure.worker DEVICE` serves cases for every executor (the local pool, Dask,
+A/B, tune, Nsight Compute): it reads one JSON request a line on stdin and answers each with one
+record (bench.results.record) on a private copy of its stdout; whatever a case prints goes to
+`case.log` in the worker's working directory, a scratch directory of the parent's. It exits after
+a case that left it changed (bench.measure.leaks), and the parent starts a fresh one.
+
+`run_case` judges a provider before it times it, on inputs it cannot spoil (docs/isolation.md):
+the reference runs on pristine copies; the provider's inputs must be bit-identical after its call;
+at hygiene `full`, timed reps read freshly drawn inputs, and the last rep of the first batches reads
+a held-out check set whose output is checked again.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import sys
-import time
 import traceback
 
 import torch
@@ -18,9 +26,11 @@ from bench import workloads
 from bench.cli import first_line
 from bench.measure import check, env, leaks, timing
 from bench.measure.sweep import Case
-from bench.results.store import utc_now
+from bench.results.record import Record, utc_now
 
-
+PROTOCOL = 2  # what a parent reads in this file to know how to talk to it (older trees: 1)
+CHECK_SETS = 2  # held-out input sets the timed reps are re-checked on, besides the gate's
+LOG = "case.log"
 # One thread per CPU worker: with two, every op waits at a barrier for both, and on a shared machine
 # a descheduled thread made whole runs' medians 100x slower (docs/regressions.md).
 CPU_THREADS = 1
@@ -37,69 +47,162 @@ def _seed(case: Case) -> int:
     return int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16)
 
 
-def blank_record(case: Case, device: str) -> dict:
-    """A case's record before anything is known; every record has these keys."""
-    return {
-        "case_id": case.case_id, "workload": case.workload, "provider": case.provider,
-        "baseline": case.baseline, "params": case.params, "shape": case.shape,
-        "status": "ok", "reason": "", "device": device, "samples_ms": [],
-        "first_call_ms": None, "max_abs_err": None, "rel_err": None, "tolerance": None,
-        "flops": None, "bytes": None, "telemetry": None, "stop": None, "host_ms": None,
-        "busy_ms": None, "leaked": None, "log": None, "started_utc": utc_now(),
-    }
+def _tensors(x, name: str = ""):
+    """(name, tensor) of every tensor in a workload's inputs (dicts, lists, tuples, anything else
+    skipped), in a fixed order."""
+    if isinstance(x, torch.Tensor):
+        yield name or "0", x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _tensors(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from _tensors(v, f"{name}.{i}" if name else str(i))
+
+
+def _clone(x):
+    """A copy of inputs with fresh storage for every tensor (requires_grad kept)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone().requires_grad_(x.requires_grad)
+    if isinstance(x, dict):
+        return type(x)((k, _clone(v)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
+@torch.no_grad()
+def _load(dst, src) -> None:
+    for (_, d), (_, s) in zip(_tensors(dst), _tensors(src)):
+        d.copy_(s)
+
+
+def _changed(work, pristine) -> list[str]:
+    """Names of the input tensors whose bits differ from their pristine copy."""
+    return [n for (n, w), (_, p) in zip(_tensors(work), _tensors(pristine))
+            if w.shape != p.shape or not torch.equal(w.detach(), p)]
+
+
+def provider_factory(case: Case):
+    wl = workloads.get(case.workload)
+    return workloads.load_user_provider(case.module) if case.module else wl.providers[case.provider]
 
 
 def build(case: Case, device: torch.device):
     """(inputs, fn) for a case: seeded fresh inputs and the provider's callable over them."""
-    wl = workloads.get(case.workload)
-    factory = (workloads.load_user_provider(case.module) if case.module
-               else wl.providers[case.provider])
     torch.manual_seed(_seed(case))
-    inputs = wl.make_inputs(case.params, device)
-    return inputs, factory(case.params, inputs)
+    inputs = workloads.get(case.workload).make_inputs(case.params, device)
+    return inputs, provider_factory(case)(case.params, inputs)
+
+
+class Inputs:
+    """The inputs of one case: the set the provider's callable is bound to (`work`), pristine sets
+    to refill it from, and their references, computed on copies the provider never sees."""
+
+    def __init__(self, case: Case, device: torch.device, check_sets: int):
+        self.case, self.wl, self.device = case, workloads.get(case.workload), device
+        torch.manual_seed(_seed(case))
+        self.sets = [self.wl.make_inputs(case.params, device) for _ in range(1 + check_sets)]
+        self.work = _clone(self.sets[0])
+        self._refs: dict[int, object] = {}
+        self.next_check, self.loaded = 1, 0
+
+    def reference(self, i: int):
+        if i not in self._refs:
+            self._refs[i] = self.wl.reference(self.case.params, _clone(self.sets[i]))
+        return self._refs[i]
+
+    def feed(self, check: bool) -> None:
+        """Before a timed rep: the next check set, or inputs drawn afresh."""
+        if check and len(self.sets) > 1:
+            self.loaded = self.next_check
+            self.next_check = self.next_check % (len(self.sets) - 1) + 1
+            _load(self.work, self.sets[self.loaded])
+        else:
+            self.loaded = None
+            _load(self.work, self.wl.make_inputs(self.case.params, self.device))
+
+
+def _judge(out, ref, tol) -> tuple[dict, str | None]:
+    err = check.errors(out, ref)
+    if check.passes(err, tol):
+        return err, None
+    return err, (f"max abs error {err['max_abs']:.3g} (tolerance {tol['max_abs']:g}), "
+                 f"relative error {err['rel']:.3g} (tolerance {tol['rel']:g})"
+                 + (f", worst in {err['worst']}" if err.get("worst") else ""))
 
 
 def run_case(case: Case, device: torch.device) -> dict:
-    """Build inputs, check the provider against the reference, then time it. Never raises."""
-    rec = blank_record(case, str(device))
+    """Build inputs, check the provider against the reference, then time it, at the case's
+    `timing.hygiene` level. Never raises."""
+    rec = Record.blank(case, str(device))
     gpu = device.index if device.type == "cuda" else None
+    clean = leaks.harness()
+    hygiene = case.timing.get("hygiene", "full")
+    rotate = hygiene == "full"
     try:
         wl = workloads.get(case.workload)
-        rec["flops"] = wl.flops(case.params) if wl.flops else None
-        rec["bytes"] = wl.bytes(case.params) if wl.bytes else None
+        rec.flops = wl.flops(case.params) if wl.flops else None
+        rec.bytes = wl.bytes(case.params) if wl.bytes else None
         with timing.nvtx_range(f"case {case.case_id} {case.label}"):
-            inputs, fn = build(case, device)
+            x = Inputs(case, device, CHECK_SETS if rotate and wl.rotate else 0)
+            fn = provider_factory(case)(case.params, x.work)
+            tol = check.tolerance_for(str(case.params.get("dtype", "float32")), case.tolerance)
             with timing.nvtx_range("check"):
-                t0 = time.perf_counter()
+                ref = x.reference(0)
+                _load(x.work, x.sets[0])
+                t0 = timing._perf_counter()
                 out = fn()
                 timing.sync(device)
-                rec["first_call_ms"] = (time.perf_counter() - t0) * 1e3
-                err = check.errors(out, wl.reference(case.params, inputs))
+                rec.first_call_ms = (timing._perf_counter() - t0) * 1e3
+                err, wrong = _judge(out, ref, tol)
                 del out
-            tol = check.tolerance_for(str(case.params.get("dtype", "float32")), case.tolerance)
-            rec.update(max_abs_err=err["max_abs"], rel_err=err["rel"], tolerance=tol)
-            if not check.passes(err, tol):
-                rec["status"] = "incorrect"
-                rec["reason"] = (f"max abs error {err['max_abs']:.3g} (tolerance {tol['max_abs']:g}), "
-                                 f"relative error {err['rel']:.3g} (tolerance {tol['rel']:g})"
-                                 + (f", worst in {err['worst']}" if err.get("worst") else ""))
+                mutated = _changed(x.work, x.sets[0])
+            rec.max_abs_err, rec.rel_err, rec.tolerance = err["max_abs"], err["rel"], tol
+            if mutated:
+                rec.status, wrong = "incorrect", f"the provider changed its input {', '.join(mutated)} in place"
+            elif wrong:
+                rec.status = "incorrect"
+            rec.reason = wrong or ""
+
+            def verify(out):
+                e, why = _judge(out, x.reference(x.loaded), tol)
+                changed = _changed(x.work, x.sets[x.loaded])
+                return (f"a timed rep on check set {x.loaded}: " + (
+                    f"the provider changed its input {', '.join(changed)} in place" if changed else why)
+                        if changed or why else None)
+            rotating = len(x.sets) > 1
             before = env.telemetry(gpu) if gpu is not None else None
-            result = timing.measure(fn, device, **case.timing)
+            result = timing.measure(fn, device, **case.timing, feed=x.feed if rotating else None,
+                                    verify=verify if rotating and not wrong else None,
+                                    checks=CHECK_SETS if rotating else 0)
             after = env.telemetry(gpu) if gpu is not None else None
-            rec.update(samples_ms=result["samples_ms"], stop=result["stop"], host_ms=result["host_ms"],
-                       busy_ms=result["busy_ms"],
-                       telemetry={"before": before, "after": after} if before or after else None)
+            rec.samples_ms, rec.stop, rec.host_ms, rec.busy_ms = (
+                result["samples_ms"], result["stop"], result["host_ms"], result["busy_ms"])
+            rec.telemetry = {"before": before, "after": after} if before or after else None
+            rec.hygiene = {"level": hygiene, "input_sets": len(x.sets), "fresh_inputs": rotating,
+                           "rechecked_reps": result["checked"], "hidden_ms": result["hidden_ms"],
+                           "device_wide": result["device_wide"]}
+            if result["failed"] and rec.status == "ok":
+                rec.status, rec.reason = "incorrect", result["failed"]
+            elif result["device_wide"]:
+                rec.reason = (f"work ran outside the current stream ({result['hidden_ms']:.3g} ms "
+                              "after a batch's last end event): every rep timed to a device-wide end")
     except workloads.Unavailable as e:
-        rec.update(status="skipped", reason=str(e))
+        rec.status, rec.reason = "skipped", str(e)
     except Exception as e:
-        rec.update(status="oom" if _is_oom(e) else "error", reason=first_line(e))
-        if rec["status"] == "error" and os.environ.get("BENCH_TRACEBACK"):
+        rec.status, rec.reason = ("oom" if _is_oom(e) else "error"), first_line(e)
+        if rec.status == "error" and os.environ.get("BENCH_TRACEBACK"):
             traceback.print_exc()
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    rec["ended_utc"] = utc_now()
-    return rec
+    touched = leaks.harness_changes(clean)
+    if touched and rec.status not in ("skipped",):
+        rec.status = "tampered"
+        rec.reason = f"the provider replaced the harness's {', '.join(touched[:4])}"
+    rec.ended_utc = utc_now()
+    return rec.to_dict()
 
 
 @contextlib.contextmanager
@@ -108,7 +211,7 @@ def captured(path: str):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "ab") as f:
+    with open(path, "wb") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
     try:
@@ -121,10 +224,15 @@ def captured(path: str):
             os.close(old)
 
 
-def serve(conn, device_name: str) -> None:
-    """Worker process main loop: receive (case dict, log file), send back its record, with the case's
-    stdout and stderr in the log file; stop on None or EOF,
-    or after a case that left the process changed (its record says what, under `leaked`)."""
+def serve(device_name: str, profiled: bool = False) -> None:
+    """The worker's main loop: one request {"case": ...} a line on stdin, one record
+    a line back; stop at EOF, or after a case that left the process changed (its record says what,
+    under `leaked`). `profiled` (under Nsight Compute): autograd runs a backward on the calling
+    thread, inside the NVTX ranges that aim the profiler, not on a thread of its own."""
+    answer = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # nothing a case prints can reach the answers
+    if profiled:
+        torch.autograd.set_multithreading_enabled(False)
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -132,21 +240,16 @@ def serve(conn, device_name: str) -> None:
         torch.set_num_threads(CPU_THREADS)
     leaks.warm(device)
     clean = leaks.snapshot(device)
-    conn.send("ready")
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
-            return
-        if msg is None:
-            return
-        case, log = msg
-        with captured(log):
-            record = run_case(Case.from_dict(case), device)
-        record["leaked"] = leaks.changes(clean, device)
-        try:
-            conn.send(record)
-        except (BrokenPipeError, OSError):
-            return
+    print("ready", file=answer, flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        with captured(LOG):
+            record = run_case(Case.from_dict(request["case"]), device)
+        record["leaked"] = leaks.changes(clean, device) or None
+        print(json.dumps(record, default=str), file=answer, flush=True)
         if record["leaked"]:
             return
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], "--profiled" in sys.argv[2:])

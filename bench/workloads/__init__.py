@@ -35,6 +35,10 @@ class Workload:
     # case of the cutile provider ran, and whether its time counts or it only gates the config;
     # None for a case that runs no single tunable kernel
     tuned_key: Callable[[Params], tuple | None] | None = None
+    # whether a provider's call depends only on its inputs, so that timed reps can read inputs drawn
+    # afresh and be checked against the reference of what they read; False for a step that carries
+    # state from call to call (an optimizer's), which only its first call is checked on
+    rotate: bool = True
 
 
 _BUILTIN = {

@@ -243,4 +243,5 @@ WORKLOAD = Workload(
     defaults=DEFAULTS,
     choices=dict(model=sorted(PRESETS), mode=list(MODES), dtype=["float16", "bfloat16", "float32"],
                  graph=[False, True]),
+    rotate=False,
 )

@@ -1,0 +1,194 @@
+"""fmha providers (named in a sweep as `module: hostile_providers:NAME`) written to fool a timer or
+a gate, each a class of the threat model in docs/isolation.md, so the tests can show each defence
+holding."""
+import glob
+import json
+import os
+import time
+
+import torch
+
+from bench.workloads import fmha
+
+
+def _attention(params, inputs):
+    return fmha.native(params, inputs)
+
+
+def zero_inputs(params, inputs):
+    """Zeroes q, k and v in place, then returns the attention of the zeros."""
+    fn = _attention(params, inputs)
+
+    def run():
+        with torch.no_grad():
+            for k in ("q", "k", "v"):
+                inputs[k].zero_()
+        return fn()
+    return run
+
+
+def output_in_input(params, inputs):
+    """An honest bug: writes its result into the buffer of v, and returns that buffer."""
+    fn = _attention(params, inputs)
+
+    def run():
+        out = fn()
+        first = out[0] if isinstance(out, tuple) else out
+        with torch.no_grad():
+            inputs["v"].copy_(first)
+        return (inputs["v"], *out[1:]) if isinstance(out, tuple) else inputs["v"]
+    return run
+
+
+def replay(params, inputs):
+    """Computes once, then returns the stored result for as long as its inputs' storage is the same
+    (a cache keyed on pointers)."""
+    fn, cache = _attention(params, inputs), {}
+
+    def run():
+        key = tuple(inputs[k].data_ptr() for k in ("q", "k", "v"))
+        if key not in cache:
+            cache[key] = fn()
+        return cache[key]
+    return run
+
+
+def stale_buffer(params, inputs):
+    """Computes its output once, at build time, and returns that buffer on every call."""
+    out = _attention(params, inputs)()
+    return lambda: out
+
+
+def fingerprint_memo(params, inputs):
+    """Memoises results by a fingerprint of a few input elements (any number of them) and counts
+    its hits and calls into the file named by BENCH_TEST_SEEN."""
+    fn, cache, seen = _attention(params, inputs), {}, {"hits": 0, "calls": 0}
+
+    def run():
+        key = tuple(inputs[k].flatten()[:8].tolist().__repr__() for k in ("q", "k", "v"))
+        seen["calls"] += 1
+        if key in cache:
+            seen["hits"] += 1
+        else:
+            cache[key] = fn()
+        with open(os.environ["BENCH_TEST_SEEN"], "w") as f:
+            json.dump(seen, f)
+        return cache[key]
+    return run
+
+
+def _after_first(params, inputs, spoil):
+    """Right on its first call; every later output (the first tensor of a tuple) spoiled."""
+    fn, calls = _attention(params, inputs), [0]
+
+    def run():
+        calls[0] += 1
+        out = fn()
+        if calls[0] == 1:
+            return out
+        return (spoil(out[0]), *out[1:]) if isinstance(out, tuple) else spoil(out)
+    return run
+
+
+def nan_after_first(params, inputs):
+    return _after_first(params, inputs, lambda t: torch.full_like(t, float("nan")))
+
+
+def wrong_after_first(params, inputs):
+    """Off by 10% after the first call."""
+    return _after_first(params, inputs, lambda t: t * 1.1)
+
+
+def patch_clock(params, inputs):
+    """Makes the clock run at half speed for the rest of the process."""
+    real = time.perf_counter_ns
+    start = real()
+    time.perf_counter_ns = lambda: start + (real() - start) // 2
+    return _attention(params, inputs)
+
+
+def patch_check(params, inputs):
+    """Makes the harness's comparison always pass."""
+    from bench.measure import check
+
+    check.passes = lambda err, tol: True
+    return lambda: _attention(params, inputs)() * 0
+
+
+def clock_probe(params, inputs):
+    """Native, and writes whether the clock and the working directory are the process's own into
+    the file named by BENCH_TEST_SEEN."""
+    with open(os.environ["BENCH_TEST_SEEN"], "a") as f:
+        f.write(json.dumps({"builtin_clock": type(time.perf_counter_ns).__name__ ==
+                            "builtin_function_or_method", "cwd": os.getcwd(),
+                            "env": os.environ.get("BENCH_TEST_POISON")}) + "\n")
+    return _attention(params, inputs)
+
+
+def chdir_root(params, inputs):
+    os.chdir("/")
+    return _attention(params, inputs)
+
+
+def poison_env(params, inputs):
+    os.environ["BENCH_TEST_POISON"] = "1"
+    return _attention(params, inputs)
+
+
+def forge_record(params, inputs):
+    """Appends to every samples.jsonl under BENCH_TEST_RUNS a plausible record of the case before
+    it, timed at 0.00001 ms, chained to the last line as the harness chains its own, and points
+    meta.json's chain at it."""
+    from bench.results.store import chain_hash
+
+    for path in glob.glob(os.path.join(os.environ["BENCH_TEST_RUNS"], "**", "samples.jsonl"),
+                          recursive=True):
+        lines = open(path).read().splitlines()
+        if not lines:
+            continue
+        line = json.loads(lines[-1])
+        forged = dict(line["record"], samples_ms=[1e-5] * 50, status="ok")
+        new = {"prev": line["hash"], "hash": chain_hash(line["hash"], forged), "record": forged}
+        with open(path, "a") as f:
+            f.write(json.dumps(new) + "\n")
+        meta_path = os.path.join(os.path.dirname(path), "meta.json")
+        meta = json.load(open(meta_path))
+        meta["records"] = {"count": meta["records"]["count"] + 1, "head": new["hash"]}
+        json.dump(meta, open(meta_path, "w"))
+    return _attention(params, inputs)
+
+
+def side_stream(params, inputs):
+    """Runs its attention on a stream of its own and returns without joining it: events on the
+    current stream never see the work."""
+    fn = _attention(params, inputs)
+    stream = torch.cuda.Stream()
+
+    def run():
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            return fn()
+    return run
+
+
+def side_stream_half_spin(params, inputs):
+    """All its work on a side stream, and a spin on the current stream for about half of it: a time
+    that looks plausible."""
+    fn = _attention(params, inputs)
+    stream = torch.cuda.Stream()
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    half_s = (time.perf_counter() - t0) / 10
+    cycles = int(half_s * 1.4e9)
+
+    def run():
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = fn()
+        torch.cuda._sleep(cycles)
+        return out
+    return run

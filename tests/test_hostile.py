@@ -1,0 +1,111 @@
+"""Providers that try to fool the harness (tests/hostile_providers.py), each against the defence
+docs/isolation.md names for its class. Every run here is a real bench.run on the CPU."""
+import json
+import os
+
+import pytest
+
+from bench import run
+from bench.results import store
+
+IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_after_first",
+           "wrong_after_first", "fingerprint_memo", "patch_check"]
+# each leaves its worker changed; the probe after it must see a worker as it started
+AFTER = ["patch_clock", "chdir_root", "poison_env", "forge_record"]
+SWEEP = """
+workload: fmha
+baseline: native
+providers: [native, {providers}]
+axes: {{batch: [1], heads: [2], seq_len: [13], head_dim: [16], dtype: [float32], mode: [{modes}]}}
+timing: {{warmup_ms: 0, min_reps: 5, max_reps: 200, max_time_s: 0.05, timeout_s: 120}}
+"""
+
+
+def _providers(names):
+    out = []
+    for n in names:
+        out.append(f'{{name: {n}, module: "hostile_providers:{n}"}}')
+        if n in AFTER:
+            out.append(f'{{name: probe_{n}, module: "hostile_providers:clock_probe"}}')
+    return ", ".join(out)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """One run of every hostile provider, each in the order the sweep names it, forward and
+    forward+backward; (records by (provider, mode), what each probe saw, stderr)."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    sweep = tmp / "hostile.yaml"
+    sweep.write_text(SWEEP.format(providers=_providers(IN_CASE + AFTER), modes="fwd, fwd_bwd"))
+    env = {"BENCH_TEST_SEEN": tmp / "seen", "BENCH_TEST_RUNS": tmp / "runs"}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    try:
+        assert run.main([str(sweep), "--out", str(tmp / "runs")]) == 0
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+    records = store.load_run(tmp / "runs" / "latest").records
+    lines = (tmp / "seen").read_text().splitlines()
+    probes = [json.loads(x) for x in lines if x.startswith('{"builtin_clock"')]
+    return {(r["provider"], r["params"]["mode"]): r for r in records}, probes
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("name,says", [
+    ("zero_inputs", "changed its input q, k, v in place"),
+    ("output_in_input", "changed its input v in place"),
+])
+def test_a_provider_that_changes_its_inputs_is_incorrect(hostile, name, says, mode):
+    recs, _ = hostile
+    assert recs[name, mode]["status"] == "incorrect"
+    assert says in recs[name, mode]["reason"]
+    assert recs["native", mode]["status"] == "ok"
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("name", ["replay", "stale_buffer", "nan_after_first", "wrong_after_first"])
+def test_a_provider_right_only_on_its_first_call_is_incorrect(hostile, name, mode):
+    recs, _ = hostile
+    assert recs[name, mode]["status"] == "incorrect", recs[name, mode]
+    assert recs[name, mode]["reason"].startswith("a timed rep on check set")
+    assert recs["native", mode]["hygiene"]["rechecked_reps"] == 2
+
+
+def test_a_memo_keyed_on_the_inputs_content_is_timed_computing(hostile):
+    recs, _ = hostile
+    # every timed rep reads inputs drawn afresh, so a memo never hits: the provider computes as
+    # the native path does and is timed doing so
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs["fingerprint_memo", mode]["status"] == "ok"
+        assert len(recs["fingerprint_memo", mode]["samples_ms"]) >= 5
+
+
+def test_a_provider_that_patches_the_clock_is_tampered_and_the_next_case_is_not(hostile):
+    recs, probes = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs["patch_clock", mode]["status"] == "tampered"
+        assert "time.perf_counter_ns" in recs["patch_clock", mode]["reason"]
+        assert "harness" in recs["patch_clock", mode]["leaked"]  # its worker was replaced
+        assert recs["probe_patch_clock", mode]["status"] == "ok"
+    assert all(p["builtin_clock"] for p in probes)
+
+
+def test_a_provider_that_patches_the_gate_is_never_ok(hostile):
+    recs, _ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs["patch_check", mode]["status"] == "tampered"
+        assert "bench.measure.check.passes" in recs["patch_check", mode]["reason"]
+
+
+@pytest.mark.parametrize("name,what", [("chdir_root", "cwd"), ("poison_env", "environ")])
+def test_a_changed_directory_or_environment_costs_the_next_case_nothing(hostile, name, what):
+    recs, probes = hostile
+    assert what in recs[name, "fwd"]["leaked"]
+    assert recs[f"probe_{name}", "fwd"]["status"] == "ok"
+    assert all(p["cwd"] != "/" and p["env"] is None for p in probes)
+
+
+def test_a_record_the_harness_did_not_write_is_ignored(hostile):
+    recs, _ = hostile
+    assert all(min(r["samples_ms"]) > 1e-4 for r in recs.values() if r["samples_ms"])
+    assert len(recs) == 2 * (1 + len(IN_CASE) + 2 * len(AFTER))
