@@ -5,6 +5,7 @@ case faster than the ceiling is a measurement to distrust, not a win."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -66,11 +67,32 @@ def measure(index: int) -> dict:
     return out
 
 
+CPU_COPY_BYTES = 256 << 10  # stays in a core's cache: the fastest any CPU case can read its inputs
+
+
+def cpu_copy_gbps(reps: int = 200) -> float:
+    """The fastest copy of a cache-resident buffer (bytes read + written) on all cores of this host:
+    a bound no CPU case can beat when it reads its inputs, so a case faster than that is suspect.
+    Measured with the interpreter's own clock, best of `reps`."""
+    src = torch.empty(CPU_COPY_BYTES, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter_ns()
+        dst.copy_(src)
+        best = min(best, time.perf_counter_ns() - t0)
+    cores = os.cpu_count() or 1
+    return 2 * CPU_COPY_BYTES * cores / max(best, 1)
+
+
 def for_run(root: Path, gpus: list[dict]) -> dict:
     """The ceilings of the run's first GPU: measured now, or reused from ROOT/.ceilings.json when a
-    measurement of the same GPU (model and index) is younger than MAX_AGE_S."""
+    measurement of the same GPU (model and index) is younger than MAX_AGE_S. Without a GPU, only a
+    floor: the CPU's cache-resident copy rate, which marks impossible CPU times suspect."""
     if not gpus:
-        return {"reason": "no GPU: the CPU has no ceilings here"}
+        return {"cpu": True, "measured": {"copy_gbps": cpu_copy_gbps(), "tflops": {}},
+                "reason": "no GPU: on the CPU only a floor is measured (a cache-resident copy on "
+                          "every core), against which a faster case is suspect"}
     gpu = gpus[0]
     key = f"{gpu['name']}#{gpu['index']}"
     path = Path(root) / CACHE

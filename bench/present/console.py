@@ -3,6 +3,7 @@ compact table of the best provider per shape and one line per reason a provider 
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 
 import pandas as pd
@@ -24,6 +25,35 @@ def progress(total: int) -> Progress:
     return bar
 
 
+class RunView:
+    """A run's progress on the terminal (a bar with ETA and the current case) or, when stderr is
+    not one, a line per finished case; the best-provider table at the end."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.bar = progress(total)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def started(self, case, device: str) -> None:
+        self.bar.update(self.bar.task_ids[0], current=f"{device} {case.label}"[:90])
+
+    def finished(self, case, record: dict) -> None:
+        self.done += 1
+        self.bar.advance(self.bar.task_ids[0])
+        if not err.is_terminal:
+            print(f"[{self.done}/{self.total}] {record['status']:9s} {case.label}", file=sys.stderr,
+                  flush=True)
+
+    def ended(self, summary, records) -> None:
+        report_end(summary, records)
+
+
 def case_table(cases) -> Table:
     table = Table(title=f"{len(cases)} cases", show_lines=False)
     keys = list(dict.fromkeys(k for c in cases for k in c.params))
@@ -40,7 +70,7 @@ def _fmt(x, spec=".3g"):
 
 def best_table(summary: pd.DataFrame, records: list[dict]) -> Table | None:
     """Per shape: the baseline's median, the fastest correct provider and its speedup."""
-    ok = summary[summary.status == "ok"]
+    ok = summary[(summary.status == "ok") & ~summary.suspect.astype(bool)]  # never a suspect best
     if ok.empty:
         return None
     shapes = {r["case_id"]: r["shape"] for r in records}

@@ -127,8 +127,14 @@ def metric(frame: pd.DataFrame) -> tuple[str, str] | None:
     return None
 
 
+def roof(meta: dict) -> dict | None:
+    """The ceilings a case's rate is drawn against: a GPU's; the CPU's floor is no roofline."""
+    c = meta.get("ceilings") or {}
+    return None if c.get("cpu") else c
+
+
 def ceiling_gbps(meta: dict) -> float | None:
-    return (((meta.get("ceilings") or {}).get("measured")) or {}).get("copy_gbps")
+    return (((roof(meta) or {}).get("measured")) or {}).get("copy_gbps")
 
 
 def numeric_order(frame: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
@@ -181,7 +187,7 @@ def workload_section(name: str, frame: pd.DataFrame, records: list[dict], meta: 
                    plots.tile_heatmaps(ok, [a for a in vary if a not in facets], facets,
                                        f"{name}: speedup of each tile config vs the baseline")]
     images += [("roofline: achieved TFLOP/s against FLOPs per byte under the measured ceilings",
-                img) for img in plots.roofline(frame[frame["status"] == "ok"], meta.get("ceilings"),
+                img) for img in plots.roofline(frame[frame["status"] == "ok"], roof(meta),
                                                f"{name}: roofline")]
     return Section(name, fixed, Table.of(ordered, cols), images)
 
@@ -358,6 +364,10 @@ def ceilings_note(meta: dict) -> str:
     if not measured:
         why = c.get("reason") or "this run did not measure them"
         return f"No ceilings: {why}; no case has a % of ceiling."
+    if c.get("cpu"):
+        return (f"No GPU: the floor is this host's cache-resident copy rate on every core, "
+                f"{measured['copy_gbps']:.0f} GB/s. A case faster than moving its bytes at that rate "
+                "is suspect and never counted as a speedup.")
     rates = ", ".join(f"{k} {v:.0f}" for k, v in measured["tflops"].items())
     text = (f"Measured ceilings of this {c.get('gpu')}: device-to-device copy "
             f"{measured['copy_gbps'] / 1e3:.2f} TB/s"

@@ -15,6 +15,7 @@ import numpy as np
 from bench.results.baseline import hardware
 from bench.cli import BadInput
 from bench.results.store import FAILED, Run
+from bench.results.summary import is_suspect
 
 THRESHOLD = 0.03
 CONFIDENCE = 0.99
@@ -76,10 +77,6 @@ def run_noise(base: dict, cur: dict, kind: str) -> float:
     return factor * max(spread(base.get("samples_ms") or []), spread(cur.get("samples_ms") or []))
 
 
-def case_key(rec: dict) -> str:
-    return json.dumps([rec["workload"], rec["provider"], rec.get("params", {})], sort_keys=True)
-
-
 def case_label(rec: dict) -> str:
     params = ", ".join(f"{k}={v}" for k, v in sorted((rec.get("params") or {}).items()))
     return f"{rec['workload']}/{rec['provider']} [{params}]"
@@ -96,7 +93,7 @@ def compare_case(base: dict, cur: dict, threshold: float, kind: str = "cuda") ->
     ratio = lo = hi = math.nan
     noise = run_noise(base, cur, kind)
     if b_ok and c_ok:
-        seed = zlib.crc32(case_key(cur).encode())
+        seed = zlib.crc32(cur["case_id"].encode())
         ratio, lo, hi = ratio_ci(base.get("samples_ms") or [], cur.get("samples_ms") or [], seed=seed)
         result = verdict(ratio, lo, hi, threshold, noise)
     elif b_ok and cur.get("status") in FAILED:
@@ -154,14 +151,18 @@ def compare_runs(base: Run, cur: Run, threshold: float | None = None,
     if not cur.meta.get("complete", False):
         raise BadInput(f"{cur.path}: the run is incomplete (interrupted?); finish it with "
                        f"python -m bench.run --resume {cur.path}")
-    b = {case_key(r): r for r in base.records}
-    c = {case_key(r): r for r in cur.records}
+    b = {r["case_id"]: r for r in base.records}
+    c = {r["case_id"]: r for r in cur.records}
     if not any(k in b for k in c):
         raise BadInput(f"no case of {cur.path} is in {base.path} "
                        f"({len(cur.records)} against {len(base.records)} cases): nothing to compare")
     kind = (cur.meta.get("env") or {}).get("device_kind", "cuda")
     out = Comparison(str(base.path), str(cur.path), hw, threshold, CONFIDENCE)
+    suspect = {id(r) for run in (base, cur) for r in run.records if is_suspect(r, run.meta.get("ceilings"))}
     out.rows = [compare_case(b[k], c[k], threshold, kind) for k in c if k in b]
+    for row, k in zip(out.rows, [k for k in c if k in b]):
+        if id(b[k]) in suspect or id(c[k]) in suspect:  # an impossible time is no change to judge
+            row.update(verdict="not compared", reason="suspect: faster than the measured ceiling")
     out.only_base = sorted(case_label(b[k]) for k in b if k not in c)
     out.only_cur = sorted(case_label(c[k]) for k in c if k not in b)
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 
 from bench.results.stats import describe
@@ -33,6 +34,13 @@ def floor_ms(rec: dict, ceilings: dict | None) -> tuple[float, str] | None:
     if not mem and not comp:
         return None
     return (mem, "memory") if mem >= comp else (comp, "compute")
+
+
+def is_suspect(rec: dict, ceilings: dict | None) -> bool:
+    """Faster than the machine allows: its median under the floor of its bytes and FLOPs."""
+    floor = floor_ms(rec, ceilings)
+    samples = rec.get("samples_ms") or []
+    return bool(floor and samples and float(np.median(samples)) < floor[0])
 
 
 def summarize(records: list[dict], ceilings: dict | None = None) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from bench import workloads
 from bench.cli import BadInput
 from bench.results.stats import describe
 from bench.results.store import load_run
+from bench.results.summary import is_suspect
 from kernels import tuned
 
 PROVIDER = "cutile"
@@ -36,7 +37,7 @@ class Group:
         return {c: m for c, m in self.medians.items() if c not in self.failed and set(m) == shapes}
 
 
-def groups(records: list[dict]) -> list[Group]:
+def groups(records: list[dict], ceilings: dict | None = None) -> list[Group]:
     """The cutile cases that name a config, grouped by tuned key, in key order."""
     by_key: dict[tuple, Group] = {}
     for rec in records:
@@ -50,7 +51,7 @@ def groups(records: list[dict]) -> list[Group]:
         key = (kernel, rec["params"]["dtype"], dim, tuned.bucket(size))
         g = by_key.setdefault(key, Group(key, {}, set()))
         cfg = json.dumps(config, sort_keys=True)
-        if rec.get("status") != "ok":
+        if rec.get("status") != "ok" or is_suspect(rec, ceilings):  # an impossible time never wins
             g.failed.add(cfg)
         elif timed:
             shape = json.dumps(rec.get("shape", {}), sort_keys=True)
@@ -136,7 +137,7 @@ def tune_run(run_path, directory=None) -> tuple[Path, list[dict], list[tuple]]:
         raise BadInput(str(e)) from None
     gpu = gpu_of(run.meta)
     entries, none_passed = [], []
-    for g in groups(run.records):
+    for g in groups(run.records, run.meta.get("ceilings")):
         entry = winner(g, run.meta.get("run_id") or run.path.name)
         if entry is None:
             none_passed.append(g.key)
