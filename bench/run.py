@@ -46,6 +46,8 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
             raise BadInput("--workers must be at least 1")
         if args.scheduler and args.executor != "dask":
             raise BadInput("--scheduler needs --executor dask")
+        if args.profile == runner.NCU and not runner.gpu_count():
+            raise BadInput("--profile ncu needs a CUDA GPU: Nsight Compute profiles CUDA kernels")
         local_gpus = "all" if args.executor == "dask" and runner.gpu_count() else None
         devices = runner.devices_for(args.gpus or local_gpus, args.workers)
         if not args.resume:
@@ -62,10 +64,11 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
         if args.executor == "dask":  # connected before anything is written
             run_cases = partial(dask_executor.run_cases, dask_executor.connect(args.scheduler, devices))
         if args.resume:
-            try:
-                writer, todo = runner.resume_run(Path(args.resume), command)
-            except (FileNotFoundError, KeyError, ValueError) as e:
-                raise BadInput(f"--resume {args.resume}: {e}") from None
+            writer, todo = runner.resume_run(Path(args.resume), command, args.dry_run)
+            if args.dry_run:
+                console.out.print(console.case_table(todo))
+                console.out.print(f"--resume {args.resume} would run these {len(todo)} case(s)")
+                return 0, None
             root = writer.path.parent
         else:
             root = Path(args.out)
@@ -75,7 +78,7 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
         print(f"error: {e}", file=sys.stderr)
         return 2, None
     signal.signal(signal.SIGTERM, _sigterm)
-    code = runner.execute(writer, todo, devices, root, run_cases, args.strict)
+    code = runner.execute(writer, todo, devices, root, run_cases, args.strict, console.RunView)
     if code == 0 and args.profile == runner.NCU:
         runner.profile_counters(writer.path, todo, devices[0])
     print(writer.path)

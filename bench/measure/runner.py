@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from bench.cli import BadInput
+from bench.cli import BadInput, first_line
 from bench.measure import ceilings, env, ncu, pool
 from bench.measure import sweep as sweep_mod
-from bench.present import console
 from bench.results import store
 from bench.results.summary import summarize
 from bench.measure.sweep import Case, Sweep
@@ -77,58 +76,94 @@ def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str],
     return store.RunWriter(path, meta, [c.to_dict() for c in sweep.cases])
 
 
-def resume_run(path: Path, argv: list[str]) -> tuple[store.RunWriter, list[Case]]:
-    cut = store.cut_torn_tail(Path(path).resolve())
-    run = store.load_run(path)
+WORKER_LOST = "worker process did not start"  # a case its worker never ran: resuming runs it
+
+
+def resume_run(path: Path, argv: list[str], dry_run: bool = False) -> tuple[store.RunWriter | None, list[Case]]:
+    """(a writer that appends to the run at `path`, the cases left to run): those without a record,
+    and those whose worker never started. BadInput, in one line, for a directory that is not a
+    whole run of this schema; with `dry_run`, nothing is written and the writer is None."""
+    path = Path(path).resolve()
+    if not (path / store.META).is_file() or not (path / store.CASES).is_file():
+        raise BadInput(f"--resume {path}: not a run directory (needs {store.META} and {store.CASES})")
+    try:
+        cut = False if dry_run else store.cut_torn_tail(path)
+        run = store.load_run(path)
+        cases = sweep_mod.validate_cases(run.cases, path / store.CASES)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # JSON, schema and sweep errors
+        raise BadInput(f"--resume {path}: {first_line(e)}") from None
+    if not cases:
+        raise BadInput(f"--resume {path}: {store.CASES} lists no case")
+    done = {r["case_id"] for r in run.records if not r["reason"].startswith(WORKER_LOST)}
+    todo = [c for c in cases if c.case_id not in done]
+    if dry_run:
+        return None, todo
     run.meta.setdefault("resumed", []).append({"utc": store.utc_now(), "command": argv,
                                                "cut_torn_record": cut})
     run.meta["complete"] = False
-    cases = [Case.from_dict(c) for c in run.cases]
-    return store.RunWriter(run.path, run.meta), [c for c in cases if c.case_id not in run.done_ids]
+    try:
+        return store.RunWriter(run.path, run.meta), todo
+    except (OSError, ValueError) as e:
+        raise BadInput(f"--resume {path}: {first_line(e)}") from None
+
+
+class Quiet:
+    """What a run shows while it goes (bench.present.console.RunView shows it on a terminal); this
+    one shows nothing."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def started(self, case: Case, device: str) -> None:
+        pass
+
+    def finished(self, case: Case, record: dict) -> None:
+        pass
+
+    def ended(self, summary, records: list[dict]) -> None:
+        pass
 
 
 def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root: Path | None,
-            run_cases=pool.run_cases, strict: bool = False) -> int:
+            run_cases=pool.run_cases, strict: bool = False, view=Quiet) -> int:
     """Run `todo` into `writer` with `run_cases` (the local pool, or another executor behind the same
-    interface). Returns 0 when the run is complete, 130 when it is not; with `strict`, 1 when it is
-    complete but a case failed (incorrect, error, crashed, timeout, oom)."""
+    interface), showing progress through `view(total)`. Returns 0 when the run is complete, 130 when
+    it is not; with `strict`, 1 when it is complete but a case failed (incorrect, tampered, error,
+    crashed, timeout, oom)."""
     stop = threading.Event()
-    bar = console.progress(len(todo))
-    task = bar.task_ids[0]
     t0 = time.time()
-
-    def on_start(case: Case, device: str):
-        bar.update(task, current=f"{device} {case.label}"[:90])
-
     logs = writer.path / store.LOGS
     logs.mkdir(exist_ok=True)
 
     def log_of(case: Case) -> str:
         return str(logs / f"{case.case_id}.log")
 
-    def on_record(case: Case, record: dict):
-        record["log"] = store.keep_log(writer.path, log_of(case), record["status"])
-        writer.append(record)
-        bar.advance(task)
-        if not bar.console.is_terminal:
-            done = int(bar.tasks[0].completed)
-            print(f"[{done}/{len(todo)}] {record['status']:9s} {case.label}", file=sys.stderr, flush=True)
-
     interrupted = False
-    with bar:
+    with view(len(todo)) as shown:
+        def on_record(case: Case, record: dict):
+            record["log"] = store.keep_log(writer.path, log_of(case), record["status"])
+            writer.append(record)
+            shown.finished(case, record)
+
         try:
-            run_cases(todo, devices, on_start, on_record, stop, log_of)
+            run_cases(todo, devices, shown.started, on_record, stop, log_of)
         except KeyboardInterrupt:
             interrupted = True
             stop.set()
-    writer.meta["wall_s"] = writer.meta.get("wall_s", 0.0) + (time.time() - t0)
-    run = store.load_run(writer.path)
-    records = run.records
-    complete = not interrupted and {c["case_id"] for c in run.cases} <= run.done_ids
-    writer.close(complete)  # complete only when every case has a whole record
-    summary = summarize(records, writer.meta.get("ceilings"))
-    writer.write_summary(summary)
-    console.report_end(summary, records)
+        writer.meta["wall_s"] = writer.meta.get("wall_s", 0.0) + (time.time() - t0)
+        run = store.load_run(writer.path)
+        records = run.records
+        complete = not interrupted and {c["case_id"] for c in run.cases} <= run.done_ids
+        writer.close(complete)  # complete only when every case has a whole record
+        summary = summarize(records, writer.meta.get("ceilings"))
+        writer.write_summary(summary)
+        shown.ended(summary, records)
     if complete and root is not None:
         store.point_latest(root, writer.path)
     if not complete:
