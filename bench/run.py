@@ -72,7 +72,10 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
             root = writer.path.parent
         else:
             root = Path(args.out)
-            writer = runner.new_run(sw, root, command, devices)
+            try:
+                writer = runner.new_run(sw, root, command, devices)
+            except OSError as e:
+                raise BadInput(f"--out {root}: cannot write a run there ({e.strerror or e})") from None
             todo = sw.cases
     except (sweep.SweepError, BadInput) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -192,3 +192,21 @@ def side_stream_half_spin(params, inputs):
         torch.cuda._sleep(cycles)
         return out
     return run
+
+
+def orphan(params, inputs):
+    """Starts a child that outlives the call, holding every descriptor the worker has, and writes
+    its pid into the file named by BENCH_TEST_SEEN."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], close_fds=False)
+    with open(os.environ["BENCH_TEST_SEEN"], "w") as f:
+        f.write(str(child.pid))
+    return _attention(params, inputs)
+
+
+def orphan_then_abort(params, inputs):
+    """The same, then its worker dies."""
+    orphan(params, inputs)
+    os.abort()

@@ -184,3 +184,11 @@ def test_run_directory_names_are_unique_in_one_second():
     names = {store.run_dir_name("s", "abc") for _ in range(1000)}
     assert len(names) == 1000
     assert all(n.split("_")[1] == "s" for n in names)
+
+
+def test_an_out_that_cannot_be_written_is_one_line(write_sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("a file, not a directory")
+    assert run.main([str(write_sweep(SWEEP)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err
