@@ -33,6 +33,9 @@ def test_local_cluster_matches_the_local_pool_and_resumes(write_sweep, tmp_path)
     done = (tmp_path / "dask" / "latest").resolve()
     lines = (done / store.SAMPLES).read_text().splitlines()
     (done / store.SAMPLES).write_text(lines[0] + "\n")
+    meta = json.loads((done / store.META).read_text())
+    meta["records"] = {"count": 1, "head": json.loads(lines[0])["hash"]}
+    (done / store.META).write_text(json.dumps(meta))
     assert run.main(["--resume", str(done), *DASK]) == 0
     records = [json.loads(x) for x in (done / store.SAMPLES).read_text().splitlines()]
     assert len(records) == 3 and statuses(done) == pool
