@@ -1,22 +1,26 @@
 """The history database, on SQLite and on a real PostgreSQL server the test starts: runs, cases and
 results round-trip; writing a run again, or from several hosts at once, neither duplicates nor
-loses a row; a history CSV migrates with one command, and again without change."""
+loses a row; nightlies started together, each in its own process, all keep their runs, even under
+one run id; a history CSV migrates with one command, and again without change."""
 import glob
 import json
 import multiprocessing as mp
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from bench import history as history_cli, nightly as nightly_cli
-from bench.results import history
+from bench import history as history_cli
+from bench.results import history, store
+from bench.results.baseline import open_run
 
 CASES = [("layernorm", "torch", {"hidden": 768}), ("layernorm", "cutile", {"hidden": 768}),
          ("fmha", "sdpa", {"seq_len": 1024, "dtype": "float16"})]
@@ -87,7 +91,8 @@ def url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "history.sqlite")
     base = request.getfixturevalue("postgres")
-    name = f"h{os.getpid()}_{request.node.name.split('[')[0][-40:]}".lower()
+    test = re.sub(r"\W+", "_", request.node.name)[-40:]  # its parameters included: one database each
+    name = f"h{os.getpid()}_{test}".lower()
     with sa.create_engine(base, isolation_level="AUTOCOMMIT").connect() as conn:
         conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
         conn.exec_driver_sql(f"CREATE DATABASE {name}")
@@ -142,6 +147,86 @@ def test_writers_on_several_hosts_at_once_neither_duplicate_nor_lose_rows(url):
     assert counts(history.connect(url)) == {"runs": runs, "cases": 3, "results": runs * 3}
 
 
+@pytest.fixture(scope="module")
+def processes():
+    """Where the writer processes come from: a fork server, started clean (never a fork of this
+    process, whose connections and threads a writer must not share), that imported this module
+    once, so that eight writers start in milliseconds rather than each importing for seconds."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    here = Path(__file__).resolve().parent
+    with pytest.MonkeyPatch.context() as mp_env:  # the server imports this checkout, not another
+        paths = [str(here.parent), str(here), os.environ.get("PYTHONPATH")]
+        mp_env.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
+        first = ctx.Process(target=os.getpid)
+        first.start()
+        first.join(120)
+    return ctx
+
+
+def run_dir(root, i: int, run_id: str):
+    """Writer i's run as the runner writes it (store.RunWriter checks each record against
+    record.py): CASES on the CPU, every sample i + 1 ms, started within the same second as the
+    others."""
+    meta = {"run_id": run_id, "command": ["test"], "started_utc": f"2026-01-01T02:00:00.{i:06d}Z",
+            "complete": True, "git": {"sha": sha(0), "dirty": False}, "sweep": {"name": "nightly"},
+            "env": {"device_kind": "cpu", "gpus": []}, "cases": len(CASES)}
+    writer = store.RunWriter(root / f"writer{i}", meta, [])
+    for workload, provider, params in CASES:
+        writer.append({"case_id": f"{workload}/{provider}{sorted(params.items())}",
+                       "workload": workload, "provider": provider, "baseline": "torch",
+                       "params": params, "shape": params, "device": "cpu", "status": "ok",
+                       "samples_ms": [i + 1.0] * 5})
+    writer.close(True)
+    return writer.path
+
+
+def _record(url, path, barrier, module):
+    """One nightly's history step, all started at once: open the history (new, so its tables are
+    created by whoever comes first) and record the run, then again, which changes nothing."""
+    assert history.__file__ == module, f"{history.__file__}: not the history module under test"
+    barrier.wait(60)
+    db = history.connect(url)
+    for _ in range(2):
+        history.record_run(db, open_run(path), None)
+
+
+@pytest.mark.parametrize("ids", ["unique", "shared"])
+@pytest.mark.parametrize("writers", [2, 8])
+def test_runs_recorded_at_once_each_keep_every_row(url, tmp_path, processes, writers, ids):
+    """Unique ids are run_dir_name's (one second, sweep and commit, a random part); shared ones
+    are what runs started in one second were named before the random part."""
+    base = f"20260101T020000Z_nightly_{sha(0)[:10]}"
+    paths = [run_dir(tmp_path, i, f"{base}_{i:08x}" if ids == "unique" else base)
+             for i in range(writers)]
+    barrier = processes.Barrier(writers)
+    procs = [processes.Process(target=_record, args=(url, str(p), barrier, history.__file__))
+             for p in paths]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * writers
+    db = history.connect(url)
+    for p in paths:  # and again from here: still nothing changes
+        history.record_run(db, open_run(p), None)
+    back = history.read(db)
+    expected, found = (writers, writers * len(CASES)), (back["run_id"].nunique(), len(back))
+    kind = "postgresql" if "://" in url else "sqlite"
+    print(f"{kind}, {writers} writers, {ids} ids: runs, rows expected {expected}, found {found}")
+    assert found == expected
+    assert counts(db) == {"runs": writers, "cases": len(CASES), "results": writers * len(CASES)}
+    got = set(back[["date", "workload", "provider", "params", "median_ms"]].itertuples(index=False))
+    assert got == {(f"2026-01-01T02:00:00.{i:06d}Z", w, p, json.dumps(q, sort_keys=True), i + 1.0)
+                   for i in range(writers) for w, p, q in CASES}
+    if ids == "unique":  # stored under their own ids
+        assert set(back["run_id"]) == {f"{base}_{i:08x}" for i in range(writers)}
+    else:  # the first under the id, each other under the id and a digest of itself
+        assert sorted(back["run_id"].unique())[0] == base
+        assert back["run_id"].str.fullmatch(re.escape(base) + r"(~[0-9a-f]{12})?").all()
+    db.dispose()
+
+
 def test_a_history_csv_migrates_with_one_command_and_again_without_change(url, tmp_path, capsys):
     old = nights(5, medians=[1, 2, 3, 4, 5])
     old.loc[3, "verdict"], old.loc[3, "change"] = "regression", 0.25
@@ -163,6 +248,8 @@ def test_bad_history_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert history_cli.main(["migrate", str(tmp_path / "x.csv"), "--history",
                              str(tmp_path / "h.sqlite")]) == 2
     assert history_cli.main(["migrate", str(tmp_path / "x.csv"), "--history", "nosuch://x"]) == 2
+    from bench import nightly as nightly_cli  # imports torch: kept out of the writer processes
+
     assert nightly_cli.main(["--history", str(tmp_path / "history.csv")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("error:") for line in lines)

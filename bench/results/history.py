@@ -6,10 +6,16 @@ Any SQLAlchemy URL works: by default a SQLite file; for a team, one PostgreSQL s
 nightly of every GPU host writes to. Several hosts may write at once: every row has a natural key
 (the run id; workload, provider and params; run and case), inserts skip rows already there, and a
 run is written in one transaction, so a row is never duplicated and a run is never half written.
+A run id already stored for another run (another start time, GPU, commit or sweep) is not that
+run: the newcomer is stored under its id and a digest of itself rather than dropped. A transaction
+that lost a race (SQLite's lock past its wait, a PostgreSQL deadlock) is run again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import random
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +32,8 @@ HISTORY_COLUMNS = ["date", "run_id", "sweep", "hardware", "git_sha", "case", "wo
                    "params", "status", "median_ms", "ci_low_ms", "ci_high_ms", "samples", "verdict",
                    "change"]
 DEFAULT = "results/history.sqlite"
+IDENTITY = ("date", "hardware", "git_sha", "sweep")  # what tells two runs with one id apart
+ATTEMPTS = 8  # tries of a transaction that lost a race with another writer
 
 schema = sa.MetaData()
 runs = sa.Table(
@@ -75,10 +83,7 @@ def connect(where: str) -> sa.Engine:
     """An engine on the history at `where` (URL or SQLite path), its tables created if missing."""
     try:
         engine = sa.create_engine(url_for(where), connect_args=_connect_args(where))
-        try:
-            schema.create_all(engine)
-        except sa.exc.DBAPIError:  # another host created them at the same moment
-            schema.create_all(engine)
+        _transaction(engine, schema.create_all, retry=_created_meanwhile)
     except ModuleNotFoundError as e:
         raise BadInput(f"--history {where}: no database driver {e.name!r} "
                        f"(for PostgreSQL: pip install -e '.[postgres]')") from None
@@ -91,6 +96,39 @@ def connect(where: str) -> sa.Engine:
 def _connect_args(where: str) -> dict:
     # SQLite serialises writers with a file lock: wait for it rather than fail
     return {"timeout": 60} if "://" not in where or where.startswith("sqlite") else {}
+
+
+def _sqlstate(e: sa.exc.DBAPIError) -> str | None:
+    orig = getattr(e, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)  # psycopg 3 or 2
+
+
+def _transient(e: sa.exc.DBAPIError) -> bool:
+    """A failure that running the transaction again cures: SQLite still locked by another writer
+    after the busy wait, a PostgreSQL deadlock or serialization failure."""
+    return _sqlstate(e) in ("40001", "40P01") or "database is locked" in str(getattr(e, "orig", ""))
+
+
+def _created_meanwhile(e: sa.exc.DBAPIError) -> bool:
+    """Another host created the tables while we did (PostgreSQL: duplicate table or type): look
+    again and find them."""
+    return _transient(e) or _sqlstate(e) in ("42P07", "23505")
+
+
+def _transaction(engine: sa.Engine, work, retry=_transient):
+    """work(conn) in one transaction, run again (after a short random pause) when it failed in a
+    way `retry` accepts. On SQLite the write lock is taken first (BEGIN IMMEDIATE): a writer that
+    waits holds nothing, so the busy wait applies and writers cannot deadlock."""
+    for attempt in range(ATTEMPTS):
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "sqlite":
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                return work(conn)
+        except sa.exc.DBAPIError as e:
+            if attempt + 1 == ATTEMPTS or not retry(e):
+                raise
+        time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))
 
 
 def history_rows(run: Run, cmp: compare.Comparison | None) -> pd.DataFrame:
@@ -135,34 +173,67 @@ def _value(x):
     return None if pd.isna(x) else x
 
 
-def write(engine: sa.Engine, rows: pd.DataFrame, fingerprints: dict[str, dict] | None = None) -> None:
-    """Write history rows (HISTORY_COLUMNS) in one transaction; rows already stored are kept as
-    they are, so writing the same run twice, or from two hosts at once, changes nothing."""
-    fingerprints = fingerprints or {}
-    with engine.begin() as conn:
-        run_rows = rows.drop_duplicates("run_id")
+def _identity(values) -> tuple:
+    return tuple(None if _value(v) is None else str(v) for v in values)
+
+
+def _store_runs(conn, rows: pd.DataFrame, fingerprints: dict[str, dict]) -> dict[str, str]:
+    """Insert the runs of `rows`; {run id: its id in the history}. The same run again is left as
+    stored; a different run under a stored id gets "<id>~<digest of its identity>", which is again
+    the same for the same run, so writing it twice still changes nothing."""
+    new = {r.run_id: r for r in rows.drop_duplicates("run_id").itertuples()}
+    ids = {rid: rid for rid in new}
+    for _ in range(2):
         _insert_new(conn, runs, [
-            {"id": r.run_id, "date": r.date, "git_sha": _value(r.git_sha), "hardware": r.hardware,
-             "sweep": _value(r.sweep), "fingerprint": json.dumps(fingerprints[r.run_id], default=str)
-             if r.run_id in fingerprints else None} for r in run_rows.itertuples()])
-        keys = rows.drop_duplicates(["workload", "provider", "params"])
-        _insert_new(conn, cases, [{"workload": r.workload, "provider": r.provider, "params": r.params,
-                                   "label": r.case} for r in keys.itertuples()])
-        ids = {(w, p, q): i for i, w, p, q in conn.execute(
-            sa.select(cases.c.id, cases.c.workload, cases.c.provider, cases.c.params)
-            .where(cases.c.workload.in_(set(rows["workload"]))))}
-        _insert_new(conn, results, [
-            {"run_id": r.run_id, "case_id": ids[(r.workload, r.provider, r.params)],
-             **{c: _value(getattr(r, c)) for c in ("median_ms", "ci_low_ms", "ci_high_ms", "status",
-                                                   "verdict", "change")},
-             "samples": None if pd.isna(r.samples) else int(r.samples)}
-            for r in rows.itertuples()])
+            {"id": ids[rid], "date": r.date, "git_sha": _value(r.git_sha), "hardware": r.hardware,
+             "sweep": _value(r.sweep), "fingerprint": json.dumps(fingerprints[rid], default=str)
+             if rid in fingerprints else None} for rid, r in new.items()])
+        stored = {i: _identity(v) for i, *v in conn.execute(
+            sa.select(runs.c.id, *(runs.c[c] for c in IDENTITY)).where(runs.c.id.in_(ids.values())))}
+        clash = [rid for rid, r in new.items()
+                 if stored[ids[rid]] != _identity(getattr(r, c) for c in IDENTITY)]
+        if not clash:
+            return ids
+        for rid in clash:
+            mine = json.dumps([rid, *_identity(getattr(new[rid], c) for c in IDENTITY)])
+            ids[rid] = f"{rid}~{hashlib.sha256(mine.encode()).hexdigest()[:12]}"
+    raise RuntimeError(f"history: run ids {clash} are taken by other runs even with their digest")
 
 
-def record_run(engine: sa.Engine, run: Run, cmp: compare.Comparison | None) -> None:
-    """Store one run's cases, with its environment fingerprint."""
+def _write(conn, rows: pd.DataFrame, fingerprints: dict[str, dict]) -> dict[str, str]:
+    run_ids = _store_runs(conn, rows, fingerprints)
+    keys = rows.drop_duplicates(["workload", "provider", "params"])  # in run order: read's order
+    _insert_new(conn, cases, [{"workload": r.workload, "provider": r.provider, "params": r.params,
+                               "label": r.case} for r in keys.itertuples()])
+    ids = {(w, p, q): i for i, w, p, q in conn.execute(
+        sa.select(cases.c.id, cases.c.workload, cases.c.provider, cases.c.params)
+        .where(cases.c.workload.in_(set(rows["workload"]))))}
+    _insert_new(conn, results, [
+        {"run_id": run_ids[r.run_id], "case_id": ids[(r.workload, r.provider, r.params)],
+         **{c: _value(getattr(r, c)) for c in ("median_ms", "ci_low_ms", "ci_high_ms", "status",
+                                               "verdict", "change")},
+         "samples": None if pd.isna(r.samples) else int(r.samples)}
+        for r in rows.itertuples()])
+    return run_ids
+
+
+def write(engine: sa.Engine, rows: pd.DataFrame,
+          fingerprints: dict[str, dict] | None = None) -> dict[str, str]:
+    """Write history rows (HISTORY_COLUMNS) in one transaction; rows already stored are kept as
+    they are, so writing the same run twice, or from two hosts at once, changes nothing. Returns
+    {run id: its id in the history}, which differs only for a run whose id another run holds."""
+    if rows.empty:
+        return {}
+    return _transaction(engine, lambda conn: _write(conn, rows, fingerprints or {}))
+
+
+def record_run(engine: sa.Engine, run: Run, cmp: compare.Comparison | None) -> str | None:
+    """Store one run's cases, with its environment fingerprint; the id it is stored under."""
     rows = history_rows(run, cmp)
-    write(engine, rows, {rows["run_id"].iloc[0]: run.meta.get("env") or {}} if len(rows) else {})
+    if rows.empty:
+        return None
+    rid = rows["run_id"].iloc[0]
+    return write(engine, rows, {rid: run.meta.get("env") or {}})[rid]
 
 
 def read(engine: sa.Engine, gpu: str | None = None) -> pd.DataFrame:
