@@ -22,7 +22,8 @@ from bench.present.trend import render_trend
 from bench.results import changepoints, compare, history
 from bench.results.baseline import baseline_dir, hardware, open_run
 from bench.results.nightly import load_plan
-from bench.results.store import META, utc_now
+from bench.results import store
+from bench.results.store import META
 
 
 def profile_for(entry: dict, profile: str | None) -> str | None:
@@ -95,8 +96,8 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
             scheduler: str | None = None) -> int:
     """Run the plan; write reports, history, trend page and a combined report.md."""
     load_sweeps(plan, out, profile, scheduler)
-    night = out / "nightly" / utc_now()[:19].replace(":", "").replace("-", "")
-    night.mkdir(parents=True, exist_ok=True)
+    night = out / "nightly" / store.run_dir_name("night", None)  # two nights never share one
+    night.mkdir(parents=True)
     summary, failing, gpu = [], False, None
     for entry in plan:
         rc, run_path = run_sweep(entry, out, profile, scheduler)
