@@ -192,3 +192,11 @@ def test_an_out_that_cannot_be_written_is_one_line(write_sweep, tmp_path, capsys
     assert run.main([str(write_sweep(SWEEP)), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--out" in err
+
+
+def test_a_dry_run_shows_a_bounded_table(write_sweep, capsys):
+    sweep = write_sweep(SWEEP.replace(
+        "head_dim: [8]", "head_dim: [" + ", ".join(str(8 + i) for i in range(300)) + "]"))
+    assert run.main([str(sweep), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1200 cases" in out and "... and 1000 more, not shown" in out
