@@ -88,13 +88,6 @@ def provider_factory(case: Case):
     return workloads.load_user_provider(case.module) if case.module else wl.providers[case.provider]
 
 
-def build(case: Case, device: torch.device):
-    """(inputs, fn) for a case: seeded fresh inputs and the provider's callable over them."""
-    torch.manual_seed(_seed(case))
-    inputs = workloads.get(case.workload).make_inputs(case.params, device)
-    return inputs, provider_factory(case)(case.params, inputs)
-
-
 class Inputs:
     """The inputs of one case: the set the provider's callable is bound to (`work`), pristine sets
     to refill it from, and their references, computed on copies the provider never sees."""
@@ -121,6 +114,13 @@ class Inputs:
         else:
             self.loaded = None
             _load(self.work, self.wl.make_inputs(self.case.params, self.device))
+
+
+def build(case: Case, device: torch.device):
+    """(inputs, fn) for a case, as run_case builds them: the seeded inputs and the provider's
+    callable over them."""
+    x = Inputs(case, device, 0)
+    return x.work, provider_factory(case)(case.params, x.work)
 
 
 def _judge(out, ref, tol) -> tuple[dict, str | None]:
@@ -166,11 +166,11 @@ def run_case(case: Case, device: torch.device) -> dict:
             rec.reason = wrong or ""
 
             def verify(out):
-                e, why = _judge(out, x.reference(x.loaded), tol)
+                """Why the output of a timed rep on a check set is wrong, or None."""
                 changed = _changed(x.work, x.sets[x.loaded])
-                return (f"a timed rep on check set {x.loaded}: " + (
-                    f"the provider changed its input {', '.join(changed)} in place" if changed else why)
-                        if changed or why else None)
+                why = (f"the provider changed its input {', '.join(changed)} in place" if changed
+                       else _judge(out, x.reference(x.loaded), tol)[1])
+                return f"a timed rep on check set {x.loaded}: {why}" if why else None
             rotating = len(x.sets) > 1
             before = env.telemetry(gpu) if gpu is not None else None
             result = timing.measure(fn, device, **case.timing, feed=x.feed if rotating else None,
