@@ -110,9 +110,9 @@ def _transient(e: sa.exc.DBAPIError) -> bool:
 
 
 def _created_meanwhile(e: sa.exc.DBAPIError) -> bool:
-    """Another host created the tables while we did (PostgreSQL: duplicate table or type): look
+    """Another host created the tables while we did (PostgreSQL: duplicate table, object or type): look
     again and find them."""
-    return _transient(e) or _sqlstate(e) in ("42P07", "23505")
+    return _transient(e) or _sqlstate(e) in ("42P07", "42710", "23505")
 
 
 def _transaction(engine: sa.Engine, work, retry=_transient):
