@@ -206,6 +206,40 @@ def orphan(params, inputs):
     return _attention(params, inputs)
 
 
+def orphan_daemon(params, inputs):
+    """Starts a daemon: a grandchild in a session of its own whose parent has exited, so it is in
+    neither the worker's process group nor its children; writes its pid to BENCH_TEST_SEEN."""
+    import subprocess
+    import sys
+    import time
+
+    seen = os.environ["BENCH_TEST_SEEN"]
+    code = ("import os, sys, time\n"
+            "os.setsid()\n"
+            "if os.fork() == 0:\n"
+            f"    open({seen!r} + '.tmp', 'w').write(str(os.getpid())); os.rename({seen!r} + '.tmp', {seen!r})\n"
+            "    time.sleep(600)\n")
+    subprocess.Popen([sys.executable, "-c", code], close_fds=False).wait()
+    while not os.path.exists(seen):
+        time.sleep(0.01)
+    return _attention(params, inputs)
+
+
+def alive_probe(params, inputs):
+    """Appends to BENCH_TEST_SEEN + '.alive' whether the pid in BENCH_TEST_SEEN still runs, as the
+    next case starts."""
+    seen = os.environ["BENCH_TEST_SEEN"]
+    pid = int(open(seen).read())
+    try:
+        state = open(f"/proc/{pid}/status").read().lower()
+        alive = "zombie" not in state
+    except OSError:
+        alive = False
+    with open(seen + ".alive", "a") as f:
+        f.write(f"{alive}\n")
+    return _attention(params, inputs)
+
+
 def orphan_then_abort(params, inputs):
     """The same, then its worker dies."""
     orphan(params, inputs)

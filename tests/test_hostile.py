@@ -111,16 +111,19 @@ def test_a_record_the_harness_did_not_write_is_ignored(hostile):
     assert len(recs) == 2 * (1 + len(IN_CASE) + 2 * len(AFTER))
 
 
-@pytest.mark.parametrize("name,status", [("orphan", "ok"), ("orphan_then_abort", "crashed")])
-def test_a_process_a_provider_leaves_behind_ends_with_its_worker(tmp_path, name, status, subprocess_env):
+@pytest.mark.parametrize("name,status", [("orphan", "ok"), ("orphan_daemon", "ok"),
+                                         ("orphan_then_abort", "crashed")])
+def test_a_process_a_provider_leaves_behind_ends_with_its_case(tmp_path, name, status, subprocess_env):
     """bench.run returns once its cases are done, although a provider's child holds the worker's
-    pipes; the child does not outlive the run; a worker that dies after forking is `crashed`."""
+    pipes; the child is gone before the next case starts, even a daemon in a session of its own; a
+    worker that dies after forking is `crashed`."""
     import subprocess
     import sys
     import time
 
     sweep = tmp_path / "s.yaml"
-    sweep.write_text(SWEEP.format(providers=_providers([name]), modes="fwd"))
+    probe = '{name: probe, module: "hostile_providers:alive_probe"}'
+    sweep.write_text(SWEEP.format(providers=f"{_providers([name])}, {probe}", modes="fwd"))
     seen = tmp_path / "seen"
     t0 = time.time()
     done = subprocess.run([sys.executable, "-m", "bench.run", str(sweep), "--out", str(tmp_path / "r")],
@@ -129,6 +132,8 @@ def test_a_process_a_provider_leaves_behind_ends_with_its_worker(tmp_path, name,
     assert done.returncode == 0, done.stderr[-2000:]
     assert time.time() - t0 < 120  # not the child's 600 s
     pid = int(seen.read_text())
+    if status == "ok":
+        assert (tmp_path / "seen.alive").read_text() == "False\n"
     deadline = time.time() + 10
     while time.time() < deadline and os.path.exists(f"/proc/{pid}") and \
             "zombie" not in open(f"/proc/{pid}/status").read().lower():
@@ -136,3 +141,6 @@ def test_a_process_a_provider_leaves_behind_ends_with_its_worker(tmp_path, name,
     assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
     recs = {r["provider"]: r for r in store.load_run(tmp_path / "r" / "latest").records}
     assert recs[name]["status"] == status
+    assert recs["probe"]["status"] == "ok"
+    if status == "ok":
+        assert recs[name]["leaked"]["processes"] == [0, 1]

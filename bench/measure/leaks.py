@@ -1,7 +1,8 @@
 """What a case can leave behind in its worker process: torch's global settings, host memory, CUDA
 memory, the working directory, the environment, and the functions the harness times and checks
-with. A worker compares them after every case with what it saw when it started, and one that
-changed is replaced before the next case, so no case's result depends on the case before it.
+with, and processes the case started that still run. A worker compares them after every case with
+what it saw when it started, and one that changed is replaced before the next case, so no case's
+result depends on the case before it.
 
 `harness` is the part a provider must not touch even during its own case: a case that replaced a
 timing or checking function (or its code) is `tampered`, whatever its numbers say."""
@@ -85,6 +86,30 @@ def harness_changes(clean: dict) -> list[str]:
     return sorted(k for k in clean.keys() | now.keys() if clean.get(k) != now.get(k))
 
 
+def adopt_orphans() -> None:
+    """Make this process the reaper of its descendants (Linux), so that a process a case started is
+    still found after its own parent exits or it starts a session of its own."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def end_children(keep: frozenset = frozenset()) -> int:
+    """Kill every descendant of this process but `keep` (pids), and reap them; how many there were.
+    A case's child must not outlive it: it could hold the worker's pipes, or run beside the next
+    case."""
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    return len(procs)
+
+
 def warm(device: torch.device) -> None:
     """Create the CUDA context and cuBLAS's handle before the clean snapshot, so that the first
     case's share of them (several hundred MB of host memory) is not counted as its leak."""
@@ -104,11 +129,14 @@ def snapshot(device: torch.device) -> dict:
         getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
         cuda = torch.cuda.memory_allocated(device)
     return {"settings": settings(), "rss": psutil.Process().memory_info().rss, "cuda": cuda,
-            "cwd": os.getcwd(), "environ": dict(os.environ), "harness": harness()}
+            "cwd": os.getcwd(), "environ": dict(os.environ), "harness": harness(),
+            "children": frozenset(p.pid for p in psutil.Process().children(recursive=True))}
 
 
 def changes(clean: dict, device: torch.device) -> dict:
-    """{what: [then, now]} for everything that differs from `clean` beyond its allowance."""
+    """{what: [then, now]} for everything that differs from `clean` beyond its allowance. Processes
+    the case left running are ended first (a compile server too: the fresh worker starts its own)."""
+    ended = end_children(clean["children"])
     now = snapshot(device)
     out = {k: [v, now["settings"][k]] for k, v in clean["settings"].items() if now["settings"][k] != v}
     if now["rss"] - clean["rss"] > RSS_ALLOWANCE[device.type]:
@@ -121,6 +149,8 @@ def changes(clean: dict, device: torch.device) -> dict:
                  if clean["environ"].get(k) != now["environ"].get(k))
     if env:
         out["environ"] = env
+    if ended:
+        out["processes"] = [0, ended]
     funcs = harness_changes(clean["harness"])
     if funcs:
         out["harness"] = funcs

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
 from bench.measure.sweep import Case
 from bench.results.record import Record, SchemaError, parse, utc_now
 
@@ -113,12 +115,23 @@ class Worker:
         return f": {lines[-1][:200]}" if lines else ""
 
     def kill(self) -> None:
-        """End the worker and every process it started (its process group), from any thread."""
+        """End the worker and every process it started, from any thread: its process group, and
+        its descendants that left the group (the worker is their reaper, so it finds them all)."""
         proc = self.proc
-        if proc is not None:
+        if proc is None:
+            return
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            family = []
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in family:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+                p.kill()
+            except psutil.Error:
                 pass
 
     def _read(self, timeout: float) -> str | None:

@@ -238,6 +238,7 @@ def serve(device_name: str, profiled: bool = False) -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(CPU_THREADS)
+    leaks.adopt_orphans()
     leaks.warm(device)
     clean = leaks.snapshot(device)
     print("ready", file=answer, flush=True)
