@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from bench.cli import BadInput, Parser, sweep_options
+from bench.cli import BadInput, Parser, command, sweep_options
 from bench.measure import ab, runner, sweep
 from bench.present.report import render
 from bench.results.compare import compare_runs, to_text, write
@@ -31,6 +31,7 @@ def parse_args(argv):
     return args
 
 
+@command
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

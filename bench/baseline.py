@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from bench.cli import BadInput, Parser
+from bench.cli import BadInput, Parser, command
 from bench.results.baseline import ROOT, bless
 
 
+@command
 def main(argv=None) -> int:
     parser = Parser(prog="python -m bench.baseline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

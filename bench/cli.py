@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -32,3 +34,22 @@ def sweep_options(p: Parser) -> None:
     p.add_argument("--filter", action="append", default=[], metavar="AXIS=VALUE",
                    help="keep only cases whose axis has this value (or one of a [list])")
     p.add_argument("--providers", help="comma-separated providers to run")
+
+
+def disk_error(e: OSError) -> str:
+    """A filesystem error as the one line a user reads: what could not be done, where, and why."""
+    where = f" {e.filename}" if getattr(e, "filename", None) else ""
+    return f"cannot read or write{where}: {e.strerror or first_line(e)}"
+
+
+def command(main):
+    """An entry point's main(argv) whose filesystem errors (a read-only folder, a full disk, a path
+    through a file) end in one line and exit status 2, not a traceback."""
+    @functools.wraps(main)
+    def guarded(argv=None) -> int:
+        try:
+            return main(argv)
+        except OSError as e:
+            print(f"error: {disk_error(e)}", file=sys.stderr)
+            return 2
+    return guarded

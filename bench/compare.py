@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import sys
 
-from bench.cli import BadInput, Parser
+from bench.cli import BadInput, Parser, command
 from bench.results.baseline import open_run
 from bench.results.compare import compare_runs, to_text, write
 
 
+@command
 def main(argv=None) -> int:
     parser = Parser(prog="python -m bench.compare",
                                      description="Compare two runs and flag regressions.")

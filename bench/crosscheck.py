@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.cli import Parser
+from bench.cli import Parser, command
 from bench.measure import sweep
 from bench.measure.crosscheck import dobench, spread
 
 
+@command
 def main(argv=None) -> int:
     p = Parser(prog="python -m bench.crosscheck", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.cli import BadInput, Parser
+from bench.cli import BadInput, Parser, command
 from bench.results import history
 
 
+@command
 def main(argv=None) -> int:
     parser = Parser(prog="python -m bench.history", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bench import run as bench_run
-from bench.cli import BadInput, Parser
+from bench.cli import BadInput, Parser, command
 from bench.measure import runner, sweep
 from bench.present import report
 from bench.present.trend import render_trend
@@ -128,6 +128,7 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
     return 1 if failing else 0
 
 
+@command
 def main(argv=None) -> int:
     parser = Parser(prog="python -m bench.nightly", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="sweeps/nightly.yaml", help="default: %(default)s")

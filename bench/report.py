@@ -8,12 +8,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.cli import BadInput, Parser
+from bench.cli import BadInput, Parser, command
 from bench.present.report import render
 from bench.results import compare
 from bench.results.baseline import open_run
 
 
+@command
 def main(argv=None) -> int:
     parser = Parser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.measure import dask_executor, pool, runner, sweep
 from bench.present import console
-from bench.cli import BadInput, Parser, sweep_options
+from bench.cli import BadInput, Parser, command, sweep_options
 
 
 def add_arguments(p) -> None:
@@ -81,13 +81,18 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
         print(f"error: {e}", file=sys.stderr)
         return 2, None
     signal.signal(signal.SIGTERM, _sigterm)
-    code = runner.execute(writer, todo, devices, root, run_cases, args.strict, console.RunView)
+    try:
+        code = runner.execute(writer, todo, devices, root, run_cases, args.strict, console.RunView)
+    except BadInput as e:  # the run's folder could not be written: what is stored stays resumable
+        print(f"error: {e}", file=sys.stderr)
+        return 2, writer.path
     if code == 0 and args.profile == runner.NCU:
         runner.profile_counters(writer.path, todo, devices[0])
     print(writer.path)
     return code, writer.path
 
 
+@command
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     return run(parse_args(argv), ["-m", "bench.run", *argv])[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from bench import run as bench_run
-from bench.cli import BadInput, Parser
+from bench.cli import BadInput, Parser, command
 from bench.measure.runner import gpu_count
 from bench.present import tuned
 from bench.results import tune
@@ -21,6 +21,7 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cli import BadInput, first_line
+from bench.cli import BadInput, disk_error, first_line
 from bench.measure import ceilings, env, ncu, pool
 from bench.measure import sweep as sweep_mod
 from bench.results import store
@@ -145,10 +145,18 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
         return str(logs / f"{case.case_id}.log")
 
     interrupted = False
+    unwritable: list[OSError] = []
     with view(len(todo)) as shown:
         def on_record(case: Case, record: dict):
-            record["log"] = store.keep_log(writer.path, log_of(case), record["status"])
-            writer.append(record)
+            if unwritable:
+                return
+            try:
+                record["log"] = store.keep_log(writer.path, log_of(case), record["status"])
+                writer.append(record)
+            except OSError as e:  # a full disk, a folder made read-only: stop, keep what is stored
+                unwritable.append(e)
+                stop.set()
+                return
             shown.finished(case, record)
 
         try:
@@ -156,16 +164,22 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
         except KeyboardInterrupt:
             interrupted = True
             stop.set()
-        writer.meta["wall_s"] = writer.meta.get("wall_s", 0.0) + (time.time() - t0)
-        run = store.load_run(writer.path)
-        records = run.records
-        complete = not interrupted and {c["case_id"] for c in run.cases} <= run.done_ids
-        writer.close(complete)  # complete only when every case has a whole record
-        summary = summarize(records, writer.meta.get("ceilings"))
-        writer.write_summary(summary)
+        try:
+            if unwritable:
+                raise unwritable[0]
+            writer.meta["wall_s"] = writer.meta.get("wall_s", 0.0) + (time.time() - t0)
+            run = store.load_run(writer.path)
+            records = run.records
+            complete = not interrupted and {c["case_id"] for c in run.cases} <= run.done_ids
+            writer.close(complete)  # complete only when every case has a whole record
+            summary = summarize(records, writer.meta.get("ceilings"))
+            writer.write_summary(summary)
+            if complete and root is not None:
+                store.point_latest(root, writer.path)
+        except OSError as e:
+            raise BadInput(f"{disk_error(e)}; the records stored so far are kept: finish with "
+                           f"--resume {writer.path}") from None
         shown.ended(summary, records)
-    if complete and root is not None:
-        store.point_latest(root, writer.path)
     if not complete:
         print(f"{'interrupted' if interrupted else 'incomplete'}: {len(records)} of "
               f"{writer.meta['cases']} cases stored; finish with --resume {writer.path}", file=sys.stderr)
