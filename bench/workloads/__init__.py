@@ -39,6 +39,12 @@ class Workload:
     # afresh and be checked against the reference of what they read; False for a step that carries
     # state from call to call (an optimizer's), which only its first call is checked on
     rotate: bool = True
+    # how a report shows it without naming it: the axes its plots may run along (the first that
+    # varies), the axes whose values are regimes never mixed in one headline verdict (fwd and
+    # fwd_bwd, eager and graphed), and the axes whose values get plots of their own (one per model)
+    x_axes: tuple[str, ...] = ()
+    regimes: tuple[str, ...] = ()
+    panels: tuple[str, ...] = ()
 
 
 _BUILTIN = {

@@ -109,4 +109,5 @@ WORKLOAD = Workload(
     providers={"native": native, "sdpa-math": sdpa("MATH"), "sdpa-flash": sdpa("FLASH_ATTENTION"),
                "sdpa-efficient": sdpa("EFFICIENT_ATTENTION"), "sdpa-cudnn": sdpa("CUDNN_ATTENTION"),
                "compile": compiled, "cutile": cutile, "tilegym": tilegym},
+    x_axes=("seq_len",), regimes=("mode",), panels=("mode", "dtype", "head_dim"),
     flops=flops, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES, tuned_key=tuned_key)

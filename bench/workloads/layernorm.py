@@ -77,4 +77,5 @@ def bytes_moved(p):
 WORKLOAD = Workload(
     name="layernorm", make_inputs=make_inputs, reference=reference_output,
     providers={"torch": torch_layer_norm, "compile": compiled, "cutile": cutile, "tilegym": tilegym},
+    x_axes=("hidden", "rows"), regimes=("mode",), panels=("mode", "dtype"),
     flops=None, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES, tuned_key=tuned_key)

@@ -244,4 +244,5 @@ WORKLOAD = Workload(
     choices=dict(model=sorted(PRESETS), mode=list(MODES), dtype=["float16", "bfloat16", "float32"],
                  graph=[False, True]),
     rotate=False,
+    x_axes=("batch",), regimes=("mode", "graph"), panels=("model", "mode", "graph", "dtype"),
 )
