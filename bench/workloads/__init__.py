@@ -50,6 +50,7 @@ class Workload:
 _BUILTIN = {
     "fmha": "bench.workloads.fmha",
     "layernorm": "bench.workloads.layernorm",
+    "model_head": "bench.workloads.model_head",
     "model_step": "bench.workloads.model_step",
 }
 

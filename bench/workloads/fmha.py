@@ -91,6 +91,40 @@ def tilegym(p, x):
                                          scaling=1 / math.sqrt(p["head_dim"])), p, x)
 
 
+def _flash_module(module, package):
+    """module (an attribute holder with flash_attn_func), or Unavailable saying why not."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+        getattr(mod, "flash_attn_func")
+    except Exception as e:  # a missing or broken optional install may raise anything on import
+        why = "not installed" if isinstance(e, ModuleNotFoundError) else f"not importable ({type(e).__name__}: {e})"
+        raise Unavailable(f"{package} {why}"[:200]) from None
+    return mod
+
+
+def flash(module, package, returns_tuple):
+    """flash_attn_func of `module` (flash-attn 2's `flash_attn`, FlashAttention-4's
+    `flash_attn.cute`), which takes and returns (B, T, H, D): the (B, H, T, D) inputs are passed
+    as transposed views (last dim contiguous, as both require) and the output transposed back, so
+    gradients reach the workload's own q, k, v. FA4 returns (out, lse)."""
+    def factory(p, x):
+        if p["dtype"] not in ("float16", "bfloat16"):
+            raise Unavailable(f"{package} takes float16 or bfloat16 only, not {p['dtype']}")
+        mod = _flash_module(module, package)
+        if not torch.cuda.is_available():
+            raise Unavailable(f"{package} needs a CUDA GPU")
+        func = mod.flash_attn_func
+
+        def attn(q, k, v):
+            out = func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=p["causal"])
+            return (out[0] if returns_tuple else out).transpose(1, 2)
+
+        return _run(attn, p, x)
+    return factory
+
+
 def flops(p):
     f = 4 * p["batch"] * p["heads"] * p["seq_len"] ** 2 * p["head_dim"]
     f *= 0.5 if p["causal"] else 1.0
@@ -108,6 +142,8 @@ WORKLOAD = Workload(
     name="fmha", make_inputs=make_inputs, reference=reference_output,
     providers={"native": native, "sdpa-math": sdpa("MATH"), "sdpa-flash": sdpa("FLASH_ATTENTION"),
                "sdpa-efficient": sdpa("EFFICIENT_ATTENTION"), "sdpa-cudnn": sdpa("CUDNN_ATTENTION"),
-               "compile": compiled, "cutile": cutile, "tilegym": tilegym},
+               "compile": compiled, "cutile": cutile, "tilegym": tilegym,
+               "flash-attn": flash("flash_attn", "flash-attn", False),
+               "flash-attn-4": flash("flash_attn.cute", "flash-attn-4", True)},
     x_axes=("seq_len",), regimes=("mode",), panels=("mode", "dtype", "head_dim"),
     flops=flops, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES, tuned_key=tuned_key)

@@ -68,6 +68,34 @@ def tilegym(p, t):
     return _run(lambda x, w, b: ops.layer_norm_legacy(x, (p["hidden"],), w, b, EPS), p, t)
 
 
+LIGER = "liger-kernel==0.8.5"
+
+
+def liger_module(name, what):
+    """liger_kernel.<name>, or Unavailable saying why not (Liger is an optional peer: the `peers`
+    extra). Modules are imported by path, never through LIGER_KERNEL_IMPL, which swaps Liger's
+    whole namespace once per process: here its Triton and cuTile kernels run side by side."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"liger_kernel.{name}")
+    except Exception as e:  # a missing or broken optional install may raise anything on import
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "liger_kernel":
+            raise Unavailable(f"Liger-Kernel not installed ({LIGER} has {what})") from None
+        raise Unavailable(f"Liger-Kernel's {what} not importable ({type(e).__name__}: {e})"[:200]) from None
+
+
+def liger(module, what):
+    """Liger's LigerLayerNormFunction(X, W, B, eps) from `module`: liger_kernel.ops.layer_norm
+    (Triton) or liger_kernel.ops.cutile.ops.layer_norm (cuTile); its backward gives dX, dW, dB."""
+    def factory(p, t):
+        fn = liger_module(module, what).LigerLayerNormFunction
+        if not torch.cuda.is_available():
+            raise Unavailable(f"Liger-Kernel's {what} needs a CUDA GPU")
+        return _run(lambda x, w, b: fn.apply(x, w, b, EPS), p, t)
+    return factory
+
+
 def bytes_moved(p):
     """Read x and write y (fwd); fwd+bwd counted as 5 passes over M x N, as the anchors do."""
     elt = torch.finfo(dtype_of(p["dtype"])).bits // 8
@@ -76,6 +104,8 @@ def bytes_moved(p):
 
 WORKLOAD = Workload(
     name="layernorm", make_inputs=make_inputs, reference=reference_output,
-    providers={"torch": torch_layer_norm, "compile": compiled, "cutile": cutile, "tilegym": tilegym},
+    providers={"torch": torch_layer_norm, "compile": compiled, "cutile": cutile, "tilegym": tilegym,
+               "liger-triton": liger("ops.layer_norm", "Triton LayerNorm"),
+               "liger-cutile": liger("ops.cutile.ops.layer_norm", "cuTile LayerNorm")},
     x_axes=("hidden", "rows"), regimes=("mode",), panels=("mode", "dtype"),
     flops=None, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES, tuned_key=tuned_key)
