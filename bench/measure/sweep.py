@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from bench import workloads
+from bench import assets, workloads
 
 TIMING_DEFAULTS = {
     "warmup_ms": 100.0,  # warm up for this long before timing
@@ -509,8 +509,9 @@ def _same(value, want) -> bool:
 
 def load(path, profile: str | None = None, overrides: list[str] = (), filters: list[str] = (),
          providers: list[str] | None = None) -> Sweep:
-    """Load, validate and expand a sweep file. Raises SweepError with one line on any problem."""
-    path = Path(path)
+    """Load, validate and expand a sweep file (or a built-in sweep's name: assets.sweep_file).
+    Raises SweepError with one line on any problem."""
+    path = assets.sweep_file(path)
     text = _read(path)
     doc = _Doc(path, text)
     v = _Validator(doc.where)
@@ -521,8 +522,8 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     wl_name = v.string(data["workload"], ("workload",))
     try:
         wl = workloads.get(wl_name)
-    except KeyError:
-        v.fail(("workload",), f"unknown workload '{wl_name[:80]}' (known: {', '.join(workloads.names())})")
+    except KeyError as e:  # workloads.WorkloadError: one line, unknown name or a spec that fails
+        v.fail(("workload",), str(e))
 
     profiles = v.mapping(data.get("profiles") or {}, ("profiles",))
     for pname, pdata in profiles.items():
@@ -787,9 +788,8 @@ def validate_cases(cases, path) -> list[Case]:
         ids.add(case_id)
         try:
             wl = workloads.get(v.string(c["workload"], at + ("workload",)))
-        except KeyError:
-            v.fail(at + ("workload",), f"unknown workload '{c['workload'][:80]}' "
-                   f"(known: {', '.join(workloads.names())})")
+        except KeyError as e:  # workloads.WorkloadError: one line
+            v.fail(at + ("workload",), str(e))
         provider = v.string(c["provider"], at + ("provider",))
         v.string(c["baseline"], at + ("baseline",))
         if c["module"] is not None:
@@ -822,7 +822,8 @@ def validate_cases(cases, path) -> list[Case]:
 def has_profile(path, name: str) -> bool:
     """Whether the sweep file defines profile `name` (False for an unreadable file: load says why)."""
     try:
-        data = _Doc(Path(path), _read(Path(path))).data
+        path = assets.sweep_file(path)
+        data = _Doc(path, _read(path)).data
     except SweepError:
         return False
     return isinstance(data, dict) and isinstance(data.get("profiles"), dict) and name in data["profiles"]

@@ -7,7 +7,9 @@ that cannot run here raises `Unavailable` with a one-line reason; the case is th
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -47,23 +49,123 @@ class Workload:
     panels: tuple[str, ...] = ()
 
 
-_BUILTIN = {
-    "fmha": "bench.workloads.fmha",
-    "layernorm": "bench.workloads.layernorm",
-    "model_head": "bench.workloads.model_head",
-    "model_step": "bench.workloads.model_step",
+GROUP = "cutile_bench.workloads"  # the entry-point group a package declares its workloads in
+OWN_DIST = "cutile-bench"
+# The same declarations as pyproject.toml's entry points, for a checkout that is not pip-installed
+# (no metadata to read them from); an installed one reads them from its metadata like any other.
+_UNINSTALLED = {
+    "fmha": "bench.workloads.fmha:WORKLOAD",
+    "layernorm": "bench.workloads.layernorm:WORKLOAD",
+    "model_head": "bench.workloads.model_head:WORKLOAD",
+    "model_step": "bench.workloads.model_step:WORKLOAD",
 }
 
 
+class WorkloadError(KeyError):
+    """A workload name or spec that does not resolve; the message is one line."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _dist_name(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    return (dist.metadata["Name"] or "?") if dist is not None else "?"
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+@functools.lru_cache(maxsize=None)
+def _declared() -> tuple[dict[str, str], tuple[str, ...]]:
+    """({name: 'module:ATTR'} of every workload declared in the group, [one-line notes]).
+
+    Ours are declared the same way; a name another package declares too stays ours (a note says
+    so), and a name two other packages declare resolves to neither (WorkloadError names both)."""
+    from importlib import metadata
+
+    found: dict[str, dict[str, str]] = {}  # name -> {dist: value}
+    for ep in metadata.entry_points(group=GROUP):
+        found.setdefault(ep.name, {}).setdefault(_dist_name(ep), ep.value)
+    ours = {n: v for n, by in found.items() for d, v in by.items() if _norm(d) == OWN_DIST}
+    if not ours:  # a checkout that is not installed: our declarations, as pyproject.toml has them
+        ours = dict(_UNINSTALLED)
+        for name, value in ours.items():
+            found.setdefault(name, {})[OWN_DIST] = value
+    table, notes = dict(ours), []
+    for name, by in sorted(found.items()):
+        others = sorted(d for d in by if _norm(d) != OWN_DIST)
+        if name in ours and others:
+            notes.append(f"workload '{name}' declared by {', '.join(others)} is ignored: "
+                         f"the built-in '{name}' wins (name it as module:NAME instead)")
+        elif len(others) > 1:
+            table[name] = "!" + " and ".join(f"{d} ({by[d]})" for d in others)
+        elif others:
+            table[name] = by[others[0]]
+    return table, tuple(notes)
+
+
 def names() -> list[str]:
-    return sorted(_BUILTIN)
+    """The names of every declared workload (built-in and installed)."""
+    return sorted(_declared()[0])
+
+
+def notes() -> list[str]:
+    """One line for each declared name that another declaration of it lost to."""
+    return list(_declared()[1])
+
+
+_loaded: dict[str, Workload] = {}
+
+
+def _load(spec: str, what: str) -> Workload:
+    module, _, attr = spec.partition(":")
+    module, attr = module.strip(), attr.strip()
+    if not module or not attr:
+        raise WorkloadError(f"{what}: expected 'package.module:NAME', got {spec[:80]!r}")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:200]
+        raise WorkloadError(f"{what}: importing {module[:80]} failed ({type(e).__name__}: {msg})") from None
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise WorkloadError(f"{what}: module {module[:80]} has no attribute {attr[:80]!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, Workload):
+        raise WorkloadError(f"{what}: {spec[:80]} is a {type(obj).__name__}, not a bench.workloads.Workload")
+    if not isinstance(obj.providers, dict) or not all(callable(f) for f in obj.providers.values()):
+        raise WorkloadError(f"{what}: {spec[:80]}'s providers must be a dict of name -> factory")
+    for part in ("make_inputs", "reference"):
+        if not callable(getattr(obj, part)):
+            raise WorkloadError(f"{what}: {spec[:80]}'s {part} is not callable")
+    return obj
 
 
 def get(name: str) -> Workload:
-    """The workload called `name`; KeyError if there is none."""
-    if name not in _BUILTIN:
-        raise KeyError(name)
-    return importlib.import_module(_BUILTIN[name]).WORKLOAD
+    """The workload `name`: a name declared in the entry-point group GROUP (ours are too), or a
+    'package.module:NAME' spec of a Workload object. WorkloadError (a KeyError) with one line
+    when it does not resolve."""
+    if name in _loaded:
+        return _loaded[name]
+    if ":" in name:
+        wl = _load(name, f"workload '{name[:80]}'")
+    else:
+        table = _declared()[0]
+        if name not in table:
+            raise WorkloadError(f"unknown workload '{name[:80]}' (known: {', '.join(names())}; "
+                                f"or name one as package.module:NAME)")
+        if table[name].startswith("!"):
+            raise WorkloadError(f"workload '{name}' is declared by {table[name][1:]}: "
+                                f"name one as package.module:NAME")
+        wl = _load(table[name], f"workload '{name}' ({table[name]})")
+        for note in _declared()[1]:
+            if note.startswith(f"workload '{name}' "):
+                print(note, file=sys.stderr)
+    _loaded[name] = wl
+    return wl
 
 
 def load_user_provider(spec: str) -> Factory:
