@@ -14,7 +14,7 @@ import io
 import sys
 from pathlib import Path
 
-from bench import run as bench_run
+from bench import assets, run as bench_run
 from bench.cli import BadInput, Parser, command
 from bench.measure import runner, sweep
 from bench.present import report
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
                         help="run the sweeps on this Dask cluster (bench.run --executor dask)")
     args = parser.parse_args(argv)
     try:
-        plan = load_plan(args.config)
+        plan = load_plan(assets.sweep_file(args.config))
         return nightly(plan, Path(args.out), Path(args.baselines), history.connect(args.history),
                        args.profile, args.scheduler)
     except BadInput as e:

@@ -11,13 +11,14 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
+from bench import assets
 from bench.present import plots, tuned
 from bench.results import compare
 from bench.results.baseline import hardware
 from bench.results.store import Run
 from bench.results.summary import summarize
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "report_templates"
+TEMPLATES = assets.folder("report_templates")
 X_AXES = ("seq_len", "hidden")  # the axis a workload's plots run along, first one that varies
 SEED_NOTE = ("Reference, not a measurement of this run: the seed reports 2.8 ms (cuTile) vs 7.4 ms "
              "(native PyTorch) per step, 2.64x, on a Blackwell GPU with an unstated config; reported on "

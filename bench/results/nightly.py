@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import assets
 from bench.cli import BadInput
 
 ENTRY_KEYS = {"sweep", "set", "filter", "providers"}
@@ -35,7 +36,7 @@ def load_plan(path) -> list[dict]:
         for key in ("set", "filter", "providers"):
             if not all(isinstance(v, str) for v in entry.get(key) or []):
                 raise BadInput(f"{where}.{key}: expected a list of strings")
-        if not Path(entry["sweep"]).is_file():
+        if not assets.sweep_file(entry["sweep"]).is_file():  # relative to here, else built in
             raise BadInput(f"{where}: no sweep file {entry['sweep']}")
         plan.append({"sweep": entry["sweep"], "set": entry.get("set") or [],
                      "filter": entry.get("filter") or [], "providers": entry.get("providers") or []})
