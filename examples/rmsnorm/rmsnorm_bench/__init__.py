@@ -1,0 +1,1 @@
+"""RMSNorm as a cutile-bench workload, declared from outside the harness (docs/workloads.md)."""
