@@ -57,12 +57,14 @@ def merge(first: dict | None, rec: dict) -> dict:
 
 
 def interleave(cases: list[Case], trees: dict[str, Path], device: str, rounds: int,
-               on_round=None, log_of=None) -> dict[str, dict[str, dict]]:
+               on_round=None, log_of=None,
+               pythons: dict[str, str] | None = None) -> dict[str, dict[str, dict]]:
     """{side: {case_id: record}}: each case runs on both sides in A B B A ... order before the
     next case starts, so both sides of a case see the machine in the same state. `log_of(side,
-    case)` names the file a case's output goes to."""
+    case)` names the file a case's output goes to; `pythons` the interpreter of a side's worker
+    (default: this one)."""
     sides = list(trees)
-    workers = {s: Worker(device, trees[s]) for s in sides}
+    workers = {s: Worker(device, trees[s], (pythons or {}).get(s)) for s in sides}
     out: dict[str, dict[str, dict]] = {s: {} for s in sides}
     try:
         for case in cases:

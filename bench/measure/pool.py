@@ -85,16 +85,18 @@ def _protocol(tree: Path) -> int:
 
 
 class Worker:
-    """One worker process of the tree `tree` serving `device`, started on demand."""
+    """One worker process of the tree `tree` serving `device`, started on demand, run by the
+    interpreter `python` (by default this one; bench.bisect --envs names another environment's)."""
 
-    def __init__(self, device: str, tree: Path = OWN_TREE):
+    def __init__(self, device: str, tree: Path = OWN_TREE, python: str | None = None):
         self.device, self.tree = device, Path(tree)
+        self.python = python or sys.executable
         self.proc, self.scratch = None, None
 
     def _command(self) -> list[str]:
         if _protocol(self.tree) == 2:
-            return [sys.executable, "-m", "bench.measure.worker", self.device]
-        return [sys.executable, "-c", _LEGACY, self.device]
+            return [self.python, "-m", "bench.measure.worker", self.device]
+        return [self.python, "-c", _LEGACY, self.device]
 
     def start(self) -> bool:
         """Start a worker and wait until it has imported everything; False if it never does."""
