@@ -143,7 +143,7 @@ def main(argv=None) -> int:
                         help="run the sweeps on this Dask cluster (bench.run --executor dask)")
     args = parser.parse_args(argv)
     try:
-        plan = load_plan(assets.sweep_file(args.config))
+        plan = load_plan(assets.sweep_file(args.config), assets.sweep_file)
         return nightly(plan, Path(args.out), Path(args.baselines), history.connect(args.history),
                        args.profile, args.scheduler)
     except BadInput as e:

@@ -26,8 +26,6 @@ def can_build() -> bool:
                 or importlib.util.find_spec("setuptools.command.bdist_wheel"))
 
 
-pytestmark = pytest.mark.skipif(not can_build(), reason="building the wheel needs setuptools with "
-                                "bdist_wheel, or the wheel module (--no-build-isolation: no network)")
 
 
 def tree_packages() -> set[str]:
@@ -39,6 +37,9 @@ def tree_packages() -> set[str]:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(venv, environment, working directory): the wheel of this tree installed in a fresh venv."""
+    if not can_build():
+        pytest.skip("building the wheel needs setuptools with bdist_wheel, or the wheel module "
+                    "(--no-build-isolation: no network)")
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"  # built from a copy: a build leaves build/ and *.egg-info where it runs
     src.mkdir()
@@ -137,3 +138,21 @@ def test_run_report_compare_nightly(installed):
     assert "Nightly benchmark" in md.read_text()
     assert list((work / "night" / "nightly").glob("*/trend.html"))
     assert not (work / "sweeps").exists() and not (work / "report_templates").exists()
+
+
+def test_dispatch(capsys, monkeypatch, tmp_path):
+    """cutile-bench X is bench.X.main; an unknown or absent command is one line and exit 2; a
+    built-in sweep is found by name from any directory, an existing file first."""
+    from bench import __main__ as cli, assets
+    assert cli.main([]) == 0 and "crosscheck" in capsys.readouterr().out
+    assert cli.main(["nosuch"]) == 2 and capsys.readouterr().err.count("\n") == 1
+    monkeypatch.setitem(cli.COMMANDS, "absent", "")
+    assert cli.main(["absent"]) == 2 and "bench.absent" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+    monkeypatch.chdir(tmp_path)
+    assert assets.sweep_file("fmha") == assets.sweep_file("sweeps/fmha.yaml") == ROOT / "sweeps" / "fmha.yaml"
+    assert assets.sweep_file("sweeps/nope.yaml") == Path("sweeps/nope.yaml")
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "fmha.yaml").write_text("workload: fmha\n")
+    assert assets.sweep_file("sweeps/fmha.yaml") == Path("sweeps/fmha.yaml")
+    assert (assets.folder("report_templates") / "report.html.j2").is_file()

@@ -6,19 +6,21 @@ import math
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import jinja2
 import pandas as pd
 
-from bench import assets
 from bench.present import plots, tuned
 from bench.results import compare
 from bench.results.baseline import hardware
 from bench.results.store import Run
 from bench.results.summary import summarize
 
-TEMPLATES = assets.folder("report_templates")
+# an installed wheel carries report_templates/ in bench/ (pyproject.toml); a checkout has it at the top
+TEMPLATES = next((p for p in (Path(str(resources.files("bench") / "report_templates")),) if p.is_dir()),
+                 Path(__file__).resolve().parents[2] / "report_templates")
 X_AXES = ("seq_len", "hidden")  # the axis a workload's plots run along, first one that varies
 SEED_NOTE = ("Reference, not a measurement of this run: the seed reports 2.8 ms (cuTile) vs 7.4 ms "
              "(native PyTorch) per step, 2.64x, on a Blackwell GPU with an unstated config; reported on "

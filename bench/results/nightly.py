@@ -6,14 +6,14 @@ from pathlib import Path
 
 import yaml
 
-from bench import assets
 from bench.cli import BadInput
 
 ENTRY_KEYS = {"sweep", "set", "filter", "providers"}
 
 
-def load_plan(path) -> list[dict]:
-    """The sweeps to run: [{sweep, set, filter, providers}], checked so a typo fails before any run."""
+def load_plan(path, find=Path) -> list[dict]:
+    """The sweeps to run: [{sweep, set, filter, providers}], checked so a typo fails before any run;
+    find(name) is the file a sweep's name stands for (bench.nightly: a built-in one too)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -36,7 +36,7 @@ def load_plan(path) -> list[dict]:
         for key in ("set", "filter", "providers"):
             if not all(isinstance(v, str) for v in entry.get(key) or []):
                 raise BadInput(f"{where}.{key}: expected a list of strings")
-        if not assets.sweep_file(entry["sweep"]).is_file():  # relative to here, else built in
+        if not find(entry["sweep"]).is_file():
             raise BadInput(f"{where}: no sweep file {entry['sweep']}")
         plan.append({"sweep": entry["sweep"], "set": entry.get("set") or [],
                      "filter": entry.get("filter") or [], "providers": entry.get("providers") or []})
