@@ -29,7 +29,7 @@ def _bench(args, env, cwd):
 
 def _sweep(tmp_path, workload, name="rms.yaml"):
     path = tmp_path / name
-    path.write_text(SWEEP.replace("workload: rmsnorm ", f"workload: {workload} ", 1))
+    path.write_text(SWEEP.replace("\nworkload: rmsnorm ", f"\nworkload: {workload} ", 1))
     return path
 
 
