@@ -204,3 +204,24 @@ def test_headless_screenshot_shows_the_headline_table_and_a_plot(tmp_path):
     line = (abs(img[..., :3] - [c / 255 for c in LINE]) <= 0.05).all(axis=-1)
     assert line.sum() > 500, "a plot's lines are drawn"
     assert line.any(axis=1).nonzero()[0][0] > headers[0], "the plots come after the headline"
+
+
+def test_headline_is_one_verdict_per_regime():
+    import pandas as pd
+    rows = []
+    for graph, cut_ms in ((False, 2.0), (True, 0.9)):
+        for prov, ms in (("cutile", cut_ms), ("torch", 1.0)):
+            rows.append({"provider": prov, "status": "ok", "suspect": False, "graph": graph,
+                         "mode": "fwd", "shape_short": "batch=1", "config": "", "median_ms": ms,
+                         "baseline": "torch", "reason": None})
+    heads = report.headlines("w", pd.DataFrame(rows))
+    assert [h.name for h in heads] == ["w (graph=False)", "w (graph=True)"]
+    assert heads[0].summary.rows[0][2][0].endswith("slower")
+    assert heads[1].summary.rows[0][2][0].endswith("faster")
+
+
+def test_tuned_section_follows_the_results_and_presenter_names_no_workload():
+    text = (Path(report.TEMPLATES) / "report.html.j2").read_text()
+    assert text.index('include "tuned.html.j2"') > text.index("{% for s in sections %}")
+    src = Path(report.__file__).read_text()
+    assert '"torch-naive"' not in src.split("def model_step")[0]

@@ -225,6 +225,46 @@ class Headline:
     shapes: Table | None = None
 
 
+def regime_axes(name: str, g: pd.DataFrame) -> list[str]:
+    """The axes whose values are regimes never mixed in one verdict: the workload's `regimes` hint
+    where the run's meta records it, else every varying shape axis of flags or words (graph=True
+    and False, mode=fwd and fwd_bwd), dtype aside. The workload itself is not imported: a report
+    renders without its kernels, and from a package no longer installed."""
+    hint = (((run_meta.get() or {}).get("workloads") or {}).get(name) or {}).get("regimes")
+    if hint:
+        return [a for a in hint if a in g.columns and g[a].nunique(dropna=True) > 1]
+    axes = []
+    for col in shape_axes(g.to_dict("records")) if "shape" in g.columns else g.columns:
+        if col in g.columns and col != "dtype" and col not in LEAD_COLS and g[col].nunique(dropna=True) > 1:
+            vals = g[col]
+            if vals.notna().all() and vals.map(lambda v: isinstance(v, (bool, str))).all():
+                axes.append(col)
+    return axes
+
+
+class _Meta:
+    value: dict | None = None
+
+    def get(self):
+        return self.value
+
+
+run_meta = _Meta()
+LEAD_COLS = {"case_id", "workload", "provider", "baseline", "status", "reason", "device", "bound",
+             "config", "shape_label", "params_label", "shape_short", "suspect"}
+
+
+def headlines(name: str, g: pd.DataFrame) -> list[Headline]:
+    """One verdict per regime (fwd and fwd_bwd, eager and graphed apart): a geometric mean never
+    mixes them."""
+    axes = regime_axes(name, g)
+    if not axes:
+        return [headline(name, g)]
+    keyed = g.assign(_regime=[", ".join(f"{a}={r[a]}" for a in axes) for _, r in g.iterrows()])
+    return [headline(f"{name} ({regime})", sg.drop(columns="_regime"))
+            for regime, sg in numeric_order(keyed, axes).groupby("_regime", sort=False)]
+
+
 def headline(name: str, g: pd.DataFrame) -> Headline:
     usable = g[(g["status"] == "ok") & ~g["suspect"]]
     subject = g[g["provider"].map(is_cutile)]
@@ -342,6 +382,26 @@ def failures(frame: pd.DataFrame) -> Table:
                      "params_label": "parameters", "reason": "reason"})
 
 
+LOG_TAIL_LINES = 30
+
+
+def log_tails(run: Run) -> list[tuple[str, str]]:
+    """(case, the last lines of its log) for each case that did not end ok or skipped and left a
+    log (a path relative to the run dir): the device-side assert, not only "worker died"."""
+    out = []
+    for rec in run.records:
+        if rec.get("status") in ("ok", "skipped") or not rec.get("log"):
+            continue
+        path = Path(run.path) / rec["log"]
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError as e:
+            lines = [f"(log not readable: {e.strerror or e})"]
+        tail = "\n".join(lines[-LOG_TAIL_LINES:]) or "(empty log)"
+        out.append((f"{rec.get('status')} {rec.get('case_id')}", tail))
+    return out
+
+
 def skipped(frame: pd.DataFrame) -> Table:
     """One row per distinct reason a provider was skipped, with how many cases it cost."""
     table = Table(["workload", "provider", "reason", "cases"])
@@ -384,6 +444,7 @@ def ceilings_note(meta: dict) -> str:
 
 def build(run: Run, cmp: compare.Comparison | None = None) -> dict:
     """Everything the templates need."""
+    run_meta.value = run.meta
     frame = case_frame(run.records, run.meta, run.counters)
     counts = Counter(frame["status"]) if not frame.empty else Counter()
     by_workload: dict[str, list[dict]] = {}
@@ -396,13 +457,14 @@ def build(run: Run, cmp: compare.Comparison | None = None) -> dict:
     return {
         "run_id": run.meta.get("run_id") or run.path.name, "hardware": hardware(run.meta),
         "env": env_card(run), "counts": dict(counts), "sections": sections,
-        "headlines": [headline(name, frames[name]) for name in sorted(frames)],
+        "headlines": [h for name in sorted(frames) for h in headlines(name, frames[name])],
         "ceilings_note": ceilings_note(run.meta),
         "model_step": model_step(frames["model_step"]) if "model_step" in frames else None,
         "has_model_step": "model_step" in frames, "seed_note": SEED_NOTE,
         "tuned": tuned.section(run.meta),
         "failures": failures(frame) if len(frame) - counts.get("ok", 0) - counts.get("skipped", 0)
         else None,
+        "failure_logs": log_tails(run),
         "skipped": skips,
         "compare": cmp, "compare_table": comparison_table(cmp) if cmp else None,
         "compare_headline": compare.headline(cmp) if cmp else None,
