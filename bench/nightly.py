@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+import time
 from pathlib import Path
 
 from bench import assets, run as bench_run
+from bench import bisect as bench_bisect
 from bench.cli import BadInput, Parser, command
 from bench.measure import runner, sweep
 from bench.present import report
@@ -92,9 +94,36 @@ def pinned(standing: list[changepoints.Step], gpu: str) -> str:
     return "## Slower since a commit\n\n" + ("\n".join(lines) or "None on this GPU.") + "\n"
 
 
+def bisect_regressions(entry: dict, run, base, cmp, out: Path, profile: str | None,
+                       deadline: float) -> list[str]:
+    """bench.bisect of each regression of `cmp` between the baseline's commit and this run's,
+    while time is left before `deadline` (time.monotonic()); report.md lines of what each found."""
+    good, bad = (base.meta.get("git") or {}).get("sha"), (run.meta.get("git") or {}).get("sha")
+    lines = []
+    for row in cmp.failing:
+        left = deadline - time.monotonic()
+        if row["verdict"] != "regression" or left <= 0 or not good or not bad or good == bad:
+            continue
+        ids = [r["case_id"] for r in run.records if compare.case_label(r) == row["case"]]
+        if len(ids) != 1:
+            continue
+        argv = [a for a in run_argv(entry, out, profile, None) if a != "--strict"]
+        argv += ["--case", ids[0], "--good", good, "--bad", bad, "--budget", f"{left:.0f}"]
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            rc = bench_bisect.main(argv)
+        text = captured.getvalue()
+        sys.stdout.write(text)
+        found = text.strip().splitlines()[-2:-1] if rc in (0, 1) else [f"bisect exit status {rc}"]
+        lines.append(f"- {row['case']}: {found[0] if found else '?'}")
+    return lines
+
+
 def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | None,
-            scheduler: str | None = None) -> int:
-    """Run the plan; write reports, history, trend page and a combined report.md."""
+            scheduler: str | None = None, bisect_budget: float | None = None) -> int:
+    """Run the plan; write reports, history, trend page and a combined report.md. With a bisect
+    budget (seconds), each new regression is bisected (bench.bisect) while the budget lasts."""
+    deadline = time.monotonic() + (bisect_budget or 0)
     load_sweeps(plan, out, profile, scheduler)
     night = out / "nightly" / store.run_dir_name("night", None)  # two nights never share one
     night.mkdir(parents=True)
@@ -117,6 +146,10 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
         if cmp is None:
             summary.append(f"No baseline for {gpu} / {(run.meta.get('sweep') or {}).get('name')}: "
                            f"bless one with `python -m bench.baseline set {run.path}`.\n")
+        if cmp and bisect_budget:
+            found = bisect_regressions(entry, run, open_run(base), cmp, out, profile, deadline)
+            if found:
+                summary.append("## Bisected\n\n" + "\n".join(found) + "\n")
         history.record_run(db, run, cmp)
     past = history.read(db)
     steps = changepoints.find_steps(past, sweep.COMPARE_DEFAULTS["threshold"])

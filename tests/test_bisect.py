@@ -119,3 +119,32 @@ def test_toolchain_bisect_names_the_slow_environment(tmp_path, monkeypatch, caps
     result = json.loads(open(out.strip().splitlines()[-1]).read())
     assert result["mode"] == "envs" and result["culprit"] == str(envs[1])
     assert [s["bad"] for s in result["steps"]] == [True, True], result["steps"]
+
+
+def test_nightly_bisects_a_regression_within_its_budget(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from bench import nightly
+    from bench.measure import sweep as sweep_mod
+    repo = tmp_path / "repo"
+    history(repo, slow_from=2, commits=2)
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.syspath_prepend(str(repo))
+    monkeypatch.chdir(repo)
+    path = tmp_path / "bisect.yaml"
+    path.write_text(SWEEP)
+    case = sweep_mod.load(str(path), None, [], [], ["spun"]).cases[0]
+    sha = {rev: subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True,
+                               cwd=repo).stdout.strip() for rev in ("HEAD~2", "HEAD~1", "HEAD")}
+    rec = {"case_id": case.case_id, "workload": "layernorm", "provider": "spun", "params": case.params}
+    from bench.results.compare import case_label
+    run = SimpleNamespace(meta={"git": {"sha": sha["HEAD"]}}, records=[rec])
+    base = SimpleNamespace(meta={"git": {"sha": sha["HEAD~2"]}})
+    cmp = SimpleNamespace(failing=[{"case": case_label(rec), "verdict": "regression"}])
+    entry = {"sweep": str(path), "set": [], "filter": [], "providers": ["spun"]}
+    import time
+    lines = nightly.bisect_regressions(entry, run, base, cmp, tmp_path / "results", None,
+                                       time.monotonic() + 120)
+    assert len(lines) == 1 and sha["HEAD"] in lines[0] and "first bad commit" in lines[0], lines
+    assert nightly.bisect_regressions(entry, run, base, cmp, tmp_path / "results", None,
+                                      time.monotonic() - 1) == []  # no time left: no bisection
