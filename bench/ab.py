@@ -1,8 +1,9 @@
 """python -m bench.ab BASE [HEAD] SWEEP [options]: did my change make it faster or slower?
 
 BASE and HEAD are git revisions or directories (HEAD defaults to this working tree). Every case of
-the sweep runs with each side's own code on the same device, in A B B A rounds; each case's ratio
-HEAD/BASE gets a bootstrap confidence interval as in bench.compare. Exit 1 when HEAD regresses a
+the sweep runs with each side's own code on the same device, in A B B A rounds (more while the
+case's noise asks for them); each case's ratio HEAD/BASE is the geometric mean of its rounds' ratios,
+with a t interval over the rounds, judged as in bench.compare. Exit 1 when HEAD regresses a
 case (or breaks one), 0 otherwise, 2 on bad input."""
 from __future__ import annotations
 
@@ -13,14 +14,23 @@ from bench.measure import ab, runner, sweep
 from bench.present.report import render
 from bench.results.compare import compare_runs, to_text, write
 
+# Rounds per case: a paired interval needs a few pairs (a GPU case's rounds agree within a few
+# tenths of a percent and stop there); a shared CPU's rounds scatter by 10-30% and take the most
+# (docs/regressions.md: what they detect).
+ROUNDS, MAX_ROUNDS = 6, 20
+
 
 def parse_args(argv):
     p = Parser(prog="python -m bench.ab", description=__doc__.split("\n")[0])
     p.add_argument("args", nargs="+", metavar="BASE [HEAD] SWEEP")
     sweep_options(p)
     p.add_argument("--gpu", type=int, help="GPU index both sides run on (default: 0, or the CPU)")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="A B rounds per case, alternating the order (default: 2, i.e. A B B A)")
+    p.add_argument("--rounds", type=int, default=ROUNDS,
+                   help="A B rounds per case at least, alternating the order A B B A ... "
+                        "(default: %(default)s)")
+    p.add_argument("--max-rounds", type=int, default=MAX_ROUNDS,
+                   help="more rounds, up to this many, while the interval of the case's paired "
+                        "ratio is too wide to resolve twice the threshold (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None,
                    help="relative change that counts (default: the sweep's compare.threshold, else 0.03)")
     args = p.parse_args(argv)
@@ -36,12 +46,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
-        if args.rounds < 1:
-            raise BadInput("--rounds must be at least 1")
+        if args.rounds < 1 or args.max_rounds < args.rounds:
+            raise BadInput("--rounds must be at least 1 and --max-rounds at least --rounds")
         device = runner.devices_for(None if args.gpu is None else str(args.gpu), 1)[0]
         sw = runner.load_sweep(args, device)
         out, base, head = ab.run(sw, args.base, args.head, args.out, ["-m", "bench.ab", *argv],
-                                 device, args.rounds)
+                                 device, args.rounds, max_rounds=args.max_rounds,
+                                 threshold=args.threshold or sw.compare["threshold"])
         cmp = compare_runs(base, head, args.threshold)
     except (sweep.SweepError, BadInput) as e:
         print(f"error: {e}", file=sys.stderr)

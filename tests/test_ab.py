@@ -1,11 +1,17 @@
 """bench.ab on the CPU: two trees whose providers spin for fixed times (tests/delay_provider.py), so
 the verdicts do not depend on the machine's load. A revision that slows one provider by 10% fails
-naming that case only; two identical trees pass."""
+naming that case only; two identical trees pass. The paired-rounds statistic on seeded synthetic
+rounds of a busy machine: a 20% slowdown is flagged, an A/A is not, and rounds continue while the
+interval is wide."""
 import json
 import shutil
 import subprocess
 
+import numpy as np
+
 from bench import ab as ab_cli
+from bench.measure import ab as interleaved
+from bench.results import compare, stats
 from conftest import ROOT, TESTS
 
 SWEEP = """
@@ -72,3 +78,59 @@ def test_bad_revision_is_one_line_and_exit_2(tmp_path, capsys):
     assert ab_cli.main(["no-such-revision", str(sweep), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no-such-revision" in err
+
+
+def rounds_of(rng, rounds: int, slowdown: float, reps: int = 30) -> tuple[dict, dict]:
+    """Seeded A/B records of one case on a busy machine: each round's level moves by 30% (both
+    sides of a round alike), each side's level within a round by 10% more, its samples by 5%."""
+    def side(level):
+        return np.exp(rng.normal(np.log(level) + rng.normal(0, 0.10), 0.05, reps))
+    base, cur = [], []
+    for _ in range(rounds):
+        level = np.exp(rng.normal(0, 0.30))
+        base.append(side(level))
+        cur.append(side(level * slowdown))
+    return tuple({"case_id": "c", "workload": "w", "provider": "p", "params": {}, "status": "ok",
+                  "samples_ms": list(np.concatenate(r)), "round_reps": [reps] * rounds}
+                 for r in (base, cur))
+
+
+def test_paired_rounds_flag_a_20_percent_slowdown_and_not_an_aa():
+    rng = np.random.default_rng(2026)
+    slow = [rounds_of(rng, ab_cli.MAX_ROUNDS, 1.2) for _ in range(100)]
+    same = [rounds_of(rng, ab_cli.MAX_ROUNDS, 1.0) for _ in range(200)]
+    judge = lambda pair: compare.compare_case(*pair, 0.03, "cpu")["verdict"]  # noqa: E731
+    assert sum(judge(p) == "regression" for p in slow) >= 95
+    assert sum(judge(p) == "regression" for p in same) <= 2  # false alarms: at most 1%
+    pooled = [tuple({k: v for k, v in r.items() if k != "round_reps"} for r in p) for p in slow[:20]]
+    assert sum(judge(p) == "regression" for p in pooled) <= 5, "the pooled samples drown it"
+
+
+def test_detectable_change_follows_the_verdict_rule():
+    """A change just above the stated detectable change is flagged, one just below it is not."""
+    rng = np.random.default_rng(7)
+    base, cur = rounds_of(rng, 12, 1.0)
+    row = compare.compare_case(base, cur, 0.03, "cpu")
+    at = row["detectable"]
+    assert 0.03 < at < 1
+    for factor, flagged in ((1.02, True), (0.98, False)):
+        moved = dict(cur, samples_ms=list(np.asarray(cur["samples_ms"]) * (1 + at) * factor / row["ratio"]))
+        assert (compare.compare_case(base, moved, 0.03, "cpu")["verdict"] == "regression") is flagged
+
+
+def test_rounds_continue_while_the_paired_interval_is_wide():
+    rng = np.random.default_rng(3)
+    steady = [dict(r, samples_ms=list(np.asarray(r["samples_ms"]) ** 0.02)) for r in rounds_of(rng, 6, 1.0)]
+    assert interleaved.enough_rounds(*steady, 6, 0.03, 6, 20)
+    assert not interleaved.enough_rounds(*steady, 4, 0.03, 6, 20), "never fewer than --rounds"
+    scattered = rounds_of(rng, 6, 1.0)
+    assert not interleaved.enough_rounds(*scattered, 6, 0.03, 6, 20)
+    assert interleaved.enough_rounds(*scattered, 20, 0.03, 6, 20)
+    assert interleaved.enough_rounds(scattered[0], {**scattered[1], "status": "error"}, 2, 0.03, 6, 20)
+
+
+def test_merge_keeps_each_rounds_sample_count():
+    rec = {"status": "ok", "samples_ms": [1.0, 2.0]}
+    merged = interleaved.merge(interleaved.merge(None, rec), {"status": "ok", "samples_ms": [3.0]})
+    assert merged["samples_ms"] == [1.0, 2.0, 3.0] and merged["round_reps"] == [2, 1]
+    assert list(stats.round_medians(merged["samples_ms"], merged["round_reps"])) == [1.5, 3.0]

@@ -5,6 +5,7 @@ load) falls on both sides alike instead of on whichever side ran second."""
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import sys
 import tarfile
@@ -15,7 +16,8 @@ from bench.cli import BadInput
 from bench.measure import env, runner
 from bench.measure.pool import Worker
 from bench.measure.sweep import Case, Sweep
-from bench.results import store
+from bench.results import stats, store
+from bench.results.compare import CONFIDENCE, THRESHOLD
 from bench.results.store import Run
 from bench.results.summary import summarize
 
@@ -44,36 +46,59 @@ def checkout(spec: str, repo: Path, into: Path) -> tuple[Path, dict]:
 
 
 def merge(first: dict | None, rec: dict) -> dict:
-    """One record per case and side over all rounds: the samples of every round pooled; a round
-    that failed makes the case fail, with that round's reason."""
+    """One record per case and side over all rounds: the samples of every round pooled, and how
+    many each round gave (the pairs of rounds compare judges an A/B by); a round that failed makes
+    the case fail, with that round's reason."""
     if first is None:
-        return {**rec, "rounds": 1}
+        return {**rec, "rounds": 1, "round_reps": [len(rec.get("samples_ms") or [])]}
     if rec["status"] != "ok":
         return {**rec, "rounds": first["rounds"] + 1}
     if first["status"] != "ok":
         return {**first, "rounds": first["rounds"] + 1}
     return {**first, "samples_ms": first["samples_ms"] + rec["samples_ms"],
+            "round_reps": first["round_reps"] + [len(rec["samples_ms"])],
             "rounds": first["rounds"] + 1, "ended_utc": rec.get("ended_utc")}
 
 
+def enough_rounds(a: dict, b: dict, done: int, threshold: float, rounds: int, max_rounds: int) -> bool:
+    """The noise-based stop rule of a case's rounds: at least `rounds`, then more in A B B A
+    pairs until the interval of the paired ratio is narrow enough to resolve a change of twice
+    the threshold (half-width under log(1 + threshold)), or `max_rounds`, or a side failed. The
+    rule looks only at the interval's width, never at where it lies, so stopping does not favour
+    a verdict."""
+    if done >= max_rounds or a["status"] != "ok" or b["status"] != "ok":
+        return True
+    if done < rounds or done % 2:
+        return False
+    ratio, _, high = stats.paired_ratio_ci(stats.round_medians(a["samples_ms"], a["round_reps"]),
+                                           stats.round_medians(b["samples_ms"], b["round_reps"]),
+                                           CONFIDENCE)
+    return math.log(high / ratio) <= math.log1p(threshold) if ratio > 0 and high > 0 else False
+
+
 def interleave(cases: list[Case], trees: dict[str, Path], device: str, rounds: int,
-               on_round=None, log_of=None,
-               pythons: dict[str, str] | None = None) -> dict[str, dict[str, dict]]:
+               on_round=None, log_of=None, pythons: dict[str, str] | None = None,
+               max_rounds: int | None = None,
+               threshold: float = THRESHOLD) -> dict[str, dict[str, dict]]:
     """{side: {case_id: record}}: each case runs on both sides in A B B A ... order before the
-    next case starts, so both sides of a case see the machine in the same state. `log_of(side,
-    case)` names the file a case's output goes to; `pythons` the interpreter of a side's worker
-    (default: this one)."""
+    next case starts, so both sides of a case see the machine in the same state: `rounds`
+    rounds, or with `max_rounds` as many as the stop rule (enough_rounds) asks of the first two
+    sides. `log_of(side, case)` names the file a case's output goes to; `pythons` the interpreter
+    of a side's worker (default: this one)."""
     sides = list(trees)
     workers = {s: Worker(device, trees[s], (pythons or {}).get(s)) for s in sides}
     out: dict[str, dict[str, dict]] = {s: {} for s in sides}
     try:
         for case in cases:
-            for r in range(rounds):
-                for side in (sides if r % 2 == 0 else sides[::-1]):
+            done = 0
+            while done < rounds or max_rounds and not enough_rounds(
+                    *(out[s][case.case_id] for s in sides[:2]), done, threshold, rounds, max_rounds):
+                for side in (sides if done % 2 == 0 else sides[::-1]):
                     rec = workers[side].run(case, log_of(side, case) if log_of else None)
                     out[side][case.case_id] = merge(out[side].get(case.case_id), rec)
                     if on_round:
                         on_round(side, case, rec)
+                done += 1
     finally:
         for w in workers.values():
             w.stop()
@@ -81,7 +106,8 @@ def interleave(cases: list[Case], trees: dict[str, Path], device: str, rounds: i
 
 
 def run(sw: Sweep, base: str, head: str | None, root: Path, argv: list[str], device: str,
-        rounds: int) -> tuple[Path, Run, Run]:
+        rounds: int, max_rounds: int | None = None,
+        threshold: float = THRESHOLD) -> tuple[Path, Run, Run]:
     """Measure both sides into ROOT/<time>_<sweep>_ab_<random>/{base,head}, two ordinary run
     directories whose records pool every round's samples; HEAD None is the working tree of this
     project."""
@@ -94,7 +120,8 @@ def run(sw: Sweep, base: str, head: str | None, root: Path, argv: list[str], dev
             else:
                 trees[side], git = checkout(spec, Path.cwd(), Path(tmp))
             writers[side] = runner.new_run(sw, ab_dir, argv, [device], name=side)
-            writers[side].meta.update(git=git, ab={"side": side, "rounds": rounds})
+            writers[side].meta.update(git=git, ab={"side": side, "rounds": rounds,
+                                                   "max_rounds": max_rounds or rounds})
             (writers[side].path / store.LOGS).mkdir()
 
         def progress(side, case, rec):
@@ -103,7 +130,8 @@ def run(sw: Sweep, base: str, head: str | None, root: Path, argv: list[str], dev
         def log_of(side, case):
             return str(writers[side].path / store.LOGS / f"{case.case_id}.log")
 
-        records = interleave(sw.cases, trees, device, rounds, progress, log_of)
+        records = interleave(sw.cases, trees, device, rounds, progress, log_of,
+                             max_rounds=max_rounds, threshold=threshold)
     runs = {}
     for side, writer in writers.items():
         for case in sw.cases:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.results import stats
 from bench.results.baseline import hardware
 from bench.cli import BadInput
 from bench.results.store import FAILED, Run
@@ -93,8 +94,13 @@ def compare_case(base: dict, cur: dict, threshold: float, kind: str = "cuda") ->
     ratio = lo = hi = math.nan
     noise = run_noise(base, cur, kind)
     if b_ok and c_ok:
-        seed = zlib.crc32(cur["case_id"].encode())
-        ratio, lo, hi = ratio_ci(base.get("samples_ms") or [], cur.get("samples_ms") or [], seed=seed)
+        rounds = [stats.round_medians(r.get("samples_ms"), r.get("round_reps")) for r in (base, cur)]
+        if len(rounds[0]) >= 2 and len(rounds[0]) == len(rounds[1]):  # A/B: pairs of rounds
+            ratio, lo, hi = stats.paired_ratio_ci(*rounds, CONFIDENCE)
+            noise = 0.0  # the pairs cancel the machine's drift; what is left widens the interval
+        else:
+            seed = zlib.crc32(cur["case_id"].encode())
+            ratio, lo, hi = ratio_ci(base.get("samples_ms") or [], cur.get("samples_ms") or [], seed=seed)
         result = verdict(ratio, lo, hi, threshold, noise)
     elif b_ok and cur.get("status") in FAILED:
         result = "broken"
@@ -109,6 +115,7 @@ def compare_case(base: dict, cur: dict, threshold: float, kind: str = "cuda") ->
         "cur_status": cur.get("status"), "base_ms": _median(base), "cur_ms": _median(cur),
         "ratio": ratio, "ci_low": lo, "ci_high": hi, "run_noise": noise, "verdict": result,
         "noisy": noisy or noise > math.log1p(threshold),
+        "detectable": stats.detectable_change(ratio, lo, threshold, noise),
         "reason": "" if c_ok else (cur.get("reason") or ""),
     }
 
@@ -172,6 +179,19 @@ def _pct(x: float) -> str:
     return "-" if math.isnan(x) else f"{(x - 1) * 100:+.1f}%"
 
 
+def _at_least(change: float) -> str:
+    """The smallest slowdown a case's verdict would flag (stats.detectable_change), for people."""
+    return "-" if change is None or math.isnan(change) else f">= {change * 100:.3g}%"
+
+
+def _noisy(row: dict) -> str:
+    """A noisy case's verdict says what it could still detect, not only that it is noisy."""
+    if not row["noisy"]:
+        return ""
+    at_least = _at_least(row.get("detectable", math.nan))
+    return " (noisy)" if at_least == "-" else f" (could detect {at_least})"
+
+
 def table_rows(cmp: Comparison) -> list[dict]:
     """Rows for people: failing verdicts first, then by the size of the change."""
     def order(r):
@@ -179,9 +199,10 @@ def table_rows(cmp: Comparison) -> list[dict]:
         return rank, -abs((r["ratio"] if not math.isnan(r["ratio"]) else 1) - 1)
 
     return [{
-        "verdict": r["verdict"] + (" (noisy)" if r["noisy"] else ""), "case": r["case"],
+        "verdict": r["verdict"] + _noisy(r), "case": r["case"],
         "base_ms": r["base_ms"], "cur_ms": r["cur_ms"], "change": _pct(r["ratio"]),
         "ci": f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]" if not math.isnan(r["ci_low"]) else "-",
+        "detects": _at_least(r.get("detectable", math.nan)),
         "status": r["cur_status"] if r["base_status"] == r["cur_status"]
         else f"{r['base_status']} -> {r['cur_status']}",
     } for r in sorted(cmp.rows, key=order)]
@@ -208,10 +229,10 @@ def to_markdown(cmp: Comparison, only_changes: bool = False) -> str:
     if cmp.hardware[0] != cmp.hardware[1]:
         lines += [f"Different hardware: {cmp.hardware[0]} vs {cmp.hardware[1]}.", ""]
     if rows:
-        lines += ["| verdict | case | base ms | current ms | change | CI | status |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| verdict | case | base ms | current ms | change | CI | detects | status |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['verdict']} | {r['case']} | {r['base_ms']:.4g} | {r['cur_ms']:.4g} | "
-                  f"{r['change']} | {r['ci']} | {r['status']} |" for r in rows]
+                  f"{r['change']} | {r['ci']} | {r['detects']} | {r['status']} |" for r in rows]
     for title, cases in (("Only in the baseline", cmp.only_base), ("Only in the current run", cmp.only_cur)):
         if cases:  # a nightly subset of a full baseline leaves hundreds: list a few, count the rest
             lines += ["", f"{title} ({len(cases)}):", *[f"- {c}" for c in cases[:MD_LIST]]]
@@ -222,7 +243,7 @@ def to_markdown(cmp: Comparison, only_changes: bool = False) -> str:
 
 def to_text(cmp: Comparison) -> str:
     rows = table_rows(cmp)
-    cols = ["verdict", "change", "ci", "base_ms", "cur_ms", "status", "case"]
+    cols = ["verdict", "change", "ci", "detects", "base_ms", "cur_ms", "status", "case"]
     cells = [[c for c in cols]] + [[r[c] if isinstance(r[c], str) else f"{r[c]:.4g}" for c in cols]
                                    for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols) - 1)]

@@ -52,6 +52,7 @@ class Record:
     leaked: dict | None = None  # what the case left changed in its worker, which was then replaced
     log: str | None = None  # the case's captured output, relative to the run directory
     rounds: int | None = None  # A/B: rounds pooled into this record
+    round_reps: list | None = None  # A/B: samples of each round, in the order samples_ms pools them
     host: str | None = None  # the host that ran it, where that is not this one (Dask)
     started_utc: str = field(default_factory=utc_now)
     ended_utc: str | None = None

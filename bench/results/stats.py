@@ -43,3 +43,47 @@ def describe(samples) -> dict[str, float]:
     lo, hi = median_ci(x)
     return dict(n=int(x.size), median=float(med), mean=float(x.mean()), iqr=float(q3 - q1),
                 ci_low=lo, ci_high=hi, min=float(x.min()))
+
+
+def false_alarm_rate(confidence: float) -> float:
+    """The chance that a case that did not change is flagged a regression: its two-sided interval
+    lies wholly above 1 with probability (1 - confidence) / 2 (the threshold and noise bound only
+    lower it further), so a night of n cases expects n times this many false alarms."""
+    return (1.0 - confidence) / 2
+
+
+def detectable_change(ratio: float, ci_low: float, threshold: float, noise: float = 0.0) -> float:
+    """The smallest slowdown the verdict rule would flag at this case's measured noise.
+
+    A regression needs log r above log(1 + threshold), above the run-to-run noise bound and above
+    the interval's lower reach log(r / low) (the interval moves with the ratio, its width set by the
+    samples' scatter): so the largest of the three, as a relative change. NaN without an interval."""
+    if not (ratio > 0 and ci_low > 0):
+        return math.nan
+    return math.expm1(max(math.log1p(threshold), noise, math.log(ratio / ci_low)))
+
+
+def round_medians(samples, reps) -> np.ndarray:
+    """Each round's median from pooled samples and the per-round sample counts `reps` (A/B
+    records); empty when the counts are missing or do not add up to the samples."""
+    x = np.asarray(samples or [], dtype=float)
+    if not reps or sum(reps) != x.size or min(reps) < 1:
+        return np.array([])
+    return np.array([np.median(part) for part in np.split(x, np.cumsum(reps)[:-1])])
+
+
+def paired_ratio_ci(base_rounds, cur_rounds, confidence: float) -> tuple[float, float, float]:
+    """(ratio, low, high) from rounds measured in pairs (A B B A): the geometric mean of the
+    per-round ratios cur/base with a Student t interval on their logs.
+
+    A round's two sides ran back to back, so a drift of the machine between rounds cancels within
+    each pair; what is left, the scatter of the per-round log ratios, is what the interval is made
+    of. (nan, nan) for the interval with fewer than 2 rounds."""
+    d = np.log(np.asarray(cur_rounds, dtype=float) / np.asarray(base_rounds, dtype=float))
+    if d.size == 0 or not np.isfinite(d).all():
+        return math.nan, math.nan, math.nan
+    mean = float(d.mean())
+    if d.size < 2:
+        return math.exp(mean), math.nan, math.nan
+    half = float(sps.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
