@@ -14,12 +14,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
-from bench.measure.pool import worker_env
+from bench.measure.pool import OWN_TREE, worker_env
 from bench.measure.sweep import Case
+from bench.results import counters
+from bench.results.compare import Comparison, case_label
+from bench.results.store import Run
 
-# (field, metric): the tensor pipe's hmma cycles count Hopper's HGMMA (wgmma) too; local-memory
-# stores are register spills (and local arrays)
+# (field, metric), the one list of what a profile collects: the tensor pipe's hmma cycles count
+# Hopper's HGMMA (wgmma) too; local-memory stores are register spills (and local arrays); the
+# occupancy limits are the blocks per SM that registers, shared memory, warps and the block cap
+# each allow (parse_csv keeps their minimum and what sets it)
 METRICS = [
     ("duration_ms", "gpu__time_duration.sum"),
     ("dram_pct", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"),
@@ -29,11 +35,25 @@ METRICS = [
     ("occupancy_pct", "sm__warps_active.avg.pct_of_peak_sustained_active"),
     ("registers", "launch__registers_per_thread"),
     ("spill_bytes", "l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum"),
+    ("dram_read_bytes", "dram__bytes_read.sum"),
+    ("dram_write_bytes", "dram__bytes_write.sum"),
+    ("l2_bytes", "lts__t_bytes.sum"),
+    ("theoretical_occupancy_pct", "sm__maximum_warps_per_active_cycle_pct"),
+    ("smem_static_bytes", "launch__shared_mem_per_block_static"),
+    ("smem_dynamic_bytes", "launch__shared_mem_per_block_dynamic"),
+    ("limit_registers", "launch__occupancy_limit_registers"),
+    ("limit_shared_mem", "launch__occupancy_limit_shared_mem"),
+    ("limit_warps", "launch__occupancy_limit_warps"),
+    ("limit_blocks", "launch__occupancy_limit_blocks"),
+    ("sm_clock_mhz", "sm__cycles_elapsed.avg.per_second"),
 ]
 FIELDS = [f for f, _ in METRICS]
-UNITS = {  # to ms and bytes; ncu writes either the short or the long unit names
+LIMITS = ("limit_registers", "limit_shared_mem", "limit_warps", "limit_blocks")
+UNITS = {  # to ms, bytes and MHz; ncu writes either the short or the long unit names, and scales
     "ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3, "nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0,
-    "second": 1e3, "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+    "second": 1e3, "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
+    "cycle/nsecond": 1e3, "cycle/usecond": 1.0, "cycle/msecond": 1e-3, "cycle/second": 1e-6,
+    "Ghz": 1e3, "GHz": 1e3, "Mhz": 1.0, "MHz": 1.0, "Khz": 1e-3, "kHz": 1e-3, "hz": 1e-6, "Hz": 1e-6}
 TIMEOUT_S = 600
 
 def _number(text: str) -> float | None:
@@ -62,15 +82,28 @@ def parse_csv(text: str) -> list[dict]:
         k = {"name": cells["Kernel Name"]}
         for field, metric in METRICS:  # a metric this ncu does not know is missing: None
             value = _number(cells.get(metric, ""))
-            k[field] = None if value is None else value * UNITS.get(unit.get(metric, ""), 1.0)
-        kernels.append(k)
+            scale = UNITS.get(unit.get(metric, "").removesuffix("/block"), 1.0)
+            k[field] = None if value is None else value * scale
+        kernels.append({**k, **occupancy_limit(k)})
     return kernels
 
 
-def command(device: str) -> list[str]:
+def occupancy_limit(k: dict) -> dict:
+    """The blocks per SM a launch allows (the least of its limits) and the limits that set it."""
+    limits = {f: k[f] for f in LIMITS if k.get(f) is not None}
+    if not limits:
+        return {"blocks_per_sm": None, "limited_by": None}
+    least = min(limits.values())
+    return {"blocks_per_sm": least,
+            "limited_by": ", ".join(f.removeprefix("limit_").replace("_", " ")
+                                    for f, v in limits.items() if v == least)}
+
+
+def command(device: str, python: str | None = None) -> list[str]:
+    """ncu around the worker program of the tree on the PYTHONPATH, run by `python` (default: this one)."""
     return ["ncu", "--clock-control", "none", "--nvtx", "--nvtx-include", "timed/", "--csv",
             "--page", "raw", "--metrics", ",".join(m for _, m in METRICS),
-            sys.executable, "-m", "bench.measure.worker", device, "--profiled"]
+            python or sys.executable, "-m", "bench.measure.worker", device, "--profiled"]
 
 
 def request(case: Case) -> str:
@@ -80,22 +113,93 @@ def request(case: Case) -> str:
     return json.dumps({"case": dataclasses.replace(case, timing=timing).to_dict()}) + "\n"
 
 
-def profile_case(case: Case, record: dict, device: str) -> dict:
-    """{"kernels": [...]} or {"reason": why there are no counters}."""
+def unavailable(device: str) -> str | None:
+    """Why nothing can be profiled here (no GPU, no ncu), or None."""
     if not device.startswith("cuda"):
-        return {"reason": "no GPU: Nsight Compute profiles CUDA kernels"}
-    if record.get("status") != "ok":
-        return {"reason": f"not profiled: the case is {record.get('status')}"}
+        return "no GPU: Nsight Compute profiles CUDA kernels"
     if shutil.which("ncu") is None:
-        return {"reason": "ncu (Nsight Compute) not found on PATH"}
+        return "ncu (Nsight Compute) not found on PATH"
+    return None
+
+
+def _profilable(tree: Path) -> bool:
+    """Whether a tree's worker program takes --profiled (older trees' workers do not)."""
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-ncu-") as scratch:
-            done = subprocess.run(command(device), input=request(case), capture_output=True, text=True,
-                                  timeout=TIMEOUT_S, cwd=scratch, env=worker_env())
-    except subprocess.TimeoutExpired:
-        return {"reason": f"ncu did not finish within {TIMEOUT_S} s"}
+        return "--profiled" in (tree / "bench" / "measure" / "worker.py").read_text()
+    except OSError:
+        return False
+
+
+COMPILE_LOG_CHARS = 20_000
+# cuda-tile keeps each compiled kernel in its disk cache with tileiras's remarks (tileiras >= 13.4)
+# and shows them with its `cutile-cache log` command
+COMPILE_LOG = ["-m", "cutile_cache._cli", "log"]
+
+
+def compile_log(python: str, env: dict, cwd: str) -> dict:
+    """{"compile_log": text} of the kernels compiled into env's CUDA_TILE_CACHE_DIR, or
+    {"compile_log_reason": why none}."""
+    try:
+        done = subprocess.run([python, *COMPILE_LOG], capture_output=True, text=True, timeout=60,
+                              cwd=cwd, env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"compile_log_reason": f"cutile-cache log did not run ({e})"[:300]}
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"compile_log_reason": f"no cuTile compile log: {last}"[:300]}
+    if not done.stdout.strip():
+        return {"compile_log_reason": "no cuTile kernel was compiled"}
+    return {"compile_log": done.stdout[:COMPILE_LOG_CHARS]}
+
+
+def profile_case(case: Case, record: dict, device: str, tree: Path = OWN_TREE,
+                 python: str | None = None, with_compile_log: bool = False) -> dict:
+    """{"kernels": [...]} or {"reason": why there are no counters}, from the worker program of
+    `tree` run by `python`. With `with_compile_log`, the case's cuTile kernels compile afresh into
+    a cache of their own, and their compile log (tileiras's remarks where it gives them) is kept."""
+    if record.get("status") != "ok" and device.startswith("cuda"):
+        return {"reason": f"not profiled: the case is {record.get('status')}"}
+    why_not = unavailable(device)
+    if why_not:
+        return {"reason": why_not}
+    if not _profilable(Path(tree)):
+        return {"reason": f"not profiled: the worker of {tree} predates profiling"}
+    python = python or sys.executable
+    with tempfile.TemporaryDirectory(prefix="bench-ncu-") as scratch:
+        env = worker_env(Path(tree))
+        if with_compile_log:
+            env["CUDA_TILE_CACHE_DIR"] = str(Path(scratch) / "cutile-cache")
+        try:
+            done = subprocess.run(command(device, python), input=request(case), capture_output=True,
+                                  text=True, timeout=TIMEOUT_S, cwd=scratch, env=env)
+        except subprocess.TimeoutExpired:
+            return {"reason": f"ncu did not finish within {TIMEOUT_S} s"}
+        log = compile_log(python, env, scratch) if with_compile_log else {}
     kernels = parse_csv(done.stdout)
     if not kernels:
         errors = [line for line in (done.stdout + done.stderr).splitlines() if "ERROR" in line]
         return {"reason": (errors[-1] if errors else "ncu saw no kernel in the NVTX range 'timed'")[:300]}
-    return {"kernels": kernels}
+    return {"kernels": kernels, **log}
+
+
+def explain(cmp: Comparison, cases: list[Case], base: Run, head: Run, trees: dict[str, Path],
+            device: str, pythons: dict[str, str | None] | None = None, log=print) -> list[dict]:
+    """The counter diff of each regression of `cmp`: the case profiled once on each side, with
+    that side's own tree (`trees["base"]`, `trees["head"]`) and interpreter, its compile log kept."""
+    ids = {case_label(r): r["case_id"] for r in head.records}
+    by_id = {c.case_id: c for c in cases}
+    records = {"base": {r["case_id"]: r for r in base.records},
+               "head": {r["case_id"]: r for r in head.records}}
+    out = []
+    for row in cmp.rows:
+        case = by_id.get(ids.get(row["case"], ""))
+        if row["verdict"] != "regression" or case is None:
+            continue
+        log(f"ncu base and head: {case.label}")
+        sides = {side: profile_case(case, records[side].get(case.case_id, {}), device, trees[side],
+                                    (pythons or {}).get(side), with_compile_log=True)
+                 for side in ("base", "head")}
+        found = counters.diff(row["case"], sides["base"], sides["head"], row["ratio"])
+        log(f"why {row['case']}: {found['text']}")
+        out.append(found)
+    return out
