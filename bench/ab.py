@@ -8,10 +8,13 @@ case (or breaks one), 0 otherwise, 2 on bad input."""
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 from bench.cli import BadInput, Parser, command, sweep_options
-from bench.measure import ab, runner, sweep
+from bench.measure import ab, env, ncu, runner, sweep
 from bench.present.report import render
+from bench.results import counters
 from bench.results.compare import compare_runs, to_text, write
 
 # Rounds per case: a paired interval needs a few pairs (a GPU case's rounds agree within a few
@@ -33,12 +36,27 @@ def parse_args(argv):
                         "ratio is too wide to resolve twice the threshold (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None,
                    help="relative change that counts (default: the sweep's compare.threshold, else 0.03)")
+    p.add_argument("--counters", action="store_true",
+                   help="profile each regression on both sides with Nsight Compute and say which "
+                        "counters changed (registers, occupancy, bytes, ...)")
     args = p.parse_args(argv)
     if len(args.args) not in (2, 3):
         p.error("expected BASE [HEAD] SWEEP")
     args.base, args.head, args.sweep = (args.args[0], None, args.args[1]) if len(args.args) == 2 \
         else args.args
     return args
+
+
+def why(cmp, cases, base, head, device) -> None:
+    """--counters: the counter diff of each regression, each side profiled with its own tree,
+    into the head run's why.json (its report shows them); or one line saying why there are none."""
+    reason = ncu.unavailable(device)
+    if reason:
+        print(f"--counters: no counters: {reason}", file=sys.stderr)
+    trees = {side: Path(tree) if tree != "working tree" else env.ROOT
+             for side, tree in (("base", base.meta["git"]["tree"]), ("head", head.meta["git"]["tree"]))}
+    diffs = [] if reason else ncu.explain(cmp, cases, base, head, trees, device)
+    counters.write(head.path, diffs, reason)
 
 
 @command
@@ -50,10 +68,13 @@ def main(argv=None) -> int:
             raise BadInput("--rounds must be at least 1 and --max-rounds at least --rounds")
         device = runner.devices_for(None if args.gpu is None else str(args.gpu), 1)[0]
         sw = runner.load_sweep(args, device)
-        out, base, head = ab.run(sw, args.base, args.head, args.out, ["-m", "bench.ab", *argv],
-                                 device, args.rounds, max_rounds=args.max_rounds,
-                                 threshold=args.threshold or sw.compare["threshold"])
-        cmp = compare_runs(base, head, args.threshold)
+        with tempfile.TemporaryDirectory(prefix="bench-ab-") as trees:
+            out, base, head = ab.run(sw, args.base, args.head, args.out, ["-m", "bench.ab", *argv],
+                                     device, args.rounds, Path(trees), max_rounds=args.max_rounds,
+                                     threshold=args.threshold or sw.compare["threshold"])
+            cmp = compare_runs(base, head, args.threshold)
+            if args.counters:
+                why(cmp, sw.cases, base, head, device)
     except (sweep.SweepError, BadInput) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,16 +12,17 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from bench import assets, run as bench_run
 from bench import bisect as bench_bisect
 from bench.cli import BadInput, Parser, command
-from bench.measure import runner, sweep
+from bench.measure import ab, env, ncu, runner, sweep
 from bench.present import report
 from bench.present.trend import render_trend
-from bench.results import changepoints, compare, history
+from bench.results import changepoints, compare, counters, history
 from bench.results.baseline import baseline_dir, hardware, open_run
 from bench.results.nightly import load_plan
 from bench.results import store
@@ -119,16 +120,37 @@ def bisect_regressions(entry: dict, run, base, cmp, out: Path, profile: str | No
     return lines
 
 
+def explain_regressions(sw: sweep.Sweep, run, base, cmp) -> None:
+    """--counters: the counter diff of each regression between the baseline's commit and this
+    tree, into the run's why.json (its report and the history read it); or why there is none."""
+    device = "cuda:0" if runner.gpu_count() else "cpu"
+    sha = (base.meta.get("git") or {}).get("sha")
+    reason = ncu.unavailable(device) or (None if sha else "the baseline records no commit")
+    diffs = []
+    if not reason:
+        with tempfile.TemporaryDirectory(prefix="bench-why-") as tmp:
+            try:
+                tree = ab.checkout(sha, Path.cwd(), Path(tmp))[0]
+                diffs = ncu.explain(cmp, sw.cases, base, run, {"base": tree, "head": env.ROOT}, device)
+            except BadInput as e:
+                reason = str(e)
+    if reason:
+        print(f"nightly --counters: no counters: {reason}", file=sys.stderr)
+    counters.write(run.path, diffs, reason)
+
+
 def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | None,
-            scheduler: str | None = None, bisect_budget: float | None = None) -> int:
+            scheduler: str | None = None, bisect_budget: float | None = None,
+            with_counters: bool = False) -> int:
     """Run the plan; write reports, history, trend page and a combined report.md. With a bisect
-    budget (seconds), each new regression is bisected (bench.bisect) while the budget lasts."""
+    budget (seconds), each new regression is bisected (bench.bisect) while the budget lasts; with
+    counters, each regression gets its counter diff (report and history)."""
     deadline = time.monotonic() + (bisect_budget or 0)
-    load_sweeps(plan, out, profile, scheduler)
+    sweeps = load_sweeps(plan, out, profile, scheduler)
     night = out / "nightly" / store.run_dir_name("night", None)  # two nights never share one
     night.mkdir(parents=True)
     summary, failing, gpu = [], False, None
-    for entry in plan:
+    for entry, sw in zip(plan, sweeps):
         rc, run_path = run_sweep(entry, out, profile, scheduler)
         if rc not in (0, 1):
             print(f"error: {entry['sweep']} did not finish (bench.run exit status {rc})", file=sys.stderr)
@@ -141,6 +163,8 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
         if cmp:
             compare.write(cmp, run.path)
             failing = failing or bool(cmp.failing)
+        if cmp and with_counters and any(r["verdict"] == "regression" for r in cmp.rows):
+            explain_regressions(sw, run, open_run(base), cmp)
         _, md = report.render(run, run.path / "report.html", cmp)
         summary.append(md.read_text())
         if cmp is None:
@@ -174,11 +198,14 @@ def main(argv=None) -> int:
                                           "(default: 'cpu' on a machine without a GPU)")
     parser.add_argument("--scheduler", metavar="ADDRESS",
                         help="run the sweeps on this Dask cluster (bench.run --executor dask)")
+    parser.add_argument("--counters", action="store_true",
+                        help="profile each regression at the baseline's commit and here with Nsight "
+                             "Compute and say which counters changed (report and history)")
     args = parser.parse_args(argv)
     try:
         plan = load_plan(assets.sweep_file(args.config), assets.sweep_file)
         return nightly(plan, Path(args.out), Path(args.baselines), history.connect(args.history),
-                       args.profile, args.scheduler)
+                       args.profile, args.scheduler, with_counters=args.counters)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

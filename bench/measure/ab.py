@@ -4,6 +4,7 @@ case by case in A B B A rounds, so that a drift of the machine (clocks, temperat
 load) falls on both sides alike instead of on whichever side ran second."""
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import subprocess
@@ -106,13 +107,15 @@ def interleave(cases: list[Case], trees: dict[str, Path], device: str, rounds: i
 
 
 def run(sw: Sweep, base: str, head: str | None, root: Path, argv: list[str], device: str,
-        rounds: int, max_rounds: int | None = None,
+        rounds: int, trees_dir: Path | None = None, max_rounds: int | None = None,
         threshold: float = THRESHOLD) -> tuple[Path, Run, Run]:
     """Measure both sides into ROOT/<time>_<sweep>_ab_<random>/{base,head}, two ordinary run
     directories whose records pool every round's samples; HEAD None is the working tree of this
-    project."""
+    project. A revision's tree is exported under `trees_dir` (where a caller keeps it for more
+    work, such as profiling), by default a temporary directory."""
     ab_dir = Path(root) / store.run_dir_name(sw.name, "ab")
-    with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
+    keep = contextlib.nullcontext(str(trees_dir)) if trees_dir else None
+    with keep or tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         trees, writers = {}, {}
         for side, spec in (("base", base), ("head", head)):
             if spec is None:
@@ -123,6 +126,13 @@ def run(sw: Sweep, base: str, head: str | None, root: Path, argv: list[str], dev
             writers[side].meta.update(git=git, ab={"side": side, "rounds": rounds,
                                                    "max_rounds": max_rounds or rounds})
             (writers[side].path / store.LOGS).mkdir()
+        # both sides name both revisions, so that either side's report says what it compares
+        named = {side: {"revision": (spec or "working tree"), "sha": w.meta["git"].get("sha"),
+                        "dirty": bool(w.meta["git"].get("dirty"))}
+                 for (side, spec), w in zip((("base", base), ("head", head)), writers.values())}
+        for w in writers.values():
+            w.meta["ab"].update(named)
+            w.write_meta()
 
         def progress(side, case, rec):
             print(f"{side:4s} {rec['status']:9s} {case.label}", file=sys.stderr, flush=True)

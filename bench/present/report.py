@@ -13,6 +13,7 @@ import jinja2
 import pandas as pd
 
 from bench.present import plots, tuned
+from bench.present.counters import section as why_section
 from bench.results import compare
 from bench.results.baseline import hardware
 from bench.results.store import Run
@@ -21,23 +22,21 @@ from bench.results.summary import summarize
 # an installed wheel carries report_templates/ in bench/ (pyproject.toml); a checkout has it at the top
 TEMPLATES = next((p for p in (Path(str(resources.files("bench") / "report_templates")),) if p.is_dir()),
                  Path(__file__).resolve().parents[2] / "report_templates")
-X_AXES = ("seq_len", "hidden")  # the axis a workload's plots run along, first one that varies
-SEED_NOTE = ("Reference, not a measurement of this run: the seed reports 2.8 ms (cuTile) vs 7.4 ms "
-             "(native PyTorch) per step, 2.64x, on a Blackwell GPU with an unstated config; reported on "
-             "other hardware, not comparable number for number.")
-HOST_BOUND = 1.25  # a step whose median exceeds its GPU-busy time by this factor waits on the host
-NOT_PYTORCH = {"tilegym"}  # providers that are neither the subject (cutile*) nor PyTorch
+HOST_BOUND = 1.25  # a call whose median exceeds its GPU-busy time by this factor waits on the host
 COUNTER_COLUMNS = {"ncu": "ncu", "ncu_ms": "ncu ms", "dram_pct": "DRAM %", "l2_pct": "L2 %",
                    "sm_pct": "SM %", "tensor_pct": "tensor %", "occupancy_pct": "occupancy %",
                    "registers": "regs", "spill_bytes": "local st B"}
 
 
-def is_cutile(provider: str) -> bool:
-    return str(provider).startswith("cutile")
-
-
-def is_pytorch(provider: str) -> bool:
-    return not is_cutile(provider) and provider not in NOT_PYTORCH
+def hints(meta: dict, name: str) -> dict:
+    """How to lay out workload `name`: the hints its run recorded (Workload.hints), each missing
+    one empty. A run from before hints were recorded gets the generic layout: x along the numeric
+    axis with the most values, regimes from the flag and word axes, the non-baseline providers as
+    the headline's subject."""
+    got = ((meta.get("workloads") or {}).get(name)) or {}
+    return {"x_axes": list(got.get("x_axes") or ()), "regimes": list(got.get("regimes") or ()),
+            "panels": list(got.get("panels") or ()), "subject": list(got.get("subject") or ()),
+            "note": got.get("note") or ""}
 
 
 def label(params: dict, skip=()) -> str:
@@ -98,13 +97,17 @@ def fmt(v, digits: int = 4) -> str:
 
 @dataclass
 class Table:
-    """A table for the template: each cell is (text, sort key)."""
+    """A table for the template: each cell is (text, sort key). `groups`, where given, holds a
+    label per row: a header row names it wherever it changes (one group per shape)."""
     columns: list[str]
     rows: list[list[tuple[str, object]]] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
 
     @staticmethod
-    def of(frame: pd.DataFrame, columns: dict[str, str]) -> "Table":
+    def of(frame: pd.DataFrame, columns: dict[str, str], group: str | None = None) -> "Table":
         table = Table(list(columns.values()))
+        if group:
+            table.groups = [str(v) for v in frame[group]]
         for _, row in frame.iterrows():
             cells = []
             for col in columns:
@@ -121,6 +124,7 @@ class Section:
     fixed: str
     table: Table
     images: list[tuple[str, str]]  # (caption, base64 png)
+    note: str = ""  # the workload's own note (Workload.note), printed under its results
 
 
 def metric(frame: pd.DataFrame) -> tuple[str, str] | None:
@@ -146,53 +150,110 @@ def numeric_order(frame: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
                              else c.map(plots.natural))
 
 
-def workload_section(name: str, frame: pd.DataFrame, records: list[dict], meta: dict) -> Section:
-    """Table and plots of one workload; plots only where an x axis varies."""
+def x_axis(hint: dict, frame: pd.DataFrame, vary: list[str]) -> str | None:
+    """The axis plots run along: the first of the workload's x_axes that varies; without hints,
+    the varying numeric axis with the most values."""
+    if hint["x_axes"]:
+        return next((a for a in hint["x_axes"] if a in vary), None)
+    numeric = [a for a in vary if pd.api.types.is_numeric_dtype(frame[a])
+               and not pd.api.types.is_bool_dtype(frame[a])]
+    return max(numeric, key=lambda a: frame[a].nunique(), default=None)
+
+
+def axis_order(hint: dict, vary: list[str], x: str | None) -> list[str]:
+    """The varying axes as rows and panels group them: regimes, then panels, then x, then the
+    rest in the sweep's order."""
+    return list(dict.fromkeys([a for a in (*hint["regimes"], *hint["panels"]) if a in vary]
+                              + ([x] if x else []) + vary))
+
+
+def host_bound(frame: pd.DataFrame) -> list[str]:
+    """Per case: "host-bound" where its median exceeds its GPU-busy time (the summed kernel time
+    of one call) by HOST_BOUND, "no" where it does not, "-" where no busy time was recorded."""
+    return ["-" if busy is None or busy != busy else "host-bound" if med > HOST_BOUND * busy else "no"
+            for med, busy in zip(frame["median_ms"], frame["busy_ms"])]
+
+
+def workload_section(name: str, frame: pd.DataFrame, records: list[dict], meta: dict,
+                     providers: list[str] = ()) -> Section:
+    """Table and plots of one workload, laid out by the hints its run recorded: the case table
+    grouped by shape (regimes and panels first, then x, then the sweep's order), and per panel the
+    speedup over the baseline and the % of the measured ceiling along x (bars where x is fixed)."""
+    hint = hints(meta, name)
     axes = shape_axes(records)
     vary = varying(frame, axes)
+    x = x_axis(hint, frame, vary)
+    order = axis_order(hint, vary, x)
     fixed = ", ".join(f"{a}={frame[a].iloc[0]}" for a in axes if a not in vary and a in frame)
     m = metric(frame)
     cols = {"provider": "provider"}
     if frame["config"].ne("").any():
         cols["config"] = "config"
-    cols.update({a: a for a in vary})
+    cols.update({a: a for a in order})
     frame["ci_pct"] = frame["ci_rel"] * 100
     cols.update(status="status", median_ms="median ms", ci_pct="CI ± %")
     if m:
         cols[m[0]] = m[1]
     if frame["ceiling_pct"].notna().any():
+        cols.update(bound="bound", ceiling_pct="% of ceiling")
+    if frame["suspect"].any():
         frame["suspect_text"] = frame["suspect"].map({True: "suspect", False: ""})
-        cols.update(bound="bound", ceiling_pct="% of ceiling", suspect_text="above the ceiling")
+        cols["suspect_text"] = "above the ceiling"
     cols.update(speedup="speedup", rel_err="rel err", max_abs_err="max abs err")
+    if frame["busy_ms"].notna().any():
+        frame["host_bound"] = host_bound(frame)
+        cols.update(busy_ms="GPU-busy ms", host_bound="host-bound")
     if "host_ms" in frame and frame["host_ms"].notna().any():
         # the host's time to enqueue one call: at or above the median, a caller is host-bound
         cols["host_ms"] = "host ms per call"
     if "ncu" in frame and frame["ncu"].notna().any():
         cols.update(COUNTER_COLUMNS)
-    ordered = numeric_order(frame, [*vary, "provider", "config"])
+    rank = {p: i for i, p in enumerate(dict.fromkeys([*providers, *sorted(frame["provider"])]))}
+    frame["provider_rank"] = frame["provider"].map(rank)
+    frame["shape_group"] = [label({a: r[a] for a in order}) or "all" for _, r in frame.iterrows()]
+    # skipped cases are counted by reason in a section of their own
+    ordered = numeric_order(frame[frame["status"] != "skipped"], [*order, "provider_rank", "config"])
+    usable = frame[(frame["status"] == "ok") & ~frame["suspect"]]  # neither wrong nor impossible
+    baseline = str(frame["baseline"].iloc[0]) if not frame.empty else ""
+    ordered_providers = sorted(usable["provider"].unique(), key=rank.get)
+    others = usable[usable["provider"] != baseline]
     images = []
-    x = next((a for a in X_AXES if a in vary), None)
-    ok = frame[(frame["status"] == "ok") & ~frame["suspect"]]  # neither wrong nor impossible
-    if x is not None and not ok.empty:
-        # an axis that varies within one x point is a facet; one zipped with x labels the x points
-        facets = [a for a in vary if a != x and ok.groupby(x)[a].nunique().max() > 1]
-        zipped = [a for a in vary if a != x and a not in facets]
-        images += [("median time vs " + x, img) for img in plots.lines_vs_axis(
-            ok, x, "median_ms", "median ms", facets, f"{name}: time per call", logy=True,
-            zipped=zipped)]
-        if m:
-            ceiling = ceiling_gbps(meta) if m[0] == "gbps" else None
-            images += [(f"{m[1]} vs {x}", img) for img in plots.lines_vs_axis(
-                ok, x, m[0], m[1], facets, f"{name}: {m[1]}", ceiling=ceiling, zipped=zipped)]
-    if not ok.empty:
-        facets = [a for a in vary if a in ("dtype", "mode", "graph")]
+    # an axis that varies within one x point gets panels of its own, as do the hinted panels and
+    # words (a model is no point along x); a number that changes only with x labels its ticks
+    facets = [a for a in order if a != x and (a in hint["panels"] or a in hint["regimes"] or
+                                              not pd.api.types.is_numeric_dtype(frame[a]) or
+                                              usable.groupby(x)[a].nunique().max() > 1)] \
+        if x is not None and not usable.empty else []
+    if x is not None and facets and usable.groupby(facets)[x].nunique().max() < 2:
+        x = None  # no panel has two points to join: bars per shape instead
+    if x is not None and not usable.empty:
+        zipped = [a for a in order if a != x and a not in facets]
+        images += [(f"speedup over {baseline} vs {x}", img) for img in plots.lines(
+            others, x, "speedup", f"speedup over {baseline} (x)", facets,
+            f"{name}: speedup over the baseline ({baseline})", ref=1.0, ref_label=baseline,
+            zipped=zipped, providers=ordered_providers)]
+        if roof(meta):
+            images += [(f"% of the measured ceiling vs {x}", img) for img in plots.lines(
+                usable, x, "ceiling_pct", "% of ceiling", facets, f"{name}: % of the measured ceiling",
+                ref=100.0, ref_label="ceiling", zipped=zipped, providers=ordered_providers)]
+    elif not usable.empty:
+        images += [(f"speedup over {baseline} per shape", img) for img in plots.bars(
+            others, "speedup", f"speedup over {baseline} (x)", order,
+            f"{name}: speedup over the baseline ({baseline})", ref=1.0, ref_label=baseline,
+            providers=ordered_providers)]
+        if roof(meta):
+            images += [("% of the measured ceiling per shape", img) for img in plots.bars(
+                usable, "ceiling_pct", "% of ceiling", order, f"{name}: % of the measured ceiling",
+                ref=100.0, ref_label="ceiling", providers=ordered_providers)]
+    if not usable.empty:
+        facets = [a for a in order if a in hint["panels"] or a in hint["regimes"]]
         images += [("tile config x shape: speedup over the baseline", img) for img in
-                   plots.tile_heatmaps(ok, [a for a in vary if a not in facets], facets,
-                                       f"{name}: speedup of each tile config vs the baseline")]
+                    plots.tile_heatmaps(usable, [a for a in order if a not in facets], facets,
+                                        f"{name}: speedup of each tile config vs the baseline")]
     images += [("roofline: achieved TFLOP/s against FLOPs per byte under the measured ceilings",
                 img) for img in plots.roofline(frame[frame["status"] == "ok"], roof(meta),
                                                f"{name}: roofline")]
-    return Section(name, fixed, Table.of(ordered, cols), images)
+    return Section(name, fixed, Table.of(ordered, cols, "shape_group"), images, hint["note"])
 
 
 def times(ratio: float) -> str:
@@ -208,7 +269,7 @@ def best_row(frame: pd.DataFrame):
 
 def why_not_run(rows: pd.DataFrame) -> str:
     if rows.empty:
-        return "no cuTile provider was part of this run"
+        return "not part of this run"
     reasons = Counter("suspect: faster than the measured ceiling" if r["status"] == "ok"
                       else f"{r['status']}: {r['reason']}" if r["reason"] else r["status"]
                       for _, r in rows.iterrows())
@@ -217,87 +278,93 @@ def why_not_run(rows: pd.DataFrame) -> str:
 
 @dataclass
 class Headline:
-    """How cuTile did in one workload: per shape against the best PyTorch provider and the
-    sweep's baseline, and the geometric mean, worst and best of each comparison."""
+    """How the workload's subject (its own kernels) did in one regime: per shape against the best
+    other provider and the sweep's baseline, and the geometric mean, worst and best of each."""
     name: str
     missing: str = ""
     summary: Table | None = None
     shapes: Table | None = None
 
 
-def regime_axes(name: str, g: pd.DataFrame) -> list[str]:
-    """The axes whose values are regimes never mixed in one verdict: the workload's `regimes` hint
-    where the run's meta records it, else every varying shape axis of flags or words (graph=True
-    and False, mode=fwd and fwd_bwd), dtype aside. The workload itself is not imported: a report
-    renders without its kernels, and from a package no longer installed."""
-    hint = (((run_meta.get() or {}).get("workloads") or {}).get(name) or {}).get("regimes")
-    if hint:
-        return [a for a in hint if a in g.columns and g[a].nunique(dropna=True) > 1]
+def regime_axes(hint: dict, g: pd.DataFrame) -> list[str]:
+    """The axes whose values are regimes never mixed in one verdict: the workload's `regimes`
+    hint, else every varying axis of flags or words (graph=True and False, mode=fwd and fwd_bwd),
+    dtype aside."""
+    if hint["regimes"]:
+        return [a for a in hint["regimes"] if a in g.columns and g[a].nunique(dropna=True) > 1]
     axes = []
-    for col in shape_axes(g.to_dict("records")) if "shape" in g.columns else g.columns:
-        if col in g.columns and col != "dtype" and col not in LEAD_COLS and g[col].nunique(dropna=True) > 1:
+    for col in g.columns:
+        if col != "dtype" and col not in LEAD_COLS and g[col].nunique(dropna=True) > 1:
             vals = g[col]
             if vals.notna().all() and vals.map(lambda v: isinstance(v, (bool, str))).all():
                 axes.append(col)
     return axes
 
 
-class _Meta:
-    value: dict | None = None
-
-    def get(self):
-        return self.value
-
-
-run_meta = _Meta()
 LEAD_COLS = {"case_id", "workload", "provider", "baseline", "status", "reason", "device", "bound",
-             "config", "shape_label", "params_label", "shape_short", "suspect"}
+             "config", "shape_label", "params_label", "shape_short", "suspect", "suspect_text",
+             "shape_group", "host_bound", "ncu"}
 
 
-def headlines(name: str, g: pd.DataFrame) -> list[Headline]:
+def headlines(name: str, g: pd.DataFrame, hint: dict | None = None) -> list[Headline]:
     """One verdict per regime (fwd and fwd_bwd, eager and graphed apart): a geometric mean never
     mixes them."""
-    axes = regime_axes(name, g)
+    hint = hint or hints({}, name)
+    axes = regime_axes(hint, g)
     if not axes:
-        return [headline(name, g)]
+        return [headline(name, g, hint["subject"])]
     keyed = g.assign(_regime=[", ".join(f"{a}={r[a]}" for a in axes) for _, r in g.iterrows()])
-    return [headline(f"{name} ({regime})", sg.drop(columns="_regime"))
-            for regime, sg in numeric_order(keyed, axes).groupby("_regime", sort=False)]
+    heads = [headline(f"{name} ({regime})", sg.drop(columns="_regime"), hint["subject"])
+             for regime, sg in numeric_order(keyed, axes).groupby("_regime", sort=False)]
+    if all(h.missing for h in heads):  # nothing to judge in any regime: the reasons, said once
+        return [headline(f"{name} (every {', '.join(axes)})", g, hint["subject"])]
+    return heads
 
 
-def headline(name: str, g: pd.DataFrame) -> Headline:
-    usable = g[(g["status"] == "ok") & ~g["suspect"]]
-    subject = g[g["provider"].map(is_cutile)]
-    if usable[usable["provider"].map(is_cutile)].empty:
-        ran = subject["status"].eq("ok").any()
-        return Headline(name, f"cuTile {'gave no usable time' if ran else 'did not run'}: "
-                              f"{why_not_run(subject)}.")
+def headline(name: str, g: pd.DataFrame, subject_names: list[str] = ()) -> Headline:
+    """The subject's best config at each shape against the best other provider and against the
+    baseline; suspect cases (faster than the machine allows) count for neither side. Without a
+    subject hint, every provider but the baseline is the subject."""
     baseline = str(g["baseline"].iloc[0])
-    shapes = Table(["shape", "cuTile config", "cuTile ms", "best PyTorch", "PyTorch ms",
-                    "vs best PyTorch", f"{baseline} ms", f"vs {baseline}"])
-    ratios: dict[str, list[tuple[float, str]]] = {"torch": [], "base": []}
+    names = set(subject_names) or set(g["provider"]) - {baseline}
+    who = ", ".join(sorted(subject_names)) if subject_names else "the non-baseline providers"
+    is_subject = g["provider"].isin(names)
+    usable = g[(g["status"] == "ok") & ~g["suspect"].astype(bool)]
+    subject = g[is_subject]
+    if usable[usable["provider"].isin(names)].empty:
+        ran = subject["status"].eq("ok").any()
+        return Headline(name, f"{who} {'gave no usable time' if ran else 'did not run'}: "
+                              f"{why_not_run(subject)}.")
+    rivals = {"other": "vs the best other provider", "base": f"vs the baseline ({baseline})"}
+    if not (set(g["provider"]) - names - {baseline}):
+        del rivals["other"]  # the baseline is the only other provider
+    shapes = Table(["shape", "best config", "ms"]
+                   + (["best other", "other ms", "vs best other"] if "other" in rivals else [])
+                   + [f"{baseline} ms", f"vs {baseline}"])
+    ratios: dict[str, list[tuple[float, str]]] = {k: [] for k in rivals}
     for shape, sg in numeric_order(subject, ["shape_short"]).groupby("shape_short", sort=False):
         ok = usable[usable["shape_short"] == shape]
-        cut = best_row(ok[ok["provider"].map(is_cutile)])
-        torch_best = best_row(ok[ok["provider"].map(is_pytorch)])
-        base = best_row(ok[ok["provider"] == baseline])
-        if cut is None:
+        best = best_row(ok[ok["provider"].isin(names)])
+        if best is None:
             shapes.rows.append([(shape, shape), (f"did not run: {why_not_run(sg)}", "")]
-                               + [("-", "")] * 6)
+                               + [("-", "")] * (len(shapes.columns) - 2))
             continue
-        row = [(shape, shape), (cut["config"] or cut["provider"], cut["config"]),
-               (fmt(cut["median_ms"]), cut["median_ms"])]
-        for key, other in (("torch", torch_best), ("base", base)):
-            ratio = other["median_ms"] / cut["median_ms"] if other is not None else math.nan
+        row = [(shape, shape), (best["provider"] + (f", {best['config']}" if best["config"] else ""),
+                                best["config"]),
+               (fmt(best["median_ms"]), best["median_ms"])]
+        for key in rivals:
+            pool = ok[~ok["provider"].isin(names)] if key == "other" else ok[ok["provider"] == baseline]
+            other = best_row(pool)
+            ratio = other["median_ms"] / best["median_ms"] if other is not None else math.nan
             if ratio == ratio:
                 ratios[key].append((ratio, shape))
-            if key == "torch":
+            if key == "other":
                 row.append((other["provider"], other["provider"]) if other is not None else ("-", ""))
             row += [(fmt(other["median_ms"]) if other is not None else "-",
                      other["median_ms"] if other is not None else ""), (times(ratio), ratio)]
         shapes.rows.append(row)
-    summary = Table(["cuTile's best config", "shapes", "geometric mean", "worst", "best"])
-    for key, text in (("torch", "vs the best PyTorch provider"), ("base", f"vs the baseline ({baseline})")):
+    summary = Table([f"best of {who}", "shapes", "geometric mean", "worst", "best"])
+    for key, text in rivals.items():
         rs = ratios[key]
         if not rs:
             summary.rows.append([(text, text), ("0", 0), ("no shape to compare", "")] + [("-", "")] * 2)
@@ -308,35 +375,6 @@ def headline(name: str, g: pd.DataFrame) -> Headline:
                              (f"{times(worst[0])} at {worst[1]}", worst[0]),
                              (f"{times(best[0])} at {best[1]}", best[0])])
     return Headline(name, "", summary, shapes)
-
-
-def model_step(frame: pd.DataFrame) -> tuple[Table, list[str]] | None:
-    """Per-step time of each provider per model size, batch x length and CUDA graph or not, with
-    its GPU-busy time (summed kernel time of one call) where recorded; a step much slower than
-    its busy time is host-bound."""
-    data = frame[frame["status"] == "ok"].copy()
-    if data.empty:
-        return None
-    graph = data["graph"] if "graph" in data else pd.Series([None] * len(data), index=data.index)
-    data["group"] = [f"{r.get('model', '')} {r.get('batch', '')}x{r.get('seq_len', '')} "
-                     f"{r.get('dtype', '')}" + (f" graph={g}" if g is not None and g == g else "")
-                     for (_, r), g in zip(data.iterrows(), graph)]
-    providers = sorted(data["provider"].unique(), key=lambda p: (p != "torch-naive", p != "cutile", p))
-    naive = data[data["provider"] == "torch-naive"].groupby(["group", "mode"])["median_ms"].min() \
-        if "mode" in data else pd.Series(dtype=float)
-    table = Table(["model, batch x length, dtype", "mode", "provider", "median ms", "GPU-busy ms",
-                   "host-bound", "vs torch-naive"])
-    for _, r in numeric_order(data, ["group", "mode", "provider"]).iterrows():
-        busy = r["busy_ms"] if r["busy_ms"] is not None and r["busy_ms"] == r["busy_ms"] else None
-        bound = ("-" if busy is None else
-                 "host-bound" if r["median_ms"] > HOST_BOUND * busy else "no")
-        ref = naive.get((r["group"], r.get("mode")), math.nan)
-        ratio = ref / r["median_ms"] if ref == ref and r["provider"] != "torch-naive" else math.nan
-        table.rows.append([(r["group"], r["group"]), (str(r.get("mode")), str(r.get("mode"))),
-                           (r["provider"], r["provider"]), (fmt(r["median_ms"]), r["median_ms"]),
-                           (fmt(busy), busy if busy is not None else ""), (bound, bound),
-                           (times(ratio), ratio)])
-    return table, plots.model_step_bars(data, providers)
 
 
 def env_card(run: Run) -> list[tuple[str, str]]:
@@ -442,25 +480,42 @@ def ceilings_note(meta: dict) -> str:
     return text + " A case above 100% of the measured ceiling is suspect and never counted as a speedup."
 
 
+def ab_header(meta: dict) -> str:
+    """"A: <revision> (<sha>) vs B: <revision> (<sha>)" for a side of an A/B run, else ""."""
+    ab = meta.get("ab") or {}
+    if "base" not in ab or "head" not in ab:
+        return ""
+
+    def side(s: dict) -> str:
+        sha = (s.get("sha") or "")[:12]
+        return s.get("revision", "?") + (f" ({sha}{', dirty' if s.get('dirty') else ''})" if sha else "")
+    return f"A: {side(ab['base'])} vs B: {side(ab['head'])}"
+
+
+def provider_order(run: Run) -> list[str]:
+    """The providers in the order the sweep lists them (its cases' order), else the records'."""
+    return list(dict.fromkeys(c.get("provider") for c in (run.cases or run.records)))
+
+
 def build(run: Run, cmp: compare.Comparison | None = None) -> dict:
     """Everything the templates need."""
-    run_meta.value = run.meta
     frame = case_frame(run.records, run.meta, run.counters)
     counts = Counter(frame["status"]) if not frame.empty else Counter()
     by_workload: dict[str, list[dict]] = {}
     for rec in run.records:
         by_workload.setdefault(rec["workload"], []).append(rec)
     frames = {name: case_frame(recs, run.meta, run.counters) for name, recs in by_workload.items()}
-    sections = [workload_section(name, frames[name], recs, run.meta)
+    order = provider_order(run)
+    sections = [workload_section(name, frames[name], recs, run.meta, order)
                 for name, recs in sorted(by_workload.items())]
     skips = skipped(frame) if counts.get("skipped") else None
     return {
         "run_id": run.meta.get("run_id") or run.path.name, "hardware": hardware(run.meta),
+        "ab": ab_header(run.meta),
         "env": env_card(run), "counts": dict(counts), "sections": sections,
-        "headlines": [h for name in sorted(frames) for h in headlines(name, frames[name])],
+        "headlines": [h for name in sorted(frames)
+                      for h in headlines(name, frames[name], hints(run.meta, name))],
         "ceilings_note": ceilings_note(run.meta),
-        "model_step": model_step(frames["model_step"]) if "model_step" in frames else None,
-        "has_model_step": "model_step" in frames, "seed_note": SEED_NOTE,
         "tuned": tuned.section(run.meta),
         "failures": failures(frame) if len(frame) - counts.get("ok", 0) - counts.get("skipped", 0)
         else None,
@@ -469,6 +524,8 @@ def build(run: Run, cmp: compare.Comparison | None = None) -> dict:
         "compare": cmp, "compare_table": comparison_table(cmp) if cmp else None,
         "compare_headline": compare.headline(cmp) if cmp else None,
         "compare_md": compare.to_markdown(cmp, only_changes=True) if cmp else None,
+        "noisy_note": compare.noisy_note(cmp) if cmp else "",
+        "why": why_section(run.path),  # bench.ab / bench.nightly --counters
     }
 
 

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from bench.cli import BadInput
-from bench.results import compare
+from bench.results import compare, counters
 from bench.results.baseline import hardware
 from bench.results.store import Run
 from bench.results.summary import summarize
@@ -65,6 +65,13 @@ results = sa.Table(
     sa.Column("status", sa.String(20)),
     sa.Column("verdict", sa.String(20)),
     sa.Column("change", sa.Float),
+)
+counter_diffs = sa.Table(  # why a flagged case changed (bench.nightly --counters; results/counters.py)
+    "counter_diffs", schema,
+    sa.Column("run_id", sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("case_id", sa.ForeignKey("cases.id"), primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("diff", sa.Text),  # the whole diff, as JSON
 )
 
 
@@ -233,7 +240,41 @@ def record_run(engine: sa.Engine, run: Run, cmp: compare.Comparison | None) -> s
     if rows.empty:
         return None
     rid = rows["run_id"].iloc[0]
-    return write(engine, rows, {rid: run.meta.get("env") or {}})[rid]
+    stored = write(engine, rows, {rid: run.meta.get("env") or {}})[rid]
+    record_counter_diffs(engine, stored, run)
+    return stored
+
+
+def record_counter_diffs(engine: sa.Engine, run_id: str, run: Run) -> int:
+    """Store the counter diffs of the run's why.json under its id in the history; how many."""
+    diffs = (counters.read(run.path) or {}).get("cases") or []
+    by_label = {compare.case_label(r): r for r in run.records}
+    keys = {d["case"]: (r["workload"], r["provider"], json.dumps(r.get("params") or {}, sort_keys=True))
+            for d in diffs if (r := by_label.get(d["case"]))}
+    if not keys:
+        return 0
+
+    def work(conn):
+        ids = {(w, p, q): i for i, w, p, q in conn.execute(
+            sa.select(cases.c.id, cases.c.workload, cases.c.provider, cases.c.params)
+            .where(cases.c.workload.in_({k[0] for k in keys.values()})))}
+        rows = [{"run_id": run_id, "case_id": ids[keys[d["case"]]], "text": d["text"],
+                 "diff": json.dumps(d, default=str)} for d in diffs if keys.get(d["case"]) in ids]
+        _insert_new(conn, counter_diffs, rows)
+        return len(rows)
+    return _transaction(engine, work)
+
+
+def read_counter_diffs(engine: sa.Engine, run_id: str | None = None) -> list[dict]:
+    """The stored counter diffs ({run_id, case, text, diff}), oldest run first; one run's if given."""
+    query = (sa.select(counter_diffs.c.run_id, cases.c.label, counter_diffs.c.text, counter_diffs.c.diff)
+             .join_from(counter_diffs, cases).join_from(counter_diffs, runs)
+             .order_by(runs.c.date, runs.c.id, cases.c.id))
+    if run_id is not None:
+        query = query.where(counter_diffs.c.run_id == run_id)
+    with engine.connect() as conn:
+        return [{"run_id": r, "case": c, "text": t, "diff": json.loads(d) if d else None}
+                for r, c, t, d in conn.execute(query)]
 
 
 def read(engine: sa.Engine, gpu: str | None = None) -> pd.DataFrame:
