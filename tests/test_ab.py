@@ -61,8 +61,12 @@ def test_a_revision_that_slows_one_provider_fails_naming_it(tmp_path, monkeypatc
     assert [c["provider"] for c in cases if c["verdict"] != "unchanged"] == ["changed"], out
     assert [c["verdict"] for c in cases if c["provider"] == "changed"] == ["regression"]
     assert "layernorm/changed" in out and "+" in out
-    report = (tmp_path / "results").glob("*_ab_*/report.html")
-    assert "1 regression" in next(report).read_text()  # the report's comparison section
+    html = next((tmp_path / "results").glob("*_ab_*/report.html")).read_text()
+    assert "1 regression" in html  # the report's comparison section
+    sha = {rev: subprocess.run([*git, "rev-parse", rev], capture_output=True, text=True).stdout[:12]
+           for rev in ("HEAD~1", "HEAD")}
+    top = html.split('id="headline"')[0]  # named at the top, before any result
+    assert f"A: HEAD~1 ({sha['HEAD~1']}) vs B: HEAD ({sha['HEAD']})" in top
 
 
 def test_identical_trees_pass(tmp_path, monkeypatch, capsys):

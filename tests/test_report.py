@@ -1,9 +1,12 @@
 """bench.report: renders from the committed fixture run and from a fresh CPU run; the HTML parses and
 holds every section with its embedded images; odd runs (all skipped, no seq_len axis, no cases)
-still render; the headline leads with cuTile (and says when it did not run); a headless screenshot
-shows the headline table and a plot where Chromium exists."""
+still render; the headline leads with each workload's subject (and says when it did not run), one
+verdict per regime, never counting a suspect case; plots and tables follow the hints a run recorded,
+and the presenter names no workload or provider; a headless screenshot shows the headline table and
+a plot where Chromium exists."""
 import base64
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -51,21 +54,19 @@ def render(run_dir, tmp_path, *extra) -> tuple[Page, str, str]:
 
 def test_fixture_renders_every_section_with_images(tmp_path):
     page, html, md = render(FIXTURE, tmp_path)
-    assert SECTIONS | {"per-step", "workload-fmha", "workload-layernorm",
-                       "workload-model_step"} <= page.sections
-    assert "comparison" not in page.sections
-    # fmha: time, TFLOP/s, tile heatmap; layernorm: time, GB/s; model_step: time; per-step chart
-    assert len(page.images) >= 7
+    assert SECTIONS | {"workload-fmha", "workload-layernorm", "workload-model_step"} <= page.sections
+    assert "comparison" not in page.sections and "per-step" not in page.sections
+    # fmha: speedup along seq_len, tile heatmap; layernorm: speedup along hidden; model_step: bars
+    # per model (one batch each: no line to draw)
+    assert len(page.images) >= 4
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in page.images)
     assert "NVIDIA H100 80GB HBM3" in html and "580.159.04" in html and "sw_power_cap" in html
     assert "tileiras compile exceeded" in html and "TileGym is not installed" in html
-    assert "reported on other hardware" in html
-    assert "### cuTile against PyTorch" in md
-    # fmha: cuTile's best config at seq_len=256 is 1.22x faster than sdpa-flash, its worst shape
-    assert "| vs the best PyTorch provider | 3 | 1.33x faster | 1.22x faster at seq_len=256 |" in md
-    assert "1.04x slower at model=gpt2" in md  # a loss reads as a loss
-    assert "### Per-step comparison" in md and "Reference, not a measurement of this run: " \
-        "the seed reports 2.8 ms" in md
+    assert "### Each workload's own kernels against the other providers" in md
+    # the fixture predates recorded hints: every provider but the baseline is the subject, and
+    # the flag and word axes are the regimes (a verdict per model and mode)
+    assert "| vs the baseline (native) | 3 | 13.96x faster | 5.41x faster at seq_len=256 |" in md
+    assert "#### model_step (model=gpt2, mode=fwd)" in md
     # skipped cases apart from failures, one row per reason
     assert "TileGym is not installed" in html.split('id="skipped"')[1]
     assert "TileGym is not installed" not in html.split('id="failures"')[1].split('id="skipped"')[0]
@@ -87,17 +88,19 @@ def test_baseline_adds_the_comparison(tmp_path):
 
 def test_fresh_cpu_run_renders(tmp_path, write_sweep, capsys):
     sweep = write_sweep("""
-workload: layernorm
-baseline: torch
-providers: [torch, cutile]
-axes: {rows: [8], hidden: [32, 64], dtype: [float32], mode: [fwd]}
+workload: fmha
+baseline: native
+providers: [native, sdpa-math, cutile]
+axes: {batch: [1], heads: [1], seq_len: [16, 32], head_dim: [16], dtype: [float32], mode: [fwd]}
 timing: {warmup_ms: 1, min_reps: 5, max_reps: 20, max_time_s: 0.05, timeout_s: 60}
 """)
     assert run_main([str(sweep), "--out", str(tmp_path / "results")]) == 0
     capsys.readouterr()
+    meta = json.loads((tmp_path / "results" / "latest" / "meta.json").read_text())
+    assert meta["workloads"]["fmha"]["x_axes"] == ["seq_len"]  # the hints, recorded for the report
     page, html, md = render(tmp_path / "results" / "latest", tmp_path)
-    assert SECTIONS | {"workload-layernorm"} <= page.sections
-    assert len(page.images) >= 2  # time and GB/s vs hidden
+    assert SECTIONS | {"workload-fmha"} <= page.sections
+    assert len(page.images) == 1  # sdpa-math's speedup over native along seq_len
     assert "skipped" in html and "cuTile not available" in html  # no GPU here
     assert "(cpu)" in md
 
@@ -109,8 +112,16 @@ def test_odd_runs_still_render(tmp_path):
     assert SECTIONS <= page.sections and "it was skipped" in html and page.images == []
     no_seq = write_run(tmp_path / "noseq", [record(p, [1.0, 1.1, 0.9], workload="gemm", m=m)
                                             for p in ("p", "q") for m in (1, 2)], gpu=None)
-    page, html, _ = render(no_seq, tmp_path)
-    assert "workload-gemm" in page.sections and "No plot" in html
+    page, html, _ = render(no_seq, tmp_path)  # no hints: x is the numeric axis that varies
+    assert "workload-gemm" in page.sections and len(page.images) == 1
+    one = write_run(tmp_path / "one", [record(p, [1.0, 1.1, 0.9], workload="gemm", m=1)
+                                       for p in ("p", "q")], gpu=None)
+    page, html, _ = render(one, tmp_path)  # nothing varies: q's speedup as a bar
+    assert len(page.images) == 1
+    alone = write_run(tmp_path / "alone", [record("p", [1.0], workload="gemm", m=m) for m in (1, 2)],
+                      gpu=None)
+    page, html, _ = render(alone, tmp_path)  # the baseline alone: no speedup to draw
+    assert page.images == [] and "No plot" in html
     empty = write_run(tmp_path / "empty", [], gpu=None)
     page, html, _ = render(empty, tmp_path)
     assert SECTIONS <= page.sections and "no cases" in html
@@ -125,38 +136,55 @@ def fmha_run(path, providers, status="ok", reason=""):
     return write_run(path, recs, gpu=None)
 
 
-def test_fmha_only_run_has_no_per_step_section(tmp_path):
-    page, html, md = render(fmha_run(tmp_path / "r", ["native", "cutile"]), tmp_path)
-    assert "per-step" not in page.sections and "Per-step" not in md and "2.8 ms" not in html
+HINTS = {"x_axes": ["seq_len"], "regimes": ["mode"], "panels": ["mode"], "subject": ["cutile"],
+         "note": "Reported elsewhere: 2.8 ms, not this run's."}
 
 
-def test_a_run_without_cutile_says_so_in_the_headline(tmp_path):
-    page, html, md = render(fmha_run(tmp_path / "none", ["native", "sdpa-flash"]), tmp_path)
-    assert "cuTile did not run: no cuTile provider was part of this run." in md
-    assert "cuTile did not run" in html.split('id="headline"')[1].split("</section>")[0]
-    page, html, md = render(fmha_run(tmp_path / "skip", ["native", "cutile"], "skipped",
-                                     "cuTile not available: no GPU"), tmp_path)
-    assert "cuTile did not run: skipped: cuTile not available: no GPU (2 cases)." in md
+def with_hints(run, workload="fmha", **changes):
+    """The run as one recorded today: its meta names the workload's presentation hints."""
+    meta = json.loads((run / "meta.json").read_text())
+    meta["workloads"] = {workload: {**HINTS, **changes}}
+    (run / "meta.json").write_text(json.dumps(meta))
+    return run
 
 
-def test_zipped_axes_label_points_instead_of_joining_them(tmp_path, monkeypatch):
+def test_a_workloads_note_comes_from_its_recorded_hints(tmp_path):
+    page, html, md = render(with_hints(fmha_run(tmp_path / "r", ["native", "cutile"])), tmp_path)
+    assert "Reported elsewhere: 2.8 ms" in html.split('id="workload-fmha"')[1] and "2.8 ms" in md
+    page, html, md = render(with_hints(fmha_run(tmp_path / "q", ["native", "cutile"]), note=""),
+                            tmp_path)
+    assert "2.8 ms" not in html and "2.8 ms" not in md
+
+
+def test_a_run_without_its_subject_says_so_in_the_headline(tmp_path):
+    page, html, md = render(with_hints(fmha_run(tmp_path / "none", ["native", "sdpa-flash"])), tmp_path)
+    assert "cutile did not run: not part of this run." in md
+    assert "cutile did not run" in html.split('id="headline"')[1].split("</section>")[0]
+    page, html, md = render(with_hints(fmha_run(tmp_path / "skip", ["native", "cutile"], "skipped",
+                                                "cuTile not available: no GPU")), tmp_path)
+    assert "cutile did not run: skipped: cuTile not available: no GPU (2 cases)." in md
+
+
+def test_zipped_axes_label_the_x_ticks(tmp_path, monkeypatch):
     drawn = []
-    monkeypatch.setattr(report.plots, "lines_vs_axis", lambda *a, **kw: drawn.append(kw) or [])
-    render(fmha_run(tmp_path / "r", ["native", "cutile"]), tmp_path)
-    assert drawn and all(kw["zipped"] == ["batch"] for kw in drawn)  # batch changes with seq_len
+    monkeypatch.setattr(report.plots, "lines", lambda *a, **kw: drawn.append((a, kw)) or [])
+    render(with_hints(fmha_run(tmp_path / "r", ["native", "cutile"])), tmp_path)
+    # the speedup along the hinted x, batch (which changes with seq_len) under its ticks
+    assert [(a[1], a[2], kw["zipped"], kw["ref"]) for a, kw in drawn] == [
+        ("seq_len", "speedup", ["batch"], 1.0)]
 
 
 def test_a_case_faster_than_its_ceiling_is_suspect_and_not_a_win(tmp_path):
     # 1 GB at a 1000 GB/s ceiling takes at least 1 ms: cutile's 0.5 ms is impossible
     recs = [{**record(p, [ms] * 3, workload="layernorm", hidden=768, dtype="float16"),
              "baseline": "torch", "bytes": 1e9} for p, ms in (("torch", 2.0), ("cutile", 0.5))]
-    run = write_run(tmp_path / "r", recs)
+    run = with_hints(write_run(tmp_path / "r", recs), "layernorm", x_axes=["hidden"])
     meta = json.loads((run / "meta.json").read_text())
     meta["ceilings"] = {"gpu": "GPU", "measured": {"copy_gbps": 1000.0, "tflops": {}}}
     (run / "meta.json").write_text(json.dumps(meta))
     page, html, md = render(run, tmp_path)
     assert ">suspect<" in html.split('id="table-layernorm"')[1]
-    assert "cuTile gave no usable time: suspect: faster than the measured ceiling (1 case)." in md
+    assert "cutile gave no usable time: suspect: faster than the measured ceiling (1 case)." in md
     assert "device-to-device copy 1.00 TB/s" in md
 
 
@@ -220,8 +248,82 @@ def test_headline_is_one_verdict_per_regime():
     assert heads[1].summary.rows[0][2][0].endswith("faster")
 
 
-def test_tuned_section_follows_the_results_and_presenter_names_no_workload():
+def test_tuned_section_follows_the_results():
     text = (Path(report.TEMPLATES) / "report.html.j2").read_text()
     assert text.index('include "tuned.html.j2"') > text.index("{% for s in sections %}")
-    src = Path(report.__file__).read_text()
-    assert '"torch-naive"' not in src.split("def model_step")[0]
+
+
+def test_presenter_names_no_workload_or_provider():
+    """Workloads are plugins: the report lays them out from the hints a run recorded. A name that is
+    also a key of the environment card (torch's version) is no provider there."""
+    from bench import workloads
+    env_keys = set(json.loads((FIXTURE / "meta.json").read_text())["env"])
+    names = {n for w in workloads.names() for n in (w, *workloads.get(w).providers)} - env_keys
+    assert {"fmha", "model_step", "cutile", "torch-naive", "tilegym"} <= names
+    files = [*Path(report.__file__).parent.glob("*.py"), *Path(report.TEMPLATES).glob("*.j2")]
+    found = [(f.name, n) for f in files for n in names
+             if re.search(rf"""["'`]{re.escape(n)}["'`]|\b{re.escape(n)}\(""", f.read_text())]
+    assert found == []
+
+
+def test_a_suspect_case_is_never_best_nor_in_a_geomean(tmp_path, monkeypatch):
+    """The fastest case at every shape is faster than the machine allows (here, the CPU's floor):
+    no headline, speedup, plot or console table may name it best."""
+    from bench.present import console
+    from bench.results.summary import summarize
+    floor = {"cpu": True, "measured": {"copy_gbps": 100.0, "tflops": {}}}  # 1 GB: >= 10 ms
+    recs = [{**record(p, [ms] * 3, workload="w", size=n), "baseline": "base", "bytes": 1e9}
+            for n in (1, 2) for p, ms in (("base", 40.0), ("mine", 20.0), ("rival", 1.0))]
+    run = with_hints(write_run(tmp_path / "r", recs, gpu=None), "w", x_axes=["size"], regimes=[],
+                     panels=[], subject=["mine"], note="")
+    meta = json.loads((run / "meta.json").read_text())
+    meta["ceilings"] = floor
+    (run / "meta.json").write_text(json.dumps(meta))
+    frame = summarize(recs, floor)
+    assert frame.loc[frame.provider == "rival", "suspect"].all()  # 1 ms < 10 ms: impossible
+    page, html, md = render(run, tmp_path)
+    assert "| vs the baseline (base) | 2 | 2.00x faster |" in md  # mine: 40 / 20
+    assert "| vs the best other provider | 2 | 2.00x faster |" in md  # rival left out: base is best
+    assert "rival" not in html.split('id="headline"')[1].split("</section>")[0]
+    table = console.best_table(frame, recs)
+    assert [row for row in table.columns[table.columns.index(next(
+        c for c in table.columns if c.header == "best"))].cells] == ["mine", "mine"]
+    drawn = []
+    monkeypatch.setattr(report.plots, "lines", lambda frame, *a, **kw: drawn.append(frame) or [])
+    report.build(report.Run(run, meta, recs))
+    assert drawn and not any((d["provider"] == "rival").any() for d in drawn)
+
+
+def test_case_table_groups_shapes_in_hint_then_sweep_order(tmp_path):
+    """Regimes first, then x by value, then the sweep's other axes; providers in the sweep's order
+    (its cases.json), not the alphabet; one header row per shape."""
+    recs = [{**record(p, [1.0], workload="w", seq=s, mode=m, batch=b), "baseline": "zeta"}
+            for m in ("fwd_bwd", "fwd") for b, s in ((8, 1024), (1, 16384), (4, 127))
+            for p in ("alpha", "zeta")]
+    run = with_hints(write_run(tmp_path / "r", recs, gpu=None), "w", x_axes=["seq"],
+                     regimes=["mode"], panels=["mode"], subject=["alpha"], note="")
+    cases = [{"provider": p} for p in ("zeta", "alpha")]
+    (run / "cases.json").write_text(json.dumps(cases))
+    page, html, md = render(run, tmp_path)
+    body = html.split('id="table-w"')[1].split("</table>")[0]
+    groups = re.findall(r'<tr class="group"><th colspan="\d+">([^<]*)</th>', body)
+    assert groups == [f"mode={m}, seq={s}, batch={b}" for m in ("fwd", "fwd_bwd")
+                      for s, b in ((127, 4), (1024, 8), (16384, 1))]
+    providers = re.findall(r'<tr><td data-sort="(alpha|zeta)"', body)
+    assert providers == ["zeta", "alpha"] * 6
+
+
+def test_noisy_is_explained_in_text_and_markdown(tmp_path):
+    from bench.results import compare
+    from bench.results.store import load_run
+    noisy = [record("p", [1.0, 3.0, 0.3, 2.0, 0.5], n=1)]
+    a = write_run(tmp_path / "a", noisy)
+    b = write_run(tmp_path / "b", noisy)
+    cmp = compare.compare_runs(*(load_run(x) for x in (a, b)))
+    assert cmp.rows[0]["noisy"]
+    for text in (compare.to_text(cmp), compare.to_markdown(cmp, only_changes=True)):
+        assert '1 of 1 cases are "noisy"' in text and "not a regression and not a win" in text
+    page, html, md = render(b, tmp_path, "--baseline", str(a))
+    assert '1 of 1 cases are "noisy"' in md and '1 of 1 cases are &#34;noisy&#34;' in html
+    quiet = write_run(tmp_path / "q", [record("p", [1.0] * 5, n=1)])
+    assert compare.noisy_note(compare.compare_runs(*(load_run(x) for x in (quiet, quiet)))) == ""

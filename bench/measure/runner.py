@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from bench import workloads
 from bench.cli import BadInput, disk_error, first_line
 from bench.measure import ceilings, env, ncu, pool
 from bench.measure import sweep as sweep_mod
@@ -71,6 +72,8 @@ def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str],
                   "workload": sweep.workload, "baseline": sweep.baseline, "profile": sweep.profile,
                   "compare": sweep.compare},
         "git": git, "env": env.fingerprint(gpus), "devices": devices, "cases": len(sweep.cases),
+        # how a report lays each workload out, recorded so that it never imports one
+        "workloads": {w: workloads.get(w).hints() for w in dict.fromkeys(c.workload for c in sweep.cases)},
     }
     meta["ceilings"] = ceilings.for_run(root, meta["env"]["gpus"] if gpus else [])  # this run's GPUs only
     return store.RunWriter(path, meta, [c.to_dict() for c in sweep.cases])

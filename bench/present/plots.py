@@ -19,9 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-PER_PAGE = 12  # facets per figure
-COLS = 3
-DPI = 80
+PER_PAGE = 8  # panels per figure
+COLS = 2
+DPI = 100
+WIDTH = 9.6  # inches of a whole figure: about 960 px, the report's column
 
 
 def natural(text) -> tuple:
@@ -48,60 +49,124 @@ def _facets(frame: pd.DataFrame, by: list[str]) -> list[tuple[dict, pd.DataFrame
             for k, g in frame.groupby(by, sort=True, dropna=False)]
 
 
-def _pages(facets, draw, title: str, width: float = 4.2, height: float = 3.0,
-           columns: int = COLS) -> list[str]:
-    """Draw each facet with draw(ax, key, group) on grids of PER_PAGE subplots."""
+def _pages(facets, draw, title: str, width: float = WIDTH / COLS, height: float = 3.4,
+           columns: int = COLS, shared_legend: bool = False) -> list[str]:
+    """Draw each facet with draw(ax, key, group) on grids of PER_PAGE subplots; with
+    `shared_legend` one legend for the figure, below it, instead of one crowding each panel."""
     images = []
     for start in range(0, len(facets), PER_PAGE):
         page = facets[start:start + PER_PAGE]
         cols = min(columns, len(page))
         rows = math.ceil(len(page) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,
+                                 layout="constrained")
         for ax, (key, group) in zip(axes.flat, page):
             draw(ax, key, group)
-            ax.set_title(textwrap.fill(facet_label(key), 60), fontsize=8)
+            if key:
+                ax.set_title(textwrap.fill(facet_label(key), 70), fontsize=9)
         for ax in axes.flat[len(page):]:
             ax.set_visible(False)
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
+        if shared_legend:
+            handles = {}
+            for ax in axes.flat[:len(page)]:
+                for h, text in zip(*ax.get_legend_handles_labels()):
+                    handles.setdefault(text, h)
+            if handles:
+                fig.legend(handles.values(), handles.keys(), loc="outside lower center",
+                           ncol=min(len(handles), 5), fontsize=9)
+        fig.suptitle(title, fontsize=11)
         images.append(to_base64(fig))
     return images
 
 
-def lines_vs_axis(frame: pd.DataFrame, x: str, y: str, ylabel: str, facets: list[str],
-                  title: str, ceiling: float | None = None, logy: bool = False,
-                  zipped: list[str] = ()) -> list[str]:
-    """One line per provider (its best config at each point), log x, one subplot per facet;
-    facets with a single x value (nothing to draw a line along) are left out. Axes `zipped` with x
-    change along it (batch shrinking as seq_len grows): the points are then not joined, since
-    neighbours differ in more than x, and each x tick names its zipped values."""
+def _x_ticks(ax, group: pd.DataFrame, x: str, zipped: list[str]) -> None:
+    """Ticks at the values the data has (on a log scale where they span more than 8x), each with
+    the values of the axes zipped with x under it; slanted where they would collide."""
+    ticks = group.drop_duplicates(x).sort_values(x)
+    xs = list(ticks[x])
+    if min(xs) > 0 and max(xs) / min(xs) > 8:
+        ax.set_xscale("log")
+    labels = [str(v) + "".join(f"\n{a}={r[a]}" for a in zipped) for v, (_, r) in zip(xs, ticks.iterrows())]
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.minorticks_off()
+    left, right = ax.get_xlim()
+    if ax.get_xscale() == "log" and min(xs) > 0:
+        span = math.log(right / left) or 1.0
+        gaps = [math.log(b / a) / span for a, b in zip(xs, xs[1:])]
+    else:
+        gaps = [(b - a) / ((right - left) or 1.0) for a, b in zip(xs, xs[1:])]
+    widest = max(len(line) for text in labels for line in text.split("\n"))
+    if gaps and min(gaps) * 60 < widest:  # about 60 characters across a half-width panel
+        ax.tick_params(axis="x", labelrotation=35)
+        for t in ax.get_xticklabels():
+            t.set_horizontalalignment("right")
+
+
+def lines(frame: pd.DataFrame, x: str, y: str, ylabel: str, facets: list[str], title: str,
+          ref: float | None = None, ref_label: str = "", zipped: list[str] = (),
+          providers: list[str] = ()) -> list[str]:
+    """One line with markers per provider along the numeric axis x, each point the provider's
+    best config there (the highest y), one panel per value of the `facets` axes; a dashed line at
+    `ref` (1.0 for a speedup, 100 for % of ceiling). Axes zipped with x (batch shrinking as
+    seq_len grows) label its ticks."""
     data = frame.dropna(subset=[y])
-    facets = [(k, g) for k, g in _facets(data, facets) if g[x].nunique() > 1]
-    if not facets:
+    if data.empty:
         return []
+    order = [p for p in providers if p in set(data["provider"])] or sorted(data["provider"].unique())
+    colour = {p: f"C{i % 10}" for i, p in enumerate(order)}
 
     def draw(ax, key, group):
-        for provider, g in group.groupby("provider", sort=True):
-            best = g.groupby(x)[y].max() if y != "median_ms" else g.groupby(x)[y].min()
-            ax.plot(best.index, best.values, marker="o", markersize=4, label=provider,
-                    linestyle="none" if zipped else "-")
-        if ceiling:
-            ax.axhline(ceiling, color="black", linestyle="--", linewidth=1,
-                       label=f"measured ceiling {ceiling:g}")
-        ax.set_xscale("log", base=2)
-        if zipped:
-            ticks = group.drop_duplicates(x).sort_values(x)
-            ax.set_xticks(ticks[x], [f"{v}\n" + "\n".join(f"{a}={r[a]}" for a in zipped)
-                                     for v, (_, r) in zip(ticks[x], ticks.iterrows())], fontsize=7)
-            ax.minorticks_off()
-        if logy:
-            ax.set_yscale("log")
+        for provider in order:
+            g = group[group["provider"] == provider]
+            if not g.empty:
+                best = g.groupby(x)[y].max().sort_index()
+                ax.plot(best.index, best.values, marker="o", markersize=5, linewidth=1.8,
+                        label=provider, color=colour[provider])
+        if ref is not None:
+            ax.axhline(ref, color="black", linestyle="--", linewidth=1, label=ref_label)
+        _x_ticks(ax, group, x, list(zipped))
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
 
-    return _pages(facets, draw, title)
+    keyed = _facets(data, facets)
+    cols = 1 if len(keyed) == 1 else COLS
+    return _pages(keyed, draw, title, width=WIDTH / cols, height=4.2 if cols == 1 else 3.4,
+                  columns=cols, shared_legend=True)
+
+
+def bars(frame: pd.DataFrame, y: str, ylabel: str, facets: list[str], title: str,
+         ref: float | None = None, ref_label: str = "", providers: list[str] = ()) -> list[str]:
+    """Where no axis varies to draw a line along: one group of bars per value of the `facets`
+    axes (in the frame's order), one bar per provider, the value written on each bar."""
+    data = frame.dropna(subset=[y])
+    if data.empty:
+        return []
+    order = [p for p in providers if p in set(data["provider"])] or sorted(data["provider"].unique())
+    groups = [(facet_label(k), g) for k, g in _facets(data, facets)] if facets else [("all", data)]
+    groups = sorted(groups, key=lambda kg: natural(kg[0])) if facets else groups
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.2), layout="constrained")
+    width = 0.8 / len(order)
+    for i, provider in enumerate(order):
+        xs, ys = [], []
+        for j, (_, g) in enumerate(groups):
+            v = g.loc[g["provider"] == provider, y]
+            if not v.empty:
+                xs.append(j - 0.4 + width * (i + 0.5))
+                ys.append(float(v.max()))
+        drawn = ax.bar(xs, ys, width, label=provider, color=f"C{i % 10}")
+        ax.bar_label(drawn, fmt="%.3g", fontsize=7)
+    if ref is not None:
+        ax.axhline(ref, color="black", linestyle="--", linewidth=1, label=ref_label)
+    names = [textwrap.fill(name, 24) for name, _ in groups]
+    ax.set_xticks(range(len(groups)), names, fontsize=8,
+                  rotation=0 if len(groups) * max(map(len, names)) < 120 else 35,
+                  ha="center" if len(groups) * max(map(len, names)) < 120 else "right")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=min(len(order) + (ref is not None), 5), fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    return [to_base64(fig)]
 
 
 def tile_heatmaps(frame: pd.DataFrame, shape_cols: list[str], facets: list[str], title: str) -> list[str]:
@@ -151,7 +216,7 @@ def roofline(frame: pd.DataFrame, ceilings: dict, title: str) -> list[str]:
     if data.empty or not measured:
         return []
     data = data.assign(intensity=data["tflops"] * 1e3 / data["gbps"])
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(WIDTH, 5.0))
     for provider, g in data.groupby("provider", sort=True):
         ax.scatter(g["intensity"], g["tflops"], s=14, label=provider,
                    marker="x" if g["suspect"].any() else "o")
@@ -169,32 +234,6 @@ def roofline(frame: pd.DataFrame, ceilings: dict, title: str) -> list[str]:
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    return [to_base64(fig)]
-
-
-def model_step_bars(frame: pd.DataFrame, providers: list[str]) -> list[str]:
-    """Step time per model size and shape (and CUDA graph or not), one bar per provider, one
-    subplot per mode. Only this run's measurements: numbers reported elsewhere are a note."""
-    data = frame.dropna(subset=["median_ms"])
-    modes = sorted(data["mode"].unique()) if "mode" in data and not data.empty else []
-    if not modes:
-        return []
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.0 * len(modes), 3.8), squeeze=False)
-    width = 0.8 / max(len(providers), 1)
-    for ax, mode in zip(axes[0], modes):
-        g = data[data["mode"] == mode]
-        groups = sorted(g["group"].unique(), key=natural)
-        for i, provider in enumerate(providers):
-            ms = g[g["provider"] == provider].groupby("group")["median_ms"].min()
-            xs = [j + i * width for j, grp in enumerate(groups) if grp in ms.index]
-            ax.bar(xs, [ms[grp] for grp in groups if grp in ms.index], width, label=provider)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=7,
-                      rotation=20, ha="right")
-        ax.set_ylabel("ms per step")
-        ax.set_title(f"mode={mode}", fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return [to_base64(fig)]
 

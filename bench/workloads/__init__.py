@@ -47,6 +47,16 @@ class Workload:
     x_axes: tuple[str, ...] = ()
     regimes: tuple[str, ...] = ()
     panels: tuple[str, ...] = ()
+    # the providers a report's headline is about (this project's own kernels), and a note the
+    # report prints under the workload's results (numbers reported elsewhere, never plotted)
+    subject: tuple[str, ...] = ("cutile",)
+    note: str = ""
+
+    def hints(self) -> dict:
+        """The presentation hints as plain data: a run records them in its meta.json, so that a
+        report lays the workload out without importing it."""
+        return {"x_axes": list(self.x_axes), "regimes": list(self.regimes),
+                "panels": list(self.panels), "subject": list(self.subject), "note": self.note}
 
 
 GROUP = "cutile_bench.workloads"  # the entry-point group a package declares its workloads in
