@@ -17,7 +17,7 @@ from bench.cli import BadInput
 from bench.measure import env, runner
 from bench.measure.pool import Worker
 from bench.measure.sweep import Case, Sweep
-from bench.results import stats, store
+from bench.results import clocks, stats, store
 from bench.results.compare import CONFIDENCE, THRESHOLD
 from bench.results.store import Run
 from bench.results.summary import summarize
@@ -58,6 +58,7 @@ def merge(first: dict | None, rec: dict) -> dict:
         return {**first, "rounds": first["rounds"] + 1}
     return {**first, "samples_ms": first["samples_ms"] + rec["samples_ms"],
             "round_reps": first["round_reps"] + [len(rec["samples_ms"])],
+            "clocks": clocks.pooled(first.get("clocks"), rec.get("clocks")),
             "rounds": first["rounds"] + 1, "ended_utc": rec.get("ended_utc")}
 
 

@@ -76,6 +76,15 @@ def gpu_info(index: int) -> dict:
     return info
 
 
+def max_sm_clock_mhz(index: int) -> int | None:
+    """The GPU's maximum SM clock: the reference that clock-normalised times are scaled to."""
+    nv = _nvml()
+    try:
+        return nv.nvmlDeviceGetMaxClockInfo(nv.nvmlDeviceGetHandleByIndex(index), nv.NVML_CLOCK_SM)
+    except Exception:  # no NVML (nv is None) or no answer
+        return None
+
+
 def fingerprint(gpu_indices: list[int]) -> dict:
     nv = _nvml()
     driver = None
@@ -101,6 +110,36 @@ _THROTTLE = {  # NVML clocks-event reason bits worth naming
 }
 
 
+# reasons that lower the SM clock below what the load asks for; a batch timed under one is re-taken
+SLOWING = frozenset({"sw_power_cap", "hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake"})
+
+
+def _reasons(bits: int) -> list[str]:
+    return [name for bit, name in _THROTTLE.items() if bits & bit and bit != 0x1]
+
+
+def clock_probe(index: int):
+    """A cheap reading taken once per timed batch, or None without NVML: a callable returning
+    `{"sm_mhz": the current SM clock, "slowed": the active SLOWING reasons}` (two NVML calls on a
+    handle looked up once), or None when NVML does not answer."""
+    nv = _nvml()
+    if nv is None:
+        return None
+    try:
+        h = nv.nvmlDeviceGetHandleByIndex(index)
+    except Exception:
+        return None
+
+    def probe() -> dict | None:
+        try:
+            bits = nv.nvmlDeviceGetCurrentClocksThrottleReasons(h)
+            return {"sm_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
+                    "slowed": [r for r in _reasons(bits) if r in SLOWING]}
+        except Exception:
+            return None
+    return probe
+
+
 def telemetry(index: int) -> dict | None:
     """SM and memory clocks, temperature, power and active throttle reasons of GPU `index`."""
     nv = _nvml()
@@ -114,7 +153,7 @@ def telemetry(index: int) -> dict | None:
             "mem_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
             "temp_c": nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
             "power_w": nv.nvmlDeviceGetPowerUsage(h) / 1000,
-            "throttle": [name for bit, name in _THROTTLE.items() if reasons & bit and bit != 0x1],
+            "throttle": _reasons(reasons),
         }
     except Exception:
         return None

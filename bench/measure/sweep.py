@@ -33,7 +33,7 @@ TIMING_DEFAULTS = {
     "hygiene": "full",  # full: fresh inputs every rep and re-checks; basic: the gate alone (docs/isolation.md)
 }
 HYGIENE = ("full", "basic")
-COMPARE_DEFAULTS = {"threshold": 0.03}
+COMPARE_DEFAULTS = {"threshold": 0.03, "control": None}  # control: a provider (else the baseline)
 # A sweep file is small; these bound what a hostile or broken one can cost before it is refused.
 MAX_BYTES = 256 << 10
 MAX_NODES = 20_000  # YAML values, aliases expanded
@@ -609,6 +609,8 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     compare = {**COMPARE_DEFAULTS,
                **v.mapping(data.get("compare") or {}, ("compare",), set(COMPARE_DEFAULTS))}
     v.number(compare["threshold"], ("compare", "threshold"))
+    if compare["control"] is not None and v.string(compare["control"], ("compare", "control")) not in names:
+        v.fail(("compare", "control"), f"control '{str(compare['control'])[:80]}' is not one of the providers")
     constraints = []
     for i, expr in enumerate(v.seq(data.get("constraints") or [], ("constraints",), nonempty=False)):
         try:

@@ -17,6 +17,7 @@ last rep's end event. Where it does, the case is timed again with every rep endi
 whole device is idle."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 
@@ -40,6 +41,11 @@ try:
     import nvtx as _nvtx
 except ImportError:  # fall back to torch's NVTX bindings
     _nvtx = None
+
+# a batch timed while the GPU reported a SLOWING reason (bench.measure.env) is discarded and, after
+# this pause, re-taken; after this many discards in one case the batches are kept and counted
+THROTTLE_PAUSE_S, THROTTLE_RETRIES = 0.1, 5
+_sleep = time.sleep
 
 FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MB)
 SPIN_HZ = 2.0e9  # cycles per second assumed for the spin kernel: at or above current boost clocks
@@ -85,13 +91,17 @@ def _event():
     return _Event(enable_timing=True)
 
 
-def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, device_wide: bool):
-    """(samples, the last rep's output, ms the device kept working after the last end event).
-    With `device_wide`, every rep's end event waits until the whole device is idle."""
+def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, probe):
+    """(samples, the last rep's output, ms the device kept working after the last end event, the
+    probe's reading). With `device_wide`, every rep's end event waits until the whole device is idle.
+    The probe runs once, between two reps in the middle of the batch, while the device works
+    through the queued ones."""
     starts, ends = [_event() for _ in range(n)], [_event() for _ in range(n)]
-    out = None
+    out = reading = None
     for i, (s, e) in enumerate(zip(starts, ends)):
         out = None
+        if i == n // 2:
+            reading = probe()
         if feed is not None:
             feed(i == n - 1)
         if flush is not None:
@@ -111,19 +121,21 @@ def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, device_wide: bool):
         _record(e)
     _synchronize()
     late = _elapsed(ends[-1], idle[0]) - _elapsed(idle[0], idle[1])
-    return [_elapsed(s, e) for s, e in zip(starts, ends)], out, max(late, 0.0)
+    return [_elapsed(s, e) for s, e in zip(starts, ends)], out, max(late, 0.0), reading
 
 
-def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, device_wide: bool):
-    samples, out = [], None
+def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, probe):
+    samples, out, reading = [], None, None
     for i in range(n):
         out = None
+        if i == n // 2:
+            reading = probe()
         if feed is not None:
             feed(i == n - 1)
         t0 = _perf_counter_ns()
         out = call()
         samples.append((_perf_counter_ns() - t0) / 1e6)
-    return samples, out, 0.0
+    return samples, out, 0.0, reading
 
 
 def _graph_of(fn, device):
@@ -162,7 +174,8 @@ def busy_ms(call, device: torch.device) -> float | None:
 
 def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps: int,
             max_time_s: float, target_ci: float, l2_flush: bool, cuda_graph: bool,
-            hide_launch: bool = True, feed=None, verify=None, checks: int = 0, **_) -> dict:
+            hide_launch: bool = True, feed=None, verify=None, checks: int = 0, probe=None,
+            **_) -> dict:
     """Samples of fn in milliseconds; how many warm-up calls ran; the host's median time to enqueue
     one call (`host_ms`: near or above the median sample, a case is launch-bound); why timing stopped;
     the GPU-busy time of one more call (`busy_ms`); `hidden_ms`, the most work any batch left running
@@ -170,7 +183,12 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
 
     `feed(last)` runs before each rep, outside its time, to put inputs in place; the last rep of each
     of the first `checks` batches reads a check set and `verify(output)` judges what it returned:
-    a reason there stops timing and comes back as `failed`."""
+    a reason there stops timing and comes back as `failed`.
+
+    `probe()` (bench.measure.env.clock_probe) is read once per batch; with it, `clocks` holds each
+    kept batch's rep count and SM clock, the batches discarded because the GPU reported a slowing
+    throttle reason (and which), those kept throttled once THROTTLE_RETRIES were spent, and the
+    probe's median cost in ms. Without it `clocks` is None."""
     on_gpu = device.type == "cuda"
     call = fn
     if cuda_graph and on_gpu:
@@ -192,7 +210,21 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     host_s = sorted(host)[len(host) // 2]
     spin = int(min(1.5 * host_s + 20e-6, MAX_SPIN_S) * SPIN_HZ) if hide_launch and on_gpu else 0
 
+    costs: list[float] = []
+
+    def timed_probe():
+        if probe is None:
+            return None
+        t = _perf_counter()
+        reading = probe()
+        costs.append(_perf_counter() - t)
+        return reading
+
     samples: list[float] = []
+    batch_reps: list[int] = []
+    batch_mhz: list = []
+    slowed_by: collections.Counter = collections.Counter()
+    discarded = throttled_kept = 0
     start, stop, batches, hidden, suspected, device_wide = _perf_counter(), "max_reps", 0, 0.0, 0, False
     failed = None
     with nvtx_range("timed"):
@@ -201,7 +233,7 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
             n = int(min(max_reps - len(samples), max(min_reps, 0.05 / per_call)))
             checking = batches < checks and verify is not None
             fed = (lambda last, c=checking: feed(last and c)) if feed is not None else None
-            got, out, left = batch(call, max(n, 1), flush, spin, fed, device_wide)
+            got, out, left, reading = batch(call, max(n, 1), flush, spin, fed, device_wide, timed_probe)
             batches += 1
             if checking:
                 failed = verify(out)
@@ -214,16 +246,30 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
                 suspected += 1
                 if suspected >= 2:  # twice: not a host that woke late once
                     device_wide, samples, start = True, [], _perf_counter()
+                    batch_reps, batch_mhz = [], []
                 continue
             suspected = 0
+            slowed = (reading or {}).get("slowed")
+            if slowed and discarded < THROTTLE_RETRIES:
+                discarded += 1
+                slowed_by.update(slowed)
+                _sleep(THROTTLE_PAUSE_S)
+                continue
+            throttled_kept += bool(slowed)
             samples += got
+            batch_reps.append(len(got))
+            batch_mhz.append((reading or {}).get("sm_mhz"))
             if len(samples) >= min_reps and ci_rel(samples) <= target_ci and batches > checks:
                 stop = "converged"
                 break
             if _perf_counter() - start >= max_time_s and batches >= checks:
                 stop = "time_budget"
                 break
-    return {"samples_ms": samples, "warmup_reps": warm, "host_ms": host_s * 1e3, "stop": stop,
+    clocks = None if probe is None else {
+        "batch_reps": batch_reps, "sm_mhz": batch_mhz, "discarded": discarded,
+        "discarded_for": dict(slowed_by), "throttled_kept": throttled_kept,
+        "probe_ms": sorted(costs)[len(costs) // 2] * 1e3 if costs else None}
+    return {"samples_ms": samples, "clocks": clocks, "warmup_reps": warm, "host_ms": host_s * 1e3, "stop": stop,
             "busy_ms": None if failed else busy_ms(call, device), "hidden_ms": hidden,
             "device_wide": device_wide, "checked": min(batches, checks) if verify else 0,
             "failed": failed}

@@ -175,11 +175,14 @@ def run_case(case: Case, device: torch.device) -> dict:
             before = env.telemetry(gpu) if gpu is not None else None
             result = timing.measure(fn, device, **case.timing, feed=x.feed if rotating else None,
                                     verify=verify if rotating and not wrong else None,
-                                    checks=CHECK_SETS if rotating else 0)
+                                    checks=CHECK_SETS if rotating else 0,
+                                    probe=env.clock_probe(gpu) if gpu is not None else None)
             after = env.telemetry(gpu) if gpu is not None else None
             rec.samples_ms, rec.stop, rec.host_ms, rec.busy_ms = (
                 result["samples_ms"], result["stop"], result["host_ms"], result["busy_ms"])
             rec.telemetry = {"before": before, "after": after} if before or after else None
+            if result["clocks"]:
+                rec.clocks = {**result["clocks"], "ref_mhz": env.max_sm_clock_mhz(gpu)}
             rec.hygiene = {"level": hygiene, "input_sets": len(x.sets), "fresh_inputs": rotating,
                            "rechecked_reps": result["checked"], "hidden_ms": result["hidden_ms"],
                            "device_wide": result["device_wide"]}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.results import clocks
 from bench.results import stats
 from bench.results.baseline import hardware
 from bench.cli import BadInput
@@ -170,6 +171,9 @@ def compare_runs(base: Run, cur: Run, threshold: float | None = None,
     for row, k in zip(out.rows, [k for k in c if k in b]):
         if id(b[k]) in suspect or id(c[k]) in suspect:  # an impossible time is no change to judge
             row.update(verdict="not compared", reason="suspect: faster than the measured ceiling")
+    clocks.explain(out.rows, [(b[k], c[k]) for k in c if k in b],
+                   lambda x, y: compare_case(x, y, threshold, kind),
+                   ((cur.meta.get("sweep") or {}).get("compare") or {}).get("control"))
     out.only_base = sorted(case_label(b[k]) for k in b if k not in c)
     out.only_cur = sorted(case_label(c[k]) for k in c if k not in b)
     return out
@@ -199,12 +203,12 @@ def table_rows(cmp: Comparison) -> list[dict]:
         return rank, -abs((r["ratio"] if not math.isnan(r["ratio"]) else 1) - 1)
 
     return [{
-        "verdict": r["verdict"] + _noisy(r), "case": r["case"],
+        "verdict": r["verdict"] + clocks.note(r) + _noisy(r), "case": r["case"],
         "base_ms": r["base_ms"], "cur_ms": r["cur_ms"], "change": _pct(r["ratio"]),
         "ci": f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]" if not math.isnan(r["ci_low"]) else "-",
         "detects": _at_least(r.get("detectable", math.nan)),
         "status": r["cur_status"] if r["base_status"] == r["cur_status"]
-        else f"{r['base_status']} -> {r['cur_status']}",
+        else f"{r['base_status']} -> {r['cur_status']}", "explained": r.get("explained"),
     } for r in sorted(cmp.rows, key=order)]
 
 
@@ -214,34 +218,22 @@ def headline(cmp: Comparison) -> str:
     one_side = len(cmp.only_base) + len(cmp.only_cur)
     if one_side:
         parts.append(f"{one_side} on one side only")
+    explained = clocks.summary(cmp.rows)
+    if explained:
+        parts.append(explained)
     return (", ".join(parts) or "no cases") + f" (threshold {cmp.threshold:.1%}, " \
         f"{cmp.confidence:.0%} bootstrap CI of the ratio of medians)"
-
-
-def noisy_note(cmp: Comparison) -> str:
-    """One sentence on what "noisy" means, with the smallest change the noisy cases could have
-    shown where the rows carry it; "" when no case is noisy."""
-    noisy = [r for r in cmp.rows if r["noisy"]]
-    if not noisy:
-        return ""
-    text = (f'{len(noisy)} of {len(cmp.rows)} cases are "noisy": their confidence interval or '
-            f"run-to-run spread is wider than the {cmp.threshold:.1%} threshold, so a change of that "
-            "size could be neither shown nor ruled out; noisy is not a regression and not a win")
-    seen = [r["detectable"] for r in noisy if isinstance(r.get("detectable"), float)
-            and not math.isnan(r["detectable"])]
-    if seen:
-        text += f" (the smallest change they could have shown: {float(np.median(seen)):.1%}, median)"
-    return text + "."
 
 
 MD_LIST = 10
 
 
 def to_markdown(cmp: Comparison, only_changes: bool = False) -> str:
-    """A markdown table; `only_changes` keeps regressions, breakages and improvements."""
-    rows = [r for r in table_rows(cmp) if not only_changes or
+    """A markdown table; `only_changes` keeps regressions, breakages, improvements and the changes
+    that clocks or the machine explain."""
+    rows = [r for r in table_rows(cmp) if not only_changes or r["explained"] or
             r["verdict"].split(" ")[0] in ("regression", "broken", "improvement")]
-    lines = [f"**{headline(cmp)}**", ""] + ([noisy_note(cmp), ""] if noisy_note(cmp) else [])
+    lines = [f"**{headline(cmp)}**", ""]
     if cmp.hardware[0] != cmp.hardware[1]:
         lines += [f"Different hardware: {cmp.hardware[0]} vs {cmp.hardware[1]}.", ""]
     if rows:
@@ -266,7 +258,7 @@ def to_text(cmp: Comparison) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + row[-1] for row in cells]
     for title, cases in (("only in BASE", cmp.only_base), ("only in CUR", cmp.only_cur)):
         lines += [f"{title}: {c}" for c in cases]
-    return "\n".join(lines + [headline(cmp)] + ([noisy_note(cmp)] if noisy_note(cmp) else []))
+    return "\n".join(lines + [headline(cmp)])
 
 
 def to_json(cmp: Comparison) -> dict:

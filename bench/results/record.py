@@ -1,7 +1,8 @@
 """The one record type: what one case produced, as its worker sends it and the store keeps it.
 
 Every record and every run's meta.json carries `schema_version`. A reader meets older data through
-`upgrade` alone (version 1: the records written before the version existed) and refuses a version it
+`upgrade` alone (version 1: the records written before the version existed; version 2: before
+per-batch clocks and A/B round sizes) and refuses a version it
 does not know with one line. `case_id` is the one identity of a case (sweep.Case makes it from the
 workload, the provider and every parameter); labels are for people and never used as keys.
 docs/records.md documents each field.
@@ -12,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("ok", "incorrect", "tampered", "skipped", "error", "crashed", "timeout", "oom")
 # statuses of a case that ran and failed: never timed into a result, counted by --strict
 FAILED = frozenset({"incorrect", "tampered", "error", "crashed", "timeout", "oom"})
@@ -45,6 +46,7 @@ class Record:
     flops: float | None = None
     bytes: float | None = None
     telemetry: dict | None = None  # NVML before and after timing
+    clocks: dict | None = None  # per timed batch: reps and SM clock; batches discarded as throttled
     stop: str | None = None  # why timing stopped: converged, time_budget, max_reps
     host_ms: float | None = None  # the host's time to enqueue one call
     busy_ms: float | None = None  # GPU-busy time of one call
@@ -76,12 +78,14 @@ REQUIRED = {"case_id", "workload", "provider", "baseline", "params", "shape", "d
 def upgrade(d: dict) -> dict:
     """A record of any version this code reads, as a record of SCHEMA_VERSION. Version 1 (no
     `schema_version`) had the same fields less `hygiene`, `rounds` and `host`, which were absent or
-    added loosely by other modules."""
+    added loosely by other modules; version 2 had them, less `clocks` and `round_reps` (None: not measured)."""
     version = d.get("schema_version", 1)
     if version == SCHEMA_VERSION:
         return d
     if version == 1:
         return {**{k: v for k, v in d.items() if k in FIELDS}, "schema_version": SCHEMA_VERSION}
+    if version == 2:
+        return {**d, "schema_version": SCHEMA_VERSION}
     raise SchemaError(f"record schema_version {version!r}: this harness reads versions 1 to "
                       f"{SCHEMA_VERSION}; use a newer harness")
 

@@ -96,7 +96,7 @@ def _lines(p: Path) -> list[tuple[int, object]]:
 def meta_version(meta: dict) -> int:
     """The schema version of a run's meta.json; SchemaError for one this code does not read."""
     version = meta.get("schema_version", 1)
-    if version not in (1, SCHEMA_VERSION):
+    if version not in range(1, SCHEMA_VERSION + 1):
         raise SchemaError(f"run schema_version {version!r}: this harness reads versions 1 to "
                           f"{SCHEMA_VERSION}; use a newer harness")
     return version
