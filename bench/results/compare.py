@@ -225,6 +225,22 @@ def headline(cmp: Comparison) -> str:
         f"{cmp.confidence:.0%} bootstrap CI of the ratio of medians)"
 
 
+def noisy_note(cmp: Comparison) -> str:
+    """One sentence on what "noisy" means, with the smallest change the noisy cases could have
+    shown where the rows carry it; "" when no case is noisy."""
+    noisy = [r for r in cmp.rows if r["noisy"]]
+    if not noisy:
+        return ""
+    text = (f'{len(noisy)} of {len(cmp.rows)} cases are "noisy": their confidence interval or '
+            f"run-to-run spread is wider than the {cmp.threshold:.1%} threshold, so a change of that "
+            "size could be neither shown nor ruled out; noisy is not a regression and not a win")
+    seen = [r["detectable"] for r in noisy if isinstance(r.get("detectable"), float)
+            and not math.isnan(r["detectable"])]
+    if seen:
+        text += f" (the smallest change they could have shown: {float(np.median(seen)):.1%}, median)"
+    return text + "."
+
+
 MD_LIST = 10
 
 
@@ -233,7 +249,7 @@ def to_markdown(cmp: Comparison, only_changes: bool = False) -> str:
     that clocks or the machine explain."""
     rows = [r for r in table_rows(cmp) if not only_changes or r["explained"] or
             r["verdict"].split(" ")[0] in ("regression", "broken", "improvement")]
-    lines = [f"**{headline(cmp)}**", ""]
+    lines = [f"**{headline(cmp)}**", ""] + ([noisy_note(cmp), ""] if noisy_note(cmp) else [])
     if cmp.hardware[0] != cmp.hardware[1]:
         lines += [f"Different hardware: {cmp.hardware[0]} vs {cmp.hardware[1]}.", ""]
     if rows:
@@ -258,7 +274,7 @@ def to_text(cmp: Comparison) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + row[-1] for row in cells]
     for title, cases in (("only in BASE", cmp.only_base), ("only in CUR", cmp.only_cur)):
         lines += [f"{title}: {c}" for c in cases]
-    return "\n".join(lines + [headline(cmp)])
+    return "\n".join(lines + [headline(cmp)] + ([noisy_note(cmp)] if noisy_note(cmp) else []))
 
 
 def to_json(cmp: Comparison) -> dict:
