@@ -253,7 +253,9 @@ def workload_section(name: str, frame: pd.DataFrame, records: list[dict], meta: 
     images += [("roofline: achieved TFLOP/s against FLOPs per byte under the measured ceilings",
                 img) for img in plots.roofline(frame[frame["status"] == "ok"], roof(meta),
                                                f"{name}: roofline")]
-    return Section(name, fixed, Table.of(ordered, cols, "shape_group"), images, hint["note"])
+    grouped = ordered["shape_group"].nunique() > 1  # a single shape needs no header row
+    return Section(name, fixed, Table.of(ordered, cols, "shape_group" if grouped else None), images,
+                   hint["note"])
 
 
 def times(ratio: float) -> str:

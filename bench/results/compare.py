@@ -237,7 +237,7 @@ def noisy_note(cmp: Comparison) -> str:
     seen = [r["detectable"] for r in noisy if isinstance(r.get("detectable"), float)
             and not math.isnan(r["detectable"])]
     if seen:
-        text += f" (the smallest change they could have shown: {float(np.median(seen)):.1%}, median)"
+        text += f" (the median of what they could detect: {_at_least(float(np.median(seen)))})"
     return text + "."
 
 
