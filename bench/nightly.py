@@ -24,7 +24,8 @@ from bench.present import report
 from bench.present.trend import render_trend
 from bench.results import changepoints, compare, counters, history
 from bench.results.baseline import baseline_dir, hardware, open_run
-from bench.results.nightly import load_plan
+from bench.results.nightly import (JUDGED, canaries, load_plan, sensitivity, sensitivity_md,
+                                   with_canaries)
 from bench.results import store
 from bench.results.store import META
 
@@ -150,6 +151,7 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
     night = out / "nightly" / store.run_dir_name("night", None)  # two nights never share one
     night.mkdir(parents=True)
     summary, failing, gpu = [], False, None
+    compared, caught = 0, []  # cases judged against a baseline; canary rows
     for entry, sw in zip(plan, sweeps):
         rc, run_path = run_sweep(entry, out, profile, scheduler)
         if rc not in (0, 1):
@@ -174,11 +176,16 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
             found = bisect_regressions(entry, run, open_run(base), cmp, out, profile, deadline)
             if found:
                 summary.append("## Bisected\n\n" + "\n".join(found) + "\n")
-        history.record_run(db, run, cmp)
+        threshold = cmp.threshold if cmp else compare.sweep_threshold(run.meta) or compare.THRESHOLD
+        found = canaries(run.records, threshold, (run.meta.get("env") or {}).get("device_kind", "cuda"))
+        compared += sum(r["verdict"] in JUDGED for r in cmp.rows) if cmp else 0
+        caught += found
+        history.record_run(db, run, with_canaries(cmp, found, str(run.path), threshold))
     past = history.read(db)
     steps = changepoints.find_steps(past, sweep.COMPARE_DEFAULTS["threshold"])
     trend = render_trend(past, steps, gpu, night / "trend.html")
     summary.append(pinned(changepoints.standing_regressions(steps), gpu))
+    summary.append(sensitivity_md(compared, caught, sensitivity(past[past["hardware"] == gpu])))
     verdict = "REGRESSION" if failing else "no regression"
     (night / "report.md").write_text(f"# Nightly benchmark: {verdict}\n\n" + "\n".join(summary))
     print(f"nightly: {verdict}; summary {night / 'report.md'}, trend {trend}")

@@ -218,3 +218,34 @@ def test_real_cpu_run_with_a_slowed_provider(tmp_path, write_sweep, capsys):
     flagged_cases = [c["provider"] for c in cases if c["verdict"] != "unchanged"]
     assert flagged_cases == ["delay"], out
     assert "layernorm/delay" in out
+
+
+def test_detectable_change_is_the_verdicts_own_boundary():
+    """Moving the current run to just above the stated detectable change flags it; just below
+    does not: the statistic is derived from the verdict rule, on a GPU and a CPU alike."""
+    rng = np.random.default_rng(21)
+    for kind, spread in (("cuda", 0.01), ("cpu", 0.05)):
+        b, c = runs_apart(rng, 100, spread, 0.0)
+        base, cur = record(samples=b), record(samples=c)
+        row = compare.compare_case(base, cur, 0.03, kind)
+        at = row["detectable"]
+        # a GPU's is set by the threshold or interval, a CPU's by its run-to-run noise bound
+        assert 0.03 <= at < 0.1 if kind == "cuda" else at == pytest.approx(np.expm1(row["run_noise"]))
+        for factor, verdict in ((1.01, "regression"), (0.99, "unchanged")):
+            moved = record(samples=np.asarray(c) * (1 + at) / row["ratio"] * factor)
+            assert compare.compare_case(base, moved, 0.03, kind)["verdict"] == verdict
+
+
+def test_a_noisy_cpu_comparison_says_what_it_could_detect(tmp_path, capsys):
+    """Separate CPU runs of a case slowed 20% whose samples scatter by 15%: unchanged, and the row
+    says which change it could have caught instead of only 'noisy'."""
+    b, c = runs_apart(np.random.default_rng(11), 300, 0.15, 0.05, slowdown=1.2)
+    base = write_run(tmp_path / "b", [record("a", b)], gpu=None)
+    cur = write_run(tmp_path / "c", [record("a", c)], gpu=None)
+    assert compare_cli.main([str(base), str(cur)]) == 0
+    out = capsys.readouterr().out
+    case = json.loads((cur / "compare.json").read_text())["cases"][0]
+    assert case["verdict"] == "unchanged" and case["noisy"] and case["detectable"] > 0.2
+    stated = f"could detect >= {case['detectable'] * 100:.3g}%"
+    assert f"unchanged ({stated})" in out and "(noisy)" not in out
+    assert "| detects |" in (cur / "compare.md").read_text()

@@ -1,9 +1,11 @@
 """bench.nightly and bench.baseline on CPU: a first night without a baseline, blessing it, then a
-night with a provider slowed 10% that fails, names the case, and lands in the history and trend."""
+night with a provider slowed 10% that fails, names the case, and lands in the history and trend. A
+night's sensitivity: its canary caught and recorded, and the false alarms its case count expects."""
 import gzip
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench.measure import runner, sweep
@@ -85,7 +87,8 @@ def test_shipped_nightly_config_is_valid(monkeypatch):
     plan = nightly.load_plan("sweeps/nightly.yaml")
     counts = {p["sweep"]: len(sweep.load(p["sweep"], None, p["set"], p["filter"], p["providers"] or None).cases)
               for p in plan}
-    assert set(counts) == {"sweeps/fmha.yaml", "sweeps/layernorm.yaml", "sweeps/model.yaml"}
+    assert set(counts) == {"sweeps/fmha.yaml", "sweeps/layernorm.yaml", "sweeps/model.yaml",
+                           "sweeps/canary.yaml"}
     assert all(n > 0 for n in counts.values())
     assert sum(counts.values()) <= 400, "the nightly set is sized for about 20 minutes on one H100"
 
@@ -166,7 +169,7 @@ def test_the_shipped_nightly_plan_loads_at_cpu_sizes_without_a_gpu(monkeypatch, 
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
     monkeypatch.setattr(runner, "gpu_count", lambda: 0)
     sweeps = nightly_cli.load_sweeps(nightly.load_plan("sweeps/nightly.yaml"), tmp_path, None, None)
-    assert [s.profile for s in sweeps] == ["cpu"] * 3
+    assert [s.profile for s in sweeps] == ["cpu"] * 4
     assert all(c.params.get("seq_len", 0) <= 256 and c.params.get("rows", 0) <= 1000
                for s in sweeps for c in s.cases)
 
@@ -179,3 +182,69 @@ def test_a_bad_entry_fails_before_any_sweep_runs(tmp_path, write_sweep, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "error: nightly sweeps[1]: --filter nothing: not an axis of this sweep"
     assert not (tmp_path / "results").exists()
+
+
+CANARY = """
+name: canary
+workload: layernorm
+baseline: twin
+providers:
+  - {name: twin, module: "bench.workloads.canary:twin",
+     axes: {wraps: ["delay_provider:steady"], repeats: [4]}}
+  - {name: canary, module: "bench.workloads.canary:canary",
+     axes: {wraps: ["delay_provider:steady"], repeats: [4]}}
+axes: {rows: [4], hidden: [16], dtype: [float32], mode: [fwd]}
+timing: {warmup_ms: 5, min_reps: 100, max_reps: 150, max_time_s: 0.5, target_ci: 0.0001, timeout_s: 60}
+"""
+
+
+def test_the_canary_is_judged_recorded_and_never_fails_the_night(tmp_path, write_sweep):
+    """A spin-wait provider wrapped 4 and 5 times a rep (25% slower by construction): whether it is
+    caught depends on the machine's load, so this checks that the verdict against its twin is what
+    the report, the history and the trend page all say; canaries() below checks the verdict."""
+    config = write_sweep(f"sweeps:\n  - sweep: {write_sweep(CANARY, 'canary.yaml')}\n", "nightly.yaml")
+    rc = nightly_cli.main(["--config", str(config), "--out", str(tmp_path / "results"),
+                           "--baselines", str(tmp_path / "baselines"),
+                           "--history", str(tmp_path / "history.sqlite")])
+    assert rc == 0, "a canary is no regression, caught or not"
+    history = read(connect(str(tmp_path / "history.sqlite")))
+    verdicts = dict(zip(history["provider"], history["verdict"]))
+    assert verdicts["twin"] == "" and verdicts["canary"] in ("detected", "missed")
+    md = next((tmp_path / "results" / "nightly").glob("*/report.md")).read_text()
+    section = md.split("## Sensitivity")[1]
+    assert "Expected false alarms tonight: 0.00 (0 cases compared" in section
+    assert ("Canary layernorm/canary [" in section
+            and f": {verdicts['canary']}; slower by 25.0% by construction" in section)
+    html = next((tmp_path / "results" / "nightly").glob("*/trend.html")).read_text()
+    caught = int(verdicts["canary"] == "detected")
+    assert f"Canary detected {caught} of 1 times ({caught:.0%}) over 1 runs." in html
+    assert "sensitivity" in Page(html).sections
+
+
+def test_a_canary_is_judged_against_its_twin_by_the_verdict_rule():
+    rng = np.random.default_rng(5)
+
+    def rec(provider, scale, status="ok", hidden=16):
+        return {**record(provider, np.exp(rng.normal(0, 0.01, 50)) * scale, status, workload="w",
+                         hidden=hidden, repeats=4), "case_id": f"{provider}{hidden}"}
+    runs = [rec("twin", 1.0), rec("canary", 1.25), rec("twin", 1.0, hidden=32),
+            rec("canary", 1.01, hidden=32), rec("twin", 1.0, "error", hidden=64),
+            rec("canary", 1.25, hidden=64), rec("other", 2.0)]
+    rows = nightly.canaries(runs, 0.03, "cuda")
+    assert [(r["params"]["hidden"], r["verdict"]) for r in rows] == [(16, "detected"), (32, "missed")]
+    assert rows[0]["ratio"] == pytest.approx(1.25, rel=0.01)
+
+
+def test_expected_false_alarms_and_the_canary_record_per_run():
+    rows = []
+    for run, verdicts in (("r1", ["unchanged"] * 150 + ["regression"] + ["detected", "twin"]),
+                          ("r2", ["unchanged"] * 40 + ["", "missed", "twin"])):
+        rows += [{"date": f"2026-12-0{run[1]}", "run_id": run, "sweep": "s", "verdict":
+                  "" if v == "twin" else v} for v in verdicts]
+    per = nightly.sensitivity(pd.DataFrame(rows))
+    assert list(per["compared"]) == [151, 40] and list(per["flagged"]) == [1, 0]
+    assert list(per["canary"]) == [1, 1] and list(per["caught"]) == [1, 0]
+    assert list(per["expected"]) == pytest.approx([151 * 0.005, 40 * 0.005])
+    assert nightly.canary_line(per) == "Canary detected 1 of 2 times (50%) over 2 runs."
+    md = nightly.sensitivity_md(200, [], per)
+    assert "Expected false alarms tonight: 1.00 (200 cases compared x 0.5%" in md

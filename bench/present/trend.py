@@ -1,5 +1,6 @@
 """The trend page: each case's median per nightly run on one GPU model, regressions and lasting
-steps marked, and the cases also measured on other GPU models side by side."""
+steps marked, the cases also measured on other GPU models side by side, and the history's own
+sensitivity: false alarms expected of each run against those flagged, and the canary's record."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,11 @@ import pandas as pd
 from bench.present import plots, report
 from bench.results import compare
 from bench.results.changepoints import Step
+from bench.results.nightly import canary_line, sensitivity
 from bench.results.store import utc_now
+
+
+SENSITIVITY_RUNS = 30  # the latest runs listed in the sensitivity table
 
 
 def render_trend(history: pd.DataFrame, steps: list[Step], gpu: str, out_html: Path) -> Path:
@@ -28,7 +33,10 @@ def render_trend(history: pd.DataFrame, steps: list[Step], gpu: str, out_html: P
                          plots.trend(g, f"{sweep}: median per night on each GPU model", steps)))
     latest = here.sort_values("date", kind="stable").groupby(["sweep", "case"]).tail(1)
     flagged = latest[latest["verdict"].isin(sorted(compare.FAILING))]
+    per_run = sensitivity(here)
     html = report.environment().get_template("trend.html.j2").render(
+        sensitivity=per_run.iloc[::-1].head(SENSITIVITY_RUNS).to_dict("records"),
+        canary=canary_line(per_run),
         hardware=gpu, updated=utc_now(), nights=here["run_id"].nunique(), sections=sections,
         flagged=flagged.to_dict("records"), steps=[s for s in steps if s.hardware == gpu])
     out_html.parent.mkdir(parents=True, exist_ok=True)
