@@ -41,8 +41,11 @@ def main(argv=None) -> int:
         return 2
     for line in tuned.lines(entries, none_passed):
         print(line)
-    print(written if entries else f"nothing to write: {path} holds no cutile case with a tile "
-                                  "config that passed the correctness check")
+    if entries:
+        print("\n".join(str(p) for p in written))
+    else:
+        print(f"nothing to write: {path} holds no case of a tuned kernel with a config that passed "
+              "the correctness check")
     return 0
 
 

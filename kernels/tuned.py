@@ -1,6 +1,10 @@
 """Tuned launch configs the kernels remember: kernels/tuned/<gpu slug>.json, written by
 `python -m bench.tune`, read here when a caller gives a kernel no config.
 
+Kernels of other packages use the same store in a folder of their own (`directory`): their configs
+are checked only for being flat (names to numbers, strings or flags), since only the kernel knows
+which values it takes.
+
 A config is keyed by GPU, kernel, dtype, dim (head_dim or hidden) and a bucket of the size (T or
 rows): the smallest power of two at or above it. A lookup takes its own bucket, or else the
 nearest bucket tuned for that kernel, dtype and dim (nearest in log2; the smaller on a tie), or
@@ -43,8 +47,17 @@ def bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def flat(config: dict) -> dict:
+    """The check of a kernel this module does not know: a flat dict of names to numbers, strings or
+    flags (the kernel itself rejects values it cannot take); {} are its defaults."""
+    if not isinstance(config, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float, str, bool)) for k, v in config.items()):
+        raise ValueError(f"a config is a flat mapping of names to numbers, strings or flags, not {config!r}")
+    return dict(config)
+
+
 def validator(kernel: str):
-    return KERNELS[kernel]
+    return KERNELS.get(kernel, flat)
 
 
 def path_for(gpu_name: str, directory: Path | None = None) -> Path:
@@ -61,10 +74,10 @@ def read(path: Path) -> dict:
             or not isinstance(data.get("configs"), list):
         raise ValueError(f"{path}: expected an object with 'gpu' (a name) and 'configs' (a list)")
     for i, e in enumerate(data["configs"]):
-        if not (isinstance(e, dict) and e.get("kernel") in KERNELS and isinstance(e.get("dtype"), str)
+        if not (isinstance(e, dict) and isinstance(e.get("kernel"), str) and isinstance(e.get("dtype"), str)
                 and all(isinstance(e.get(k), int) for k in ("dim", "bucket"))
                 and isinstance(e.get("config"), dict)):
-            raise ValueError(f"{path}: configs[{i}] needs kernel (one of {sorted(KERNELS)}), dtype, "
+            raise ValueError(f"{path}: configs[{i}] needs kernel (a name), dtype, "
                              f"dim, bucket and config")
         try:
             validator(e["kernel"])(e["config"])
@@ -119,18 +132,18 @@ def nearest(buckets, b: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _by_bucket(kernel: str, device_index: int, dtype, dim: int, b: int) -> dict:
+def _by_bucket(kernel: str, device_index: int, dtype, dim: int, b: int, directory: Path) -> dict:
     check = validator(kernel)
-    found = _table(_gpu_name(device_index), DIR).get((kernel, str(dtype).removeprefix("torch."), dim))
+    found = _table(_gpu_name(device_index), directory).get((kernel, str(dtype).removeprefix("torch."), dim))
     return check(found[nearest(found, b)] if found else {})
 
 
 @functools.lru_cache(maxsize=4096)
-def lookup(kernel: str, device_index: int, dtype, dim: int, size: int) -> dict:
+def lookup(kernel: str, device_index: int, dtype, dim: int, size: int, directory: Path | None = None) -> dict:
     """The full launch config of `kernel` for the GPU of this index, a torch dtype, dim and size:
-    tuned, or the defaults. Cached by size too (a hit is one dict lookup, no bucket arithmetic);
-    shared: callers must not change it."""
-    return _by_bucket(kernel, device_index, dtype, dim, bucket(size))
+    tuned, or the defaults ({} for a kernel of another package, read from its `directory`). Cached
+    by size too (a hit is one dict lookup, no bucket arithmetic); shared: callers must not change it."""
+    return _by_bucket(kernel, device_index, dtype, dim, bucket(size), Path(directory or DIR))
 
 
 def clear() -> None:

@@ -226,3 +226,35 @@ def test_tuning_sweeps_measure_the_defaults_at_every_shape(path):
         if check(found[3]) == check({}):
             with_default.add(shape)
     assert shapes and shapes == with_default
+
+
+def test_a_workload_of_another_package_is_tuned_into_its_own_folder(tmp_path, tuned_dir, monkeypatch):
+    """The example package's RMSNorm: its winners go to its tuned folder, and its kernel reads them."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "rmsnorm"))
+    from bench import workloads
+    from rmsnorm_bench import kernel
+
+    spec = "rmsnorm_bench.workload:WORKLOAD"
+    own = tmp_path / "rmsnorm_tuned"
+    monkeypatch.setattr(workloads.get(spec), "tuned_dir", own)
+    monkeypatch.setattr(kernel, "TUNED", own)
+
+    def rec(block_m, ms, rows=4000, status="ok", provider="cutile"):
+        shape = dict(rows=rows, hidden=1000, dtype="float16")
+        config = {} if block_m is None else {"block_m": block_m}
+        return {"case_id": json.dumps([provider, shape, config]), "workload": spec, "provider": provider,
+                "baseline": "torch", "params": {**shape, **config}, "shape": shape, "device": "cuda:0",
+                "status": status, "samples_ms": [ms] * 3}
+    meta = {"run_id": "rms", "env": {"gpus": [{"index": 0, "name": H100}]}, "complete": True}
+    w = store.RunWriter(tmp_path / "run", meta, [])
+    for r in [rec(1, 0.30), rec(4, 0.10), rec(8, 0.05, status="incorrect"), rec(2, 0.20),
+              rec(None, 0.01), rec(None, 0.01, provider="torch")]:
+        w.append(r)
+    w.close(complete=True)
+    written, entries, _ = tune.tune_run(w.path)
+    assert written == [own / "nvidia-h100-80gb-hbm3.json"]
+    assert [(e["kernel"], e["config"]) for e in entries] == [("rmsnorm_fwd", {"block_m": 4})]
+    assert not (tuned_dir / "nvidia-h100-80gb-hbm3.json").exists()  # the built-in kernels' file
+    x = torch.empty(3000, 1000, dtype=torch.float16)  # same bucket (4096 rows), same row length
+    assert kernel.tuned_block_m(x) == 4
+    assert kernel.tuned_block_m(torch.empty(3000, 1000, dtype=torch.bfloat16)) is None

@@ -108,6 +108,9 @@ def test_a_file_named_for_this_gpu_but_tuned_on_another_is_ignored(gpu, caplog):
     ("{not json", "not readable as JSON"),
     (json.dumps({"gpu": H100}), "'configs'"),
     (json.dumps({"gpu": H100, "configs": [{"kernel": "gemm", "dtype": "float16", "dim": 64,
+                                           "bucket": 64, "config": {"tile": [64, 64]}}]}),
+     "a config is a flat mapping"),  # another package's kernel: only a flat config is checked
+    (json.dumps({"gpu": H100, "configs": [{"kernel": 7, "dtype": "float16", "dim": 64,
                                            "bucket": 64, "config": {}}]}), "configs[0] needs kernel"),
     (json.dumps({"gpu": H100, "configs": [entry(config={"tile_m": 96})]}), "tile_m=96"),
     (json.dumps({"gpu": H100, "configs": [entry(config={"tiles": 2})]}), "unknown fmha config"),

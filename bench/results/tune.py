@@ -1,8 +1,9 @@
 """Picks each kernel's best tile config from a finished run and merges it into the GPU's tuned file
 (kernels/tuned/<gpu slug>.json), which the kernels read when a caller gives them no config.
 
-Cases of the cutile provider that name a config (its provider-only axes) are grouped by kernel,
-dtype, dim and size bucket (kernels/tuned.py). A config counts in a group only if every one of its
+Cases of a workload's subject providers (cutile, or those it names) that name a config (their
+provider-only axes) are grouped by kernel, dtype, dim and size bucket (kernels/tuned.py), and
+written to the workload's own tuned folder (its `tuned_dir`) unless a folder is given. A config counts in a group only if every one of its
 cases there passed the correctness gate (status `ok`), those that only gate it (a forward config's
 fwd_bwd cases) included, and it was timed at every shape of the group; the winner has the lowest
 geometric mean of its median over the best median at each shape.
@@ -22,8 +23,6 @@ from bench.results.store import load_run
 from bench.results.summary import is_suspect
 from kernels import tuned
 
-PROVIDER = "cutile"
-
 
 @dataclass
 class Group:
@@ -31,6 +30,7 @@ class Group:
     key: tuple  # (kernel, dtype, dim, bucket)
     medians: dict  # config json -> {shape json: median ms}
     failed: set  # config json that did not pass at some shape
+    directory: Path | None = None  # the tuned folder of the workload's kernels (None: kernels/tuned)
 
     def eligible(self) -> dict:
         shapes = set().union(*self.medians.values()) if self.medians else set()
@@ -38,18 +38,18 @@ class Group:
 
 
 def groups(records: list[dict], ceilings: dict | None = None) -> list[Group]:
-    """The cutile cases that name a config, grouped by tuned key, in key order."""
+    """The subject providers' cases that name a config, grouped by tuned key, in key order."""
     by_key: dict[tuple, Group] = {}
     for rec in records:
-        if rec.get("provider") != PROVIDER:
+        wl = workloads.get(rec["workload"])
+        if rec.get("provider") not in wl.subject:
             continue
-        key_of = workloads.get(rec["workload"]).tuned_key
-        found = key_of(rec["params"]) if key_of else None
+        found = wl.tuned_key(rec["params"]) if wl.tuned_key else None
         if not found or not found[3]:  # no config named: the case ran whatever was tuned then
             continue
         kernel, dim, size, config, timed = found
         key = (kernel, rec["params"]["dtype"], dim, tuned.bucket(size))
-        g = by_key.setdefault(key, Group(key, {}, set()))
+        g = by_key.setdefault(key, Group(key, {}, set(), wl.tuned_dir and Path(wl.tuned_dir)))
         cfg = json.dumps(config, sort_keys=True)
         if rec.get("status") != "ok" or is_suspect(rec, ceilings):  # an impossible time never wins
             g.failed.add(cfg)
@@ -129,21 +129,22 @@ def tuned_file(gpu: str, directory=None) -> dict | None:
     return found
 
 
-def tune_run(run_path, directory=None) -> tuple[Path, list[dict], list[tuple]]:
-    """(tuned file, entries written, keys of groups where no config counted) for a finished run."""
+def tune_run(run_path, directory=None) -> tuple[list[Path], list[dict], list[tuple]]:
+    """(tuned files written, entries written, keys of groups where no config counted) for a
+    finished run; each workload's winners go to its own tuned folder unless `directory` is given."""
     try:
         run = load_run(run_path)
     except FileNotFoundError as e:
         raise BadInput(str(e)) from None
     gpu = gpu_of(run.meta)
-    entries, none_passed = [], []
+    entries, none_passed, by_file = [], [], {}
     for g in groups(run.records, run.meta.get("ceilings")):
         entry = winner(g, run.meta.get("run_id") or run.path.name)
         if entry is None:
             none_passed.append(g.key)
         else:
             entries.append(entry)
-    path = tuned.path_for(gpu, directory)
-    if entries:
-        merge(path, gpu, entries)
-    return path, entries, none_passed
+            by_file.setdefault(tuned.path_for(gpu, directory or g.directory), []).append(entry)
+    for path, written in by_file.items():
+        merge(path, gpu, written)
+    return list(by_file) or [tuned.path_for(gpu, directory)], entries, none_passed

@@ -37,6 +37,9 @@ class Workload:
     # case of the cutile provider ran, and whether its time counts or it only gates the config;
     # None for a case that runs no single tunable kernel
     tuned_key: Callable[[Params], tuple | None] | None = None
+    # the folder of the tuned files its kernels read (kernels/tuned.py's store; None: kernels/tuned),
+    # where `bench.tune` writes their winners
+    tuned_dir: Any = None
     # whether a provider's call depends only on its inputs, so that timed reps can read inputs drawn
     # afresh and be checked against the reference of what they read; False for a step that carries
     # state from call to call (an optimizer's), which only its first call is checked on

@@ -2,6 +2,8 @@
 provider and the cuTile kernel of rmsnorm_bench.kernel."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from bench.workloads import Unavailable, Workload
@@ -32,12 +34,25 @@ def torch_rms_norm(p, t):
 
 
 def cutile(p, t):
+    """The cuTile kernel; a `block_m` axis (the sweep's tune profile) sets its tile, else the tuned
+    or default one runs."""
     from rmsnorm_bench import kernel
 
     ok, reason = kernel.available()
     if not ok:
         raise Unavailable(f"cuTile RMSNorm: {reason}")
-    return lambda: kernel.rms_norm(t["x"], t["w"], EPS)
+    block_m = p.get("block_m")
+    try:
+        kernel.block_shape(p["hidden"], block_m)
+    except ValueError as e:
+        raise Unavailable(str(e)) from None
+    return lambda: kernel.rms_norm(t["x"], t["w"], EPS, block_m)
+
+
+def tuned_key(p):
+    """What bench.tune keys the winner by: the kernel, the row length, the row count and the tile."""
+    config = {"block_m": p["block_m"]} if p.get("block_m") is not None else {}
+    return "rmsnorm_fwd", p["hidden"], p["rows"], config, True
 
 
 def flops(p):
@@ -53,7 +68,8 @@ def bytes_moved(p):
 WORKLOAD = Workload(
     name="rmsnorm", make_inputs=make_inputs, reference=reference,
     providers={"torch": torch_rms_norm, "cutile": cutile},
-    flops=flops, bytes=bytes_moved,
+    flops=flops, bytes=bytes_moved, tuned_key=tuned_key,
+    tuned_dir=Path(__file__).with_name("tuned"),
     defaults=dict(rows=4096, hidden=4096, dtype="float16"),
     choices=dict(dtype=list(DTYPES)),
     x_axes=("hidden", "rows"), panels=("dtype",))
