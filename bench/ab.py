@@ -17,10 +17,7 @@ from bench.present.report import render
 from bench.results import counters
 from bench.results.compare import compare_runs, to_text, write
 
-# Rounds per case: a paired interval needs a few pairs (a GPU case's rounds agree within a few
-# tenths of a percent and stop there); a shared CPU's rounds scatter by 10-30% and take the most
-# (docs/regressions.md: what they detect).
-ROUNDS, MAX_ROUNDS = 6, 20
+ROUNDS = 6  # the least rounds of a case: a t interval over fewer pairs is too wide to say much
 
 
 def parse_args(argv):
@@ -31,7 +28,7 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=ROUNDS,
                    help="A B rounds per case at least, alternating the order A B B A ... "
                         "(default: %(default)s)")
-    p.add_argument("--max-rounds", type=int, default=MAX_ROUNDS,
+    p.add_argument("--max-rounds", type=int, default=ab.MAX_ROUNDS,
                    help="more rounds, up to this many, while the interval of the case's paired "
                         "ratio is too wide to resolve twice the threshold (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None,

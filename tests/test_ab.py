@@ -101,8 +101,8 @@ def rounds_of(rng, rounds: int, slowdown: float, reps: int = 30) -> tuple[dict, 
 
 def test_paired_rounds_flag_a_20_percent_slowdown_and_not_an_aa():
     rng = np.random.default_rng(2026)
-    slow = [rounds_of(rng, ab_cli.MAX_ROUNDS, 1.2) for _ in range(100)]
-    same = [rounds_of(rng, ab_cli.MAX_ROUNDS, 1.0) for _ in range(200)]
+    slow = [rounds_of(rng, interleaved.MAX_ROUNDS, 1.2) for _ in range(100)]
+    same = [rounds_of(rng, interleaved.MAX_ROUNDS, 1.0) for _ in range(200)]
     judge = lambda pair: compare.compare_case(*pair, 0.03, "cpu")["verdict"]  # noqa: E731
     assert sum(judge(p) == "regression" for p in slow) >= 95
     assert sum(judge(p) == "regression" for p in same) <= 2  # false alarms: at most 1%

@@ -62,6 +62,11 @@ def merge(first: dict | None, rec: dict) -> dict:
             "rounds": first["rounds"] + 1, "ended_utc": rec.get("ended_utc")}
 
 
+# Most rounds a case gets from the stop rule: a GPU case's rounds agree within tenths of a percent
+# and stop at the least; a shared CPU's scatter by 10-50% and take these (docs/regressions.md).
+MAX_ROUNDS = 24
+
+
 def enough_rounds(a: dict, b: dict, done: int, threshold: float, rounds: int, max_rounds: int) -> bool:
     """The noise-based stop rule of a case's rounds: at least `rounds`, then more in A B B A
     pairs until the interval of the paired ratio is narrow enough to resolve a change of twice
