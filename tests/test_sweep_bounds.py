@@ -21,12 +21,14 @@ from conftest import ROOT
 from test_sweep import BASE
 
 
-def refused(path, match: str, seconds: float = 5, **kw) -> str:
-    """Load `path` expecting a SweepError of one line containing `match` within `seconds`."""
-    t0 = time.perf_counter()
+def refused(path, match: str, seconds: float = 10, **kw) -> str:
+    """Load `path` expecting a SweepError of one line containing `match` within `seconds` of this
+    process's CPU time (not wall time, which a loaded host stretches; unbounded expansion took
+    minutes)."""
+    t0 = time.process_time()
     with pytest.raises(SweepError) as info:
         sweep.load(path, **kw)
-    assert time.perf_counter() - t0 < seconds
+    assert time.process_time() - t0 < seconds
     text = str(info.value)
     assert "\n" not in text and match in text, text
     return text
@@ -51,9 +53,9 @@ def test_many_points_with_include_rules_expand_in_linear_time(write_sweep):
     """1e5 points and include rules that repeat them (the check was quadratic: minutes)."""
     for rule in ("{batch: 5}", "{dtype: float16}", "{batch: 7, seq_len: 3}"):
         text = grid(1000, 100, rest=f"  dtype: [float16]\ninclude:\n  - {rule}\n  - {rule}\n")
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         sw = sweep.load(write_sweep(text))
-        assert time.perf_counter() - t0 < 15
+        assert time.process_time() - t0 < 30
         assert len(sw.cases) == 100_000 == len({c.case_id for c in sw.cases})
 
 
@@ -100,9 +102,9 @@ def test_the_case_cap_is_checked_as_cases_are_made(write_sweep):
 
 def test_a_large_sweep_within_the_bounds_still_expands(write_sweep):
     """300,000 combinations checked, most removed by a constraint: within the bounds, in seconds."""
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     sw = sweep.load(write_sweep(grid(999, 100, tiles(2), "constraints: ['t0 >= batch']\n")))
-    assert time.perf_counter() - t0 < 15
+    assert time.process_time() - t0 < 30
     assert len(sw.cases) == 99_900 + 100 == sweep.MAX_CASES  # native; cutile at batch 1, t0 1
 
 
