@@ -1,6 +1,7 @@
 """bench.tune: winners from a finished run (fixture records), the harness run through to a tuned
 file, the file merged and read back by the kernels, and bad input as one line and exit status 2."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from bench.results import tune
 from kernels import fmha, tuned
 
 H100 = "NVIDIA H100 80GB HBM3"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "rmsnorm" / "rmsnorm_bench"
 DEFAULT = {"tile_m": 64, "tile_n": 64, "k_lat": 2, "v_lat": 5, "occupancy": 3, "num_ctas": 1}
 WIDE = {**DEFAULT, "tile_m": 128, "tile_n": 128, "occupancy": 1}
 TALL = {**DEFAULT, "tile_n": 128, "occupancy": 2}
@@ -230,11 +232,19 @@ def test_tuning_sweeps_measure_the_defaults_at_every_shape(path):
 
 def test_a_workload_of_another_package_is_tuned_into_its_own_folder(tmp_path, tuned_dir, monkeypatch):
     """The example package's RMSNorm: its winners go to its tuned folder, and its kernel reads them."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "rmsnorm"))
-    from bench import workloads
-    from rmsnorm_bench import kernel
+    import importlib.util
 
-    spec = "rmsnorm_bench.workload:WORKLOAD"
+    from bench import workloads
+
+    def load(name, file):  # this checkout's example, whatever copy of it is installed
+        spec = importlib.util.spec_from_file_location(name, EXAMPLE / file)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+    kernel = load("example_rmsnorm_kernel", "kernel.py")
+    load("example_rmsnorm_workload", "workload.py")
+    spec = "example_rmsnorm_workload:WORKLOAD"
     own = tmp_path / "rmsnorm_tuned"
     monkeypatch.setattr(workloads.get(spec), "tuned_dir", own)
     monkeypatch.setattr(kernel, "TUNED", own)
