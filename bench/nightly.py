@@ -208,11 +208,19 @@ def main(argv=None) -> int:
     parser.add_argument("--counters", action="store_true",
                         help="profile each regression at the baseline's commit and here with Nsight "
                              "Compute and say which counters changed (report and history)")
+    parser.add_argument("--bisect-budget", type=float, default=0, metavar="SECONDS",
+                        help="bisect each new regression (bench.bisect, between the baseline's commit "
+                             "and this one) while this many seconds last (default: 0, none)")
     args = parser.parse_args(argv)
+    if not 0 <= args.bisect_budget < 7 * 86400:
+        print(f"error: --bisect-budget {args.bisect_budget:g}: expected 0 to a week of seconds",
+              file=sys.stderr)
+        return 2
     try:
         plan = load_plan(assets.sweep_file(args.config), assets.sweep_file)
         return nightly(plan, Path(args.out), Path(args.baselines), history.connect(args.history),
-                       args.profile, args.scheduler, with_counters=args.counters)
+                       args.profile, args.scheduler, bisect_budget=args.bisect_budget,
+                       with_counters=args.counters)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -148,3 +148,14 @@ def test_nightly_bisects_a_regression_within_its_budget(tmp_path, monkeypatch, c
     assert len(lines) == 1 and sha["HEAD"] in lines[0] and "first bad commit" in lines[0], lines
     assert nightly.bisect_regressions(entry, run, base, cmp, tmp_path / "results", None,
                                       time.monotonic() - 1) == []  # no time left: no bisection
+
+
+def test_nightly_takes_its_bisect_budget_from_the_command_line(monkeypatch, capsys):
+    from bench import nightly
+    seen = {}
+    monkeypatch.setattr(nightly, "nightly", lambda *a, **kw: seen.update(kw) or 0)
+    monkeypatch.setattr(nightly.history, "connect", lambda url: None)
+    assert nightly.main(["--bisect-budget", "600"]) == 0 and seen["bisect_budget"] == 600
+    assert nightly.main(["--bisect-budget", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "--bisect-budget -5" in err and err.count("\n") == 1
