@@ -249,3 +249,15 @@ def test_a_noisy_cpu_comparison_says_what_it_could_detect(tmp_path, capsys):
     stated = f"could detect >= {case['detectable'] * 100:.3g}%"
     assert f"unchanged ({stated})" in out and "(noisy)" not in out
     assert "| detects |" in (cur / "compare.md").read_text()
+
+
+def test_the_headline_names_the_interval_each_kind_of_comparison_used(tmp_path, capsys):
+    """Separate runs: a bootstrap interval of the medians; an A/B's rounds: the pairs' t interval."""
+    pooled = [record("a", [1.0, 1.01, 0.99] * 4)]
+    rounds = [{**r, "round_reps": [3, 3, 3, 3]} for r in pooled]
+    for recs, says in [(pooled, "bootstrap CI of the ratio of medians"),
+                       (rounds, "t interval of the mean ratio of paired A/B rounds")]:
+        base, cur = write_run(tmp_path / f"b{len(says)}", recs), write_run(tmp_path / f"c{len(says)}", recs)
+        assert compare_cli.main([str(base), str(cur)]) == 0
+        out = capsys.readouterr().out
+        assert says in out, out

@@ -1,6 +1,7 @@
-"""Matching two runs' cases and judging each: the ratio of medians with a bootstrap interval, and a
-verdict that needs the change to clear the threshold, the run-to-run noise expected of the case
-(its sample spread times a factor per device kind) and the interval. The command is bench.compare;
+"""Matching two runs' cases and judging each: the ratio of medians with a bootstrap interval (or, for
+an A/B's interleaved rounds, the mean ratio of its pairs of rounds with a t interval), and a verdict
+that needs the change to clear the threshold, the run-to-run noise expected of the case (its sample
+spread times a factor per device kind; none for pairs of rounds) and the interval. The command is bench.compare;
 docs/regressions.md says why each rule is there."""
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ CONFIDENCE = 0.99
 RUN_NOISE = {"cpu": 5.0, "cuda": 1.0}
 N_BOOT = 2000
 FAILING = {"regression", "broken"}  # verdicts that make the comparison fail
+INTERVALS = {"bootstrap": "bootstrap CI of the ratio of medians",
+             "paired": "t interval of the mean ratio of paired A/B rounds"}
 
 
 def ratio_ci(base, cur, confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
@@ -94,12 +97,15 @@ def compare_case(base: dict, cur: dict, threshold: float, kind: str = "cuda") ->
     b_ok, c_ok = base.get("status") == "ok", cur.get("status") == "ok"
     ratio = lo = hi = math.nan
     noise = run_noise(base, cur, kind)
+    interval = None
     if b_ok and c_ok:
         rounds = [stats.round_medians(r.get("samples_ms"), r.get("round_reps")) for r in (base, cur)]
         if len(rounds[0]) >= 2 and len(rounds[0]) == len(rounds[1]):  # A/B: pairs of rounds
             ratio, lo, hi = stats.paired_ratio_ci(*rounds, CONFIDENCE)
             noise = 0.0  # the pairs cancel the machine's drift; what is left widens the interval
+            interval = "paired"
         else:
+            interval = "bootstrap"
             seed = zlib.crc32(cur["case_id"].encode())
             ratio, lo, hi = ratio_ci(base.get("samples_ms") or [], cur.get("samples_ms") or [], seed=seed)
         result = verdict(ratio, lo, hi, threshold, noise)
@@ -117,7 +123,7 @@ def compare_case(base: dict, cur: dict, threshold: float, kind: str = "cuda") ->
         "ratio": ratio, "ci_low": lo, "ci_high": hi, "run_noise": noise, "verdict": result,
         "noisy": noisy or noise > math.log1p(threshold),
         "detectable": stats.detectable_change(ratio, lo, threshold, noise),
-        "reason": "" if c_ok else (cur.get("reason") or ""),
+        "reason": "" if c_ok else (cur.get("reason") or ""), "interval": interval,
     }
 
 
@@ -221,8 +227,10 @@ def headline(cmp: Comparison) -> str:
     explained = clocks.summary(cmp.rows)
     if explained:
         parts.append(explained)
+    methods = {r.get("interval") for r in cmp.rows} & set(INTERVALS)
+    how = " and ".join(INTERVALS[m] for m in sorted(methods)) or INTERVALS["bootstrap"]
     return (", ".join(parts) or "no cases") + f" (threshold {cmp.threshold:.1%}, " \
-        f"{cmp.confidence:.0%} bootstrap CI of the ratio of medians)"
+        f"{cmp.confidence:.0%} {how})"
 
 
 def noisy_note(cmp: Comparison) -> str:
