@@ -1,4 +1,5 @@
-"""On a GPU: a provider that hides its work on a side stream is timed at its true cost."""
+"""On a GPU: a provider that hides its work on a side stream is timed at its true cost, and an
+honest case keeps its worker for the next one."""
 import statistics
 
 import pytest
@@ -25,6 +26,8 @@ def test_side_stream_work_is_timed_at_its_true_cost(write_sweep, tmp_path):
     recs = {r["provider"]: r for r in store.load_run(tmp_path / "latest").records}
     native = statistics.median(recs["native"]["samples_ms"])
     assert not recs["native"]["hygiene"]["device_wide"]
+    # an honest case leaves its worker as it found it (the harness's own profiler included)
+    assert recs["native"]["leaked"] is None, recs["native"]["leaked"]
     for name in ("side", "half"):
         rec = recs[name]
         assert rec["status"] == "ok" and rec["hygiene"]["device_wide"], rec["hygiene"]
