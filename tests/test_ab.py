@@ -137,4 +137,5 @@ def test_merge_keeps_each_rounds_sample_count():
     rec = {"status": "ok", "samples_ms": [1.0, 2.0]}
     merged = interleaved.merge(interleaved.merge(None, rec), {"status": "ok", "samples_ms": [3.0]})
     assert merged["samples_ms"] == [1.0, 2.0, 3.0] and merged["round_reps"] == [2, 1]
-    assert list(stats.round_medians(merged["samples_ms"], merged["round_reps"])) == [1.5, 3.0]
+    assert list(stats.round_times(merged["samples_ms"], merged["round_reps"])) == [1.5, 3.0]
+    assert list(stats.round_times(merged["samples_ms"], merged["round_reps"], "cpu")) == [1.0, 3.0]

@@ -77,8 +77,9 @@ def enough_rounds(a: dict, b: dict, done: int, threshold: float, rounds: int, ma
         return True
     if done < rounds or done % 2:
         return False
-    ratio, _, high = stats.paired_ratio_ci(stats.round_medians(a["samples_ms"], a["round_reps"]),
-                                           stats.round_medians(b["samples_ms"], b["round_reps"]),
+    kind = "cpu" if a.get("device") == "cpu" else "cuda"
+    ratio, _, high = stats.paired_ratio_ci(stats.round_times(a["samples_ms"], a["round_reps"], kind),
+                                           stats.round_times(b["samples_ms"], b["round_reps"], kind),
                                            CONFIDENCE)
     return math.log(high / ratio) <= math.log1p(threshold) if ratio > 0 and high > 0 else False
 

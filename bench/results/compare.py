@@ -99,7 +99,7 @@ def compare_case(base: dict, cur: dict, threshold: float, kind: str = "cuda") ->
     noise = run_noise(base, cur, kind)
     interval = None
     if b_ok and c_ok:
-        rounds = [stats.round_medians(r.get("samples_ms"), r.get("round_reps")) for r in (base, cur)]
+        rounds = [stats.round_times(r.get("samples_ms"), r.get("round_reps"), kind) for r in (base, cur)]
         if len(rounds[0]) >= 2 and len(rounds[0]) == len(rounds[1]):  # A/B: pairs of rounds
             ratio, lo, hi = stats.paired_ratio_ci(*rounds, CONFIDENCE)
             noise = 0.0  # the pairs cancel the machine's drift; what is left widens the interval

@@ -63,13 +63,17 @@ def detectable_change(ratio: float, ci_low: float, threshold: float, noise: floa
     return math.expm1(max(math.log1p(threshold), noise, math.log(ratio / ci_low)))
 
 
-def round_medians(samples, reps) -> np.ndarray:
-    """Each round's median from pooled samples and the per-round sample counts `reps` (A/B
-    records); empty when the counts are missing or do not add up to the samples."""
+def round_times(samples, reps, kind: str = "cuda") -> np.ndarray:
+    """Each round's time from pooled samples and the per-round sample counts `reps` (A/B records):
+    its median on a GPU; on a CPU its fastest rep, since a shared CPU only ever adds time (a rep
+    descheduled, a neighbour on the core): under load, rounds' medians moved 2-5x while their
+    minima moved a few percent (docs/regressions.md). Empty when the counts are missing or do not
+    add up to the samples."""
     x = np.asarray(samples or [], dtype=float)
     if not reps or sum(reps) != x.size or min(reps) < 1:
         return np.array([])
-    return np.array([np.median(part) for part in np.split(x, np.cumsum(reps)[:-1])])
+    pick = np.min if kind == "cpu" else np.median
+    return np.array([pick(part) for part in np.split(x, np.cumsum(reps)[:-1])])
 
 
 def paired_ratio_ci(base_rounds, cur_rounds, confidence: float) -> tuple[float, float, float]:
