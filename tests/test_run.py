@@ -118,6 +118,15 @@ def _whole_lines(run_dir) -> int:
     return p.read_bytes().count(b"\n") if p.exists() else 0
 
 
+def _stored(run_dir) -> int:
+    """Records the run has stored: a line counts once meta.json's record chain names it (a line
+    written but not yet chained is what a kill at that moment leaves, and a resume cuts)."""
+    try:
+        return len(store.load_run(run_dir).records)
+    except (OSError, ValueError, KeyError):  # meta.json not written yet
+        return 0
+
+
 def _interruptible():
     """In the child before exec: SIGINT at its default, as in a foreground terminal. A suite run as
     a background job inherits SIGINT ignored, and so would bench.run, which then could not be
@@ -135,7 +144,7 @@ def _start_gated(path, out, env, gate, stored):
     deadline = time.time() + 120
     while time.time() < deadline:
         dirs = [d for d in out.glob("*") if d.is_dir()] if out.exists() else []
-        if dirs and _whole_lines(dirs[0]) >= stored:
+        if dirs and _stored(dirs[0]) >= stored:
             return proc, dirs[0]
         time.sleep(0.05)
     proc.kill()
