@@ -135,7 +135,8 @@ def draw(seed, scale=1.0, mhz=None, n=200):
                                               "ref_mhz": REF}}
 
 
-def pair(tmp_path, case_cur, control_cur, case_base=1.0, control_base=1.0, other=1.0, control=None):
+def pair(tmp_path, case_cur, control_cur, case_base=1.0, control_base=1.0, other=1.0, control=None,
+         other_base=1.0):
     """(rows by provider, comparison, exit status) of two runs of a case ('cutile'), its control
     ('torch', the baseline provider) and a third provider ('other', moved by `other`) at one shape;
     each given as a scale or a (scale, mhz) draw."""
@@ -151,7 +152,7 @@ def pair(tmp_path, case_cur, control_cur, case_base=1.0, control_base=1.0, other
             meta["sweep"]["compare"]["control"] = control
             (path / "meta.json").write_text(json.dumps(meta))
         return path
-    base, cur = run("base", case_base, control_base, 1.0, 0), run("cur", case_cur, control_cur, other, 10)
+    base, cur = run("base", case_base, control_base, other_base, 0), run("cur", case_cur, control_cur, other, 10)
     cmp = compare.compare_runs(open_run(base), open_run(cur))
     code = compare_cli.main([str(base), str(cur), "-o", str(tmp_path / "out")])
     return {r["provider"]: r for r in cmp.rows}, cmp, code
@@ -186,14 +187,32 @@ def test_only_the_case_slower_is_flagged(tmp_path):
 
 
 def test_a_slowdown_that_the_sm_clock_explains_is_reported_as_clocks(tmp_path):
-    # the case ran at 1900 MHz instead of 1980 MHz, its times stretched by exactly that
-    rows, cmp, code = pair(tmp_path, (REF / 1900, 1900), 1.0, case_base=(1.0, REF))
+    # the second machine ran the whole shape at 1900 MHz instead of 1980 MHz: the compute-bound case
+    # stretched by exactly that, the other two (memory-bound) did not
+    at_ref, at_1900 = (1.0, REF), (1.0, 1900)
+    same_shape = dict(control_base=at_ref, other_base=at_ref, other=at_1900, case_base=at_ref)
+    rows, cmp, code = pair(tmp_path, (REF / 1900, 1900), at_1900, **same_shape)
     r = rows["cutile"]
     assert r["raw_verdict"] == "regression" and r["verdict"] == "unchanged" and r["explained"] == "clocks"
     assert r["clock_ratio"] == pytest.approx(1900 / REF) and abs(r["norm_ratio"] - 1) < 0.01
+    assert r["shape_clock_ratio"] == pytest.approx(1900 / REF)
     assert code == 0 and "unchanged (clocks: SM clock -4.0%" in compare.to_text(cmp)
     # the same clocks under a real 8% slowdown: still a regression at equal clocks
-    rows, _, code = pair(tmp_path / "b", (1.08 * REF / 1900, 1900), 1.0, case_base=(1.0, REF))
+    rows, _, code = pair(tmp_path / "b", (1.08 * REF / 1900, 1900), at_1900, **same_shape)
+    assert rows["cutile"]["verdict"] == "regression" and code == 1
+
+
+def test_a_clock_that_moved_for_the_case_alone_explains_nothing(tmp_path):
+    # only the case read a lower clock (its own power draw, or one reading's scatter): between two
+    # H200s, cases 5% slower read clocks 4-24% lower while the other cases at their shapes did not
+    at_ref = (1.0, REF)
+    rows, _, code = pair(tmp_path, (REF / 1900, 1900), at_ref, case_base=at_ref, control_base=at_ref,
+                         other=at_ref, other_base=at_ref)
+    r = rows["cutile"]
+    assert r["clock_ratio"] == pytest.approx(1900 / REF) and r["shape_clock_ratio"] == pytest.approx(1.0)
+    assert r["verdict"] == "regression" and r["explained"] is None and code == 1
+    # nor does it with no other case at the shape to read the machine's clock from
+    rows, _, code = pair(tmp_path / "b", (REF / 1900, 1900), 1.0, case_base=at_ref)
     assert rows["cutile"]["verdict"] == "regression" and code == 1
 
 

@@ -4,8 +4,13 @@ Every flagged case (regression or improvement) is checked against two explanatio
 
 - clocks: each timed batch's samples scaled by the SM clock read during that batch over the GPU's
   maximum SM clock (the time the batch would have taken at the reference clock; for a compute-bound
-  kernel, cycles). When the change of those medians is not flagged and the clock ratio alone accounts
-  for at least half of the raw change, in its direction, the clocks explain it.
+  kernel, cycles). When the change of those medians is not flagged and the clock ratio accounts for
+  at least half of the raw change, in its direction, both the case's own and the median of the other
+  cases at its shape, the clocks explain it. The shape's other cases must agree because a clock that
+  moved for one case alone is that case's doing (a kernel that draws more power runs at a lower
+  clock: a real regression) or the scatter of one reading a batch: between two H200s, unchanged
+  cases' clock ratios ranged 0.96-1.15 with their times within 1%, and 5 of 24 cases made 5% slower
+  read clocks 4-24% lower (docs/regressions.md).
 - the machine: the run's control provider at the same shape (the sweep's `compare.control`, else its
   baseline provider). The case's current samples are divided by the control's ratio of medians, a
   ratio of ratios; when that is not flagged and the control moved the same way by at least half the
@@ -74,6 +79,13 @@ def _median_ratio(rows: list[dict]) -> float:
     return float(np.median(ratios)) if ratios else math.nan
 
 
+def _shape_clock(others: list[dict]) -> float:
+    """The median clock ratio of the other cases at a shape; nan with fewer than two of them,
+    since one other case's reading cannot tell the machine from its own scatter."""
+    ratios = [r["clock_ratio"] for r in others if r["clock_ratio"] > 0]  # nan fails the test
+    return float(np.median(ratios)) if len(ratios) >= 2 else math.nan
+
+
 def _shape(rec: dict) -> tuple[str, str]:
     return rec["workload"], json.dumps(rec.get("shape") or {}, sort_keys=True, default=str)
 
@@ -84,8 +96,10 @@ def explain(rows: list[dict], pairs: list[tuple[dict, dict]], judge, control: st
     that clocks or the machine explain into `unchanged`, naming which in `explained`.
     `judge(base, cur)` is compare's row for two records."""
     at_shape = defaultdict(list)
-    for row, (_, cur) in zip(rows, pairs):
+    for row, (base, cur) in zip(rows, pairs):
         at_shape[_shape(cur)].append((cur["provider"], row))
+        cb, cc = median_clock(base), median_clock(cur)
+        row["clock_ratio"] = cc / cb if cb and cc else math.nan
     for row, (base, cur) in zip(rows, pairs):
         name = control or cur.get("baseline")
         peers = at_shape[_shape(cur)]
@@ -93,15 +107,16 @@ def explain(rows: list[dict], pairs: list[tuple[dict, dict]], judge, control: st
             ref, factor = OTHERS, _median_ratio([r for p, r in peers if p != name])
         else:
             ref, factor = name, _median_ratio([r for p, r in peers if p == name])
-        cb, cc = median_clock(base), median_clock(cur)
         nb, nc = normalised(base), normalised(cur)
-        row.update(clock_ratio=cc / cb if cb and cc else math.nan,
+        shape_clock = _shape_clock([r for r in (r for _, r in peers) if r is not row])
+        row.update(shape_clock_ratio=shape_clock,
                    norm_ratio=float(np.median(nc) / np.median(nb)) if nb and nc else math.nan,
                    control=ref if factor > 0 else None, control_ratio=factor,
                    controlled_ratio=row["ratio"] / factor, raw_verdict=row["verdict"], explained=None)
         if row["verdict"] not in FLAGGED:
             continue
-        if nb and nc and _accounts(cb / cc, row["ratio"]) and judge(
+        if nb and nc and _accounts(1 / row["clock_ratio"], row["ratio"]) \
+                and _accounts(1 / shape_clock, row["ratio"]) and judge(
                 {**base, "samples_ms": nb}, {**cur, "samples_ms": nc})["verdict"] == "unchanged":
             row.update(verdict="unchanged", explained="clocks")
         elif _accounts(factor, row["ratio"]) and judge(
