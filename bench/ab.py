@@ -2,8 +2,9 @@
 
 BASE and HEAD are git revisions or directories (HEAD defaults to this working tree). Every case of
 the sweep runs with each side's own code on the same device, in A B B A rounds (more while the
-case's noise asks for them); each case's ratio HEAD/BASE is the geometric mean of its rounds' ratios,
-with a t interval over the rounds, judged as in bench.compare. Exit 1 when HEAD regresses a
+case's noise asks for them; on a CPU each round with fresh workers); each case's ratio HEAD/BASE is
+the geometric mean of its rounds' ratios with a t interval (on a CPU their median with the sign
+test's interval), judged as in bench.compare. Exit 1 when HEAD regresses a
 case (or breaks one), 0 otherwise, 2 on bad input."""
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=ROUNDS,
                    help="A B rounds per case at least, alternating the order A B B A ... "
                         "(default: %(default)s)")
-    p.add_argument("--max-rounds", type=int, default=ab.MAX_ROUNDS,
+    p.add_argument("--max-rounds", type=int, default=None,
                    help="more rounds, up to this many, while the interval of the case's paired "
-                        "ratio is too wide to resolve twice the threshold (default: %(default)s)")
+                        "ratio is too wide to resolve twice the threshold (default: "
+                        f"{ab.MAX_ROUNDS['cuda']} on a GPU, {ab.MAX_ROUNDS['cpu']} on the CPU)")
     p.add_argument("--threshold", type=float, default=None,
                    help="relative change that counts (default: the sweep's compare.threshold, else 0.03)")
     p.add_argument("--counters", action="store_true",
@@ -61,9 +63,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
+        device = runner.devices_for(None if args.gpu is None else str(args.gpu), 1)[0]
+        if args.max_rounds is None:
+            args.max_rounds = max(args.rounds, ab.max_rounds_for(device))
         if args.rounds < 1 or args.max_rounds < args.rounds:
             raise BadInput("--rounds must be at least 1 and --max-rounds at least --rounds")
-        device = runner.devices_for(None if args.gpu is None else str(args.gpu), 1)[0]
         sw = runner.load_sweep(args, device)
         with tempfile.TemporaryDirectory(prefix="bench-ab-") as trees:
             out, base, head = ab.run(sw, args.base, args.head, args.out, ["-m", "bench.ab", *argv],

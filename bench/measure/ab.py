@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.cli import BadInput
@@ -62,9 +63,14 @@ def merge(first: dict | None, rec: dict) -> dict:
             "rounds": first["rounds"] + 1, "ended_utc": rec.get("ended_utc")}
 
 
-# Most rounds a case gets from the stop rule: a GPU case's rounds agree within tenths of a percent
-# and stop at the least; a shared CPU's scatter by 10-50% and take these (docs/regressions.md).
-MAX_ROUNDS = 24
+# Most rounds a case gets from the stop rule, by device kind: a GPU case's rounds agree within
+# tenths of a percent and stop at the least; a shared CPU's scatter by 10-50%, and a 20% slowdown
+# was found in every trial only by 48 (docs/regressions.md).
+MAX_ROUNDS = {"cuda": 24, "cpu": 48}
+
+
+def max_rounds_for(device: str) -> int:
+    return MAX_ROUNDS["cpu" if device == "cpu" else "cuda"]
 
 
 def enough_rounds(a: dict, b: dict, done: int, threshold: float, rounds: int, max_rounds: int) -> bool:
@@ -78,10 +84,24 @@ def enough_rounds(a: dict, b: dict, done: int, threshold: float, rounds: int, ma
     if done < rounds or done % 2:
         return False
     kind = "cpu" if a.get("device") == "cpu" else "cuda"
-    ratio, _, high = stats.paired_ratio_ci(stats.round_times(a["samples_ms"], a["round_reps"], kind),
-                                           stats.round_times(b["samples_ms"], b["round_reps"], kind),
-                                           CONFIDENCE)
-    return math.log(high / ratio) <= math.log1p(threshold) if ratio > 0 and high > 0 else False
+    ratio, low, high = stats.paired_ratio_ci(stats.round_times(a["samples_ms"], a["round_reps"], kind),
+                                             stats.round_times(b["samples_ms"], b["round_reps"], kind),
+                                             CONFIDENCE, kind)
+    if not (ratio > 0 and low > 0 and high > 0):
+        return False
+    return max(math.log(high / ratio), math.log(ratio / low)) <= math.log1p(threshold)
+
+
+def start_idle(workers: list[Worker]) -> None:
+    """Start the workers that are not running, all at once: between rounds nothing is timed, so a
+    fresh pair costs one start-up (1.6 s on a 2-core CPU) instead of two. One that does not start
+    is left to its next run, which starts it again and records why it failed."""
+    idle = [w for w in workers if w.proc is None]
+    if idle:
+        with ThreadPoolExecutor(len(idle)) as pool:
+            for w, ready in zip(idle, pool.map(Worker.start, idle)):
+                if not ready:
+                    w.stop()
 
 
 def interleave(cases: list[Case], trees: dict[str, Path], device: str, rounds: int,
@@ -91,8 +111,8 @@ def interleave(cases: list[Case], trees: dict[str, Path], device: str, rounds: i
     """{side: {case_id: record}}: each case runs on both sides in A B B A ... order before the
     next case starts, so both sides of a case see the machine in the same state: `rounds`
     rounds, or with `max_rounds` as many as the stop rule (enough_rounds) asks of the first two
-    sides. `log_of(side, case)` names the file a case's output goes to; `pythons` the interpreter
-    of a side's worker (default: this one)."""
+    sides. On a CPU each round gets fresh workers. `log_of(side, case)` names the
+    file a case's output goes to; `pythons` the interpreter of a side's worker (default: this one)."""
     sides = list(trees)
     workers = {s: Worker(device, trees[s], (pythons or {}).get(s)) for s in sides}
     out: dict[str, dict[str, dict]] = {s: {} for s in sides}
@@ -101,11 +121,20 @@ def interleave(cases: list[Case], trees: dict[str, Path], device: str, rounds: i
             done = 0
             while done < rounds or max_rounds and not enough_rounds(
                     *(out[s][case.case_id] for s in sides[:2]), done, threshold, rounds, max_rounds):
+                start_idle(list(workers.values()))
                 for side in (sides if done % 2 == 0 else sides[::-1]):
                     rec = workers[side].run(case, log_of(side, case) if log_of else None)
                     out[side][case.case_id] = merge(out[side].get(case.case_id), rec)
                     if on_round:
                         on_round(side, case, rec)
+                if device == "cpu":
+                    # A CPU worker carries a bias of its own for as long as it lives (its memory
+                    # layout, say): fresh workers of one tree, pinned to one core, differed by -5%
+                    # to +5% pair to pair, steadily over 12 rounds. A fresh pair each round turns
+                    # that bias into scatter the interval sees. GPU workers showed none (A/A within
+                    # tenths of a percent) and are slow to start: kept.
+                    for w in workers.values():
+                        w.stop()
                 done += 1
     finally:
         for w in workers.values():

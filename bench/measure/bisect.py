@@ -119,7 +119,7 @@ def measure(case: Case, good: Side, cand: Side, device: str, rounds: int, thresh
     t0 = time.monotonic()
     recs = ab.interleave([case], {"good": good.tree, "cand": cand.tree}, device, rounds,
                          pythons={"good": good.python, "cand": cand.python},
-                         max_rounds=max(rounds, ab.MAX_ROUNDS), threshold=threshold)
+                         max_rounds=max(rounds, ab.max_rounds_for(device)), threshold=threshold)
     kind = "cpu" if device == "cpu" else "cuda"
     row = compare_case(recs["good"][case.case_id], recs["cand"][case.case_id], threshold, kind)
     bad = row["verdict"] in FAILING

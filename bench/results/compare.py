@@ -1,8 +1,9 @@
 """Matching two runs' cases and judging each: the ratio of medians with a bootstrap interval (or, for
-an A/B's interleaved rounds, the mean ratio of its pairs of rounds with a t interval), and a verdict
-that needs the change to clear the threshold, the run-to-run noise expected of the case (its sample
-spread times a factor per device kind; none for pairs of rounds) and the interval. The command is bench.compare;
-docs/regressions.md says why each rule is there."""
+an A/B's interleaved rounds, the mean ratio of its pairs of rounds with a t interval; on a CPU their
+median with the sign test's interval), and a verdict that needs the change to clear the threshold,
+the run-to-run noise expected of the case (its sample spread times a factor per device kind; none
+for pairs of rounds) and the interval. The command is bench.compare; docs/regressions.md says why
+each rule is there."""
 from __future__ import annotations
 
 import json
@@ -29,7 +30,8 @@ RUN_NOISE = {"cpu": 5.0, "cuda": 1.0}
 N_BOOT = 2000
 FAILING = {"regression", "broken"}  # verdicts that make the comparison fail
 INTERVALS = {"bootstrap": "bootstrap CI of the ratio of medians",
-             "paired": "t interval of the mean ratio of paired A/B rounds"}
+             "paired": "t interval of the mean ratio of paired A/B rounds",
+             "sign": "sign-test interval of the median ratio of paired A/B rounds"}
 
 
 def ratio_ci(base, cur, confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
@@ -101,9 +103,9 @@ def compare_case(base: dict, cur: dict, threshold: float, kind: str = "cuda") ->
     if b_ok and c_ok:
         rounds = [stats.round_times(r.get("samples_ms"), r.get("round_reps"), kind) for r in (base, cur)]
         if len(rounds[0]) >= 2 and len(rounds[0]) == len(rounds[1]):  # A/B: pairs of rounds
-            ratio, lo, hi = stats.paired_ratio_ci(*rounds, CONFIDENCE)
+            ratio, lo, hi = stats.paired_ratio_ci(*rounds, CONFIDENCE, kind)
             noise = 0.0  # the pairs cancel the machine's drift; what is left widens the interval
-            interval = "paired"
+            interval = "sign" if kind == "cpu" else "paired"
         else:
             interval = "bootstrap"
             seed = zlib.crc32(cur["case_id"].encode())

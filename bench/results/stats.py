@@ -76,16 +76,31 @@ def round_times(samples, reps, kind: str = "cuda") -> np.ndarray:
     return np.array([pick(part) for part in np.split(x, np.cumsum(reps)[:-1])])
 
 
-def paired_ratio_ci(base_rounds, cur_rounds, confidence: float) -> tuple[float, float, float]:
-    """(ratio, low, high) from rounds measured in pairs (A B B A): the geometric mean of the
-    per-round ratios cur/base with a Student t interval on their logs.
+def paired_ratio_ci(base_rounds, cur_rounds, confidence: float,
+                    kind: str = "cuda") -> tuple[float, float, float]:
+    """(ratio, low, high) from rounds measured in pairs (A B B A) of the per-round ratios cur/base:
+    on a GPU their geometric mean with a Student t interval on their logs; on a CPU their median
+    with the sign test's interval (order statistics of the logs), since a shared CPU's rounds have
+    outliers a mean follows: in one A/A trial four rounds of 48 at 0.69-0.74 moved the geometric
+    mean to 0.958 while the median stayed at 0.99 (docs/regressions.md).
 
     A round's two sides ran back to back, so a drift of the machine between rounds cancels within
     each pair; what is left, the scatter of the per-round log ratios, is what the interval is made
-    of. (nan, nan) for the interval with fewer than 2 rounds."""
+    of. (nan, nan) for the interval with too few rounds to reach `confidence` (2, or 8 at 99% for
+    the sign test)."""
     d = np.log(np.asarray(cur_rounds, dtype=float) / np.asarray(base_rounds, dtype=float))
     if d.size == 0 or not np.isfinite(d).all():
         return math.nan, math.nan, math.nan
+    if kind == "cpu":
+        d.sort()
+        mid = float(np.median(d))
+        # the interval [d_k, d_(n+1-k)] misses the median with probability 2 P(Binomial(n, 1/2) < k)
+        k = int(sps.binom.ppf((1 - confidence) / 2, d.size, 0.5))
+        if sps.binom.cdf(k, d.size, 0.5) > (1 - confidence) / 2:
+            k -= 1
+        if k < 0:
+            return math.exp(mid), math.nan, math.nan
+        return math.exp(mid), math.exp(d[k]), math.exp(d[d.size - 1 - k])
     mean = float(d.mean())
     if d.size < 2:
         return math.exp(mean), math.nan, math.nan
