@@ -327,3 +327,14 @@ def test_noisy_is_explained_in_text_and_markdown(tmp_path):
     assert '1 of 1 cases are "noisy"' in md and '1 of 1 cases are &#34;noisy&#34;' in html
     quiet = write_run(tmp_path / "q", [record("p", [1.0] * 5, n=1)])
     assert compare.noisy_note(compare.compare_runs(*(load_run(x) for x in (quiet, quiet)))) == ""
+
+
+def test_a_provider_keeps_its_colour_from_plot_to_plot():
+    """The speedup plot leaves the baseline out and the ceiling plot keeps it: each provider is
+    drawn in the same colour in both, and a provider the run did not list still gets one."""
+    from bench.present import plots
+    listed = ["native", "sdpa-flash", "cutile"]
+    speedup, ceiling = plots._colours(listed, ["sdpa-flash", "cutile"]), plots._colours(listed, listed)
+    assert speedup["cutile"] == ceiling["cutile"] and speedup["sdpa-flash"] == ceiling["sdpa-flash"]
+    assert len(set(ceiling.values())) == 3
+    assert plots._colours(listed, ["mine"])["mine"] not in ceiling.values()

@@ -102,6 +102,14 @@ def _x_ticks(ax, group: pd.DataFrame, x: str, zipped: list[str]) -> None:
             t.set_horizontalalignment("right")
 
 
+def _colours(providers: list[str], present) -> dict[str, str]:
+    """One colour per provider by its place among all the run's providers, so that a provider keeps
+    its colour from plot to plot (the speedup plot, which leaves out the baseline, would otherwise
+    shift every colour after it)."""
+    names = list(providers) + sorted(set(present) - set(providers))
+    return {p: f"C{i % 10}" for i, p in enumerate(names)}
+
+
 def lines(frame: pd.DataFrame, x: str, y: str, ylabel: str, facets: list[str], title: str,
           ref: float | None = None, ref_label: str = "", zipped: list[str] = (),
           providers: list[str] = ()) -> list[str]:
@@ -113,7 +121,7 @@ def lines(frame: pd.DataFrame, x: str, y: str, ylabel: str, facets: list[str], t
     if data.empty:
         return []
     order = [p for p in providers if p in set(data["provider"])] or sorted(data["provider"].unique())
-    colour = {p: f"C{i % 10}" for i, p in enumerate(order)}
+    colour = _colours(providers, data["provider"].unique())
 
     def draw(ax, key, group):
         for provider in order:
@@ -143,6 +151,7 @@ def bars(frame: pd.DataFrame, y: str, ylabel: str, facets: list[str], title: str
     if data.empty:
         return []
     order = [p for p in providers if p in set(data["provider"])] or sorted(data["provider"].unique())
+    colour = _colours(providers, data["provider"].unique())
     groups = [(facet_label(k), g) for k, g in _facets(data, facets)] if facets else [("all", data)]
     groups = sorted(groups, key=lambda kg: natural(kg[0])) if facets else groups
     fig, ax = plt.subplots(figsize=(WIDTH, 4.2), layout="constrained")
@@ -154,7 +163,7 @@ def bars(frame: pd.DataFrame, y: str, ylabel: str, facets: list[str], title: str
             if not v.empty:
                 xs.append(j - 0.4 + width * (i + 0.5))
                 ys.append(float(v.max()))
-        drawn = ax.bar(xs, ys, width, label=provider, color=f"C{i % 10}")
+        drawn = ax.bar(xs, ys, width, label=provider, color=colour[provider])
         ax.bar_label(drawn, fmt="%.3g", fontsize=7)
     if ref is not None:
         ax.axhline(ref, color="black", linestyle="--", linewidth=1, label=ref_label)
