@@ -84,6 +84,7 @@ def test_baseline_adds_the_comparison(tmp_path):
     page, html, md = render(FIXTURE, tmp_path, "--baseline", str(base))
     assert "comparison" in page.sections
     assert "1 regression" in html and "regression" in md and "fmha/native" in md
+    assert ">detects<" in html and "&gt;= 3%<" in html  # the smallest change each row could catch
 
 
 def test_fresh_cpu_run_renders(tmp_path, write_sweep, capsys):

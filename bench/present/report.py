@@ -452,11 +452,12 @@ def skipped(frame: pd.DataFrame) -> Table:
 
 
 def comparison_table(cmp: compare.Comparison) -> Table:
-    table = Table(["verdict", "case", "base ms", "current ms", "change", "CI", "status"])
+    table = Table(["verdict", "case", "base ms", "current ms", "change", "CI", "detects", "status"])
     for r in compare.table_rows(cmp):
         table.rows.append([(r["verdict"], r["verdict"]), (r["case"], r["case"]),
                            (fmt(r["base_ms"]), r["base_ms"]), (fmt(r["cur_ms"]), r["cur_ms"]),
-                           (r["change"], r["change"]), (r["ci"], r["ci"]), (r["status"], r["status"])])
+                           (r["change"], r["change"]), (r["ci"], r["ci"]),
+                           (r["detects"], r["detects"]), (r["status"], r["status"])])
     return table
 
 
