@@ -24,15 +24,15 @@ name: detection
 workload: {workload}
 baseline: work
 providers:
-  - {{name: work, module: "detection_provider:work"}}
+  - {{name: work, module: "detection_provider:work", axes: {{wraps: ["{wraps}"], repeats: [5]}}}}
 axes: {axes}
 timing: {{warmup_ms: 5, min_reps: 5, max_time_s: 0.1, target_ci: 0.02, timeout_s: 120}}
 """
 
-CASES = {"fmha": "{batch: [2], heads: [4], seq_len: [127], head_dim: [64], dtype: [float32], "
-                 "causal: [true], mode: [fwd], wraps: ['fmha:native'], repeats: [5]}",
-         "layernorm": "{rows: [1000], hidden: [1000], dtype: [float32], mode: [fwd], "
-                      "wraps: ['layernorm:torch'], repeats: [5]}"}
+# each workload's case and the provider the canary wraps
+CASES = {"fmha": ("{batch: [2], heads: [4], seq_len: [127], head_dim: [64], dtype: [float32], "
+                  "causal: [true], mode: [fwd]}", "fmha:native"),
+         "layernorm": ("{rows: [1000], hidden: [1000], dtype: [float32], mode: [fwd]}", "layernorm:torch")}
 
 
 def tree(path: Path, slower: bool) -> Path:
@@ -48,7 +48,8 @@ def tree(path: Path, slower: bool) -> Path:
 def trial(workdir: Path, base: Path, head: Path, workload: str, out: Path) -> dict:
     """One bench.ab run of one case; its compare row (verdict, ratio, interval, rounds)."""
     sweep = workdir / f"{workload}.yaml"
-    sweep.write_text(SWEEP.format(workload=workload, axes=CASES[workload]))
+    axes, wraps = CASES[workload]
+    sweep.write_text(SWEEP.format(workload=workload, axes=axes, wraps=wraps))
     done = subprocess.run([sys.executable, "-m", "bench.ab", str(base), str(head), str(sweep),
                            "--out", str(out)], cwd=head, capture_output=True, text=True)
     if done.returncode not in (0, 1):
