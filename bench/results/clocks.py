@@ -10,7 +10,7 @@ Every flagged case (regression or improvement) is checked against two explanatio
   moved for one case alone is that case's doing (a kernel that draws more power runs at a lower
   clock: a real regression) or the scatter of one reading a batch: between two H200s, unchanged
   cases' clock ratios ranged 0.96-1.15 with their times within 1%, and 5 of 24 cases made 5% slower
-  read clocks 4-24% lower (docs/regressions.md).
+  read clocks 4.5-11% lower (docs/regressions.md).
 - the machine: the run's control provider at the same shape (the sweep's `compare.control`, else its
   baseline provider). The case's current samples are divided by the control's ratio of medians, a
   ratio of ratios; when that is not flagged and the control moved the same way by at least half the
