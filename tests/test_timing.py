@@ -2,6 +2,7 @@
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from bench.measure import timing
@@ -47,3 +48,27 @@ def test_measure_times_what_runs_and_stops_on_its_rule():
     out = timing.measure(fn, torch.device("cpu"), warmup_ms=0, min_reps=3, max_reps=10**6,
                          max_time_s=0.05, target_ci=0.0, l2_flush=False, cuda_graph=False)
     assert out["stop"] == "time_budget"
+
+
+
+def test_peak_memory_is_not_read_on_a_cpu():
+    with timing.PeakMemory(torch.device("cpu")) as peak:
+        torch.ones(1000)
+    assert peak.extra_mib is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU is visible to torch")
+def test_peak_memory_is_the_working_memory_of_the_call():
+    """A call that holds a 64 MiB temporary and returns 1 MiB: 64 MiB, counting neither its input
+    nor what it returned."""
+    dev = torch.device("cuda")
+    x = torch.ones(1 << 18, device=dev)  # 1 MiB of input
+
+    def call():
+        tmp = torch.empty(16 << 20, device=dev)  # 64 MiB of working memory
+        tmp.fill_(1.0)
+        return x + tmp[:1 << 18]
+    with timing.PeakMemory(dev) as peak:
+        out = call()
+        torch.cuda.synchronize()
+    assert out.numel() == 1 << 18 and peak.extra_mib == 64.0

@@ -151,6 +151,25 @@ def _graph_of(fn, device):
     return graph.replay
 
 
+class PeakMemory:
+    """`with PeakMemory(device): call()` leaves in extra_mib the call's working memory: the peak
+    of torch's caching allocator during it less what was still allocated when it ended, so neither
+    its inputs nor what it returned count. None on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.extra_mib = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda" and exc[0] is None:
+            held = torch.cuda.memory_allocated(self.device)
+            self.extra_mib = (torch.cuda.max_memory_allocated(self.device) - held) / 2 ** 20
+
+
 def busy_ms(call, device: torch.device) -> float | None:
     """The GPU-busy time of one call: the union of the intervals in which its kernels and copies ran
     (torch.profiler, through CUPTI). Beside the wall time it shows how much of a step the GPU worked:

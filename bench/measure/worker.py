@@ -151,10 +151,13 @@ def run_case(case: Case, device: torch.device) -> dict:
             with timing.nvtx_range("check"):
                 ref = x.reference(0)
                 _load(x.work, x.sets[0])
+                peak = timing.PeakMemory(device)
                 t0 = timing._perf_counter()
-                out = fn()
-                timing.sync(device)
+                with peak:
+                    out = fn()
+                    timing.sync(device)
                 rec.first_call_ms = (timing._perf_counter() - t0) * 1e3
+                rec.extra_mib = peak.extra_mib
                 err, wrong = _judge(out, ref, tol)
                 del out
                 mutated = _changed(x.work, x.sets[0])

@@ -203,6 +203,8 @@ def workload_section(name: str, frame: pd.DataFrame, records: list[dict], meta: 
     if frame["busy_ms"].notna().any():
         frame["host_bound"] = host_bound(frame)
         cols.update(busy_ms="GPU-busy ms", host_bound="host-bound")
+    if "extra_mib" in frame and frame["extra_mib"].notna().any():
+        cols["extra_mib"] = "extra MiB"  # the call's working memory beyond its inputs and outputs
     if "host_ms" in frame and frame["host_ms"].notna().any():
         # the host's time to enqueue one call: at or above the median, a caller is host-bound
         cols["host_ms"] = "host ms per call"

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATUSES = ("ok", "incorrect", "tampered", "skipped", "error", "crashed", "timeout", "oom")
 # statuses of a case that ran and failed: never timed into a result, counted by --strict
 FAILED = frozenset({"incorrect", "tampered", "error", "crashed", "timeout", "oom"})
@@ -50,6 +50,7 @@ class Record:
     stop: str | None = None  # why timing stopped: converged, time_budget, max_reps
     host_ms: float | None = None  # the host's time to enqueue one call
     busy_ms: float | None = None  # GPU-busy time of one call
+    extra_mib: float | None = None  # CUDA: the gated call's peak allocation beyond what it left held
     hygiene: dict | None = None  # what the worker checked beyond the gate (docs/isolation.md)
     leaked: dict | None = None  # what the case left changed in its worker, which was then replaced
     log: str | None = None  # the case's captured output, relative to the run directory
@@ -78,13 +79,14 @@ REQUIRED = {"case_id", "workload", "provider", "baseline", "params", "shape", "d
 def upgrade(d: dict) -> dict:
     """A record of any version this code reads, as a record of SCHEMA_VERSION. Version 1 (no
     `schema_version`) had the same fields less `hygiene`, `rounds` and `host`, which were absent or
-    added loosely by other modules; version 2 had them, less `clocks` and `round_reps` (None: not measured)."""
+    added loosely by other modules; version 2 had them, less `clocks` and `round_reps`, and version
+    3 less `extra_mib` (None: not measured)."""
     version = d.get("schema_version", 1)
     if version == SCHEMA_VERSION:
         return d
     if version == 1:
         return {**{k: v for k, v in d.items() if k in FIELDS}, "schema_version": SCHEMA_VERSION}
-    if version == 2:
+    if version in (2, 3):
         return {**d, "schema_version": SCHEMA_VERSION}
     raise SchemaError(f"record schema_version {version!r}: this harness reads versions 1 to "
                       f"{SCHEMA_VERSION}; use a newer harness")

@@ -14,7 +14,7 @@ from bench.results.stats import describe
 LEAD = ["case_id", "workload", "provider", "baseline", "status", "reason", "device"]
 STATS = ["n", "median_ms", "mean_ms", "iqr_ms", "ci_low_ms", "ci_high_ms", "ci_rel", "min_ms",
          "tflops", "gbps", "bound", "ceiling_pct", "suspect", "speedup", "max_abs_err", "rel_err",
-         "first_call_ms", "host_ms", "busy_ms"]
+         "first_call_ms", "host_ms", "busy_ms", "extra_mib"]
 
 
 def shape_key(record: dict) -> str:
@@ -61,7 +61,7 @@ def summarize(records: list[dict], ceilings: dict | None = None) -> pd.DataFrame
             gbps=rec["bytes"] / med / 1e6 if rec.get("bytes") and med > 0 else math.nan,
             max_abs_err=rec.get("max_abs_err"), rel_err=rec.get("rel_err"),
             first_call_ms=rec.get("first_call_ms"), host_ms=rec.get("host_ms"),
-            busy_ms=rec.get("busy_ms"),
+            busy_ms=rec.get("busy_ms"), extra_mib=rec.get("extra_mib"),
         )
         floor = floor_ms(rec, ceilings)
         row["bound"] = floor[1] if floor else None
