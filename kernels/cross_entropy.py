@@ -27,9 +27,10 @@ except Exception:  # no cuda-tile here: linear_cross_entropy raises through kern
     ct = None
 
 K = 256.0  # scale of the stored softmax gradient: a probability of 1e-5 stays a normal fp16 number
-# logits held at once: each chunk also reads and writes the head's fp32 weight gradient (154 MB for
-# GPT-2), so fewer chunks move fewer bytes; the GPT-2 step (8 x 1024 tokens, graphed, H100) took
-# 20.85 / 19.72 / 19.41 / 19.45 ms with chunks of 128 / 256 / 512 / 1024 MB
+# logits held at once, the head's working memory beside its fp32 weight gradient (154 MB for GPT-2),
+# which each chunk reads and writes, so fewer chunks move fewer bytes: the GPT-2 step (8 x 1024
+# tokens, graphed, H100) took 20.85 / 19.72 / 19.41 / 19.45 ms with chunks of 128 / 256 / 512 /
+# 1024 MB. A caller short of memory passes a smaller chunk_bytes.
 CHUNK_BYTES = 512 << 20
 # one row per block, 1024-column tiles, 8 blocks of 4 warps per SM: measured on an H100 (8192 x 50304
 # fp16 logits in 4 chunks), 1.9 TB/s over the three passes, against 0.8 TB/s with the compiler's
@@ -123,13 +124,13 @@ class _TiedEmbedding(torch.autograd.Function):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, compute_dtype, casts, tied):
+    def forward(ctx, x, weight, targets, compute_dtype, casts, tied, chunk_bytes):
         rows, v = x.shape[0], weight.shape[0]
         xc, wc = x.to(compute_dtype), cast(weight, compute_dtype, casts)
         dx = torch.empty(rows, x.shape[1], dtype=compute_dtype, device=x.device)
         dw = None
         losses = torch.empty(rows, dtype=torch.float32, device=x.device)
-        step = max(ROWS_PER_BLOCK, CHUNK_BYTES // (v * wc.element_size()) // ROWS_PER_BLOCK * ROWS_PER_BLOCK)
+        step = max(ROWS_PER_BLOCK, chunk_bytes // (v * wc.element_size()) // ROWS_PER_BLOCK * ROWS_PER_BLOCK)
         for i in range(0, rows, step):
             xs = xc[i:i + step]
             logits = xs @ wc.t()  # (chunk, V), overwritten by the kernel with K * d(loss)/d(logits)
@@ -137,28 +138,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
                    (logits, targets[i:i + step], losses[i:i + step], K, ROWS_PER_BLOCK, _tile_v(v), LATENCY))
             torch.mm(logits, wc, out=dx[i:i + step])  # |dx| <= 2K max|W|: no overflow
             dw = mm_f32(logits.t(), xs, dw)
+            del logits  # before the next chunk's logits exist: one chunk held at a time
         count = (targets >= 0).sum().clamp(min=1)  # a tensor: no host sync
-        ctx.save_for_backward(dx, dw, count)
-        ctx.dtypes, ctx.tied = (x.dtype, weight.dtype), tied
+        ctx.save_for_backward(dx, count)
+        ctx.dw, ctx.dtypes, ctx.tied = dw, (x.dtype, weight.dtype), tied
         return losses.sum() / count
 
     @staticmethod
     def backward(ctx, grad):
-        dx, dw, count = ctx.saved_tensors
+        dx, count = ctx.saved_tensors
+        dw, ctx.dw = ctx.dw, None
+        if dw is None:
+            raise RuntimeError("linear_cross_entropy: its backward ran twice; it scales the weight's "
+                               "gradient in place, so a graph through it cannot be retained")
         scale = grad / (count * K)
-        dw = (dw * scale).to(ctx.dtypes[1])
+        dw = dw.mul_(scale).to(ctx.dtypes[1])  # in place: no second fp32 copy (154 MB for GPT-2)
         if ctx.tied is not None:  # the embedding's backward adds its rows and hands it on
             ctx.tied.leave(dw)
             dw = None
-        return (dx * scale).to(ctx.dtypes[0]), dw, None, None, None, None
+        return (dx * scale).to(ctx.dtypes[0]), dw, None, None, None, None, None
 
 
 def linear_cross_entropy(x, weight, targets, casts: WeightCasts | None = None,
-                         tied: TiedWeightGrad | None = None):
+                         tied: TiedWeightGrad | None = None, chunk_bytes: int = CHUNK_BYTES):
     """mean cross-entropy of (x @ weight^T) against targets (rows with target -1 ignored), for x of
     (N, C) and weight of (V, C), differentiable in x and weight; under autocast the matmuls run in
     the autocast dtype, as a Linear would (reading the weight's copy from `casts` when given).
-    With `tied`, the weight's gradient is left there for the tied embedding's backward."""
+    With `tied`, the weight's gradient is left there for the tied embedding's backward. The logits
+    are computed chunk_bytes at a time: the head's working memory is about that plus an fp32 copy
+    of the weight."""
     kernels.require()
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or targets.shape != x.shape[:1]:
         raise ValueError(f"expected x (N, C), weight (V, C), targets (N,), got {tuple(x.shape)}, "
@@ -166,7 +174,8 @@ def linear_cross_entropy(x, weight, targets, casts: WeightCasts | None = None,
     device = x.device.type
     dtype = kernels.autocast_dtype(device, x.dtype)
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(x, weight, targets.contiguous(), dtype, casts, tied)
+        return _LinearCrossEntropy.apply(x, weight, targets.contiguous(), dtype, casts, tied,
+                                        chunk_bytes)
 
 
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:

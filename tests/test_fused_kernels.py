@@ -169,8 +169,10 @@ def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype, 
 
 @gpu
 @pytest.mark.parametrize("dtype", list(DT))
-@pytest.mark.parametrize("rows,v", [(1, 65), (13, 50304), (257, 65), (1000, 50304)])
-def test_head_cross_entropy_matches_the_reference(rows, v, dtype):
+@pytest.mark.parametrize("rows,v,chunk_rows", [(1, 65, None), (13, 50304, None), (257, 65, None),
+                                               (1000, 50304, None), (1000, 50304, 300), (257, 1000, 13)])
+def test_head_cross_entropy_matches_the_reference(rows, v, chunk_rows, dtype):
+    """chunk_rows: the logits of that many rows at a time (the last chunk short), else the default."""
     c = 768 if v > 1000 else 384
     x = torch.randn(rows, c, device="cuda", dtype=DT[dtype])
     w = 0.02 * torch.randn(v, c, device="cuda")
@@ -186,7 +188,8 @@ def test_head_cross_entropy_matches_the_reference(rows, v, dtype):
         (loss * 3.0).backward()  # an incoming gradient other than 1, as a loss scaler gives
         return loss, [a.grad for a in leaves]
 
-    loss, grads = run(lambda a, b: cross_entropy.linear_cross_entropy(a, b, targets), [x, w])
+    chunk = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * v * torch.finfo(DT[dtype]).bits // 8}
+    loss, grads = run(lambda a, b: cross_entropy.linear_cross_entropy(a, b, targets, **chunk), [x, w])
     rloss, rgrads = run(lambda a, b: F.cross_entropy(a.double() @ b.double().t(), targets, ignore_index=-1),
                         [x, w])
     tol = tolerance_for(dtype)

@@ -1,12 +1,12 @@
-"""The same inputs give the same bits on every call, from the LayerNorm, fused add + LayerNorm and
-fmha forward kernels, whose reductions run in a fixed order (GPU). A race shows here first: a
+"""The same inputs give the same bits on every call, from the LayerNorm, fused add + LayerNorm,
+fmha forward and LM-head kernels, whose reductions run in a fixed order (GPU). A race shows here first: a
 LayerNorm forward that stored its statistics by TMA left a few rows' mean and rstd wrong on some
 calls while y was right (docs/layernorm-notes.md)."""
 import pytest
 import torch
 
 import kernels
-from kernels import fmha, layernorm
+from kernels import cross_entropy, fmha, layernorm
 
 OK, REASON = kernels.available()
 pytestmark = pytest.mark.skipif(not OK, reason=REASON)
@@ -61,4 +61,21 @@ def test_add_layernorm_forward_and_backward(poisoned):
             s, y = layernorm.add_layer_norm(leaves[0], leaves[1], leaves[2], leaves[3], 1e-5, leaves[4])
         torch.autograd.backward([s, y], [ds, dy.half()])
         return (s, y, *(t.grad for t in leaves))
+    same_every_call(run)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_head_cross_entropy(poisoned, dtype):
+    """GPT-2's head at 4096 tokens in chunks of 1000 rows (the last one short): the softmax kernel
+    and the weight gradient accumulated over the chunks; the loss and both gradients."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(4096, 768, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(50304, 768, device="cuda", dtype=dtype, generator=g) / 768 ** 0.5
+    targets = torch.randint(50304, (4096,), device="cuda", generator=g)
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in (x, w)]
+        loss = cross_entropy.linear_cross_entropy(*leaves, targets, chunk_bytes=1000 * 50304 * 2)
+        loss.backward()
+        return (loss, *(t.grad for t in leaves))
     same_every_call(run)

@@ -76,9 +76,13 @@ def torch_head(p, t):
 
 def cutile(p, t):
     """Ours: kernels.cross_entropy.linear_cross_entropy, the GPT model's fused head on the cutile
-    backend (chunks of rows, a cuTile softmax-gradient kernel, fp32 weight-gradient accumulation)."""
+    backend (chunks of rows, a cuTile softmax-gradient kernel, fp32 weight-gradient accumulation);
+    a sweep may set chunk_mib, the logits held at once (null: the model's 512), which trades
+    memory for time."""
     ce = cutile_module("cross_entropy")
-    return _run(ce.linear_cross_entropy, t)
+    chunk = p.get("chunk_mib")
+    kw = {} if chunk is None else {"chunk_bytes": int(chunk) << 20}
+    return _run(lambda x, w, targets: ce.linear_cross_entropy(x, w, targets, **kw), t)
 
 
 def liger_triton(p, t):
