@@ -27,12 +27,14 @@ except Exception:  # no cuda-tile here: the public functions raise through kerne
 TILE_ELEMS = 4096
 MAX_BLOCK_N = 1024
 OCCUPANCY = 8
-# the backward: a persistent grid of (column tile, row group) blocks, 2 per SM, each over (16, 256)
+# the backward: a persistent grid of (column tile, row group) blocks, 2 or 4 per SM, each over (16, 256)
 # tiles (the column sum's grid, kernels.linear.column_grid), summing the bias gradient's columns
 # as it writes dx. At GPT-2's (8192, 3072) fp16 on an H100 that took 58 us for both, against 61 us
 # for the one-block-per-tile backward plus 22 us for a separate column sum; 4 or 8 blocks per SM
-# and (4..8, 512..1024) tiles took 61-92 us
-BWD_BLOCK_M, BWD_BLOCKS_PER_SM = 16, 2
+# and (4..8, 512..1024) tiles took 61-92 us. Without the sum, 4 blocks per SM: 48 us against 65 at
+# 2 (16384 x 1536 and 8192 x 3072 fp16, H200, 2026-12-04); with it, 4 took 55.6 against 48.5
+BWD_BLOCK_M = 16
+BWD_BLOCKS_PER_SM = {True: 2, False: 4}  # by whether the block sums the bias gradient
 
 # Abramowitz & Stegun 7.1.26
 _P = 0.3275911
@@ -124,8 +126,8 @@ def _hinted(kernel):
 
 
 @functools.lru_cache(maxsize=None)
-def _bwd_hinted():
-    return _bwd_kernel.replace_hints(occupancy=BWD_BLOCKS_PER_SM)
+def _bwd_hinted(sums: bool):
+    return _bwd_kernel.replace_hints(occupancy=BWD_BLOCKS_PER_SM[sums])
 
 
 def _tanh(approximate: str) -> bool:
@@ -166,10 +168,10 @@ def gelu_backward(dy, x, bias=None, approximate="none", bias_grad=False):
     sums = bias_grad and bias is not None
     db = torch.empty(n, device=x.device, dtype=b.dtype) if sums else None
     if x.numel():
-        block_n, tiles_n, groups = column_grid(x2.shape[0], n, BWD_BLOCK_M, BWD_BLOCKS_PER_SM,
+        block_n, tiles_n, groups = column_grid(x2.shape[0], n, BWD_BLOCK_M, BWD_BLOCKS_PER_SM[sums],
                                                x.device)
         part = torch.empty(groups, n, device=x.device, dtype=torch.float32) if sums else x2
-        launch(x.device, (tiles_n, groups), _bwd_hinted(),
+        launch(x.device, (tiles_n, groups), _bwd_hinted(sums),
                (rows(dy, n), x2, b, out, part, bias is not None, sums, tanh, BWD_BLOCK_M, block_n))
         if sums:
             sum_partials(part, db)
@@ -216,7 +218,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         if grad:  # with a bias, its gradient's partial sums; without, x stands in for them too
             part = array_param(f32, 2) if bias else a
             params = [a, a, bias_param, a, part, bias, bias, tanh, BWD_BLOCK_M, column_block(3072)]
-            paths.append(export(_bwd_hinted(), name, params, out_dir, gpu_code))
+            paths.append(export(_bwd_hinted(bias), name, params, out_dir, gpu_code))
         else:
             params = [a, bias_param, a, bias, tanh, *_tiles(3072, None)]
             paths.append(export(_hinted(_fwd_kernel), name, params, out_dir, gpu_code))
