@@ -37,6 +37,7 @@ CHUNK_BYTES = 512 << 20
 # default occupancy and 1.1-1.5 TB/s with wider tiles or more warps (docs/PERF.md)
 ROWS_PER_BLOCK, MAX_TILE_V, OCCUPANCY, WORKER_WARPS = 1, 1024, 8, 4
 LATENCY = 10  # DRAM latency hint of the logits loads
+ONE_HOT_MAX_V = 256  # the tied embedding's rows go in by a one-hot matmul up to this vocabulary
 
 if ct is not None:
     ConstInt = ct.Constant[int]
@@ -91,7 +92,10 @@ class TiedWeightGrad:
     leaves its gradient in `grad`, and the embedding's backward, which autograd runs after it (the
     embedding feeds everything), adds its rows into it in place and returns it: one full-size
     tensor and no full-size add. The rows go in by index_put_ with accumulate, which sorts them
-    (deterministic). On GPT-2's step that saved 0.25 ms (H100, docs/PERF.md)."""
+    (deterministic). On GPT-2's step that saved 0.25 ms (H100, docs/PERF.md). A small vocabulary
+    sends many rows to each index, which index_put_ adds one after another (shakespeare-char: 65
+    rows for 16384 tokens, 145 us on an H200); there they go in as a product with the tokens'
+    one-hot matrix, also the same on every run."""
 
     def __init__(self):
         self.grad = None
@@ -118,8 +122,11 @@ class _TiedEmbedding(torch.autograd.Function):
         grad, ctx.tied.grad = ctx.tied.grad, None
         if grad is None:  # the head's gradient did not come here (no fused head in the loss)
             grad = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=dout.device)
-        rows = dout.reshape(-1, ctx.weight_shape[1]).to(grad.dtype)
-        return None, grad.index_put_((idx.reshape(-1),), rows, accumulate=True), None
+        rows, idx = dout.reshape(-1, ctx.weight_shape[1]).to(grad.dtype), idx.reshape(-1)
+        if ctx.weight_shape[0] > ONE_HOT_MAX_V:
+            return None, grad.index_put_((idx,), rows, accumulate=True), None
+        onehot = torch.zeros(ctx.weight_shape[0], idx.numel(), dtype=grad.dtype, device=grad.device)
+        return None, grad.addmm_(onehot.scatter_(0, idx.view(1, -1), 1.0), rows), None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
