@@ -47,6 +47,46 @@ def perturbed_backward(params, inputs):
     return model_step.make_step(params, inputs, model)
 
 
+def _key_biases(model):
+    """The key thirds of every attention block's qkv bias: their exact gradient is zero (softmax
+    cancels a shift shared by all keys of a query)."""
+    biases = [blk.attn.c_attn.bias for blk in model.transformer.h]
+    return [b[b.numel() // 3:2 * b.numel() // 3] for b in biases]
+
+
+def key_bias_rounding(params, inputs):
+    """A correct training step whose rounding differs where the exact gradient is zero: +-1e-7 on
+    the key biases' gradients, as an fp16 step's rounding leaves there, which turns their first AdamW
+    move (lr times the gradient's sign) either way."""
+    from bench.workloads import model_step
+
+    model = model_step.build_model(params, inputs, "torch", "sdpa")
+    g = torch.Generator().manual_seed(0)
+    for blk in model.transformer.h:
+        n = blk.attn.c_attn.bias.numel() // 3
+        noise = torch.zeros(3 * n)
+        noise[n:2 * n] = 1e-7 * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)
+        blk.attn.c_attn.bias.register_hook(lambda grad, noise=noise: grad + noise.to(grad.device))
+    return model_step.make_step(params, inputs, model)
+
+
+def key_bias_moved_too_far(params, inputs):
+    """A training step that moves the key biases, whose gradient has no determined sign, by 10 lr
+    after a correct update: more than any AdamW step moves an element."""
+    from bench.workloads import model_step
+
+    model = model_step.build_model(params, inputs, "torch", "sdpa")
+    step = model_step.make_step(params, inputs, model)
+
+    def run():
+        out = step()
+        with torch.no_grad():
+            for key_bias in _key_biases(model):
+                key_bias.add_(10 * model_step.LR)
+        return out
+    return run
+
+
 def _kill_dask_worker(params, inputs, once: bool):
     """Kills the Dask worker that runs this case (the parent of the case's own worker process), the
     first time only when `once`; then behaves as the native path. Refuses outside a Dask worker,

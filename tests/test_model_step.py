@@ -1,6 +1,7 @@
 """The model_step workload through the harness on the CPU: the graph axis, and a gate that checks
 what a step computes (every gradient and updated parameter), not only its loss."""
 import pytest
+import torch
 
 from bench import run
 from bench.measure import sweep
@@ -42,6 +43,40 @@ def test_perturbed_backward_is_incorrect_and_graphs_skip_on_cpu(write_sweep, tmp
         for provider in ("torch-sdpa", "perturbed"):
             rec = by[(provider, mode, True)]
             assert rec["status"] == "skipped" and "needs a CUDA GPU" in rec["reason"]
+
+
+def _train_statuses(write_sweep, tmp_path):
+    text = (SWEEP.replace("  - {name: perturbed, module: \"faulty_providers:perturbed_backward\"}",
+                          "  - {name: rounding, module: \"faulty_providers:key_bias_rounding\"}\n"
+                          "  - {name: too-far, module: \"faulty_providers:key_bias_moved_too_far\"}")
+            .replace("mode: [fwd_bwd, train]", "mode: [train]").replace("graph: [false, true]", "graph: [false]"))
+    assert run.main([str(write_sweep(text)), "--out", str(tmp_path)]) == 0
+    return {r["provider"]: r for r in store.load_run(tmp_path / "latest").records}
+
+
+def test_an_undetermined_first_adam_direction_is_judged_by_its_bound(write_sweep, tmp_path):
+    """Where the exact gradient is zero, a correct step may move either way by lr: it passes; an
+    element moved by 10 lr fails."""
+    by = _train_statuses(write_sweep, tmp_path)
+    assert by["torch-sdpa"]["status"] == "ok" and by["rounding"]["status"] == "ok", by["rounding"]["reason"]
+    assert by["too-far"]["status"] == "incorrect" and "worst in param." in by["too-far"]["reason"]
+
+
+def test_the_rounding_step_moves_key_biases_the_other_way(monkeypatch):
+    """What the settling is for: judged element by element, the correct step with its rounding
+    fails, its key biases moved by most of lr where the reference's, whose gradient there is far
+    below AdamW's eps, stay put (an fp16 step against the float32 one: 2 lr apart at worst)."""
+    import faulty_providers
+    from bench.measure.check import errors, passes, tolerance_for
+    from bench.workloads import model_step
+
+    monkeypatch.setattr(model_step, "_settled", lambda name, q, x: q.detach())
+    p = dict(model_step.DEFAULTS, mode="train", dtype="float32", seq_len=13)
+    x = model_step.make_inputs(p, torch.device("cpu"))
+    ref = model_step.reference(p, x)
+    err = errors(dict(faulty_providers.key_bias_rounding(p, x)()), ref)
+    assert not passes(err, tolerance_for("float32")) and "attn.c_attn.bias" in err["worst"], err
+    assert err["max_abs"] > 0.5 * model_step.LR
 
 
 @pytest.mark.parametrize("name", ["model", "model_fusions"])
