@@ -3,9 +3,9 @@ of all tokens are never held at once (for GPT-2 at 8 x 1024 tokens they are 8192
 824 MB in fp16, 1.6 GB once upcast).
 
 For each chunk of rows the forward pass computes the chunk's logits with one matmul; the kernel reads
-them twice (each row's slices' max and sum, then the softmax) and writes K * (softmax - onehot) over
-them in place, with each row's loss; two more matmuls turn that into the chunk's share of the gradients of
-the input rows and of the head's weight. The backward pass only scales them by the incoming
+them twice (each row's slices' max and sum, then the softmax) and writes K * (softmax - onehot)
+over them in place, with each row's loss; two more matmuls turn that into the chunk's share of the
+gradients of the input rows and of the head's weight. The backward pass only scales them by the incoming
 gradient. K keeps fp16 softmax values clear of subnormals; the weight's gradient, a sum over all
 rows that grows with how often a token occurs, is accumulated by matmuls that write fp32, so it
 cannot overflow.
