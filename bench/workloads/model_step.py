@@ -216,7 +216,14 @@ def _capture(step, model, device, has_grads: bool):
             out = step()
     except RuntimeError as e:
         raise Unavailable(f"the step cannot be captured in a CUDA graph ({first_line(e, 200)})") from None
-    return graph.replay, out
+
+    def replay():
+        graph.replay()
+    # The graph reads and writes tensors made before it and held only by step's closure (the
+    # optimizer's moments, the loss scale). Freed, their memory went to whatever came next, the
+    # reference's gradients among them, and replays corrupted both: they live as long as the replay.
+    replay.holds = step
+    return replay, out
 
 
 def _provider(backend: str, attention: str = "naive", compile_mode: str | None = None):
