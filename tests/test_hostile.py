@@ -144,3 +144,20 @@ def test_a_process_a_provider_leaves_behind_ends_with_its_case(tmp_path, name, s
     assert recs["probe"]["status"] == "ok"
     if status == "ok":
         assert recs[name]["leaked"]["processes"] == [0, 1]
+
+
+def test_a_changed_input_is_still_named_when_work_escapes_the_stream(write_sweep, monkeypatch):
+    """A case both incorrect and timed to a device-wide end says both: the device-wide note used to
+    replace why it was incorrect (seen on a GPU that other processes were using)."""
+    import torch
+
+    from bench.measure import sweep, timing, worker
+
+    real = timing.measure
+    monkeypatch.setattr(timing, "measure", lambda *a, **k: {**real(*a, **k), "device_wide": True,
+                                                             "hidden_ms": 1.0})
+    cases = sweep.load(write_sweep(SWEEP.format(providers=_providers(["zero_inputs"]), modes="fwd"))).cases
+    rec = worker.run_case(next(c for c in cases if c.provider == "zero_inputs"), torch.device("cpu"))
+    assert rec["status"] == "incorrect", rec
+    assert rec["reason"].startswith("the provider changed its input q, k, v in place; work ran outside "
+                                    "the current stream (1 ms"), rec["reason"]

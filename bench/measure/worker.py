@@ -191,9 +191,10 @@ def run_case(case: Case, device: torch.device) -> dict:
                            "device_wide": result["device_wide"]}
             if result["failed"] and rec.status == "ok":
                 rec.status, rec.reason = "incorrect", result["failed"]
-            elif result["device_wide"]:
-                rec.reason = (f"work ran outside the current stream ({result['hidden_ms']:.3g} ms "
-                              "after a batch's last end event): every rep timed to a device-wide end")
+            if result["device_wide"]:  # said beside, never instead of, why a case is incorrect
+                rec.reason = "; ".join(filter(None, [
+                    rec.reason, f"work ran outside the current stream ({result['hidden_ms']:.3g} ms "
+                                "after a batch's last end event): every rep timed to a device-wide end"]))
     except workloads.Unavailable as e:
         rec.status, rec.reason = "skipped", str(e)
     except Exception as e:
