@@ -38,6 +38,21 @@ def _unmount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+class _FillsUp:
+    """A file whose writes store half their bytes, then fail as a disk that just filled does."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data) -> int:
+        self.f.write(data[:len(data) // 2])
+        self.f.flush()  # on the disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 class _Refuse:
     """Writes under `root` fail with `code`, raised where the system would raise it."""
 
@@ -151,13 +166,17 @@ def test_a_report_into_a_path_through_a_file_is_one_line(tmp_path, capsys):
     assert "file" in _one_error_line(capsys.readouterr().err)
 
 
-def test_a_disk_that_fills_mid_run_keeps_every_stored_record_for_resume(tmp_path, monkeypatch, capsys):
-    """The third record finds the disk full: exit 2 in one line that names --resume; the two stored
-    records stay whole, and --resume (disk freed) runs exactly the cases that were not stored."""
+@pytest.mark.parametrize("disk", ["simulated", "tmpfs"])
+def test_a_disk_that_fills_mid_run_keeps_every_stored_record_for_resume(tmp_path, monkeypatch, capsys, disk):
+    """The third record finds the disk full, part of its line written: exit 2 in one line that names
+    --resume; the two stored records stay whole (the torn line cut), and --resume (disk freed) runs
+    exactly the cases that were not stored. `tmpfs` fills a real 16 MB filesystem (root only)."""
     sweep = tmp_path / "s.yaml"
     sweep.write_text(SWEEP)
     out = tmp_path / "disk"
-    mounted = _mount(out, "size=16m,mode=755")
+    mounted = disk == "tmpfs" and _mount(out, "size=16m,mode=755")
+    if disk == "tmpfs" and not mounted:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
     filler = out / f"filler-{uuid.uuid4().hex}"
     append = store.RunWriter.append
     calls = []
@@ -170,8 +189,8 @@ def test_a_disk_that_fills_mid_run_keeps_every_stored_record_for_resume(tmp_path
                     while True:
                         f.write(b"\0" * (1 << 20))
                         f.flush()
-            else:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path / store.SAMPLES))
+            else:  # as a full disk does: part of the line is stored, then ENOSPC
+                self._samples = _FillsUp(self._samples)
         return append(self, record)
 
     monkeypatch.setattr(store.RunWriter, "append", filling)

@@ -11,6 +11,7 @@ record.upgrade.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -197,17 +198,27 @@ class RunWriter:
                               f"only version {SCHEMA_VERSION} runs can be resumed")
         self.meta = meta
         self.write_meta()
-        self._samples = open(self.path / SAMPLES, "a")
+        self._samples = open(self.path / SAMPLES, "ab", buffering=0)
 
     def write_meta(self) -> None:
         _write_json_atomic(self.path / META, self.meta)
 
     def append(self, record: dict) -> None:
+        """Store one record whole or not at all: a write the disk cut short (a full disk stores part
+        of a line, then fails) is cut off again, so the run stays readable."""
         count = self.meta["records"]["count"]
         (line,), head = chain([parse(record)], self.meta["records"]["head"])
-        self._samples.write(json.dumps(line, default=str) + "\n")
-        self._samples.flush()
-        os.fsync(self._samples.fileno())
+        data = memoryview((json.dumps(line, default=str) + "\n").encode())
+        fd = self._samples.fileno()
+        end = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[self._samples.write(data):]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise
         self.meta["records"] = {"count": count + 1, "head": head}
         self.write_meta()
 
