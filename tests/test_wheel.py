@@ -4,6 +4,7 @@ checkout, with the sweeps and templates it carries."""
 import importlib.util
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -64,6 +65,11 @@ def installed(tmp_path_factory):
     # torch and the other dependencies come from this machine's site-packages; pip too
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
+    if sys.prefix != sys.base_prefix:  # run from a venv, whose packages the base interpreter's lack
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        # path lines only: the outer .pth files (an editable install of this checkout) stay unread
+        (Path(purelib) / "outer-venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
