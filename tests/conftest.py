@@ -11,6 +11,18 @@ ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))  # so sweeps can name `module: faulty_providers:...`
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cpu` assert what a machine without a CUDA GPU does (its devices, its skips,
+    timings of its spin-waits); where a GPU is visible the harness runs on it, so they skip and say
+    why. The GPU's own checks are .ci/gpu."""
+    if not torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="asserts what a machine without a CUDA GPU does; this one has one")
+    for item in items:
+        if item.get_closest_marker("cpu"):
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def write_sweep(tmp_path):
     """Write a sweep file from YAML text and return its path."""

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import pytest
 
 from bench import ab as ab_cli
 from bench.measure import ab as interleaved
@@ -47,6 +48,7 @@ def ab(tmp_path, monkeypatch, capsys, working_tree, *sides) -> tuple[int, list[d
     return rc, json.loads(open(f"{ab_dir}/compare.json").read())["cases"], out
 
 
+@pytest.mark.cpu
 def test_a_revision_that_slows_one_provider_fails_naming_it(tmp_path, monkeypatch, capsys):
     repo = tree(tmp_path / "repo", "steady")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
@@ -69,6 +71,7 @@ def test_a_revision_that_slows_one_provider_fails_naming_it(tmp_path, monkeypatc
     assert f"A: HEAD~1 ({sha['HEAD~1']}) vs B: HEAD ({sha['HEAD']})" in top
 
 
+@pytest.mark.cpu
 def test_identical_trees_pass(tmp_path, monkeypatch, capsys):
     a, b = tree(tmp_path / "a", "quick"), tree(tmp_path / "b", "quick")
     rc, cases, out = ab(tmp_path, monkeypatch, capsys, b, a, b)

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from bench import bisect as bisect_cli
 from conftest import ROOT, TESTS
 
@@ -63,6 +65,7 @@ def history(repo, slow_from: int, commits: int = 8):
         git(repo, "commit", "-qam", f"change {n}" + (" (the slow one)" if n == slow_from else ""))
 
 
+@pytest.mark.cpu
 def test_bisect_names_the_slow_commit(tmp_path, monkeypatch, capsys):
     repo = tmp_path / "repo"
     history(repo, slow_from=5)
@@ -106,6 +109,7 @@ def venv(path, slow: bool):
     return path
 
 
+@pytest.mark.cpu
 def test_toolchain_bisect_names_the_slow_environment(tmp_path, monkeypatch, capsys):
     tree = tmp_path / "tree"
     shutil.copytree(ROOT / "bench", tree / "bench", ignore=shutil.ignore_patterns("__pycache__"))
@@ -121,6 +125,7 @@ def test_toolchain_bisect_names_the_slow_environment(tmp_path, monkeypatch, caps
     assert [s["bad"] for s in result["steps"]] == [True, True], result["steps"]
 
 
+@pytest.mark.cpu
 def test_nightly_bisects_a_regression_within_its_budget(tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
 
@@ -150,6 +155,7 @@ def test_nightly_bisects_a_regression_within_its_budget(tmp_path, monkeypatch, c
                                       time.monotonic() - 1) == []  # no time left: no bisection
 
 
+@pytest.mark.cpu
 def test_nightly_takes_its_bisect_budget_from_the_command_line(monkeypatch, capsys):
     from bench import nightly
     seen = {}

@@ -205,6 +205,7 @@ timing: {{warmup_ms: 5, min_reps: 200, max_reps: 300, max_time_s: 1.0, target_ci
 """
 
 
+@pytest.mark.cpu
 def test_real_cpu_run_with_a_slowed_provider(tmp_path, write_sweep, capsys):
     runs = []
     for delay in ("steady", "slowed"):

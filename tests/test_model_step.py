@@ -31,6 +31,7 @@ def test_graph_axis_expands_and_rejects_a_non_boolean(write_sweep):
         sweep.load(write_sweep(SWEEP.replace("graph: [false, true]", "graph: [yes-please]")))
 
 
+@pytest.mark.cpu
 def test_perturbed_backward_is_incorrect_and_graphs_skip_on_cpu(write_sweep, tmp_path):
     assert run.main([str(write_sweep(SWEEP)), "--out", str(tmp_path)]) == 0
     records = store.load_run(tmp_path / "latest").records

@@ -110,6 +110,7 @@ def test_on_cpu_unset_flags_take_small_defaults_said_at_once(data_dir, tmp_path,
     assert "float32 on cpu; batch 12 x 64" in first and "on 20 batches per split" in first
 
 
+@pytest.mark.cpu
 def test_the_cutile_backend_trains_without_dropout(data_dir, tmp_path, capsys):
     """Its attention has no dropout: unset, dropout is 0 whatever the preset says (0.2 here)."""
     train.main(["--data", str(data_dir), "--out", str(tmp_path), "--backend", "cutile",
@@ -132,6 +133,7 @@ def test_sampling_is_seeded_and_deterministic(trained, capsys):
     assert e.value.code == 2 and "outside the vocabulary" in capsys.readouterr().err
 
 
+@pytest.mark.cpu
 def test_parity_l1_l2_l3_on_cpu_compares_naive_with_sdpa(trained, tmp_path):
     out, _ = trained
     report = parity.main(["--models", "tiny", "--checkpoint", str(out / "ckpt.pt"), "--seq-lens", "1,13,32",

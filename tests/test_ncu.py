@@ -76,6 +76,7 @@ def test_a_sweep_profile_named_ncu_is_refused(tmp_path, write_sweep, capsys):
     assert len(err.splitlines()) == 1 and "reserved" in err
 
 
+@pytest.mark.cpu
 def test_profile_ncu_without_a_gpu_is_refused_at_once(tmp_path, write_sweep, capsys):
     sweep = write_sweep("""
 workload: layernorm

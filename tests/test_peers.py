@@ -16,7 +16,7 @@ from bench.workloads import model_head
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the skips asserted are a CPU's")
+pytestmark = pytest.mark.cpu  # the skips asserted are a CPU's
 
 TIMING = "timing: {warmup_ms: 1, min_reps: 3, max_reps: 10, max_time_s: 0.05, target_ci: 0.5, timeout_s: 120}"
 

@@ -87,6 +87,7 @@ def test_baseline_adds_the_comparison(tmp_path):
     assert ">detects<" in html and "&gt;= 3%<" in html  # the smallest change each row could catch
 
 
+@pytest.mark.cpu
 def test_fresh_cpu_run_renders(tmp_path, write_sweep, capsys):
     sweep = write_sweep("""
 workload: fmha

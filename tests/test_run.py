@@ -88,6 +88,7 @@ def test_crash_hang_and_oom_cost_only_their_own_case(write_sweep, tmp_path):
     assert time.time() - t0 < 90
 
 
+@pytest.mark.cpu
 def test_store_layout(write_sweep, tmp_path):
     path = write_sweep(small(["native", "sdpa-math"]))
     code, r = run_sweep(path, tmp_path)
@@ -174,6 +175,7 @@ def test_kill_9_then_resume_gives_the_same_cases(write_sweep, tmp_path, subproce
     assert _case_ids(run_dir) == _case_ids(full.path) and len(_case_ids(run_dir)) == 12
 
 
+@pytest.mark.cpu
 def test_two_workers_give_the_same_cases_as_one(write_sweep, tmp_path):
     path = write_sweep(small(["native", "sdpa-math"], seq_lens="[5, 9, 13]"))
     code1, one = run_sweep(path, tmp_path / "one")
@@ -248,6 +250,7 @@ def test_resuming_an_older_run_leaves_latest_on_the_newest(write_sweep, tmp_path
     assert (tmp_path / "latest").resolve() == new.path
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("culprit", ["threads", "leak"])
 def test_a_case_that_changes_its_worker_does_not_change_the_next(write_sweep, tmp_path, monkeypatch,
                                                                culprit):

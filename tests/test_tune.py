@@ -165,7 +165,7 @@ def test_a_sweep_runs_through_the_harness_into_the_tuned_file(write_sweep, tuned
                                                               monkeypatch, capsys):
     """rows_per_block 1 is the fastest everywhere, but wrong at 16 rows: 2 wins there, 1 at 32."""
     fingerprint = env.fingerprint
-    monkeypatch.setattr(env, "fingerprint", lambda gpus: {**fingerprint(gpus), "gpus": [{"name": H100}]})
+    monkeypatch.setattr(env, "fingerprint", lambda gpus: {**fingerprint(gpus), "gpus": [{"name": H100, "index": 0}]})
     monkeypatch.setattr(tune_cli, "gpu_count", lambda: 1)  # the cases still run on the CPU
     sweep = write_sweep(TUNE_SWEEP)
     code = tune_cli.main([str(sweep), "--out", str(tmp_path / "results"), "--tuned-dir", str(tuned_dir)])

@@ -60,10 +60,12 @@ def _run_report_compare(tmp_path, sweep, env):
     return run
 
 
+@pytest.mark.cpu
 def test_module_spec_runs_like_a_builtin(tmp_path):
     _run_report_compare(tmp_path, _sweep(tmp_path, "rmsnorm_bench.workload:WORKLOAD"), _env(EXAMPLE))
 
 
+@pytest.mark.cpu
 def test_entry_point_runs_like_a_builtin(tmp_path):
     # the worker subprocesses resolve the name through the same entry point
     _run_report_compare(tmp_path, _sweep(tmp_path, "rmsnorm"), _env(_installed(tmp_path)))
