@@ -161,6 +161,7 @@ def test_without_a_gpu_tuning_a_sweep_refuses_at_once(monkeypatch, tmp_path, cap
     assert list(tmp_path.iterdir()) == [], "nothing run, nothing written"
 
 
+@pytest.mark.cpu
 def test_a_sweep_runs_through_the_harness_into_the_tuned_file(write_sweep, tuned_dir, tmp_path,
                                                               monkeypatch, capsys):
     """rows_per_block 1 is the fastest everywhere, but wrong at 16 rows: 2 wins there, 1 at 32."""
