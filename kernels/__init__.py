@@ -31,6 +31,18 @@ def available() -> tuple[bool, str]:
     return True, "ok"
 
 
+def available_on(device) -> tuple[bool, str]:
+    """available(), for work on `device`: cuTile runs on CUDA devices only, so a model put on the
+    CPU of a machine where cuTile runs takes the torch paths, as it would without cuTile."""
+    import torch
+
+    ok, reason = available()
+    kind = torch.device(device).type
+    if ok and kind != "cuda":
+        return False, f"the work is on {kind}, and cuTile runs on CUDA devices"
+    return ok, reason
+
+
 def require() -> None:
     """Raise RuntimeError with the one-line reason when cuTile cannot run here."""
     ok, reason = available()

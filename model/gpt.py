@@ -77,11 +77,12 @@ FUSIONS = ("attn_qkv", "add_ln", "head_ce", "linear", "block")
 BLOCK_NEEDS = ("attn_qkv", "add_ln", "linear")
 
 
-def _cutile_kernels() -> tuple[SimpleNamespace | None, str]:
-    """(the cuTile kernels the model calls, '') or (None, why not)."""
+def _cutile_kernels(device=None) -> tuple[SimpleNamespace | None, str]:
+    """(the cuTile kernels the model calls, '') or (None, why not), for a model that runs on
+    `device` (None: wherever cuTile can)."""
     import kernels
 
-    ok, reason = kernels.available()
+    ok, reason = kernels.available() if device is None else kernels.available_on(device)
     if not ok:
         return None, reason
     try:
@@ -233,10 +234,11 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, backend: str = "torch", attention: str = "naive",
-                 fusions=FUSIONS):
+                 fusions=FUSIONS, device=None):
         """backend "cutile" runs attention, LayerNorm and GELU in cuTile kernels, with the `fusions`
-        named (a subset of FUSIONS); where cuTile cannot run it falls back to torch with SDPA and
-        logs one warning line. `attention` picks the torch one."""
+        named (a subset of FUSIONS); where cuTile cannot run, or `device` (where the model will run,
+        if known) is not a CUDA device, it falls back to torch with SDPA and logs one warning line.
+        `attention` picks the torch one."""
         super().__init__()
         if config.n_embd % config.n_head:
             raise ValueError(f"n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
@@ -254,7 +256,7 @@ class GPT(nn.Module):
             raise ValueError(f"fusion 'block' runs {'+'.join(BLOCK_NEEDS)} in one node; add {missing}")
         cutile = None
         if backend == "cutile":
-            cutile, reason = _cutile_kernels()
+            cutile, reason = _cutile_kernels(device)
             if cutile is None:
                 log.warning("cutile backend unavailable (%s); using torch with SDPA attention", reason)
                 backend, attention = "torch", "sdpa"
@@ -373,10 +375,11 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, backend: str = "torch", attention: str = "naive",
-                        map_location="cpu") -> "GPT":
-        """A model from a nanoGPT `ckpt.pt` (`model_args` and `model`), or one we saved."""
+                        map_location="cpu", device=None) -> "GPT":
+        """A model from a nanoGPT `ckpt.pt` (`model_args` and `model`), or one we saved; `device`
+        as for the constructor."""
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        model = cls(GPTConfig(**ckpt["model_args"]), backend=backend, attention=attention)
+        model = cls(GPTConfig(**ckpt["model_args"]), backend=backend, attention=attention, device=device)
         model.load_nanogpt_state(ckpt["model"])
         return model
 

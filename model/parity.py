@@ -99,7 +99,7 @@ def compare_models(config: GPTConfig, state: dict, batch: int, seq_len: int, dev
     if seq_len > config.block_size:
         raise ValueError(f"seq_len {seq_len} exceeds block_size {config.block_size}")
     torch_side = GPT(config, "torch", "naive").to(device).eval()
-    other = GPT(config, "cutile") if backend == "cutile" else GPT(config, "torch", "sdpa")
+    other = GPT(config, "cutile", device=device) if backend == "cutile" else GPT(config, "torch", "sdpa")
     other = other.to(device).eval()
     torch_side.load_state_dict(state)
     other.load_state_dict(state)
@@ -132,7 +132,7 @@ def compare_models(config: GPTConfig, state: dict, batch: int, seq_len: int, dev
 
 def run_parity(models: dict, batches, seq_lens, device, dtype: str, levels=("L1", "L2", "L3")) -> dict:
     """models: {label: (GPTConfig, state dict)}. Returns the JSON-ready report."""
-    ok, reason = kernels.available()
+    ok, reason = kernels.available_on(device)
     backend = "cutile" if ok else "sdpa"
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": dtype, "torch_side": "torch-naive",

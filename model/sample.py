@@ -71,7 +71,8 @@ def main(argv=None) -> list[str]:
     with open(meta_path, "rb") as f:
         meta = pickle.load(f)
     device = pick_device(args.device)
-    model = GPT.from_checkpoint(args.checkpoint, backend=args.backend, attention=args.attention).to(device)
+    model = GPT.from_checkpoint(args.checkpoint, backend=args.backend, attention=args.attention,
+                                device=device).to(device)
     try:
         texts = sample(model, meta, args.start, args.max_new_tokens, args.num_samples, args.temperature,
                        args.top_k, args.greedy, args.seed, args.dtype or ("float16" if device.type == "cuda" else "float32"))

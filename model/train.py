@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
         overrides["dropout"] = args.dropout or 0.0
     config = GPTConfig.preset(args.preset, **overrides)
 
-    model = GPT(config, backend=args.backend, attention=args.attention).to(device)
+    model = GPT(config, backend=args.backend, attention=args.attention, device=device).to(device)
     optimizer = model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2))
     update = ScaledAdamW(optimizer, loss_scaling=dtype == "float16", clip=args.grad_clip)
     step_model = torch.compile(model) if args.compile else model

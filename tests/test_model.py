@@ -133,6 +133,18 @@ def test_cutile_backend_falls_back_to_torch_with_one_warning_line(caplog):
     assert m(torch.randint(65, (1, 5)))[0].shape == (1, 5, 65)
 
 
+def test_a_cutile_model_for_the_cpu_falls_back_where_cutile_runs(monkeypatch, caplog):
+    """On a machine where cuTile runs (made so here), a model built for the CPU takes the torch
+    paths, saying why, instead of handing CPU tensors to cuTile; one built for a GPU keeps cuTile."""
+    monkeypatch.setattr(kernels, "available", lambda: (True, "ok"))
+    assert GPT(tiny(), backend="cutile", fusions=(), device="cuda:0").backend == "cutile"
+    with caplog.at_level(logging.WARNING, logger="model.gpt"):
+        m = GPT(tiny(), backend="cutile", fusions=(), device=torch.device("cpu"))
+    assert (m.backend, m.attention) == ("torch", "sdpa")
+    assert len(caplog.records) == 1 and "the work is on cpu" in caplog.records[0].getMessage()
+    assert m(torch.randint(65, (1, 5)))[0].shape == (1, 5, 65)
+
+
 @pytest.mark.skipif(not kernels.available()[0], reason=kernels.available()[1])
 def test_cutile_backend_matches_torch_under_fp16_autocast():
     torch.manual_seed(0)

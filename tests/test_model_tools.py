@@ -110,7 +110,6 @@ def test_on_cpu_unset_flags_take_small_defaults_said_at_once(data_dir, tmp_path,
     assert "float32 on cpu; batch 12 x 64" in first and "on 20 batches per split" in first
 
 
-@pytest.mark.cpu
 def test_the_cutile_backend_trains_without_dropout(data_dir, tmp_path, capsys):
     """Its attention has no dropout: unset, dropout is 0 whatever the preset says (0.2 here)."""
     train.main(["--data", str(data_dir), "--out", str(tmp_path), "--backend", "cutile",
@@ -133,14 +132,13 @@ def test_sampling_is_seeded_and_deterministic(trained, capsys):
     assert e.value.code == 2 and "outside the vocabulary" in capsys.readouterr().err
 
 
-@pytest.mark.cpu
 def test_parity_l1_l2_l3_on_cpu_compares_naive_with_sdpa(trained, tmp_path):
     out, _ = trained
     report = parity.main(["--models", "tiny", "--checkpoint", str(out / "ckpt.pt"), "--seq-lens", "1,13,32",
                           "--batches", "1,3", "--levels", "L2,L3", "--device", "cpu",
                           "--out", str(tmp_path / "parity.json")])
     assert report == json.loads((tmp_path / "parity.json").read_text())
-    assert report["pass"] and report["candidate"] == ("cutile" if kernels.available()[0] else "torch-sdpa")
+    assert report["pass"] and report["candidate"] == "torch-sdpa"  # on the CPU, wherever cuTile runs
     l2, l3 = report["levels"]["L2"]["rows"], report["levels"]["L3"]["rows"]
     assert len(l3) == 2 * 3 * 2 and len(l2) == 2 * len(l3)  # two models x 3 T x 2 batches; 2 blocks each
     assert all(r["rel"] < 1e-5 for r in l2 + l3)  # float32 on both sides
