@@ -31,14 +31,15 @@ def available() -> tuple[bool, str]:
     return True, "ok"
 
 
-def available_on(device) -> tuple[bool, str]:
-    """available(), for work on `device`: cuTile runs on CUDA devices only, so a model put on the
-    CPU of a machine where cuTile runs takes the torch paths, as it would without cuTile."""
+def available_on(device=None) -> tuple[bool, str]:
+    """available(), for work on `device` (None: wherever cuTile can run): cuTile runs on CUDA
+    devices only, so a model put on the CPU of a machine where cuTile runs takes the torch paths,
+    as it would without cuTile."""
     import torch
 
     ok, reason = available()
-    kind = torch.device(device).type
-    if ok and kind != "cuda":
+    kind = None if device is None else torch.device(device).type
+    if ok and kind not in (None, "cuda"):
         return False, f"the work is on {kind}, and cuTile runs on CUDA devices"
     return ok, reason
 

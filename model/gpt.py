@@ -82,7 +82,7 @@ def _cutile_kernels(device=None) -> tuple[SimpleNamespace | None, str]:
     `device` (None: wherever cuTile can)."""
     import kernels
 
-    ok, reason = kernels.available() if device is None else kernels.available_on(device)
+    ok, reason = kernels.available_on(device)
     if not ok:
         return None, reason
     try:
