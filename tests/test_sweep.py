@@ -5,6 +5,7 @@ from pathlib import Path
 import sys
 
 import pytest
+import yaml
 
 from bench.measure import sweep
 from bench.measure.sweep import SweepError
@@ -187,13 +188,19 @@ def test_bad_file_exits_2_and_writes_nothing(write_sweep, tmp_path, subprocess_e
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["fmha", "layernorm", "smoke"])
-@pytest.mark.parametrize("profile", [None, "cpu"])
-def test_shipped_sweeps_expand(name, profile):
+SHIPPED = sorted(p.name for p in (Path(__file__).parent.parent / "sweeps").glob("*.yaml") if p.name != "nightly.yaml")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_sweeps_expand(name):
+    """Every sweep in sweeps/ (nightly.yaml lists sweeps, and has its own tests) loads as written and
+    in each of its profiles, and runs its baseline."""
     from conftest import ROOT
 
-    sw = sweep.load(ROOT / "sweeps" / f"{name}.yaml", profile=profile)
-    assert sw.cases and sw.baseline in {c.provider for c in sw.cases}
+    path = ROOT / "sweeps" / name
+    for profile in [None, *(yaml.safe_load(path.read_text()).get("profiles") or {})]:
+        sw = sweep.load(path, profile=profile)
+        assert sw.cases and sw.baseline in {c.provider for c in sw.cases}, (name, profile)
 
 
 def test_fmha_sweep_tile_configs_are_the_kernels_list():
