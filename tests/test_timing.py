@@ -51,6 +51,67 @@ def test_measure_times_what_runs_and_stops_on_its_rule():
 
 
 
+class _SimulatedGPU:
+    """A host clock and one GPU stream, for the timer's CUDA path on any machine: a launch starts
+    when both the host has queued it and the GPU has finished what came before; an event completes
+    when the GPU reaches it. The call queues 4 kernels of 5 us each over `host_s` of host time, which
+    becomes `timed_host_s` once timing starts (a host that slows after the warm-up)."""
+
+    def __init__(self, host_s, timed_host_s):
+        self.now = self.free = 0.0
+        self.host_s, self.timed_host_s = host_s, timed_host_s
+
+    def launch(self, seconds):
+        self.now += 1e-6
+        self.free = max(self.now, self.free) + seconds
+
+    def call(self):
+        for _ in range(4):
+            self.now += self.host_s / 4
+            self.launch(5e-6)
+
+    def install(self, monkeypatch):
+        sim = self
+
+        class Event:
+            def __init__(self, **_):
+                sim.host_s = sim.timed_host_s  # events are made only by the timed batches
+                self.at = None
+
+        def record(ev):
+            sim.now += 1e-6
+            ev.at = max(sim.now, sim.free)
+
+        def synchronize(*_):
+            sim.now = max(sim.now, sim.free)
+
+        for name, value in dict(_Event=Event, _record=record, _query=lambda ev: sim.now >= ev.at,
+                                _elapsed=lambda a, b: (b.at - a.at) * 1e3, _synchronize=synchronize,
+                                _spin=lambda cycles: sim.launch(cycles / timing.SPIN_HZ),
+                                _perf_counter=lambda: sim.now, busy_ms=lambda *_: None).items():
+            monkeypatch.setattr(timing, name, value)
+
+
+@pytest.mark.parametrize("timed_host_us", [100, 300])
+def test_a_rep_the_gpu_reached_before_the_host_had_queued_it_is_dropped(monkeypatch, timed_host_us):
+    """The spin is sized to the warm-up's host time (100 us a call). Where the host then takes 300 us,
+    the GPU runs out of spin inside each rep and waits for the host, so the first batch's samples
+    time the host; they are dropped, the spin doubles, and what is kept is the GPU's 20 us. Where
+    the host keeps its pace, no rep is dropped."""
+    sim = _SimulatedGPU(100e-6, timed_host_us * 1e-6)
+    sim.install(monkeypatch)
+    out = timing.measure(sim.call, torch.device("cuda"), warmup_ms=1, min_reps=5, max_reps=60,
+                         max_time_s=10.0, target_ci=0.0, l2_flush=False, cuda_graph=False)
+    assert len(out["samples_ms"]) == 60
+    assert out["samples_ms"] == pytest.approx([0.020] * 60, abs=1e-6)
+    assert out["host_ms"] == pytest.approx(0.100, rel=0.05)
+    sized = 1.5 * out["host_ms"] + 0.020
+    if timed_host_us == 100:
+        assert out["exposed_reps"] == 0 and out["spin_ms"] == pytest.approx(sized, rel=1e-3)
+    else:
+        assert out["exposed_reps"] == 60 and out["spin_ms"] == pytest.approx(2 * sized, rel=1e-3)
+
+
 def test_peak_memory_is_not_read_on_a_cpu():
     with timing.PeakMemory(torch.device("cpu")) as peak:
         torch.ones(1000)

@@ -6,7 +6,10 @@ and a noise-based stop rule: reps continue until the median's 95% CI half-width 
 With `hide_launch`, a spin kernel sized to the host's enqueue time of one call runs before each
 rep's start event, so the whole rep is queued before the GPU reaches it: the events then measure GPU
 time alone, not Python launch gaps (without it, a call whose host side takes longer than its kernels
-measures the host, and its samples scatter by tens of percent).
+measures the host, and its samples scatter by tens of percent). The host's time varies (a thread
+that wakes late, a slower host), so the spin is not trusted to cover it: once a rep is queued, the
+host asks whether its start event has passed. If it has, the GPU reached the rep before the host
+had queued all of it; that sample is dropped and the spin doubled.
 
 Against providers that game a timer (docs/isolation.md): the clocks and CUDA event calls are bound
 here at import, so a provider that patches `time.perf_counter_ns` or `torch.cuda.Event` times
@@ -31,6 +34,7 @@ _Event = torch.cuda.Event
 _record = torch.cuda.Event.record
 _elapsed = torch.cuda.Event.elapsed_time
 _synchronize = torch.cuda.synchronize
+_query = torch.cuda.Event.query
 _spin = torch.cuda._sleep
 # work still running on the device after a batch's last end event was hidden from the events when
 # it is beyond this share of the median rep and this many ms: a host's wake-up from a blocking sync
@@ -93,11 +97,12 @@ def _event():
 
 def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, probe):
     """(samples, the last rep's output, ms the device kept working after the last end event, the
-    probe's reading). With `device_wide`, every rep's end event waits until the whole device is idle.
-    The probe runs once, between two reps in the middle of the batch, while the device works
-    through the queued ones."""
+    probe's reading, per rep whether the GPU reached it before the host had queued it whole). With
+    `device_wide`, every rep's end event waits until the whole device is idle. The probe runs once,
+    between two reps in the middle of the batch, while the device works through the queued ones."""
     starts, ends = [_event() for _ in range(n)], [_event() for _ in range(n)]
     out = reading = None
+    exposed = []
     for i, (s, e) in enumerate(zip(starts, ends)):
         out = None
         if i == n // 2:
@@ -113,6 +118,8 @@ def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, 
         if device_wide:
             _synchronize()
         _record(e)
+        # the spin still running now means the whole rep was queued before the GPU reached it
+        exposed.append(bool(spin_cycles) and not device_wide and _query(s))
     # the host's wake-up after a sync is the gap between two events around an idle device; beyond
     # it, the gap after the last end event is work the events did not see
     idle = [_event(), _event()]
@@ -121,7 +128,7 @@ def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, 
         _record(e)
     _synchronize()
     late = _elapsed(ends[-1], idle[0]) - _elapsed(idle[0], idle[1])
-    return [_elapsed(s, e) for s, e in zip(starts, ends)], out, max(late, 0.0), reading
+    return [_elapsed(s, e) for s, e in zip(starts, ends)], out, max(late, 0.0), reading, exposed
 
 
 def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, probe):
@@ -135,7 +142,7 @@ def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, p
         t0 = _perf_counter_ns()
         out = call()
         samples.append((_perf_counter_ns() - t0) / 1e6)
-    return samples, out, 0.0, reading
+    return samples, out, 0.0, reading, [False] * n
 
 
 def _graph_of(fn, device):
@@ -198,7 +205,9 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     """Samples of fn in milliseconds; how many warm-up calls ran; the host's median time to enqueue
     one call (`host_ms`: near or above the median sample, a case is launch-bound); why timing stopped;
     the GPU-busy time of one more call (`busy_ms`); `hidden_ms`, the most work any batch left running
-    after its last end event, and `device_wide` when that made every rep wait for the whole device.
+    after its last end event, and `device_wide` when that made every rep wait for the whole device;
+    `exposed_reps`, the reps dropped because the GPU reached them before the host had queued them
+    whole, and `spin_ms`, the spin they left.
 
     `feed(last)` runs before each rep, outside its time, to put inputs in place; the last rep of each
     of the first `checks` batches reads a check set and `verify(output)` judges what it returned:
@@ -228,6 +237,7 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
         per_call = max((_perf_counter() - t0) / warm, 1e-6)
     host_s = sorted(host)[len(host) // 2]
     spin = int(min(1.5 * host_s + 20e-6, MAX_SPIN_S) * SPIN_HZ) if hide_launch and on_gpu else 0
+    exposed_reps = 0
 
     costs: list[float] = []
 
@@ -252,7 +262,8 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
             n = int(min(max_reps - len(samples), max(min_reps, 0.05 / per_call)))
             checking = batches < checks and verify is not None
             fed = (lambda last, c=checking: feed(last and c)) if feed is not None else None
-            got, out, left, reading = batch(call, max(n, 1), flush, spin, fed, device_wide, timed_probe)
+            got, out, left, reading, exposed = batch(call, max(n, 1), flush, spin, fed, device_wide,
+                                                     timed_probe)
             batches += 1
             if checking:
                 failed = verify(out)
@@ -268,6 +279,12 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
                     batch_reps, batch_mhz = [], []
                 continue
             suspected = 0
+            if any(exposed) and spin < MAX_SPIN_S * SPIN_HZ:  # past the longest spin, they are kept
+                exposed_reps += sum(exposed)
+                got = [t for t, bad in zip(got, exposed) if not bad]
+                spin = int(min(2 * spin, MAX_SPIN_S * SPIN_HZ))
+                if not got:
+                    continue
             slowed = (reading or {}).get("slowed")
             if slowed and discarded < THROTTLE_RETRIES:
                 discarded += 1
@@ -291,4 +308,4 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     return {"samples_ms": samples, "clocks": clocks, "warmup_reps": warm, "host_ms": host_s * 1e3, "stop": stop,
             "busy_ms": None if failed else busy_ms(call, device), "hidden_ms": hidden,
             "device_wide": device_wide, "checked": min(batches, checks) if verify else 0,
-            "failed": failed}
+            "failed": failed, "exposed_reps": exposed_reps, "spin_ms": spin / SPIN_HZ * 1e3}

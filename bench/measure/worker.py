@@ -188,7 +188,8 @@ def run_case(case: Case, device: torch.device) -> dict:
                 rec.clocks = {**result["clocks"], "ref_mhz": env.max_sm_clock_mhz(gpu)}
             rec.hygiene = {"level": hygiene, "input_sets": len(x.sets), "fresh_inputs": rotating,
                            "rechecked_reps": result["checked"], "hidden_ms": result["hidden_ms"],
-                           "device_wide": result["device_wide"]}
+                           "device_wide": result["device_wide"], "exposed_reps": result["exposed_reps"],
+                           "spin_ms": result["spin_ms"]}
             if result["failed"] and rec.status == "ok":
                 rec.status, rec.reason = "incorrect", result["failed"]
             if result["device_wide"]:  # said beside, never instead of, why a case is incorrect
