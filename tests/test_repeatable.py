@@ -1,7 +1,7 @@
 """The same inputs give the same bits on every call, from the LayerNorm, fused add + LayerNorm,
-fmha forward and LM-head kernels, whose reductions run in a fixed order (GPU). A race shows here first: a
-LayerNorm forward that stored its statistics by TMA left a few rows' mean and rstd wrong on some
-calls while y was right (docs/layernorm-notes.md)."""
+fmha forward, LM-head and tied-embedding kernels, whose reductions run in a fixed order (GPU). A
+race shows here first: a LayerNorm forward that stored its statistics by TMA left a few rows' mean
+and rstd wrong on some calls while y was right (docs/layernorm-notes.md)."""
 import pytest
 import torch
 
@@ -79,3 +79,13 @@ def test_head_cross_entropy(poisoned, dtype):
         loss.backward()
         return (loss, *(t.grad for t in leaves))
     same_every_call(run)
+
+
+def test_tied_embedding_one_hot_product():
+    """shakespeare-char's 16384 tokens' fp32 rows into the 65-row tied gradient: each block's partial
+    sums and their fixed-order total."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    grad = torch.randn(65, 384, device="cuda", generator=g)
+    rows = torch.randn(16384, 384, device="cuda", generator=g)
+    idx = torch.randint(65, (16384,), device="cuda", generator=g)
+    same_every_call(lambda: (cross_entropy._add_one_hot_product(grad.clone(), idx, rows),))
