@@ -2,14 +2,14 @@
 
 The forward pass keeps an online softmax in fp32 (exp2, with log2(e) folded into the scale) and
 also returns the log-sum-exp of every query row, which lets the backward pass rebuild the softmax
-tile by tile instead of storing it. The backward pass is three kernels: delta = rowsum(dO * O),
-then dK/dV (one block per key tile, looping over query tiles) and dQ (one block per query tile,
-looping over key tiles), so no block needs an atomic add (cuTile's atomic_add is per element: a
+tile by tile instead of storing it. The backward pass is two kernels: dQ (one block per query
+tile, looping over key tiles), which also writes each row's delta = rowsum(dO * O), then dK/dV
+(one block per key tile, looping over query tiles), which reads it; so no block needs an atomic add (cuTile's atomic_add is per element: a
 dK/dV kernel that added dQ with it measured 1.6-7x slower, docs/fmha-notes.md). With
 fused_dq=1 the dK/dV kernel adds dQ itself through a tiled view's atomic_store_add, a bulk
 tensor reduce-add (UTMAREDG on sm_90) of a whole tile into an fp32 buffer, and a last kernel
-scales it: two matmuls fewer per pair of tiles, at the price of dQ bits that vary with the order
-of the adds; measured, it pays only at D=64 and long sequences (docs/fmha-notes.md). The tile
+scales it (delta then takes a kernel of its own, before): two matmuls fewer per pair of tiles,
+at the price of dQ bits that vary with the order of the adds; measured, it pays only at D=64 and long sequences (docs/fmha-notes.md). The tile
 config (tile_m, tile_n, k_lat, v_lat, occupancy, num_ctas, num_worker_warps, head_group) steers
 the forward kernel, fused_dq picks the backward; the backward kernels keep their own measured
 tiles and latencies (see _bwd_config).
@@ -161,14 +161,17 @@ if ct is not None:
         lse = (m_i + ct.log2(l_i)) * LN2
         ct.store(Lse, index=(b, h, m_blk), tile=lse.reshape((1, 1, TILE_M)))
 
+    def _row_delta(o, do):
+        """rowsum(dO * O) in fp32 of (ROWS, D) tiles: the softmax backward's per-row correction."""
+        return ct.sum(o.astype(ct.float32) * do.astype(ct.float32), axis=-1)
+
     @ct.kernel
     def _bwd_delta_kernel(Out, dOut, Delta, H: ConstInt, D: ConstInt, TILE_M: ConstInt):
-        """delta = rowsum(dO * O) in fp32: the softmax backward's per-row correction."""
+        """delta of a query tile, for the fused dK/dV kernel (unfused, the dQ kernel writes it)."""
         b, h = ct.bid(1) // H, ct.bid(1) % H
         o = ct.load(Out, index=(b, h, ct.bid(0), 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
         do = ct.load(dOut, index=(b, h, ct.bid(0), 0), shape=(1, 1, TILE_M, D), padding_mode=ZERO)
-        delta = ct.sum(o.astype(ct.float32) * do.astype(ct.float32), axis=-1)
-        ct.store(Delta, index=(b, h, ct.bid(0)), tile=delta)
+        ct.store(Delta, index=(b, h, ct.bid(0)), tile=_row_delta(o, do))
 
     @ct.kernel
     def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, DQacc, scale_log2: float, scale: float,
@@ -221,10 +224,11 @@ if ct is not None:
         ct.store(dV, index=(b, h, n_blk, 0), tile=dv.astype(dV.dtype).reshape((1, 1, TILE_N, D)))
 
     @ct.kernel
-    def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, scale_log2: float, scale: float,
+    def _bwd_dq_kernel(Q, K, V, Out, dOut, Lse, Delta, dQ, scale_log2: float, scale: float,
                        H: ConstInt, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt,
                        CAUSAL: ConstBool, EVEN_N: ConstBool, K_LAT: ConstInt, V_LAT: ConstInt):
-        """One block per (query tile, batch*head): dQ = scale * dS K over the key tiles it sees."""
+        """One block per (query tile, batch*head): dQ = scale * dS K over the key tiles it sees,
+        and delta for the dK/dV kernel, which runs after it."""
         m_blk, bh = _query_block()
         b, h = bh // H, bh % H
         t = K.shape[2]
@@ -232,7 +236,8 @@ if ct is not None:
         do = _head_tile(dOut, b, h, m_blk, TILE_M, D)
         lse = ct.load(Lse, index=(b, h, m_blk), shape=(1, 1, TILE_M), padding_mode=ZERO)
         lse2 = lse.reshape((TILE_M, 1)) * LOG2E
-        delta = ct.load(Delta, index=(b, h, m_blk), shape=(1, 1, TILE_M), padding_mode=ZERO)
+        delta = _row_delta(_head_tile(Out, b, h, m_blk, TILE_M, D), do)
+        ct.store(Delta, index=(b, h, m_blk), tile=delta.reshape((1, 1, TILE_M)))
         delta = delta.reshape((TILE_M, 1))
         rows = (m_blk * TILE_M + ct.arange(TILE_M, dtype=ct.int32))[:, None]
         cols0 = ct.arange(TILE_N, dtype=ct.int32)[None, :]
@@ -326,8 +331,9 @@ def _bwd_config(d):
 def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
     """(dq, dk, dv); `grads` may give them, in any layout with a unit stride along D.
 
-    fused_dq=0: dK/dV, then dQ in a kernel of its own, which computes S and dP again (7 matmuls
-    per pair of tiles, and bitwise the same dQ every run). fused_dq=1: the dK/dV kernel adds dQ
+    fused_dq=0: dQ and delta (a separate delta pass took 15 us of GPT-2's 150 us attention
+    backward at 8 x 1024 on an H200), then dK/dV, which computes S and dP again (7 matmuls per
+    pair of tiles, and bitwise the same dQ every run). fused_dq=1: the dK/dV kernel adds dQ
     into an fp32 buffer by bulk reduce-adds (5 matmuls; the order of the adds, so dQ's last bits,
     varies from run to run)."""
     b, h, t, d = q.shape
@@ -336,8 +342,13 @@ def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
     fused = cfg["fused_dq"]
     kv, qc, dc = cfgs["dkdv_dq" if fused else "dkdv"], cfgs["dq"], cfgs["delta"]
     lat = (kv["k_lat"], kv["v_lat"])
-    _launch("delta", (math.ceil(t / dc["block"]), b * h, 1), (out, dout, delta, h, d, dc["block"]), dc)
     dq, dk, dv = grads or (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    if fused:
+        _launch("delta", (math.ceil(t / dc["block"]), b * h, 1), (out, dout, delta, h, d, dc["block"]), dc)
+    else:
+        _launch("dq", _query_grid(t, qc["block"], b * h, qc["head_group"]),
+                (q, k, v, out, dout, lse, delta, dq, scale * LOG2E, scale, h, d, qc["block"], qc["step"],
+                 causal, causal or t % qc["step"] == 0, *lat), qc)
     # the fp32 buffer the fused kernel adds into; unfused, a placeholder it does not touch
     dq_acc = torch.zeros((b, h, t, d), dtype=torch.float32, device=q.device) if fused else dq
     _launch("dkdv", (math.ceil(t / kv["block"]), b * h, 1),
@@ -347,10 +358,6 @@ def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
         sc = cfgs["dq_scale"]
         _launch("dq_scale", (math.ceil(t / sc["block"]), b * h, 1),
                 (dq_acc, dq, scale, h, d, sc["block"]), sc)
-    else:
-        _launch("dq", _query_grid(t, qc["block"], b * h, qc["head_group"]),
-                (q, k, v, dout, lse, delta, dq, scale * LOG2E, scale, h, d, qc["block"], qc["step"],
-                 causal, causal or t % qc["step"] == 0, *lat), qc)
     return dq, dk, dv
 
 
@@ -469,14 +476,14 @@ def _signatures(config: dict, dtype, head_dim: int, causal: bool, num_heads: int
     params = {
         "fwd": (cfg, [x, x, x, x, row, f32, h, d, cfg["tile_m"], cfg["tile_n"], causal, causal,
                       cfg["k_lat"], cfg["v_lat"]]),
-        "delta": (bwd["delta"], [x, x, row, h, d, bwd["delta"]["block"]]),
         "dkdv": (kv, [x, x, x, x, row, row, x, x, acc if fused else x, f32, f32, h, d, kv["step"],
                       kv["block"], causal, *lat, fused]),
     }
     if fused:
+        params["delta"] = (bwd["delta"], [x, x, row, h, d, bwd["delta"]["block"]])
         params["dq_scale"] = (sc, [acc, x, f32, h, d, sc["block"]])
     else:
-        params["dq"] = (qc, [x, x, x, x, row, row, x, f32, f32, h, d, qc["block"], qc["step"], causal,
+        params["dq"] = (qc, [x, x, x, x, x, row, row, x, f32, f32, h, d, qc["block"], qc["step"], causal,
                              causal, *lat])
     cc = CallingConvention.cutile_python_v2()
     return [(name, c, KernelSignature(p, cc).with_mangled_symbol(name)) for name, (c, p) in params.items()]
@@ -486,7 +493,7 @@ def export_for_check(config: dict, dtype=torch.float16, head_dim: int = 64, caus
                      out_dir: str = ".", gpu_code: str = "sm_90", num_heads: int = 12,
                      only=("fwd", "delta", "dkdv", "dq", "dq_scale")) -> list[str]:
     """Compile every kernel (or those named in `only`) of one tile config ahead of time (no GPU
-    needed): the forward, delta, dK/dV, and dQ or (fused_dq=1) the dQ scale; the cubin paths.
+    needed): the forward, dK/dV, and dQ or (fused_dq=1) delta and the dQ scale; the cubin paths.
 
     Raises whatever tileiras raises when a kernel no longer compiles for this config.
     """
