@@ -45,6 +45,8 @@ ONE_HOT_MAX_V = 256  # the tied embedding's rows go in by a one-hot matmul up to
 # V = 256, C = 768, against 79 and 159 us for cuBLAS's fp32 product; 64-token tiles 33 and 194 us,
 # 128-column tiles 49-56 and 262-354 us
 ONE_HOT_BLOCK_T, ONE_HOT_BLOCK_C, ONE_HOT_BLOCKS_PER_SM = 32, 64, 2
+SCALE_TILE = 8192  # elements a block of the dx scale kernel
+EMBED_BLOCK_T, EMBED_BLOCK_C = 32, 128  # a block of the token + position embedding kernel
 
 if ct is not None:
     ConstInt = ct.Constant[int]
@@ -105,6 +107,25 @@ if ct is not None:
         ct.store(Part, (g, 0, j), ct.reshape(acc, (1, V_P2, BLOCK_C)))
 
 
+    @ct.kernel
+    def _embed_kernel(Idx, W, P, Out, BLOCK_T: ConstInt, BLOCK_C: ConstInt):
+        """Out[r] = W[Idx[r]] + P[r mod T] (T = P's rows) over a (BLOCK_T, BLOCK_C) tile."""
+        i, j = ct.bid(0), ct.bid(1)
+        ids = ct.astype(ct.load(Idx, (i,), (BLOCK_T,), padding_mode=ct.PaddingMode.ZERO), ct.int32)
+        rows = i * BLOCK_T + ct.arange(BLOCK_T, dtype=ct.int32)
+        cols = (j * BLOCK_C + ct.arange(BLOCK_C, dtype=ct.int32))[None, :]
+        tok = ct.astype(ct.gather(W, (ids[:, None], cols)), ct.float32)
+        pos = ct.astype(ct.gather(P, ((rows % P.shape[0])[:, None], cols)), ct.float32)
+        ct.store(Out, (i, j), ct.astype(tok + pos, Out.dtype))
+
+    @ct.kernel
+    def _scale_kernel(X, S, Out, TILE: ConstInt):
+        """Out = X * S[0] in Out's dtype, computed in fp32, a TILE-element slice a block."""
+        s = ct.load(S, 0, shape=())
+        x = ct.load(X, (ct.bid(0),), (TILE,), padding_mode=ct.PaddingMode.ZERO)
+        ct.store(Out, (ct.bid(0),), ct.astype(ct.astype(x, ct.float32) * s, Out.dtype))
+
+
 @functools.lru_cache(maxsize=None)
 def _hinted():
     return _softmax_grad_kernel.replace_hints(occupancy=OCCUPANCY, num_worker_warps=WORKER_WARPS)
@@ -137,9 +158,11 @@ class TiedWeightGrad:
     def __init__(self):
         self.grad = None
 
-    def embed(self, idx, weight):
-        """F.embedding(idx, weight), whose backward completes the tied weight's gradient."""
-        return _TiedEmbedding.apply(idx, weight, self)
+    def embed(self, idx, weight, pos_weight=None):
+        """F.embedding(idx, weight), whose backward completes the tied weight's gradient; with
+        pos_weight, plus its first T rows for the T positions of idx's (B, T), in one pass on a GPU
+        (two gathers and a broadcast add took 31 us of shakespeare-char's step on an H200)."""
+        return _TiedEmbedding.apply(idx, weight, pos_weight, self)
 
     def leave(self, grad):
         self.grad = grad if self.grad is None else self.grad.add_(grad)
@@ -147,11 +170,14 @@ class TiedWeightGrad:
 
 class _TiedEmbedding(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, idx, weight, tied):
+    def forward(ctx, idx, weight, pos_weight, tied):
         tied.grad = None  # a new forward pass: nothing of an earlier one's backward stays
         ctx.save_for_backward(idx)
         ctx.tied, ctx.weight_shape, ctx.weight_dtype = tied, weight.shape, weight.dtype
-        return F.embedding(idx, weight)
+        ctx.pos_shape = None if pos_weight is None else pos_weight.shape
+        if pos_weight is None:
+            return F.embedding(idx, weight)
+        return _embed_with_positions(idx, weight, pos_weight[:idx.shape[-1]])
 
     @staticmethod
     def backward(ctx, dout):
@@ -159,10 +185,30 @@ class _TiedEmbedding(torch.autograd.Function):
         grad, ctx.tied.grad = ctx.tied.grad, None
         if grad is None:  # the head's gradient did not come here (no fused head in the loss)
             grad = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=dout.device)
-        rows, idx = dout.reshape(-1, ctx.weight_shape[1]).to(grad.dtype), idx.reshape(-1)
+        rows, flat = dout.reshape(-1, ctx.weight_shape[1]).to(grad.dtype), idx.reshape(-1)
         if ctx.weight_shape[0] > ONE_HOT_MAX_V:
-            return None, grad.index_put_((idx,), rows, accumulate=True), None
-        return None, _add_one_hot_product(grad, idx, rows), None
+            grad = grad.index_put_((flat,), rows, accumulate=True)
+        else:
+            grad = _add_one_hot_product(grad, flat, rows)
+        dpos = None
+        if ctx.pos_shape is not None:  # each position's rows summed over the batch
+            t = idx.shape[-1]
+            dpos = dout.reshape(-1, t, ctx.pos_shape[1]).sum(0)
+            dpos = F.pad(dpos, (0, 0, 0, ctx.pos_shape[0] - t)) if ctx.pos_shape[0] > t else dpos
+        return None, grad, dpos, None
+
+
+def _embed_with_positions(idx, weight, pos):
+    """weight[idx] + pos for idx of (B, T) and pos of (T, C), in their promoted dtype."""
+    dtype = torch.promote_types(weight.dtype, pos.dtype)
+    if ct is None or not idx.is_cuda or not (weight.is_contiguous() and pos.is_contiguous()):
+        return (F.embedding(idx, weight) + pos).to(dtype)
+    flat, c = idx.reshape(-1), weight.shape[1]
+    out = torch.empty(flat.shape[0], c, dtype=dtype, device=idx.device)
+    if flat.shape[0]:
+        launch(idx.device, (-(-flat.shape[0] // EMBED_BLOCK_T), -(-c // EMBED_BLOCK_C)), _embed_kernel,
+               (flat.contiguous(), weight, pos, out, EMBED_BLOCK_T, EMBED_BLOCK_C))
+    return out.view(*idx.shape, c)
 
 
 def _add_one_hot_product(grad, idx, rows):
@@ -229,7 +275,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.tied is not None:  # the embedding's backward adds its rows and hands it on
             ctx.tied.leave(dw)
             dw = None
-        return (dx * scale).to(ctx.dtypes[0]), dw, None, None, None, None, None
+        return _scaled(dx, scale, ctx.dtypes[0]), dw, None, None, None, None, None
+
+
+def _scaled(x, scale, dtype):
+    """x * scale (a 0-dim fp32 device tensor) in dtype. torch runs a product with a 0-dim device
+    tensor as a generic broadcast kernel (20 us for the head's 16384 x 384 fp16 dx on an H200);
+    on a GPU a cuTile kernel reads the scale instead."""
+    if ct is None or not x.is_cuda or not x.is_contiguous() or x.numel() == 0:
+        return (x * scale).to(dtype)
+    out = torch.empty_like(x, dtype=dtype)
+    launch(x.device, (-(-x.numel() // SCALE_TILE),), _scale_kernel,
+           (x.view(-1), scale.reshape(1).float(), out.view(-1), SCALE_TILE))
+    return out
 
 
 def linear_cross_entropy(x, weight, targets, casts: WeightCasts | None = None,
@@ -253,8 +311,9 @@ def linear_cross_entropy(x, weight, targets, casts: WeightCasts | None = None,
 
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     """Compile the softmax-gradient kernel ahead of time (no GPU needed) for fp16, bf16 and fp32
-    logits and GPT-2's and the character model's vocabularies, and the tied embedding's one-hot
-    kernel for the character model's; the cubin paths."""
+    logits and GPT-2's and the character model's vocabularies, the tied embedding's one-hot
+    kernel for the character model's, the token + position embedding kernel, and the dx scale
+    kernel for fp16 and bf16; the cubin paths."""
     if ct is None:
         kernels.require()
     from cuda.tile import compilation as cc
@@ -272,4 +331,10 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     params = [f32, array_param(ct.int64, 1), f32, array_param(ct.float32, 3), _pow2(65),
               ONE_HOT_BLOCK_T, ONE_HOT_BLOCK_C]
     paths.append(export(_one_hot_kernel, "one_hot_float32_v65", params, out_dir, gpu_code))
+    params = [array_param(ct.int64, 1), f32, f32, f32, EMBED_BLOCK_T, EMBED_BLOCK_C]
+    paths.append(export(_embed_kernel, "embed_float32", params, out_dir, gpu_code))
+    for dtype in (torch.float16, torch.bfloat16):
+        params = [array_param(ct_dtype(dtype), 1), array_param(ct.float32, 1), array_param(ct_dtype(dtype), 1),
+                  SCALE_TILE]
+        paths.append(export(_scale_kernel, f"scale_{dtype_name(dtype)}", params, out_dir, gpu_code))
     return paths

@@ -315,11 +315,13 @@ class GPT(nn.Module):
         b, t = idx.size()
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(t, dtype=torch.long, device=idx.device)
-        wte = self.transformer.wte
+        wte, wpe = self.transformer.wte, self.transformer.wpe
         tied = self.tied if wte.weight is self.lm_head.weight else None  # unless someone untied them
-        tok = wte(idx) if tied is None else tied.embed(idx, wte.weight)
-        x = self.transformer.drop(tok + self.transformer.wpe(pos))
+        if tied is None:
+            x = wte(idx) + wpe(torch.arange(t, dtype=torch.long, device=idx.device))
+        else:  # with the position embedding added in the same pass
+            x = tied.embed(idx, wte.weight, wpe.weight)
+        x = self.transformer.drop(x)
         blocks = self.transformer.h
         h = blocks[0].ln_1(x)
         for i, block in enumerate(blocks):

@@ -27,6 +27,7 @@ def test_export_compiles_the_softmax_gradient_and_one_hot_kernels_for_sm90(expor
     names = exported_cubins(cross_entropy)
     assert {"float16", "bfloat16", "float32"} == {n.split("_")[2] for n in names if n.startswith("softmax")}, names
     assert any(n.startswith("one_hot_float32") for n in names), names
+    assert {"scale_float16", "scale_bfloat16", "embed_float32"} <= {n.split(".")[0] for n in names}, names
 
 
 def test_export_compiles_the_column_sum_kernels_for_sm90(exported_cubins):
@@ -96,6 +97,14 @@ def test_a_tied_weight_gets_the_head_and_embedding_gradients_in_one_tensor(monke
     ref_w.grad = None
     F.embedding(idx, ref_w).pow(2).sum().backward()
     assert torch.allclose(w.grad, ref_w.grad, rtol=1e-14, atol=0)
+    # with the position embedding added in the same pass: its gradient sums the batch's rows
+    pos = torch.randn(5, c, dtype=torch.float64, requires_grad=True)
+    ref_pos = pos.detach().clone().requires_grad_()
+    w.grad = ref_w.grad = None
+    tied.embed(idx, w, pos).pow(2).sum().backward()
+    (F.embedding(idx, ref_w) + ref_pos[:3]).pow(2).sum().backward()
+    assert torch.allclose(w.grad, ref_w.grad, rtol=1e-14, atol=0)
+    assert torch.allclose(pos.grad, ref_pos.grad, rtol=1e-14, atol=0) and not pos.grad[3:].any()
     # a forward pass drops what an unfinished earlier backward left
     tied.leave(torch.ones(v, c, dtype=torch.float64))
     w.grad = None
@@ -116,6 +125,33 @@ def test_the_one_hot_kernel_adds_fp32_rows_into_the_tied_gradient(n, v, c):
     ref = grad.double().index_add(0, idx, rows.double())
     out = cross_entropy._add_one_hot_product(grad.clone(), idx, rows)
     assert (out.double() - ref).abs().max() <= 2e-5 * ref.abs().max()
+
+
+@gpu
+@pytest.mark.parametrize("b,t,v,c", [(1, 1, 65, 384), (3, 13, 65, 100), (2, 257, 50304, 768), (64, 256, 65, 384)])
+def test_the_embedding_kernel_adds_token_and_position_rows(b, t, v, c):
+    """Token rows gathered and the position rows added in one pass: the same bits as torch's fp32
+    gather and add, at awkward lengths and widths (none a multiple of the tile)."""
+    g = torch.Generator(device="cuda").manual_seed(t)
+    w, pos = torch.randn(v, c, device="cuda", generator=g), torch.randn(t + 3, c, device="cuda", generator=g)
+    idx = torch.randint(v, (b, t), device="cuda", generator=g)
+    out = cross_entropy._embed_with_positions(idx, w, pos[:t])
+    assert out.shape == (b, t, c) and torch.equal(out, F.embedding(idx, w) + pos[:t])
+
+
+@gpu
+@pytest.mark.parametrize("shape,dtype,out_dtype", [((1, 384), torch.float16, torch.float16),
+                                                   ((13, 385), torch.bfloat16, torch.bfloat16),
+                                                   ((16384, 384), torch.float16, torch.float16),
+                                                   ((257, 768), torch.float16, torch.float32)])
+def test_the_scale_kernel_rounds_as_torch_does_in_fp32(shape, dtype, out_dtype):
+    """The head's dx times the incoming gradient's scale: the same bits as torch's fp32 product
+    rounded to the output dtype, over every element of awkward sizes (none a multiple of the tile)."""
+    g = torch.Generator(device="cuda").manual_seed(shape[0])
+    x = (torch.randn(shape, device="cuda", generator=g) * 100).to(dtype)
+    scale = torch.tensor(3.0e-5, device="cuda") / 7
+    out = cross_entropy._scaled(x, scale, out_dtype)
+    assert out.dtype == out_dtype and torch.equal(out, (x.float() * scale).to(out_dtype))
 
 
 def _grads(fn, inputs, dout):
