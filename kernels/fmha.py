@@ -4,12 +4,13 @@ The forward pass keeps an online softmax in fp32 (exp2, with log2(e) folded into
 also returns the log-sum-exp of every query row, which lets the backward pass rebuild the softmax
 tile by tile instead of storing it. The backward pass is two kernels: dQ (one block per query
 tile, looping over key tiles), which also writes each row's delta = rowsum(dO * O), then dK/dV
-(one block per key tile, looping over query tiles), which reads it; so no block needs an atomic add (cuTile's atomic_add is per element: a
-dK/dV kernel that added dQ with it measured 1.6-7x slower, docs/fmha-notes.md). With
-fused_dq=1 the dK/dV kernel adds dQ itself through a tiled view's atomic_store_add, a bulk
-tensor reduce-add (UTMAREDG on sm_90) of a whole tile into an fp32 buffer, and a last kernel
-scales it (delta then takes a kernel of its own, before): two matmuls fewer per pair of tiles,
-at the price of dQ bits that vary with the order of the adds; measured, it pays only at D=64 and long sequences (docs/fmha-notes.md). The tile
+(one block per key tile, looping over query tiles), which reads it; so no block needs an atomic
+add (cuTile's atomic_add is per element: a dK/dV kernel that added dQ with it measured 1.6-7x
+slower, docs/fmha-notes.md). With fused_dq=1 the dK/dV kernel adds dQ itself through a tiled
+view's atomic_store_add, a bulk tensor reduce-add (UTMAREDG on sm_90) of a whole tile into an fp32
+buffer, and a last kernel scales it (delta then takes a kernel of its own, before): two matmuls
+fewer per pair of tiles, at the price of dQ bits that vary with the order of the adds; measured,
+it pays only at D=64 and long sequences (docs/fmha-notes.md). The tile
 config (tile_m, tile_n, k_lat, v_lat, occupancy, num_ctas, num_worker_warps, head_group) steers
 the forward kernel, fused_dq picks the backward; the backward kernels keep their own measured
 tiles and latencies (see _bwd_config).
