@@ -6,6 +6,7 @@ interval is wide."""
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +26,15 @@ providers:
 axes: {rows: [4], hidden: [16], dtype: [float32], mode: [fwd]}
 timing: {warmup_ms: 5, min_reps: 100, max_reps: 150, max_time_s: 0.5, target_ci: 0.0001, timeout_s: 60}
 """
+
+
+@pytest.fixture(autouse=True)
+def forget_providers():
+    """Each test imports the providers of its own trees; none stays in sys.modules for the next
+    (a test that passed only because an earlier one had imported them once hid a wrong error)."""
+    yield
+    for name in ("ab_provider", "delay_provider"):
+        sys.modules.pop(name, None)
 
 
 def tree(path, changed: str):
@@ -81,7 +91,10 @@ def test_identical_trees_pass(tmp_path, monkeypatch, capsys):
     assert meta["ab"]["max_rounds"] == 48  # a CPU's rounds may go on to 48 (a GPU's to 24)
 
 
-def test_bad_revision_is_one_line_and_exit_2(tmp_path, capsys):
+def test_bad_revision_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """A sweep whose providers load, and a revision that does not exist: the line names the revision."""
+    (tmp_path / "ab_provider.py").write_text("from delay_provider import steady as kept, quick as changed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     sweep = tmp_path / "ab.yaml"
     sweep.write_text(SWEEP)
     assert ab_cli.main(["no-such-revision", str(sweep), "--out", str(tmp_path)]) == 2
