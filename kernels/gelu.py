@@ -63,7 +63,9 @@ if ct is not None:
 
     def _cdf_pdf(x):
         """(Phi(x), phi(x)) of the standard normal, in fp32."""
-        e = ct.exp(-0.5 * x * x)
+        # exp2 with flush-to-zero, one MUFU op: with ct.exp the backward took 48-51 against 44-46 us
+        # at 16384 x 1536 and 8192 x 3072 (H200)
+        e = ct.exp2(-_HALF_LOG2E * x * x, flush_to_zero=True)
         # div.full (2 ulp) instead of IEEE division: far below the approximation's own error
         t = ct.truediv(1.0, 1.0 + (_P * _INV_SQRT2) * ct.abs(x), rounding_mode=ct.RoundingMode.FULL)
         poly = t * (_A[0] + t * (_A[1] + t * (_A[2] + t * (_A[3] + t * _A[4]))))
