@@ -22,6 +22,13 @@ SWEEP = COMPARE_SWEEP.replace("\nname: delay\n", "\nname: tiny\n").replace(
 assert SWEEP.count("name:") == 3
 
 
+@pytest.fixture(autouse=True)
+def without_a_gpu(monkeypatch):
+    """Every night here is one on a machine without a GPU, on any machine: the tests name its
+    hardware ("cpu") and its sweeps' cpu profiles."""
+    monkeypatch.setattr(runner, "gpu_count", lambda: 0)
+
+
 def night(tmp_path, write_sweep, delay: str) -> tuple[int, str]:
     sweep = write_sweep(SWEEP.format(delay=delay), "tiny.yaml")
     config = write_sweep(f"sweeps:\n  - sweep: {sweep}\n    set: ['hidden=[16]']\n", "nightly.yaml")
@@ -167,7 +174,6 @@ def test_without_a_gpu_each_sweep_runs_at_its_cpu_profile(tmp_path, write_sweep,
 
 def test_the_shipped_nightly_plan_loads_at_cpu_sizes_without_a_gpu(monkeypatch, tmp_path):
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
-    monkeypatch.setattr(runner, "gpu_count", lambda: 0)
     sweeps = nightly_cli.load_sweeps(nightly.load_plan("sweeps/nightly.yaml"), tmp_path, None, None)
     assert [s.profile for s in sweeps] == ["cpu"] * 4
     assert all(c.params.get("seq_len", 0) <= 256 and c.params.get("rows", 0) <= 1000
