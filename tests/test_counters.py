@@ -5,6 +5,7 @@ both sides' own trees by a stand-in ncu, the report section and the history rows
 --counters where nothing can be profiled."""
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench.measure import ncu
+from bench.measure import ncu, runner
 from bench.measure.sweep import Case
 from bench.present import report
 from bench.present.counters import section
@@ -134,6 +135,31 @@ def test_explain_profiles_each_side_with_its_own_tree_and_keeps_the_compile_logs
     assert len(calls) == 2 and all("--clock-control none" in c for c in calls)
 
 
+KINETO = ("INFO:2026-12-04 11:18:44 1550:1550 init.cpp:119] If you see CUPTI_ERROR_INSUFFICIENT_PRIVILEGES, "
+          "refer to https://developer.nvidia.com/nvidia-development-tools-solutions-err-nvgpuctrperm-cupti")
+
+
+@pytest.mark.parametrize("printed, reason", [
+    ([KINETO, "==WARNING== No kernels were profiled."], "==WARNING== No kernels were profiled."),
+    (["==ERROR== ERR_NVGPUCTRPERM - The user does not have permission", KINETO, "==WARNING== x"],
+     "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission"),
+    (["Traceback (most recent call last):", KINETO, "ModuleNotFoundError: No module named 'x'"],
+     "ModuleNotFoundError: No module named 'x'"),
+    ([KINETO], "ncu saw no kernel in the NVTX range 'timed'"),
+])
+def test_no_counters_says_what_ncu_or_the_worker_said(tmp_path, monkeypatch, printed, reason):
+    """ncu's own error or warning, else the worker's exception: not torch's advice about a CUPTI
+    error, which once stood in for the reason a GPU profile had no kernels."""
+    ncu_bin = tmp_path / "bin" / "ncu"
+    ncu_bin.parent.mkdir()
+    ncu_bin.write_text("#!/bin/sh\ncat > /dev/null\n" + "".join(f"echo {shlex.quote(line)} >&2\n" for line in printed))
+    ncu_bin.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{ncu_bin.parent}{os.pathsep}{os.environ['PATH']}")
+    case = Case("c1", "w", "p", "p", {}, {}, {})
+    got = ncu.profile_case(case, {"status": "ok"}, "cuda:0", fake_tree(tmp_path / "tree", 80))
+    assert got == {"reason": reason}
+
+
 def test_explain_skips_what_is_not_a_regression_and_a_tree_too_old_to_profile(tmp_path):
     rec = {"case_id": "c1", "workload": "w", "provider": "p", "params": {}, "status": "ok"}
     case = Case("c1", "w", "p", "p", {}, {}, {})
@@ -188,6 +214,7 @@ def test_the_history_keeps_each_counter_diff_with_its_run(tmp_path):
 
 def test_ab_counters_without_a_gpu_says_why_in_one_line_and_completes(tmp_path, monkeypatch, capsys):
     from bench import ab as ab_cli
+    monkeypatch.setattr(runner, "gpu_count", lambda: 0)  # a machine without one, wherever this runs
     tree = tmp_path / "tree"
     shutil.copytree(ROOT / "bench", tree / "bench", ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))

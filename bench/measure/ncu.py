@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -177,9 +178,21 @@ def profile_case(case: Case, record: dict, device: str, tree: Path = OWN_TREE,
         log = compile_log(python, env, scratch) if with_compile_log else {}
     kernels = parse_csv(done.stdout)
     if not kernels:
-        errors = [line for line in (done.stdout + done.stderr).splitlines() if "ERROR" in line]
-        return {"reason": (errors[-1] if errors else "ncu saw no kernel in the NVTX range 'timed'")[:300]}
+        return {"reason": why_no_kernels(done.stdout + "\n" + done.stderr)[:300]}
     return {"kernels": kernels, **log}
+
+
+def why_no_kernels(output: str) -> str:
+    """ncu's own last error (==ERROR==), else its last warning (==WARNING==), else the worker's
+    last exception line: not any line that mentions an error (torch's profiler prints advice naming
+    CUPTI errors that did not happen)."""
+    lines = output.splitlines()
+    for tag in ("==ERROR==", "==WARNING=="):
+        tagged = [line for line in lines if line.startswith(tag)]
+        if tagged:
+            return tagged[-1]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", line)]
+    return raised[-1] if raised else "ncu saw no kernel in the NVTX range 'timed'"
 
 
 def explain(cmp: Comparison, cases: list[Case], base: Run, head: Run, trees: dict[str, Path],
