@@ -7,6 +7,8 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from bench.measure import ncu, runner
+from bench.measure.pool import worker_env
 from bench.measure.sweep import Case
 from bench.present import report
 from bench.present.counters import section
@@ -146,6 +149,9 @@ KINETO = ("INFO:2026-12-04 11:18:44 1550:1550 init.cpp:119] If you see CUPTI_ERR
     (["Traceback (most recent call last):", KINETO, "ModuleNotFoundError: No module named 'x'"],
      "ModuleNotFoundError: No module named 'x'"),
     ([KINETO], "ncu saw no kernel in the NVTX range 'timed'"),
+    (['{"case_id": "c1", "status": "error", "reason": "TypeError: measure() missing 1 argument"}',
+      "==WARNING== No kernels were profiled."],
+     "the profiled run of the case was error: TypeError: measure() missing 1 argument"),
 ])
 def test_no_counters_says_what_ncu_or_the_worker_said(tmp_path, monkeypatch, printed, reason):
     """ncu's own error or warning, else the worker's exception: not torch's advice about a CUPTI
@@ -232,6 +238,19 @@ def test_ab_counters_without_a_gpu_says_why_in_one_line_and_completes(tmp_path, 
     ab_dir = Path(out.strip().splitlines()[-1])
     assert json.loads((ab_dir / "head" / counters.WHY).read_text())["reason"].startswith("no GPU")
     assert "No counters: no GPU" in (ab_dir / "report.md").read_text()
+
+
+def test_the_profiled_request_runs_a_case_whose_timing_names_only_its_timeout(tmp_path):
+    """The request ncu's worker gets fills the timing keys a case leaves out: a case built with
+    only a timeout once failed in the profiled worker (measure() missing max_time_s), and ncu then
+    reported only that it saw no kernel."""
+    params = {"rows": 64, "hidden": 256, "dtype": "float32", "mode": "fwd"}
+    case = Case("g1", "layernorm", "torch", "torch", params, params, {"timeout_s": 120})
+    done = subprocess.run([sys.executable, "-m", "bench.measure.worker", "cpu", "--profiled"],
+                          input=ncu.request(case), capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=worker_env())
+    record = json.loads(done.stdout.splitlines()[-1])
+    assert (record["status"], record["reason"], len(record["samples_ms"])) == ("ok", "", 1)
 
 
 NO_PROFILE = ncu.unavailable("cuda:0" if torch.cuda.is_available() else "cpu")

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench.measure.pool import OWN_TREE, worker_env
-from bench.measure.sweep import Case
+from bench.measure.sweep import TIMING_DEFAULTS, Case
 from bench.results import counters
 from bench.results.compare import Comparison, case_label
 from bench.results.store import Run
@@ -108,8 +108,9 @@ def command(device: str, python: str | None = None) -> list[str]:
 
 
 def request(case: Case) -> str:
-    """The worker's request: the case with one timed call, after two warm-up calls."""
-    timing = {**case.timing, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "l2_flush": False,
+    """The worker's request: the case with one timed call, after two warm-up calls. Timing keys
+    the case leaves out take their defaults, as a sweep file's do."""
+    timing = {**TIMING_DEFAULTS, **case.timing, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "l2_flush": False,
               "cuda_graph": False, "hide_launch": False, "hygiene": "basic"}
     return json.dumps({"case": dataclasses.replace(case, timing=timing).to_dict()}) + "\n"
 
@@ -183,16 +184,34 @@ def profile_case(case: Case, record: dict, device: str, tree: Path = OWN_TREE,
 
 
 def why_no_kernels(output: str) -> str:
-    """ncu's own last error (==ERROR==), else its last warning (==WARNING==), else the worker's
-    last exception line: not any line that mentions an error (torch's profiler prints advice naming
-    CUPTI errors that did not happen)."""
+    """ncu's own last error (==ERROR==), else the profiled case's status and reason where it was
+    not ok (its record, which the worker printed), else ncu's last warning (==WARNING==), else the
+    worker's last exception line: not any line that mentions an error (torch's profiler prints
+    advice naming CUPTI errors that did not happen)."""
     lines = output.splitlines()
-    for tag in ("==ERROR==", "==WARNING=="):
-        tagged = [line for line in lines if line.startswith(tag)]
-        if tagged:
-            return tagged[-1]
+    errors = [line for line in lines if line.startswith("==ERROR==")]
+    if errors:
+        return errors[-1]
+    for line in lines:
+        record = _record(line)
+        if record and record.get("status") != "ok":
+            return f"the profiled run of the case was {record.get('status')}: {record.get('reason')}"
+    warnings = [line for line in lines if line.startswith("==WARNING==")]
+    if warnings:
+        return warnings[-1]
     raised = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", line)]
     return raised[-1] if raised else "ncu saw no kernel in the NVTX range 'timed'"
+
+
+def _record(line: str) -> dict | None:
+    """The worker's record, where `line` is one."""
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "status" in record else None
 
 
 def explain(cmp: Comparison, cases: list[Case], base: Run, head: Run, trees: dict[str, Path],
