@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import autocast_dtype, fmha, gelu, layernorm
-from kernels.linear import cast, column_sum, mm_f32
+from kernels.linear import cast, column_sum, mm_acc
 
 EPS = 1e-5  # GPT-2's LayerNorm epsilon
 
@@ -65,14 +65,14 @@ class _Block(torch.autograd.Function):
         ds1, dnext_w, dnext_b, dm, dbm = layernorm.layer_norm_backward(
             dh_out.reshape(rows, c), s2, next_w, mean2, rstd2, ln_dtype,
             dres=None if dx_out is None else dx_out.reshape(rows, c), dr_dtype=dtype, sum_dx=has_bm)
-        dwm = mm_f32(dm.t(), g)
+        dwm = mm_acc(dm.t(), g)
         dfc, dbf = gelu.gelu_backward(dm @ cm, fc, bf, approximate, bias_grad=True)
-        dwf = mm_f32(dfc.t(), h1)
+        dwf = mm_acc(dfc.t(), h1)
         dx, dln_w, dln_b, dy, dbp = layernorm.layer_norm_backward(
             dfc @ cf, s1, ln_w, mean1, rstd1, ln_dtype, dres=ds1, dr_dtype=dtype, sum_dx=has_bp)
-        dwp = mm_f32(dy.t(), out.view(rows, c))
+        dwp = mm_acc(dy.t(), out.view(rows, c))
         dqkv = fmha.qkv_backward(dy @ cp, qkv, out, lse, n_head, ctx.scale, ctx.cfg).view(rows, 3 * c)
-        dwa = mm_f32(dqkv.t(), hc)
+        dwa = mm_acc(dqkv.t(), hc)
         dba = column_sum(dqkv, w_dtype) if has_ba else None
         dh = (dqkv @ ca).view(b, t, c).to(h_dtype)
         return (dx.view(b, t, c), dh, dln_w, dln_b if has_ln_b else None, dwa, dba, dwp, dbp, dwf, dbf,

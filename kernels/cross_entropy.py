@@ -8,7 +8,9 @@ over them in place, with each row's loss; two more matmuls turn that into the ch
 gradients of the input rows and of the head's weight. The backward pass only scales them by the incoming
 gradient. K keeps fp16 softmax values clear of subnormals; the weight's gradient, a sum over all
 rows that grows with how often a token occurs, is accumulated by matmuls that write fp32, so it
-cannot overflow.
+cannot overflow, except for a bf16 weight: bf16 has fp32's range, and its gradient is accumulated
+in bf16 (fp32 inside each chunk's matmul, one rounding per chunk), which halves the bytes each
+chunk's matmul and the backward's scale move.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.launch import launch, sm_count
-from kernels.linear import WeightCasts, cast, mm_f32, sum_partials
+from kernels.linear import WeightCasts, cast, mm_acc, sum_partials
 
 try:
     import cuda.tile as ct
@@ -244,6 +246,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             wc = F.pad(wc, (0, 0, 0, 8 - v % 8))
         dx = torch.empty(rows, x.shape[1], dtype=compute_dtype, device=x.device)
         dw = None
+        acc = torch.bfloat16 if weight.dtype == compute_dtype == torch.bfloat16 else torch.float32
         losses = torch.empty(rows, dtype=torch.float32, device=x.device)
         step = max(1, min(rows, chunk_bytes // (wc.shape[0] * wc.element_size())))
         shape = _parts(v)
@@ -256,7 +259,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                    (logits[:, :v], targets[i:i + step], losses[i:i + step], stats[0], stats[1], done, K,
                     *shape))
             torch.mm(logits, wc, out=dx[i:i + step])  # |dx| <= 2K max|W|: no overflow
-            dw = mm_f32(logits.t(), xs, dw)
+            dw = mm_acc(logits.t(), xs, dw, acc)
             del logits  # before the next chunk's logits exist: one chunk held at a time
         count = (targets >= 0).sum().clamp(min=1)  # a tensor: no host sync
         ctx.save_for_backward(dx, count)
@@ -271,23 +274,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy: its backward ran twice; it scales the weight's "
                                "gradient in place, so a graph through it cannot be retained")
         scale = grad / (count * K)
-        # scaled and cast in one pass, in place when the weight is fp32: no second fp32 copy (154 MB
-        # for GPT-2), and a bf16 weight's gradient is not read and written in fp32 first
-        out = dw if ctx.dtypes[1] == dw.dtype else torch.empty_like(dw, dtype=ctx.dtypes[1])
-        dw = torch.mul(dw, scale, out=out)
+        # scaled and cast in one pass, in place when the gradient is in the weight's dtype already:
+        # no second copy (154 MB in fp32 for GPT-2)
+        dw = _scaled(dw, scale, ctx.dtypes[1], out=dw if ctx.dtypes[1] == dw.dtype else None)
         if ctx.tied is not None:  # the embedding's backward adds its rows and hands it on
             ctx.tied.leave(dw)
             dw = None
         return _scaled(dx, scale, ctx.dtypes[0]), dw, None, None, None, None, None
 
 
-def _scaled(x, scale, dtype):
-    """x * scale (a 0-dim fp32 device tensor) in dtype. torch runs a product with a 0-dim device
-    tensor as a generic broadcast kernel (20 us for the head's 16384 x 384 fp16 dx on an H200);
-    on a GPU a cuTile kernel reads the scale instead."""
+def _scaled(x, scale, dtype, out=None):
+    """x * scale (a 0-dim fp32 device tensor) in dtype, into `out` when given (x itself: in place).
+    torch runs a product with a 0-dim device tensor as a generic broadcast kernel (20 us for the
+    head's 16384 x 384 fp16 dx on an H200); on a GPU a cuTile kernel reads the scale instead."""
+    out = torch.empty_like(x, dtype=dtype) if out is None else out
     if ct is None or not x.is_cuda or not x.is_contiguous() or x.numel() == 0:
-        return (x * scale).to(dtype)
-    out = torch.empty_like(x, dtype=dtype)
+        return torch.mul(x, scale, out=out)
     launch(x.device, (-(-x.numel() // SCALE_TILE),), _scale_kernel,
            (x.view(-1), scale.reshape(1).float(), out.view(-1), SCALE_TILE))
     return out
@@ -299,8 +301,8 @@ def linear_cross_entropy(x, weight, targets, casts: WeightCasts | None = None,
     (N, C) and weight of (V, C), differentiable in x and weight; under autocast the matmuls run in
     the autocast dtype, as a Linear would (reading the weight's copy from `casts` when given).
     With `tied`, the weight's gradient is left there for the tied embedding's backward. The logits
-    are computed chunk_bytes at a time: the head's working memory is about that plus an fp32 copy
-    of the weight."""
+    are computed chunk_bytes at a time: the head's working memory is about that plus the weight's
+    gradient in fp32 (in bf16 for a bf16 weight)."""
     kernels.require()
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or targets.shape != x.shape[:1]:
         raise ValueError(f"expected x (N, C), weight (V, C), targets (N,), got {tuple(x.shape)}, "
@@ -315,8 +317,8 @@ def linear_cross_entropy(x, weight, targets, casts: WeightCasts | None = None,
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     """Compile the softmax-gradient kernel ahead of time (no GPU needed) for fp16, bf16 and fp32
     logits and GPT-2's and the character model's vocabularies, the tied embedding's one-hot
-    kernel for the character model's, the token + position embedding kernel, and the dx scale
-    kernel for fp16 and bf16; the cubin paths."""
+    kernel for the character model's, the token + position embedding kernel, and the scale kernel
+    of dx (fp16, bf16) and of the weight's gradient (fp32 to fp16 or fp32); the cubin paths."""
     if ct is None:
         kernels.require()
     from cuda.tile import compilation as cc
@@ -336,8 +338,10 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     paths.append(export(_one_hot_kernel, "one_hot_float32_v65", params, out_dir, gpu_code))
     params = [array_param(ct.int64, 1), f32, f32, f32, EMBED_BLOCK_T, EMBED_BLOCK_C]
     paths.append(export(_embed_kernel, "embed_float32", params, out_dir, gpu_code))
-    for dtype in (torch.float16, torch.bfloat16):
-        params = [array_param(ct_dtype(dtype), 1), array_param(ct.float32, 1), array_param(ct_dtype(dtype), 1),
+    for src, dtype in [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                       (torch.float32, torch.float16), (torch.float32, torch.float32)]:
+        params = [array_param(ct_dtype(src), 1), array_param(ct.float32, 1), array_param(ct_dtype(dtype), 1),
                   SCALE_TILE]
-        paths.append(export(_scale_kernel, f"scale_{dtype_name(dtype)}", params, out_dir, gpu_code))
+        paths.append(export(_scale_kernel, f"scale_{dtype_name(src)}_{dtype_name(dtype)}", params,
+                            out_dir, gpu_code))
     return paths

@@ -85,15 +85,15 @@ def sum_partials(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mm_f32(a, b, acc=None):
-    """a @ b, or acc += a @ b in place, with an fp32 result, from fp16/bf16 operands without an
-    fp32 copy of either: cuBLAS accumulates in fp32 and writes fp32. In place, because addmm into
-    a new tensor first copies acc (154 MB for GPT-2's LM head, per chunk)."""
-    if a.dtype == torch.float32:
+def mm_acc(a, b, acc=None, dtype=torch.float32):
+    """a @ b, or acc += a @ b in place, with a result in `dtype` (fp32, or a's own dtype), from
+    fp16/bf16 operands without an fp32 copy of either: cuBLAS accumulates in fp32 either way. In
+    place, because addmm into a new tensor first copies acc (154 MB for GPT-2's LM head, per chunk)."""
+    if a.dtype == dtype:
         return a @ b if acc is None else acc.addmm_(a, b)
     if acc is None:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return torch.mm(a, b, out_dtype=dtype)
+    return torch.addmm(acc, a, b, out_dtype=dtype, out=acc)
 
 
 class WeightCasts:
@@ -154,7 +154,7 @@ class _Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = (dy2 @ wc).view(xc.shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            dw = mm_f32(dy2.t(), rows(xc, wc.shape[1])).to(w_dtype)
+            dw = mm_acc(dy2.t(), rows(xc, wc.shape[1])).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             db = column_sum(dy2, b_dtype)
         return dx, dw, db, None, None

@@ -27,7 +27,8 @@ def test_export_compiles_the_softmax_gradient_and_one_hot_kernels_for_sm90(expor
     names = exported_cubins(cross_entropy)
     assert {"float16", "bfloat16", "float32"} == {n.split("_")[2] for n in names if n.startswith("softmax")}, names
     assert any(n.startswith("one_hot_float32") for n in names), names
-    assert {"scale_float16", "scale_bfloat16", "embed_float32"} <= {n.split(".")[0] for n in names}, names
+    assert {"scale_float16_float16", "scale_bfloat16_bfloat16", "scale_float32_float16", "scale_float32_float32",
+            "embed_float32"} <= {n.split(".")[0] for n in names}, names
 
 
 def test_export_compiles_the_column_sum_kernels_for_sm90(exported_cubins):
@@ -140,18 +141,24 @@ def test_the_embedding_kernel_adds_token_and_position_rows(b, t, v, c):
 
 
 @gpu
-@pytest.mark.parametrize("shape,dtype,out_dtype", [((1, 384), torch.float16, torch.float16),
-                                                   ((13, 385), torch.bfloat16, torch.bfloat16),
-                                                   ((16384, 384), torch.float16, torch.float16),
-                                                   ((257, 768), torch.float16, torch.float32)])
-def test_the_scale_kernel_rounds_as_torch_does_in_fp32(shape, dtype, out_dtype):
-    """The head's dx times the incoming gradient's scale: the same bits as torch's fp32 product
-    rounded to the output dtype, over every element of awkward sizes (none a multiple of the tile)."""
+@pytest.mark.parametrize("shape,dtype,out_dtype,in_place", [((1, 384), torch.float16, torch.float16, False),
+                                                            ((13, 385), torch.bfloat16, torch.bfloat16, False),
+                                                            ((16384, 384), torch.float16, torch.float16, False),
+                                                            ((257, 768), torch.float16, torch.float32, False),
+                                                            ((257, 769), torch.float32, torch.float16, False),
+                                                            ((1000, 771), torch.bfloat16, torch.bfloat16, True),
+                                                            ((13, 770), torch.float32, torch.float32, True)])
+def test_the_scale_kernel_rounds_as_torch_does_in_fp32(shape, dtype, out_dtype, in_place):
+    """The head's dx, or its weight's gradient (in place where it has the weight's dtype), times
+    the incoming gradient's scale: the same bits as torch's fp32 product rounded to the output
+    dtype, over every element of awkward sizes (none a multiple of the tile)."""
     g = torch.Generator(device="cuda").manual_seed(shape[0])
     x = (torch.randn(shape, device="cuda", generator=g) * 100).to(dtype)
     scale = torch.tensor(3.0e-5, device="cuda") / 7
-    out = cross_entropy._scaled(x, scale, out_dtype)
-    assert out.dtype == out_dtype and torch.equal(out, (x.float() * scale).to(out_dtype))
+    want = (x.float() * scale).to(out_dtype)
+    out = cross_entropy._scaled(x, scale, out_dtype, out=x if in_place else None)
+    assert out.dtype == out_dtype and torch.equal(out, want)
+    assert (out.data_ptr() == x.data_ptr()) == in_place
 
 
 def _grads(fn, inputs, dout):
@@ -223,14 +230,17 @@ def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype, 
 
 
 @gpu
+@pytest.mark.parametrize("weight", ["float32", "compute"])
 @pytest.mark.parametrize("dtype", list(DT))
 @pytest.mark.parametrize("rows,v,chunk_rows", [(1, 65, None), (13, 50304, None), (257, 65, None),
                                                (1000, 50304, None), (1000, 50304, 300), (257, 1000, 13)])
-def test_head_cross_entropy_matches_the_reference(rows, v, chunk_rows, dtype):
-    """chunk_rows: the logits of that many rows at a time (the last chunk short), else the default."""
+def test_head_cross_entropy_matches_the_reference(rows, v, chunk_rows, dtype, weight):
+    """chunk_rows: the logits of that many rows at a time (the last chunk short), else the default.
+    The weight is fp32 under autocast (the model's), or in the compute dtype (a bf16 weight's
+    gradient accumulates in bf16, an fp16 one's in fp32)."""
     c = 768 if v > 1000 else 384
     x = torch.randn(rows, c, device="cuda", dtype=DT[dtype])
-    w = 0.02 * torch.randn(v, c, device="cuda")
+    w = (0.02 * torch.randn(v, c, device="cuda")).to(torch.float32 if weight == "float32" else DT[dtype])
     targets = torch.randint(v, (rows,), device="cuda")
     targets[::5] = -1  # ignored rows
     if (targets < 0).all():

@@ -76,7 +76,8 @@ def torch_head(p, t):
 
 def cutile(p, t):
     """Ours: kernels.cross_entropy.linear_cross_entropy, the GPT model's fused head on the cutile
-    backend (chunks of rows, a cuTile softmax-gradient kernel, fp32 weight-gradient accumulation);
+    backend (chunks of rows, a cuTile softmax-gradient kernel, the weight's gradient accumulated
+    in fp32, or in bf16 for a bf16 weight);
     a sweep may set chunk_mib, the logits held at once (null: the model's 512), which trades
     memory for time."""
     ce = cutile_module("cross_entropy")
