@@ -255,12 +255,15 @@ def test_head_cross_entropy_matches_the_reference(rows, v, chunk_rows, dtype, we
 
     chunk = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * v * torch.finfo(DT[dtype]).bits // 8}
     loss, grads = run(lambda a, b: cross_entropy.linear_cross_entropy(a, b, targets, **chunk), [x, w])
-    rloss, rgrads = run(lambda a, b: F.cross_entropy(a.double() @ b.double().t(), targets, ignore_index=-1),
-                        [x, w])
+    rloss, rgrads = run(lambda a, b: F.cross_entropy(a @ b.t(), targets, ignore_index=-1),
+                        [x.double(), w.double()])
     tol = tolerance_for(dtype)
     assert passes(errors(loss, rloss), tol), errors(loss, rloss)
-    assert passes(errors({"grad.x": grads[0], "grad.w": grads[1]}, {"grad.x": rgrads[0], "grad.w": rgrads[1]}),
-                  tol)
+    # a gradient in a 16-bit dtype is off by its rounding, relative to its size: one row's weight
+    # gradient reaches ~10, where a bf16 step is 0.06
+    big = max(1.0, max(g.abs().max().item() for g in rgrads))
+    got = errors({"grad.x": grads[0], "grad.w": grads[1]}, {"grad.x": rgrads[0], "grad.w": rgrads[1]})
+    assert passes(got, {**tol, "max_abs": tol["max_abs"] * big}), got
 
 
 @gpu
