@@ -110,8 +110,8 @@ def command(device: str, python: str | None = None) -> list[str]:
 def request(case: Case) -> str:
     """The worker's request: the case with one timed call, after two warm-up calls. Timing keys
     the case leaves out take their defaults, as a sweep file's do."""
-    timing = {**TIMING_DEFAULTS, **case.timing, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "l2_flush": False,
-              "cuda_graph": False, "hide_launch": False, "hygiene": "basic"}
+    timing = {**TIMING_DEFAULTS, **case.timing, "warmup_ms": 0, "min_reps": 1, "max_reps": 1,
+              "l2_flush": False, "cuda_graph": False, "hide_launch": False, "hygiene": "basic"}
     return json.dumps({"case": dataclasses.replace(case, timing=timing).to_dict()}) + "\n"
 
 
