@@ -248,7 +248,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dw = None
         acc = torch.bfloat16 if weight.dtype == compute_dtype == torch.bfloat16 else torch.float32
         losses = torch.empty(rows, dtype=torch.float32, device=x.device)
-        step = max(1, min(rows, chunk_bytes // (wc.shape[0] * wc.element_size())))
+        step = chunk_rows(rows, wc.shape[0] * wc.element_size(), chunk_bytes)
         shape = _parts(v)
         stats = torch.empty(2, step, shape[1], dtype=torch.float32, device=x.device)  # slice max, sum
         done = torch.zeros(step, dtype=torch.int32, device=x.device)  # the kernel leaves it zeroed
@@ -281,6 +281,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.tied.leave(dw)
             dw = None
         return _scaled(dx, scale, ctx.dtypes[0]), dw, None, None, None, None, None
+
+
+def chunk_rows(rows, row_bytes, chunk_bytes):
+    """Rows per chunk: as few chunks as fit chunk_bytes, of equal size. With as many rows as fit and
+    the rest in the last, GPT-2's 8192 rows held 5336 at 512 MiB; two equal chunks hold 4096."""
+    most = max(1, chunk_bytes // row_bytes)
+    n = max(1, -(-rows // most))
+    return max(1, -(-rows // n))
 
 
 def _scaled(x, scale, dtype, out=None):

@@ -36,6 +36,17 @@ def test_export_compiles_the_column_sum_kernels_for_sm90(exported_cubins):
     assert {"float16", "bfloat16", "float32"} == {n.split("_")[2] for n in names}, names
 
 
+@pytest.mark.parametrize("rows,most", [(8192, 5336), (8192, 2668), (16384, 2668), (1000, 300), (257, 13),
+                                       (2048, 5336), (1, 1), (7, 1), (0, 10)])
+def test_the_head_takes_as_few_chunks_as_fit_and_splits_rows_evenly(rows, most):
+    step = cross_entropy.chunk_rows(rows, 6, 6 * most)
+    sizes = [min(step, rows - i) for i in range(0, rows, step)]
+    assert step <= max(1, most)  # never more logits than the budget
+    assert len(sizes) == -(-rows // most)  # no more chunks than the budget needs
+    assert not sizes or sizes[0] - sizes[-1] < len(sizes)  # even: the last short by less than one row a chunk
+    assert cross_entropy.chunk_rows(8192, 50304 * 2, 512 << 20) == 4096  # GPT-2's head: 2 x 4096, not 5336 + 2856
+
+
 def test_weight_casts_are_refilled_for_each_pass_and_read_only_inside_it():
     w, b = torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)
     casts = linear.WeightCasts()
@@ -235,7 +246,8 @@ def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype, 
 @pytest.mark.parametrize("rows,v,chunk_rows", [(1, 65, None), (13, 50304, None), (257, 65, None),
                                                (1000, 50304, None), (1000, 50304, 300), (257, 1000, 13)])
 def test_head_cross_entropy_matches_the_reference(rows, v, chunk_rows, dtype, weight):
-    """chunk_rows: the logits of that many rows at a time (the last chunk short), else the default.
+    """chunk_rows: at most that many rows' logits at a time (chunks of 250 and 13, the last of 10),
+    else the default.
     The weight is fp32 under autocast (the model's), or in the compute dtype (a bf16 weight's
     gradient accumulates in bf16, an fp16 one's in fp32)."""
     c = 768 if v > 1000 else 384
