@@ -1,16 +1,20 @@
-"""The LM head and its cross-entropy by row chunks, with a cuTile kernel for the softmax: the logits
+"""The LM head and its cross-entropy by row chunks, with cuTile kernels for the softmax: the logits
 of all tokens are never held at once (for GPT-2 at 8 x 1024 tokens they are 8192 x 50304 values,
 824 MB in fp16, 1.6 GB once upcast).
 
-For each chunk of rows the forward pass computes the chunk's logits with one matmul; the kernel reads
-them twice (each row's slices' max and sum, then the softmax) and writes K * (softmax - onehot)
-over them in place, with each row's loss; two more matmuls turn that into the chunk's share of the
-gradients of the input rows and of the head's weight. The backward pass only scales them by the incoming
-gradient. K keeps fp16 softmax values clear of subnormals; the weight's gradient, a sum over all
-rows that grows with how often a token occurs, is accumulated by matmuls that write fp32, so it
-cannot overflow, except for a bf16 weight: bf16 has fp32's range, and its gradient is accumulated
-in bf16 (fp32 inside each chunk's matmul, one rounding per chunk), which halves the bytes each
-chunk's matmul and the backward's scale move.
+For each chunk of rows the forward pass computes the chunk's logits and overwrites them in place
+with S * (softmax - onehot), with each row's loss; two more matmuls turn that into the chunk's
+share of the gradients of the input rows and of the head's weight. For a large vocabulary in fp16
+or bf16 the logits come from a cuTile matmul that also stores each (row, column tile)'s max and
+sum of exponentials, so the softmax pass reads and writes each logit once; otherwise cuBLAS
+computes them and one kernel reads them twice (each row's slices' stats, then the softmax).
+S is K in fp16, which keeps softmax values clear of subnormals, and the mean's 1/count in other
+dtypes, so that the backward pass, which scales both gradients by the incoming gradient, has
+nothing to do when that gradient is 1. The weight's gradient, a sum over all rows that grows with
+how often a token occurs, is accumulated by matmuls that write fp32, so it cannot overflow,
+except for a bf16 weight: bf16 has fp32's range, and its gradient is accumulated in bf16 (fp32
+inside each chunk's matmul, one rounding per chunk), which halves the bytes each chunk's matmul
+and the backward's scale move.
 """
 from __future__ import annotations
 
@@ -46,6 +50,16 @@ CHUNK_BYTES = 512 << 20
 # 1024-8192, 4-16 blocks, 4 or 8 warps): 0.580 against 0.658 ms for the previous 4096 / 2048 / 8 over
 # four chunks of 2048 x 50304 bf16; the whole head 1.3-1.5% faster at 256 MiB chunks (H200).
 PART_V, TILE_V, OCCUPANCY, WORKER_WARPS = 8192, 8192, 4, 4
+# The logits matmul with the softmax's stats in its epilogue: persistent, (128, 256) tiles of 64-deep
+# steps in 8 warps, one block an SM (the fastest of 9 tile configs). On one 2048 x 50304 bf16 chunk of
+# GPT-2's head (H200, L2 flushed): 0.250 ms against cuBLAS's 0.221 for the logits alone, then 0.007
+# for the rows' stats and 0.102 for the one-read softmax pass, against 0.154 for the two-read one.
+# Masking the columns past V in every tile instead of the last cost 0.007 ms more; exponentials of
+# the bf16 values instead of fp32 ones, 0.031 more.
+GEMM_TILE_M, GEMM_TILE_N, GEMM_TILE_K, GEMM_WARPS = 128, 256, 64, 8
+GEMM_MIN_V = 1024  # below this a 256-column tile is mostly padding: cuBLAS and the two-read pass
+STATS_ROWS = 16  # rows a block of the row-stats kernel (8: 0.009 ms, 16 or 32: 0.007)
+GRAD_PART_V, GRAD_OCCUPANCY, GRAD_WARPS = 4096, 2, 4  # the one-read pass: a block per row slice
 ONE_HOT_MAX_V = 256  # the tied embedding's rows go in by a one-hot matmul up to this vocabulary
 # its kernel: (BLOCK_T tokens, BLOCK_C columns) tiles, BLOCKS_PER_SM blocks per SM over (column tile,
 # every G-th token tile) pairs. On an H200 (16384 tokens): 34 us at V = 65, C = 384 and 83 us at
@@ -59,12 +73,12 @@ if ct is not None:
     ConstInt = ct.Constant[int]
 
     @ct.kernel
-    def _softmax_grad_kernel(Logits, Targets, Loss, PartMax, PartSum, Done, K_SCALE: float,
+    def _softmax_grad_kernel(Logits, Targets, Loss, PartMax, PartSum, Done, Scale,
                              PARTS: ConstInt, PARTS_P2: ConstInt, PART_V: ConstInt, TILE_V: ConstInt):
         """Block (row, part) of a grid of rows * PARTS: the max and the sum of exp over its slice
         of the row, into PartMax and PartSum. The row's last block to count itself into Done
         writes loss = logsumexp(logits) - logits[target] and overwrites the row with
-        K_SCALE * (softmax - onehot(target)), both 0 where target < 0, and resets Done."""
+        S * (softmax - onehot(target)) (S = Scale[0]), both 0 where target < 0, and resets Done."""
         row, part = ct.bid(0) // PARTS, ct.bid(0) % PARTS
         cols = ct.arange(PART_V, dtype=ct.int32) + part * PART_V
         x = ct.astype(ct.gather(Logits, (row, cols), padding_value=-math.inf, latency=4), ct.float32)
@@ -88,13 +102,70 @@ if ct is not None:
         picked = ct.astype(ct.gather(Logits, (row, ct.maximum(target, 0)), check_bounds=False), ct.float32)
         ct.scatter(Loss, row, ct.where(valid, ct.log(total) + mx - picked, 0.0))
         ct.scatter(Done, row, 0)  # ready for the next chunk without a memset
-        inv = K_SCALE / total
+        scale = ct.load(Scale, 0, shape=())
+        inv = scale / total
         cols0 = ct.arange(TILE_V, dtype=ct.int32)
         for j in range(ct.cdiv(Logits.shape[1], TILE_V)):
             c = cols0 + j * TILE_V
             y = ct.astype(ct.gather(Logits, (row, c), padding_value=-math.inf), ct.float32)
-            grad = ct.exp2((y - mx) * LOG2E, flush_to_zero=True) * inv - ct.where(c == target, K_SCALE, 0.0)
+            grad = ct.exp2((y - mx) * LOG2E, flush_to_zero=True) * inv - ct.where(c == target, scale, 0.0)
             ct.scatter(Logits, (row, c), ct.astype(ct.where(valid, grad, 0.0), Logits.dtype))
+
+    @ct.kernel
+    def _logits_stats_kernel(X, W, Logits, TileMax, TileSum, V: int, TILE_M: ConstInt, TILE_N: ConstInt,
+                             TILE_K: ConstInt):
+        """Logits = X @ W^T over (TILE_M, TILE_N) tiles, each block looping over every num_blocks-th
+        tile, a column of tiles at a time (W's tile stays in L2 for the next); TileMax[n, rows]
+        and TileSum[n, rows]: each row's max and sum of exp(logit - max) over column tile n, of
+        the logits as stored (rounded), columns >= V left out."""
+        tiles_m, tiles_n = ct.cdiv(X.shape[0], TILE_M), ct.cdiv(W.shape[0], TILE_N)
+        for t in range(ct.bid(0), tiles_m * tiles_n, ct.num_blocks(0)):
+            m, n = t % tiles_m, t // tiles_m
+            acc = ct.zeros((TILE_M, TILE_N), dtype=ct.float32)
+            for k in range(ct.cdiv(X.shape[1], TILE_K)):
+                a = ct.load(X, (m, k), (TILE_M, TILE_K), padding_mode=ct.PaddingMode.ZERO)
+                b = ct.load(W, (n, k), (TILE_N, TILE_K), padding_mode=ct.PaddingMode.ZERO)
+                acc = ct.mma(a, ct.transpose(b), acc)
+            stored = ct.astype(acc, Logits.dtype)
+            ct.store(Logits, (m, n), stored)
+            x = ct.astype(stored, ct.float32)
+            if n == tiles_n - 1:  # only the last column tile reaches past V
+                cols = ct.arange(TILE_N, dtype=ct.int32) + n * TILE_N
+                x = ct.where(cols[None, :] < V, x, -math.inf)
+            mx = ct.max(x, 1)
+            ct.store(TileMax, (n, m), ct.reshape(mx, (1, TILE_M)))
+            ct.store(TileSum, (n, m), ct.reshape(ct.sum(ct.exp2((x - mx[:, None]) * LOG2E, flush_to_zero=True), 1),
+                                                 (1, TILE_M)))
+
+    @ct.kernel
+    def _row_stats_kernel(TileMax, TileSum, Logits, Targets, Loss, RowMax, RowScale, Scale,
+                          TILES_P2: ConstInt, ROWS: ConstInt):
+        """For ROWS rows: the row's max and S / sum of exp over all its column tiles' stats, and
+        loss = logsumexp(logits) - logits[target] (0 where target < 0)."""
+        b = ct.bid(0)
+        tmax = ct.load(TileMax, (0, b), (TILES_P2, ROWS), padding_mode=ct.PaddingMode.NEG_INF)
+        tsum = ct.load(TileSum, (0, b), (TILES_P2, ROWS), padding_mode=ct.PaddingMode.ZERO)
+        mx = ct.max(tmax, 0)
+        total = ct.sum(tsum * ct.exp2((tmax - mx[None, :]) * LOG2E, flush_to_zero=True), 0)
+        rows = b * ROWS + ct.arange(ROWS, dtype=ct.int32)
+        target = ct.astype(ct.load(Targets, (b,), (ROWS,), padding_mode=ct.PaddingMode.ZERO), ct.int32)
+        picked = ct.astype(ct.gather(Logits, (rows, ct.maximum(target, 0))), ct.float32)
+        ct.store(Loss, (b,), ct.where(target >= 0, ct.log(total) + mx - picked, 0.0))
+        ct.store(RowMax, (b,), mx)
+        ct.store(RowScale, (b,), ct.load(Scale, 0, shape=()) / total)
+
+    @ct.kernel
+    def _grad_from_stats_kernel(Logits, Targets, RowMax, RowScale, Scale, PARTS: ConstInt, PART_V: ConstInt):
+        """Block (row, part): its PART_V-column slice of the row overwritten with
+        S * (softmax - onehot(target)), 0 where target < 0, from the row's max and S / sum."""
+        row, part = ct.bid(0) // PARTS, ct.bid(0) % PARTS
+        cols = ct.arange(PART_V, dtype=ct.int32) + part * PART_V
+        x = ct.astype(ct.gather(Logits, (row, cols), padding_value=-math.inf), ct.float32)
+        mx, inv = ct.load(RowMax, row, shape=()), ct.load(RowScale, row, shape=())
+        target = ct.astype(ct.load(Targets, row, shape=()), ct.int32)
+        grad = (ct.exp2((x - mx) * LOG2E, flush_to_zero=True) * inv
+                - ct.where(cols == target, ct.load(Scale, 0, shape=()), 0.0))
+        ct.scatter(Logits, (row, cols), ct.astype(ct.where(target >= 0, grad, 0.0), Logits.dtype))
 
     @ct.kernel
     def _one_hot_kernel(Rows, Idx, Grad, Part, V_P2: ConstInt, BLOCK_T: ConstInt, BLOCK_C: ConstInt):
@@ -127,9 +198,13 @@ if ct is not None:
         ct.store(Out, (i, j), ct.astype(tok + pos, Out.dtype))
 
     @ct.kernel
-    def _scale_kernel(X, S, Out, TILE: ConstInt):
-        """Out = X * S[0] in Out's dtype, computed in fp32, a TILE-element slice a block."""
+    def _scale_kernel(X, S, Out, TILE: ConstInt, IN_PLACE: ConstInt):
+        """Out = X * S[0] in Out's dtype, computed in fp32, a TILE-element slice a block; in place
+        with S[0] == 1, nothing to do (each block reads S and leaves: 6 us against 42 for the bf16
+        weight gradient of GPT-2's head, on an H200)."""
         s = ct.load(S, 0, shape=())
+        if IN_PLACE and s == 1.0:
+            return
         x = ct.load(X, (ct.bid(0),), (TILE,), padding_mode=ct.PaddingMode.ZERO)
         ct.store(Out, (ct.bid(0),), ct.astype(ct.astype(x, ct.float32) * s, Out.dtype))
 
@@ -137,6 +212,16 @@ if ct is not None:
 @functools.lru_cache(maxsize=None)
 def _hinted():
     return _softmax_grad_kernel.replace_hints(occupancy=OCCUPANCY, num_worker_warps=WORKER_WARPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_hinted():
+    return _logits_stats_kernel.replace_hints(occupancy=1, num_worker_warps=GEMM_WARPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _grad_hinted():
+    return _grad_from_stats_kernel.replace_hints(occupancy=GRAD_OCCUPANCY, num_worker_warps=GRAD_WARPS)
 
 
 def _pow2(n: int) -> int:
@@ -244,29 +329,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         xc, wc = x.to(compute_dtype), cast(weight, compute_dtype, casts)
         # a vocabulary padded with zero rows to a multiple of 8, so cuBLAS takes its aligned GEMMs:
         # with 65 (shakespeare-char) all three ran align-1 kernels, 59 us a step on an H200.
-        # The padded logits are 0, the kernel never reads them, and they add 0 to dx and dw.
+        # The padded logits are 0, the kernels never read them, and they add 0 to dx and dw.
         if v % 8:
             wc = F.pad(wc, (0, 0, 0, 8 - v % 8))
         dx = torch.empty(rows, x.shape[1], dtype=compute_dtype, device=x.device)
         dw = None
         acc = torch.bfloat16 if weight.dtype == compute_dtype == torch.bfloat16 else torch.float32
         losses = torch.empty(rows, dtype=torch.float32, device=x.device)
+        count = (targets >= 0).sum().clamp(min=1)  # a tensor: no host sync
+        per_count = compute_dtype != torch.float16
+        scale = (1.0 / count).float().reshape(1) if per_count else torch.full((1,), K, device=x.device)
         step = chunk_rows(rows, wc.shape[0] * wc.element_size(), chunk_bytes)
-        shape = _parts(v)
-        stats = torch.empty(2, step, shape[1], dtype=torch.float32, device=x.device)  # slice max, sum
-        done = torch.zeros(step, dtype=torch.int32, device=x.device)  # the kernel leaves it zeroed
+        softmax = (_SoftmaxFromGemm if _gemm_fits(xc, wc, v) else _SoftmaxPass)(step, v, wc, scale)
         for i in range(0, rows, step):
             xs = xc[i:i + step]
-            logits = xs @ wc.t()  # (chunk, V), overwritten by the kernel with K * d(loss)/d(logits)
-            launch(x.device, (xs.shape[0] * shape[0],), _hinted(),
-                   (logits[:, :v], targets[i:i + step], losses[i:i + step], stats[0], stats[1], done, K,
-                    *shape))
-            torch.mm(logits, wc, out=dx[i:i + step])  # |dx| <= 2K max|W|: no overflow
+            logits = softmax(xs, targets[i:i + step], losses[i:i + step])  # S * d(loss)/d(logits)
+            torch.mm(logits, wc, out=dx[i:i + step])  # |dx| <= 2S max|W|: no overflow
             dw = mm_acc(logits.t(), xs, dw, acc)
             del logits  # before the next chunk's logits exist: one chunk held at a time
-        count = (targets >= 0).sum().clamp(min=1)  # a tensor: no host sync
         ctx.save_for_backward(dx, count)
         ctx.dw, ctx.dtypes, ctx.tied = None if dw is None else dw[:v], (x.dtype, weight.dtype), tied
+        ctx.per_count = per_count
         return losses.sum() / count
 
     @staticmethod
@@ -276,14 +359,69 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if dw is None:
             raise RuntimeError("linear_cross_entropy: its backward ran twice; it scales the weight's "
                                "gradient in place, so a graph through it cannot be retained")
-        scale = grad / (count * K)
-        # scaled and cast in one pass, in place when the gradient is in the weight's dtype already:
-        # no second copy (154 MB in fp32 for GPT-2)
-        dw = _scaled(dw, scale, ctx.dtypes[1], out=dw if ctx.dtypes[1] == dw.dtype else None)
+        scale = grad.float() if ctx.per_count else grad / (count * K)
+        # scaled and cast in one pass, in place when a gradient is in its input's dtype already:
+        # no second copy (154 MB in fp32 for GPT-2's weight), and no pass at all for a scale of 1
+        x_dtype, w_dtype = ctx.dtypes
+        dw = _scaled(dw, scale, w_dtype, out=dw if w_dtype == dw.dtype else None)
         if ctx.tied is not None:  # the embedding's backward adds its rows and hands it on
             ctx.tied.leave(dw)
             dw = None
-        return _scaled(dx, scale, ctx.dtypes[0]), dw, None, None, None, None, None
+        return _scaled(dx, scale, x_dtype, out=dx if x_dtype == dx.dtype else None), dw, None, None, None, None, None
+
+
+def _gemm_fits(x, w, v) -> bool:
+    """Whether the logits come from the cuTile matmul with the softmax's stats: 16-bit operands
+    that tensor-memory loads can read (contiguous rows of a multiple of 8), a vocabulary past
+    GEMM_MIN_V."""
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and v >= GEMM_MIN_V
+            and x.shape[1] % 8 == 0 and x.is_contiguous() and w.is_contiguous())
+
+
+class _SoftmaxPass:
+    """A chunk's logits by cuBLAS, then one kernel: each row's slices' stats, then the softmax."""
+
+    def __init__(self, step, v, wc, scale):
+        self.v, self.wc, self.scale, self.shape = v, wc, scale, _parts(v)
+        self.stats = torch.empty(2, step, self.shape[1], dtype=torch.float32, device=wc.device)  # slice max, sum
+        self.done = torch.zeros(step, dtype=torch.int32, device=wc.device)  # the kernel leaves it zeroed
+
+    def __call__(self, xs, targets, losses):
+        logits = xs @ self.wc.t()  # (chunk, V), overwritten by the kernel
+        launch(xs.device, (xs.shape[0] * self.shape[0],), _hinted(),
+               (logits[:, :self.v], targets, losses, self.stats[0], self.stats[1], self.done, self.scale,
+                *self.shape))
+        return logits
+
+
+class _SoftmaxFromGemm:
+    """A chunk's logits by the cuTile matmul that also stores their column tiles' stats; a kernel
+    combines each row's; one pass then reads and writes each logit once."""
+
+    def __init__(self, step, v, wc, scale):
+        self.v, self.wc, self.scale = v, wc, scale
+        self.tiles_n = -(-wc.shape[0] // GEMM_TILE_N)
+        # whole row tiles: with planes cut to the chunk's rows, the last row tile's stats stores
+        # reached the next plane (a 257-row chunk at V = 65 got non-finite gradients, H200)
+        rows = -(-step // GEMM_TILE_M) * GEMM_TILE_M
+        self.tile_stats = torch.empty(2, self.tiles_n, rows, dtype=torch.float32, device=wc.device)
+        self.row_stats = torch.empty(2, step, dtype=torch.float32, device=wc.device)  # max, S / sum
+        self.part_v = min(GRAD_PART_V, _pow2(v))
+        self.parts = -(-v // self.part_v)
+
+    def __call__(self, xs, targets, losses):
+        r, dev = xs.shape[0], xs.device
+        logits = torch.empty(r, self.wc.shape[0], dtype=xs.dtype, device=dev)
+        tmax, tsum = self.tile_stats[0], self.tile_stats[1]
+        rmax, rscale = self.row_stats[0, :r], self.row_stats[1, :r]
+        tiles = -(-r // GEMM_TILE_M) * self.tiles_n
+        launch(dev, (min(tiles, sm_count(dev)),), _gemm_hinted(),
+               (xs, self.wc, logits, tmax, tsum, self.v, GEMM_TILE_M, GEMM_TILE_N, GEMM_TILE_K))
+        launch(dev, (-(-r // STATS_ROWS),), _row_stats_kernel,
+               (tmax, tsum, logits, targets, losses, rmax, rscale, self.scale, _pow2(self.tiles_n), STATS_ROWS))
+        launch(dev, (r * self.parts,), _grad_hinted(),
+               (logits[:, :self.v], targets, rmax, rscale, self.scale, self.parts, self.part_v))
+        return logits
 
 
 def chunk_rows(rows, row_bytes, chunk_bytes):
@@ -295,14 +433,15 @@ def chunk_rows(rows, row_bytes, chunk_bytes):
 
 
 def _scaled(x, scale, dtype, out=None):
-    """x * scale (a 0-dim fp32 device tensor) in dtype, into `out` when given (x itself: in place).
+    """x * scale (a 0-dim fp32 device tensor) in dtype, into `out` when given (x itself: in place,
+    where a scale of 1 leaves x as it is).
     torch runs a product with a 0-dim device tensor as a generic broadcast kernel (20 us for the
     head's 16384 x 384 fp16 dx on an H200); on a GPU a cuTile kernel reads the scale instead."""
     out = torch.empty_like(x, dtype=dtype) if out is None else out
     if ct is None or not x.is_cuda or not x.is_contiguous() or x.numel() == 0:
         return torch.mul(x, scale, out=out)
     launch(x.device, (-(-x.numel() // SCALE_TILE),), _scale_kernel,
-           (x.view(-1), scale.reshape(1).float(), out.view(-1), SCALE_TILE))
+           (x.view(-1), scale.reshape(1).float(), out.view(-1), SCALE_TILE, int(out is x)))
     return out
 
 
@@ -326,33 +465,41 @@ def linear_cross_entropy(x, weight, targets, casts: WeightCasts | None = None,
 
 
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
-    """Compile the softmax-gradient kernel ahead of time (no GPU needed) for fp16, bf16 and fp32
-    logits and GPT-2's and the character model's vocabularies, the tied embedding's one-hot
-    kernel for the character model's, the token + position embedding kernel, and the scale kernel
-    of dx (fp16, bf16) and of the weight's gradient (fp32 to fp16 or fp32); the cubin paths."""
+    """Compile ahead of time (no GPU needed): the two-read softmax-gradient kernel for fp16, bf16
+    and fp32 logits and GPT-2's and the character model's vocabularies; the logits matmul with
+    its stats, the rows' stats and the one-read softmax pass for fp16 and bf16; the tied
+    embedding's one-hot kernel for the character model's vocabulary, the token + position
+    embedding kernel, and the scale kernel of dx (fp16, bf16) and of the weight's gradient (fp32
+    to fp16 or fp32); the cubin paths."""
     if ct is None:
         kernels.require()
     from cuda.tile import compilation as cc
 
     from kernels.aot import array_param, ct_dtype, dtype_name, export
 
+    f32, f32_1, i64_1 = array_param(ct.float32, 2), array_param(ct.float32, 1), array_param(ct.int64, 1)
     paths = []
     for dtype, v in [(torch.float16, 50304), (torch.bfloat16, 50304), (torch.float32, 65)]:
-        f32 = array_param(ct.float32, 2)
-        params = [array_param(ct_dtype(dtype), 2), array_param(ct.int64, 1), array_param(ct.float32, 1),
-                  f32, f32, array_param(ct.int32, 1), cc.ScalarConstraint(ct.float32), *_parts(v)]
+        params = [array_param(ct_dtype(dtype), 2), i64_1, f32_1, f32, f32, array_param(ct.int32, 1), f32_1,
+                  *_parts(v)]
         paths.append(export(_hinted(), f"softmax_grad_{dtype_name(dtype)}_v{v}", params,
                             out_dir, gpu_code))
-    f32 = array_param(ct.float32, 2)
-    params = [f32, array_param(ct.int64, 1), f32, array_param(ct.float32, 3), _pow2(65),
-              ONE_HOT_BLOCK_T, ONE_HOT_BLOCK_C]
+    for dtype in (torch.float16, torch.bfloat16):
+        t2, name = array_param(ct_dtype(dtype), 2), dtype_name(dtype)
+        params = [t2, t2, t2, f32, f32, cc.ScalarConstraint(ct.int32), GEMM_TILE_M, GEMM_TILE_N, GEMM_TILE_K]
+        paths.append(export(_gemm_hinted(), f"logits_stats_{name}", params, out_dir, gpu_code))
+        params = [f32, f32, t2, i64_1, f32_1, f32_1, f32_1, f32_1, _pow2(-(-50304 // GEMM_TILE_N)), STATS_ROWS]
+        paths.append(export(_row_stats_kernel, f"row_stats_{name}_v50304", params, out_dir, gpu_code))
+        params = [t2, i64_1, f32_1, f32_1, f32_1, -(-50304 // GRAD_PART_V), GRAD_PART_V]
+        paths.append(export(_grad_hinted(), f"grad_from_stats_{name}_v50304", params, out_dir, gpu_code))
+    params = [f32, i64_1, f32, array_param(ct.float32, 3), _pow2(65), ONE_HOT_BLOCK_T, ONE_HOT_BLOCK_C]
     paths.append(export(_one_hot_kernel, "one_hot_float32_v65", params, out_dir, gpu_code))
-    params = [array_param(ct.int64, 1), f32, f32, f32, EMBED_BLOCK_T, EMBED_BLOCK_C]
+    params = [i64_1, f32, f32, f32, EMBED_BLOCK_T, EMBED_BLOCK_C]
     paths.append(export(_embed_kernel, "embed_float32", params, out_dir, gpu_code))
     for src, dtype in [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                        (torch.float32, torch.float16), (torch.float32, torch.float32)]:
-        params = [array_param(ct_dtype(src), 1), array_param(ct.float32, 1), array_param(ct_dtype(dtype), 1),
-                  SCALE_TILE]
+        params = [array_param(ct_dtype(src), 1), f32_1, array_param(ct_dtype(dtype), 1), SCALE_TILE,
+                  int(src == dtype)]
         paths.append(export(_scale_kernel, f"scale_{dtype_name(src)}_{dtype_name(dtype)}", params,
                             out_dir, gpu_code))
     return paths

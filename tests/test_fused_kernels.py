@@ -27,6 +27,9 @@ def test_export_compiles_the_softmax_gradient_and_one_hot_kernels_for_sm90(expor
     names = exported_cubins(cross_entropy)
     assert {"float16", "bfloat16", "float32"} == {n.split("_")[2] for n in names if n.startswith("softmax")}, names
     assert any(n.startswith("one_hot_float32") for n in names), names
+    for kernel in ("logits_stats", "row_stats", "grad_from_stats"):  # the matmul path, fp16 and bf16
+        assert {"float16", "bfloat16"} == {n.removeprefix(kernel + "_").split("_")[0].split(".")[0]
+                                           for n in names if n.startswith(kernel)}, names
     assert {"scale_float16_float16", "scale_bfloat16_bfloat16", "scale_float32_float16", "scale_float32_float32",
             "embed_float32"} <= {n.split(".")[0] for n in names}, names
 
@@ -159,13 +162,15 @@ def test_the_embedding_kernel_adds_token_and_position_rows(b, t, v, c):
                                                             ((257, 769), torch.float32, torch.float16, False),
                                                             ((1000, 771), torch.bfloat16, torch.bfloat16, True),
                                                             ((13, 770), torch.float32, torch.float32, True)])
-def test_the_scale_kernel_rounds_as_torch_does_in_fp32(shape, dtype, out_dtype, in_place):
+@pytest.mark.parametrize("value", [3.0e-5 / 7, 1.0])
+def test_the_scale_kernel_rounds_as_torch_does_in_fp32(shape, dtype, out_dtype, in_place, value):
     """The head's dx, or its weight's gradient (in place where it has the weight's dtype), times
     the incoming gradient's scale: the same bits as torch's fp32 product rounded to the output
-    dtype, over every element of awkward sizes (none a multiple of the tile)."""
+    dtype, over every element of awkward sizes (none a multiple of the tile); a scale of 1 in
+    place, which the kernel skips, leaves the same bits too."""
     g = torch.Generator(device="cuda").manual_seed(shape[0])
     x = (torch.randn(shape, device="cuda", generator=g) * 100).to(dtype)
-    scale = torch.tensor(3.0e-5, device="cuda") / 7
+    scale = torch.tensor(value, device="cuda")
     want = (x.float() * scale).to(out_dtype)
     out = cross_entropy._scaled(x, scale, out_dtype, out=x if in_place else None)
     assert out.dtype == out_dtype and torch.equal(out, want)
@@ -241,15 +246,22 @@ def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype, 
 
 
 @gpu
+@pytest.mark.parametrize("dloss", [3.0, 1.0])
+@pytest.mark.parametrize("path", ["matmul", "cublas"])
 @pytest.mark.parametrize("weight", ["float32", "compute"])
 @pytest.mark.parametrize("dtype", list(DT))
 @pytest.mark.parametrize("rows,v,chunk_rows", [(1, 65, None), (13, 50304, None), (257, 65, None),
-                                               (1000, 50304, None), (1000, 50304, 300), (257, 1000, 13)])
-def test_head_cross_entropy_matches_the_reference(rows, v, chunk_rows, dtype, weight):
-    """chunk_rows: at most that many rows' logits at a time (chunks of 250 and 13, the last of 10),
-    else the default.
+                                               (1000, 50304, None), (1000, 50304, 300), (257, 1000, 13),
+                                               (127, 2053, 50)])
+def test_head_cross_entropy_matches_the_reference(poisoned, monkeypatch, rows, v, chunk_rows, dtype, weight,
+                                                  path, dloss):
+    """chunk_rows: at most that many rows' logits at a time (chunks of 250, 13 and 43, the last
+    of 10 and 41), else the default.
     The weight is fp32 under autocast (the model's), or in the compute dtype (a bf16 weight's
-    gradient accumulates in bf16, an fp16 one's in fp32)."""
+    gradient accumulates in bf16, an fp16 one's in fp32). Both ways to the logits at every
+    shape: the cuTile matmul with the softmax's stats, or cuBLAS and the two-read pass. An
+    incoming gradient other than 1, as a loss scaler gives, and 1, which bf16 leaves unscaled."""
+    monkeypatch.setattr(cross_entropy, "GEMM_MIN_V", 0 if path == "matmul" else 1 << 30)
     c = 768 if v > 1000 else 384
     x = torch.randn(rows, c, device="cuda", dtype=DT[dtype])
     w = (0.02 * torch.randn(v, c, device="cuda")).to(torch.float32 if weight == "float32" else DT[dtype])
@@ -262,7 +274,7 @@ def test_head_cross_entropy_matches_the_reference(rows, v, chunk_rows, dtype, we
         leaves = [a.detach().requires_grad_() for a in args]
         with torch.autocast("cuda", dtype=DT[dtype]):
             loss = fn(*leaves)
-        (loss * 3.0).backward()  # an incoming gradient other than 1, as a loss scaler gives
+        (loss * dloss).backward()
         return loss, [a.grad for a in leaves]
 
     chunk = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * v * torch.finfo(DT[dtype]).bits // 8}

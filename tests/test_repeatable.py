@@ -64,10 +64,13 @@ def test_add_layernorm_forward_and_backward(poisoned):
     same_every_call(run)
 
 
+@pytest.mark.parametrize("gemm_min_v", [0, 1 << 30])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_head_cross_entropy(poisoned, dtype):
-    """GPT-2's head at 4096 tokens in chunks of 1000 rows (the last one short): the softmax kernel
-    and the weight gradient accumulated over the chunks; the loss and both gradients."""
+def test_head_cross_entropy(poisoned, monkeypatch, dtype, gemm_min_v):
+    """GPT-2's head at 4096 tokens in chunks of 1000 rows (the last one short): the softmax
+    kernels (after the cuTile matmul with its stats, or after cuBLAS) and the weight gradient
+    accumulated over the chunks; the loss and both gradients."""
+    monkeypatch.setattr(cross_entropy, "GEMM_MIN_V", gemm_min_v)
     g = torch.Generator(device="cuda").manual_seed(4)
     x = torch.randn(4096, 768, device="cuda", dtype=dtype, generator=g)
     w = torch.randn(50304, 768, device="cuda", dtype=dtype, generator=g) / 768 ** 0.5
