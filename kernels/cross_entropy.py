@@ -401,8 +401,8 @@ class _SoftmaxFromGemm:
     def __init__(self, step, v, wc, scale):
         self.v, self.wc, self.scale = v, wc, scale
         self.tiles_n = -(-wc.shape[0] // GEMM_TILE_N)
-        # whole row tiles: with planes cut to the chunk's rows, the last row tile's stats stores
-        # reached the next plane (a 257-row chunk at V = 65 got non-finite gradients, H200)
+        # whole row tiles, so no stats store is clipped: with planes cut to the chunk's rows, a
+        # 257-row chunk at V = 65 got non-finite gradients in two rows (H200; cause not isolated)
         rows = -(-step // GEMM_TILE_M) * GEMM_TILE_M
         self.tile_stats = torch.empty(2, self.tiles_n, rows, dtype=torch.float32, device=wc.device)
         self.row_stats = torch.empty(2, step, dtype=torch.float32, device=wc.device)  # max, S / sum
