@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import autocast_dtype, fmha, gelu, layernorm
+from kernels.adamw import grad_slot
 from kernels.linear import cast, column_sum, mm_acc
 
 EPS = 1e-5  # GPT-2's LayerNorm epsilon
@@ -46,6 +47,7 @@ class _Block(torch.autograd.Function):
         ctx.save_for_backward(hc, qkv, out, lse, s1, mean1, rstd1, h1, fc, g, s2, mean2, rstd2,
                               ca, cp, cf, cm, ln_w, next_w, bf)
         ctx.spec, ctx.cfg, ctx.scale = spec, cfg, scale
+        ctx.weights = (wa, wp, wf, wm)  # for their gradient slots, if they have them (kernels.adamw)
         ctx.has = tuple(p is not None for p in (ln_b, ba, bp, bm, next_b))
         ctx.dtypes = (h.dtype, ln_w.dtype, wa.dtype)
         ctx.set_materialize_grads(False)
@@ -65,14 +67,15 @@ class _Block(torch.autograd.Function):
         ds1, dnext_w, dnext_b, dm, dbm = layernorm.layer_norm_backward(
             dh_out.reshape(rows, c), s2, next_w, mean2, rstd2, ln_dtype,
             dres=None if dx_out is None else dx_out.reshape(rows, c), dr_dtype=dtype, sum_dx=has_bm)
-        dwm = mm_acc(dm.t(), g)
+        slot_a, slot_p, slot_f, slot_m = (grad_slot(w) for w in ctx.weights)
+        dwm = mm_acc(dm.t(), g, out=slot_m)
         dfc, dbf = gelu.gelu_backward(dm @ cm, fc, bf, approximate, bias_grad=True)
-        dwf = mm_acc(dfc.t(), h1)
+        dwf = mm_acc(dfc.t(), h1, out=slot_f)
         dx, dln_w, dln_b, dy, dbp = layernorm.layer_norm_backward(
             dfc @ cf, s1, ln_w, mean1, rstd1, ln_dtype, dres=ds1, dr_dtype=dtype, sum_dx=has_bp)
-        dwp = mm_acc(dy.t(), out.view(rows, c))
+        dwp = mm_acc(dy.t(), out.view(rows, c), out=slot_p)
         dqkv = fmha.qkv_backward(dy @ cp, qkv, out, lse, n_head, ctx.scale, ctx.cfg).view(rows, 3 * c)
-        dwa = mm_acc(dqkv.t(), hc)
+        dwa = mm_acc(dqkv.t(), hc, out=slot_a)
         dba = column_sum(dqkv, w_dtype) if has_ba else None
         dh = (dqkv @ ca).view(b, t, c).to(h_dtype)
         return (dx.view(b, t, c), dh, dln_w, dln_b if has_ln_b else None, dwa, dba, dwp, dbp, dwf, dbf,

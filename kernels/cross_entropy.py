@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.adamw import grad_slot
 from kernels.launch import launch, sm_count
 from kernels.linear import WeightCasts, cast, mm_acc, sum_partials
 
@@ -341,11 +342,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = (1.0 / count).float().reshape(1) if per_count else torch.full((1,), K, device=x.device)
         step = chunk_rows(rows, wc.shape[0] * wc.element_size(), chunk_bytes)
         softmax = (_SoftmaxFromGemm if _gemm_fits(xc, wc, v) else _SoftmaxPass)(step, v, wc, scale)
+        # the weight's gradient slot (kernels.adamw), if it has one and no rows were padded
+        slot = grad_slot(weight) if ctx.needs_input_grad[1] and wc.shape[0] == v else None
         for i in range(0, rows, step):
             xs = xc[i:i + step]
             logits = softmax(xs, targets[i:i + step], losses[i:i + step])  # S * d(loss)/d(logits)
             torch.mm(logits, wc, out=dx[i:i + step])  # |dx| <= 2S max|W|: no overflow
-            dw = mm_acc(logits.t(), xs, dw, acc)
+            dw = mm_acc(logits.t(), xs, dw, acc, out=slot)
             del logits  # before the next chunk's logits exist: one chunk held at a time
         ctx.save_for_backward(dx, count)
         ctx.dw, ctx.dtypes, ctx.tied = None if dw is None else dw[:v], (x.dtype, weight.dtype), tied

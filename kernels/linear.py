@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.adamw import grad_slot
 from kernels.launch import launch, rows, sm_count
 from kernels.tile_ops import widen
 
@@ -85,15 +86,16 @@ def sum_partials(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mm_acc(a, b, acc=None, dtype=torch.float32):
-    """a @ b, or acc += a @ b in place, with a result in `dtype` (fp32, or a's own dtype), from
-    fp16/bf16 operands without an fp32 copy of either: cuBLAS accumulates in fp32 either way. In
-    place, because addmm into a new tensor first copies acc (154 MB for GPT-2's LM head, per chunk)."""
-    if a.dtype == dtype:
-        return a @ b if acc is None else acc.addmm_(a, b)
-    if acc is None:
-        return torch.mm(a, b, out_dtype=dtype)
-    return torch.addmm(acc, a, b, out_dtype=dtype, out=acc)
+def mm_acc(a, b, acc=None, dtype=torch.float32, out=None):
+    """a @ b (into `out` when given), or acc += a @ b in place, with a result in `dtype` (fp32, or
+    a's own dtype), from fp16/bf16 operands without an fp32 copy of either: cuBLAS accumulates in
+    fp32 either way. In place, because addmm into a new tensor first copies acc (154 MB for GPT-2's
+    LM head, per chunk)."""
+    if acc is not None:
+        return acc.addmm_(a, b) if a.dtype == dtype else torch.addmm(acc, a, b, out_dtype=dtype, out=acc)
+    if out is None or out.dtype != dtype:
+        return a @ b if a.dtype == dtype else torch.mm(a, b, out_dtype=dtype)
+    return torch.mm(a, b, out=out) if a.dtype == dtype else torch.mm(a, b, out_dtype=dtype, out=out)
 
 
 class WeightCasts:
@@ -143,6 +145,7 @@ class _Linear(torch.autograd.Function):
         xc, wc = x.to(dtype), cast(weight, dtype, casts)
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.weight = weight  # for its gradient slot, if it has one (kernels.adamw)
         return F.linear(xc, wc, None if bias is None else cast(bias, dtype, casts))
 
     @staticmethod
@@ -154,7 +157,7 @@ class _Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = (dy2 @ wc).view(xc.shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            dw = mm_acc(dy2.t(), rows(xc, wc.shape[1])).to(w_dtype)
+            dw = mm_acc(dy2.t(), rows(xc, wc.shape[1]), out=grad_slot(ctx.weight)).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             db = column_sum(dy2, b_dtype)
         return dx, dw, db, None, None

@@ -5,7 +5,8 @@ three times before AdamW reads it: to unscale and check for inf, to take the nor
 one pass takes the norm of the still-scaled gradients, and the fused AdamW divides each gradient by
 loss_scale / clip_coef as it updates, skipping the update when the norm is not finite. Same
 arithmetic, one pass over the gradients instead of three; no host sync, so the step can be
-captured in a CUDA graph.
+captured in a CUDA graph. With flat=True the parameters, gradients and moments live in flat
+buffers (kernels.adamw.FlatAdamW): one norm over one buffer and one kernel for the update.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ INIT_SCALE, GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL = 2.0 ** 16, 2.0, 0.5
 
 class ScaledAdamW:
     """optimizer: a fused torch.optim.AdamW. loss_scaling: dynamic fp16 loss scaling, as
-    GradScaler does it. clip: the gradient-norm bound, as clip_grad_norm_ takes it (0: none)."""
+    GradScaler does it. clip: the gradient-norm bound, as clip_grad_norm_ takes it (0: none).
+    flat: move the parameters (fp32, on one device) and moments into flat buffers and step them
+    there; a step where some parameter has no gradient is torch's, on the same memory."""
 
-    def __init__(self, optimizer: torch.optim.AdamW, loss_scaling: bool, clip: float):
+    def __init__(self, optimizer: torch.optim.AdamW, loss_scaling: bool, clip: float, flat: bool = False):
         if not optimizer.defaults.get("fused"):
             raise ValueError("ScaledAdamW folds scaling into the fused AdamW update: pass fused=True")
         self.optimizer, self.loss_scaling, self.clip = optimizer, loss_scaling, clip
@@ -27,6 +30,11 @@ class ScaledAdamW:
         device = self.params[0].device
         self.scale = torch.full((), INIT_SCALE if loss_scaling else 1.0, device=device)
         self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.flat = None
+        if flat:
+            from kernels.adamw import FlatAdamW
+
+            self.flat = FlatAdamW(optimizer)
 
     def backward(self, loss: torch.Tensor):
         (loss * self.scale if self.loss_scaling else loss).backward()
@@ -34,15 +42,21 @@ class ScaledAdamW:
     def step(self):
         """Update the parameters from gradients of the scaled loss, then update the scale. The
         gradients are left unscaled and clipped, as after unscale_ and clip_grad_norm_."""
-        grads = [q.grad for q in self.params if q.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)  # of the scaled gradients
+        flat = self.flat if self.flat is not None and self.flat.gather() else None
+        if flat is not None:
+            norm = flat.grad_norm()  # of the scaled gradients
+        else:
+            norm = torch.nn.utils.get_total_norm([q.grad for q in self.params if q.grad is not None])
         found_inf = (~norm.isfinite()).float()
         grad_scale = self.scale
         if self.clip > 0:  # clip_grad_norm_'s max_norm / (norm + 1e-6), with the norm still scaled
             coef = self.clip * self.scale / (norm + 1e-6 * self.scale)
             grad_scale = self.scale / coef.clamp(max=1.0)
-        self.optimizer.grad_scale, self.optimizer.found_inf = grad_scale, found_inf
-        self.optimizer.step()
+        if flat is not None:
+            flat.step(grad_scale, found_inf)
+        else:
+            self.optimizer.grad_scale, self.optimizer.found_inf = grad_scale, found_inf
+            self.optimizer.step()
         if self.loss_scaling:
             torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf,
                                      GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL)

@@ -140,7 +140,8 @@ def main(argv=None) -> dict:
 
     model = GPT(config, backend=args.backend, attention=args.attention, device=device).to(device)
     optimizer = model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2))
-    update = ScaledAdamW(optimizer, loss_scaling=dtype == "float16", clip=args.grad_clip)
+    update = ScaledAdamW(optimizer, loss_scaling=dtype == "float16", clip=args.grad_clip,
+                         flat=model.backend == "cutile")  # its kernels write into the flat gradients
     step_model = torch.compile(model) if args.compile else model
     ctx = lambda: autocast(device, dtype)  # noqa: E731
     batches = {s: Batches(args.data / f"{s}.bin", args.batch_size, config.block_size, device, args.seed + i)

@@ -1,8 +1,14 @@
-"""model.optim.ScaledAdamW does what GradScaler.unscale_, clip_grad_norm_ and GradScaler.step do."""
+"""model.optim.ScaledAdamW does what GradScaler.unscale_, clip_grad_norm_ and GradScaler.step do,
+with its parameters where they were or in flat buffers (kernels.adamw; torch's fused AdamW steps
+them on the CPU, the cuTile kernel on a GPU: tests/test_adamw_kernel.py)."""
 import pytest
 import torch
 
+from kernels.adamw import grad_slot
+from kernels.linear import mm_acc
 from model.optim import INIT_SCALE, ScaledAdamW
+
+flat_or_not = pytest.mark.parametrize("flat", [False, True], ids=["tensors", "flat"])
 
 
 def _model():
@@ -22,12 +28,13 @@ def _loss(model, seed, poison=False):
     return model(x).pow(2).mean() * 50  # large enough that clipping at 1.0 bites
 
 
+@flat_or_not
 @pytest.mark.parametrize("clip", [1.0, 0.0, 1e6])
-def test_matches_the_three_pass_recipe(clip):
+def test_matches_the_three_pass_recipe(clip, flat):
     """Five steps, the third with an inf in the loss: same parameters, gradients and loss scale
     as GradScaler + clip_grad_norm_ (the scaler runs on CPU here, where it is enabled explicitly)."""
     ours, theirs = _model(), _model()
-    update = ScaledAdamW(_optimizer(ours), loss_scaling=True, clip=clip)
+    update = ScaledAdamW(_optimizer(ours), loss_scaling=True, clip=clip, flat=flat)
     opt = _optimizer(theirs)
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
     for i in range(5):
@@ -51,9 +58,10 @@ def test_matches_the_three_pass_recipe(clip):
     assert update.scale.item() == INIT_SCALE / 2  # backed off once, at the inf
 
 
-def test_skipped_step_leaves_parameters_and_moments():
+@flat_or_not
+def test_skipped_step_leaves_parameters_and_moments(flat):
     model = _model()
-    update = ScaledAdamW(_optimizer(model), loss_scaling=True, clip=1.0)
+    update = ScaledAdamW(_optimizer(model), loss_scaling=True, clip=1.0, flat=flat)
     before = [q.detach().clone() for q in model.parameters()]
     update.backward(_loss(model, 0, poison=True))
     update.step()
@@ -61,9 +69,10 @@ def test_skipped_step_leaves_parameters_and_moments():
     assert all(s["step"].item() == 0 for s in update.optimizer.state.values())
 
 
-def test_without_loss_scaling_the_scale_stays_one():
+@flat_or_not
+def test_without_loss_scaling_the_scale_stays_one(flat):
     model = _model()
-    update = ScaledAdamW(_optimizer(model), loss_scaling=False, clip=1.0)
+    update = ScaledAdamW(_optimizer(model), loss_scaling=False, clip=1.0, flat=flat)
     for i in range(3):
         update.zero_grad()
         update.backward(_loss(model, i))
@@ -73,9 +82,10 @@ def test_without_loss_scaling_the_scale_stays_one():
     assert norm.item() == pytest.approx(1.0, rel=1e-4)  # clipped to the bound
 
 
-def test_reset_returns_to_the_first_step():
+@flat_or_not
+def test_reset_returns_to_the_first_step(flat):
     model = _model()
-    update = ScaledAdamW(_optimizer(model), loss_scaling=True, clip=1.0)
+    update = ScaledAdamW(_optimizer(model), loss_scaling=True, clip=1.0, flat=flat)
     update.backward(_loss(model, 0, poison=True))
     update.step()
     update.reset()
@@ -86,3 +96,121 @@ def test_reset_returns_to_the_first_step():
 def test_refuses_an_unfused_optimizer():
     with pytest.raises(ValueError, match="fused=True"):
         ScaledAdamW(torch.optim.AdamW(_model().parameters()), loss_scaling=True, clip=1.0)
+
+
+class _SlotLinear(torch.autograd.Function):
+    """x @ w.T whose backward writes w's gradient into its slot, as the cuTile model's do."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x)
+        ctx.w = w
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return None, mm_acc(dy.t(), x, out=grad_slot(ctx.w))
+
+
+def _slot_model():
+    torch.manual_seed(0)
+    return torch.nn.ParameterList([torch.nn.Parameter(torch.randn(16, 8) * 0.3),
+                                   torch.nn.Parameter(torch.randn(4, 16) * 0.3),
+                                   torch.nn.Parameter(torch.zeros(4))])
+
+
+def _slot_loss(params, seed):
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(seed))
+    h = torch.relu(_SlotLinear.apply(x, params[0]))
+    return (_SlotLinear.apply(h, params[1]) + params[2]).pow(2).mean() * 50
+
+
+def _slot_optimizer(params):
+    return torch.optim.AdamW([{"params": list(params)[:2], "weight_decay": 0.1},
+                              {"params": list(params)[2:], "weight_decay": 0.0}],
+                             lr=1e-2, betas=(0.9, 0.95), fused=True)
+
+
+def test_flat_keeps_a_gradient_written_into_its_slot_without_a_copy():
+    """The parameters and moments are views of one buffer each; a gradient a backward wrote into
+    its slot is p.grad as it is; one it did not is copied there; both step as torch's AdamW does."""
+    ours, theirs = _slot_model(), _slot_model()
+    update = ScaledAdamW(_slot_optimizer(ours), loss_scaling=True, clip=1.0, flat=True)
+    reference = ScaledAdamW(_slot_optimizer(theirs), loss_scaling=True, clip=1.0)
+    flat = update.flat
+    for i in range(3):
+        for u, params in ((update, ours), (reference, theirs)):
+            u.zero_grad()
+            u.backward(_slot_loss(params, i))
+        slots = [flat.flat_grads[s:].data_ptr() for s in flat.slots]
+        assert [p.grad.data_ptr() == s for p, s in zip(ours, slots)] == [True, True, False]
+        update.step()
+        reference.step()
+        assert [p.grad.data_ptr() for p in ours] == slots  # the stray one is its slot now
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    starts = [flat.flat_params[s:].data_ptr() for s in flat.slots]
+    assert [p.data_ptr() for p in ours] == starts
+    state = update.optimizer.state
+    assert [state[p]["exp_avg"].data_ptr() for p in ours] == [flat.exp_avg[s:].data_ptr() for s in flat.slots]
+
+
+def test_flat_adds_a_second_backward_to_the_first():
+    """Two backward passes before a step (gradient accumulation): the second gradient must not be
+    written into the slot that holds the first."""
+    ours, theirs = _slot_model(), _slot_model()
+    update = ScaledAdamW(_slot_optimizer(ours), loss_scaling=False, clip=0.0, flat=True)
+    reference = ScaledAdamW(_slot_optimizer(theirs), loss_scaling=False, clip=0.0)
+    for u, params in ((update, ours), (reference, theirs)):
+        u.zero_grad()
+        u.backward(_slot_loss(params, 0))
+        u.backward(_slot_loss(params, 1))
+        u.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_flat_leaves_a_parameter_without_a_gradient_alone():
+    """torch's AdamW does not touch a parameter whose gradient is None; nor does the flat one."""
+    ours, theirs = _slot_model(), _slot_model()
+    update = ScaledAdamW(_slot_optimizer(ours), loss_scaling=True, clip=1.0, flat=True)
+    reference = ScaledAdamW(_slot_optimizer(theirs), loss_scaling=True, clip=1.0)
+    for u, params in ((update, ours), (reference, theirs)):
+        for i in range(2):
+            u.zero_grad()
+            u.backward(_slot_loss(params, i))
+            if i == 1:
+                params[2].grad = None
+            u.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert update.optimizer.state[ours[2]]["step"].item() == 1
+
+
+def test_flat_takes_over_a_loaded_state_dict():
+    """A state_dict loaded into the optimizer (new tensors) is taken back into the flat buffers:
+    the run goes on as the one that was saved."""
+    ours, resumed = _slot_model(), _slot_model()
+    update = ScaledAdamW(_slot_optimizer(ours), loss_scaling=False, clip=1.0, flat=True)
+    for i in range(2):
+        update.zero_grad()
+        update.backward(_slot_loss(ours, i))
+        update.step()
+    saved_params, saved_opt = [p.detach().clone() for p in ours], update.optimizer.state_dict()
+    saved_opt = {k: ({i: {n: t.clone() for n, t in s.items()} for i, s in v.items()} if k == "state" else v)
+                 for k, v in saved_opt.items()}
+    again = ScaledAdamW(_slot_optimizer(resumed), loss_scaling=False, clip=1.0, flat=True)
+    with torch.no_grad():
+        for p, q in zip(resumed, saved_params):
+            p.copy_(q)
+    again.optimizer.load_state_dict(saved_opt)
+    for u, params in ((update, ours), (again, resumed)):
+        u.zero_grad()
+        u.backward(_slot_loss(params, 2))
+        u.step()
+    for a, b in zip(ours, resumed):
+        assert torch.equal(a, b)
+    assert all(s["step"].item() == 3 for s in again.optimizer.state.values())

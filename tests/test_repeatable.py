@@ -1,12 +1,12 @@
 """The same inputs give the same bits on every call, from the LayerNorm, fused add + LayerNorm,
-fmha forward, LM-head and tied-embedding kernels, whose reductions run in a fixed order (GPU). A
+fmha forward, LM-head, tied-embedding and AdamW kernels, whose reductions run in a fixed order (GPU). A
 race shows here first: a LayerNorm forward that stored its statistics by TMA left a few rows' mean
 and rstd wrong on some calls while y was right (docs/layernorm-notes.md)."""
 import pytest
 import torch
 
 import kernels
-from kernels import cross_entropy, fmha, layernorm
+from kernels import adamw, cross_entropy, fmha, layernorm
 
 OK, REASON = kernels.available()
 pytestmark = pytest.mark.skipif(not OK, reason=REASON)
@@ -92,3 +92,23 @@ def test_tied_embedding_one_hot_product():
     rows = torch.randn(16384, 384, device="cuda", generator=g)
     idx = torch.randint(65, (16384,), device="cuda", generator=g)
     same_every_call(lambda: (cross_entropy._add_one_hot_product(grad.clone(), idx, rows),))
+
+
+def test_flat_adamw(poisoned):
+    """Two groups over 4M parameters (persistent blocks loop over several tiles), a loss scale
+    that is not a power of two."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    start = [torch.randn(s, device="cuda", generator=g) for s in ((1024, 3001), (1000, 1003), (4099,))]
+    grads = [torch.randn(t.shape, device="cuda", generator=g) for t in start]
+
+    def run():
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        flat = adamw.FlatAdamW(torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0}],
+                                                 lr=1e-2, fused=True))
+        for p, d in zip(params, grads):
+            p.grad = d.clone()
+        for _ in range(2):
+            assert flat.gather()
+            flat.step(torch.full((), 3.7, device="cuda"), torch.zeros((), device="cuda"))
+        return [*params, flat.flat_grads, flat.exp_avg, flat.exp_avg_sq]
+    same_every_call(run)

@@ -164,7 +164,8 @@ def make_step(p, x, model, forward=None):
             return StepOutputs(mode, model, loss, x)
     else:
         update = ScaledAdamW(model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, device.type == "cuda"),
-                             loss_scaling=p["dtype"] == "float16", clip=CLIP)
+                             loss_scaling=p["dtype"] == "float16", clip=CLIP,
+                             flat=model.backend == "cutile")  # torch's models keep torch's AdamW
 
         def step():
             with amp():

@@ -1,0 +1,118 @@
+"""The cuTile AdamW over flat buffers (kernels.adamw) against torch's fused AdamW on the GPU, at
+awkward sizes; the cuTile model's gradients written into their slots; the kernel compiled ahead of
+time anywhere tileiras is."""
+import pytest
+import torch
+
+import kernels
+from kernels import adamw
+from model.gpt import GPT, GPTConfig
+from model.optim import ScaledAdamW
+
+OK, REASON = kernels.available()
+gpu = pytest.mark.skipif(not OK, reason=REASON)
+SIZES = [(1,), (13,), (127, 1), (257, 3), (4099,), (1000, 1003)]
+
+
+def test_export_compiles_the_adamw_kernel_for_sm90(exported_cubins):
+    assert exported_cubins(adamw) == ["adamw_float32.sm_90.cubin"]
+
+
+def _params(seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.nn.Parameter(0.1 * torch.randn(s, device="cuda", generator=g)) for s in SIZES]
+
+
+def _adamw(params):
+    return torch.optim.AdamW([{"params": params[:4], "weight_decay": 0.1},
+                              {"params": params[4:], "weight_decay": 0.0, "lr": 3e-3}],
+                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True, capturable=True)
+
+
+@gpu
+@pytest.mark.parametrize("scale", [1024.0, 3.7])
+def test_matches_torch_fused_adamw(poisoned, scale):
+    """Four steps of both, the third one skipped for an inf: parameters, unscaled gradients,
+    moments and step counts agree, the two groups with their own lr and weight decay."""
+    ours, theirs = _params(0), _params(0)
+    flat, reference = adamw.FlatAdamW(_adamw(ours)), _adamw(theirs)
+    grad_scale = torch.full((), scale, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for i in range(4):
+        found_inf = torch.full((), float(i == 2), device="cuda")
+        for a, b in zip(ours, theirs):
+            a.grad = scale * torch.randn(a.shape, device="cuda", generator=g)
+            b.grad = a.grad.clone()
+        assert flat.gather()
+        flat.step(grad_scale, found_inf)
+        reference.grad_scale, reference.found_inf = grad_scale, found_inf
+        reference.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)  # 1e-6 of an update
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(flat.optimizer.state[a][key], reference.state[b][key],
+                                           rtol=1e-6, atol=0)
+    assert all(flat.optimizer.state[a]["step"].item() == 3 for a in ours)
+
+
+@gpu
+def test_the_cutile_model_writes_its_weight_gradients_into_their_slots():
+    """No copy of a matrix's gradient: the block's four Linears and the tied head write theirs
+    into the flat buffer (the head where it pads no rows: a vocabulary that is a multiple of 8),
+    the same gradients as without slots; the step matches torch's AdamW on the same model. (One
+    step: after it, a weight that moved by 1e-10 can round to another fp16 copy, and the next
+    gradients differ at fp16's precision.)"""
+    config = GPTConfig.preset("tiny", dropout=0.0, vocab_size=128)
+    torch.manual_seed(0)
+    models = [GPT(config, backend="cutile", device="cuda").cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    updates = [ScaledAdamW(m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), capturable=True),
+                           loss_scaling=True, clip=1.0, flat=flat) for m, flat in zip(models, (True, False))]
+    idx = torch.randint(config.vocab_size, (4, 32), device="cuda")
+    for m, u in zip(models, updates):
+        u.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            _, loss = m(idx, idx.roll(-1, 1))
+        u.backward(loss)
+    at = dict(zip(updates[0].flat.params, updates[0].flat._at["grad"]))
+    matrices = [p for p in models[0].parameters() if p.dim() == 2 and p is not models[0].transformer.wpe.weight]
+    assert len(matrices) == 1 + 4 * config.n_layer and all(p.grad.data_ptr() == at[p] for p in matrices)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    for u in updates:
+        u.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@gpu
+def test_a_captured_step_replays_as_eager_steps_run():
+    """The step in a CUDA graph (as a graphed training step holds it): three replays give what
+    three eager steps of torch's fused AdamW give."""
+    ours, theirs = _params(3), _params(3)
+    flat, reference = adamw.FlatAdamW(_adamw(ours)), _adamw(theirs)
+    grad_scale, found_inf = torch.full((), 8.0, device="cuda"), torch.zeros((), device="cuda")
+    grads = [torch.randn(p.shape, device="cuda") for p in ours]
+    for a, b, d in zip(ours, theirs, grads):
+        a.grad, b.grad = d.clone(), d.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the warm-up step a capture needs
+        flat.gather()
+        flat.step(grad_scale, found_inf)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        flat.step(grad_scale, found_inf)
+    reference.grad_scale, reference.found_inf = grad_scale, found_inf
+    for i in range(4):
+        if i:
+            for a, d in zip(ours, grads):
+                a.grad.copy_(d)
+            graph.replay()
+        for b, d in zip(theirs, grads):
+            b.grad.copy_(d)
+        reference.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
