@@ -11,12 +11,15 @@ Gradients land in their slots without a copy where the backward that makes them 
 grad_slot(p) gives it the slot, and autograd keeps the tensor it returns as p.grad. Any other
 gradient is copied in, by one multi-tensor copy, before the norm. The update is torch's
 arithmetic (its fused AdamW's, with the loss scale and the inf check folded in), in fp32 either
-way; where cuTile cannot run, torch's fused AdamW steps the flat buffers instead.
+way; where cuTile cannot run, torch's fused AdamW steps the flat buffers instead. The same pass
+can write a flat copy of the parameters in fp16 or bf16 (cast_copies), which the forward's weight
+copies (kernels.linear.WeightCasts) then are instead of a copy of their own.
 """
 from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 
@@ -35,15 +38,16 @@ TILE, BLOCKS_PER_SM, LATENCY = 1024, 8, 5
 
 if ct is not None:
     ConstInt = ct.Constant[int]
+    ConstBool = ct.Constant[bool]
     ZERO = ct.PaddingMode.ZERO
 
     @ct.kernel
-    def _adamw_kernel(P, G, M, V, Steps, Scale, Inf, step_index: int, lr: float, beta1: float,
+    def _adamw_kernel(P, G, M, V, W, Steps, Scale, Inf, step_index: int, lr: float, beta1: float,
                       beta2: float, log2_beta1: float, log2_beta2: float, eps: float, decay: float,
-                      TILE: ConstInt, LATENCY: ConstInt):
+                      TILE: ConstInt, LATENCY: ConstInt, CAST: ConstBool):
         """One AdamW step of P from G / Scale, as torch's fused AdamW takes it, leaving G divided
-        by Scale as torch's does; nothing changes where Inf is nonzero. The step count, already
-        advanced, is Steps[step_index]."""
+        by Scale as torch's does; nothing changes where Inf is nonzero. With CAST, W gets the new
+        P in W's dtype. The step count, already advanced, is Steps[step_index]."""
         step = ct.load(Steps, index=(step_index,), shape=(1,))
         scale = ct.load(Scale, index=(0,), shape=(1,))
         skip = ct.load(Inf, index=(0,), shape=(1,)) != 0.0
@@ -58,7 +62,10 @@ if ct is not None:
             m_new = m * beta1 + g * (1.0 - beta1)
             v_new = v * beta2 + (g * g) * (1.0 - beta2)
             p_new = p * (1.0 - lr * decay) - step_size * m_new / (ct.sqrt(v_new) / root_bc2 + eps)
-            ct.store(P, index=(i,), tile=ct.where(skip, p, p_new))
+            p_new = ct.where(skip, p, p_new)
+            ct.store(P, index=(i,), tile=p_new)
+            if CAST:
+                ct.store(W, index=(i,), tile=p_new.astype(W.dtype))
             ct.store(G, index=(i,), tile=ct.where(skip, g_in, g))
             ct.store(M, index=(i,), tile=ct.where(skip, m, m_new))
             ct.store(V, index=(i,), tile=ct.where(skip, v, v_new))
@@ -84,6 +91,15 @@ def grad_slot(param: torch.Tensor) -> torch.Tensor | None:
         return None
     flat, start = slot
     return flat[start:start + param.numel()].view(param.shape)
+
+
+def owner_of(params) -> "FlatAdamW | None":
+    """The FlatAdamW that holds all of these parameters, or None."""
+    ref = getattr(params[0], "_flat_adamw", None) if params else None
+    owner = ref() if ref is not None else None
+    if owner is None or any(getattr(p, "_flat_adamw", None) is not ref for p in params):
+        return None
+    return owner
 
 
 class FlatAdamW:
@@ -114,6 +130,9 @@ class FlatAdamW:
                 self._view(self.flat_params, p, start).copy_(p)
                 p.data = self._view(self.flat_params, p, start)
                 p._grad_slot = (self.flat_grads, start)
+                p._flat_adamw = weakref.ref(self)
+        self.casts, self._cast_versions = None, None  # the parameters in a low precision, see cast_copies
+        self._index = {id(p): i for i, p in enumerate(params)}
         self._adopt_state()
         at = lambda flat, size: [flat.data_ptr() + size * i for i in self.slots]  # noqa: E731
         self._at = {"param": at(self.flat_params, 4), "grad": at(self.flat_grads, 4),
@@ -161,6 +180,31 @@ class FlatAdamW:
                     p.grad = self._view(self.flat_grads, p, s)  # where the step leaves it unscaled
         return True
 
+    def cast_copies(self, dtype, params) -> list[torch.Tensor] | None:
+        """Views, for these parameters, of a flat copy of all of them in dtype, which every step
+        writes from then on as it writes the parameters; None if some of them are not here."""
+        if any(id(p) not in self._index for p in params):
+            return None
+        if self.casts is None or self.casts.dtype != dtype:
+            self.casts, self._cast_versions = torch.empty_like(self.flat_params, dtype=dtype), None
+        return [self._view(self.casts, p, self.slots[self._index[id(p)]]) for p in params]
+
+    def casts_current(self, dtype) -> bool:
+        """Does the flat copy in dtype hold the parameters as they are? Yes when the last thing
+        that changed them was a step that wrote it: any other in-place change (load_state_dict,
+        torch's step, an init) advances a parameter's version counter. (Writes through p.data
+        do not; nor do a CUDA graph's replays, whose Python ran once: reset_casts() after
+        changing the parameters of a captured step.)"""
+        return (self.casts is not None and self.casts.dtype == dtype
+                and self._cast_versions == [p._version for p in self.params])
+
+    def reset_casts(self):
+        """Copy the parameters into the flat copy as they are now."""
+        if self.casts is not None:
+            with torch.no_grad():
+                self.casts.copy_(self.flat_params)
+            self._cast_versions = [p._version for p in self.params]
+
     def grad_norm(self) -> torch.Tensor:
         """The 2-norm of all gradients (after gather): the gaps between slots hold zeros."""
         return torch.linalg.vector_norm(self.flat_grads)
@@ -178,26 +222,32 @@ class FlatAdamW:
                 beta1, beta2 = g["betas"]
                 args = (float(g["lr"]), float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]))
                 bufs = [b[start:end] for b in (self.flat_params, self.flat_grads, self.exp_avg, self.exp_avg_sq)]
-                self._update(bufs, first, scale, inf, *args)
+                cast = None if self.casts is None else self.casts[start:end]
+                self._update(bufs, cast, first, scale, inf, *args)
                 first += len(g["params"])
             if found_inf is not None:
                 self.steps.sub_(inf)
+        self._cast_versions = None if self.casts is None else [p._version for p in self.params]
 
-    def _update(self, bufs, step_index, scale, inf, lr, beta1, beta2, eps, decay):
+    def _update(self, bufs, cast, step_index, scale, inf, lr, beta1, beta2, eps, decay):
         if bufs[0].numel() == 0:
             return
         if ct is None or not bufs[0].is_cuda or not kernels.available()[0]:
             torch._fused_adamw_(*[[b] for b in bufs], [], [self.steps[step_index]], lr=lr, beta1=beta1,
                                 beta2=beta2, weight_decay=decay, eps=eps, amsgrad=False, maximize=False,
                                 grad_scale=scale.view(()), found_inf=inf.view(()))
+            if cast is not None:
+                cast.copy_(bufs[0])
             return
         grid = (min(-(-bufs[0].numel() // TILE), BLOCKS_PER_SM * sm_count(self.device)),)
-        launch(self.device, grid, _hinted(), (*bufs, self.steps, scale, inf, step_index, lr, beta1, beta2,
-                                              math.log2(beta1), math.log2(beta2), eps, decay, TILE, LATENCY))
+        launch(self.device, grid, _hinted(),
+               (*bufs, bufs[0] if cast is None else cast, self.steps, scale, inf, step_index, lr, beta1,
+                beta2, math.log2(beta1), math.log2(beta2), eps, decay, TILE, LATENCY, cast is not None))
 
 
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
-    """Compile the AdamW kernel ahead of time (no GPU needed); the cubin path."""
+    """Compile the AdamW kernel ahead of time (no GPU needed), without a cast and with an fp16 or
+    bf16 one; the cubin paths."""
     if ct is None:
         kernels.require()
     from cuda.tile import compilation as cc
@@ -206,6 +256,10 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
 
     f32 = array_param(ct.float32, 1)
     scalar = cc.ScalarConstraint(ct.float32)
-    params = [f32, f32, f32, f32, f32, f32, f32, cc.ScalarConstraint(ct.int32),
-              scalar, scalar, scalar, scalar, scalar, scalar, scalar, TILE, LATENCY]
-    return [export(_hinted(), "adamw_float32", params, out_dir, gpu_code)]
+    paths = []
+    for w, name in [(f32, "adamw_float32"), (array_param(ct.float16, 1), "adamw_float32_cast_float16"),
+                    (array_param(ct.bfloat16, 1), "adamw_float32_cast_bfloat16")]:
+        params = [f32, f32, f32, f32, w, f32, f32, f32, cc.ScalarConstraint(ct.int32),
+                  scalar, scalar, scalar, scalar, scalar, scalar, scalar, TILE, LATENCY, w is not f32]
+        paths.append(export(_hinted(), name, params, out_dir, gpu_code))
+    return paths

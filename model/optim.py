@@ -65,9 +65,12 @@ class ScaledAdamW:
         self.optimizer.zero_grad(set_to_none=True)
 
     def reset(self):
-        """Back to the first step: no moments, no steps taken, the initial scale."""
+        """Back to the first step: no moments, no steps taken, the initial scale; call it after
+        putting the parameters back, which the flat buffers' weight copies then take up too."""
         for state in self.optimizer.state.values():
             for t in state.values():
                 t.zero_()
+        if self.flat is not None:
+            self.flat.reset_casts()
         self.scale.fill_(INIT_SCALE if self.loss_scaling else 1.0)
         self.growth_tracker.zero_()

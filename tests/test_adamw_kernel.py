@@ -15,7 +15,8 @@ SIZES = [(1,), (13,), (127, 1), (257, 3), (4099,), (1000, 1003)]
 
 
 def test_export_compiles_the_adamw_kernel_for_sm90(exported_cubins):
-    assert exported_cubins(adamw) == ["adamw_float32.sm_90.cubin"]
+    assert exported_cubins(adamw) == ["adamw_float32.sm_90.cubin", "adamw_float32_cast_float16.sm_90.cubin",
+                                      "adamw_float32_cast_bfloat16.sm_90.cubin"]
 
 
 def _params(seed):
@@ -30,12 +31,15 @@ def _adamw(params):
 
 
 @gpu
+@pytest.mark.parametrize("cast", [None, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("scale", [1024.0, 3.7])
-def test_matches_torch_fused_adamw(poisoned, scale):
+def test_matches_torch_fused_adamw(poisoned, scale, cast):
     """Four steps of both, the third one skipped for an inf: parameters, unscaled gradients,
-    moments and step counts agree, the two groups with their own lr and weight decay."""
+    moments and step counts agree, the two groups with their own lr and weight decay; the
+    weights' copies in `cast` are the parameters' after every step."""
     ours, theirs = _params(0), _params(0)
     flat, reference = adamw.FlatAdamW(_adamw(ours)), _adamw(theirs)
+    copies = flat.cast_copies(cast, ours) if cast else []
     grad_scale = torch.full((), scale, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(1)
     for i in range(4):
@@ -47,6 +51,7 @@ def test_matches_torch_fused_adamw(poisoned, scale):
         flat.step(grad_scale, found_inf)
         reference.grad_scale, reference.found_inf = grad_scale, found_inf
         reference.step()
+        assert all(torch.equal(c, a.to(cast)) for c, a in zip(copies, ours))
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)  # 1e-6 of an update
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
@@ -84,6 +89,10 @@ def test_the_cutile_model_writes_its_weight_gradients_into_their_slots():
         u.step()
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):  # the flat step's weight copies
+        after = [m(idx, idx.roll(-1, 1))[1] for m in models]
+    torch.testing.assert_close(after[0], after[1], rtol=1e-4, atol=0)
+    assert updates[0].flat.casts_current(torch.float16)
 
 
 @gpu
@@ -92,6 +101,7 @@ def test_a_captured_step_replays_as_eager_steps_run():
     three eager steps of torch's fused AdamW give."""
     ours, theirs = _params(3), _params(3)
     flat, reference = adamw.FlatAdamW(_adamw(ours)), _adamw(theirs)
+    copies = flat.cast_copies(torch.bfloat16, ours)
     grad_scale, found_inf = torch.full((), 8.0, device="cuda"), torch.zeros((), device="cuda")
     grads = [torch.randn(p.shape, device="cuda") for p in ours]
     for a, b, d in zip(ours, theirs, grads):
@@ -114,5 +124,6 @@ def test_a_captured_step_replays_as_eager_steps_run():
         for b, d in zip(theirs, grads):
             b.grad.copy_(d)
         reference.step()
-    for a, b in zip(ours, theirs):
+    for a, b, c in zip(ours, theirs, copies):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
+        assert torch.equal(c, a.to(torch.bfloat16))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels.adamw import grad_slot
-from kernels.linear import mm_acc
+from kernels.linear import WeightCasts, mm_acc
 from model.optim import INIT_SCALE, ScaledAdamW
 
 flat_or_not = pytest.mark.parametrize("flat", [False, True], ids=["tensors", "flat"])
@@ -214,3 +214,43 @@ def test_flat_takes_over_a_loaded_state_dict():
     for a, b in zip(ours, resumed):
         assert torch.equal(a, b)
     assert all(s["step"].item() == 3 for s in again.optimizer.state.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flat_step_writes_the_weight_copies_a_forward_reads(monkeypatch, dtype):
+    """After a flat step the copies already hold the new weights and fresh() copies nothing; after
+    any other change of a weight (an in-place op, torch's own step) it copies them again."""
+    params = _slot_model()
+    update = ScaledAdamW(_slot_optimizer(params), loss_scaling=False, clip=1.0, flat=True)
+    casts = WeightCasts()
+    casts.track(list(params)[:2])
+    refills, copy = [], torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (refills.append(dst[0].dtype), copy(dst, src)))
+
+    def forward_reads():
+        with casts.fresh(dtype):
+            got = [casts.cast(p, dtype) for p in list(params)[:2]]
+            assert all(torch.equal(c, p.to(dtype)) for c, p in zip(got, params))
+        return refills.count(dtype)
+
+    def step(drop_bias_grad=False):
+        update.zero_grad()
+        update.backward(_slot_loss(params, len(refills)))
+        if drop_bias_grad:
+            params[2].grad = None  # torch's step, not the flat one
+        update.step()
+
+    assert forward_reads() == 1
+    step()
+    assert forward_reads() == 1  # the step wrote them
+    with torch.no_grad():
+        params[0].mul_(0.5)
+    assert forward_reads() == 2
+    step(drop_bias_grad=True)
+    assert forward_reads() == 3
+    step()
+    assert forward_reads() == 3
+    with torch.no_grad():
+        params[1].zero_()
+    update.reset()
+    assert forward_reads() == 3  # reset() took the change up

@@ -96,7 +96,7 @@ def test_tied_embedding_one_hot_product():
 
 def test_flat_adamw(poisoned):
     """Two groups over 4M parameters (persistent blocks loop over several tiles), a loss scale
-    that is not a power of two."""
+    that is not a power of two, the weights' fp16 copies written by the same pass."""
     g = torch.Generator(device="cuda").manual_seed(5)
     start = [torch.randn(s, device="cuda", generator=g) for s in ((1024, 3001), (1000, 1003), (4099,))]
     grads = [torch.randn(t.shape, device="cuda", generator=g) for t in start]
@@ -105,10 +105,11 @@ def test_flat_adamw(poisoned):
         params = [torch.nn.Parameter(t.clone()) for t in start]
         flat = adamw.FlatAdamW(torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0}],
                                                  lr=1e-2, fused=True))
+        copies = flat.cast_copies(torch.float16, params)
         for p, d in zip(params, grads):
             p.grad = d.clone()
         for _ in range(2):
             assert flat.gather()
             flat.step(torch.full((), 3.7, device="cuda"), torch.zeros((), device="cuda"))
-        return [*params, flat.flat_grads, flat.exp_avg, flat.exp_avg_sq]
+        return [*params, *copies, flat.flat_grads, flat.exp_avg, flat.exp_avg_sq]
     same_every_call(run)
