@@ -129,7 +129,8 @@ class WeightCasts:
             if copies is None:
                 copies, flat = [torch.empty_like(p, dtype=dtype) for p in self.params], None
             self._copies[key] = (copies, flat)
-        if flat is None or not flat.casts_current(dtype):
+        # under torch.compile a version check would be traced once: copy every time there
+        if flat is None or torch.compiler.is_compiling() or not flat.casts_current(dtype):
             with torch.no_grad():
                 torch._foreach_copy_(copies, self.params)
         self._live = {id(p): c for p, c in zip(self.params, copies)}
