@@ -122,13 +122,13 @@ class WeightCasts:
         """Refill the dtype copies; inside, cast() returns them."""
         key = (dtype, self.params[0].device if self.params else None)
         owner = owner_of(self.params)
-        copies, flat = self._copies.get(key, (None, None))
-        if copies is None or flat is not owner:  # made before the weights went into flat buffers
+        copies, seen, flat = self._copies.get(key, (None, None, None))
+        if copies is None or seen is not owner:  # made before the weights went into flat buffers
             flat = owner
             copies = owner.cast_copies(dtype, self.params) if owner is not None else None
             if copies is None:
                 copies, flat = [torch.empty_like(p, dtype=dtype) for p in self.params], None
-            self._copies[key] = (copies, flat)
+            self._copies[key] = (copies, owner, flat)
         # under torch.compile a version check would be traced once: copy every time there
         if flat is None or torch.compiler.is_compiling() or not flat.casts_current(dtype):
             with torch.no_grad():

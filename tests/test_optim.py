@@ -254,3 +254,18 @@ def test_flat_step_writes_the_weight_copies_a_forward_reads(monkeypatch, dtype):
         params[1].zero_()
     update.reset()
     assert forward_reads() == 3  # reset() took the change up
+
+
+def test_weight_copies_of_a_parameter_outside_the_flat_buffers_are_made_once():
+    """A tracked weight the optimizer does not hold: the copies are the casts' own, refilled in
+    place every forward, not made anew."""
+    params, frozen = _slot_model(), torch.nn.Parameter(torch.randn(3, 3))
+    ScaledAdamW(_slot_optimizer(params), loss_scaling=False, clip=1.0, flat=True)
+    casts = WeightCasts()
+    casts.track([params[0], frozen])
+    made = []
+    for _ in range(2):
+        with casts.fresh(torch.float16):
+            made.append(casts.cast(frozen, torch.float16))
+            assert torch.equal(made[-1], frozen.to(torch.float16))
+    assert made[0] is made[1]
