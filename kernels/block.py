@@ -10,6 +10,7 @@ is the eight backwards written out in one function: the same results, bit for bi
 The block takes the residual stream x and h = LayerNorm(x) and returns the next pair: the residual
 stream after both branches, and the next LayerNorm of it (the next block's ln_1, or ln_f). Each
 branch's c_proj bias is added in the residual add that takes the branch, so it has no dropout.
+c_fc's matmul computes the GELU of its product in its epilogue (kernels.gelu.linear_gelu).
 """
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ class _Block(torch.autograd.Function):
         h1, mean1, rstd1, s1 = layernorm._forward(
             x2, ln_w, ln_b, EPS, True, ln_cfg, residual=F.linear(out.view(b * t, c), cp),
             y_dtype=dtype, residual_bias=bp)
-        fc = F.linear(h1, cf)
-        g = gelu.gelu_forward(fc, bf, approximate)
+        fc, g = gelu.linear_gelu(h1, cf, bf, approximate)
         h2, mean2, rstd2, s2 = layernorm._forward(s1, next_w, next_b, EPS, True, ln_cfg,
                                                   residual=F.linear(g, cm), y_dtype=dtype, residual_bias=bm)
         ctx.save_for_backward(hc, qkv, out, lse, s1, mean1, rstd1, h1, fc, g, s2, mean2, rstd2,

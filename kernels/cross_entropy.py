@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import kernels
 from kernels.adamw import grad_slot
 from kernels.launch import launch, sm_count
-from kernels.linear import WeightCasts, cast, mm_acc, sum_partials
+from kernels.linear import WeightCasts, cast, mm_acc, sum_partials, tile_matmul_fits
 
 try:
     import cuda.tile as ct
@@ -374,11 +374,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _gemm_fits(x, w, v) -> bool:
-    """Whether the logits come from the cuTile matmul with the softmax's stats: 16-bit operands
-    that tensor-memory loads can read (contiguous rows of a multiple of 8), a vocabulary past
-    GEMM_MIN_V."""
-    return (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and v >= GEMM_MIN_V
-            and x.shape[1] % 8 == 0 and x.is_contiguous() and w.is_contiguous())
+    """Whether the logits come from the cuTile matmul with the softmax's stats: operands it can
+    read, a vocabulary past GEMM_MIN_V."""
+    return v >= GEMM_MIN_V and tile_matmul_fits(x, w)
 
 
 class _SoftmaxPass:

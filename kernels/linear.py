@@ -86,6 +86,14 @@ def sum_partials(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def tile_matmul_fits(x, w) -> bool:
+    """Whether a cuTile matmul can take x (M, K) and w (N, K) as operands: both fp16 or both bf16
+    on a GPU, contiguous, with rows of K and of the result's N a multiple of 8 elements (16 bytes,
+    for tensor-memory loads and stores)."""
+    return (x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype and x.is_cuda
+            and x.shape[-1] % 8 == 0 and w.shape[0] % 8 == 0 and x.is_contiguous() and w.is_contiguous())
+
+
 def mm_acc(a, b, acc=None, dtype=torch.float32, out=None):
     """a @ b (into `out` when given), or acc += a @ b in place, with a result in `dtype` (fp32, or
     a's own dtype), from fp16/bf16 operands without an fp32 copy of either: cuBLAS accumulates in

@@ -44,6 +44,40 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
         for form in ("erf", "tanh"):
             assert any(s.startswith(f"gelu_{kind}_{form}_") for s in names), (kind, form, names)
     assert any(s.endswith("_nobias.sm_90.cubin") for s in names), names
+    for form in ("erf", "tanh"):
+        assert any(s.startswith(f"linear_gelu_{form}_") for s in names), (form, names)
+
+
+class Rows:
+    """Stands in for an activation tensor on a GPU or a CPU: the check reads only its layout."""
+
+    def __init__(self, shape, dtype, is_cuda=True, contiguous=True):
+        self.shape, self.dtype, self.is_cuda, self._contiguous = shape, dtype, is_cuda, contiguous
+
+    def is_contiguous(self):
+        return self._contiguous
+
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+@pytest.mark.parametrize("why,x,w,fits", [
+    ("fp16 on a GPU, aligned rows", Rows((64, 768), F16), ((3072, 768), F16), True),
+    ("bf16, one row", Rows((1, 40), BF16), ((8, 40), BF16), True),
+    ("fp32 would run as tf32", Rows((64, 768), F32), ((3072, 768), F32), False),
+    ("dtypes differ", Rows((64, 768), F16), ((3072, 768), BF16), False),
+    ("K not a multiple of 8", Rows((64, 36), F16), ((64, 36), F16), False),
+    ("N not a multiple of 8", Rows((64, 768), F16), ((1001, 768), F16), False),
+    ("on the CPU", Rows((64, 768), F16, is_cuda=False), ((3072, 768), F16), False),
+    ("x not contiguous", Rows((64, 768), F16, contiguous=False), ((3072, 768), F16), False),
+    ("w not contiguous", Rows((64, 768), F16), ((768, 3072), F16, "t"), False),
+])
+def test_which_operands_the_tile_matmul_takes(why, x, w, fits):
+    """linear_gelu's cuTile matmul (and the head's) only gets operands its tensor-memory loads
+    read; the rest go to torch's matmul. A meta tensor stands in for the weight."""
+    from kernels.linear import tile_matmul_fits
+    wt = torch.empty(w[0], dtype=w[1], device="meta")
+    assert tile_matmul_fits(x, wt.t() if len(w) > 2 else wt) is fits, why
 
 
 def matches(out, ref, tol) -> bool:
@@ -87,6 +121,35 @@ def test_forward_and_backward_match_reference(poisoned, shape, dtype, with_bias,
     assert matches(leaves[0].grad, ref_leaves[0].grad, tol), errors(leaves[0].grad, ref_leaves[0].grad)
     if with_bias:
         assert errors(leaves[1].grad, ref_leaves[1].grad)["rel"] < 2e-2
+
+
+LINEAR_CASES = [  # (M, K, N): none of them whole (128, 256, 32) tiles but GPT-2's c_fc
+    ((1, 8, 8), "float16", True, "none"), ((13, 40, 72), "bfloat16", False, "tanh"),
+    ((127, 384, 1536), "float16", True, "tanh"), ((257, 768, 3072), "bfloat16", True, "none"),
+    ((300, 136, 264), "float16", False, "none"), ((8192, 768, 3072), "float16", True, "none"),
+]
+
+
+@gpu
+@pytest.mark.parametrize("mkn,dtype,with_bias,approximate", LINEAR_CASES)
+def test_linear_gelu_matches_reference(poisoned, mkn, dtype, with_bias, approximate):
+    """The matmul with GELU in its epilogue: the product against float64's, and the GELU against
+    float64's GELU of the product as stored (+ bias), bit for bit what the GELU kernel gives it."""
+    from kernels.linear import tile_matmul_fits
+    (m, k, n), dt = mkn, DTYPES[dtype]
+    torch.manual_seed(LINEAR_CASES.index((mkn, dtype, with_bias, approximate)))
+    x = torch.randn(m, k, device="cuda").to(dt)
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(dt)
+    b = (0.5 * torch.randn(n, device="cuda")) if with_bias else None
+    assert tile_matmul_fits(x, w)
+    fc, y = G.linear_gelu(x, w, b, approximate)
+    tol = tolerance_for(dtype)
+    assert fc.dtype == y.dtype == dt and fc.shape == y.shape == (m, n)
+    assert matches(fc, x.double() @ w.double().t(), tol), errors(fc, x.double() @ w.double().t())
+    z = fc.double() + (b.double() if with_bias else 0.0)
+    ref = reference.gelu(z, approximate, dtype=torch.float64)
+    assert matches(y, ref, tol), errors(y, ref)
+    assert torch.equal(y, G.gelu_forward(fc, b, approximate))
 
 
 @gpu

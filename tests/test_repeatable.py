@@ -1,12 +1,12 @@
 """The same inputs give the same bits on every call, from the LayerNorm, fused add + LayerNorm,
-fmha forward, LM-head, tied-embedding and AdamW kernels, whose reductions run in a fixed order (GPU). A
+fmha forward, c_fc matmul with its GELU, LM-head, tied-embedding and AdamW kernels, whose reductions run in a fixed order (GPU). A
 race shows here first: a LayerNorm forward that stored its statistics by TMA left a few rows' mean
 and rstd wrong on some calls while y was right (docs/layernorm-notes.md)."""
 import pytest
 import torch
 
 import kernels
-from kernels import adamw, cross_entropy, fmha, layernorm
+from kernels import adamw, cross_entropy, fmha, gelu, layernorm
 
 OK, REASON = kernels.available()
 pytestmark = pytest.mark.skipif(not OK, reason=REASON)
@@ -45,6 +45,16 @@ def test_fmha_forward(poisoned, dtype, d):
     g = torch.Generator(device="cuda").manual_seed(2)
     q, k, v = (torch.randn(1, 4, 16384, d, device="cuda", dtype=dtype, generator=g) for _ in range(3))
     same_every_call(lambda: fmha.fmha_forward(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_gelu(poisoned, dtype):
+    """GPT-2's c_fc, 8192 x 768 by 3072 x 768 with its bias: the persistent matmul's product and GELU."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(8192, 768, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(3072, 768, device="cuda", dtype=dtype, generator=g) / 768 ** 0.5
+    b = torch.randn(3072, device="cuda", generator=g)
+    same_every_call(lambda: gelu.linear_gelu(x, w, b))
 
 
 def test_add_layernorm_forward_and_backward(poisoned):
