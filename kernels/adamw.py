@@ -86,11 +86,10 @@ def grad_slot(param: torch.Tensor) -> torch.Tensor | None:
     gradient into and return; None if param has none, or has a gradient already (which the new
     one is added to: the slot may be that gradient). A new view each time: autograd keeps a
     returned gradient as param.grad without a copy only where nothing else holds it."""
-    slot = getattr(param, "_grad_slot", None)
-    if slot is None or param.grad is not None:
+    owner = owner_of([param])
+    if owner is None or param.grad is not None:
         return None
-    flat, start = slot
-    return flat[start:start + param.numel()].view(param.shape)
+    return owner._view(owner.flat_grads, param, owner.slots[owner._index[id(param)]])
 
 
 def owner_of(params) -> "FlatAdamW | None":
@@ -129,7 +128,6 @@ class FlatAdamW:
             for p, start in zip(params, self.slots):
                 self._view(self.flat_params, p, start).copy_(p)
                 p.data = self._view(self.flat_params, p, start)
-                p._grad_slot = (self.flat_grads, start)
                 p._flat_adamw = weakref.ref(self)
         self.casts, self._cast_versions = None, None  # the parameters in a low precision, see cast_copies
         self._index = {id(p): i for i, p in enumerate(params)}
@@ -180,11 +178,9 @@ class FlatAdamW:
                     p.grad = self._view(self.flat_grads, p, s)  # where the step leaves it unscaled
         return True
 
-    def cast_copies(self, dtype, params) -> list[torch.Tensor] | None:
-        """Views, for these parameters, of a flat copy of all of them in dtype, which every step
-        writes from then on as it writes the parameters; None if some of them are not here."""
-        if any(id(p) not in self._index for p in params):
-            return None
+    def cast_copies(self, dtype, params) -> list[torch.Tensor]:
+        """Views, for these parameters (all of them held here: owner_of), of a flat copy of all of
+        them in dtype, which every step writes from then on as it writes the parameters."""
         if self.casts is None or self.casts.dtype != dtype:
             self.casts, self._cast_versions = torch.empty_like(self.flat_params, dtype=dtype), None
         return [self._view(self.casts, p, self.slots[self._index[id(p)]]) for p in params]
