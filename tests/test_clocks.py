@@ -108,6 +108,56 @@ def test_the_probe_names_only_reasons_that_slow_the_gpu(monkeypatch):
     assert env.clock_probe(0) is None and env.max_sm_clock_mhz(0) is None
 
 
+class FakeNvmlPower(FakeNvml):
+    """pynvml as telemetry uses it, with a power limit and an energy counter that reads `joules`."""
+    NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 0
+
+    def __init__(self, joules):
+        super().__init__(0x4)
+        self.joules = joules
+
+    def nvmlDeviceGetTemperature(self, h, which):
+        return 60
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 650_000
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return 700_000
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        return self.joules * 1000
+
+
+class FakeNvmlNoEnergy(FakeNvmlPower):
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        raise RuntimeError("not supported")
+
+
+def test_telemetry_reads_the_power_limit_and_energy_counter_for_a_mean_power(monkeypatch):
+    monkeypatch.setattr(env, "_nvml", lambda: FakeNvmlPower(1000.0))
+    before = env.telemetry(0)
+    assert before["power_limit_w"] == 700 and before["energy_j"] == 1000 and before["throttle"] == ["sw_power_cap"]
+    monkeypatch.setattr(env, "_nvml", lambda: FakeNvmlPower(1690.0))
+    assert env.mean_power_w(before, env.telemetry(0), 1.0) == 690
+    monkeypatch.setattr(env, "_nvml", lambda: FakeNvmlNoEnergy(0))
+    older = env.telemetry(0)
+    assert "energy_j" not in older and older["power_w"] == 650  # the rest is still read
+    assert env.mean_power_w(before, older, 1.0) is None
+    assert env.mean_power_w(None, before, 1.0) is None and env.mean_power_w(before, before, 0.0) is None
+
+
+def test_the_report_counts_the_cases_that_ran_at_the_power_limit():
+    from bench.present.report import power_seen
+
+    def rec(mean, limit=700.0):
+        return {"telemetry": {"before": {}, "after": {"power_limit_w": limit}, "mean_power_w": mean}}
+    assert power_seen([rec(690.0), rec(400.5), {"telemetry": None}, {}]) == (
+        "400.5 - 690; 1 of 2 cases averaged within 5% of the power limit (700 W)")
+    assert power_seen([rec(600.0), rec(None)]) == "600 - 600"
+    assert power_seen([{"telemetry": None}]) is None
+
+
 def test_times_are_normalised_per_batch_to_the_reference_clock():
     rec = {"samples_ms": [1.0, 1.0, 2.0, 2.0],
            "clocks": {"batch_reps": [2, 2], "sm_mhz": [1980, 990], "ref_mhz": REF}}

@@ -141,14 +141,16 @@ def clock_probe(index: int):
 
 
 def telemetry(index: int) -> dict | None:
-    """SM and memory clocks, temperature, power and active throttle reasons of GPU `index`."""
+    """SM and memory clocks, temperature, power and active throttle reasons of GPU `index`, with
+    its power limit and energy counter where NVML has them (the counter is what a window's mean
+    power comes from: mean_power_w)."""
     nv = _nvml()
     if nv is None:
         return None
     try:
         h = nv.nvmlDeviceGetHandleByIndex(index)
         reasons = nv.nvmlDeviceGetCurrentClocksThrottleReasons(h)
-        return {
+        reading = {
             "sm_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
             "mem_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
             "temp_c": nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
@@ -156,4 +158,20 @@ def telemetry(index: int) -> dict | None:
             "throttle": _reasons(reasons),
         }
     except Exception:
+        return None
+    for key, read in (("power_limit_w", nv.nvmlDeviceGetEnforcedPowerLimit),
+                      ("energy_j", nv.nvmlDeviceGetTotalEnergyConsumption)):
+        try:
+            reading[key] = read(h) / 1000  # mW, mJ
+        except Exception:  # GPUs before Volta have no energy counter
+            pass
+    return reading
+
+
+def mean_power_w(before: dict | None, after: dict | None, seconds: float) -> float | None:
+    """The GPU's mean power over a window of `seconds` whose ends the energy counter was read at:
+    near the power limit, a case's time is set by the energy its work takes, not by its clock."""
+    try:
+        return round((after["energy_j"] - before["energy_j"]) / seconds, 1)
+    except (TypeError, KeyError, ZeroDivisionError):
         return None

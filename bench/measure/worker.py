@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -176,14 +177,18 @@ def run_case(case: Case, device: torch.device) -> dict:
                 return f"a timed rep on check set {x.loaded}: {why}" if why else None
             rotating = len(x.sets) > 1
             before = env.telemetry(gpu) if gpu is not None else None
+            start = time.perf_counter()
             result = timing.measure(fn, device, **case.timing, feed=x.feed if rotating else None,
                                     verify=verify if rotating and not wrong else None,
                                     checks=CHECK_SETS if rotating else 0,
                                     probe=env.clock_probe(gpu) if gpu is not None else None)
+            seconds = time.perf_counter() - start
             after = env.telemetry(gpu) if gpu is not None else None
             rec.samples_ms, rec.stop, rec.host_ms, rec.busy_ms = (
                 result["samples_ms"], result["stop"], result["host_ms"], result["busy_ms"])
-            rec.telemetry = {"before": before, "after": after} if before or after else None
+            rec.telemetry = ({"before": before, "after": after,
+                              "mean_power_w": env.mean_power_w(before, after, seconds)}
+                             if before or after else None)
             if result["clocks"]:
                 rec.clocks = {**result["clocks"], "ref_mhz": env.max_sm_clock_mhz(gpu)}
             rec.hygiene = {"level": hygiene, "input_sets": len(x.sets), "fresh_inputs": rotating,

@@ -381,6 +381,26 @@ def headline(name: str, g: pd.DataFrame, subject_names: list[str] = ()) -> Headl
     return Headline(name, "", summary, shapes)
 
 
+NEAR_POWER_LIMIT = 0.95  # a case whose mean power while measured reached this share of the limit
+
+
+def power_seen(records) -> str | None:
+    """The range of the cases' mean power while measured (warm-up, flushes and pauses included), and
+    how many averaged near the power limit, where a GPU's time follows the energy its work takes
+    rather than its clock; None without readings."""
+    seen = [(t.get("mean_power_w"), (t.get("after") or {}).get("power_limit_w"))
+            for t in ((rec.get("telemetry") or {}) for rec in records) if t.get("mean_power_w") is not None]
+    if not seen:
+        return None
+    means = [m for m, _ in seen]
+    near = [lim for m, lim in seen if lim and m >= NEAR_POWER_LIMIT * lim]
+    text = f"{min(means):g} - {max(means):g}"
+    if near:
+        text += (f"; {len(near)} of {len(seen)} cases averaged within {1 - NEAR_POWER_LIMIT:.0%} of the "
+                 f"power limit ({max(near):g} W)")
+    return text
+
+
 def env_card(run: Run) -> list[tuple[str, str]]:
     """(label, value) pairs: hardware, clocks and throttling seen, versions, provenance."""
     meta, env = run.meta, run.meta.get("env") or {}
@@ -402,6 +422,9 @@ def env_card(run: Run) -> list[tuple[str, str]]:
                      ("temp_c", "temperature seen (C)"), ("power_w", "power seen (W)")):
         if k in seen:
             items.append((label, f"{min(seen[k]):g} - {max(seen[k]):g}"))
+    power = power_seen(run.records)
+    if power:
+        items.append(("mean power while measured (W)", power))
     if env.get("gpus"):
         items.append(("throttling seen", ", ".join(f"{k} ({n} readings)" for k, n in throttle.items())
                       or "none"))
