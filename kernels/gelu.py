@@ -1,4 +1,5 @@
-"""GELU (exact erf form, or the tanh form) as cuTile kernels, fused with an optional bias add.
+"""GELU (exact erf form, or the tanh form) as cuTile kernels, fused with an optional bias add, and
+in the epilogue of the matmul that feeds it (linear_gelu).
 
 cuTile has no erf, so the exact form computes the normal CDF from its tail q = Phi(-|x|):
 Phi(x) = q for x < 0 and 1 - q otherwise, which keeps the negative tail free of cancellation. The
