@@ -89,7 +89,7 @@ def grad_slot(param: torch.Tensor) -> torch.Tensor | None:
     owner = owner_of([param])
     if owner is None or param.grad is not None:
         return None
-    return owner._view(owner.flat_grads, param, owner.slots[owner._index[id(param)]])
+    return owner.view_of(owner.flat_grads, param)
 
 
 def owner_of(params) -> "FlatAdamW | None":
@@ -141,6 +141,10 @@ class FlatAdamW:
     def _view(flat, p, start):
         return flat[start:start + p.numel()].view(p.shape)
 
+    def view_of(self, flat, p):
+        """Parameter p's region of one of the flat buffers (or of the flat copy), as p's shape."""
+        return self._view(flat, p, self.slots[self._index[id(p)]])
+
     def _adopt_state(self):
         """Make the optimizer's state for each parameter views of the flat moments and steps,
         taking over the values of any state it already holds (a loaded state_dict)."""
@@ -183,7 +187,7 @@ class FlatAdamW:
         them in dtype, which every step writes from then on as it writes the parameters."""
         if self.casts is None or self.casts.dtype != dtype:
             self.casts, self._cast_versions = torch.empty_like(self.flat_params, dtype=dtype), None
-        return [self._view(self.casts, p, self.slots[self._index[id(p)]]) for p in params]
+        return [self.view_of(self.casts, p) for p in params]
 
     def casts_current(self, dtype) -> bool:
         """Does the flat copy in dtype hold the parameters as they are? Yes when the last thing
