@@ -130,15 +130,13 @@ class WeightCasts:
         """Refill the dtype copies; inside, cast() returns them."""
         key = (dtype, self.params[0].device if self.params else None)
         owner = owner_of(self.params)
-        copies, seen, flat = self._copies.get(key, (None, None, None))
+        copies, seen = self._copies.get(key, (None, None))
         if copies is None or seen is not owner:  # made before the weights went into flat buffers
-            flat = owner
-            copies = owner.cast_copies(dtype, self.params) if owner is not None else None
-            if copies is None:
-                copies, flat = [torch.empty_like(p, dtype=dtype) for p in self.params], None
-            self._copies[key] = (copies, owner, flat)
+            copies = (owner.cast_copies(dtype, self.params) if owner is not None
+                      else [torch.empty_like(p, dtype=dtype) for p in self.params])
+            self._copies[key] = (copies, owner)
         # under torch.compile a version check would be traced once: copy every time there
-        if flat is None or torch.compiler.is_compiling() or not flat.casts_current(dtype):
+        if owner is None or torch.compiler.is_compiling() or not owner.casts_current(dtype):
             with torch.no_grad():
                 torch._foreach_copy_(copies, self.params)
         self._live = {id(p): c for p, c in zip(self.params, copies)}
