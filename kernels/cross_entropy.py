@@ -28,6 +28,7 @@ import kernels
 from kernels.adamw import grad_slot
 from kernels.launch import launch, sm_count
 from kernels.linear import WeightCasts, cast, mm_acc, sum_partials, tile_matmul_fits
+from kernels.tile_ops import xwt_tile
 
 try:
     import cuda.tile as ct
@@ -122,12 +123,7 @@ if ct is not None:
         tiles_m, tiles_n = ct.cdiv(X.shape[0], TILE_M), ct.cdiv(W.shape[0], TILE_N)
         for t in range(ct.bid(0), tiles_m * tiles_n, ct.num_blocks(0)):
             m, n = t % tiles_m, t // tiles_m
-            acc = ct.zeros((TILE_M, TILE_N), dtype=ct.float32)
-            for k in range(ct.cdiv(X.shape[1], TILE_K)):
-                a = ct.load(X, (m, k), (TILE_M, TILE_K), padding_mode=ct.PaddingMode.ZERO)
-                b = ct.load(W, (n, k), (TILE_N, TILE_K), padding_mode=ct.PaddingMode.ZERO)
-                acc = ct.mma(a, ct.transpose(b), acc)
-            stored = ct.astype(acc, Logits.dtype)
+            stored = ct.astype(xwt_tile(X, W, m, n, TILE_M, TILE_N, TILE_K), Logits.dtype)
             ct.store(Logits, (m, n), stored)
             x = ct.astype(stored, ct.float32)
             if n == tiles_n - 1:  # only the last column tile reaches past V

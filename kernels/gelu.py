@@ -18,6 +18,7 @@ import kernels
 from kernels.aot import array_param, ct_dtype, dtype_name, export
 from kernels.launch import grid_size, launch, rows
 from kernels.linear import column_block, column_grid, sum_partials, tile_matmul_fits
+from kernels.tile_ops import xwt_tile
 
 try:
     import cuda.tile as ct
@@ -139,12 +140,7 @@ if ct is not None:
         tiles_m = ct.cdiv(X.shape[0], TILE_M)
         for t in range(ct.bid(0), tiles_m * ct.cdiv(W.shape[0], TILE_N), ct.num_blocks(0)):
             i, j = t % tiles_m, t // tiles_m
-            acc = ct.zeros((TILE_M, TILE_N), dtype=ct.float32)
-            for k in range(ct.cdiv(X.shape[1], TILE_K)):
-                a = ct.load(X, (i, k), (TILE_M, TILE_K), padding_mode=ZERO)
-                b = ct.load(W, (j, k), (TILE_N, TILE_K), padding_mode=ZERO)
-                acc = ct.mma(a, ct.transpose(b), acc)
-            fc = ct.astype(acc, FC.dtype)
+            fc = ct.astype(xwt_tile(X, W, i, j, TILE_M, TILE_N, TILE_K), FC.dtype)
             ct.store(FC, (i, j), fc)
             z = _plus_bias(ct.astype(fc, ct.float32), Bias, j, TILE_N, HAS_BIAS)
             ct.store(Y, (i, j), ct.astype(_gelu_and_grad(z, TANH, False), Y.dtype))

@@ -1,5 +1,8 @@
 """Helpers that the kernels call on tiles.
 
+xwt_tile: one (TILE_M, TILE_N) tile of X @ W^T in fp32, the main loop of every persistent matmul
+whose epilogue is ours (the LM head's logits and c_fc's GELU).
+
 widen: a tile in fp32. A bf16 tile is widened by moving its bits up 16 places, which is exact and
 what a conversion does; tileiras 13.4 pipelines the loads of a kernel that does so as deep as those
 of its fp16 twin, but gives the kernel that converts with astype half the shared-memory stages
@@ -19,3 +22,14 @@ def widen(tile):
         bits = ct.astype(ct.bitcast(tile, ct.uint16), ct.uint32)
         return ct.bitcast(ct.bitwise_lshift(bits, 16), ct.float32)
     return ct.astype(tile, ct.float32)
+
+
+def xwt_tile(X, W, i, j, TILE_M, TILE_N, TILE_K):
+    """Tile (i, j) of X @ W^T for X (M, K) and W (N, K), accumulated in fp32 over TILE_K-deep
+    steps of K; rows, columns and steps past the arrays' ends read as zeros."""
+    acc = ct.zeros((TILE_M, TILE_N), dtype=ct.float32)
+    for k in range(ct.cdiv(X.shape[1], TILE_K)):
+        a = ct.load(X, (i, k), (TILE_M, TILE_K), padding_mode=ct.PaddingMode.ZERO)
+        b = ct.load(W, (j, k), (TILE_N, TILE_K), padding_mode=ct.PaddingMode.ZERO)
+        acc = ct.mma(a, ct.transpose(b), acc)
+    return acc
