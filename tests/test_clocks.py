@@ -158,6 +158,20 @@ def test_the_report_counts_the_cases_that_ran_at_the_power_limit():
     assert power_seen([{"telemetry": None}]) is None
 
 
+def test_the_report_counts_the_batches_the_gpu_slowed_by_reason():
+    from bench.present.report import slowed_batches
+
+    def rec(discarded_for, kept=0):
+        return {"clocks": {"batch_reps": [4], "sm_mhz": [1980], "discarded": sum(discarded_for.values()),
+                           "discarded_for": discarded_for, "throttled_kept": kept}}
+    assert slowed_batches([rec({"sw_power_cap": 5}), rec({"sw_power_cap": 4, "hw_slowdown": 1}, kept=2),
+                           rec({}), {"clocks": None}]) == (
+        "re-taken: sw_power_cap 9, hw_slowdown 1; kept throttled: 2; in 2 of 3 cases")
+    assert slowed_batches([rec({}, kept=3)]) == "re-taken: none; kept throttled: 3; in 1 of 1 cases"
+    assert slowed_batches([rec({})]) == "none"
+    assert slowed_batches([{"clocks": None}, {}]) is None  # a CPU run: no per-batch clocks
+
+
 def test_times_are_normalised_per_batch_to_the_reference_clock():
     rec = {"samples_ms": [1.0, 1.0, 2.0, 2.0],
            "clocks": {"batch_reps": [2, 2], "sm_mhz": [1980, 990], "ref_mhz": REF}}

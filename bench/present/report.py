@@ -401,6 +401,22 @@ def power_seen(records) -> str | None:
     return text
 
 
+def slowed_batches(records) -> str | None:
+    """Timed batches the GPU slowed, by reason: re-taken after a pause, or kept once a case's
+    retries were spent. Read once per batch, unlike the clocks and power above, which are read
+    around each case; None where no case has per-batch clocks (no NVML)."""
+    clocked = [rec["clocks"] for rec in records if rec.get("clocks")]
+    if not clocked:
+        return None
+    why = sum((Counter(c.get("discarded_for") or {}) for c in clocked), Counter())
+    kept = sum(c.get("throttled_kept") or 0 for c in clocked)
+    cases = sum(bool(c.get("discarded_for") or c.get("throttled_kept")) for c in clocked)
+    if not cases:
+        return "none"
+    text = ", ".join(f"{k} {n}" for k, n in why.most_common()) or "none"
+    return f"re-taken: {text}; kept throttled: {kept}; in {cases} of {len(clocked)} cases"
+
+
 def env_card(run: Run) -> list[tuple[str, str]]:
     """(label, value) pairs: hardware, clocks and throttling seen, versions, provenance."""
     meta, env = run.meta, run.meta.get("env") or {}
@@ -425,6 +441,9 @@ def env_card(run: Run) -> list[tuple[str, str]]:
     power = power_seen(run.records)
     if power:
         items.append(("mean power while measured (W)", power))
+    slowed = slowed_batches(run.records)
+    if slowed:
+        items.append(("timed batches the GPU slowed", slowed))
     if env.get("gpus"):
         items.append(("throttling seen", ", ".join(f"{k} ({n} readings)" for k, n in throttle.items())
                       or "none"))
