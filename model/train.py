@@ -83,7 +83,7 @@ def parse_args(argv=None):
                    help="batches per split (default: 200 on CUDA, 20 on CPU)")
     p.add_argument("--log-interval", type=int, default=None, help="default: 10 on CUDA, 1 on CPU")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="autocast dtype (default: float16 on CUDA, else float32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (the cutile backend's forward, all kernel launches, stays eager)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)

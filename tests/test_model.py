@@ -158,6 +158,23 @@ def test_cutile_backend_matches_torch_under_fp16_autocast():
     assert (la - lb).norm() / la.norm() < 1e-2
 
 
+def test_a_cutile_models_forward_stays_eager_under_torch_compile():
+    """torch.compile traces the torch model's forward, and not the cutile model's: its kernel
+    launches would each break the graph, and autocast changes recompile them."""
+    from torch._dynamo.testing import CompileCounter
+
+    idx = torch.randint(0, tiny().vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    for backend, traced in (("torch", True), ("cutile", False)):
+        torch._dynamo.reset()
+        m = GPT(tiny()).eval()
+        m.backend = backend  # the routing alone: on a CPU a cutile model's layers are torch's
+        counter = CompileCounter()
+        with torch.no_grad():
+            assert torch.equal(torch.compile(m, backend=counter)(idx)[0], m(idx)[0])
+        assert (counter.op_count > 0) == traced, backend
+    torch._dynamo.reset()
+
+
 def test_nanogpt_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     m = GPT(tiny()).eval()
