@@ -115,6 +115,16 @@ def patch_check(params, inputs):
     return lambda: _attention(params, inputs)() * 0
 
 
+def patch_gpu_clock(params, inputs):
+    """Makes NVML report half the SM clock, so that times normalised to the reference clock would
+    read twice as fast."""
+    import pynvml
+
+    real = pynvml.nvmlDeviceGetClockInfo
+    pynvml.nvmlDeviceGetClockInfo = lambda handle, which: real(handle, which) // 2
+    return _attention(params, inputs)
+
+
 def clock_probe(params, inputs):
     """Native, and writes whether the clock and the working directory are the process's own into
     the file named by BENCH_TEST_SEEN."""

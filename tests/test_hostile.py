@@ -11,7 +11,7 @@ from bench.results import store
 IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_after_first",
            "wrong_after_first", "fingerprint_memo", "patch_check"]
 # each leaves its worker changed; the probe after it must see a worker as it started
-AFTER = ["patch_clock", "chdir_root", "poison_env", "forge_record"]
+AFTER = ["patch_clock", "patch_gpu_clock", "chdir_root", "poison_env", "forge_record"]
 SWEEP = """
 workload: fmha
 baseline: native
@@ -88,6 +88,15 @@ def test_a_provider_that_patches_the_clock_is_tampered_and_the_next_case_is_not(
         assert "harness" in recs["patch_clock", mode]["leaked"]  # its worker was replaced
         assert recs["probe_patch_clock", mode]["status"] == "ok"
     assert all(p["builtin_clock"] for p in probes)
+
+
+def test_a_provider_that_patches_nvmls_clock_reading_is_tampered(hostile):
+    """The reading is a CPU no-op here, but the same patch on a GPU would halve normalised times."""
+    recs, _ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs["patch_gpu_clock", mode]["status"] == "tampered"
+        assert "pynvml.nvmlDeviceGetClockInfo" in recs["patch_gpu_clock", mode]["reason"]
+        assert recs["probe_patch_gpu_clock", mode]["status"] == "ok"
 
 
 def test_a_provider_that_patches_the_gate_is_never_ok(hostile):

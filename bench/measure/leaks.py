@@ -47,7 +47,8 @@ def settings() -> dict:
 
 # modules whose functions time, check or record a case; their globals are compared one by one
 HARNESS_MODULES = ("bench.measure.timing", "bench.measure.check", "bench.measure.worker",
-                   "bench.measure.leaks", "bench.results.stats", "bench.results.record")
+                   "bench.measure.leaks", "bench.measure.env", "bench.results.stats",
+                   "bench.results.record")
 
 
 def _fn_id(f) -> tuple:
@@ -57,7 +58,8 @@ def _fn_id(f) -> tuple:
 
 def harness() -> dict:
     """Identities of the clocks, CUDA timing calls, comparison ops and harness functions a case is
-    measured and judged with."""
+    measured and judged with, and of NVML's calls: the per-batch SM clock that times are
+    normalised by, and the throttle reasons that discard a batch, come through them."""
     import torch.cuda
 
     objs = {"time.perf_counter": time.perf_counter, "time.perf_counter_ns": time.perf_counter_ns,
@@ -72,6 +74,11 @@ def harness() -> dict:
             "torch.Tensor.norm": torch.Tensor.norm, "torch.Tensor.abs": torch.Tensor.abs,
             "torch.Tensor.max": torch.Tensor.max, "torch.Tensor.item": torch.Tensor.item,
             "torch.Tensor.__sub__": torch.Tensor.__sub__}
+    try:
+        import pynvml
+        objs.update((f"pynvml.{k}", f) for k, f in vars(pynvml).items() if k.startswith("nvml") and callable(f))
+    except ImportError:  # no NVML bindings: no readings to protect
+        pass
     for name in HARNESS_MODULES:
         module = sys.modules.get(name)
         for attr, f in (vars(module).items() if module else ()):
