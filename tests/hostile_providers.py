@@ -115,6 +115,24 @@ def patch_check(params, inputs):
     return lambda: _attention(params, inputs)() * 0
 
 
+def loosen_tolerance(params, inputs):
+    """Widens the gate's default tolerance table in place, then returns zeros."""
+    from bench.measure import check
+
+    for tol in check.DEFAULT_TOLERANCE.values():
+        tol.update(max_abs=1e9, rel=1e9)
+    return lambda: _attention(params, inputs)() * 0
+
+
+def raise_hidden_threshold(params, inputs):
+    """Raises the timer's threshold for work left running after a batch, so that work on a side
+    stream would no longer make every rep end device-wide."""
+    from bench.measure import timing
+
+    timing.HIDDEN_MS = 1e9
+    return _attention(params, inputs)
+
+
 def patch_gpu_clock(params, inputs):
     """Makes NVML report half the SM clock, so that times normalised to the reference clock would
     read twice as fast."""

@@ -9,7 +9,8 @@ from bench import run
 from bench.results import store
 
 IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_after_first",
-           "wrong_after_first", "fingerprint_memo", "patch_check"]
+           "wrong_after_first", "fingerprint_memo", "patch_check", "loosen_tolerance",
+           "raise_hidden_threshold"]
 # each leaves its worker changed; the probe after it must see a worker as it started
 AFTER = ["patch_clock", "patch_gpu_clock", "chdir_root", "poison_env", "forge_record"]
 SWEEP = """
@@ -104,6 +105,16 @@ def test_a_provider_that_patches_the_gate_is_never_ok(hostile):
     for mode in ("fwd", "fwd_bwd"):
         assert recs["patch_check", mode]["status"] == "tampered"
         assert "bench.measure.check.passes" in recs["patch_check", mode]["reason"]
+
+
+@pytest.mark.parametrize("name,changed", [("loosen_tolerance", "bench.measure.check.DEFAULT_TOLERANCE"),
+                                          ("raise_hidden_threshold", "bench.measure.timing.HIDDEN_MS")])
+def test_a_provider_that_changes_the_harnesss_data_is_tampered(hostile, name, changed):
+    """A wider tolerance would pass its zeros; a higher threshold would let side-stream work escape."""
+    recs, _ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs[name, mode]["status"] == "tampered"
+        assert changed in recs[name, mode]["reason"]
 
 
 @pytest.mark.parametrize("name,what", [("chdir_root", "cwd"), ("poison_env", "environ")])

@@ -45,10 +45,14 @@ def settings() -> dict:
     }
 
 
-# modules whose functions time, check or record a case; their globals are compared one by one
+# modules whose functions time, check or record a case; their globals are compared one by one:
+# functions by identity and code, data (a tolerance table, the hidden-work threshold) by value
 HARNESS_MODULES = ("bench.measure.timing", "bench.measure.check", "bench.measure.worker",
                    "bench.measure.leaks", "bench.measure.env", "bench.results.stats",
                    "bench.results.record")
+
+
+_DATA = (int, float, str, bytes, tuple, frozenset, dict, list, set, type(None))
 
 
 def _fn_id(f) -> tuple:
@@ -58,7 +62,7 @@ def _fn_id(f) -> tuple:
 
 def harness() -> dict:
     """Identities of the clocks, CUDA timing calls, comparison ops and harness functions a case is
-    measured and judged with, and of NVML's calls: the per-batch SM clock that times are
+    measured and judged with, the values of the harness modules' data, and NVML's calls: the per-batch SM clock that times are
     normalised by, and the throttle reasons that discard a batch, come through them."""
     import torch.cuda
 
@@ -79,12 +83,15 @@ def harness() -> dict:
         objs.update((f"pynvml.{k}", f) for k, f in vars(pynvml).items() if k.startswith("nvml") and callable(f))
     except ImportError:  # no NVML bindings: no readings to protect
         pass
+    values = {}
     for name in HARNESS_MODULES:
         module = sys.modules.get(name)
-        for attr, f in (vars(module).items() if module else ()):
-            if callable(f) and getattr(f, "__module__", None) == name:
-                objs[f"{name}.{attr}"] = f
-    return {k: _fn_id(f) for k, f in objs.items()}
+        for attr, v in (vars(module).items() if module else ()):
+            if callable(v) and getattr(v, "__module__", None) == name:
+                objs[f"{name}.{attr}"] = v
+            elif isinstance(v, _DATA) and not attr.startswith("__"):
+                values[f"{name}.{attr}"] = repr(v)
+    return {**{k: _fn_id(f) for k, f in objs.items()}, **values}
 
 
 def harness_changes(clean: dict) -> list[str]:
