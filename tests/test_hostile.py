@@ -12,7 +12,8 @@ IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_afte
            "wrong_after_first", "fingerprint_memo", "patch_check", "loosen_tolerance",
            "raise_hidden_threshold"]
 # each leaves its worker changed; the probe after it must see a worker as it started
-AFTER = ["patch_clock", "patch_gpu_clock", "chdir_root", "poison_env", "forge_record"]
+AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
+         "forge_record"]
 SWEEP = """
 workload: fmha
 baseline: native
@@ -115,6 +116,37 @@ def test_a_provider_that_changes_the_harnesss_data_is_tampered(hostile, name, ch
     for mode in ("fwd", "fwd_bwd"):
         assert recs[name, mode]["status"] == "tampered"
         assert changed in recs[name, mode]["reason"]
+
+
+def test_a_provider_that_patches_the_reference_is_judged_against_the_true_one(hostile):
+    """The references are computed before the provider is built, so its zeros are wrong against
+    them; the patch is seen, and the case after it gets a fresh worker."""
+    recs, _ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        rec = recs["patch_reference", mode]
+        assert rec["status"] == "tampered" and "kernels.reference.attention" in rec["reason"]
+        assert rec["rel_err"] >= 1 and "harness" in rec["leaked"]
+        assert recs["probe_patch_reference", mode]["status"] == "ok"
+
+
+def test_a_provider_that_rewires_its_workload_cannot_reach_the_next_case(hostile):
+    recs, _ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        rec = recs["rewire_workload", mode]
+        assert rec["status"] == "tampered" and "workload fmha.reference" in rec["reason"]
+        assert "harness" in rec["leaked"]
+        assert recs["probe_rewire_workload", mode]["status"] == "ok"
+
+
+def test_a_workload_cannot_be_changed_in_place():
+    from dataclasses import FrozenInstanceError
+
+    from bench import workloads
+    wl = workloads.get("fmha")
+    with pytest.raises(FrozenInstanceError):
+        wl.reference = None
+    with pytest.raises(TypeError):
+        wl.providers["native"] = None
 
 
 @pytest.mark.parametrize("name,what", [("chdir_root", "cwd"), ("poison_env", "environ")])

@@ -1,5 +1,6 @@
 """bench.tune: winners from a finished run (fixture records), the harness run through to a tuned
 file, the file merged and read back by the kernels, and bad input as one line and exit status 2."""
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -247,7 +248,7 @@ def test_a_workload_of_another_package_is_tuned_into_its_own_folder(tmp_path, tu
     load("example_rmsnorm_workload", "workload.py")
     spec = "example_rmsnorm_workload:WORKLOAD"
     own = tmp_path / "rmsnorm_tuned"
-    monkeypatch.setattr(workloads.get(spec), "tuned_dir", own)
+    monkeypatch.setitem(workloads._loaded, spec, dataclasses.replace(workloads.get(spec), tuned_dir=own))
     monkeypatch.setattr(kernel, "TUNED", own)
 
     def rec(block_m, ms, rows=4000, status="ok", provider="cutile"):

@@ -9,12 +9,15 @@ timing or checking function (or its code) is `tampered`, whatever its numbers sa
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import sys
 import time
 
 import psutil
 import torch
+
+from bench import workloads
 
 # host memory a worker may grow by: allocator caches and lazy library init; on a GPU the libraries
 # that load at their first use (cuDNN, NVRTC, Triton, the cuTile compiler's modules) add more: a
@@ -45,11 +48,13 @@ def settings() -> dict:
     }
 
 
-# modules whose functions time, check or record a case; their globals are compared one by one:
+# modules whose functions time, check or record a case, or compute the references it is judged
+# against (the next case's reference is computed after this case's provider has run); their
+# globals are compared one by one:
 # functions by identity and code, data (a tolerance table, the hidden-work threshold) by value
 HARNESS_MODULES = ("bench.measure.timing", "bench.measure.check", "bench.measure.worker",
                    "bench.measure.leaks", "bench.measure.env", "bench.results.stats",
-                   "bench.results.record")
+                   "bench.results.record", "kernels.reference", "bench.workloads.providers")
 
 
 _DATA = (int, float, str, bytes, tuple, frozenset, dict, list, set, type(None))
@@ -58,6 +63,15 @@ _DATA = (int, float, str, bytes, tuple, frozenset, dict, list, set, type(None))
 def _fn_id(f) -> tuple:
     code = getattr(f, "__code__", None)
     return id(f), id(code) if code is not None else None, hash(code) if code is not None else None
+
+
+def _module(name: str):
+    """The module `name` as this process runs it: __main__ for the worker program itself;
+    otherwise imported here, so that none first appears in the middle of a case."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) == name:
+        return main
+    return importlib.import_module(name)
 
 
 def harness() -> dict:
@@ -83,11 +97,15 @@ def harness() -> dict:
         objs.update((f"pynvml.{k}", f) for k, f in vars(pynvml).items() if k.startswith("nvml") and callable(f))
     except ImportError:  # no NVML bindings: no readings to protect
         pass
+    for wname, wl in workloads.loaded().items():  # what the next case of each is built and judged with
+        objs.update({f"workload {wname}.{f}": getattr(wl, f)
+                     for f in ("make_inputs", "reference", "flops", "bytes", "providers")})
+        objs.update((f"workload {wname}.providers.{p}", factory) for p, factory in wl.providers.items())
     values = {}
     for name in HARNESS_MODULES:
-        module = sys.modules.get(name)
-        for attr, v in (vars(module).items() if module else ()):
-            if callable(v) and getattr(v, "__module__", None) == name:
+        module = _module(name)
+        for attr, v in vars(module).items():
+            if callable(v) and getattr(v, "__module__", None) == module.__name__:
                 objs[f"{name}.{attr}"] = v
             elif isinstance(v, _DATA) and not attr.startswith("__"):
                 values[f"{name}.{attr}"] = repr(v)
@@ -95,9 +113,11 @@ def harness() -> dict:
 
 
 def harness_changes(clean: dict) -> list[str]:
-    """Names of the harness's functions that are not what they were in `clean`."""
+    """Names of the harness's functions that are not what they were in `clean`; a workload first
+    resolved since is new, not changed."""
     now = harness()
-    return sorted(k for k in clean.keys() | now.keys() if clean.get(k) != now.get(k))
+    return sorted(k for k in clean.keys() | now.keys()
+                  if clean.get(k) != now.get(k) and (k in clean or not k.startswith("workload ")))
 
 
 def adopt_orphans() -> None:

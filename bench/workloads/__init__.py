@@ -11,6 +11,7 @@ import functools
 import importlib
 import sys
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable
 
 Params = dict[str, Any]
@@ -21,7 +22,7 @@ class Unavailable(Exception):
     """A provider cannot run on this machine; the message is the reason, in one line."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Workload:
     name: str
     make_inputs: Callable[[Params, Any], Any]  # (params, torch.device) -> fresh random inputs
@@ -54,6 +55,12 @@ class Workload:
     # report prints under the workload's results (numbers reported elsewhere, never plotted)
     subject: tuple[str, ...] = ("cutile",)
     note: str = ""
+
+    def __post_init__(self):
+        # read-only, as the whole object is: a provider running in a worker cannot swap another
+        # provider, the reference or the input maker for the cases after its own
+        if isinstance(self.providers, dict):  # anything else is refused by name when loaded
+            object.__setattr__(self, "providers", MappingProxyType(dict(self.providers)))
 
     def hints(self) -> dict:
         """The presentation hints as plain data: a run records them in its meta.json, so that a
@@ -132,6 +139,11 @@ def notes() -> list[str]:
 _loaded: dict[str, Workload] = {}
 
 
+def loaded() -> dict[str, Workload]:
+    """The workloads this process has resolved so far, by the name they were asked for."""
+    return dict(_loaded)
+
+
 def _load(spec: str, what: str) -> Workload:
     module, _, attr = spec.partition(":")
     module, attr = module.strip(), attr.strip()
@@ -149,7 +161,7 @@ def _load(spec: str, what: str) -> Workload:
         obj = getattr(obj, part)
     if not isinstance(obj, Workload):
         raise WorkloadError(f"{what}: {spec[:80]} is a {type(obj).__name__}, not a bench.workloads.Workload")
-    if not isinstance(obj.providers, dict) or not all(callable(f) for f in obj.providers.values()):
+    if not isinstance(obj.providers, MappingProxyType) or not all(callable(f) for f in obj.providers.values()):
         raise WorkloadError(f"{what}: {spec[:80]}'s providers must be a dict of name -> factory")
     for part in ("make_inputs", "reference"):
         if not callable(getattr(obj, part)):
