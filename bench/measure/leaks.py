@@ -49,9 +49,9 @@ def settings() -> dict:
 
 
 # modules whose functions time, check or record a case, or compute the references it is judged
-# against (the next case's reference is computed after this case's provider has run); their
-# globals are compared one by one:
-# functions by identity and code, data (a tolerance table, the hidden-work threshold) by value
+# against (the next case's are computed after this case's provider ran); their globals are
+# compared one by one: functions by identity and code, data (a tolerance table, the hidden-work
+# threshold) by value
 HARNESS_MODULES = ("bench.measure.timing", "bench.measure.check", "bench.measure.worker",
                    "bench.measure.leaks", "bench.measure.env", "bench.results.stats",
                    "bench.results.record", "kernels.reference", "bench.workloads.providers")
@@ -76,8 +76,9 @@ def _module(name: str):
 
 def harness() -> dict:
     """Identities of the clocks, CUDA timing calls, comparison ops and harness functions a case is
-    measured and judged with, the values of the harness modules' data, and NVML's calls: the per-batch SM clock that times are
-    normalised by, and the throttle reasons that discard a batch, come through them."""
+    measured and judged with; the values of the harness modules' data; the functions and providers
+    of each workload resolved so far; and NVML's calls, through which come the per-batch SM clock
+    that times are normalised by and the throttle reasons that discard a batch."""
     import torch.cuda
 
     objs = {"time.perf_counter": time.perf_counter, "time.perf_counter_ns": time.perf_counter_ns,
