@@ -249,7 +249,7 @@ def test_the_profiled_request_runs_a_case_whose_timing_names_only_its_timeout(tm
     done = subprocess.run([sys.executable, "-m", "bench.measure.worker", "cpu", "--profiled"],
                           input=ncu.request(case), capture_output=True, text=True, timeout=120,
                           cwd=tmp_path, env=worker_env())
-    record = json.loads(done.stdout.splitlines()[-1])
+    record = json.loads(done.stdout.splitlines()[-1])["record"]
     assert (record["status"], record["reason"], len(record["samples_ms"])) == ("ok", "", 1)
 
 

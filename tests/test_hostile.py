@@ -13,7 +13,7 @@ IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_afte
            "raise_hidden_threshold"]
 # each leaves its worker changed; the probe after it must see a worker as it started
 AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
-         "forge_record"]
+         "forge_record", "forge_answer", "linger_thread"]
 SWEEP = """
 workload: fmha
 baseline: native
@@ -49,7 +49,8 @@ def hostile(tmp_path_factory):
     records = store.load_run(tmp / "runs" / "latest").records
     lines = (tmp / "seen").read_text().splitlines()
     probes = [json.loads(x) for x in lines if x.startswith('{"builtin_clock"')]
-    return {(r["provider"], r["params"]["mode"]): r for r in records}, probes
+    memo = {m: json.loads((tmp / f"seen.memo-{m}").read_text()) for m in ("fwd", "fwd_bwd")}
+    return {(r["provider"], r["params"]["mode"]): r for r in records}, probes, memo
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -58,7 +59,7 @@ def hostile(tmp_path_factory):
     ("output_in_input", "changed its input v in place"),
 ])
 def test_a_provider_that_changes_its_inputs_is_incorrect(hostile, name, says, mode):
-    recs, _ = hostile
+    recs, *_ = hostile
     assert recs[name, mode]["status"] == "incorrect"
     assert says in recs[name, mode]["reason"]
     assert recs["native", mode]["status"] == "ok"
@@ -67,23 +68,26 @@ def test_a_provider_that_changes_its_inputs_is_incorrect(hostile, name, says, mo
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("name", ["replay", "stale_buffer", "nan_after_first", "wrong_after_first"])
 def test_a_provider_right_only_on_its_first_call_is_incorrect(hostile, name, mode):
-    recs, _ = hostile
+    recs, *_ = hostile
     assert recs[name, mode]["status"] == "incorrect", recs[name, mode]
     assert recs[name, mode]["reason"].startswith("a timed rep on check set")
     assert recs["native", mode]["hygiene"]["rechecked_reps"] == 2
 
 
 def test_a_memo_keyed_on_the_inputs_content_is_timed_computing(hostile):
-    recs, _ = hostile
-    # every timed rep reads inputs drawn afresh, so a memo never hits: the provider computes as
-    # the native path does and is timed doing so
+    recs, _, memo = hostile
+    # every timed rep reads inputs drawn afresh, so a memo never hits one: the provider computes
+    # as the native path does and is timed doing so. It hits only in the two untimed warm-up
+    # calls, which read the gate's inputs again.
     for mode in ("fwd", "fwd_bwd"):
         assert recs["fingerprint_memo", mode]["status"] == "ok"
-        assert len(recs["fingerprint_memo", mode]["samples_ms"]) >= 5
+        samples = recs["fingerprint_memo", mode]["samples_ms"]
+        assert len(samples) >= 5
+        assert memo[mode]["hits"] <= 2 and memo[mode]["calls"] - memo[mode]["hits"] >= len(samples)
 
 
 def test_a_provider_that_patches_the_clock_is_tampered_and_the_next_case_is_not(hostile):
-    recs, probes = hostile
+    recs, probes, _ = hostile
     for mode in ("fwd", "fwd_bwd"):
         assert recs["patch_clock", mode]["status"] == "tampered"
         assert "time.perf_counter_ns" in recs["patch_clock", mode]["reason"]
@@ -94,7 +98,7 @@ def test_a_provider_that_patches_the_clock_is_tampered_and_the_next_case_is_not(
 
 def test_a_provider_that_patches_nvmls_clock_reading_is_tampered(hostile):
     """The reading is a CPU no-op here, but the same patch on a GPU would halve normalised times."""
-    recs, _ = hostile
+    recs, *_ = hostile
     for mode in ("fwd", "fwd_bwd"):
         assert recs["patch_gpu_clock", mode]["status"] == "tampered"
         assert "pynvml.nvmlDeviceGetClockInfo" in recs["patch_gpu_clock", mode]["reason"]
@@ -102,7 +106,7 @@ def test_a_provider_that_patches_nvmls_clock_reading_is_tampered(hostile):
 
 
 def test_a_provider_that_patches_the_gate_is_never_ok(hostile):
-    recs, _ = hostile
+    recs, *_ = hostile
     for mode in ("fwd", "fwd_bwd"):
         assert recs["patch_check", mode]["status"] == "tampered"
         assert "bench.measure.check.passes" in recs["patch_check", mode]["reason"]
@@ -112,7 +116,7 @@ def test_a_provider_that_patches_the_gate_is_never_ok(hostile):
                                           ("raise_hidden_threshold", "bench.measure.timing.HIDDEN_MS")])
 def test_a_provider_that_changes_the_harnesss_data_is_tampered(hostile, name, changed):
     """A wider tolerance would pass its zeros; a higher threshold would let side-stream work escape."""
-    recs, _ = hostile
+    recs, *_ = hostile
     for mode in ("fwd", "fwd_bwd"):
         assert recs[name, mode]["status"] == "tampered"
         assert changed in recs[name, mode]["reason"]
@@ -121,7 +125,7 @@ def test_a_provider_that_changes_the_harnesss_data_is_tampered(hostile, name, ch
 def test_a_provider_that_patches_the_reference_is_judged_against_the_true_one(hostile):
     """The references are computed before the provider is built, so its zeros are wrong against
     them; the patch is seen, and the case after it gets a fresh worker."""
-    recs, _ = hostile
+    recs, *_ = hostile
     for mode in ("fwd", "fwd_bwd"):
         rec = recs["patch_reference", mode]
         assert rec["status"] == "tampered" and "kernels.reference.attention" in rec["reason"]
@@ -130,7 +134,7 @@ def test_a_provider_that_patches_the_reference_is_judged_against_the_true_one(ho
 
 
 def test_a_provider_that_rewires_its_workload_cannot_reach_the_next_case(hostile):
-    recs, _ = hostile
+    recs, *_ = hostile
     for mode in ("fwd", "fwd_bwd"):
         rec = recs["rewire_workload", mode]
         assert rec["status"] == "tampered" and "workload fmha.reference" in rec["reason"]
@@ -151,14 +155,36 @@ def test_a_workload_cannot_be_changed_in_place():
 
 @pytest.mark.parametrize("name,what", [("chdir_root", "cwd"), ("poison_env", "environ")])
 def test_a_changed_directory_or_environment_costs_the_next_case_nothing(hostile, name, what):
-    recs, probes = hostile
+    recs, probes, _ = hostile
     assert what in recs[name, "fwd"]["leaked"]
     assert recs[f"probe_{name}", "fwd"]["status"] == "ok"
     assert all(p["cwd"] != "/" and p["env"] is None for p in probes)
 
 
+def test_a_record_written_into_the_workers_answer_pipe_is_tampered(hostile):
+    """The forged answer names the case the parent waits on, ok and 0.00001 ms; without the nonce
+    it was taken as the case's record, and the worker's own answer, read next, failed the case
+    after it."""
+    recs, *_ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        rec = recs["forge_answer", mode]
+        assert rec["status"] == "tampered" and "answer pipe" in rec["reason"], rec
+        assert not rec["samples_ms"]
+        assert recs["probe_forge_answer", mode]["status"] == "ok"
+
+
+def test_a_thread_that_outlives_its_case_costs_the_next_case_nothing(hostile):
+    recs, probes, _ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs["linger_thread", mode]["status"] == "ok"  # its own work is honest
+        then, now = recs["linger_thread", mode]["leaked"]["threads"]
+        assert now == then + 1
+        assert recs["probe_linger_thread", mode]["status"] == "ok"
+    assert len(probes) == 2 * len(AFTER) and not any("linger" in p["threads"] for p in probes)
+
+
 def test_a_record_the_harness_did_not_write_is_ignored(hostile):
-    recs, _ = hostile
+    recs, *_ = hostile
     assert all(min(r["samples_ms"]) > 1e-4 for r in recs.values() if r["samples_ms"])
     assert len(recs) == 2 * (1 + len(IN_CASE) + 2 * len(AFTER))
 

@@ -108,5 +108,12 @@ def test_the_profiled_program_runs_a_backward_on_its_own_thread(tmp_path):
                           input=json.dumps({"case": case.to_dict()}) + "\n", capture_output=True,
                           text=True, timeout=120, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.splitlines()[-1])["status"] == "ok", done.stdout
+    assert json.loads(done.stdout.splitlines()[-1])["record"]["status"] == "ok", done.stdout
     assert seen.read_text() == "multithreaded backward: False"
+
+
+@pytest.mark.parametrize("answer", [{"nonce": None, "record": {"status": "incorrect", "reason": "off"}},
+                                    {"status": "incorrect", "reason": "off"}])  # an older tree's
+def test_no_kernels_names_the_profiled_cases_failure(answer):
+    out = "==PROF== Connected\n" + json.dumps(answer) + "\n"
+    assert ncu.why_no_kernels(out) == "the profiled run of the case was incorrect: off"

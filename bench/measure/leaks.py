@@ -1,6 +1,6 @@
 """What a case can leave behind in its worker process: torch's global settings, host memory, CUDA
 memory, the working directory, the environment, and the functions the harness times and checks
-with, and processes the case started that still run. A worker compares them after every case with
+with, and processes and Python threads the case started that still run. A worker compares them after every case with
 what it saw when it started, and one that changed is replaced before the next case, so no case's
 result depends on the case before it.
 
@@ -12,6 +12,7 @@ import gc
 import importlib
 import os
 import sys
+import threading
 import time
 
 import psutil
@@ -145,6 +146,15 @@ def end_children(keep: frozenset = frozenset()) -> int:
     return len(procs)
 
 
+def threads() -> frozenset:
+    """Python threads alive now: those `threading` started, and any other running Python code (one
+    from `_thread`), but not the entries `threading` makes for threads it did not start (autograd's
+    device threads, once they have run a Python backward). A case's thread that outlives it could
+    run beside the next case, or patch the harness while that case runs."""
+    named = (t.ident for t in threading.enumerate() if not isinstance(t, threading._DummyThread))
+    return frozenset(named) | frozenset(sys._current_frames())
+
+
 def warm(device: torch.device) -> None:
     """Create the CUDA context and cuBLAS's handle before the clean snapshot, so that the first
     case's share of them (several hundred MB of host memory) is not counted as its leak."""
@@ -165,7 +175,8 @@ def snapshot(device: torch.device) -> dict:
         cuda = torch.cuda.memory_allocated(device)
     return {"settings": settings(), "rss": psutil.Process().memory_info().rss, "cuda": cuda,
             "cwd": os.getcwd(), "environ": dict(os.environ), "harness": harness(),
-            "children": frozenset(p.pid for p in psutil.Process().children(recursive=True))}
+            "children": frozenset(p.pid for p in psutil.Process().children(recursive=True)),
+            "threads": threads()}
 
 
 def changes(clean: dict, device: torch.device) -> dict:
@@ -186,6 +197,8 @@ def changes(clean: dict, device: torch.device) -> dict:
         out["environ"] = env
     if ended:
         out["processes"] = [0, ended]
+    if now["threads"] - clean["threads"]:
+        out["threads"] = [len(clean["threads"]), len(now["threads"])]
     funcs = harness_changes(clean["harness"])
     if funcs:
         out["harness"] = funcs

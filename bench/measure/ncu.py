@@ -204,13 +204,15 @@ def why_no_kernels(output: str) -> str:
 
 
 def _record(line: str) -> dict | None:
-    """The worker's record, where `line` is one."""
+    """The worker's record, where `line` is its answer (older trees answer the bare record)."""
     if not line.startswith("{"):
         return None
     try:
         record = json.loads(line)
     except ValueError:
         return None
+    if isinstance(record, dict) and isinstance(record.get("record"), dict):
+        record = record["record"]
     return record if isinstance(record, dict) and "status" in record else None
 
 

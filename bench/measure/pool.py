@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
+import secrets
 import select
 import shutil
 import signal
@@ -77,11 +79,16 @@ def worker_env(tree: Path = OWN_TREE) -> dict:
 
 
 def _protocol(tree: Path) -> int:
+    """How the worker program of `tree` talks (bench.measure.worker.PROTOCOL; 1 before it)."""
     try:
-        text = (tree / "bench" / "measure" / "worker.py").read_text()
+        found = re.search(r"\nPROTOCOL = (\d+)", (tree / "bench" / "measure" / "worker.py").read_text())
     except OSError:
         return 1
-    return 2 if "\nPROTOCOL = 2" in text else 1
+    return int(found.group(1)) if found else 1
+
+
+FORGED = ("its worker's answer pipe carried a line the worker did not write: something the case ran "
+          "wrote into it")
 
 
 class Worker:
@@ -92,9 +99,10 @@ class Worker:
         self.device, self.tree = device, Path(tree)
         self.python = python or sys.executable
         self.proc, self.scratch = None, None
+        self.protocol = _protocol(self.tree)
 
     def _command(self) -> list[str]:
-        if _protocol(self.tree) == 2:
+        if self.protocol >= 2:
             return [self.python, "-m", "bench.measure.worker", self.device]
         return [self.python, "-c", _LEGACY, self.device]
 
@@ -182,8 +190,11 @@ class Worker:
                 return failure(case, self.device, "crashed",
                                f"worker process did not start within {STARTUP_S:g} s{why}; "
                                "--resume runs it again", started)
+        request = {"case": case.to_dict()}
+        if self.protocol >= 3:
+            request["nonce"] = secrets.token_hex(16)
         try:
-            self.proc.stdin.write((json.dumps({"case": case.to_dict()}) + "\n").encode())
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
         except OSError:
             pass  # it died: the read below says so
@@ -203,8 +214,13 @@ class Worker:
                                started)
             return failure(case, self.device, "timeout",
                            f"no result within {case.timing['timeout_s']:g} s; worker killed", started)
+        if self.protocol >= 3:
+            answer = _unwrap(line, request["nonce"])
+            if answer is None:  # the worker's own answer may follow: it is not asked again
+                self.stop()
+                return failure(case, self.device, "tampered", FORGED, started)
         try:
-            record = parse(json.loads(line))
+            record = parse(answer if self.protocol >= 3 else json.loads(line))
         except (ValueError, SchemaError) as e:
             self.stop()
             return failure(case, self.device, "crashed", f"worker answered no record ({e})"[:300], started)
@@ -220,6 +236,18 @@ class Worker:
         if log and src.exists() and src.stat().st_size:
             shutil.copyfile(src, log)
         src.unlink(missing_ok=True)
+
+
+def _unwrap(text: str, nonce: str):
+    """The record an answer of protocol 3 carries, or None: the worker answers in one line that
+    repeats the request's nonce, so anything else was written by something else."""
+    try:
+        answer = json.loads(text) if "\n" not in text else None
+    except ValueError:
+        return None
+    if not isinstance(answer, dict) or answer.get("nonce") != nonce or "record" not in answer:
+        return None
+    return answer["record"]
 
 
 _held: dict[str, Worker] = {}

@@ -2,9 +2,10 @@
 
 `python -m bench.measure.worker DEVICE` serves cases for every executor (the local pool, Dask,
 A/B, tune, Nsight Compute): it reads one JSON request a line on stdin and answers each with one
-record (bench.results.record) on a private copy of its stdout; whatever a case prints goes to
-`case.log` in the worker's working directory, a scratch directory of the parent's. It exits after
-a case that left it changed (bench.measure.leaks), and the parent starts a fresh one.
+record (bench.results.record) and the request's nonce on a private copy of its stdout; whatever a
+case prints goes to `case.log` in the worker's working directory, a scratch directory of the
+parent's. It exits after a case that left it changed (bench.measure.leaks), and the parent starts
+a fresh one.
 
 `run_case` judges a provider before it times it, on inputs it cannot spoil (docs/isolation.md):
 the reference runs on pristine copies; the provider's inputs must be bit-identical after its call;
@@ -29,7 +30,9 @@ from bench.measure import check, env, leaks, timing
 from bench.measure.sweep import Case
 from bench.results.record import Record, utc_now
 
-PROTOCOL = 2  # what a parent reads in this file to know how to talk to it (older trees: 1)
+# What a parent reads in this file to know how to talk to it. 3: each request carries a nonce, which
+# the answer repeats (2: no nonce; 1: trees from before this program).
+PROTOCOL = 3
 CHECK_SETS = 2  # held-out input sets the timed reps are re-checked on, besides the gate's
 LOG = "case.log"
 # One thread per CPU worker: with two, every op waits at a barrier for both, and on a shared machine
@@ -242,10 +245,12 @@ def captured(path: str):
 
 
 def serve(device_name: str, profiled: bool = False) -> None:
-    """The worker's main loop: one request {"case": ...} a line on stdin, one record
-    a line back; stop at EOF, or after a case that left the process changed (its record says what,
-    under `leaked`). `profiled` (under Nsight Compute): autograd runs a backward on the calling
-    thread, inside the NVTX ranges that aim the profiler, not on a thread of its own."""
+    """The worker's main loop: one request {"case": ..., "nonce": ...} a line on stdin, one answer
+    {"nonce": ..., "record": ...} a line back; stop at EOF, or after a case that left the process
+    changed (its record says what, under `leaked`). The nonce is the parent's proof that an answer
+    came from here: a case can write into the answer pipe, but cannot know what to repeat without
+    reading this process's memory. `profiled` (under Nsight Compute): autograd runs a backward on
+    the calling thread, inside the NVTX ranges that aim the profiler, not on a thread of its own."""
     answer = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # nothing a case prints can reach the answers
     if profiled:
@@ -263,13 +268,14 @@ def serve(device_name: str, profiled: bool = False) -> None:
     print("ready", file=answer, flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        nonce = request.pop("nonce", None)
         with captured(LOG):
             record = run_case(Case.from_dict(request["case"]), device)
         leaked = leaks.changes(clean, device)
         if record["status"] == "tampered":  # what it changed may postdate `clean` (a workload
             leaked.setdefault("harness", [record["reason"]])  # first resolved by that case)
         record["leaked"] = leaked or None
-        print(json.dumps(record, default=str), file=answer, flush=True)
+        print(json.dumps({"nonce": nonce, "record": record}, default=str), file=answer, flush=True)
         if record["leaked"]:
             return
 

@@ -1,0 +1,70 @@
+"""The parent's side of the worker protocol (bench.measure.pool.Worker), against stand-in worker
+programs of a tree's protocol: what it asks, and which answers it takes."""
+import textwrap
+
+import pytest
+
+from bench.measure import pool
+from bench.measure.sweep import Case
+
+# a worker program that answers each request with a record of its case, ok, whose reason lists
+# the request's keys; NONCE says what it repeats back: "echo" the request's, "wrong" another,
+# "none" answers the bare record (protocols 1 and 2)
+STAND_IN = '''"""A stand-in worker."""
+PROTOCOL = {protocol}
+import json, sys
+if __name__ == "__main__":
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        case = request["case"]
+        record = {{k: case[k] for k in ("case_id", "workload", "provider", "baseline", "params", "shape")}}
+        record.update(device=sys.argv[1], status="ok", reason=",".join(sorted(request)))
+        answer = {{"echo": {{"nonce": request.get("nonce"), "record": record}},
+                  "wrong": {{"nonce": "0" * 32, "record": record}}, "none": record}}["{nonce}"]
+        print(json.dumps(answer), flush=True)
+'''
+
+
+def _tree(tmp_path, protocol: int, nonce: str):
+    root = tmp_path / f"tree-{protocol}-{nonce}"
+    (root / "bench" / "measure").mkdir(parents=True)
+    (root / "bench" / "__init__.py").write_text("")
+    (root / "bench" / "measure" / "__init__.py").write_text("")
+    (root / "bench" / "measure" / "worker.py").write_text(
+        textwrap.dedent(STAND_IN.format(protocol=protocol, nonce=nonce)))
+    return root
+
+
+CASE = Case(case_id="c0ffee", workload="fmha", provider="native", baseline="native",
+            params={"seq_len": 13}, shape={"seq_len": 13}, timing={"timeout_s": 60})
+
+
+@pytest.mark.parametrize("protocol,nonce,status,asked", [
+    (3, "echo", "ok", "case,nonce"),
+    (3, "wrong", "tampered", None),  # something other than the worker wrote the answer
+    (3, "none", "tampered", None),
+    (2, "none", "ok", "case"),       # an older tree is asked as it expects, without a nonce
+])
+def test_an_answer_is_taken_only_with_the_requests_nonce(tmp_path, protocol, nonce, status, asked):
+    worker = pool.Worker("cpu", _tree(tmp_path, protocol, nonce))
+    try:
+        first, second = worker.run(CASE), worker.run(CASE)
+    finally:
+        worker.stop()
+    for rec in (first, second):
+        assert rec["status"] == status, rec
+        if asked:
+            assert rec["reason"] == asked
+        else:
+            assert "answer pipe" in rec["reason"]
+
+
+def test_an_answer_is_one_line_with_the_nonce():
+    """A forged line and the worker's own can arrive in one read."""
+    one = '{"nonce": "a", "record": {"x": 1}}'
+    assert pool._unwrap(one, "a") == {"x": 1}
+    assert pool._unwrap(one, "b") is None
+    assert pool._unwrap(f"{one}\n{one}", "a") is None
+    assert pool._unwrap('{"nonce": "a"}', "a") is None
+    assert pool._unwrap("[1, 2]", "a") is None and pool._unwrap("{", "a") is None
