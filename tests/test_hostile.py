@@ -10,10 +10,10 @@ from bench.results import store
 
 IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_after_first",
            "wrong_after_first", "fingerprint_memo", "patch_check", "loosen_tolerance",
-           "raise_hidden_threshold"]
+           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets"]
 # each leaves its worker changed; the probe after it must see a worker as it started
 AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
-         "forge_record", "forge_answer", "linger_thread"]
+         "forge_record", "forge_answer", "linger_thread", "patch_detach"]
 SWEEP = """
 workload: fmha
 baseline: native
@@ -66,8 +66,9 @@ def test_a_provider_that_changes_its_inputs_is_incorrect(hostile, name, says, mo
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("name", ["replay", "stale_buffer", "nan_after_first", "wrong_after_first"])
-def test_a_provider_right_only_on_its_first_call_is_incorrect(hostile, name, mode):
+@pytest.mark.parametrize("name", ["replay", "stale_buffer", "nan_after_first", "wrong_after_first",
+                                  "predict_check_sets"])
+def test_a_provider_right_only_on_some_calls_is_incorrect(hostile, name, mode):
     recs, *_ = hostile
     assert recs[name, mode]["status"] == "incorrect", recs[name, mode]
     assert recs[name, mode]["reason"].startswith("a timed rep on check set")
@@ -120,6 +121,26 @@ def test_a_provider_that_changes_the_harnesss_data_is_tampered(hostile, name, ch
     for mode in ("fwd", "fwd_bwd"):
         assert recs[name, mode]["status"] == "tampered"
         assert changed in recs[name, mode]["reason"]
+
+
+def test_a_tensor_subclass_is_not_judged(hostile):
+    """Its zeros read as right before: its difference with the reference was zero by its own
+    __torch_function__."""
+    recs, *_ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        rec = recs["agreeable_tensor", mode]
+        assert rec["status"] == "error" and "expected plain tensors, got a _Agreeable" in rec["reason"]
+        assert not rec["samples_ms"]
+
+
+def test_a_provider_that_patches_a_tensor_method_is_tampered(hostile):
+    """torch.Tensor.detach made to return zeros: the gate compares zeros with zeros. Before, the
+    case and every later one in that worker read `incorrect`, their inputs looking changed."""
+    recs, *_ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        rec = recs["patch_detach", mode]
+        assert rec["status"] == "tampered" and "torch.Tensor.detach" in rec["reason"], rec
+        assert recs["probe_patch_detach", mode]["status"] == "ok"
 
 
 def test_a_provider_that_patches_the_reference_is_judged_against_the_true_one(hostile):

@@ -20,8 +20,12 @@ DEFAULT_TOLERANCE = {
 
 def _flat(x, name: str = "") -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a tensor, a tuple/list or a dict of them (names from dict keys and
-    positions), so an error can say which tensor it is in."""
+    positions), so an error can say which tensor it is in. Only plain tensors (and parameters) are
+    judged: a subclass's own methods or __torch_function__ could make any difference read zero."""
     if isinstance(x, torch.Tensor):
+        if type(x) not in (torch.Tensor, torch.nn.Parameter):
+            raise TypeError(f"expected plain tensors, got a {type(x).__name__} (a subclass of torch.Tensor) "
+                            f"at output {name or '0'}")
         return [(name or "0", x)]
     if isinstance(x, Mapping):
         return [p for k, v in x.items() for p in _flat(v, f"{name}.{k}" if name else str(k))]

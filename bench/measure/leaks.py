@@ -89,11 +89,10 @@ def harness() -> dict:
             "torch.cuda.Event.elapsed_time": torch.cuda.Event.elapsed_time,
             "torch.cuda.Event.synchronize": torch.cuda.Event.synchronize,
             "torch.cuda._sleep": torch.cuda._sleep, "torch.cuda.current_stream": torch.cuda.current_stream,
-            "torch.equal": torch.equal, "torch.isfinite": torch.isfinite,
-            "torch.Tensor.copy_": torch.Tensor.copy_, "torch.Tensor.double": torch.Tensor.double,
-            "torch.Tensor.norm": torch.Tensor.norm, "torch.Tensor.abs": torch.Tensor.abs,
-            "torch.Tensor.max": torch.Tensor.max, "torch.Tensor.item": torch.Tensor.item,
-            "torch.Tensor.__sub__": torch.Tensor.__sub__}
+            "torch.equal": torch.equal, "torch.isfinite": torch.isfinite}
+    # torch.Tensor's own attributes, and any a case adds: one set there (`detach`, say) shadows the
+    # C type's method for every tensor the gate reads (the C type's own cannot be set)
+    objs.update((f"torch.Tensor.{k}", v) for k, v in vars(torch.Tensor).items())
     try:
         import pynvml
         objs.update((f"pynvml.{k}", f) for k, f in vars(pynvml).items() if k.startswith("nvml") and callable(f))

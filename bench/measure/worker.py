@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import sys
 import time
 import traceback
@@ -49,6 +50,10 @@ def _is_oom(e: BaseException) -> bool:
 
 def _seed(case: Case) -> int:
     return int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16)
+
+
+def _secret_seed() -> None:
+    torch.manual_seed(secrets.randbits(63))
 
 
 def _tensors(x, name: str = ""):
@@ -98,8 +103,12 @@ class Inputs:
 
     def __init__(self, case: Case, device: torch.device, check_sets: int):
         self.case, self.wl, self.device = case, workloads.get(case.workload), device
-        torch.manual_seed(_seed(case))
-        self.sets = [self.wl.make_inputs(case.params, device) for _ in range(1 + check_sets)]
+        torch.manual_seed(_seed(case))  # the gate's set: the same in every run
+        self.sets = [self.wl.make_inputs(case.params, device)]
+        for _ in range(check_sets):
+            self.sets.append(self._draw())
+        if check_sets:  # the generators' state now tells nothing of the held-out sets
+            _secret_seed()
         self.work = _clone(self.sets[0])
         self._refs: dict[int, object] = {}
         self.next_check, self.loaded = 1, 0
@@ -117,7 +126,13 @@ class Inputs:
             _load(self.work, self.sets[self.loaded])
         else:
             self.loaded = None
-            _load(self.work, self.wl.make_inputs(self.case.params, self.device))
+            _load(self.work, self._draw())
+
+    def _draw(self):
+        """Inputs no provider can draw again, as it could those of a seed it can work out (the
+        gate's is the case id's hash), and then know its check sets and store their outputs."""
+        _secret_seed()
+        return self.wl.make_inputs(self.case.params, self.device)
 
 
 def build(case: Case, device: torch.device):
