@@ -156,6 +156,47 @@ def predict_check_sets(params, inputs):
     return run
 
 
+def patch_serializer(params, inputs):
+    """Rewrites every record the worker writes out afterwards through json.dumps as ok, at a
+    hundredth of its times, and notes each it rewrote in BENCH_TEST_SEEN + '.rewritten'."""
+    real = json.dumps
+
+    def dumps(obj, *a, **k):
+        rec = obj.get("record") if isinstance(obj, dict) else None
+        if isinstance(rec, dict) and rec.get("samples_ms"):
+            rec.update(status="ok", reason="", samples_ms=[t / 100 for t in rec["samples_ms"]])
+            with open(os.environ["BENCH_TEST_SEEN"] + ".rewritten", "a") as f:
+                f.write(rec["provider"] + "\n")
+        return real(obj, *a, **k)
+    json.dumps = dumps
+    return _attention(params, inputs)
+
+
+def patch_record(params, inputs):
+    """Replaces the record type's to_dict, through which every record leaves the case, with one
+    that says ok at a hundredth of the times."""
+    from bench.results.record import Record
+
+    real = Record.to_dict
+
+    def to_dict(self):
+        d = real(self)
+        return {**d, "status": "ok", "reason": "", "samples_ms": [t / 100 for t in d["samples_ms"]]}
+    Record.to_dict = to_dict
+    return _attention(params, inputs)
+
+
+def patch_builtin(params, inputs):
+    """Makes zip pair each item of its first list with itself: the timer's start events with
+    themselves, so that on a GPU every rep would time at zero."""
+    import builtins
+
+    real = builtins.zip
+    builtins.zip = lambda *its: real(its[0], its[0]) if len(its) == 2 and isinstance(its[0], list) \
+        else real(*its)
+    return _attention(params, inputs)
+
+
 def patch_clock(params, inputs):
     """Makes the clock run at half speed for the rest of the process."""
     real = time.perf_counter_ns

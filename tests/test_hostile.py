@@ -13,7 +13,8 @@ IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_afte
            "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets"]
 # each leaves its worker changed; the probe after it must see a worker as it started
 AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
-         "forge_record", "forge_answer", "linger_thread", "patch_detach"]
+         "forge_record", "forge_answer", "linger_thread", "patch_detach", "patch_serializer", "patch_record",
+         "patch_builtin"]
 SWEEP = """
 workload: fmha
 baseline: native
@@ -35,7 +36,8 @@ def _providers(names):
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     """One run of every hostile provider, each in the order the sweep names it, forward and
-    forward+backward; (records by (provider, mode), what each probe saw, stderr)."""
+    forward+backward; (records by (provider, mode), what each probe saw, what the memo and the
+    serializer's patch noted)."""
     tmp = tmp_path_factory.mktemp("hostile")
     sweep = tmp / "hostile.yaml"
     sweep.write_text(SWEEP.format(providers=_providers(IN_CASE + AFTER), modes="fwd, fwd_bwd"))
@@ -49,8 +51,10 @@ def hostile(tmp_path_factory):
     records = store.load_run(tmp / "runs" / "latest").records
     lines = (tmp / "seen").read_text().splitlines()
     probes = [json.loads(x) for x in lines if x.startswith('{"builtin_clock"')]
-    memo = {m: json.loads((tmp / f"seen.memo-{m}").read_text()) for m in ("fwd", "fwd_bwd")}
-    return {(r["provider"], r["params"]["mode"]): r for r in records}, probes, memo
+    # what the other providers noted: the memo's hits per mode, and whether a record was rewritten
+    notes = {m: json.loads((tmp / f"seen.memo-{m}").read_text()) for m in ("fwd", "fwd_bwd")}
+    notes["rewritten"] = (tmp / "seen.rewritten").exists()
+    return {(r["provider"], r["params"]["mode"]): r for r in records}, probes, notes
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -143,15 +147,47 @@ def test_a_provider_that_patches_a_tensor_method_is_tampered(hostile):
         assert recs["probe_patch_detach", mode]["status"] == "ok"
 
 
-def test_a_provider_that_patches_the_reference_is_judged_against_the_true_one(hostile):
+def test_a_provider_that_patches_the_reference_is_judged_against_the_true_one(hostile, write_sweep):
     """The references are computed before the provider is built, so its zeros are wrong against
-    them; the patch is seen, and the case after it gets a fresh worker."""
+    them (run in this process, where the case's own record is seen); the patch is seen, and the
+    case after it gets a fresh worker."""
+    import torch
+
+    from bench.measure import sweep, worker
+    from kernels import reference
+
     recs, *_ = hostile
     for mode in ("fwd", "fwd_bwd"):
         rec = recs["patch_reference", mode]
         assert rec["status"] == "tampered" and "kernels.reference.attention" in rec["reason"]
-        assert rec["rel_err"] >= 1 and "harness" in rec["leaked"]
+        assert "harness" in rec["leaked"]
         assert recs["probe_patch_reference", mode]["status"] == "ok"
+    cases = sweep.load(write_sweep(SWEEP.format(providers=_providers(["patch_reference"]), modes="fwd"))).cases
+    real = reference.attention
+    try:
+        rec = worker.run_case(next(c for c in cases if c.provider == "patch_reference"), torch.device("cpu"))
+    finally:
+        reference.attention = real
+    assert rec["status"] == "tampered" and rec["rel_err"] >= 1
+
+
+def test_a_provider_that_rewrites_records_on_their_way_out_cannot(hostile):
+    """json.dumps rewritten: the worker's answers no longer pass through it. The record type's
+    to_dict or a builtin replaced: the case is tampered, and its record is the parent's, so
+    nothing its code made is kept. Before, the first two were ok at a hundredth of their time, and
+    so was every later case in their worker; the builtin went unseen (on a GPU it pairs the
+    timer's start events with themselves)."""
+    recs, _, notes = hostile
+    assert not notes["rewritten"]
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs["patch_serializer", mode]["status"] == "ok"
+        for name, what in [("patch_record", "bench.results.record.Record.to_dict"),
+                           ("patch_builtin", "builtins.zip")]:
+            rec = recs[name, mode]
+            assert rec["status"] == "tampered" and what in rec["reason"], rec
+            assert not rec["samples_ms"] and what in rec["leaked"]["harness"]
+        for name in ("patch_serializer", "patch_record", "patch_builtin"):
+            assert recs[f"probe_{name}", mode]["status"] == "ok"
 
 
 def test_a_provider_that_rewires_its_workload_cannot_reach_the_next_case(hostile):

@@ -9,7 +9,8 @@ from bench.measure.sweep import Case
 
 # a worker program that answers each request with a record of its case, ok, whose reason lists
 # the request's keys; NONCE says what it repeats back: "echo" the request's, "wrong" another,
-# "none" answers the bare record (protocols 1 and 2)
+# "none" answers the bare record (protocols 1 and 2), "tampered" the request's, saying that the
+# case replaced part of the harness (the record beside it is ignored)
 STAND_IN = '''"""A stand-in worker."""
 PROTOCOL = {protocol}
 import json, sys
@@ -21,7 +22,9 @@ if __name__ == "__main__":
         record = {{k: case[k] for k in ("case_id", "workload", "provider", "baseline", "params", "shape")}}
         record.update(device=sys.argv[1], status="ok", reason=",".join(sorted(request)))
         answer = {{"echo": {{"nonce": request.get("nonce"), "record": record}},
-                  "wrong": {{"nonce": "0" * 32, "record": record}}, "none": record}}["{nonce}"]
+                  "wrong": {{"nonce": "0" * 32, "record": record}}, "none": record,
+                  "tampered": {{"nonce": request.get("nonce"), "tampered": ["check.passes"], "record": record}}
+                  }}["{nonce}"]
         print(json.dumps(answer), flush=True)
 '''
 
@@ -44,6 +47,7 @@ CASE = Case(case_id="c0ffee", workload="fmha", provider="native", baseline="nati
     (3, "echo", "ok", "case,nonce"),
     (3, "wrong", "tampered", None),  # something other than the worker wrote the answer
     (3, "none", "tampered", None),
+    (3, "tampered", "tampered", None),  # the parent writes that case's record
     (2, "none", "ok", "case"),       # an older tree is asked as it expects, without a nonce
 ])
 def test_an_answer_is_taken_only_with_the_requests_nonce(tmp_path, protocol, nonce, status, asked):
@@ -56,6 +60,9 @@ def test_an_answer_is_taken_only_with_the_requests_nonce(tmp_path, protocol, non
         assert rec["status"] == status, rec
         if asked:
             assert rec["reason"] == asked
+        elif nonce == "tampered":
+            assert rec["reason"] == "the provider replaced the harness's check.passes"
+            assert rec["leaked"] == {"harness": ["check.passes"]} and not rec["samples_ms"]
         else:
             assert "answer pipe" in rec["reason"]
 
@@ -67,4 +74,6 @@ def test_an_answer_is_one_line_with_the_nonce():
     assert pool._unwrap(one, "b") is None
     assert pool._unwrap(f"{one}\n{one}", "a") is None
     assert pool._unwrap('{"nonce": "a"}', "a") is None
+    assert pool._unwrap('{"nonce": "a", "tampered": ["x"]}', "a") == ["x"]
+    assert pool._unwrap('{"nonce": "a", "tampered": [1]}', "a") is None
     assert pool._unwrap("[1, 2]", "a") is None and pool._unwrap("{", "a") is None

@@ -8,8 +8,10 @@ result depends on the case before it.
 timing or checking function (or its code) is `tampered`, whatever its numbers say."""
 from __future__ import annotations
 
+import builtins
 import gc
 import importlib
+import math
 import os
 import sys
 import threading
@@ -49,13 +51,16 @@ def settings() -> dict:
     }
 
 
-# modules whose functions time, check or record a case, or compute the references it is judged
-# against (the next case's are computed after this case's provider ran); their globals are
-# compared one by one: functions by identity and code, data (a tolerance table, the hidden-work
-# threshold) by value
+# modules whose functions time, check or record a case, compute the references it is judged
+# against (the next case's are computed after this case's provider ran), or read the next case's
+# request and find its workload and provider; their globals are compared one by one: functions
+# by identity and code, data (a tolerance table, the hidden-work threshold) by value
 HARNESS_MODULES = ("bench.measure.timing", "bench.measure.check", "bench.measure.worker",
                    "bench.measure.leaks", "bench.measure.env", "bench.results.stats",
-                   "bench.results.record", "kernels.reference", "bench.workloads.providers")
+                   "bench.results.record", "kernels.reference", "bench.workloads.providers",
+                   "bench.measure.sweep", "bench.workloads")
+WORKING_STATE = {"bench.workloads._loaded"}  # data the harness changes as it works (the workloads
+# resolved so far, each compared on its own under "workload NAME")
 
 
 _DATA = (int, float, str, bytes, tuple, frozenset, dict, list, set, type(None))
@@ -98,6 +103,10 @@ def harness() -> dict:
         objs.update((f"pynvml.{k}", f) for k, f in vars(pynvml).items() if k.startswith("nvml") and callable(f))
     except ImportError:  # no NVML bindings: no readings to protect
         pass
+    # the builtins and math functions the timer and the gate call (a `zip` that paired each start
+    # event with itself would time every rep at zero); one a case adds shadows nothing
+    objs.update((f"builtins.{k}", v) for k, v in vars(builtins).items() if callable(v))
+    objs.update((f"math.{k}", v) for k, v in vars(math).items() if callable(v))
     for wname, wl in workloads.loaded().items():  # what the next case of each is built and judged with
         objs.update({f"workload {wname}.{f}": getattr(wl, f)
                      for f in ("make_inputs", "reference", "flops", "bytes", "providers")})
@@ -108,17 +117,24 @@ def harness() -> dict:
         for attr, v in vars(module).items():
             if callable(v) and getattr(v, "__module__", None) == module.__name__:
                 objs[f"{name}.{attr}"] = v
-            elif isinstance(v, _DATA) and not attr.startswith("__"):
+                if isinstance(v, type):  # its methods, which a case could replace on the class
+                    objs.update((f"{name}.{attr}.{k}", m) for k, m in vars(v).items())
+            elif isinstance(v, _DATA) and not attr.startswith("__") and f"{name}.{attr}" not in WORKING_STATE:
                 values[f"{name}.{attr}"] = repr(v)
     return {**{k: _fn_id(f) for k, f in objs.items()}, **values}
 
 
-def harness_changes(clean: dict) -> list[str]:
+def harness_changes(clean: dict, _harness=harness) -> list[str]:
     """Names of the harness's functions that are not what they were in `clean`; a workload first
-    resolved since is new, not changed."""
-    now = harness()
+    resolved since is new, not changed. `harness` is bound here, where a case cannot rebind it."""
+    now = _harness()
     return sorted(k for k in clean.keys() | now.keys()
-                  if clean.get(k) != now.get(k) and (k in clean or not k.startswith("workload ")))
+                  if clean.get(k) != now.get(k) and (k in clean or not k.startswith(NEW_IS_NOT_CHANGED)))
+
+
+# keys of `harness` that may be new without a case having changed anything: a workload first
+# resolved, a builtin or math function a case added (nothing the harness calls is found there)
+NEW_IS_NOT_CHANGED = ("workload ", "builtins.", "math.")
 
 
 def adopt_orphans() -> None:
@@ -178,7 +194,7 @@ def snapshot(device: torch.device) -> dict:
             "threads": threads()}
 
 
-def changes(clean: dict, device: torch.device) -> dict:
+def changes(clean: dict, device: torch.device, _harness_changes=harness_changes) -> dict:
     """{what: [then, now]} for everything that differs from `clean` beyond its allowance. Processes
     the case left running are ended first (a compile server too: the fresh worker starts its own)."""
     ended = end_children(clean["children"])
@@ -198,7 +214,7 @@ def changes(clean: dict, device: torch.device) -> dict:
         out["processes"] = [0, ended]
     if now["threads"] - clean["threads"]:
         out["threads"] = [len(clean["threads"]), len(now["threads"])]
-    funcs = harness_changes(clean["harness"])
+    funcs = _harness_changes(clean["harness"])
     if funcs:
         out["harness"] = funcs
     return out

@@ -28,7 +28,7 @@ from typing import Callable
 import psutil
 
 from bench.measure.sweep import Case
-from bench.results.record import Record, SchemaError, parse, utc_now
+from bench.results.record import Record, SchemaError, parse, tampered_reason, utc_now
 
 STARTUP_S = 120.0  # allowed for a fresh worker to import torch and say it is ready
 OWN_TREE = Path(__file__).resolve().parents[2]  # the tree this harness runs from
@@ -216,9 +216,12 @@ class Worker:
                            f"no result within {case.timing['timeout_s']:g} s; worker killed", started)
         if self.protocol >= 3:
             answer = _unwrap(line, request["nonce"])
-            if answer is None:  # the worker's own answer may follow: it is not asked again
-                self.stop()
-                return failure(case, self.device, "tampered", FORGED, started)
+            if answer is None or isinstance(answer, list):  # forged, or a case that replaced part of
+                self.stop()                                 # the harness: this worker is not asked again
+                rec = failure(case, self.device, "tampered",
+                              FORGED if answer is None else tampered_reason(answer), started)
+                rec["leaked"] = None if answer is None else {"harness": answer}
+                return rec
         try:
             record = parse(answer if self.protocol >= 3 else json.loads(line))
         except (ValueError, SchemaError) as e:
@@ -239,15 +242,19 @@ class Worker:
 
 
 def _unwrap(text: str, nonce: str):
-    """The record an answer of protocol 3 carries, or None: the worker answers in one line that
-    repeats the request's nonce, so anything else was written by something else."""
+    """What an answer of protocol 3 carries: the case's record, or the names of the harness's parts
+    the case replaced (a list of str); None where it is not the worker's: the worker answers in one
+    line that repeats the request's nonce, so anything else was written by something else."""
     try:
         answer = json.loads(text) if "\n" not in text else None
     except ValueError:
         return None
-    if not isinstance(answer, dict) or answer.get("nonce") != nonce or "record" not in answer:
+    if not isinstance(answer, dict) or answer.get("nonce") != nonce:
         return None
-    return answer["record"]
+    what = answer.get("tampered")
+    if isinstance(what, list) and what and all(isinstance(k, str) for k in what):
+        return what
+    return answer["record"] if isinstance(answer.get("record"), dict) else None
 
 
 _held: dict[str, Worker] = {}

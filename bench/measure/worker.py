@@ -29,7 +29,7 @@ from bench import workloads
 from bench.cli import first_line
 from bench.measure import check, env, leaks, timing
 from bench.measure.sweep import Case
-from bench.results.record import Record, utc_now
+from bench.results.record import Record, tampered_reason, utc_now
 
 # What a parent reads in this file to know how to talk to it. 3: each request carries a nonce, which
 # the answer repeats (2: no nonce; 1: trees from before this program).
@@ -151,9 +151,10 @@ def _judge(out, ref, tol) -> tuple[dict, str | None]:
                  + (f", worst in {err['worst']}" if err.get("worst") else ""))
 
 
-def run_case(case: Case, device: torch.device) -> dict:
+def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_changes) -> dict:
     """Build inputs, check the provider against the reference, then time it, at the case's
-    `timing.hygiene` level. Never raises."""
+    `timing.hygiene` level. Never raises. The tamper check is bound here, where a case cannot
+    rebind it."""
     rec = Record.blank(case, str(device))
     gpu = device.index if device.type == "cuda" else None
     with contextlib.suppress(Exception):  # resolved before the snapshot, which then holds its
@@ -232,10 +233,9 @@ def run_case(case: Case, device: torch.device) -> dict:
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    touched = leaks.harness_changes(clean)
+    touched = _tamper_check(clean)
     if touched and rec.status not in ("skipped",):
-        rec.status = "tampered"
-        rec.reason = f"the provider replaced the harness's {', '.join(touched[:4])}"
+        rec.status, rec.reason, rec.leaked = "tampered", tampered_reason(touched), {"harness": touched}
     rec.ended_utc = utc_now()
     return rec.to_dict()
 
@@ -259,15 +259,32 @@ def captured(path: str):
             os.close(old)
 
 
+def _json_codec():
+    """(encode, decode) made of the json module's C parts, which no case can rebind. A case that
+    replaced json.dumps, or a method of json's encoder, would otherwise rewrite what the worker
+    answers after the tamper check has run: its own record, and every later one."""
+    make, scanner = json.encoder.c_make_encoder, json.scanner.c_make_scanner
+    if make is None or scanner is None:  # an interpreter without them: json's Python code
+        return json.JSONEncoder(default=str).encode, json.JSONDecoder().decode
+    chunks = make(None, str, json.encoder.c_encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    scan, join = scanner(json.JSONDecoder()), "".join
+    return (lambda obj: join(chunks(obj, 0))), (lambda text: scan(text, 0)[0])
+
+
 def serve(device_name: str, profiled: bool = False) -> None:
     """The worker's main loop: one request {"case": ..., "nonce": ...} a line on stdin, one answer
-    {"nonce": ..., "record": ...} a line back; stop at EOF, or after a case that left the process
-    changed (its record says what, under `leaked`). The nonce is the parent's proof that an answer
-    came from here: a case can write into the answer pipe, but cannot know what to repeat without
-    reading this process's memory. `profiled` (under Nsight Compute): autograd runs a backward on
-    the calling thread, inside the NVTX ranges that aim the profiler, not on a thread of its own."""
+    {"nonce": ..., "record": ...} a line back, or {"nonce": ..., "tampered": [what]} for a case
+    that replaced part of the harness (the parent writes its record: nothing made by that case's
+    code is sent); stop at EOF, or after a case that left the process changed (its record says
+    what, under `leaked`). The nonce is the parent's proof that an answer came from here: a case
+    can write into the answer pipe, but cannot know what to repeat without reading this process's
+    memory. What answers is bound here, in locals no case can reach: the codec, the pipe's write
+    and the leak check. `profiled` (under Nsight Compute): autograd runs a backward on the calling
+    thread, inside the NVTX ranges that aim the profiler, not on a thread of its own."""
     answer = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # nothing a case prints can reach the answers
+    encode, decode = _json_codec()
+    write, flush, changes = answer.write, answer.flush, leaks.changes
     if profiled:
         torch.autograd.set_multithreading_enabled(False)
     device = torch.device(device_name)
@@ -280,17 +297,23 @@ def serve(device_name: str, profiled: bool = False) -> None:
     if device.type == "cuda":  # busy_ms's profiler sets TORCHINDUCTOR_CACHE_DIR at its first use
         timing.busy_ms(lambda: torch.ones(1, device=device), device)
     clean = leaks.snapshot(device)
-    print("ready", file=answer, flush=True)
+    write("ready\n")
+    flush()
     for line in sys.stdin:
-        request = json.loads(line)
+        request = decode(line)
         nonce = request.pop("nonce", None)
         with captured(LOG):
             record = run_case(Case.from_dict(request["case"]), device)
-        leaked = leaks.changes(clean, device)
-        if record["status"] == "tampered":  # what it changed may postdate `clean` (a workload
-            leaked.setdefault("harness", [record["reason"]])  # first resolved by that case)
+        leaked = changes(clean, device)
+        # run_case's own check also sees a workload that case resolved first, which `clean` lacks
+        tampered = leaked.get("harness") or (record["status"] == "tampered" and record["leaked"]["harness"])
+        if tampered:
+            write(encode({"nonce": nonce, "tampered": [str(k) for k in tampered]}) + "\n")
+            flush()
+            return
         record["leaked"] = leaked or None
-        print(json.dumps({"nonce": nonce, "record": record}, default=str), file=answer, flush=True)
+        write(encode({"nonce": nonce, "record": record}) + "\n")
+        flush()
         if record["leaked"]:
             return
 

@@ -76,6 +76,11 @@ FIELDS = {f.name for f in fields(Record)}
 REQUIRED = {"case_id", "workload", "provider", "baseline", "params", "shape", "device", "status"}
 
 
+def tampered_reason(names: list[str]) -> str:
+    """The reason of a `tampered` record: the harness's parts its case replaced."""
+    return f"the provider replaced the harness's {', '.join(names[:4])}"
+
+
 def upgrade(d: dict) -> dict:
     """A record of any version this code reads, as a record of SCHEMA_VERSION. Version 1 (no
     `schema_version`) had the same fields less `hygiene`, `rounds` and `host`, which were absent or
