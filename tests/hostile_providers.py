@@ -334,6 +334,15 @@ def linger_thread(params, inputs):
     return _attention(params, inputs)
 
 
+def rewrite_harness(params, inputs):
+    """Appends a line to the gate's source file, which every worker started after it would import."""
+    from bench.measure import check
+
+    with open(check.__file__, "a") as f:
+        f.write("\n# rewritten\n")
+    return _attention(params, inputs)
+
+
 def side_stream(params, inputs):
     """Runs its attention on a stream of its own and returns without joining it: events on the
     current stream never see the work."""

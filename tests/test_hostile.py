@@ -296,3 +296,41 @@ def test_a_changed_input_is_still_named_when_work_escapes_the_stream(write_sweep
     assert rec["status"] == "incorrect", rec
     assert rec["reason"].startswith("the provider changed its input q, k, v in place; work ran outside "
                                     "the current stream (1 ms"), rec["reason"]
+
+
+def test_a_provider_that_rewrites_the_harness_on_disk_stops_the_run(tmp_path, subprocess_env):
+    """Every worker started after it would import the rewritten gate: the case is tampered, the run
+    stops there with one line and exit status 2, and --resume finishes it once the file is back."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TESTS
+
+    tree = tmp_path / "tree"
+    for sub in ("bench", "kernels", "model", "report_templates"):
+        shutil.copytree(ROOT / sub, tree / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    gate = tree / "bench" / "measure" / "check.py"
+    original = gate.read_bytes()
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(SWEEP.format(providers='{name: rewrite_harness, module: "hostile_providers:rewrite_harness"}, '
+                                            '{name: probe, module: "hostile_providers:clock_probe"}', modes="fwd"))
+    env = {**subprocess_env, "PYTHONPATH": os.pathsep.join([str(tree), str(TESTS)]),
+           "BENCH_TEST_SEEN": str(tmp_path / "seen")}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "bench.run", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    done = run(str(sweep), "--out", str(tmp_path / "r"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "bench/measure/check.py changed while the run ran" in last and "--resume" in last, last
+    path = next(p for p in (tmp_path / "r").iterdir() if p.name != "latest")
+    recs = {r["provider"]: r for r in store.read_records(path)}
+    assert recs["native"]["status"] == "ok" and "probe" not in recs
+    assert recs["rewrite_harness"]["status"] == "tampered"
+    assert "bench/measure/check.py" in recs["rewrite_harness"]["reason"]
+    gate.write_bytes(original)
+    done = run("--resume", str(path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {r["provider"]: r for r in store.read_records(path)}["probe"]["status"] == "ok"

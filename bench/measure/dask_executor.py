@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from bench.cli import BadInput, first_line
-from bench.measure.pool import failure, run_isolated
+from bench.measure.pool import TreeChanged, failure, run_isolated
 from bench.measure.sweep import Case
 from bench.results.store import utc_now
 
@@ -109,6 +109,8 @@ def run_cases(client, cases: list[Case], devices: list[str], on_start: Callable[
             case = running.pop(future)
             try:
                 record = future.result()
+            except TreeChanged:  # the cases after would run other code: the run stops here
+                raise
             except Exception as e:
                 record = _lost(case, e)
             on_record(case, record)

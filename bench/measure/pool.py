@@ -27,6 +27,7 @@ from typing import Callable
 
 import psutil
 
+from bench.cli import BadInput
 from bench.measure.sweep import Case
 from bench.results.record import Record, SchemaError, parse, tampered_reason, utc_now
 
@@ -87,6 +88,31 @@ def _protocol(tree: Path) -> int:
     return int(found.group(1)) if found else 1
 
 
+# what a worker of a tree runs besides the provider: the harness, the kernels and their tuned
+# configs, the model, the report's templates
+SOURCES = ("bench", "kernels", "model", "report_templates")
+
+
+class TreeChanged(BadInput):
+    """The files a run's workers import changed while it ran: the cases after would run other code."""
+
+
+def source_state(tree: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime in ns) of every file of `tree`'s SOURCES, by path; compiled caches left out."""
+    state = {}
+    for sub in SOURCES:
+        for path in (tree / sub).rglob("*"):
+            if "__pycache__" not in path.parts and path.is_file():
+                st = path.stat()
+                state[str(path.relative_to(tree))] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+def source_changes(tree: Path, before: dict) -> list[str]:
+    now = source_state(tree)
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
 FORGED = ("its worker's answer pipe carried a line the worker did not write: something the case ran "
           "wrote into it")
 
@@ -100,6 +126,7 @@ class Worker:
         self.python = python or sys.executable
         self.proc, self.scratch = None, None
         self.protocol = _protocol(self.tree)
+        self.sources = source_state(self.tree)
 
     def _command(self) -> list[str]:
         if self.protocol >= 2:
@@ -179,8 +206,27 @@ class Worker:
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.proc = self.scratch = None
 
+    def check_sources(self) -> None:
+        """TreeChanged when the tree's files are not as they were when this worker was made."""
+        changed = source_changes(self.tree, self.sources)
+        if changed:
+            raise TreeChanged(f"{self.tree}: {', '.join(changed[:4])} changed while the run ran; "
+                              "restore the tree (git status shows what)")
+
     def run(self, case: Case, log: str | None = None) -> dict:
-        """The record of `case`; its output is moved to the file `log` when it wrote any."""
+        """The record of `case`; its output is moved to the file `log` when it wrote any. A case
+        during which the tree's files changed is `tampered` (a provider can rewrite the harness's
+        source for every worker started after it), and the next call raises TreeChanged."""
+        self.check_sources()
+        record = self._run(case, log)
+        changed = source_changes(self.tree, self.sources)
+        if changed:
+            self.stop()
+            record.update(status="tampered", samples_ms=[],
+                          reason=f"the tree's files changed while the case ran: {', '.join(changed[:4])}")
+        return record
+
+    def _run(self, case: Case, log: str | None) -> dict:
         started = utc_now()
         if self.proc is None or self.proc.poll() is not None:
             self.stop()
@@ -272,12 +318,14 @@ def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, s
               log_of: Callable[[Case], str]) -> None:
     """Run every case on the first free device slot, its output going to the file log_of(case);
     callbacks are called from slot threads, serialised by one lock. Returns when all cases are done
-    or `stop` is set."""
+    or `stop` is set; raises TreeChanged, once every slot has stopped, when the tree's files changed
+    during the run."""
     todo: queue.Queue[Case] = queue.Queue()
     for c in cases:
         todo.put(c)
     lock = threading.Lock()
     slots = [Worker(d) for d in devices]
+    changed: list[TreeChanged] = []
 
     def drive(slot: Worker):
         try:
@@ -285,7 +333,7 @@ def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, s
                 try:
                     case = todo.get_nowait()
                 except queue.Empty:
-                    return
+                    break
                 with lock:
                     on_start(case, slot.device)
                 record = slot.run(case, log_of(case))
@@ -293,6 +341,10 @@ def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, s
                     return
                 with lock:
                     on_record(case, record)
+            slot.check_sources()
+        except TreeChanged as e:
+            changed.append(e)
+            stop.set()
         finally:
             slot.stop()
 
@@ -307,3 +359,5 @@ def run_cases(cases: list[Case], devices: list[str], on_start: Callable[[Case, s
         stop.set()
         for s in slots:
             s.kill()
+    if changed:
+        raise changed[0]

@@ -138,7 +138,8 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
     """Run `todo` into `writer` with `run_cases` (the local pool, or another executor behind the same
     interface), showing progress through `view(total)`. Returns 0 when the run is complete, 130 when
     it is not; with `strict`, 1 when it is complete but a case failed (incorrect, tampered, error,
-    crashed, timeout, oom)."""
+    crashed, timeout, oom). BadInput when the tree's files changed during the run, once the run
+    is stored."""
     stop = threading.Event()
     t0 = time.time()
     logs = writer.path / store.LOGS
@@ -162,11 +163,14 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
                 return
             shown.finished(case, record)
 
+        changed = None
         try:
             run_cases(todo, devices, shown.started, on_record, stop, log_of)
         except KeyboardInterrupt:
             interrupted = True
             stop.set()
+        except pool.TreeChanged as e:  # the cases after would run other code: stop, keep the run
+            changed = e
         try:
             if unwritable:
                 raise unwritable[0]
@@ -183,6 +187,9 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
             raise BadInput(f"{disk_error(e)}; the records stored so far are kept: finish with "
                            f"--resume {writer.path}") from None
         shown.ended(summary, records)
+    if changed is not None:
+        raise BadInput(f"{changed}; the records stored so far are kept"
+                       + ("" if complete else f": finish with --resume {writer.path}"))
     if not complete:
         print(f"{'interrupted' if interrupted else 'incomplete'}: {len(records)} of "
               f"{writer.meta['cases']} cases stored; finish with --resume {writer.path}", file=sys.stderr)
