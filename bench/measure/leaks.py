@@ -1,8 +1,8 @@
 """What a case can leave behind in its worker process: torch's global settings, host memory, CUDA
-memory, the working directory, the environment, and the functions the harness times and checks
-with, and processes and Python threads the case started that still run. A worker compares them after every case with
-what it saw when it started, and one that changed is replaced before the next case, so no case's
-result depends on the case before it.
+memory, the working directory, the environment, the functions the harness times and checks with,
+and processes and Python threads the case started that still run. A worker compares them after
+every case with what it saw when it started, and one that changed is replaced before the next
+case, so no case's result depends on the case before it.
 
 `harness` is the part a provider must not touch even during its own case: a case that replaced a
 timing or checking function (or its code) is `tampered`, whatever its numbers say."""
@@ -124,6 +124,11 @@ def harness() -> dict:
     return {**{k: _fn_id(f) for k, f in objs.items()}, **values}
 
 
+# keys of `harness` that may be new without a case having changed anything: a workload first
+# resolved, a builtin or math function a case added (nothing the harness calls is found there)
+NEW_IS_NOT_CHANGED = ("workload ", "builtins.", "math.")
+
+
 def harness_changes(clean: dict, _harness=harness) -> list[str]:
     """Names of the harness's functions that are not what they were in `clean`; a workload first
     resolved since is new, not changed. `harness` is bound here, where a case cannot rebind it."""
@@ -131,10 +136,6 @@ def harness_changes(clean: dict, _harness=harness) -> list[str]:
     return sorted(k for k in clean.keys() | now.keys()
                   if clean.get(k) != now.get(k) and (k in clean or not k.startswith(NEW_IS_NOT_CHANGED)))
 
-
-# keys of `harness` that may be new without a case having changed anything: a workload first
-# resolved, a builtin or math function a case added (nothing the harness calls is found there)
-NEW_IS_NOT_CHANGED = ("workload ", "builtins.", "math.")
 
 
 def adopt_orphans() -> None:

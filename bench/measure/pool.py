@@ -101,7 +101,7 @@ def source_state(tree: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime in ns) of every file of `tree`'s SOURCES, by path; compiled caches left out."""
     state = {}
     for sub in SOURCES:
-        for path in (tree / sub).rglob("*"):
+        for path in (tree / sub).rglob("*") if (tree / sub).is_dir() else ():
             if "__pycache__" not in path.parts and path.is_file():
                 st = path.stat()
                 state[str(path.relative_to(tree))] = (st.st_size, st.st_mtime_ns)
