@@ -91,40 +91,37 @@ def test_a_memo_keyed_on_the_inputs_content_is_timed_computing(hostile):
         assert memo[mode]["hits"] <= 2 and memo[mode]["calls"] - memo[mode]["hits"] >= len(samples)
 
 
+def _tampered(recs, name: str, what: str) -> None:
+    """`name`'s cases are tampered for replacing `what`, their workers were replaced, and the
+    probe after each (where the sweep has one) is ok."""
+    for mode in ("fwd", "fwd_bwd"):
+        rec = recs[name, mode]
+        assert rec["status"] == "tampered" and what in rec["reason"], rec
+        assert what in rec["leaked"]["harness"]
+        if name in AFTER:
+            assert recs[f"probe_{name}", mode]["status"] == "ok"
+
+
 def test_a_provider_that_patches_the_clock_is_tampered_and_the_next_case_is_not(hostile):
     recs, probes, _ = hostile
-    for mode in ("fwd", "fwd_bwd"):
-        assert recs["patch_clock", mode]["status"] == "tampered"
-        assert "time.perf_counter_ns" in recs["patch_clock", mode]["reason"]
-        assert "harness" in recs["patch_clock", mode]["leaked"]  # its worker was replaced
-        assert recs["probe_patch_clock", mode]["status"] == "ok"
+    _tampered(recs, "patch_clock", "time.perf_counter_ns")
     assert all(p["builtin_clock"] for p in probes)
 
 
 def test_a_provider_that_patches_nvmls_clock_reading_is_tampered(hostile):
     """The reading is a CPU no-op here, but the same patch on a GPU would halve normalised times."""
-    recs, *_ = hostile
-    for mode in ("fwd", "fwd_bwd"):
-        assert recs["patch_gpu_clock", mode]["status"] == "tampered"
-        assert "pynvml.nvmlDeviceGetClockInfo" in recs["patch_gpu_clock", mode]["reason"]
-        assert recs["probe_patch_gpu_clock", mode]["status"] == "ok"
+    _tampered(hostile[0], "patch_gpu_clock", "pynvml.nvmlDeviceGetClockInfo")
 
 
 def test_a_provider_that_patches_the_gate_is_never_ok(hostile):
-    recs, *_ = hostile
-    for mode in ("fwd", "fwd_bwd"):
-        assert recs["patch_check", mode]["status"] == "tampered"
-        assert "bench.measure.check.passes" in recs["patch_check", mode]["reason"]
+    _tampered(hostile[0], "patch_check", "bench.measure.check.passes")
 
 
 @pytest.mark.parametrize("name,changed", [("loosen_tolerance", "bench.measure.check.DEFAULT_TOLERANCE"),
                                           ("raise_hidden_threshold", "bench.measure.timing.HIDDEN_MS")])
 def test_a_provider_that_changes_the_harnesss_data_is_tampered(hostile, name, changed):
     """A wider tolerance would pass its zeros; a higher threshold would let side-stream work escape."""
-    recs, *_ = hostile
-    for mode in ("fwd", "fwd_bwd"):
-        assert recs[name, mode]["status"] == "tampered"
-        assert changed in recs[name, mode]["reason"]
+    _tampered(hostile[0], name, changed)
 
 
 def test_a_tensor_subclass_is_not_judged(hostile):
@@ -140,11 +137,7 @@ def test_a_tensor_subclass_is_not_judged(hostile):
 def test_a_provider_that_patches_a_tensor_method_is_tampered(hostile):
     """torch.Tensor.detach made to return zeros: the gate compares zeros with zeros. Before, the
     case and every later one in that worker read `incorrect`, their inputs looking changed."""
-    recs, *_ = hostile
-    for mode in ("fwd", "fwd_bwd"):
-        rec = recs["patch_detach", mode]
-        assert rec["status"] == "tampered" and "torch.Tensor.detach" in rec["reason"], rec
-        assert recs["probe_patch_detach", mode]["status"] == "ok"
+    _tampered(hostile[0], "patch_detach", "torch.Tensor.detach")
 
 
 def test_a_provider_that_patches_the_reference_is_judged_against_the_true_one(hostile, write_sweep):
@@ -156,12 +149,7 @@ def test_a_provider_that_patches_the_reference_is_judged_against_the_true_one(ho
     from bench.measure import sweep, worker
     from kernels import reference
 
-    recs, *_ = hostile
-    for mode in ("fwd", "fwd_bwd"):
-        rec = recs["patch_reference", mode]
-        assert rec["status"] == "tampered" and "kernels.reference.attention" in rec["reason"]
-        assert "harness" in rec["leaked"]
-        assert recs["probe_patch_reference", mode]["status"] == "ok"
+    _tampered(hostile[0], "patch_reference", "kernels.reference.attention")
     cases = sweep.load(write_sweep(SWEEP.format(providers=_providers(["patch_reference"]), modes="fwd"))).cases
     real = reference.attention
     try:
@@ -181,22 +169,15 @@ def test_a_provider_that_rewrites_records_on_their_way_out_cannot(hostile):
     assert not notes["rewritten"]
     for mode in ("fwd", "fwd_bwd"):
         assert recs["patch_serializer", mode]["status"] == "ok"
-        for name, what in [("patch_record", "bench.results.record.Record.to_dict"),
-                           ("patch_builtin", "builtins.zip")]:
-            rec = recs[name, mode]
-            assert rec["status"] == "tampered" and what in rec["reason"], rec
-            assert not rec["samples_ms"] and what in rec["leaked"]["harness"]
-        for name in ("patch_serializer", "patch_record", "patch_builtin"):
-            assert recs[f"probe_{name}", mode]["status"] == "ok"
+        assert recs["probe_patch_serializer", mode]["status"] == "ok"
+    for name, what in [("patch_record", "bench.results.record.Record.to_dict"),
+                       ("patch_builtin", "builtins.zip")]:
+        _tampered(recs, name, what)
+        assert not any(recs[name, mode]["samples_ms"] for mode in ("fwd", "fwd_bwd"))
 
 
 def test_a_provider_that_rewires_its_workload_cannot_reach_the_next_case(hostile):
-    recs, *_ = hostile
-    for mode in ("fwd", "fwd_bwd"):
-        rec = recs["rewire_workload", mode]
-        assert rec["status"] == "tampered" and "workload fmha.reference" in rec["reason"]
-        assert "harness" in rec["leaked"]
-        assert recs["probe_rewire_workload", mode]["status"] == "ok"
+    _tampered(hostile[0], "rewire_workload", "workload fmha.reference")
 
 
 def test_a_workload_cannot_be_changed_in_place():
