@@ -429,3 +429,56 @@ def orphan_then_abort(params, inputs):
     """The same, then its worker dies."""
     orphan(params, inputs)
     os.abort()
+
+
+def _memo_of_draws(params, inputs, fix_draws, name):
+    """After `fix_draws()` makes the harness's later draws repeat, draws them itself and stores
+    their output: returned whenever the inputs are those (a hit, counted into BENCH_TEST_SEEN +
+    '.NAME-MODE'), computed for any others (the held-out check sets)."""
+    fn = _attention(params, inputs)
+    fix_draws()
+    known = fmha.make_inputs(params, inputs["q"].device)
+    answer, seen = _attention(params, known)(), {"hits": 0, "calls": 0}
+
+    def run():
+        seen["calls"] += 1
+        hit = torch.equal(inputs["q"], known["q"])
+        seen["hits"] += hit
+        with open(f"{os.environ['BENCH_TEST_SEEN']}.{name}-{params['mode']}", "w") as f:
+            json.dump(seen, f)
+        return answer if hit else fn()
+    return run
+
+
+def fix_secret_seed(params, inputs):
+    """Makes the secret seeds of the timed reps' fresh inputs a constant (secrets and random
+    patched), so that every fresh draw is the same."""
+    import random
+    import secrets
+
+    def fix():
+        secrets.randbits = lambda k: 7
+        random._urandom = lambda n: bytes(n)
+        torch.manual_seed(7)
+    return _memo_of_draws(params, inputs, fix, "fix_secret_seed")
+
+
+def fix_randn(params, inputs):
+    """Makes torch.randn draw the same numbers on every call, so that every fresh draw is the same."""
+    real = torch.randn
+
+    def fix():
+        def randn(*size, generator=None, **kw):
+            return real(*size, generator=torch.Generator(kw.get("device") or "cpu").manual_seed(7), **kw)
+        torch.randn = randn
+    return _memo_of_draws(params, inputs, fix, "fix_randn")
+
+
+def patch_bound_clock(params, inputs):
+    """Halves the clock the timer bound at import, in the timer's own module."""
+    from bench.measure import timing
+
+    real = timing._perf_counter_ns
+    start = real()
+    timing._perf_counter_ns = lambda: start + (real() - start) // 2
+    return _attention(params, inputs)

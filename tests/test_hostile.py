@@ -10,11 +10,11 @@ from bench.results import store
 
 IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_after_first",
            "wrong_after_first", "fingerprint_memo", "patch_check", "loosen_tolerance",
-           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets"]
+           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets", "fix_secret_seed"]
 # each leaves its worker changed; the probe after it must see a worker as it started
 AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
          "forge_record", "forge_answer", "linger_thread", "patch_detach", "patch_serializer", "patch_record",
-         "patch_builtin"]
+         "patch_builtin", "patch_bound_clock", "fix_randn"]
 SWEEP = """
 workload: fmha
 baseline: native
@@ -53,6 +53,8 @@ def hostile(tmp_path_factory):
     probes = [json.loads(x) for x in lines if x.startswith('{"builtin_clock"')]
     # what the other providers noted: the memo's hits per mode, and whether a record was rewritten
     notes = {m: json.loads((tmp / f"seen.memo-{m}").read_text()) for m in ("fwd", "fwd_bwd")}
+    notes.update({(name, m): json.loads((tmp / f"seen.{name}-{m}").read_text())
+                  for name in ("fix_secret_seed", "fix_randn") for m in ("fwd", "fwd_bwd")})
     notes["rewritten"] = (tmp / "seen.rewritten").exists()
     return {(r["provider"], r["params"]["mode"]): r for r in records}, probes, notes
 
@@ -89,6 +91,25 @@ def test_a_memo_keyed_on_the_inputs_content_is_timed_computing(hostile):
         samples = recs["fingerprint_memo", mode]["samples_ms"]
         assert len(samples) >= 5
         assert memo[mode]["hits"] <= 2 and memo[mode]["calls"] - memo[mode]["hits"] >= len(samples)
+
+
+def test_a_provider_that_makes_the_fresh_inputs_repeat_is_timed_computing_or_tampered(hostile):
+    """It patches what draws the timed reps' inputs so that they repeat, stores their output, and
+    computes only for the held-out sets. `secrets` and `random` patched: the harness reads the OS's
+    randomness through its own binding, so the draws never repeat and the memo never hits.
+    torch.randn patched (the memo hit 199 of 204 calls before the case ended): tampered."""
+    recs, _, notes = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs["fix_secret_seed", mode]["status"] == "ok"
+        assert notes["fix_secret_seed", mode]["hits"] == 0
+        assert notes["fix_secret_seed", mode]["calls"] > len(recs["fix_secret_seed", mode]["samples_ms"])
+    _tampered(recs, "fix_randn", "torch.randn")
+
+
+def test_a_provider_that_patches_the_clock_the_timer_bound_is_tampered(hostile):
+    """Before, halving `bench.measure.timing._perf_counter_ns` (the time module's own, bound at
+    import) was unseen: ok, and 2.08x the native path it is."""
+    _tampered(hostile[0], "patch_bound_clock", "bench.measure.timing._perf_counter_ns")
 
 
 def _tampered(recs, name: str, what: str) -> None:

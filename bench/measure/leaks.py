@@ -61,6 +61,12 @@ HARNESS_MODULES = ("bench.measure.timing", "bench.measure.check", "bench.measure
                    "bench.measure.sweep", "bench.workloads")
 WORKING_STATE = {"bench.workloads._loaded"}  # data the harness changes as it works (the workloads
 # resolved so far, each compared on its own under "workload NAME")
+# torch's namespaces that inputs are drawn (a held-out set looks like any other draw only while
+# torch.randn is torch's) and references computed with; torch.manual_seed is left out: torch's
+# compiler replaces it when it first loads, and the harness seeds the generators themselves
+TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch.linalg", "torch.special", "torch.fft",
+                    "torch.autograd")
+REPLACED_BY_TORCH = {"torch.manual_seed"}
 
 
 _DATA = (int, float, str, bytes, tuple, frozenset, dict, list, set, type(None))
@@ -94,7 +100,11 @@ def harness() -> dict:
             "torch.cuda.Event.elapsed_time": torch.cuda.Event.elapsed_time,
             "torch.cuda.Event.synchronize": torch.cuda.Event.synchronize,
             "torch.cuda._sleep": torch.cuda._sleep, "torch.cuda.current_stream": torch.cuda.current_stream,
-            "torch.equal": torch.equal, "torch.isfinite": torch.isfinite}
+            "torch.cuda.init": torch.cuda.init, "torch.default_generator": torch.default_generator}
+    objs.update((f"torch.cuda.default_generators.{i}", g) for i, g in enumerate(torch.cuda.default_generators))
+    for name in TORCH_NAMESPACES:
+        objs.update((f"{name}.{k}", v) for k, v in vars(importlib.import_module(name)).items()
+                    if callable(v) and f"{name}.{k}" not in REPLACED_BY_TORCH)
     # torch.Tensor's own attributes, and any a case adds: one set there (`detach`, say) shadows the
     # C type's method for every tensor the gate reads (the C type's own cannot be set)
     objs.update((f"torch.Tensor.{k}", v) for k, v in vars(torch.Tensor).items())
@@ -115,9 +125,9 @@ def harness() -> dict:
     for name in HARNESS_MODULES:
         module = _module(name)
         for attr, v in vars(module).items():
-            if callable(v) and getattr(v, "__module__", None) == module.__name__:
+            if callable(v):  # its own, and those it bound from elsewhere (the timer's clocks)
                 objs[f"{name}.{attr}"] = v
-                if isinstance(v, type):  # its methods, which a case could replace on the class
+                if isinstance(v, type) and v.__module__ == module.__name__:  # methods a case could replace
                     objs.update((f"{name}.{attr}.{k}", m) for k, m in vars(v).items())
             elif isinstance(v, _DATA) and not attr.startswith("__") and f"{name}.{attr}" not in WORKING_STATE:
                 values[f"{name}.{attr}"] = repr(v)
@@ -125,16 +135,18 @@ def harness() -> dict:
 
 
 # keys of `harness` that may be new without a case having changed anything: a workload first
-# resolved, a builtin or math function a case added (nothing the harness calls is found there)
-NEW_IS_NOT_CHANGED = ("workload ", "builtins.", "math.")
+# resolved, a builtin, math or torch function a case added (nothing the harness calls is found
+# there), the GPUs' generators once CUDA starts; but not an attribute added to torch.Tensor
+NEW_IS_NOT_CHANGED = ("workload ", "builtins.", "math.", "torch.")
+NEW_IS_CHANGED = ("torch.Tensor.",)
 
 
 def harness_changes(clean: dict, _harness=harness) -> list[str]:
     """Names of the harness's functions that are not what they were in `clean`; a workload first
     resolved since is new, not changed. `harness` is bound here, where a case cannot rebind it."""
     now = _harness()
-    return sorted(k for k in clean.keys() | now.keys()
-                  if clean.get(k) != now.get(k) and (k in clean or not k.startswith(NEW_IS_NOT_CHANGED)))
+    return sorted(k for k in clean.keys() | now.keys() if clean.get(k) != now.get(k) and (
+        k in clean or not k.startswith(NEW_IS_NOT_CHANGED) or k.startswith(NEW_IS_CHANGED)))
 
 
 

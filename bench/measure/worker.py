@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import sys
 import time
 import traceback
@@ -48,17 +47,26 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _seed(case: Case) -> int:
+def _case_seed(case: Case) -> int:
     return int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16)
 
 
-def _secret_seed(device: torch.device) -> None:
-    """Seed the generators inputs are drawn from, the CPU's and the case's GPU's, from secret
-    randomness: 1.6 us on a CPU where torch.manual_seed, which visits every backend, takes 59."""
-    seed = secrets.randbits(63)
-    torch.default_generator.manual_seed(seed)
+def _seed(device: torch.device, seed: int, _cpu=torch.default_generator) -> None:
+    """Seed the generators inputs are drawn from, the CPU's and the case's GPU's, through the
+    generators themselves: torch.manual_seed visits every backend (59 us on a CPU, against 1.6),
+    and torch's compiler replaces it when it first loads. The CPU's is bound here; the GPU's, made
+    when CUDA starts, is in the tamper check (bench.measure.leaks)."""
+    _cpu.manual_seed(seed)
     if device.type == "cuda":
-        torch.cuda.manual_seed(seed)  # the current device, which the worker set to the case's
+        torch.cuda.init()
+        torch.cuda.default_generators[torch.cuda.current_device() if device.index is None
+                                      else device.index].manual_seed(seed)
+
+
+def _secret_seed(device: torch.device, _urandom=os.urandom) -> None:
+    """Seed them from the OS's randomness, bound here: a case can patch what `secrets` and `random`
+    read it through, and would then know every later draw."""
+    _seed(device, int.from_bytes(_urandom(8), "little") >> 1)
 
 
 def _tensors(x, name: str = ""):
@@ -108,7 +116,7 @@ class Inputs:
 
     def __init__(self, case: Case, device: torch.device, check_sets: int):
         self.case, self.wl, self.device = case, workloads.get(case.workload), device
-        torch.manual_seed(_seed(case))  # the gate's set: the same in every run
+        _seed(device, _case_seed(case))  # the gate's set: the same in every run
         self.sets = [self.wl.make_inputs(case.params, device)]
         for _ in range(check_sets):
             self.sets.append(self._draw())
