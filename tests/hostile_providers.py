@@ -139,11 +139,11 @@ def predict_check_sets(params, inputs):
     import hashlib
 
     from bench.measure.sweep import _case_id
-    from bench.measure.worker import CHECK_SETS
+    from bench.measure.timing import MAX_CHECKS
 
     case_id = _case_id("fmha", "predict_check_sets", params)
     torch.manual_seed(int(hashlib.sha1(case_id.encode()).hexdigest()[:8], 16))
-    known = [fmha.make_inputs(params, inputs["q"].device) for _ in range(1 + CHECK_SETS)]
+    known = [fmha.make_inputs(params, inputs["q"].device) for _ in range(1 + MAX_CHECKS)]
     answers = [_attention(params, x)() for x in known]
     fn = _attention(params, inputs)
     blank = fn()
@@ -472,6 +472,22 @@ def fix_randn(params, inputs):
             return real(*size, generator=torch.Generator(kw.get("device") or "cpu").manual_seed(7), **kw)
         torch.randn = randn
     return _memo_of_draws(params, inputs, fix, "fix_randn")
+
+
+def honest_while_checked(params, inputs):
+    """Honest, and slow enough (20 ms a call) that the harness's batches were 5 reps, for the gate,
+    the 2 warm-up calls and the first 2 batches, whose last reps the harness used to re-check;
+    after those 13 calls, returns a buffer computed once, at once."""
+    fn, calls = _attention(params, inputs), [0]
+    blank = fn()
+
+    def run():
+        calls[0] += 1
+        if calls[0] > 13:
+            return blank
+        time.sleep(0.02)
+        return fn()
+    return run
 
 
 def patch_bound_clock(params, inputs):

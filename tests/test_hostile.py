@@ -112,6 +112,22 @@ def test_a_provider_that_patches_the_clock_the_timer_bound_is_tampered(hostile):
     _tampered(hostile[0], "patch_bound_clock", "bench.measure.timing._perf_counter_ns")
 
 
+def test_a_provider_right_only_while_the_first_batches_are_checked_is_incorrect(write_sweep):
+    """Honest and slow for its first 13 calls, then a stored buffer: the harness used to check the
+    last rep of the first two batches only, and the later reps made it ok and 180x the native path.
+    Every batch is now checked, on a held-out set no rep read before."""
+    import torch
+
+    from bench.measure import sweep, worker
+
+    text = SWEEP.format(providers=_providers(["honest_while_checked"]), modes="fwd")
+    text = text.replace("max_time_s: 0.05", "max_time_s: 1.0, target_ci: 0.0001")
+    case = next(c for c in sweep.load(write_sweep(text)).cases if c.provider == "honest_while_checked")
+    rec = worker.run_case(case, torch.device("cpu"))
+    # caught in the second batch or the third, by where the check fell in the second
+    assert rec["status"] == "incorrect" and rec["reason"].startswith("a timed rep on check set"), rec
+
+
 def _tampered(recs, name: str, what: str) -> None:
     """`name`'s cases are tampered for replacing `what`, their workers were replaced, and the
     probe after each (where the sweep has one) is ok."""

@@ -51,6 +51,59 @@ def test_measure_times_what_runs_and_stops_on_its_rule():
 
 
 
+@pytest.mark.parametrize("path", ["cpu", "cuda"])
+def test_every_batch_judges_the_rep_that_read_a_held_out_set_as_it_returned_it(monkeypatch, path):
+    """One rep of each batch reads a held-out set, at a position drawn afresh per batch; what it
+    returned is copied right after it, so a provider that reuses its output buffer is judged on
+    that rep's result, not on the last rep's. The GPU path runs on the simulated GPU below."""
+    draws = iter(range(7, 10**6, 5))
+    monkeypatch.setattr(timing, "_urandom", lambda n: next(draws).to_bytes(n, "little"))
+    buf, rep, fed, held, verdicts = torch.zeros(1), [0], [], [], []
+    sim = _SimulatedGPU(0.05, 1e-4)
+    if path == "cuda":
+        sim.install(monkeypatch)
+
+    def fn():  # slow in the 2 warm-up calls only, so that batches are min_reps long
+        rep[0] += 1
+        if path == "cuda":
+            sim.call()
+        else:
+            time.sleep(0.05 if rep[0] <= 2 else 0)
+        buf.fill_(rep[0])
+        return buf
+
+    def hold(out):
+        held.append((fed[-1], out.clone()))
+        return held[-1]
+
+    out = timing.measure(fn, torch.device(path), warmup_ms=0, min_reps=6, max_reps=30,
+                         max_time_s=0.4, target_ci=-1.0, l2_flush=False, cuda_graph=False,
+                         feed=lambda check: fed.append((rep[0] + 1, check)), hold=hold,
+                         verify=lambda h: verdicts.append(h))
+    checked = [f for f in fed if f[1]]
+    assert out["checked"] == len(verdicts) == len(checked) == 5  # 30 reps in batches of 6
+    assert [r for (r, _), _ in verdicts] == [r for r, _ in checked]
+    assert all(int(v.item()) == r for (r, _), v in verdicts)
+    warm = out["warmup_reps"]
+    assert [(r - warm - 1) % 6 for r, _ in checked] == [(7 + 5 * b) % 6 for b in range(5)]
+
+
+def test_a_failed_check_stops_timing_and_a_checked_case_runs_two_batches_at_least():
+    calls = []
+    out = timing.measure(lambda: calls.append(1), torch.device("cpu"), warmup_ms=0, min_reps=3,
+                         max_reps=10**6, max_time_s=1e-6, target_ci=0.5, l2_flush=False,
+                         cuda_graph=False, feed=lambda check: None, hold=lambda out: out,
+                         verify=lambda held: None)
+    assert out["checked"] == 2 and out["stop"] in ("converged", "time_budget")
+    out = timing.measure(lambda: calls.append(1), torch.device("cpu"), warmup_ms=0, min_reps=3,
+                         max_reps=10**6, max_time_s=1.0, target_ci=0.0, l2_flush=False,
+                         cuda_graph=False, feed=lambda check: None, hold=lambda out: out,
+                         verify=lambda held: "wrong")
+    assert out["stop"] == "failed" and out["failed"] == "wrong" and out["checked"] == 1
+    assert timing.checked_batches(0.01) == 2 and timing.checked_batches(0.2) == 4
+    assert timing.checked_batches(60.0) == timing.MAX_CHECKS
+
+
 class _SimulatedGPU:
     """A host clock and one GPU stream, for the timer's CUDA path on any machine: a launch starts
     when both the host has queued it and the GPU has finished what came before; an event completes

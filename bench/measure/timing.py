@@ -14,7 +14,10 @@ had queued all of it; that sample is dropped and the spin doubled.
 Against providers that game a timer (docs/isolation.md): the clocks and CUDA event calls are bound
 here at import, so a provider that patches `time.perf_counter_ns` or `torch.cuda.Event` times
 nothing with them; `feed` puts new inputs in place before every rep (a provider that replays a
-stored result then returns a stale one, which the gate's re-checks see); and each batch ends by
+stored result then returns a stale one, which the gate's re-checks see); one rep of every batch, at a
+position drawn from the OS's randomness, reads a held-out input set it has never seen and its output
+is judged, so a provider right only at first, or only where a check used to fall, is caught; and
+each batch ends by
 waiting for the whole device, so work a provider hides on another stream shows as time after the
 last rep's end event. Where it does, the case is timed again with every rep ending only once the
 whole device is idle."""
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
+import os
 import time
 
 import torch
@@ -36,6 +41,7 @@ _elapsed = torch.cuda.Event.elapsed_time
 _synchronize = torch.cuda.synchronize
 _query = torch.cuda.Event.query
 _spin = torch.cuda._sleep
+_urandom = os.urandom  # the checked rep's position: random.py's source of it can be patched
 # work still running on the device after a batch's last end event was hidden from the events when
 # it is beyond this share of the median rep and this many ms: a host's wake-up from a blocking sync
 # alone measured 0.08-0.15 ms past the idle-device calibration on an H200 host
@@ -50,6 +56,12 @@ except ImportError:  # fall back to torch's NVTX bindings
 # this pause, re-taken; after this many discards in one case the batches are kept and counted
 THROTTLE_PAUSE_S, THROTTLE_RETRIES = 0.1, 5
 _sleep = time.sleep
+
+# reps run in batches of at least this many seconds, each ended by a device-wide wait and, when
+# checked, by judging one of its reps; a checked case's budget is split into at most MAX_CHECKS
+# batches (each checked rep's reference is a cost), and at least MIN_CHECKS run, budget or not
+BATCH_S = 0.05
+MAX_CHECKS, MIN_CHECKS = 8, 2
 
 FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MB)
 SPIN_HZ = 2.0e9  # cycles per second assumed for the spin kernel: at or above current boost clocks
@@ -95,20 +107,21 @@ def _event():
     return _Event(enable_timing=True)
 
 
-def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, probe):
-    """(samples, the last rep's output, ms the device kept working after the last end event, the
-    probe's reading, per rep whether the GPU reached it before the host had queued it whole). With
-    `device_wide`, every rep's end event waits until the whole device is idle. The probe runs once,
-    between two reps in the middle of the batch, while the device works through the queued ones."""
+def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, after, device_wide: bool, probe):
+    """(samples, ms the device kept working after the last end event, the probe's reading, per rep
+    whether the GPU reached it before the host had queued it whole). `feed(i)` runs before rep i and
+    `after(i, output)` after it, both outside its time. With `device_wide`, every rep's end event
+    waits until the whole device is idle. The probe runs once, between two reps in the middle of
+    the batch, while the device works through the queued ones."""
     starts, ends = [_event() for _ in range(n)], [_event() for _ in range(n)]
-    out = reading = None
+    reading = None
     exposed = []
     for i, (s, e) in enumerate(zip(starts, ends)):
         out = None
         if i == n // 2:
             reading = probe()
         if feed is not None:
-            feed(i == n - 1)
+            feed(i)
         if flush is not None:
             flush()
         if spin_cycles:
@@ -120,6 +133,8 @@ def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, 
         _record(e)
         # the spin still running now means the whole rep was queued before the GPU reached it
         exposed.append(bool(spin_cycles) and not device_wide and _query(s))
+        if after is not None and i < n - 1:
+            after(i, out)
     # the host's wake-up after a sync is the gap between two events around an idle device; beyond
     # it, the gap after the last end event is work the events did not see
     idle = [_event(), _event()]
@@ -128,21 +143,34 @@ def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, 
         _record(e)
     _synchronize()
     late = _elapsed(ends[-1], idle[0]) - _elapsed(idle[0], idle[1])
-    return [_elapsed(s, e) for s, e in zip(starts, ends)], out, max(late, 0.0), reading, exposed
+    if after is not None:  # the last rep's, once the gap is read: what it copies is not hidden work
+        after(n - 1, out)
+    return [_elapsed(s, e) for s, e in zip(starts, ends)], max(late, 0.0), reading, exposed
 
 
-def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, device_wide: bool, probe):
-    samples, out, reading = [], None, None
+def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, after, device_wide: bool, probe):
+    samples, reading = [], None
     for i in range(n):
         out = None
         if i == n // 2:
             reading = probe()
         if feed is not None:
-            feed(i == n - 1)
+            feed(i)
         t0 = _perf_counter_ns()
         out = call()
         samples.append((_perf_counter_ns() - t0) / 1e6)
-    return samples, out, 0.0, reading, [False] * n
+        if after is not None:
+            after(i, out)
+    return samples, 0.0, reading, [False] * n
+
+
+def checked_batches(max_time_s: float) -> int:
+    """How many checked batches a time budget holds: the held-out input sets a case draws for it."""
+    return min(MAX_CHECKS, max(MIN_CHECKS, math.ceil(max_time_s / BATCH_S)))
+
+
+def _secret_below(n: int) -> int:
+    return int.from_bytes(_urandom(8), "little") % n
 
 
 def _graph_of(fn, device):
@@ -200,8 +228,7 @@ def busy_ms(call, device: torch.device) -> float | None:
 
 def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps: int,
             max_time_s: float, target_ci: float, l2_flush: bool, cuda_graph: bool,
-            hide_launch: bool = True, feed=None, verify=None, checks: int = 0, probe=None,
-            **_) -> dict:
+            hide_launch: bool = True, feed=None, hold=None, verify=None, probe=None, **_) -> dict:
     """Samples of fn in milliseconds; how many warm-up calls ran; the host's median time to enqueue
     one call (`host_ms`: near or above the median sample, a case is launch-bound); why timing stopped;
     the GPU-busy time of one more call (`busy_ms`); `hidden_ms`, the most work any batch left running
@@ -209,9 +236,11 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     `exposed_reps`, the reps dropped because the GPU reached them before the host had queued them
     whole, and `spin_ms`, the spin they left.
 
-    `feed(last)` runs before each rep, outside its time, to put inputs in place; the last rep of each
-    of the first `checks` batches reads a check set and `verify(output)` judges what it returned:
-    a reason there stops timing and comes back as `failed`.
+    `feed(check)` runs before each rep, outside its time, to put inputs in place. With `verify`, every
+    batch is checked: one rep, at a position the provider cannot know, reads a held-out input set
+    (`check` true), `hold(output)` copies what it returned (and its inputs) right after it, before
+    later reps reuse the buffers, and `verify(held)` judges the copy once the batch is done; a
+    reason there stops timing and comes back as `failed`. `checked` says how many batches were.
 
     `probe()` (bench.measure.env.clock_probe) is read once per batch; with it, `clocks` holds each
     kept batch's rep count and SM clock, the batches discarded because the GPU reported a slowing
@@ -256,18 +285,20 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     discarded = throttled_kept = 0
     start, stop, batches, hidden, suspected, device_wide = _perf_counter(), "max_reps", 0, 0.0, 0, False
     failed = None
+    checking = verify is not None
+    least = MIN_CHECKS if checking else 0  # batches that run, budget or not
+    batch_s = max(BATCH_S, max_time_s / checked_batches(max_time_s)) if checking else BATCH_S
     with nvtx_range("timed"):
-        while len(samples) < max_reps or batches < checks:  # every check runs, budget or not
-            # batches of about 50 ms keep the check cheap and the budget honoured
-            n = int(min(max_reps - len(samples), max(min_reps, 0.05 / per_call)))
-            checking = batches < checks and verify is not None
-            fed = (lambda last, c=checking: feed(last and c)) if feed is not None else None
-            got, out, left, reading, exposed = batch(call, max(n, 1), flush, spin, fed, device_wide,
-                                                     timed_probe)
+        while len(samples) < max_reps or batches < least:
+            n = max(int(min(max_reps - len(samples), max(min_reps, batch_s / per_call))), 1)
+            at = _secret_below(n) if checking else -1
+            held = []
+            fed = (lambda i: feed(i == at)) if feed is not None else None
+            after = (lambda i, out: held.append(hold(out)) if i == at else None) if checking else None
+            got, left, reading, exposed = batch(call, n, flush, spin, fed, after, device_wide, timed_probe)
             batches += 1
             if checking:
-                failed = verify(out)
-            del out
+                failed = verify(held.pop())
             if failed:
                 stop = "failed"
                 break
@@ -295,10 +326,10 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
             samples += got
             batch_reps.append(len(got))
             batch_mhz.append((reading or {}).get("sm_mhz"))
-            if len(samples) >= min_reps and ci_rel(samples) <= target_ci and batches > checks:
+            if len(samples) >= min_reps and ci_rel(samples) <= target_ci and batches >= least:
                 stop = "converged"
                 break
-            if _perf_counter() - start >= max_time_s and batches >= checks:
+            if _perf_counter() - start >= max_time_s and batches >= least:
                 stop = "time_budget"
                 break
     clocks = None if probe is None else {
@@ -307,5 +338,5 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
         "probe_ms": sorted(costs)[len(costs) // 2] * 1e3 if costs else None}
     return {"samples_ms": samples, "clocks": clocks, "warmup_reps": warm, "host_ms": host_s * 1e3, "stop": stop,
             "busy_ms": None if failed else busy_ms(call, device), "hidden_ms": hidden,
-            "device_wide": device_wide, "checked": min(batches, checks) if verify else 0,
+            "device_wide": device_wide, "checked": batches if checking else 0,
             "failed": failed, "exposed_reps": exposed_reps, "spin_ms": spin / SPIN_HZ * 1e3}

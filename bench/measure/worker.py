@@ -9,8 +9,8 @@ a fresh one.
 
 `run_case` judges a provider before it times it, on inputs it cannot spoil (docs/isolation.md):
 the reference runs on pristine copies; the provider's inputs must be bit-identical after its call;
-at hygiene `full`, timed reps read freshly drawn inputs, and the last rep of the first batches reads
-a held-out check set whose output is checked again.
+at hygiene `full`, timed reps read freshly drawn inputs, and one rep of every batch reads a held-out
+set, never seen before, whose output is checked again.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ from bench.results.record import Record, tampered_reason, utc_now
 # What a parent reads in this file to know how to talk to it. 3: each request carries a nonce, which
 # the answer repeats (2: no nonce; 1: trees from before this program).
 PROTOCOL = 3
-CHECK_SETS = 2  # held-out input sets the timed reps are re-checked on, besides the gate's
 LOG = "case.log"
 # One thread per CPU worker: with two, every op waits at a barrier for both, and on a shared machine
 # a descheduled thread made whole runs' medians 100x slower (docs/regressions.md).
@@ -124,7 +123,7 @@ class Inputs:
             _secret_seed(device)
         self.work = _clone(self.sets[0])
         self._refs: dict[int, object] = {}
-        self.next_check, self.loaded = 1, 0
+        self.checked, self.loaded = 0, 0
 
     def reference(self, i: int):
         if i not in self._refs:
@@ -132,14 +131,24 @@ class Inputs:
         return self._refs[i]
 
     def feed(self, check: bool) -> None:
-        """Before a timed rep: the next check set, or inputs drawn afresh."""
-        if check and len(self.sets) > 1:
-            self.loaded = self.next_check
-            self.next_check = self.next_check % (len(self.sets) - 1) + 1
+        """Before a timed rep: a held-out set no rep has read, or inputs drawn afresh. Each held-out
+        set is read once: one read again could be answered from a memo of the first time. Batches
+        discarded by the timer can spend the sets drawn for the budget; one more is drawn then, its
+        reference computed when it is judged."""
+        if check:
+            self.checked += 1
+            if self.checked == len(self.sets):
+                self.sets.append(self._draw())
+            self.loaded = self.checked
             _load(self.work, self.sets[self.loaded])
         else:
             self.loaded = None
             _load(self.work, self._draw())
+
+    def hold(self, out) -> tuple:
+        """Right after a checked rep: which set it read, and copies of what it returned and of its
+        inputs, before the next reps reuse the buffers."""
+        return self.loaded, _clone(out), _clone(self.work)
 
     def _draw(self):
         """Inputs no provider can draw again, as it could those of a seed it can work out (the
@@ -180,7 +189,8 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
         rec.flops = wl.flops(case.params) if wl.flops else None
         rec.bytes = wl.bytes(case.params) if wl.bytes else None
         with timing.nvtx_range(f"case {case.case_id} {case.label}"):
-            x = Inputs(case, device, CHECK_SETS if rotate and wl.rotate else 0)
+            checked = rotate and wl.rotate
+            x = Inputs(case, device, timing.checked_batches(case.timing["max_time_s"]) if checked else 0)
             for i in range(len(x.sets)):  # before the provider exists: nothing it patches reaches them
                 x.reference(i)
             fn = provider_factory(case)(case.params, x.work)
@@ -205,18 +215,17 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
                 rec.status = "incorrect"
             rec.reason = wrong or ""
 
-            def verify(out):
-                """Why the output of a timed rep on a check set is wrong, or None."""
-                changed = _changed(x.work, x.sets[x.loaded])
+            def verify(held):
+                """Why what a timed rep returned for a held-out set is wrong, or None."""
+                i, out, work = held
+                changed = _changed(work, x.sets[i])
                 why = (f"the provider changed its input {', '.join(changed)} in place" if changed
-                       else _judge(out, x.reference(x.loaded), tol)[1])
-                return f"a timed rep on check set {x.loaded}: {why}" if why else None
-            rotating = len(x.sets) > 1
+                       else _judge(out, x.reference(i), tol)[1])
+                return f"a timed rep on check set {i}: {why}" if why else None
             before = env.telemetry(gpu) if gpu is not None else None
             start = time.perf_counter()
-            result = timing.measure(fn, device, **case.timing, feed=x.feed if rotating else None,
-                                    verify=verify if rotating and not wrong else None,
-                                    checks=CHECK_SETS if rotating else 0,
+            result = timing.measure(fn, device, **case.timing, feed=x.feed if checked else None,
+                                    hold=x.hold, verify=verify if checked and not wrong else None,
                                     probe=env.clock_probe(gpu) if gpu is not None else None)
             seconds = time.perf_counter() - start
             after = env.telemetry(gpu) if gpu is not None else None
@@ -227,7 +236,7 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
                              if before or after else None)
             if result["clocks"]:
                 rec.clocks = {**result["clocks"], "ref_mhz": env.max_sm_clock_mhz(gpu)}
-            rec.hygiene = {"level": hygiene, "input_sets": len(x.sets), "fresh_inputs": rotating,
+            rec.hygiene = {"level": hygiene, "input_sets": len(x.sets), "fresh_inputs": checked,
                            "rechecked_reps": result["checked"], "hidden_ms": result["hidden_ms"],
                            "device_wide": result["device_wide"], "exposed_reps": result["exposed_reps"],
                            "spin_ms": result["spin_ms"]}
