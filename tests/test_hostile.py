@@ -10,7 +10,7 @@ from bench.results import store
 
 IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_after_first",
            "wrong_after_first", "fingerprint_memo", "patch_check", "loosen_tolerance",
-           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets", "fix_secret_seed"]
+           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets", "fix_secret_seed", "spot_the_check"]
 # each leaves its worker changed; the probe after it must see a worker as it started
 AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
          "forge_record", "forge_answer", "linger_thread", "patch_detach", "patch_serializer", "patch_record",
@@ -73,7 +73,7 @@ def test_a_provider_that_changes_its_inputs_is_incorrect(hostile, name, says, mo
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("name", ["replay", "stale_buffer", "nan_after_first", "wrong_after_first",
-                                  "predict_check_sets"])
+                                  "predict_check_sets", "spot_the_check"])
 def test_a_provider_right_only_on_some_calls_is_incorrect(hostile, name, mode):
     recs, *_ = hostile
     assert recs[name, mode]["status"] == "incorrect", recs[name, mode]

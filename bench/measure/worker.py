@@ -132,18 +132,19 @@ class Inputs:
 
     def feed(self, check: bool) -> None:
         """Before a timed rep: a held-out set no rep has read, or inputs drawn afresh. Each held-out
-        set is read once: one read again could be answered from a memo of the first time. Batches
-        discarded by the timer can spend the sets drawn for the budget; one more is drawn then, its
-        reference computed when it is judged."""
+        set is read once: one read again could be answered from a memo of the first time. Inputs
+        are drawn either way, so that nothing a provider can see (the generators' state, the time
+        between its calls) tells a checked rep from the others. Batches discarded by the timer can
+        spend the sets drawn for the budget; one more is drawn then, its reference computed when
+        it is judged."""
+        drawn = self._draw()
+        self.loaded = None
         if check:
             self.checked += 1
             if self.checked == len(self.sets):
                 self.sets.append(self._draw())
             self.loaded = self.checked
-            _load(self.work, self.sets[self.loaded])
-        else:
-            self.loaded = None
-            _load(self.work, self._draw())
+        _load(self.work, drawn if self.loaded is None else self.sets[self.loaded])
 
     def hold(self, out) -> tuple:
         """Right after a checked rep: which set it read, and copies of what it returned and of its
