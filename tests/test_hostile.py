@@ -14,7 +14,8 @@ IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_afte
 # each leaves its worker changed; the probe after it must see a worker as it started
 AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
          "forge_record", "forge_answer", "linger_thread", "patch_detach", "patch_serializer", "patch_record",
-         "patch_builtin", "patch_bound_clock", "fix_randn"]
+         "patch_builtin", "patch_bound_clock", "fix_randn", "oneshot_clock", "oneshot_measure",
+         "oneshot_passes", "oneshot_record"]
 SWEEP = """
 workload: fmha
 baseline: native
@@ -110,6 +111,18 @@ def test_a_provider_that_patches_the_clock_the_timer_bound_is_tampered(hostile):
     """Before, halving `bench.measure.timing._perf_counter_ns` (the time module's own, bound at
     import) was unseen: ok, and 2.08x the native path it is."""
     _tampered(hostile[0], "patch_bound_clock", "bench.measure.timing._perf_counter_ns")
+
+
+@pytest.mark.parametrize("name,what", [("oneshot_clock", "bench.measure.timing._perf_counter_ns"),
+                                       ("oneshot_measure", "bench.measure.timing.measure"),
+                                       ("oneshot_passes", "bench.measure.check.passes"),
+                                       ("oneshot_record", "bench.results.record.Record.to_dict")])
+def test_a_name_replaced_until_its_first_call_is_never_called(hostile, name, what):
+    """Each replaces a name the harness called once the provider had run with one that puts the
+    original back when first called, so that nothing looked replaced when the case ended. Before,
+    all four were ok: timed at 1 us, at a hundredth of their time, or right with zeros. The harness
+    now calls what it bound at import: the replacement is never called, and stays to be seen."""
+    _tampered(hostile[0], name, what)
 
 
 def test_a_provider_right_only_while_the_first_batches_are_checked_is_incorrect(write_sweep):
@@ -299,18 +312,18 @@ def test_a_process_a_provider_leaves_behind_ends_with_its_case(tmp_path, name, s
         assert recs[name]["leaked"]["processes"] == [0, 1]
 
 
-def test_a_changed_input_is_still_named_when_work_escapes_the_stream(write_sweep, monkeypatch):
+def test_a_changed_input_is_still_named_when_work_escapes_the_stream(write_sweep):
     """A case both incorrect and timed to a device-wide end says both: the device-wide note used to
     replace why it was incorrect (seen on a GPU that other processes were using)."""
     import torch
 
     from bench.measure import sweep, timing, worker
 
-    real = timing.measure
-    monkeypatch.setattr(timing, "measure", lambda *a, **k: {**real(*a, **k), "device_wide": True,
-                                                             "hidden_ms": 1.0})
+    def measure(*a, **k):
+        return {**timing.measure(*a, **k), "device_wide": True, "hidden_ms": 1.0}
     cases = sweep.load(write_sweep(SWEEP.format(providers=_providers(["zero_inputs"]), modes="fwd"))).cases
-    rec = worker.run_case(next(c for c in cases if c.provider == "zero_inputs"), torch.device("cpu"))
+    rec = worker.run_case(next(c for c in cases if c.provider == "zero_inputs"), torch.device("cpu"),
+                          _measure=measure)
     assert rec["status"] == "incorrect", rec
     assert rec["reason"].startswith("the provider changed its input q, k, v in place; work ran outside "
                                     "the current stream (1 ms"), rec["reason"]

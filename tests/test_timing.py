@@ -57,11 +57,10 @@ def test_every_batch_judges_the_rep_that_read_a_held_out_set_as_it_returned_it(m
     returned is copied right after it, so a provider that reuses its output buffer is judged on
     that rep's result, not on the last rep's. The GPU path runs on the simulated GPU below."""
     draws = iter(range(7, 10**6, 5))
-    monkeypatch.setattr(timing, "_urandom", lambda n: next(draws).to_bytes(n, "little"))
     buf, rep, fed, held, verdicts = torch.zeros(1), [0], [], [], []
     sim = _SimulatedGPU(0.05, 1e-4)
-    if path == "cuda":
-        sim.install(monkeypatch)
+    prims = sim.install(monkeypatch) if path == "cuda" else timing.PRIMITIVES
+    prims = (*prims[:-1], lambda n: next(draws).to_bytes(n, "little"))
 
     def fn():  # slow in the 2 warm-up calls only, so that batches are min_reps long
         rep[0] += 1
@@ -79,7 +78,7 @@ def test_every_batch_judges_the_rep_that_read_a_held_out_set_as_it_returned_it(m
     out = timing.measure(fn, torch.device(path), warmup_ms=0, min_reps=6, max_reps=30,
                          max_time_s=0.4, target_ci=-1.0, l2_flush=False, cuda_graph=False,
                          feed=lambda check: fed.append((rep[0] + 1, check)), hold=hold,
-                         verify=lambda h: verdicts.append(h))
+                         verify=lambda h: verdicts.append(h), prims=prims)
     checked = [f for f in fed if f[1]]
     assert out["checked"] == len(verdicts) == len(checked) == 5  # 30 reps in batches of 6
     assert [r for (r, _), _ in verdicts] == [r for r, _ in checked]
@@ -124,6 +123,7 @@ class _SimulatedGPU:
             self.launch(5e-6)
 
     def install(self, monkeypatch):
+        """The timer's primitives on this GPU, to pass as `measure(prims=...)`."""
         sim = self
 
         class Event:
@@ -138,11 +138,11 @@ class _SimulatedGPU:
         def synchronize(*_):
             sim.now = max(sim.now, sim.free)
 
-        for name, value in dict(_Event=Event, _record=record, _query=lambda ev: sim.now >= ev.at,
-                                _elapsed=lambda a, b: (b.at - a.at) * 1e3, _synchronize=synchronize,
-                                _spin=lambda cycles: sim.launch(cycles / timing.SPIN_HZ),
-                                _perf_counter=lambda: sim.now, busy_ms=lambda *_: None).items():
-            monkeypatch.setattr(timing, name, value)
+        for name, value in dict(_synchronize=synchronize, busy_ms=lambda *_: None).items():
+            monkeypatch.setattr(timing, name, value)  # the warm-up's sync, and what follows timing
+        return (None, lambda: sim.now, Event, record, lambda a, b: (b.at - a.at) * 1e3, synchronize,
+                lambda ev: sim.now >= ev.at, lambda cycles: sim.launch(cycles / timing.SPIN_HZ),
+                timing.PRIMITIVES[-1])
 
 
 @pytest.mark.parametrize("timed_host_us", [100, 300])
@@ -152,9 +152,9 @@ def test_a_rep_the_gpu_reached_before_the_host_had_queued_it_is_dropped(monkeypa
     time the host; they are dropped, the spin doubles, and what is kept is the GPU's 20 us. Where
     the host keeps its pace, no rep is dropped."""
     sim = _SimulatedGPU(100e-6, timed_host_us * 1e-6)
-    sim.install(monkeypatch)
     out = timing.measure(sim.call, torch.device("cuda"), warmup_ms=1, min_reps=5, max_reps=60,
-                         max_time_s=10.0, target_ci=0.0, l2_flush=False, cuda_graph=False)
+                         max_time_s=10.0, target_ci=0.0, l2_flush=False, cuda_graph=False,
+                         prims=sim.install(monkeypatch))
     assert len(out["samples_ms"]) == 60
     assert out["samples_ms"] == pytest.approx([0.020] * 60, abs=1e-6)
     assert out["host_ms"] == pytest.approx(0.100, rel=0.05)
@@ -165,14 +165,13 @@ def test_a_rep_the_gpu_reached_before_the_host_had_queued_it_is_dropped(monkeypa
         assert out["exposed_reps"] == 60 and out["spin_ms"] == pytest.approx(2 * sized, rel=1e-3)
 
 
-def test_peak_memory_is_not_read_on_a_cpu():
-    with timing.PeakMemory(torch.device("cpu")) as peak:
-        torch.ones(1000)
-    assert peak.extra_mib is None
+def test_the_first_calls_memory_is_not_read_on_a_cpu():
+    out, ms, extra_mib = timing.first_call(lambda: torch.ones(1000), torch.device("cpu"))
+    assert out.numel() == 1000 and ms > 0 and extra_mib is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU is visible to torch")
-def test_peak_memory_is_the_working_memory_of_the_call():
+def test_the_first_calls_memory_is_its_working_memory():
     """A call that holds a 64 MiB temporary and returns 1 MiB: 64 MiB, counting neither its input
     nor what it returned."""
     dev = torch.device("cuda")
@@ -182,7 +181,5 @@ def test_peak_memory_is_the_working_memory_of_the_call():
         tmp = torch.empty(16 << 20, device=dev)  # 64 MiB of working memory
         tmp.fill_(1.0)
         return x + tmp[:1 << 18]
-    with timing.PeakMemory(dev) as peak:
-        out = call()
-        torch.cuda.synchronize()
-    assert out.numel() == 1 << 18 and peak.extra_mib == 64.0
+    out, _, extra_mib = timing.first_call(call, dev)
+    assert out.numel() == 1 << 18 and extra_mib == 64.0

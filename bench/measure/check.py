@@ -4,10 +4,16 @@ Used by the harness before timing and by the kernel parity tests, so both judge 
 """
 from __future__ import annotations
 
+import builtins
 import math
 from collections.abc import Mapping
 
 import torch
+
+# this module's own builtins, and its helpers bound as default arguments: the worker judges with
+# them after a provider has run, and a provider that replaced a name, even for a moment, must not
+# be judged by its replacement (docs/isolation.md)
+__builtins__ = dict(vars(builtins))
 
 # default (atol, rtol) per input dtype; a sweep's `tolerance:` block overrides them
 DEFAULT_TOLERANCE = {
@@ -18,23 +24,32 @@ DEFAULT_TOLERANCE = {
 }
 
 
-def _flat(x, name: str = "") -> list[tuple[str, torch.Tensor]]:
+def _flat(x, _tensor=torch.Tensor, _plain=(torch.Tensor, torch.nn.Parameter),
+          _mapping=Mapping) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a tensor, a tuple/list or a dict of them (names from dict keys and
     positions), so an error can say which tensor it is in. Only plain tensors (and parameters) are
     judged: a subclass's own methods or __torch_function__ could make any difference read zero."""
-    if isinstance(x, torch.Tensor):
-        if type(x) not in (torch.Tensor, torch.nn.Parameter):
-            raise TypeError(f"expected plain tensors, got a {type(x).__name__} (a subclass of torch.Tensor) "
-                            f"at output {name or '0'}")
-        return [(name or "0", x)]
-    if isinstance(x, Mapping):
-        return [p for k, v in x.items() for p in _flat(v, f"{name}.{k}" if name else str(k))]
-    if isinstance(x, (list, tuple)):
-        return [p for i, v in enumerate(x) for p in _flat(v, f"{name}.{i}" if name else str(i))]
-    raise TypeError(f"expected a tensor, or a tuple or dict of tensors, got {type(x).__name__}")
+    pairs = []
+
+    def walk(x, name):
+        if isinstance(x, _tensor):
+            if type(x) not in _plain:
+                raise TypeError(f"expected plain tensors, got a {type(x).__name__} (a subclass of "
+                                f"torch.Tensor) at output {name or '0'}")
+            pairs.append((name or "0", x))
+        elif isinstance(x, _mapping):
+            for k, v in x.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{name}.{i}" if name else str(i))
+        else:
+            raise TypeError(f"expected a tensor, or a tuple or dict of tensors, got {type(x).__name__}")
+    walk(x, "")
+    return pairs
 
 
-def errors(out, ref) -> dict:
+def errors(out, ref, _flat=_flat, _isfinite=torch.isfinite, _sqrt=math.sqrt, _inf=math.inf) -> dict:
     """How far `out` is from `ref`, judged tensor by tensor so that no tensor hides in the others
     (a wrong gradient of one layer among 150 tensors must show):
 
@@ -54,11 +69,11 @@ def errors(out, ref) -> dict:
     outs, refs = _flat(out), _flat(ref)
     if [n for n, _ in outs] != [n for n, _ in refs] or any(
             o.shape != r.shape for (_, o), (_, r) in zip(outs, refs)):
-        return {"max_abs": math.inf, "rel": math.inf, "worst": None}
+        return {"max_abs": _inf, "rel": _inf, "worst": None}
     pairs = [(n, o.detach().double(), r.detach().double()) for (n, o), (_, r) in zip(outs, refs)]
-    bad = next((n for n, o, _ in pairs if not torch.isfinite(o).all()), None)
+    bad = next((n for n, o, _ in pairs if not _isfinite(o).all()), None)
     if bad is not None:
-        return {"max_abs": math.inf, "rel": math.inf, "worst": bad}
+        return {"max_abs": _inf, "rel": _inf, "worst": bad}
     group = lambda name: name.split(".")[0] if "." in name else ""  # noqa: E731
     sums: dict[str, list[float]] = {}
     for name, _, r in pairs:
@@ -68,13 +83,13 @@ def errors(out, ref) -> dict:
     max_abs, rel, worst = 0.0, 0.0, None
     for name, o, r in pairs:
         total_sq, count = sums[group(name)]
-        typical = math.sqrt(total_sq / max(count, 1))
+        typical = _sqrt(total_sq / max(count, 1))
         if not o.numel():
             continue
         d = o - r
         r_norm = r.norm().item()
-        max_abs = max(max_abs, d.abs().max().item() / max(1.0, r_norm / math.sqrt(r.numel())))
-        scale = max(r_norm, typical * math.sqrt(r.numel()))
+        max_abs = max(max_abs, d.abs().max().item() / max(1.0, r_norm / _sqrt(r.numel())))
+        scale = max(r_norm, typical * _sqrt(r.numel()))
         t_rel = d.norm().item() / scale if scale > 0 else d.norm().item()
         if worst is None or t_rel > rel:
             rel, worst = t_rel, name

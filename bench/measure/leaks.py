@@ -22,6 +22,10 @@ import torch
 
 from bench import workloads
 
+# this module's own builtins, and what the checks call bound as default arguments: a case that
+# replaced one of those names and put it back before its case ended must not be checked with it
+__builtins__ = dict(vars(builtins))
+
 # host memory a worker may grow by: allocator caches and lazy library init; on a GPU the libraries
 # that load at their first use (cuDNN, NVRTC, Triton, the cuTile compiler's modules) add more: a
 # worker on an H100 grew by 730 MB over its first cases with no leak, its CUDA context excluded
@@ -86,7 +90,8 @@ def _module(name: str):
     return importlib.import_module(name)
 
 
-def harness() -> dict:
+def _harness(_fn_id=_fn_id, _module=_module, _import=importlib.import_module,
+             _loaded=workloads.loaded) -> dict:
     """Identities of the clocks, CUDA timing calls, comparison ops and harness functions a case is
     measured and judged with; the values of the harness modules' data; the functions and providers
     of each workload resolved so far; and NVML's calls, through which come the per-batch SM clock
@@ -101,9 +106,10 @@ def harness() -> dict:
             "torch.cuda.Event.synchronize": torch.cuda.Event.synchronize,
             "torch.cuda._sleep": torch.cuda._sleep, "torch.cuda.current_stream": torch.cuda.current_stream,
             "torch.cuda.init": torch.cuda.init, "torch.default_generator": torch.default_generator}
-    objs.update((f"torch.cuda.default_generators.{i}", g) for i, g in enumerate(torch.cuda.default_generators))
+    objs.update((f"torch.cuda.default_generators.{i}", g)
+                for i, g in enumerate(torch.cuda.default_generators))
     for name in TORCH_NAMESPACES:
-        objs.update((f"{name}.{k}", v) for k, v in vars(importlib.import_module(name)).items()
+        objs.update((f"{name}.{k}", v) for k, v in vars(_import(name)).items()
                     if callable(v) and f"{name}.{k}" not in REPLACED_BY_TORCH)
     # torch.Tensor's own attributes, and any a case adds: one set there (`detach`, say) shadows the
     # C type's method for every tensor the gate reads (the C type's own cannot be set)
@@ -117,7 +123,7 @@ def harness() -> dict:
     # event with itself would time every rep at zero); one a case adds shadows nothing
     objs.update((f"builtins.{k}", v) for k, v in vars(builtins).items() if callable(v))
     objs.update((f"math.{k}", v) for k, v in vars(math).items() if callable(v))
-    for wname, wl in workloads.loaded().items():  # what the next case of each is built and judged with
+    for wname, wl in _loaded().items():  # what the next case of each is built and judged with
         objs.update({f"workload {wname}.{f}": getattr(wl, f)
                      for f in ("make_inputs", "reference", "flops", "bytes", "providers")})
         objs.update((f"workload {wname}.providers.{p}", factory) for p, factory in wl.providers.items())
@@ -131,7 +137,22 @@ def harness() -> dict:
                     objs.update((f"{name}.{attr}.{k}", m) for k, m in vars(v).items())
             elif isinstance(v, _DATA) and not attr.startswith("__") and f"{name}.{attr}" not in WORKING_STATE:
                 values[f"{name}.{attr}"] = repr(v)
+        own = vars(module).get("__builtins__")
+        if isinstance(own, dict) and own is not vars(builtins):  # the module's own copy of them
+            objs.update((f"{name}.__builtins__.{k}", v) for k, v in own.items() if callable(v))
     return {**{k: _fn_id(f) for k, f in objs.items()}, **values}
+
+
+def harness(_harness=_harness) -> dict:
+    """`_harness` without the cyclic garbage collector, which its thousands of small tuples would
+    otherwise wake to scan torch's objects: 1.4 against 7.3 ms a call on a 2-core CPU."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _harness()
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # keys of `harness` that may be new without a case having changed anything: a workload first
@@ -160,27 +181,28 @@ def adopt_orphans() -> None:
         pass
 
 
-def end_children(keep: frozenset = frozenset()) -> int:
+def end_children(keep: frozenset = frozenset(), _process=psutil.Process, _wait=psutil.wait_procs) -> int:
     """Kill every descendant of this process but `keep` (pids), and reap them; how many there were.
     A case's child must not outlive it: it could hold the worker's pipes, or run beside the next
     case."""
-    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
+    procs = [p for p in _process().children(recursive=True) if p.pid not in keep]
     for p in procs:
         try:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(procs, timeout=5)
+    _wait(procs, timeout=5)
     return len(procs)
 
 
-def threads() -> frozenset:
+def threads(_enumerate=threading.enumerate, _dummy=threading._DummyThread,
+            _frames=sys._current_frames) -> frozenset:
     """Python threads alive now: those `threading` started, and any other running Python code (one
     from `_thread`), but not the entries `threading` makes for threads it did not start (autograd's
     device threads, once they have run a Python backward). A case's thread that outlives it could
     run beside the next case, or patch the harness while that case runs."""
-    named = (t.ident for t in threading.enumerate() if not isinstance(t, threading._DummyThread))
-    return frozenset(named) | frozenset(sys._current_frames())
+    named = (t.ident for t in _enumerate() if not isinstance(t, _dummy))
+    return frozenset(named) | frozenset(_frames())
 
 
 def warm(device: torch.device) -> None:
@@ -191,7 +213,8 @@ def warm(device: torch.device) -> None:
         (a @ a).sum().item()
 
 
-def snapshot(device: torch.device) -> dict:
+def snapshot(device: torch.device, _settings=settings, _threads=threads, _harness=harness,
+             _process=psutil.Process, _getcwd=os.getcwd, _environ=os.environ) -> dict:
     """The state to compare against: settings, host RSS and CUDA memory allocated, the latter once
     reference cycles (a captured graph and the closures around it) are collected."""
     gc.collect()
@@ -201,17 +224,18 @@ def snapshot(device: torch.device) -> dict:
         # not a case's (on an H100 every case that used a new stream "leaked" 32 MB of it)
         getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
         cuda = torch.cuda.memory_allocated(device)
-    return {"settings": settings(), "rss": psutil.Process().memory_info().rss, "cuda": cuda,
-            "cwd": os.getcwd(), "environ": dict(os.environ), "harness": harness(),
-            "children": frozenset(p.pid for p in psutil.Process().children(recursive=True)),
-            "threads": threads()}
+    return {"settings": _settings(), "rss": _process().memory_info().rss, "cuda": cuda,
+            "cwd": _getcwd(), "environ": dict(_environ), "harness": _harness(),
+            "children": frozenset(p.pid for p in _process().children(recursive=True)),
+            "threads": _threads()}
 
 
-def changes(clean: dict, device: torch.device, _harness_changes=harness_changes) -> dict:
+def changes(clean: dict, device: torch.device, _harness_changes=harness_changes,
+            _end_children=end_children, _snapshot=snapshot) -> dict:
     """{what: [then, now]} for everything that differs from `clean` beyond its allowance. Processes
     the case left running are ended first (a compile server too: the fresh worker starts its own)."""
-    ended = end_children(clean["children"])
-    now = snapshot(device)
+    ended = _end_children(clean["children"])
+    now = _snapshot(device)
     out = {k: [v, now["settings"][k]] for k, v in clean["settings"].items() if now["settings"][k] != v}
     if now["rss"] - clean["rss"] > RSS_ALLOWANCE[device.type]:
         out["rss_mb"] = [clean["rss"] >> 20, now["rss"] >> 20]

@@ -11,18 +11,20 @@ that wakes late, a slower host), so the spin is not trusted to cover it: once a 
 host asks whether its start event has passed. If it has, the GPU reached the rep before the host
 had queued all of it; that sample is dropped and the spin doubled.
 
-Against providers that game a timer (docs/isolation.md): the clocks and CUDA event calls are bound
-here at import, so a provider that patches `time.perf_counter_ns` or `torch.cuda.Event` times
-nothing with them; `feed` puts new inputs in place before every rep (a provider that replays a
-stored result then returns a stale one, which the gate's re-checks see); one rep of every batch, at a
-position drawn from the OS's randomness, reads a held-out input set it has never seen and its output
-is judged, so a provider right only at first, or only where a check used to fall, is caught; and
-each batch ends by
-waiting for the whole device, so work a provider hides on another stream shows as time after the
-last rep's end event. Where it does, the case is timed again with every rep ending only once the
-whole device is idle."""
+Against providers that game a timer (docs/isolation.md): the clocks, CUDA event calls and batch
+loops are bound at import where no name reaches them (`PRIMITIVES`, default arguments, and this
+module's own copy of the builtins), so a provider that replaces `time.perf_counter_ns`,
+`torch.cuda.Event` or this module's names, even for a moment, times nothing with them; `feed` puts
+new inputs in place before every rep (a provider that replays a stored result then returns a stale
+one, which the gate's re-checks see); one rep of every batch, at a position drawn from the OS's
+randomness, reads a held-out input set it has never seen and its output is judged, so a provider
+right only at first, or only where a check used to fall, is caught; and each batch ends by waiting
+for the whole device, so work a provider hides on another stream shows as time after the last
+rep's end event. Where it does, the case is timed again with every rep ending only once the whole
+device is idle."""
 from __future__ import annotations
 
+import builtins
 import collections
 import contextlib
 import math
@@ -33,15 +35,16 @@ import torch
 
 from bench.results.stats import ci_rel
 
-_perf_counter = time.perf_counter
-_perf_counter_ns = time.perf_counter_ns
-_Event = torch.cuda.Event
-_record = torch.cuda.Event.record
-_elapsed = torch.cuda.Event.elapsed_time
-_synchronize = torch.cuda.synchronize
-_query = torch.cuda.Event.query
-_spin = torch.cuda._sleep
-_urandom = os.urandom  # the checked rep's position: random.py's source of it can be patched
+__builtins__ = dict(vars(builtins))  # this module's own: a case that replaces zip does not reach it
+
+# what a sample is made of, in one tuple bound as a default argument of `measure`: a case that
+# replaces one of these names, or this module's, is never timed with it, even one that puts the
+# original back before the case ends. The last is the OS's randomness (the checked rep's place),
+# which `random` and `secrets` read through a name a case can patch.
+PRIMITIVES = (time.perf_counter_ns, time.perf_counter, torch.cuda.Event, torch.cuda.Event.record,
+              torch.cuda.Event.elapsed_time, torch.cuda.synchronize, torch.cuda.Event.query,
+              torch.cuda._sleep, os.urandom)
+_perf_counter_ns, _perf_counter, _Event, _record, _elapsed, _synchronize, _query, _spin, _ = PRIMITIVES
 # work still running on the device after a batch's last end event was hidden from the events when
 # it is beyond this share of the median rep and this many ms: a host's wake-up from a blocking sync
 # alone measured 0.08-0.15 ms past the idle-device calibration on an H200 host
@@ -103,17 +106,15 @@ def _l2_flush(device: torch.device):
     return flush
 
 
-def _event():
-    return _Event(enable_timing=True)
-
-
-def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, after, device_wide: bool, probe):
+def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, after, device_wide: bool, probe, prims):
     """(samples, ms the device kept working after the last end event, the probe's reading, per rep
     whether the GPU reached it before the host had queued it whole). `feed(i)` runs before rep i and
     `after(i, output)` after it, both outside its time. With `device_wide`, every rep's end event
     waits until the whole device is idle. The probe runs once, between two reps in the middle of
     the batch, while the device works through the queued ones."""
-    starts, ends = [_event() for _ in range(n)], [_event() for _ in range(n)]
+    _, _, event, _record, _elapsed, _synchronize, _query, _spin, _ = prims
+    starts = [event(enable_timing=True) for _ in range(n)]
+    ends = [event(enable_timing=True) for _ in range(n)]
     reading = None
     exposed = []
     for i, (s, e) in enumerate(zip(starts, ends)):
@@ -137,7 +138,7 @@ def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, after, device_wide:
             after(i, out)
     # the host's wake-up after a sync is the gap between two events around an idle device; beyond
     # it, the gap after the last end event is work the events did not see
-    idle = [_event(), _event()]
+    idle = [event(enable_timing=True), event(enable_timing=True)]
     for e in idle:
         _synchronize()
         _record(e)
@@ -148,7 +149,8 @@ def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, after, device_wide:
     return [_elapsed(s, e) for s, e in zip(starts, ends)], max(late, 0.0), reading, exposed
 
 
-def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, after, device_wide: bool, probe):
+def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, after, device_wide: bool, probe, prims):
+    _perf_counter_ns = prims[0]
     samples, reading = [], None
     for i in range(n):
         out = None
@@ -169,10 +171,6 @@ def checked_batches(max_time_s: float) -> int:
     return min(MAX_CHECKS, max(MIN_CHECKS, math.ceil(max_time_s / BATCH_S)))
 
 
-def _secret_below(n: int) -> int:
-    return int.from_bytes(_urandom(8), "little") % n
-
-
 def _graph_of(fn, device):
     """Capture fn into a CUDA graph (after a warm call on a side stream, as capture requires)."""
     stream = torch.cuda.Stream(device)
@@ -186,23 +184,22 @@ def _graph_of(fn, device):
     return graph.replay
 
 
-class PeakMemory:
-    """`with PeakMemory(device): call()` leaves in extra_mib the call's working memory: the peak
-    of torch's caching allocator during it less what was still allocated when it ended, so neither
-    its inputs nor what it returned count. None on a CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.extra_mib = device, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda" and exc[0] is None:
-            held = torch.cuda.memory_allocated(self.device)
-            self.extra_mib = (torch.cuda.max_memory_allocated(self.device) - held) / 2 ** 20
+def first_call(call, device: torch.device, prims=PRIMITIVES, _reset=torch.cuda.reset_peak_memory_stats,
+               _held=torch.cuda.memory_allocated, _peak=torch.cuda.max_memory_allocated) -> tuple:
+    """(what call returned, its time in ms to the device's end, its working memory in MiB): the
+    peak of torch's caching allocator during it less what was still allocated when it ended, so
+    neither its inputs nor what it returned count; None on a CPU. The gate's call, compile
+    included."""
+    _, perf_counter, _, _, _, synchronize, _, _, _ = prims
+    gpu = device.type == "cuda"
+    if gpu:
+        _reset(device)
+    t0 = perf_counter()
+    out = call()
+    if gpu:
+        synchronize(device)
+    ms = (perf_counter() - t0) * 1e3
+    return out, ms, (_peak(device) - _held(device)) / 2 ** 20 if gpu else None
 
 
 def busy_ms(call, device: torch.device) -> float | None:
@@ -228,7 +225,8 @@ def busy_ms(call, device: torch.device) -> float | None:
 
 def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps: int,
             max_time_s: float, target_ci: float, l2_flush: bool, cuda_graph: bool,
-            hide_launch: bool = True, feed=None, hold=None, verify=None, probe=None, **_) -> dict:
+            hide_launch: bool = True, feed=None, hold=None, verify=None, probe=None,
+            prims=PRIMITIVES, _own=(_batch_cpu, _batch_cuda, _graph_of, _l2_flush), **_) -> dict:
     """Samples of fn in milliseconds; how many warm-up calls ran; the host's median time to enqueue
     one call (`host_ms`: near or above the median sample, a case is launch-bound); why timing stopped;
     the GPU-busy time of one more call (`busy_ms`); `hidden_ms`, the most work any batch left running
@@ -246,14 +244,16 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     kept batch's rep count and SM clock, the batches discarded because the GPU reported a slowing
     throttle reason (and which), those kept throttled once THROTTLE_RETRIES were spent, and the
     probe's median cost in ms. Without it `clocks` is None."""
+    batch_cpu, batch_cuda, graph_of, l2_flush_of = _own
+    _perf_counter, urandom = prims[1], prims[8]
     on_gpu = device.type == "cuda"
     call = fn
     if cuda_graph and on_gpu:
-        call = _graph_of(fn, device)
+        call = graph_of(fn, device)
     flush = None
     if l2_flush and on_gpu:
-        flush = _l2_flush(device)
-    batch = _batch_cuda if on_gpu else _batch_cpu
+        flush = l2_flush_of(device)
+    batch = batch_cuda if on_gpu else batch_cpu
 
     with nvtx_range("warmup"):
         warm, host, t0 = 0, [], _perf_counter()
@@ -291,11 +291,12 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     with nvtx_range("timed"):
         while len(samples) < max_reps or batches < least:
             n = max(int(min(max_reps - len(samples), max(min_reps, batch_s / per_call))), 1)
-            at = _secret_below(n) if checking else -1
+            at = int.from_bytes(urandom(8), "little") % n if checking else -1
             held = []
             fed = (lambda i: feed(i == at)) if feed is not None else None
             after = (lambda i, out: held.append(hold(out)) if i == at else None) if checking else None
-            got, left, reading, exposed = batch(call, n, flush, spin, fed, after, device_wide, timed_probe)
+            got, left, reading, exposed = batch(call, n, flush, spin, fed, after, device_wide,
+                                                timed_probe, prims)
             batches += 1
             if checking:
                 failed = verify(held.pop())

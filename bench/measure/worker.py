@@ -14,6 +14,7 @@ set, never seen before, whose output is checked again.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
@@ -29,6 +30,11 @@ from bench.cli import first_line
 from bench.measure import check, env, leaks, timing
 from bench.measure.sweep import Case
 from bench.results.record import Record, tampered_reason, utc_now
+
+# this module's own builtins; what run_case calls once a provider has run is bound as default
+# arguments: a provider that replaced one of those names, even for a moment (putting the original
+# back before its case ended), must not be timed or judged by its replacement (docs/isolation.md)
+__builtins__ = dict(vars(builtins))
 
 # What a parent reads in this file to know how to talk to it. 3: each request carries a nonce, which
 # the answer repeats (2: no nonce; 1: trees from before this program).
@@ -68,40 +74,47 @@ def _secret_seed(device: torch.device, _urandom=os.urandom) -> None:
     _seed(device, int.from_bytes(_urandom(8), "little") >> 1)
 
 
-def _tensors(x, name: str = ""):
+def _tensors(x) -> list:
     """(name, tensor) of every tensor in a workload's inputs (dicts, lists, tuples, anything else
     skipped), in a fixed order."""
-    if isinstance(x, torch.Tensor):
-        yield name or "0", x
-    elif isinstance(x, dict):
-        for k, v in x.items():
-            yield from _tensors(v, f"{name}.{k}" if name else str(k))
-    elif isinstance(x, (list, tuple)):
-        for i, v in enumerate(x):
-            yield from _tensors(v, f"{name}.{i}" if name else str(i))
+    found = []
+
+    def walk(x, name):
+        if isinstance(x, torch.Tensor):
+            found.append((name or "0", x))
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{name}.{i}" if name else str(i))
+    walk(x, "")
+    return found
 
 
 def _clone(x):
     """A copy of inputs with fresh storage for every tensor (requires_grad kept)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone().requires_grad_(x.requires_grad)
-    if isinstance(x, dict):
-        return type(x)((k, _clone(v)) for k, v in x.items())
-    if isinstance(x, (list, tuple)):
-        return type(x)(_clone(v) for v in x)
-    return x
+    def copy(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone().requires_grad_(x.requires_grad)
+        if isinstance(x, dict):
+            return type(x)((k, copy(v)) for k, v in x.items())
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+    return copy(x)
 
 
-@torch.no_grad()
-def _load(dst, src) -> None:
-    for (_, d), (_, s) in zip(_tensors(dst), _tensors(src)):
-        d.copy_(s)
+def _load(dst, src, _tensors=_tensors, _no_grad=torch.no_grad) -> None:
+    with _no_grad():
+        for (_, d), (_, s) in zip(_tensors(dst), _tensors(src)):
+            d.copy_(s)
 
 
-def _changed(work, pristine) -> list[str]:
+def _changed(work, pristine, _tensors=_tensors, _equal=torch.equal) -> list[str]:
     """Names of the input tensors whose bits differ from their pristine copy."""
     return [n for (n, w), (_, p) in zip(_tensors(work), _tensors(pristine))
-            if w.shape != p.shape or not torch.equal(w.detach(), p)]
+            if w.shape != p.shape or not _equal(w.detach(), p)]
 
 
 def provider_factory(case: Case):
@@ -125,37 +138,37 @@ class Inputs:
         self._refs: dict[int, object] = {}
         self.checked, self.loaded = 0, 0
 
-    def reference(self, i: int):
+    def reference(self, i: int, _clone=_clone):
         if i not in self._refs:
             self._refs[i] = self.wl.reference(self.case.params, _clone(self.sets[i]))
         return self._refs[i]
 
-    def feed(self, check: bool) -> None:
+    def _draw(self, _secret_seed=_secret_seed):
+        """Inputs no provider can draw again, as it could those of a seed it can work out (the
+        gate's is the case id's hash), and then know its check sets and store their outputs."""
+        _secret_seed(self.device)
+        return self.wl.make_inputs(self.case.params, self.device)
+
+    def feed(self, check: bool, _draw=_draw, _load=_load) -> None:
         """Before a timed rep: a held-out set no rep has read, or inputs drawn afresh. Each held-out
         set is read once: one read again could be answered from a memo of the first time. Inputs
         are drawn either way, so that nothing a provider can see (the generators' state, the time
         between its calls) tells a checked rep from the others. Batches discarded by the timer can
         spend the sets drawn for the budget; one more is drawn then, its reference computed when
         it is judged."""
-        drawn = self._draw()
+        drawn = _draw(self)
         self.loaded = None
         if check:
             self.checked += 1
             if self.checked == len(self.sets):
-                self.sets.append(self._draw())
+                self.sets.append(_draw(self))
             self.loaded = self.checked
         _load(self.work, drawn if self.loaded is None else self.sets[self.loaded])
 
-    def hold(self, out) -> tuple:
+    def hold(self, out, _clone=_clone) -> tuple:
         """Right after a checked rep: which set it read, and copies of what it returned and of its
         inputs, before the next reps reuse the buffers."""
         return self.loaded, _clone(out), _clone(self.work)
-
-    def _draw(self):
-        """Inputs no provider can draw again, as it could those of a seed it can work out (the
-        gate's is the case id's hash), and then know its check sets and store their outputs."""
-        _secret_seed(self.device)
-        return self.wl.make_inputs(self.case.params, self.device)
 
 
 def build(case: Case, device: torch.device):
@@ -165,19 +178,23 @@ def build(case: Case, device: torch.device):
     return x.work, provider_factory(case)(case.params, x.work)
 
 
-def _judge(out, ref, tol) -> tuple[dict, str | None]:
-    err = check.errors(out, ref)
-    if check.passes(err, tol):
+def _judge(out, ref, tol, _errors=check.errors, _passes=check.passes) -> tuple[dict, str | None]:
+    err = _errors(out, ref)
+    if _passes(err, tol):
         return err, None
     return err, (f"max abs error {err['max_abs']:.3g} (tolerance {tol['max_abs']:g}), "
                  f"relative error {err['rel']:.3g} (tolerance {tol['rel']:g})"
                  + (f", worst in {err['worst']}" if err.get("worst") else ""))
 
 
-def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_changes) -> dict:
+def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_changes,
+             _measure=timing.measure, _first_call=timing.first_call, _judge=_judge,
+             _changed=_changed, _load=_load, _inputs=(Inputs.feed, Inputs.hold, Inputs.reference),
+             _env=(env.telemetry, env.clock_probe, env.mean_power_w, env.max_sm_clock_mhz),
+             _now=time.perf_counter, _to_dict=Record.to_dict) -> dict:
     """Build inputs, check the provider against the reference, then time it, at the case's
-    `timing.hygiene` level. Never raises. The tamper check is bound here, where a case cannot
-    rebind it."""
+    `timing.hygiene` level. Never raises. What it calls once the provider exists is bound here,
+    where a case cannot rebind it."""
     rec = Record.blank(case, str(device))
     gpu = device.index if device.type == "cuda" else None
     with contextlib.suppress(Exception):  # resolved before the snapshot, which then holds its
@@ -194,18 +211,14 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
             x = Inputs(case, device, timing.checked_batches(case.timing["max_time_s"]) if checked else 0)
             for i in range(len(x.sets)):  # before the provider exists: nothing it patches reaches them
                 x.reference(i)
-            fn = provider_factory(case)(case.params, x.work)
             tol = check.tolerance_for(str(case.params.get("dtype", "float32")), case.tolerance)
+            feed, hold, reference = _inputs
+            telemetry, clock_probe, mean_power_w, max_sm_clock_mhz = _env
+            fn = provider_factory(case)(case.params, x.work)
             with timing.nvtx_range("check"):
-                ref = x.reference(0)
+                ref = reference(x, 0)
                 _load(x.work, x.sets[0])
-                peak = timing.PeakMemory(device)
-                t0 = timing._perf_counter()
-                with peak:
-                    out = fn()
-                    timing.sync(device)
-                rec.first_call_ms = (timing._perf_counter() - t0) * 1e3
-                rec.extra_mib = peak.extra_mib
+                out, rec.first_call_ms, rec.extra_mib = _first_call(fn, device)
                 err, wrong = _judge(out, ref, tol)
                 del out
                 mutated = _changed(x.work, x.sets[0])
@@ -221,22 +234,24 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
                 i, out, work = held
                 changed = _changed(work, x.sets[i])
                 why = (f"the provider changed its input {', '.join(changed)} in place" if changed
-                       else _judge(out, x.reference(i), tol)[1])
+                       else _judge(out, reference(x, i), tol)[1])
                 return f"a timed rep on check set {i}: {why}" if why else None
-            before = env.telemetry(gpu) if gpu is not None else None
-            start = time.perf_counter()
-            result = timing.measure(fn, device, **case.timing, feed=x.feed if checked else None,
-                                    hold=x.hold, verify=verify if checked and not wrong else None,
-                                    probe=env.clock_probe(gpu) if gpu is not None else None)
-            seconds = time.perf_counter() - start
-            after = env.telemetry(gpu) if gpu is not None else None
+            before = telemetry(gpu) if gpu is not None else None
+            start = _now()
+            result = _measure(fn, device, **case.timing,
+                              feed=(lambda check: feed(x, check)) if checked else None,
+                              hold=lambda out: hold(x, out),
+                              verify=verify if checked and not wrong else None,
+                              probe=clock_probe(gpu) if gpu is not None else None)
+            seconds = _now() - start
+            after = telemetry(gpu) if gpu is not None else None
             rec.samples_ms, rec.stop, rec.host_ms, rec.busy_ms = (
                 result["samples_ms"], result["stop"], result["host_ms"], result["busy_ms"])
             rec.telemetry = ({"before": before, "after": after,
-                              "mean_power_w": env.mean_power_w(before, after, seconds)}
+                              "mean_power_w": mean_power_w(before, after, seconds)}
                              if before or after else None)
             if result["clocks"]:
-                rec.clocks = {**result["clocks"], "ref_mhz": env.max_sm_clock_mhz(gpu)}
+                rec.clocks = {**result["clocks"], "ref_mhz": max_sm_clock_mhz(gpu)}
             rec.hygiene = {"level": hygiene, "input_sets": len(x.sets), "fresh_inputs": checked,
                            "rechecked_reps": result["checked"], "hidden_ms": result["hidden_ms"],
                            "device_wide": result["device_wide"], "exposed_reps": result["exposed_reps"],
@@ -260,7 +275,7 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
     if touched and rec.status not in ("skipped",):
         rec.status, rec.reason, rec.leaked = "tampered", tampered_reason(touched), {"harness": touched}
     rec.ended_utc = utc_now()
-    return rec.to_dict()
+    return _to_dict(rec)
 
 
 @contextlib.contextmanager

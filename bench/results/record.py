@@ -68,8 +68,8 @@ class Record:
                       baseline=case.baseline, params=case.params, shape=case.shape, device=device,
                       **changes)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self, _asdict=asdict) -> dict:
+        return _asdict(self)
 
 
 FIELDS = {f.name for f in fields(Record)}
