@@ -365,3 +365,23 @@ def test_a_provider_that_rewrites_the_harness_on_disk_stops_the_run(tmp_path, su
     done = run("--resume", str(path))
     assert done.returncode == 0, done.stderr[-2000:]
     assert {r["provider"]: r for r in store.read_records(path)}["probe"]["status"] == "ok"
+
+
+def test_a_case_draws_as_many_held_out_sets_as_its_references_allow(write_sweep):
+    """A 1 s budget is 8 checked batches when a reference is quick, 4 when one takes 0.25 s (here
+    the worker's clock says each reading is 0.25 s after the last), and the timer splits the
+    budget into as many batches as there are sets."""
+    import itertools
+
+    import torch
+
+    from bench.measure import sweep, worker
+
+    text = SWEEP.format(providers="sdpa-math", modes="fwd").replace("max_time_s: 0.05", "max_time_s: 1.0")
+    case = sweep.load(write_sweep(text)).cases[0]
+    quick = worker.run_case(case, torch.device("cpu"))
+    ticks = itertools.count()
+    slow = worker.run_case(case, torch.device("cpu"), _now=lambda: next(ticks) * 0.25)
+    assert quick["status"] == slow["status"] == "ok"
+    assert quick["hygiene"]["input_sets"] == 1 + 8 and slow["hygiene"]["input_sets"] == 1 + 4
+

@@ -101,6 +101,8 @@ def test_a_failed_check_stops_timing_and_a_checked_case_runs_two_batches_at_leas
     assert out["stop"] == "failed" and out["failed"] == "wrong" and out["checked"] == 1
     assert timing.checked_batches(0.01) == 2 and timing.checked_batches(0.2) == 4
     assert timing.checked_batches(60.0) == timing.MAX_CHECKS
+    # references of 0.25 s: 4 batches of a 1 s budget, so that they cost no more than it
+    assert timing.checked_batches(1.0, 0.25) == 4 and timing.checked_batches(1.0, 5.0) == 2
 
 
 class _SimulatedGPU:

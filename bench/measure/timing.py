@@ -61,8 +61,8 @@ THROTTLE_PAUSE_S, THROTTLE_RETRIES = 0.1, 5
 _sleep = time.sleep
 
 # reps run in batches of at least this many seconds, each ended by a device-wide wait and, when
-# checked, by judging one of its reps; a checked case's budget is split into at most MAX_CHECKS
-# batches (each checked rep's reference is a cost), and at least MIN_CHECKS run, budget or not
+# checked, by judging one of its reps; a checked case's budget is split into MIN_CHECKS to
+# MAX_CHECKS batches (each checked rep's reference is a cost), and MIN_CHECKS run, budget or not
 BATCH_S = 0.05
 MAX_CHECKS, MIN_CHECKS = 8, 2
 
@@ -166,9 +166,11 @@ def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, after, device_wide: 
     return samples, 0.0, reading, [False] * n
 
 
-def checked_batches(max_time_s: float) -> int:
-    """How many checked batches a time budget holds: the held-out input sets a case draws for it."""
-    return min(MAX_CHECKS, max(MIN_CHECKS, math.ceil(max_time_s / BATCH_S)))
+def checked_batches(max_time_s: float, reference_s: float = 0.0) -> int:
+    """How many checked batches a time budget holds, each at least BATCH_S and at least one
+    reference long, so that the references of the held-out sets (one a batch) cost no more than
+    the budget: a reference of a long attention can take longer than a batch."""
+    return min(MAX_CHECKS, max(MIN_CHECKS, math.ceil(max_time_s / max(BATCH_S, reference_s))))
 
 
 def _graph_of(fn, device):
@@ -225,7 +227,7 @@ def busy_ms(call, device: torch.device) -> float | None:
 
 def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps: int,
             max_time_s: float, target_ci: float, l2_flush: bool, cuda_graph: bool,
-            hide_launch: bool = True, feed=None, hold=None, verify=None, probe=None,
+            hide_launch: bool = True, feed=None, hold=None, verify=None, batches: int = 0, probe=None,
             prims=PRIMITIVES, _own=(_batch_cpu, _batch_cuda, _graph_of, _l2_flush), **_) -> dict:
     """Samples of fn in milliseconds; how many warm-up calls ran; the host's median time to enqueue
     one call (`host_ms`: near or above the median sample, a case is launch-bound); why timing stopped;
@@ -238,7 +240,8 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     batch is checked: one rep, at a position the provider cannot know, reads a held-out input set
     (`check` true), `hold(output)` copies what it returned (and its inputs) right after it, before
     later reps reuse the buffers, and `verify(held)` judges the copy once the batch is done; a
-    reason there stops timing and comes back as `failed`. `checked` says how many batches were.
+    reason there stops timing and comes back as `failed`. `checked` says how many batches were;
+    `batches`, how many the budget is split into (checked_batches: the held-out sets drawn).
 
     `probe()` (bench.measure.env.clock_probe) is read once per batch; with it, `clocks` holds each
     kept batch's rep count and SM clock, the batches discarded because the GPU reported a slowing
@@ -287,7 +290,7 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     failed = None
     checking = verify is not None
     least = MIN_CHECKS if checking else 0  # batches that run, budget or not
-    batch_s = max(BATCH_S, max_time_s / checked_batches(max_time_s)) if checking else BATCH_S
+    batch_s = max(BATCH_S, max_time_s / (batches or checked_batches(max_time_s))) if checking else BATCH_S
     with nvtx_range("timed"):
         while len(samples) < max_reps or batches < least:
             n = max(int(min(max_reps - len(samples), max(min_reps, batch_s / per_call))), 1)

@@ -126,17 +126,19 @@ class Inputs:
     """The inputs of one case: the set the provider's callable is bound to (`work`), pristine sets
     to refill it from, and their references, computed on copies the provider never sees."""
 
-    def __init__(self, case: Case, device: torch.device, check_sets: int):
+    def __init__(self, case: Case, device: torch.device):
         self.case, self.wl, self.device = case, workloads.get(case.workload), device
         _seed(device, _case_seed(case))  # the gate's set: the same in every run
         self.sets = [self.wl.make_inputs(case.params, device)]
-        for _ in range(check_sets):
-            self.sets.append(self._draw())
-        if check_sets:  # the generators' state now tells nothing of the held-out sets
-            _secret_seed(device)
         self.work = _clone(self.sets[0])
         self._refs: dict[int, object] = {}
         self.checked, self.loaded = 0, 0
+
+    def hold_out(self, n: int) -> None:
+        """Draw n held-out sets, then seed the generators afresh: their state tells nothing of them."""
+        for _ in range(n):
+            self.sets.append(self._draw())
+        _secret_seed(self.device)
 
     def reference(self, i: int, _clone=_clone):
         if i not in self._refs:
@@ -174,7 +176,7 @@ class Inputs:
 def build(case: Case, device: torch.device):
     """(inputs, fn) for a case, as run_case builds them: the seeded inputs and the provider's
     callable over them."""
-    x = Inputs(case, device, 0)
+    x = Inputs(case, device)
     return x.work, provider_factory(case)(case.params, x.work)
 
 
@@ -208,7 +210,11 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
         rec.bytes = wl.bytes(case.params) if wl.bytes else None
         with timing.nvtx_range(f"case {case.case_id} {case.label}"):
             checked = rotate and wl.rotate
-            x = Inputs(case, device, timing.checked_batches(case.timing["max_time_s"]) if checked else 0)
+            x = Inputs(case, device)
+            began = _now()
+            x.reference(0)
+            if checked:  # as many held-out sets as the budget has batches, but references cost
+                x.hold_out(timing.checked_batches(case.timing["max_time_s"], _now() - began))
             for i in range(len(x.sets)):  # before the provider exists: nothing it patches reaches them
                 x.reference(i)
             tol = check.tolerance_for(str(case.params.get("dtype", "float32")), case.tolerance)
@@ -241,7 +247,7 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
             result = _measure(fn, device, **case.timing,
                               feed=(lambda check: feed(x, check)) if checked else None,
                               hold=lambda out: hold(x, out),
-                              verify=verify if checked and not wrong else None,
+                              verify=verify if checked and not wrong else None, batches=len(x.sets) - 1,
                               probe=clock_probe(gpu) if gpu is not None else None)
             seconds = _now() - start
             after = telemetry(gpu) if gpu is not None else None
