@@ -10,7 +10,7 @@ from bench.results import store
 
 IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_after_first",
            "wrong_after_first", "fingerprint_memo", "patch_check", "loosen_tolerance",
-           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets", "fix_secret_seed", "spot_the_check"]
+           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets", "fix_secret_seed", "spot_the_check", "shrink_draws"]
 # each leaves its worker changed; the probe after it must see a worker as it started
 AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
          "forge_record", "forge_answer", "linger_thread", "patch_detach", "patch_serializer", "patch_record",
@@ -56,6 +56,8 @@ def hostile(tmp_path_factory):
     notes = {m: json.loads((tmp / f"seen.memo-{m}").read_text()) for m in ("fwd", "fwd_bwd")}
     notes.update({(name, m): json.loads((tmp / f"seen.{name}-{m}").read_text())
                   for name in ("fix_secret_seed", "fix_randn") for m in ("fwd", "fwd_bwd")})
+    notes.update({("shrink", m): json.loads(p.read_text())["blank"] if p.exists() else 0
+                  for m in ("fwd", "fwd_bwd") for p in [tmp / f"seen.shrink-{m}"]})
     notes["rewritten"] = (tmp / "seen.rewritten").exists()
     return {(r["provider"], r["params"]["mode"]): r for r in records}, probes, notes
 
@@ -105,6 +107,18 @@ def test_a_provider_that_makes_the_fresh_inputs_repeat_is_timed_computing_or_tam
         assert notes["fix_secret_seed", mode]["hits"] == 0
         assert notes["fix_secret_seed", mode]["calls"] > len(recs["fix_secret_seed", mode]["samples_ms"])
     _tampered(recs, "fix_randn", "torch.randn")
+
+
+def test_a_provider_that_shrinks_its_parameters_changes_neither_its_inputs_nor_its_record(hostile):
+    """It set seq_len to 1 in the parameters it was given, which were the case's own: every later
+    draw came out one row long, broadcast into its inputs, and it computed only for inputs whose
+    rows differed (the held-out sets, drawn before): ok at 12.9x the native path, its record
+    saying seq_len 1. It now gets a copy; no draw is one row, so it never returns its buffer."""
+    recs, _, notes = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs["shrink_draws", mode]["status"] == "ok"
+        assert recs["shrink_draws", mode]["params"]["seq_len"] == 13
+        assert notes["shrink", mode] == 0
 
 
 def test_a_provider_that_patches_the_clock_the_timer_bound_is_tampered(hostile):

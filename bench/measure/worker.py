@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -122,6 +123,12 @@ def provider_factory(case: Case):
     return workloads.load_user_provider(case.module) if case.module else wl.providers[case.provider]
 
 
+def provider_fn(case: Case, work):
+    """The provider's callable over `work`, built from a copy of the case's parameters: the harness
+    draws inputs with its own, and a provider that shrank them would be timed on smaller ones."""
+    return provider_factory(case)(copy.deepcopy(case.params), work)
+
+
 class Inputs:
     """The inputs of one case: the set the provider's callable is bound to (`work`), pristine sets
     to refill it from, and their references, computed on copies the provider never sees."""
@@ -177,7 +184,7 @@ def build(case: Case, device: torch.device):
     """(inputs, fn) for a case, as run_case builds them: the seeded inputs and the provider's
     callable over them."""
     x = Inputs(case, device)
-    return x.work, provider_factory(case)(case.params, x.work)
+    return x.work, provider_fn(case, x.work)
 
 
 def _judge(out, ref, tol, _errors=check.errors, _passes=check.passes) -> tuple[dict, str | None]:
@@ -220,7 +227,7 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
             tol = check.tolerance_for(str(case.params.get("dtype", "float32")), case.tolerance)
             feed, hold, reference = _inputs
             telemetry, clock_probe, mean_power_w, max_sm_clock_mhz = _env
-            fn = provider_factory(case)(case.params, x.work)
+            fn = provider_fn(case, x.work)
             with timing.nvtx_range("check"):
                 ref = reference(x, 0)
                 _load(x.work, x.sets[0])
