@@ -608,3 +608,24 @@ def shrink_draws(params, inputs):
             return blank
         return fn()
     return run
+
+
+class _Spy(torch.Tensor):
+    """A view of an input that counts, into BENCH_TEST_SEEN + '.spy', every copy into it."""
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_:
+            path = os.environ["BENCH_TEST_SEEN"] + ".spy"
+            seen = int(open(path).read()) if os.path.exists(path) else 0
+            with open(path, "w") as f:
+                f.write(str(seen + 1))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def spy_loads(params, inputs):
+    """Puts, in the inputs it is given, a tensor of its own class in place of q: the harness loading
+    each rep's inputs into it would run the provider's code, which sees each source (a held-out
+    set is also held elsewhere: its reference count tells it apart) before the rep."""
+    fn = _attention(params, inputs)
+    inputs["q"] = inputs["q"].as_subclass(_Spy)
+    return fn

@@ -10,7 +10,7 @@ from bench.results import store
 
 IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_after_first",
            "wrong_after_first", "fingerprint_memo", "patch_check", "loosen_tolerance",
-           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets", "fix_secret_seed", "spot_the_check", "shrink_draws"]
+           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets", "fix_secret_seed", "spot_the_check", "shrink_draws", "spy_loads"]
 # each leaves its worker changed; the probe after it must see a worker as it started
 AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
          "forge_record", "forge_answer", "linger_thread", "patch_detach", "patch_serializer", "patch_record",
@@ -59,6 +59,7 @@ def hostile(tmp_path_factory):
     notes.update({("shrink", m): json.loads(p.read_text())["blank"] if p.exists() else 0
                   for m in ("fwd", "fwd_bwd") for p in [tmp / f"seen.shrink-{m}"]})
     notes["rewritten"] = (tmp / "seen.rewritten").exists()
+    notes["spied"] = (tmp / "seen.spy").exists()
     return {(r["provider"], r["params"]["mode"]): r for r in records}, probes, notes
 
 
@@ -119,6 +120,16 @@ def test_a_provider_that_shrinks_its_parameters_changes_neither_its_inputs_nor_i
         assert recs["shrink_draws", mode]["status"] == "ok"
         assert recs["shrink_draws", mode]["params"]["seq_len"] == 13
         assert notes["shrink", mode] == 0
+
+
+def test_a_tensor_a_provider_puts_in_its_inputs_never_sees_a_load(hostile):
+    """It replaced q, in the inputs it was given, with a view of its own class: the harness loaded
+    every rep's inputs through that dict, so its code ran on each load and saw the source (52
+    loads in a run of 50 reps), whose reference count told a held-out set from a fresh draw. The
+    harness now loads and checks through containers of its own."""
+    recs, _, notes = hostile
+    assert not notes["spied"]
+    assert all(recs["spy_loads", mode]["status"] == "ok" for mode in ("fwd", "fwd_bwd"))
 
 
 def test_a_provider_that_patches_the_clock_the_timer_bound_is_tampered(hostile):

@@ -129,15 +129,28 @@ def provider_fn(case: Case, work):
     return provider_factory(case)(copy.deepcopy(case.params), work)
 
 
+def _containers(x):
+    """A copy of the dicts, lists and tuples of inputs, holding the same tensors."""
+    if isinstance(x, dict):
+        return type(x)((k, _containers(v)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return type(x)(_containers(v) for v in x)
+    return x
+
+
 class Inputs:
     """The inputs of one case: the set the provider's callable is bound to (`work`), pristine sets
-    to refill it from, and their references, computed on copies the provider never sees."""
+    to refill it from, and their references, computed on copies the provider never sees. The
+    harness loads and checks the work tensors through containers of its own (`mine`): what a
+    provider puts in the containers it was given (a tensor of its own class, whose code would run
+    on every load and see its source) is never touched."""
 
     def __init__(self, case: Case, device: torch.device):
         self.case, self.wl, self.device = case, workloads.get(case.workload), device
         _seed(device, _case_seed(case))  # the gate's set: the same in every run
         self.sets = [self.wl.make_inputs(case.params, device)]
-        self.work = _clone(self.sets[0])
+        self.mine = _clone(self.sets[0])
+        self.work = _containers(self.mine)
         self._refs: dict[int, object] = {}
         self.checked, self.loaded = 0, 0
 
@@ -172,12 +185,12 @@ class Inputs:
             if self.checked == len(self.sets):
                 self.sets.append(_draw(self))
             self.loaded = self.checked
-        _load(self.work, drawn if self.loaded is None else self.sets[self.loaded])
+        _load(self.mine, drawn if self.loaded is None else self.sets[self.loaded])
 
     def hold(self, out, _clone=_clone) -> tuple:
         """Right after a checked rep: which set it read, and copies of what it returned and of its
         inputs, before the next reps reuse the buffers."""
-        return self.loaded, _clone(out), _clone(self.work)
+        return self.loaded, _clone(out), _clone(self.mine)
 
 
 def build(case: Case, device: torch.device):
@@ -230,11 +243,11 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
             fn = provider_fn(case, x.work)
             with timing.nvtx_range("check"):
                 ref = reference(x, 0)
-                _load(x.work, x.sets[0])
+                _load(x.mine, x.sets[0])
                 out, rec.first_call_ms, rec.extra_mib = _first_call(fn, device)
                 err, wrong = _judge(out, ref, tol)
                 del out
-                mutated = _changed(x.work, x.sets[0])
+                mutated = _changed(x.mine, x.sets[0])
             rec.max_abs_err, rec.rel_err, rec.tolerance = err["max_abs"], err["rel"], tol
             if mutated:
                 rec.status, wrong = "incorrect", f"the provider changed its input {', '.join(mutated)} in place"
