@@ -93,17 +93,22 @@ def _tensors(x) -> list:
     return found
 
 
-def _clone(x):
-    """A copy of inputs with fresh storage for every tensor (requires_grad kept)."""
-    def copy(x):
+def _rebuild(x, leaf):
+    """x's dicts, lists and tuples made anew, with leaf(t) in place of each tensor t."""
+    def walk(x):
         if isinstance(x, torch.Tensor):
-            return x.detach().clone().requires_grad_(x.requires_grad)
+            return leaf(x)
         if isinstance(x, dict):
-            return type(x)((k, copy(v)) for k, v in x.items())
+            return type(x)((k, walk(v)) for k, v in x.items())
         if isinstance(x, (list, tuple)):
-            return type(x)(copy(v) for v in x)
+            return type(x)(walk(v) for v in x)
         return x
-    return copy(x)
+    return walk(x)
+
+
+def _clone(x, _rebuild=_rebuild):
+    """A copy of inputs with fresh storage for every tensor (requires_grad kept)."""
+    return _rebuild(x, lambda t: t.detach().clone().requires_grad_(t.requires_grad))
 
 
 def _load(dst, src, _tensors=_tensors, _no_grad=torch.no_grad) -> None:
@@ -129,15 +134,6 @@ def provider_fn(case: Case, work):
     return provider_factory(case)(copy.deepcopy(case.params), work)
 
 
-def _containers(x):
-    """A copy of the dicts, lists and tuples of inputs, holding the same tensors."""
-    if isinstance(x, dict):
-        return type(x)((k, _containers(v)) for k, v in x.items())
-    if isinstance(x, (list, tuple)):
-        return type(x)(_containers(v) for v in x)
-    return x
-
-
 class Inputs:
     """The inputs of one case: the set the provider's callable is bound to (`work`), pristine sets
     to refill it from, and their references, computed on copies the provider never sees. The
@@ -150,7 +146,7 @@ class Inputs:
         _seed(device, _case_seed(case))  # the gate's set: the same in every run
         self.sets = [self.wl.make_inputs(case.params, device)]
         self.mine = _clone(self.sets[0])
-        self.work = _containers(self.mine)
+        self.work = _rebuild(self.mine, lambda t: t)  # containers of its own, the same tensors
         self._refs: dict[int, object] = {}
         self.checked, self.loaded = 0, 0
 
