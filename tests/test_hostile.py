@@ -15,7 +15,7 @@ IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_afte
 AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
          "forge_record", "forge_answer", "linger_thread", "patch_detach", "patch_serializer", "patch_record",
          "patch_builtin", "patch_bound_clock", "fix_randn", "oneshot_clock", "oneshot_measure",
-         "oneshot_passes", "oneshot_record"]
+         "oneshot_passes", "oneshot_record", "patch_manual_seed"]
 SWEEP = """
 workload: fmha
 baseline: native
@@ -130,6 +130,12 @@ def test_a_tensor_a_provider_puts_in_its_inputs_never_sees_a_load(hostile):
     recs, _, notes = hostile
     assert not notes["spied"]
     assert all(recs["spy_loads", mode]["status"] == "ok" for mode in ("fwd", "fwd_bwd"))
+
+
+def test_a_wrapper_of_torchs_manual_seed_is_tampered_unless_torch_made_it(hostile):
+    """torch's compiler wraps torch.manual_seed when it first loads, so the tamper check follows
+    wrappers made by torch's own code back to what they wrap; one made by a case is held."""
+    _tampered(hostile[0], "patch_manual_seed", "torch.manual_seed")
 
 
 def test_a_provider_that_patches_the_clock_the_timer_bound_is_tampered(hostile):

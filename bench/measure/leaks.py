@@ -66,11 +66,19 @@ HARNESS_MODULES = ("bench.measure.timing", "bench.measure.check", "bench.measure
 WORKING_STATE = {"bench.workloads._loaded"}  # data the harness changes as it works (the workloads
 # resolved so far, each compared on its own under "workload NAME")
 # torch's namespaces that inputs are drawn (a held-out set looks like any other draw only while
-# torch.randn is torch's) and references computed with; torch.manual_seed is left out: torch's
-# compiler replaces it when it first loads, and the harness seeds the generators themselves
+# torch.randn is torch's) and references computed with
 TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch.linalg", "torch.special", "torch.fft",
                     "torch.autograd")
-REPLACED_BY_TORCH = {"torch.manual_seed"}
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _unwrapped_by_torch(f):
+    """f, or what it wraps where torch's own code wraps it: torch's compiler replaces
+    torch.manual_seed with a wrapper of it when it first loads. A wrapper of a case's is held."""
+    while getattr(getattr(f, "__code__", None), "co_filename", "").startswith(_TORCH_DIR) \
+            and hasattr(f, "__wrapped__"):
+        f = f.__wrapped__
+    return f
 
 
 _DATA = (int, float, str, bytes, tuple, frozenset, dict, list, set, type(None))
@@ -109,8 +117,8 @@ def _harness(_fn_id=_fn_id, _module=_module, _import=importlib.import_module,
     objs.update((f"torch.cuda.default_generators.{i}", g)
                 for i, g in enumerate(torch.cuda.default_generators))
     for name in TORCH_NAMESPACES:
-        objs.update((f"{name}.{k}", v) for k, v in vars(_import(name)).items()
-                    if callable(v) and f"{name}.{k}" not in REPLACED_BY_TORCH)
+        objs.update((f"{name}.{k}", _unwrapped_by_torch(v)) for k, v in vars(_import(name)).items()
+                    if callable(v))
     # torch.Tensor's own attributes, and any a case adds: one set there (`detach`, say) shadows the
     # C type's method for every tensor the gate reads (the C type's own cannot be set)
     objs.update((f"torch.Tensor.{k}", v) for k, v in vars(torch.Tensor).items())
