@@ -24,16 +24,17 @@ DEFAULT_TOLERANCE = {
 }
 
 
-def _flat(x, _tensor=torch.Tensor, _plain=(torch.Tensor, torch.nn.Parameter),
+def _flat(x, strict: bool = True, _tensor=torch.Tensor, _plain=(torch.Tensor, torch.nn.Parameter),
           _mapping=Mapping) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a tensor, a tuple/list or a dict of them (names from dict keys and
     positions), so an error can say which tensor it is in. Only plain tensors (and parameters) are
-    judged: a subclass's own methods or __torch_function__ could make any difference read zero."""
+    judged: a subclass's own methods or __torch_function__ could make any difference read zero.
+    Not `strict` (a workload's inputs, which the harness made): anything else is skipped."""
     pairs = []
 
     def walk(x, name):
         if isinstance(x, _tensor):
-            if type(x) not in _plain:
+            if strict and type(x) not in _plain:
                 raise TypeError(f"expected plain tensors, got a {type(x).__name__} (a subclass of "
                                 f"torch.Tensor) at output {name or '0'}")
             pairs.append((name or "0", x))
@@ -43,7 +44,7 @@ def _flat(x, _tensor=torch.Tensor, _plain=(torch.Tensor, torch.nn.Parameter),
         elif isinstance(x, (list, tuple)):
             for i, v in enumerate(x):
                 walk(v, f"{name}.{i}" if name else str(i))
-        else:
+        elif strict:
             raise TypeError(f"expected a tensor, or a tuple or dict of tensors, got {type(x).__name__}")
     walk(x, "")
     return pairs

@@ -75,22 +75,10 @@ def _secret_seed(device: torch.device, _urandom=os.urandom) -> None:
     _seed(device, int.from_bytes(_urandom(8), "little") >> 1)
 
 
-def _tensors(x) -> list:
+def _tensors(x, _flat=check._flat) -> list:
     """(name, tensor) of every tensor in a workload's inputs (dicts, lists, tuples, anything else
     skipped), in a fixed order."""
-    found = []
-
-    def walk(x, name):
-        if isinstance(x, torch.Tensor):
-            found.append((name or "0", x))
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{name}.{k}" if name else str(k))
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(v, f"{name}.{i}" if name else str(i))
-    walk(x, "")
-    return found
+    return _flat(x, strict=False)
 
 
 def _rebuild(x, leaf):
