@@ -55,9 +55,11 @@ def test_measure_times_what_runs_and_stops_on_its_rule():
 def test_every_batch_judges_the_rep_that_read_a_held_out_set_as_it_returned_it(monkeypatch, path):
     """One rep of each batch reads a held-out set, at a position drawn afresh per batch; what it
     returned is copied right after it, so a provider that reuses its output buffer is judged on
-    that rep's result, not on the last rep's. The GPU path runs on the simulated GPU below."""
+    that rep's result, not on the last rep's. Every rep is copied alike, so the time between calls
+    does not mark the checked one; on a GPU, once the device is idle, so that work a call left on
+    another stream is in the copy. The GPU path runs on the simulated GPU below."""
     draws = iter(range(7, 10**6, 5))
-    buf, rep, fed, held, verdicts = torch.zeros(1), [0], [], [], []
+    buf, rep, fed, held, verdicts, idle = torch.zeros(1), [0], [], [], [], []
     sim = _SimulatedGPU(0.05, 1e-4)
     prims = sim.install(monkeypatch) if path == "cuda" else timing.PRIMITIVES
     prims = (*prims[:-1], lambda n: next(draws).to_bytes(n, "little"))
@@ -73,6 +75,7 @@ def test_every_batch_judges_the_rep_that_read_a_held_out_set_as_it_returned_it(m
 
     def hold(out):
         held.append((fed[-1], out.clone()))
+        idle.append(sim.now >= sim.free)
         return held[-1]
 
     out = timing.measure(fn, torch.device(path), warmup_ms=0, min_reps=6, max_reps=30,
@@ -85,6 +88,8 @@ def test_every_batch_judges_the_rep_that_read_a_held_out_set_as_it_returned_it(m
     assert all(int(v.item()) == r for (r, _), v in verdicts)
     warm = out["warmup_reps"]
     assert [(r - warm - 1) % 6 for r, _ in checked] == [(7 + 5 * b) % 6 for b in range(5)]
+    assert [r for (r, _), _ in held] == list(range(warm + 1, warm + 31))
+    assert path == "cpu" or all(idle)
 
 
 def test_a_failed_check_stops_timing_and_a_checked_case_runs_two_batches_at_least():

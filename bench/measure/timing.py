@@ -109,9 +109,9 @@ def _l2_flush(device: torch.device):
 def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, after, device_wide: bool, probe, prims):
     """(samples, ms the device kept working after the last end event, the probe's reading, per rep
     whether the GPU reached it before the host had queued it whole). `feed(i)` runs before rep i and
-    `after(i, output)` after it, both outside its time. With `device_wide`, every rep's end event
-    waits until the whole device is idle. The probe runs once, between two reps in the middle of
-    the batch, while the device works through the queued ones."""
+    `after(i, output)` after it, both outside its time; `after` once the whole device is idle, so
+    that work a call left on another stream is in what it reads. With `device_wide`, every rep's
+    end event waits for that too. The probe runs once, between two reps in the middle of the batch."""
     _, _, event, _record, _elapsed, _synchronize, _query, _spin, _ = prims
     starts = [event(enable_timing=True) for _ in range(n)]
     ends = [event(enable_timing=True) for _ in range(n)]
@@ -135,6 +135,8 @@ def _batch_cuda(call, n: int, flush, spin_cycles: int, feed, after, device_wide:
         # the spin still running now means the whole rep was queued before the GPU reached it
         exposed.append(bool(spin_cycles) and not device_wide and _query(s))
         if after is not None and i < n - 1:
+            # what the call left on other streams is done before its output is read
+            _synchronize()
             after(i, out)
     # the host's wake-up after a sync is the gap between two events around an idle device; beyond
     # it, the gap after the last end event is work the events did not see
@@ -239,8 +241,10 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     `feed(check)` runs before each rep, outside its time, to put inputs in place. With `verify`, every
     batch is checked: one rep, at a position the provider cannot know, reads a held-out input set
     (`check` true), `hold(output)` copies what it returned (and its inputs) right after it, before
-    later reps reuse the buffers, and `verify(held)` judges the copy once the batch is done; a
-    reason there stops timing and comes back as `failed`. `checked` says how many batches were;
+    later reps reuse the buffers, and `verify(held)` judges the copy once the batch is done. Every
+    rep is copied alike and the checked one kept, so that the time between its calls tells a
+    provider nothing of which rep was checked; on a GPU the copy waits for the whole device. A
+    reason from `verify` stops timing and comes back as `failed`. `checked` says how many batches were;
     `batches`, how many the budget is split into (checked_batches: the held-out sets drawn).
 
     `probe()` (bench.measure.env.clock_probe) is read once per batch; with it, `clocks` holds each
@@ -297,7 +301,12 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
             at = int.from_bytes(urandom(8), "little") % n if checking else -1
             held = []
             fed = (lambda i: feed(i == at)) if feed is not None else None
-            after = (lambda i, out: held.append(hold(out)) if i == at else None) if checking else None
+            after = None
+            if checking:
+                def after(i, out, at=at, held=held):
+                    copy = hold(out)  # after every rep alike: the time it takes marks none of them
+                    if i == at:
+                        held.append(copy)
             got, left, reading, exposed = batch(call, n, flush, spin, fed, after, device_wide,
                                                 timed_probe, prims)
             batches += 1
