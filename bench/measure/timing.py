@@ -301,14 +301,13 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
             at = int.from_bytes(urandom(8), "little") % n if checking else -1
             held = []
             fed = (lambda i: feed(i == at)) if feed is not None else None
-            after = None
-            if checking:
-                def after(i, out, at=at, held=held):
-                    copy = hold(out)  # after every rep alike: the time it takes marks none of them
-                    if i == at:
-                        held.append(copy)
-            got, left, reading, exposed = batch(call, n, flush, spin, fed, after, device_wide,
-                                                timed_probe, prims)
+
+            def after(i, out, at=at, held=held):
+                copy = hold(out)  # after every rep alike: the time it takes marks none of them
+                if i == at:
+                    held.append(copy)
+            got, left, reading, exposed = batch(call, n, flush, spin, fed, after if checking else None,
+                                                device_wide, timed_probe, prims)
             batches += 1
             if checking:
                 failed = verify(held.pop())
