@@ -1,5 +1,7 @@
 """Providers that try to fool the harness (tests/hostile_providers.py), each against the defence
 docs/isolation.md names for its class. Every run here is a real bench.run on the CPU."""
+import contextlib
+import io
 import json
 import os
 
@@ -44,8 +46,11 @@ def hostile(tmp_path_factory):
     sweep.write_text(SWEEP.format(providers=_providers(IN_CASE + AFTER), modes="fwd, fwd_bwd"))
     env = {"BENCH_TEST_SEEN": tmp / "seen", "BENCH_TEST_RUNS": tmp / "runs"}
     os.environ.update({k: str(v) for k, v in env.items()})
+    err = io.StringIO()
     try:
-        assert run.main([str(sweep), "--out", str(tmp / "runs")]) == 0
+        with contextlib.redirect_stderr(err):
+            code = run.main([str(sweep), "--out", str(tmp / "runs")])
+        assert code == 0, f"bench.run exited {code}: {err.getvalue()[-3000:]}"
     finally:
         for k in env:
             os.environ.pop(k, None)
