@@ -1,5 +1,6 @@
 """Providers that try to fool the harness (tests/hostile_providers.py), each against the defence
-docs/isolation.md names for its class. Every run here is a real bench.run on the CPU."""
+docs/isolation.md names for its class. Every run here is a real bench.run, on this machine's
+device."""
 import contextlib
 import io
 import json
@@ -25,6 +26,12 @@ providers: [native, {providers}]
 axes: {{batch: [1], heads: [2], seq_len: [13], head_dim: [16], dtype: [float32], mode: [{modes}]}}
 timing: {{warmup_ms: 0, min_reps: 5, max_reps: 200, max_time_s: 0.05, timeout_s: 120}}
 """
+
+
+# The module's one run starts over 40 fresh workers (each case that changes its worker costs one):
+# a second on a CPU host, ten on a GPU host (import torch 4.2 s, the profiler's start 3.7-4.4 s;
+# H100, 2026-12-05), where its 114 cases take about 11 minutes: past the suite's 300 s a test.
+pytestmark = pytest.mark.timeout(1200)
 
 
 def _providers(names):
