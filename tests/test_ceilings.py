@@ -33,6 +33,28 @@ def test_a_case_faster_than_its_ceiling_is_suspect_and_never_a_speedup():
     assert rows["speedup"][2] == 1.6
 
 
+def test_a_case_whose_gpu_was_busier_than_its_timed_median_is_suspect():
+    """busy_ms, the GPU's work over every stream in one call, against the timed median: an honest
+    case is busy for at most about its median (an H100's honest cases: 0.50-1.004 of it); one that
+    hid work on a side stream is busier (1.12-31), with or without ceilings."""
+    recs = [case("p", 2.0), {**case("honest", 1.0), "busy_ms": 1.004}, {**case("hid", 0.1), "busy_ms": 1.0},
+            {**case("half", 1.0), "busy_ms": 1.12}, {**case("cpu", 1.0), "busy_ms": None}]
+    for ceil in (CEILINGS, None):
+        rows = summarize(recs, ceil)
+        assert list(rows["suspect"]) == [False, False, True, True, False]
+        assert list(rows["speedup"].isna()) == [False, False, True, True, False]
+        assert rows["suspect_reason"][2] == "its GPU was busy 1 ms in one call, against a timed median of 0.1 ms"
+
+
+def test_compare_never_judges_a_case_whose_gpu_was_busier_than_its_time(tmp_path):
+    from bench.results import compare, store
+    from test_compare import write_run
+    base = write_run(tmp_path / "base", [case("p", 1.0)])
+    cur = write_run(tmp_path / "cur", [{**case("p", 0.5), "busy_ms": 1.0}])
+    row = compare.compare_runs(store.load_run(base), store.load_run(cur)).rows[0]
+    assert row["verdict"] == "not compared" and row["reason"].startswith("suspect: its GPU was busy 1 ms")
+
+
 def test_without_ceilings_nothing_is_suspect():
     rows = summarize([case("p", 0.001, nbytes=1e9)], {"reason": "no GPU"})
     assert not rows["suspect"][0] and rows["speedup"][0] == 1.0

@@ -1,5 +1,6 @@
-"""On a GPU: a provider that hides its work on a side stream is timed at its true cost, and an
-honest case keeps its worker for the next one."""
+"""On a GPU: a provider that hides its work on a side stream is timed at its true cost, or, where
+the work is too short for the timer's rule, is `suspect`; an honest case keeps its worker for the
+next one."""
 import statistics
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from bench import run
 from bench.results import store
+from bench.results.summary import summarize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA GPU (side streams)")]
@@ -34,3 +36,27 @@ def test_side_stream_work_is_timed_at_its_true_cost(write_sweep, tmp_path):
         assert "outside the current stream" in rec["reason"]
         # the same attention, on another stream: no faster than where the events can see it
         assert statistics.median(rec["samples_ms"]) > 0.95 * native, (name, rec["samples_ms"][:5], native)
+
+
+SMALL = """
+workload: fmha
+baseline: native
+providers: [native, {name: side, module: "hostile_providers:side_stream"},
+            {name: half, module: "hostile_providers:side_stream_half_spin"}]
+axes: {batch: [1], heads: [12], seq_len: [256], head_dim: [64], dtype: [float16], mode: [fwd]}
+timing: {warmup_ms: 50, max_time_s: 0.5}
+"""
+
+
+def test_tens_of_microseconds_on_a_side_stream_are_suspect(write_sweep, tmp_path):
+    """An attention of tens of microseconds on a side stream escapes the timer's 0.5 ms rule (timed
+    at 0.002 ms on an H100), but the GPU's record of the call's work on every stream (busy_ms) is
+    well past its timed median: suspect, never a speedup. The native path is not."""
+    assert run.main([str(write_sweep(SMALL)), "--out", str(tmp_path)]) == 0
+    loaded = store.load_run(tmp_path / "latest")
+    rows = summarize(loaded.records, loaded.meta.get("ceilings")).set_index("provider")
+    assert list(rows["status"]) == ["ok"] * 3, rows["reason"]
+    assert not rows.loc["native", "suspect"] and rows.loc["native", "speedup"] == 1.0
+    for name in ("side", "half"):
+        assert rows.loc[name, "suspect"], rows.loc[name, ["median_ms", "busy_ms"]]
+        assert rows.loc[name, "speedup"] != rows.loc[name, "speedup"]  # NaN: never a speedup

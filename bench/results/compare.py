@@ -19,7 +19,7 @@ from bench.results import stats
 from bench.results.baseline import hardware
 from bench.cli import BadInput
 from bench.results.store import FAILED, Run
-from bench.results.summary import is_suspect
+from bench.results.summary import suspect_reason
 
 THRESHOLD = 0.03
 CONFIDENCE = 0.99
@@ -174,11 +174,13 @@ def compare_runs(base: Run, cur: Run, threshold: float | None = None,
                        f"({len(cur.records)} against {len(base.records)} cases): nothing to compare")
     kind = (cur.meta.get("env") or {}).get("device_kind", "cuda")
     out = Comparison(str(base.path), str(cur.path), hw, threshold, CONFIDENCE)
-    suspect = {id(r) for run in (base, cur) for r in run.records if is_suspect(r, run.meta.get("ceilings"))}
+    suspect = {id(r): why for run in (base, cur) for r in run.records
+               if (why := suspect_reason(r, run.meta.get("ceilings")))}
     out.rows = [compare_case(b[k], c[k], threshold, kind) for k in c if k in b]
     for row, k in zip(out.rows, [k for k in c if k in b]):
-        if id(b[k]) in suspect or id(c[k]) in suspect:  # an impossible time is no change to judge
-            row.update(verdict="not compared", reason="suspect: faster than the measured ceiling")
+        why = suspect.get(id(c[k])) or suspect.get(id(b[k]))
+        if why:  # an unbelievable time is no change to judge
+            row.update(verdict="not compared", reason=f"suspect: {why}")
     clocks.explain(out.rows, [(b[k], c[k]) for k in c if k in b],
                    lambda x, y: compare_case(x, y, threshold, kind),
                    ((cur.meta.get("sweep") or {}).get("compare") or {}).get("control"))
