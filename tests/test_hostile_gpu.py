@@ -42,7 +42,8 @@ SMALL = """
 workload: fmha
 baseline: native
 providers: [native, {name: side, module: "hostile_providers:side_stream"},
-            {name: half, module: "hostile_providers:side_stream_half_spin"}]
+            {name: half, module: "hostile_providers:side_stream_half_spin"},
+            {name: unprofiled, module: "hostile_providers:side_stream_unless_profiled"}]
 axes: {batch: [1], heads: [12], seq_len: [256], head_dim: [64], dtype: [float16], mode: [fwd]}
 timing: {warmup_ms: 50, max_time_s: 0.5}
 """
@@ -51,11 +52,14 @@ timing: {warmup_ms: 50, max_time_s: 0.5}
 def test_tens_of_microseconds_on_a_side_stream_are_suspect(write_sweep, tmp_path):
     """An attention of tens of microseconds on a side stream escapes the timer's 0.5 ms rule (timed
     at 0.002 ms on an H100), but the GPU's record of the call's work on every stream (busy_ms) is
-    well past its timed median: suspect, never a speedup. The native path is not."""
+    well past its timed median: suspect, never a speedup. The native path is not. One that does
+    nothing while profiled returns, for the held-out set the profiled call reads, a stale output."""
     assert run.main([str(write_sweep(SMALL)), "--out", str(tmp_path)]) == 0
     loaded = store.load_run(tmp_path / "latest")
     rows = summarize(loaded.records, loaded.meta.get("ceilings")).set_index("provider")
-    assert list(rows["status"]) == ["ok"] * 3, rows["reason"]
+    assert rows.loc["unprofiled", "status"] == "incorrect", rows.loc["unprofiled", "reason"]
+    assert rows.loc["unprofiled", "reason"].startswith("a timed rep on check set")
+    assert list(rows["status"][:3]) == ["ok"] * 3, rows["reason"]
     assert not rows.loc["native", "suspect"] and rows.loc["native", "speedup"] == 1.0
     for name in ("side", "half"):
         assert rows.loc[name, "suspect"], rows.loc[name, ["median_ms", "busy_ms"]]

@@ -83,12 +83,13 @@ def test_every_batch_judges_the_rep_that_read_a_held_out_set_as_it_returned_it(m
                          feed=lambda check: fed.append((rep[0] + 1, check)), hold=hold,
                          verify=lambda h: verdicts.append(h), prims=prims)
     checked = [f for f in fed if f[1]]
-    assert out["checked"] == len(verdicts) == len(checked) == 5  # 30 reps in batches of 6
+    profiled = path == "cuda"  # busy_ms's call, after the batches, reads a held-out set too
+    assert out["checked"] == len(verdicts) - profiled == len(checked) - profiled == 5  # 30 reps in batches of 6
     assert [r for (r, _), _ in verdicts] == [r for r, _ in checked]
     assert all(int(v.item()) == r for (r, _), v in verdicts)
     warm = out["warmup_reps"]
-    assert [(r - warm - 1) % 6 for r, _ in checked] == [(7 + 5 * b) % 6 for b in range(5)]
-    assert [r for (r, _), _ in held] == list(range(warm + 1, warm + 31))
+    assert [(r - warm - 1) % 6 for r, _ in checked[:5]] == [(7 + 5 * b) % 6 for b in range(5)]
+    assert [r for (r, _), _ in held] == list(range(warm + 1, warm + 31 + profiled))
     assert path == "cpu" or all(idle)
 
 
@@ -151,7 +152,7 @@ class _SimulatedGPU:
         def synchronize(*_):
             sim.now = max(sim.now, sim.free, sim.side_free)
 
-        for name, value in dict(_synchronize=synchronize, busy_ms=lambda *_: None).items():
+        for name, value in dict(_synchronize=synchronize, busy_ms=lambda call, _: (call(), synchronize(), None)[2]).items():
             monkeypatch.setattr(timing, name, value)  # the warm-up's sync, and what follows timing
         return (None, lambda: sim.now, Event, record, lambda a, b: (b.at - a.at) * 1e3, synchronize,
                 lambda ev: sim.now >= ev.at, lambda cycles: sim.launch(cycles / timing.SPIN_HZ),
@@ -202,6 +203,35 @@ def test_work_left_on_a_side_stream_past_half_a_millisecond_is_timed(monkeypatch
     assert median == pytest.approx(0.020 + caught * hidden_us / 1e3, abs=2e-3)
     if checked or not hidden_us:  # back to back, a batch's reps leave their side work queued
         assert out["hidden_ms"] == pytest.approx(hidden_us / 1e3, abs=2e-3)
+
+
+@pytest.mark.parametrize("skips_while_profiled", [False, True])
+def test_the_profiled_call_reads_a_held_out_set_and_is_judged(monkeypatch, skips_while_profiled):
+    """busy_ms, the GPU's work over every stream, is read from one more call under torch's profiler;
+    that call reads a held-out set and is judged like a checked rep, so a provider that does less
+    while the profiler is on (and so looks to have hidden nothing) fails the case."""
+    sim = _SimulatedGPU(50e-6, 50e-6)
+    prims = sim.install(monkeypatch)
+    profiling, fed = [False], []
+
+    def busy_ms(call, device):
+        profiling[0] = True
+        call()
+        profiling[0] = False
+        return 0.02
+    monkeypatch.setattr(timing, "busy_ms", busy_ms)
+
+    def call():
+        if profiling[0] and skips_while_profiled:
+            return None
+        sim.call()
+        return fed[-1] if fed else None
+    out = timing.measure(call, torch.device("cuda"), warmup_ms=1, min_reps=5, max_reps=20,
+                         max_time_s=10.0, target_ci=0.0, l2_flush=False, cuda_graph=False,
+                         feed=lambda check: fed.append(check), hold=lambda out: out,
+                         verify=lambda held: None if held is True else f"returned {held}", prims=prims)
+    assert fed[-1] is True and out["busy_ms"] == 0.02
+    assert out["failed"] == ("returned None" if skips_while_profiled else None)
 
 
 def test_the_first_calls_memory_is_not_read_on_a_cpu():
