@@ -43,7 +43,8 @@ def test_a_case_whose_gpu_was_busier_than_its_timed_median_is_suspect():
         rows = summarize(recs, ceil)
         assert list(rows["suspect"]) == [False, False, True, True, False]
         assert list(rows["speedup"].isna()) == [False, False, True, True, False]
-        assert rows["suspect_reason"][2] == "its GPU was busy 1 ms in one call, against a timed median of 0.1 ms"
+        assert rows["suspect_reason"][2] == ("its GPU was busy 1 ms in one call, against a timed "
+                                             "median of 0.1 ms")
 
 
 def test_compare_never_judges_a_case_whose_gpu_was_busier_than_its_time(tmp_path):

@@ -84,7 +84,8 @@ def test_every_batch_judges_the_rep_that_read_a_held_out_set_as_it_returned_it(m
                          verify=lambda h: verdicts.append(h), prims=prims)
     checked = [f for f in fed if f[1]]
     profiled = path == "cuda"  # busy_ms's call, after the batches, reads a held-out set too
-    assert out["checked"] == len(verdicts) - profiled == len(checked) - profiled == 5  # 30 reps in batches of 6
+    # 30 reps in batches of 6
+    assert out["checked"] == len(verdicts) - profiled == len(checked) - profiled == 5
     assert [r for (r, _), _ in verdicts] == [r for r, _ in checked]
     assert all(int(v.item()) == r for (r, _), v in verdicts)
     warm = out["warmup_reps"]

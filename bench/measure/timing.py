@@ -233,8 +233,9 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
             prims=PRIMITIVES, _own=(_batch_cpu, _batch_cuda, _graph_of, _l2_flush), **_) -> dict:
     """Samples of fn in milliseconds; how many warm-up calls ran; the host's median time to enqueue
     one call (`host_ms`: near or above the median sample, a case is launch-bound); why timing stopped;
-    the GPU-busy time of one more call, judged on a held-out set where reps are (`busy_ms`); `hidden_ms`, the most work any batch left running
-    after its last end event, and `device_wide` when that made every rep wait for the whole device;
+    the GPU-busy time of one more call, judged on a held-out set where reps are (`busy_ms`);
+    `hidden_ms`, the most work any batch left running after its last end event, and `device_wide`
+    when that made every rep wait for the whole device;
     `exposed_reps`, the reps dropped because the GPU reached them before the host had queued them
     whole, and `spin_ms`, the spin they left.
 

@@ -524,8 +524,9 @@ def ceilings_note(meta: dict) -> str:
     if sheet:
         text += (f" Datasheet peaks ({c.get('datasheet_source')}): {sheet['gbps'] / 1e3:.2f} TB/s, "
                  + ", ".join(f"{k} {v:.0f}" for k, v in sheet["tflops"].items()) + " TFLOP/s.")
-    return text + (" A case above 100% of the measured ceiling, or whose GPU was busier in one call than "
-                   "its timed median (work its timing did not see), is suspect and never counted as a speedup.")
+    return text + (" A case above 100% of the measured ceiling, or whose GPU was busier in one call "
+                   "than its timed median (work its timing did not see), is suspect and never counted "
+                   "as a speedup.")
 
 
 def ab_header(meta: dict) -> str:

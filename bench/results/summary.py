@@ -13,8 +13,8 @@ from bench.results.stats import describe
 
 LEAD = ["case_id", "workload", "provider", "baseline", "status", "reason", "device"]
 STATS = ["n", "median_ms", "mean_ms", "iqr_ms", "ci_low_ms", "ci_high_ms", "ci_rel", "min_ms",
-         "tflops", "gbps", "bound", "ceiling_pct", "suspect", "suspect_reason", "speedup", "max_abs_err", "rel_err",
-         "first_call_ms", "host_ms", "busy_ms", "extra_mib"]
+         "tflops", "gbps", "bound", "ceiling_pct", "suspect", "suspect_reason", "speedup",
+         "max_abs_err", "rel_err", "first_call_ms", "host_ms", "busy_ms", "extra_mib"]
 
 
 def shape_key(record: dict) -> str:
