@@ -58,7 +58,7 @@ def test_tens_of_microseconds_on_a_side_stream_are_suspect(write_sweep, tmp_path
     loaded = store.load_run(tmp_path / "latest")
     rows = summarize(loaded.records, loaded.meta.get("ceilings")).set_index("provider")
     assert rows.loc["unprofiled", "status"] == "incorrect", rows.loc["unprofiled", "reason"]
-    assert rows.loc["unprofiled", "reason"].startswith("a timed rep on check set")
+    assert rows.loc["unprofiled", "reason"].startswith("the profiled call on check set")
     assert list(rows["status"][:3]) == ["ok"] * 3, rows["reason"]
     assert not rows.loc["native", "suspect"] and rows.loc["native", "speedup"] == 1.0
     for name in ("side", "half"):

@@ -81,7 +81,7 @@ def test_every_batch_judges_the_rep_that_read_a_held_out_set_as_it_returned_it(m
     out = timing.measure(fn, torch.device(path), warmup_ms=0, min_reps=6, max_reps=30,
                          max_time_s=0.4, target_ci=-1.0, l2_flush=False, cuda_graph=False,
                          feed=lambda check: fed.append((rep[0] + 1, check)), hold=hold,
-                         verify=lambda h: verdicts.append(h), prims=prims)
+                         verify=lambda h, *_: verdicts.append(h), prims=prims)
     checked = [f for f in fed if f[1]]
     profiled = path == "cuda"  # busy_ms's call, after the batches, reads a held-out set too
     # 30 reps in batches of 6
@@ -194,7 +194,7 @@ def test_work_left_on_a_side_stream_past_half_a_millisecond_is_timed(monkeypatch
         sim.call()
         if hidden_us:
             sim.side(hidden_us * 1e-6)
-    check = dict(feed=lambda check: None, hold=lambda out: out, verify=lambda held: None) if checked else {}
+    check = dict(feed=lambda check: None, hold=lambda out: out, verify=lambda held, *_: None) if checked else {}
     out = timing.measure(call, torch.device("cuda"), warmup_ms=1, min_reps=5, max_reps=60,
                          max_time_s=10.0, target_ci=0.0, l2_flush=False, cuda_graph=False,
                          prims=sim.install(monkeypatch), **check)
@@ -230,9 +230,9 @@ def test_the_profiled_call_reads_a_held_out_set_and_is_judged(monkeypatch, skips
     out = timing.measure(call, torch.device("cuda"), warmup_ms=1, min_reps=5, max_reps=20,
                          max_time_s=10.0, target_ci=0.0, l2_flush=False, cuda_graph=False,
                          feed=lambda check: fed.append(check), hold=lambda out: out,
-                         verify=lambda held: None if held is True else f"returned {held}", prims=prims)
+                         verify=lambda held, call="a rep": None if held is True else f"{call}: returned {held}", prims=prims)
     assert fed[-1] is True and out["busy_ms"] == 0.02
-    assert out["failed"] == ("returned None" if skips_while_profiled else None)
+    assert out["failed"] == ("the profiled call: returned None" if skips_while_profiled else None)
 
 
 def test_the_first_calls_memory_is_not_read_on_a_cpu():

@@ -245,7 +245,8 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     later reps reuse the buffers, and `verify(held)` judges the copy once the batch is done. Every
     rep is copied alike and the checked one kept, so that the time between its calls tells a
     provider nothing of which rep was checked; on a GPU the copy waits for the whole device. A
-    reason from `verify` stops timing and comes back as `failed`. `checked` says how many batches were;
+    reason from `verify` stops timing and comes back as `failed`; the one profiled call (busy_ms) reads
+    a held-out set too, judged by `verify(held, "the profiled call")`. `checked` says how many batches were;
     `batches`, how many the budget is split into (checked_batches: the held-out sets drawn).
 
     `probe()` (bench.measure.env.clock_probe) is read once per batch; with it, `clocks` holds each
@@ -352,7 +353,7 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
         feed(True)
         outs: list = []
         busy = busy_ms(lambda: outs.append(call()), device)
-        failed = verify(hold(outs[0]))
+        failed = verify(hold(outs[0]), "the profiled call")
     elif not failed:
         busy = busy_ms(call, device)
     clocks = None if probe is None else {

@@ -239,13 +239,13 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
                 rec.status = "incorrect"
             rec.reason = wrong or ""
 
-            def verify(held):
-                """Why what a timed rep returned for a held-out set is wrong, or None."""
+            def verify(held, call="a timed rep"):
+                """Why what `call` returned for a held-out set is wrong, or None."""
                 i, out, work = held
                 changed = _changed(work, x.sets[i])
                 why = (f"the provider changed its input {', '.join(changed)} in place" if changed
                        else _judge(out, reference(x, i), tol)[1])
-                return f"a timed rep on check set {i}: {why}" if why else None
+                return f"{call} on check set {i}: {why}" if why else None
             before = telemetry(gpu) if gpu is not None else None
             start = _now()
             result = _measure(fn, device, **case.timing,
