@@ -78,9 +78,9 @@ if ct is not None:
     @ct.kernel
     def _fwd_kernel(X, R, RB, S, W, B, Y, Mean, Rstd, eps, BLOCK_M: ConstInt, CHUNK: ConstInt,
                     NCHUNK: ConstInt, RAGGED: ConstBool, LATENCY: ConstInt, HAS_RES: ConstBool,
-                    HAS_RB: ConstBool, HAS_B: ConstBool):
+                    HAS_RB: ConstBool, HAS_B: ConstBool, HAS_STATS: ConstBool):
         """Y = LayerNorm(X) (+ B with HAS_B), or with HAS_RES: S = X + R (+ RB, R's bias, a vector,
-        with HAS_RB; stored) and Y = LayerNorm(S)."""
+        with HAS_RB; stored) and Y = LayerNorm(S). With HAS_STATS, each row's mean and rstd too."""
         n = X.shape[1]
         last = ct.reshape(ct.arange(CHUNK, dtype=ct.int32) + (NCHUNK - 1) * CHUNK < n, (1, CHUNK))
         w, b = _vector_chunks(W, CHUNK, NCHUNK), _vector_chunks(B, CHUNK, NCHUNK)
@@ -110,8 +110,9 @@ if ct is not None:
             # Not by TMA: so stored, some chunked configs (16384 x 768 fp16, 8 or 16 rows of 256-
             # column chunks) left a few rows' statistics wrong on 18-29% of calls while y was right
             # (H200, tileiras 13.x); stored plainly, none in 1,000 calls, at 3.5% of the time at worst.
-            ct.store(Mean, (t,), ct.reshape(mean, (BLOCK_M,)), allow_tma=False)
-            ct.store(Rstd, (t,), ct.reshape(rstd, (BLOCK_M,)), allow_tma=False)
+            if HAS_STATS:
+                ct.store(Mean, (t,), ct.reshape(mean, (BLOCK_M,)), allow_tma=False)
+                ct.store(Rstd, (t,), ct.reshape(rstd, (BLOCK_M,)), allow_tma=False)
 
     @ct.kernel
     def _bwd_kernel(DY, X, W, Mean, Rstd, DRes, DX, DR, Part, BLOCK_M: ConstInt, CHUNK: ConstInt,
@@ -239,17 +240,19 @@ def _vector(v, n: int, fill: float, like: torch.Tensor):
     return v.contiguous()
 
 
-def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None, residual_bias=None):
+def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None, residual_bias=None,
+             stats=True):
     """(y shaped like x, mean, rstd, s): the statistics flat over the rows of the (M, N) view; with
     a residual, s = x + residual (+ residual_bias, a vector) in the wider dtype of the two is
-    normalised and returned too. y is in y_dtype (default: x's)."""
+    normalised and returned too. y is in y_dtype (default: x's). stats=False: no backward will
+    read the statistics, so none are stored (mean and rstd come back None)."""
     n = x.shape[-1]
     block_m, chunk, nchunk, ragged = _shape(n, cfg["rows_per_block"], cfg["chunk"], FWD_TILE_ELEMS)
     x2 = rows(x, n)
     m = x2.shape[0]
     y = torch.empty_like(x2, dtype=y_dtype or x.dtype)
-    mean = torch.empty(m, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    mean = torch.empty(m if stats else 1, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32) if stats else mean  # never read
     r2 = s = x2
     w = _vector(weight, n, 1.0, x)
     b = w if bias is None else bias.contiguous()  # w stands in for what is not there, never read
@@ -261,9 +264,10 @@ def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None,
         grid = (grid_size(-(-m // block_m), cfg["blocks_per_sm"] if persistent else None, x.device),)
         launch(x.device, grid, _fwd_hinted(cfg, persistent),
                (x2, r2, rb, s, w, b, y, mean, rstd, float(eps), block_m, chunk, nchunk, ragged,
-                cfg["latency"] or 0, residual is not None, residual_bias is not None, bias is not None))
+                cfg["latency"] or 0, residual is not None, residual_bias is not None, bias is not None,
+                stats))
     shaped = (lambda a: a) if x.dim() == 2 else (lambda a: a.view(x.shape))
-    return shaped(y), mean, rstd, shaped(s)
+    return shaped(y), mean if stats else None, rstd if stats else None, shaped(s)
 
 
 def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=False, **config):
@@ -324,7 +328,9 @@ class LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, persistent, cfg):
-        y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, cfg or tuned_config(x))
+        # under no_grad (inference) no backward reads the statistics: they are not stored
+        y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, cfg or tuned_config(x),
+                                    stats=any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.has = (weight is not None, bias is not None)
         ctx.grad_dtype = next((t.dtype for t in (weight, bias) if t is not None), torch.float32)
@@ -346,7 +352,8 @@ class AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, r_bias, weight, bias, eps, y_dtype):
         y, mean, rstd, s = _forward(x, weight, bias, eps, True, tuned_config(x), residual=r,
-                                    y_dtype=y_dtype, residual_bias=r_bias)
+                                    y_dtype=y_dtype, residual_bias=r_bias,
+                                    stats=any(ctx.needs_input_grad[:5]))
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.has = (weight is not None, bias is not None, r_bias is not None)
         ctx.grad_dtype = next((t.dtype for t in (weight, bias) if t is not None), torch.float32)
@@ -387,11 +394,11 @@ def layer_norm(x, weight, bias, eps=1e-5, persistent=None, **config):
 
 
 def _fwd_job(config: dict, dtype, n: int, residual: bool = False, bias: bool = True,
-             persistent: bool = True) -> tuple:
+             persistent: bool = True, stats: bool = True) -> tuple:
     """(kernel, cubin name, signature params) of the forward kernel for rows of n under a config,
     with the residual add (a float32 residual stream, and its bias) or without, with a LayerNorm
     bias or without, for the persistent grid (what layer_norm and the tuned configs run) or the
-    grid of one block per tile."""
+    grid of one block per tile, storing the statistics (training) or not (inference)."""
     from cuda.tile import compilation as cc
 
     from kernels.aot import array_param, ct_dtype, dtype_name
@@ -404,9 +411,9 @@ def _fwd_job(config: dict, dtype, n: int, residual: bool = False, bias: bool = T
     tag = "".join(f"_{k}{v}" for k, v in sorted(config.items()))
     return (_fwd_hinted(cfg, persistent),
             f"layernorm_fwd_{dtype_name(dtype)}_{n}{tag}" + ("_add" if residual else "")
-            + ("" if bias else "_nobias") + ("" if persistent else "_plain"),
+            + ("" if bias else "_nobias") + ("" if persistent else "_plain") + ("" if stats else "_nostats"),
             [wide, mat, vec, wide, vec, vec, mat, stat, stat, cc.ScalarConstraint(ct.float32), *shape,
-             cfg["latency"] or 0, residual, residual, bias])
+             cfg["latency"] or 0, residual, residual, bias, stats])
 
 
 def export_forward(config: dict, dtype, n: int, out_dir, gpu_code="sm_90") -> list[str]:
@@ -438,6 +445,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         jobs.append(_fwd_job(config, dtype, n))
         if not config:
             jobs.append(_fwd_job(config, dtype, n, persistent=False))
+            jobs.append(_fwd_job(config, dtype, n, stats=False))
             jobs.append(_fwd_job(config, dtype, n, residual=True))
             jobs.append(_fwd_job(config, dtype, n, residual=True, bias=False))
             mat, vec = array_param(ct_dtype(dtype), 2), array_param(ct_dtype(dtype), 1)

@@ -60,6 +60,7 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
     # the forward as each grid launches it: the persistent one with its occupancy hint, and the plain
     assert any(s.startswith("layernorm_fwd_float16_768.") for s in names), names
     assert any(s.startswith("layernorm_fwd_float16_768_plain.") for s in names), names
+    assert any(s.startswith("layernorm_fwd_float16_768_nostats.") for s in names), names
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -163,6 +164,27 @@ def test_layer_norm_takes_a_forward_config_and_its_backward_reads_its_statistics
     reference.layer_norm(*ref_leaves, dtype=torch.float64).backward(dy.double())
     for name, got, want in zip(("dx", "dw", "db"), leaves, ref_leaves):
         assert errors(got.grad, want.grad)["rel"] < 2e-2, name
+
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 13, 127, 257])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_inference_skips_the_statistics_and_gives_the_training_forwards_bits(poisoned, rows, dtype):
+    """Under no_grad no backward reads the mean and rstd, so the kernel stores none; y, and with
+    the residual add s, are the same bits as in a forward that stores them."""
+    x, w, b = make((rows, 1000), DTYPES[dtype], "cuda", seed=rows)
+    r = torch.randn(x.shape, device="cuda")
+    y_train, mean, rstd, _ = layernorm._forward(x, w, b, 1e-5, True, layernorm.tuned_config(x))
+    y_infer, none_mean, none_rstd, _ = layernorm._forward(x, w, b, 1e-5, True, layernorm.tuned_config(x),
+                                                          stats=False)
+    check_statistics(x, mean, rstd)
+    assert none_mean is None and none_rstd is None and torch.equal(y_infer, y_train)
+    leaves = [t.detach().requires_grad_() for t in (r, x, w, b)]
+    s_train, h_train = layernorm.add_layer_norm(leaves[1], leaves[0], *leaves[2:])
+    with torch.no_grad():
+        assert torch.equal(layernorm.layer_norm(x, w, b), y_train)
+        s_infer, h_infer = layernorm.add_layer_norm(x, r, w, b)
+    assert torch.equal(s_infer, s_train) and torch.equal(h_infer, h_train)
 
 
 @pytest.mark.parametrize("bad", [{"chunk": 100}, {"chunk": 8}, {"latency": 11}, {"occupancy": 0},
