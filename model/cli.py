@@ -30,6 +30,7 @@ def pick_device(name: str | None) -> torch.device:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def autocast(device: torch.device, dtype: str):
-    """Mixed precision in `dtype` on `device`; float32 means no autocast."""
-    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
+def autocast(device: torch.device, dtype: str, cache: bool = True):
+    """Mixed precision in `dtype` on `device`; float32 means no autocast. cache=False for a step
+    captured in a CUDA graph: a weight cast cached during the capture would be stale at replays."""
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32", cache_enabled=cache)

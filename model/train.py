@@ -1,9 +1,11 @@
 """Train a GPT on token files in nanoGPT's format (train.bin / val.bin, uint16; meta.pkl optional).
 
 Fused AdamW with linear warmup then cosine decay, gradient clipping and fp16 loss scaling folded
-into its update (model.optim), fp16 autocast (bf16 and fp32 too), periodic evaluation, a nanoGPT checkpoint whenever the validation
-loss improves, and the loss curve as loss.csv and loss.json in --out. On a CPU, flags left unset
-take the batch, context, eval and log settings of nanoGPT's CPU example (DEFAULTS).
+into its update (model.optim), fp16 autocast (bf16 and fp32 too), periodic evaluation, a nanoGPT
+checkpoint whenever the validation loss improves, and the loss curve as loss.csv and loss.json in
+--out. With --graph the whole step (every micro-batch's forward and backward, and the update) is
+captured once in a CUDA graph and replayed, as the harness times it (model.graph). On a CPU, flags
+left unset take the batch, context, eval and log settings of nanoGPT's CPU example (DEFAULTS).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 
 from model.cli import DTYPES, ArgumentParser, autocast, fail, pick_device
 from model.gpt import ATTENTIONS, BACKENDS, GPT, PRESETS, GPTConfig
+from model.graph import capture
 from model.optim import ScaledAdamW
 
 # what a flag left unset means on a GPU and elsewhere (block_size None: the preset's); a step of the
@@ -84,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--log-interval", type=int, default=None, help="default: 10 on CUDA, 1 on CPU")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="autocast dtype (default: float16 on CUDA, else float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the cutile backend's forward, all kernel launches, stays eager)")
+    p.add_argument("--graph", action="store_true",
+                   help="capture the training step once in a CUDA graph and replay it (CUDA only)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
@@ -115,10 +120,21 @@ def estimate_loss(model, batches: dict, eval_iters: int, ctx) -> dict:
     return out
 
 
+def set_lr(optimizer, lr: float) -> None:
+    """Every group's learning rate: in place where it is a tensor (a graphed step reads it there)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 def main(argv=None) -> dict:
     """Train; returns the summary also written to loss.json."""
     args = parse_args(argv)
     device = pick_device(args.device)
+    if args.graph and device.type != "cuda":
+        fail(f"--graph: CUDA graphs need a CUDA GPU, and this run is on {device}")
     for name, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -139,11 +155,27 @@ def main(argv=None) -> dict:
     config = GPTConfig.preset(args.preset, **overrides)
 
     model = GPT(config, backend=args.backend, attention=args.attention, device=device).to(device)
-    optimizer = model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2))
+    optimizer = model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2),
+                                           capturable=args.graph)
+    if args.graph:  # the schedule's lr in a tensor that the captured update reads at every replay
+        lr_now = torch.tensor(float(args.lr), device=device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
     update = ScaledAdamW(optimizer, loss_scaling=dtype == "float16", clip=args.grad_clip,
                          flat=model.backend == "cutile")  # its kernels write into the flat gradients
     step_model = torch.compile(model) if args.compile else model
     ctx = lambda: autocast(device, dtype)  # noqa: E731
+
+    def train_step(xs, ys):
+        """Forward and backward of every micro-batch, then the update; the last micro-batch's
+        loss. No host sync, so that it can be captured."""
+        for x, y in zip(xs, ys):
+            with autocast(device, dtype, cache=not args.graph):
+                _, loss = step_model(x, y)
+            update.backward(loss / args.grad_accum)
+        update.step()
+        return loss
+
     batches = {s: Batches(args.data / f"{s}.bin", args.batch_size, config.block_size, device, args.seed + i)
                for i, s in enumerate(("train", "val"))}
     decay_iters = args.lr_decay_iters or args.max_iters
@@ -154,15 +186,16 @@ def main(argv=None) -> dict:
     print(f"{args.preset}: {model.get_num_params() / 1e6:.2f}M parameters, backend {model.backend} "
           f"({model.attention} attention), {dtype} on {device}; batch {args.batch_size} x "
           f"{config.block_size}, dropout {config.dropout}, eval every {args.eval_interval} iters on "
-          f"{args.eval_iters} batches per split", flush=True)
+          f"{args.eval_iters} batches per split" + (", CUDA-graphed step" if args.graph else ""), flush=True)
 
     rows, best_val, step_ms = [], float("inf"), []
-    x, y = batches["train"].next()
+    fetch = lambda: list(zip(*(batches["train"].next() for _ in range(args.grad_accum))))  # noqa: E731
+    xs, ys = fetch()
+    replay = None
     t0 = time.perf_counter()
     for it in range(args.max_iters + 1):
         lr = lr_at(it, args.lr, args.min_lr, args.warmup_iters, decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         if it % args.eval_interval == 0 or it == args.max_iters:
             losses = estimate_loss(step_model, batches, args.eval_iters, ctx)
             rows += [{"iter": it, "split": f"eval_{s}", "loss": v, "lr": lr, "ms": ""} for s, v in losses.items()]
@@ -173,13 +206,21 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
         if it == args.max_iters:
             break
-        for micro in range(args.grad_accum):
-            with ctx():
-                _, loss = step_model(x, y)
-            x, y = batches["train"].next()  # fetch the next batch while the GPU works
-            update.backward(loss / args.grad_accum)
-        update.step()
-        update.zero_grad()
+        if args.graph:
+            if replay is None:
+                static = [torch.stack(b) for b in (xs, ys)]  # what the captured step reads
+                start = {k: v.clone() for k, v in model.state_dict().items()}
+                replay, loss = capture(lambda: train_step(*static), model)
+                with torch.no_grad():  # the warm-up steps moved the weights: start from before them
+                    model.load_state_dict(start)
+                update.reset()
+            for buf, b in zip(static, (xs, ys)):
+                buf.copy_(torch.stack(b))
+            replay()
+        else:
+            loss = train_step(xs, ys)
+            update.zero_grad()
+        xs, ys = fetch()  # the next batches, while the GPU works
         if (it + 1) % args.log_interval == 0:
             lossf = loss.item()  # syncs: only once per interval
             ms = (time.perf_counter() - t0) * 1000 / args.log_interval

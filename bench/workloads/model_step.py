@@ -27,6 +27,7 @@ from bench.cli import first_line
 from bench.workloads import Unavailable, Workload
 from bench.workloads.providers import cutile_module, dtype_of
 from model.gpt import FUSIONS, GPT, PRESETS, GPTConfig
+from model.graph import CaptureError, capture
 from model.optim import ScaledAdamW
 
 DEFAULTS = dict(model="tiny", batch=2, seq_len=32, mode="fwd", dtype="float16", graph=False)
@@ -34,7 +35,6 @@ MODES = ("fwd", "fwd_bwd", "train")
 BATCHES = 4  # pre-drawn batches the static inputs are refilled from, in turn; the first is checked
 # nanoGPT's GPT-2 training step: AdamW lr 6e-4, betas (0.9, 0.95), weight decay 0.1, clip at 1.0
 LR, BETAS, WEIGHT_DECAY, CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
-WARMUP_STEPS = 3  # eager steps on a side stream before a capture, as CUDA graphs require
 # an element whose float32 gradient is at most this fraction of its tensor's RMS has no determined
 # first AdamW direction: gradients are judged to 1-3% of their norm (docs/model.md)
 UNDETERMINED = 0.1
@@ -182,7 +182,7 @@ def make_step(p, x, model, forward=None):
             return step()
         return fn
 
-    replay, out = _capture(step, model, device, mode != "fwd")
+    replay, out = _capture(step, model, device)
     if mode == "train":  # the warm-up steps moved the weights: start the replays where eager starts
         with torch.no_grad():
             model.load_state_dict(x["state"])
@@ -196,35 +196,14 @@ def make_step(p, x, model, forward=None):
     return fn
 
 
-def _capture(step, model, device, has_grads: bool):
-    """(replay, static outputs) of `step` captured in a CUDA graph after warm-up steps on a side
-    stream. Gradients are unset before the capture, so the graph's backward writes them afresh at
-    every replay instead of accumulating."""
+def _capture(step, model, device):
+    """(replay, static outputs) of `step` in a CUDA graph (model.graph.capture)."""
     if device.type != "cuda":
         raise Unavailable("graph=true needs a CUDA GPU (CUDA graphs)")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_STEPS):
-            model.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    if has_grads:
-        model.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            out = step()
-    except RuntimeError as e:
+        return capture(step, model)
+    except CaptureError as e:
         raise Unavailable(f"the step cannot be captured in a CUDA graph ({first_line(e, 200)})") from None
-
-    def replay():
-        graph.replay()
-    # The graph reads and writes tensors made before it and held only by step's closure (the
-    # optimizer's moments, the loss scale). Freed, their memory went to whatever came next, the
-    # reference's gradients among them, and replays corrupted both: they live as long as the replay.
-    replay.holds = step
-    return replay, out
 
 
 def _provider(backend: str, attention: str = "naive", compile_mode: str | None = None):
