@@ -11,9 +11,11 @@ Gradients land in their slots without a copy where the backward that makes them 
 grad_slot(p) gives it the slot, and autograd keeps the tensor it returns as p.grad. Any other
 gradient is copied in, by one multi-tensor copy, before the norm. The update is torch's
 arithmetic (its fused AdamW's, with the loss scale and the inf check folded in), in fp32 either
-way; where cuTile cannot run, torch's fused AdamW steps the flat buffers instead. The same pass
-can write a flat copy of the parameters in fp16 or bf16 (cast_copies), which the forward's weight
-copies (kernels.linear.WeightCasts) then are instead of a copy of their own.
+way; where cuTile cannot run, or a group's lr is a tensor (which a CUDA graph's step reads at
+every replay, where the kernel's lr is a launch argument fixed at the capture), torch's fused
+AdamW steps the flat buffers instead. The same pass can write a flat copy of the parameters in
+fp16 or bf16 (cast_copies), which the forward's weight copies (kernels.linear.WeightCasts) then
+are instead of a copy of their own.
 """
 from __future__ import annotations
 
@@ -42,15 +44,13 @@ if ct is not None:
     ZERO = ct.PaddingMode.ZERO
 
     @ct.kernel
-    def _adamw_kernel(P, G, M, V, W, Steps, Scale, Inf, Lr, step_index: int, beta1: float,
+    def _adamw_kernel(P, G, M, V, W, Steps, Scale, Inf, step_index: int, lr: float, beta1: float,
                       beta2: float, log2_beta1: float, log2_beta2: float, eps: float, decay: float,
                       TILE: ConstInt, LATENCY: ConstInt, CAST: ConstBool):
         """One AdamW step of P from G / Scale, as torch's fused AdamW takes it, leaving G divided
         by Scale as torch's does; nothing changes where Inf is nonzero. With CAST, W gets the new
-        P in W's dtype. The step count, already advanced, is Steps[step_index]; the learning rate
-        is read from Lr[0], so that a captured step takes each replay's."""
+        P in W's dtype. The step count, already advanced, is Steps[step_index]."""
         step = ct.load(Steps, index=(step_index,), shape=(1,))
-        lr = ct.load(Lr, index=(0,), shape=(1,))
         scale = ct.load(Scale, index=(0,), shape=(1,))
         skip = ct.load(Inf, index=(0,), shape=(1,)) != 0.0
         step_size = lr / (1.0 - ct.exp2(step * log2_beta1))
@@ -126,7 +126,6 @@ class FlatAdamW:
         self.flat_params, self.flat_grads, self.exp_avg, self.exp_avg_sq = zeros(), zeros(), zeros(), zeros()
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         self.ones, self.zero = torch.ones(1, device=self.device), torch.zeros(1, device=self.device)
-        self.lrs, self._lrs_set = torch.zeros(len(groups), device=self.device), [None] * len(groups)
         with torch.no_grad():
             for p, start in zip(params, self.slots):
                 self._view(self.flat_params, p, start).copy_(p)
@@ -221,10 +220,10 @@ class FlatAdamW:
         with torch.no_grad():
             self.steps.add_(1)
             first = 0
-            for k, (g, (start, end)) in enumerate(zip(self.optimizer.param_groups, self.regions)):
+            for g, (start, end) in zip(self.optimizer.param_groups, self.regions):
                 beta1, beta2 = g["betas"]
-                args = (self._lr(k, g["lr"]), float(beta1), float(beta2), float(g["eps"]),
-                        float(g["weight_decay"]))
+                lr = g["lr"] if isinstance(g["lr"], torch.Tensor) else float(g["lr"])
+                args = (lr, float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]))
                 bufs = [b[start:end] for b in (self.flat_params, self.flat_grads, self.exp_avg, self.exp_avg_sq)]
                 cast = None if self.casts is None else self.casts[start:end]
                 self._update(bufs, cast, first, scale, inf, *args)
@@ -233,31 +232,19 @@ class FlatAdamW:
                 self.steps.sub_(inf)
         self._cast_versions = None if self.casts is None else [p._version for p in self.params]
 
-    def _lr(self, k: int, lr) -> torch.Tensor:
-        """Group k's learning rate as the (1,) device tensor the step reads. A tensor lr (what a
-        captured step wants) is copied in by the step itself, so each replay reads its value then;
-        a float is written only when it changes, so an eager step adds no launch at a fixed lr."""
-        if isinstance(lr, torch.Tensor):
-            self.lrs[k].copy_(lr)
-            self._lrs_set[k] = None
-        elif lr != self._lrs_set[k]:
-            self.lrs[k].fill_(lr)
-            self._lrs_set[k] = lr
-        return self.lrs[k:k + 1]
-
     def _update(self, bufs, cast, step_index, scale, inf, lr, beta1, beta2, eps, decay):
         if bufs[0].numel() == 0:
             return
-        if ct is None or not bufs[0].is_cuda or not kernels.available()[0]:
-            torch._fused_adamw_(*[[b] for b in bufs], [], [self.steps[step_index]], lr=lr.view(()),
-                                beta1=beta1, beta2=beta2, weight_decay=decay, eps=eps, amsgrad=False,
-                                maximize=False, grad_scale=scale.view(()), found_inf=inf.view(()))
+        if isinstance(lr, torch.Tensor) or ct is None or not bufs[0].is_cuda or not kernels.available()[0]:
+            torch._fused_adamw_(*[[b] for b in bufs], [], [self.steps[step_index]], lr=lr, beta1=beta1,
+                                beta2=beta2, weight_decay=decay, eps=eps, amsgrad=False, maximize=False,
+                                grad_scale=scale.view(()), found_inf=inf.view(()))
             if cast is not None:
                 cast.copy_(bufs[0])
             return
         grid = (min(-(-bufs[0].numel() // TILE), BLOCKS_PER_SM * sm_count(self.device)),)
         launch(self.device, grid, _hinted(),
-               (*bufs, bufs[0] if cast is None else cast, self.steps, scale, inf, lr, step_index, beta1,
+               (*bufs, bufs[0] if cast is None else cast, self.steps, scale, inf, step_index, lr, beta1,
                 beta2, math.log2(beta1), math.log2(beta2), eps, decay, TILE, LATENCY, cast is not None))
 
 
@@ -275,7 +262,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     paths = []
     for w, name in [(f32, "adamw_float32"), (array_param(ct.float16, 1), "adamw_float32_cast_float16"),
                     (array_param(ct.bfloat16, 1), "adamw_float32_cast_bfloat16")]:
-        params = [f32, f32, f32, f32, w, f32, f32, f32, f32, cc.ScalarConstraint(ct.int32),
-                  scalar, scalar, scalar, scalar, scalar, scalar, TILE, LATENCY, w is not f32]
+        params = [f32, f32, f32, f32, w, f32, f32, f32, cc.ScalarConstraint(ct.int32),
+                  scalar, scalar, scalar, scalar, scalar, scalar, scalar, TILE, LATENCY, w is not f32]
         paths.append(export(_hinted(), name, params, out_dir, gpu_code))
     return paths
