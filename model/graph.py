@@ -17,15 +17,17 @@ class CaptureError(RuntimeError):
     way a graph cannot hold)."""
 
 
-def capture(step, model, warmup: int = WARMUP_STEPS):
+def capture(step, model, warmup: int = WARMUP_STEPS, optimizer=None):
     """(replay, out): `step` run `warmup` times eagerly on a side stream, then captured; replay()
     runs the captured step again, and `out`, what the captured call returned, holds each replay's
     result. Gradients are unset before the capture, so the graph's backward writes them afresh at
-    every replay instead of adding to the last. The warm-up steps are real steps: a caller that
-    trains puts its parameters and optimizer back afterwards."""
+    every replay instead of adding to the last. The warm-up steps and the capture are real steps:
+    given the step's `optimizer` (one with reset()), they are taken back afterwards, the parameters
+    as they were before them and the optimizer at its first step, so the first replay is step one."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError(f"a CUDA graph needs the model on a CUDA GPU, not {device}")
+    start = None if optimizer is None else {k: v.clone() for k, v in model.state_dict().items()}
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -40,6 +42,10 @@ def capture(step, model, warmup: int = WARMUP_STEPS):
             out = step()
     except RuntimeError as e:
         raise CaptureError(str(e)) from e
+    if optimizer is not None:
+        with torch.no_grad():  # in place: the graph keeps reading and writing the same tensors
+            model.load_state_dict(start)
+        optimizer.reset()
 
     def replay():
         graph.replay()

@@ -209,11 +209,7 @@ def main(argv=None) -> dict:
         if args.graph:
             if replay is None:
                 static = [torch.stack(b) for b in (xs, ys)]  # what the captured step reads
-                start = {k: v.clone() for k, v in model.state_dict().items()}
-                replay, loss = capture(lambda: train_step(*static), model)
-                with torch.no_grad():  # the warm-up steps moved the weights: start from before them
-                    model.load_state_dict(start)
-                update.reset()
+                replay, loss = capture(lambda: train_step(*static), model, optimizer=update)
             for buf, b in zip(static, (xs, ys)):
                 buf.copy_(torch.stack(b))
             replay()

@@ -182,11 +182,7 @@ def make_step(p, x, model, forward=None):
             return step()
         return fn
 
-    replay, out = _capture(step, model, device)
-    if mode == "train":  # the warm-up steps moved the weights: start the replays where eager starts
-        with torch.no_grad():
-            model.load_state_dict(x["state"])
-        update.reset()
+    replay, out = _capture(step, model, device, update if mode == "train" else None)
     order = itertools.cycle(range(BATCHES))
 
     def fn():
@@ -196,12 +192,13 @@ def make_step(p, x, model, forward=None):
     return fn
 
 
-def _capture(step, model, device):
-    """(replay, static outputs) of `step` in a CUDA graph (model.graph.capture)."""
+def _capture(step, model, device, optimizer):
+    """(replay, static outputs) of `step` in a CUDA graph (model.graph.capture), a training step's
+    warm-up taken back so that the replays start where the eager step starts."""
     if device.type != "cuda":
         raise Unavailable("graph=true needs a CUDA GPU (CUDA graphs)")
     try:
-        return capture(step, model)
+        return capture(step, model, optimizer=optimizer)
     except CaptureError as e:
         raise Unavailable(f"the step cannot be captured in a CUDA graph ({first_line(e, 200)})") from None
 
