@@ -127,11 +127,33 @@ if ct is not None:
             return ct.where(rows >= cols, x, fill)
         return ct.where(cols < t, x, fill)
 
+    def _attend(q, K, V, b, h, j, m_i, l_i, acc, rows, cols0, t, scale_log2, D, TILE_N, K_LAT, V_LAT,
+                CAUSAL, MASKED):
+        """The online softmax's (m_i, l_i, acc) after key tile j of width TILE_N; masked where
+        MASKED (constant, when the kernel could need a mask) and j is a tile that needs it."""
+        kt = ct.load(K, index=(b, h, 0, j), shape=(1, 1, D, TILE_N), order=(0, 1, 3, 2),
+                     padding_mode=ZERO, latency=K_LAT).reshape((D, TILE_N))
+        s = ct.mma(q, kt, ct.zeros((q.shape[0], TILE_N), dtype=ct.float32))
+        if MASKED:
+            s = _masked(s, rows, j * TILE_N + cols0, t, CAUSAL, MASK_FLOOR)
+        # the scale multiplies the row max, not the whole tile: one fma per score below
+        m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True) * scale_log2)
+        p = ct.exp2(s * scale_log2 - m_new, flush_to_zero=True)
+        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+        l_i = l_i * alpha + ct.sum(p, axis=-1, keepdims=True)
+        vt = ct.load(V, index=(b, h, j, 0), shape=(1, 1, TILE_N, D),
+                     padding_mode=ZERO, latency=V_LAT).reshape((TILE_N, D))
+        return m_new, l_i, ct.mma(p.astype(q.dtype), vt, acc * alpha)
+
     @ct.kernel
     def _fwd_kernel(Q, K, V, Out, Lse, scale_log2: float,
                     H: ConstInt, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt,
                     CAUSAL: ConstBool, EVEN_N: ConstBool, K_LAT: ConstInt, V_LAT: ConstInt):
-        """One block per (query tile, batch*head): out = softmax(q k^T * scale) v, and the row lse."""
+        """One block per (query tile, batch*head): out = softmax(q k^T * scale) v, and the row lse.
+
+        Causal, where the block's last row sees only the first half of its last key tile (every
+        other 64-row block under 128-key tiles, and short sequences), that tile is taken as one
+        of half the width: 2-3% of the time at 8 x 1024, D=128, on an H100."""
         m_blk, bh = _query_block()
         b, h = bh // H, bh % H
         t = K.shape[2]
@@ -142,21 +164,19 @@ if ct is not None:
         l_i = ct.zeros((TILE_M, 1), dtype=ct.float32)
         acc = ct.zeros((TILE_M, D), dtype=ct.float32)
         n_end, mask_from = _key_tiles(m_blk, t, TILE_M, TILE_N, CAUSAL)
-        for j in range(n_end):
-            kt = ct.load(K, index=(b, h, 0, j), shape=(1, 1, D, TILE_N), order=(0, 1, 3, 2),
-                         padding_mode=ZERO, latency=K_LAT).reshape((D, TILE_N))
-            s = ct.mma(q, kt, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))
-            if (CAUSAL or not EVEN_N) and j >= mask_from:
-                s = _masked(s, rows, j * TILE_N + cols0, t, CAUSAL, MASK_FLOOR)
-            # the scale multiplies the row max, not the whole tile: one fma per score below
-            m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True) * scale_log2)
-            p = ct.exp2(s * scale_log2 - m_new, flush_to_zero=True)
-            alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
-            l_i = l_i * alpha + ct.sum(p, axis=-1, keepdims=True)
-            vt = ct.load(V, index=(b, h, j, 0), shape=(1, 1, TILE_N, D),
-                         padding_mode=ZERO, latency=V_LAT).reshape((TILE_N, D))
-            acc = ct.mma(p.astype(Q.dtype), vt, acc * alpha)
-            m_i = m_new
+        HALF = TILE_N // 2
+        n_full = n_end
+        if CAUSAL and HALF >= 16:
+            seen = min((m_blk + 1) * TILE_M, t) - (n_end - 1) * TILE_N  # keys of the last tile: 1..TILE_N
+            n_full = n_end - 1 + (seen - 1) // HALF
+        for j in range(n_full):
+            m_i, l_i, acc = _attend(q, K, V, b, h, j, m_i, l_i, acc, rows, cols0, t, scale_log2, D, TILE_N,
+                                    K_LAT, V_LAT, CAUSAL, (CAUSAL or not EVEN_N) and j >= mask_from)
+        if CAUSAL and HALF >= 16:
+            if n_full < n_end:
+                m_i, l_i, acc = _attend(q, K, V, b, h, 2 * n_full, m_i, l_i, acc, rows,
+                                        ct.arange(HALF, dtype=ct.int32)[None, :], t, scale_log2, D, HALF,
+                                        K_LAT, V_LAT, CAUSAL, True)
         out = ct.truediv(acc, l_i, flush_to_zero=True, rounding_mode=ct.RoundingMode.APPROX)
         ct.store(Out, index=(b, h, m_blk, 0), tile=out.astype(Out.dtype).reshape((1, 1, TILE_M, D)))
         lse = (m_i + ct.log2(l_i)) * LN2
