@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 import weakref
 
 import torch
@@ -56,8 +57,7 @@ if ct is not None:
 
     @ct.kernel
     def _adamw_kernel(P, G, M, V, W, Steps, Scale, Inf, step_index: int, lr: float, beta1: float,
-                      beta2: float, one_minus_beta1: float, one_minus_beta2: float, ln_beta1: float,
-                      ln_beta2: float, eps: float, decay: float,
+                      beta2: float, ln_beta1: float, ln_beta2: float, eps: float, decay: float,
                       TILE: ConstInt, LATENCY: ConstInt, CAST: ConstBool):
         """One AdamW step of P from G / Scale, as torch's fused AdamW takes it, leaving G divided
         by Scale as torch's does; nothing changes where Inf is nonzero. With CAST, W gets the new
@@ -73,8 +73,8 @@ if ct is not None:
             m = ct.load(M, index=(i,), shape=(TILE,), padding_mode=ZERO, latency=LATENCY)
             v = ct.load(V, index=(i,), shape=(TILE,), padding_mode=ZERO, latency=LATENCY)
             g = g_in / scale
-            m_new = m * beta1 + g * one_minus_beta1
-            v_new = v * beta2 + (g * g) * one_minus_beta2
+            m_new = m * beta1 + g * (1.0 - beta1)
+            v_new = v * beta2 + (g * g) * (1.0 - beta2)
             p_new = p * (1.0 - lr * decay) - step_size * m_new / (ct.sqrt(v_new) / root_bc2 + eps)
             p_new = ct.where(skip, p, p_new)
             ct.store(P, index=(i,), tile=p_new)
@@ -89,6 +89,12 @@ if ct is not None:
 def _hinted():
     """The kernel with its occupancy hint, made once: each hinted copy has its own JIT cache."""
     return _adamw_kernel.replace_hints(occupancy=BLOCKS_PER_SM)
+
+
+def _fp32(x: float) -> float:
+    """x as the kernel holds it: the betas are fp32 in all of its arithmetic, as in torch's
+    capturable AdamW."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _padded(n: int) -> int:
@@ -257,7 +263,7 @@ class FlatAdamW:
         grid = (min(-(-bufs[0].numel() // TILE), BLOCKS_PER_SM * sm_count(self.device)),)
         launch(self.device, grid, _hinted(),
                (*bufs, bufs[0] if cast is None else cast, self.steps, scale, inf, step_index, lr, beta1,
-                beta2, 1.0 - beta1, 1.0 - beta2, math.log(beta1), math.log(beta2), eps, decay, TILE, LATENCY, cast is not None))
+                beta2, math.log(_fp32(beta1)), math.log(_fp32(beta2)), eps, decay, TILE, LATENCY, cast is not None))
 
 
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
@@ -275,6 +281,6 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     for w, name in [(f32, "adamw_float32"), (array_param(ct.float16, 1), "adamw_float32_cast_float16"),
                     (array_param(ct.bfloat16, 1), "adamw_float32_cast_bfloat16")]:
         params = [f32, f32, f32, f32, w, f32, f32, f32, cc.ScalarConstraint(ct.int32),
-                  *[scalar] * 9, TILE, LATENCY, w is not f32]
+                  *[scalar] * 7, TILE, LATENCY, w is not f32]
         paths.append(export(_hinted(), name, params, out_dir, gpu_code))
     return paths

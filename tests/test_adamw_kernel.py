@@ -35,12 +35,14 @@ def _adamw(params):
 def test_the_lr_is_read_at_every_step_given_as_a_float_or_a_tensor(as_tensor, device):
     """A schedule given as floats, or as one tensor changed in place (what a captured step reads
     at every replay; torch's fused AdamW steps the flat buffers then), moves the parameters as
-    torch's AdamW does with the same floats. On a GPU the floats go to the cuTile kernel."""
+    torch's AdamW does with the same floats. On a GPU the floats go to the cuTile kernel. (Its
+    betas are fp32, as in torch's capturable AdamW: with beta2 = 0.999, whose 1 - beta2 fp32 holds
+    to 1.3e-5, torch's other path, in double, moves a parameter 7e-6 of an update elsewhere.)"""
     g = torch.Generator().manual_seed(0)
     start = [0.1 * torch.randn(s, generator=g) for s in SIZES]
     ours, theirs = ([torch.nn.Parameter(t.to(device)) for t in start] for _ in range(2))
-    flat = adamw.FlatAdamW(torch.optim.AdamW(ours, lr=1.0, fused=True))
-    reference = torch.optim.AdamW(theirs, lr=1.0, fused=True)
+    flat = adamw.FlatAdamW(torch.optim.AdamW(ours, lr=1.0, betas=(0.9, 0.95), fused=True))
+    reference = torch.optim.AdamW(theirs, lr=1.0, betas=(0.9, 0.95), fused=True)
     lr = torch.tensor(1.0, device=device)
     if as_tensor:
         flat.optimizer.param_groups[0]["lr"] = lr
@@ -88,6 +90,33 @@ def test_matches_torch_fused_adamw(poisoned, scale, cast):
                 torch.testing.assert_close(flat.optimizer.state[a][key], reference.state[b][key],
                                            rtol=1e-6, atol=0)
     assert all(flat.optimizer.state[a]["step"].item() == 3 for a in ours)
+
+
+@gpu
+def test_the_bias_corrections_hold_at_beta2_0999():
+    """With beta2 = 0.999 the first steps' 1 - beta2**step is 1e-3 to 4e-3, which 1 - exp2 in
+    fp32 got wrong by up to 1e-4 of itself (5e-5 of an update). Four steps against the same
+    arithmetic in float64, at the kernel's fp32 betas, agree to 1e-6 of the parameters."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    params = [torch.nn.Parameter(0.1 * torch.randn(s, device="cuda", generator=g)) for s in SIZES]
+    exact = [p.detach().double() for p in params]
+    moments = [(torch.zeros_like(e), torch.zeros_like(e)) for e in exact]
+    lr, decay, eps = 1e-2, 0.1, 1e-8
+    beta1, beta2 = (torch.tensor(b, dtype=torch.float32).item() for b in (0.9, 0.999))
+    flat = adamw.FlatAdamW(torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=eps,
+                                             weight_decay=decay, fused=True))
+    for step in range(1, 5):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, device="cuda", generator=g)
+            m, v = moments[i]
+            m.mul_(beta1).add_((1 - beta1) * p.grad.double())
+            v.mul_(beta2).add_((1 - beta2) * p.grad.double() ** 2)
+            denom = v.sqrt() / (1 - beta2 ** step) ** 0.5 + eps
+            exact[i] = exact[i] * (1 - lr * decay) - lr / (1 - beta1 ** step) * m / denom
+        assert flat.gather()
+        flat.step()
+        for p, e in zip(params, exact):
+            torch.testing.assert_close(p.double(), e, rtol=1e-6, atol=1e-8)
 
 
 @gpu
