@@ -96,7 +96,8 @@ def test_matches_torch_fused_adamw(poisoned, scale, cast):
 def test_the_bias_corrections_hold_at_beta2_0999():
     """With beta2 = 0.999 the first steps' 1 - beta2**step is 1e-3 to 4e-3, which 1 - exp2 in
     fp32 got wrong by up to 1e-4 of itself (5e-5 of an update). Four steps against the same
-    arithmetic in float64, at the kernel's fp32 betas, agree to 1e-6 of the parameters."""
+    arithmetic in float64, at the kernel's fp32 betas, agree to 3e-6 of an update (fp32's own
+    arithmetic, emulated on a CPU, came to 0.4 of that; the old corrections to 6.6 times it)."""
     g = torch.Generator(device="cuda").manual_seed(2)
     params = [torch.nn.Parameter(0.1 * torch.randn(s, device="cuda", generator=g)) for s in SIZES]
     exact = [p.detach().double() for p in params]
@@ -116,7 +117,7 @@ def test_the_bias_corrections_hold_at_beta2_0999():
         assert flat.gather()
         flat.step()
         for p, e in zip(params, exact):
-            torch.testing.assert_close(p.double(), e, rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(p.double(), e, rtol=1e-6, atol=3e-8)
 
 
 @gpu
