@@ -129,8 +129,8 @@ if ct is not None:
 
     def _attend(q, K, V, b, h, j, m_i, l_i, acc, rows, cols0, t, scale_log2, D, TILE_N, K_LAT, V_LAT,
                 CAUSAL, MASKED):
-        """The online softmax's (m_i, l_i, acc) after key tile j of width TILE_N; masked where
-        MASKED (constant, when the kernel could need a mask) and j is a tile that needs it."""
+        """The online softmax's (m_i, l_i, acc) after key tile j of width TILE_N, masked where
+        MASKED: true for a tile the mask reaches, and a constant false where none can."""
         kt = ct.load(K, index=(b, h, 0, j), shape=(1, 1, D, TILE_N), order=(0, 1, 3, 2),
                      padding_mode=ZERO, latency=K_LAT).reshape((D, TILE_N))
         s = ct.mma(q, kt, ct.zeros((q.shape[0], TILE_N), dtype=ct.float32))
