@@ -46,8 +46,8 @@ if ct is not None:
 
     def _one_minus_power(step, ln_beta):
         """1 - beta**step from ln(beta), to 3e-7 of its value. Taken as 1 - exp(step ln beta) it
-        would lose its digits where beta**step is near 1: at the first step with beta 0.999, an
-        error of 1e-4. There it is -expm1(y), whose series to y**8 holds fp32's precision for
+        would lose its digits where beta**step is near 1: at the first step with beta 0.999, off
+        by 1e-4 of itself. There it is -expm1(y), whose series to y**8 holds fp32's precision for
         |y| < 0.5, where 1 - exp(y) takes over."""
         y = step * ln_beta
         inner = ct.full((1,), 1.0, dtype=ct.float32)
