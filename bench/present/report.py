@@ -140,10 +140,6 @@ def roof(meta: dict) -> dict | None:
     return None if c.get("cpu") else c
 
 
-def ceiling_gbps(meta: dict) -> float | None:
-    return (((roof(meta) or {}).get("measured")) or {}).get("copy_gbps")
-
-
 def numeric_order(frame: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     """Rows sorted by `cols`, numbers by value and labels with numbers in them by those values."""
     return frame.sort_values(cols, kind="stable", key=lambda c: c if pd.api.types.is_numeric_dtype(c)

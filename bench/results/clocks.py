@@ -30,7 +30,6 @@ from collections import Counter, defaultdict
 import numpy as np
 
 FLAGGED = ("regression", "improvement")
-EXPLAINED = ("clocks", "machine")
 OTHERS = "other providers"  # what the control provider itself is held against
 
 
