@@ -183,7 +183,7 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
         history.record_run(db, run, with_canaries(cmp, found, str(run.path), threshold))
     past = history.read(db)
     steps = changepoints.find_steps(past, sweep.COMPARE_DEFAULTS["threshold"])
-    trend = render_trend(past, steps, gpu, night / "trend.html")
+    trend = render_trend(past, steps, gpu, night / "trend.html", history.read_counter_diffs(db))
     summary.append(pinned(changepoints.standing_regressions(steps), gpu))
     summary.append(sensitivity_md(compared, caught, sensitivity(past[past["hardware"] == gpu])))
     verdict = "REGRESSION" if failing else "no regression"

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from html import escape
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from bench.measure.pool import worker_env
 from bench.measure.sweep import Case
 from bench.present import report
 from bench.present.counters import section
+from bench.present.trend import render_trend
 from bench.results import counters, history
 from bench.results.compare import case_label
 from bench.results.store import load_run
@@ -216,6 +218,12 @@ def test_the_history_keeps_each_counter_diff_with_its_run(tmp_path):
     stored = history.read_counter_diffs(db)
     assert [(s["run_id"], s["case"], s["text"]) for s in stored] == [(rid, case, WHY)]
     assert stored[0]["diff"]["head"]["registers"] == 104
+    past = history.read(db)
+    past["verdict"] = past["case"].map({case: "regression"}).fillna("")
+    gpu = past["hardware"].iloc[0]
+    page = render_trend(past, [], gpu, tmp_path / "trend.html", stored).read_text()
+    assert f"regression: {escape(case)} " in page and f"why: {escape(WHY)}" in page
+    assert "why:" not in render_trend(past, [], gpu, tmp_path / "bare.html").read_text()
 
 
 def test_ab_counters_without_a_gpu_says_why_in_one_line_and_completes(tmp_path, monkeypatch, capsys):
