@@ -22,7 +22,7 @@ from bench.measure.sweep import Case
 from bench.present import report
 from bench.present.counters import section
 from bench.present.trend import render_trend
-from bench.results import counters, history
+from bench.results import counters, history, store
 from bench.results.compare import case_label
 from bench.results.store import load_run
 from conftest import ROOT
@@ -32,7 +32,8 @@ BASE, HEAD = (ncu.parse_csv((DATA / f"ncu_fmha_{side}.csv").read_text()) for sid
 FIXTURE_RUN = ROOT / "results" / "fixtures" / "h100_synthetic"
 WHY = ("+6.1%: registers 80 -> 104, occupancy 3 -> 2 blocks/SM (limited by registers), theoretical "
        "occupancy 38% -> 25%, achieved occupancy 35% -> 24%, DRAM read +0.2% (512 MB -> 513 MB), "
-       "tensor pipe 61% -> 59%, kernel time under ncu +6.2%")
+       "tensor pipe 61% -> 59%, kernel time under ncu +6.2%, long scoreboard stalls 50% -> 65% of "
+       "stalled cycles")
 
 
 def test_parse_reads_bytes_clocks_and_occupancy_limits_in_common_units():
@@ -44,6 +45,19 @@ def test_parse_reads_bytes_clocks_and_occupancy_limits_in_common_units():
     assert base["duration_ms"] == pytest.approx(1.23) and head["duration_ms"] == pytest.approx(1.3058)
     assert (base["blocks_per_sm"], base["limited_by"]) == (3, "registers")
     assert (head["blocks_per_sm"], head["registers"]) == (2, 104)
+    # stalled cycles per issue: long scoreboard 4 of 8 ("selected", issuing, is not a stall)
+    assert (base["top_stall"], base["top_stall_share"]) == ("long scoreboard", 0.5)
+
+
+def test_a_new_top_stall_is_named_and_a_side_without_stall_reasons_names_none():
+    mio = [{**HEAD[0], "top_stall": "mio throttle", "top_stall_share": 0.41}]
+    text = counters.diff("c", {"kernels": HEAD}, {"kernels": mio}, 1.1)["text"]
+    assert text == "+10.0%: top stall long scoreboard (65%) -> mio throttle (41%)"
+    bare = [{**HEAD[0], "top_stall": None, "top_stall_share": None}]
+    assert counters.diff("c", {"kernels": bare}, {"kernels": mio}, 1.1)["text"] == \
+        "+10.0%: no counter collected changed"
+    near = [{**HEAD[0], "top_stall_share": 0.62}]  # under 5 points: not a change
+    assert counters.diff("c", {"kernels": HEAD}, {"kernels": near}, 1.0)["changes"] == []
 
 
 def test_the_diff_says_what_changed_resources_first_and_skips_the_rest():
@@ -197,8 +211,17 @@ def test_the_report_shows_why_each_case_changed(tmp_path):
     md_text, html_text = md.read_text(), html.read_text()
     assert f"### Why it changed\n\n- {case}: {WHY}\n" in md_text
     assert 'id="why"' in html_text and "<td>registers</td><td class=\"num\">80</td>" in html_text
+    assert "<td>top stall</td><td class=\"num\">long scoreboard 50%</td>" in html_text
     assert "+c" in html_text  # the compile-log diff
     assert section(tmp_path / "out") is None  # no why.json: no section
+
+
+def test_the_report_table_gives_each_profiled_case_its_top_stall(tmp_path):
+    run = with_why(tmp_path, [])
+    store.write_counters(run.path, {run.records[0]["case_id"]: {"kernels": HEAD}})
+    html, md = report.render(load_run(run.path), tmp_path / "out" / "report.html")
+    text = html.read_text()
+    assert ">top stall</th>" in text and '<td data-sort="long scoreboard 65%">long scoreboard 65%</td>' in text
 
 
 def test_the_report_says_why_there_are_no_counters(tmp_path):
@@ -266,15 +289,16 @@ NO_PROFILE = ncu.unavailable("cuda:0" if torch.cuda.is_available() else "cpu")
 
 @pytest.mark.skipif(NO_PROFILE is not None, reason=f"needs a GPU and ncu: {NO_PROFILE}")
 def test_gpu_profile_has_every_counter_a_diff_reads():
-    """On a GPU with ncu: a torch layernorm profiled twice gives registers, bytes, occupancy limits
-    and the SM clock, and its diff with itself names no resource change."""
+    """On a GPU with ncu: a torch layernorm profiled twice gives registers, bytes, occupancy limits,
+    the SM clock and its top stall reason, and its diff with itself names no resource change."""
     params = {"rows": 4096, "hidden": 1024, "dtype": "float16", "mode": "fwd"}
     case = Case("g1", "layernorm", "torch", "torch", params, params, {"timeout_s": 120})
     entries = [ncu.profile_case(case, {"status": "ok"}, "cuda:0") for _ in range(2)]
     for e in entries:
         assert e.get("kernels"), e.get("reason")
         k = e["kernels"][0]
-        for field in ("registers", "dram_read_bytes", "l2_bytes", "blocks_per_sm", "sm_clock_mhz"):
+        for field in ("registers", "dram_read_bytes", "l2_bytes", "blocks_per_sm", "sm_clock_mhz",
+                      "top_stall"):
             assert k[field] is not None, field
     d = counters.diff("layernorm", *entries, 1.0)
     assert not {"registers", "blocks_per_sm", "smem_bytes"} & {c["field"] for c in d["changes"]}

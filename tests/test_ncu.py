@@ -24,7 +24,8 @@ def test_parse_csv_reads_each_kernel_in_common_units():
     assert {k: v for k, v in gemm.items() if v is not None} == {
         "name": GEMM, "duration_ms": pytest.approx(0.176736), "dram_pct": 21.99, "sm_pct": 90.02,
         "tensor_pct": 94.65, "occupancy_pct": 14.61, "registers": 168.0, "spill_bytes": 0.0}
-    assert set(gemm) == {"name", *ncu.FIELDS, "blocks_per_sm", "limited_by"}
+    assert set(gemm) == {"name", *ncu.FIELDS, "blocks_per_sm", "limited_by", "top_stall", "top_stall_share"}
+    assert gemm["top_stall"] is None  # a capture without the warp-state section: no stall reasons
     assert norm["name"].startswith("void at::<unnamed>::vectorized_layer_norm_kernel")
     assert norm["duration_ms"] == pytest.approx(0.028384) and norm["tensor_pct"] == 0.89
 
@@ -55,6 +56,7 @@ def test_profile_case_aims_at_the_timed_range_and_never_touches_clocks(fake_ncu)
     calls = [line for line in fake_ncu.read_text().splitlines() if "--metrics" in line]
     assert len(calls) == 1 and "--clock-control none" in calls[0]
     assert "--nvtx --nvtx-include timed/" in calls[0]
+    assert "--section WarpStateStats" in calls[0]  # the stall reasons
 
 
 @pytest.mark.parametrize("device,record,path,reason", [

@@ -49,6 +49,11 @@ METRICS = [
     ("sm_clock_mhz", "sm__cycles_elapsed.avg.per_second"),
 ]
 FIELDS = [f for f, _ in METRICS]
+# the WarpStateStats section's per-reason stall columns: cycles a warp spent stalled for that reason
+# per instruction issued, which add up to the cycles between two of its instructions. Read by
+# pattern, so whatever reasons this ncu names are kept; "selected" is issuing, not stalling.
+STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio")
+NOT_A_STALL = ("selected",)
 LIMITS = ("limit_registers", "limit_shared_mem", "limit_warps", "limit_blocks")
 UNITS = {  # to ms, bytes and MHz; ncu writes either the short or the long unit names, and scales
     "ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3, "nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0,
@@ -85,8 +90,29 @@ def parse_csv(text: str) -> list[dict]:
             value = _number(cells.get(metric, ""))
             scale = UNITS.get(unit.get(metric, "").removesuffix("/block"), 1.0)
             k[field] = None if value is None else value * scale
-        kernels.append({**k, **occupancy_limit(k)})
+        kernels.append({**k, **occupancy_limit(k), **top_stall(_stalls(cells))})
     return kernels
+
+
+def _stalls(cells: dict) -> dict:
+    """{reason: stalled cycles per issued instruction} from one kernel's row."""
+    found = {}
+    for column, text in cells.items():
+        match = STALL.fullmatch(column)
+        value = _number(text) if match else None
+        if value is not None and match.group(1) not in NOT_A_STALL:
+            found[match.group(1).replace("_", " ")] = value
+    return found
+
+
+def top_stall(stalls: dict) -> dict:
+    """What its warps waited on most (e.g. "long scoreboard": global memory), and that reason's
+    share of all their stalled cycles; None where ncu gave no stall reasons."""
+    total = sum(stalls.values())
+    if not total:
+        return {"top_stall": None, "top_stall_share": None}
+    reason = max(stalls, key=stalls.get)
+    return {"top_stall": reason, "top_stall_share": stalls[reason] / total}
 
 
 def occupancy_limit(k: dict) -> dict:
@@ -103,7 +129,7 @@ def occupancy_limit(k: dict) -> dict:
 def command(device: str, python: str | None = None) -> list[str]:
     """ncu around the worker program of the tree on the PYTHONPATH, run by `python` (default: this one)."""
     return ["ncu", "--clock-control", "none", "--nvtx", "--nvtx-include", "timed/", "--csv",
-            "--page", "raw", "--metrics", ",".join(m for _, m in METRICS),
+            "--page", "raw", "--section", "WarpStateStats", "--metrics", ",".join(m for _, m in METRICS),
             python or sys.executable, "-m", "bench.measure.worker", device, "--profiled"]
 
 

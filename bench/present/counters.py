@@ -30,9 +30,10 @@ FORMATS = {"bytes": counters.size, "pct": "{:.1f}%".format, "mhz": "{:.0f} MHz".
 
 
 def value(change: dict) -> tuple[str, str]:
-    """A change's two sides as text in the counter's unit."""
+    """A change's two sides as text in the counter's unit (a change in words, such as the top
+    stall reason, as it is)."""
     show = FORMATS.get(KINDS.get(change["field"], "count"), "{:g}".format)
-    return show(change["base"]), show(change["head"])
+    return tuple(v if isinstance(v, str) else show(v) for v in (change["base"], change["head"]))
 
 
 def compile_note(d: dict) -> str:

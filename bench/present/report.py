@@ -25,7 +25,7 @@ TEMPLATES = next((p for p in (Path(str(resources.files("bench") / "report_templa
 HOST_BOUND = 1.25  # a call whose median exceeds its GPU-busy time by this factor waits on the host
 COUNTER_COLUMNS = {"ncu": "ncu", "ncu_ms": "ncu ms", "dram_pct": "DRAM %", "l2_pct": "L2 %",
                    "sm_pct": "SM %", "tensor_pct": "tensor %", "occupancy_pct": "occupancy %",
-                   "registers": "regs", "spill_bytes": "local st B"}
+                   "registers": "regs", "spill_bytes": "local st B", "top_stall": "top stall"}
 
 
 def hints(meta: dict, name: str) -> dict:
@@ -52,9 +52,11 @@ def counters_of(entry: dict | None) -> dict:
     if not kernels:
         return {"ncu": entry.get("reason", "")}
     top = max(kernels, key=lambda k: k.get("duration_ms") or 0)
-    return {"ncu": f"{len(kernels)} kernel{'s' * (len(kernels) > 1)}: {top['name']}"[:80],
+    stall = top.get("top_stall")  # what its warps waited on most, with its share of their stalls
+    return {**{k: top.get(k) for k in list(COUNTER_COLUMNS)[2:]},
+            "ncu": f"{len(kernels)} kernel{'s' * (len(kernels) > 1)}: {top['name']}"[:80],
             "ncu_ms": sum(k.get("duration_ms") or 0 for k in kernels),
-            **{k: top.get(k) for k in list(COUNTER_COLUMNS)[2:]}}
+            "top_stall": stall and f"{stall} {top['top_stall_share']:.0%}"}
 
 
 def case_frame(records: list[dict], meta: dict | None = None,

@@ -61,8 +61,30 @@ def summarize(kernels: list[dict]) -> dict:
     out = {c.field: top.get(c.field) for c in COUNTERS}
     out.update({f: _sum(k.get(f) for k in kernels) for f in SUMMED})
     out.update(smem_bytes=_sum(smem), limited_by=top.get("limited_by"), kernels=len(kernels),
-               kernel=top.get("name", ""))
+               kernel=top.get("name", ""), top_stall=top.get("top_stall"),
+               top_stall_share=top.get("top_stall_share"))
     return out
+
+
+STALL_POINTS = 0.05  # the least move of the top stall's share of stalled cycles that counts
+
+
+def stall_change(base: dict, head: dict) -> dict | None:
+    """What the longest kernel's warps waited on, where that changed (its top stall reason, or that
+    reason's share of their stalled cycles), as a change whose sides are words; None where it did
+    not, or a side has no stall reasons."""
+    b, h = base.get("top_stall"), head.get("top_stall")
+    if not b or not h:
+        return None
+    bs, hs = base["top_stall_share"], head["top_stall_share"]
+    if b != h:
+        text = f"top stall {b} ({bs:.0%}) -> {h} ({hs:.0%})"
+    elif abs(hs - bs) >= STALL_POINTS:
+        text = f"{h} stalls {bs:.0%} -> {hs:.0%} of stalled cycles"
+    else:
+        return None
+    return {"field": "top_stall", "label": "top stall", "base": f"{b} {bs:.0%}",
+            "head": f"{h} {hs:.0%}", "text": text}
 
 
 def changed(c: Counter, base: float | None, head: float | None) -> bool:
@@ -114,7 +136,8 @@ def changes(base: dict, head: dict) -> list[dict]:
         if changed(c, b, h):
             out.append({"field": c.field, "label": c.label, "base": b, "head": h,
                         "text": wording(c, b, h, head.get("limited_by"))})
-    return out
+    stall = stall_change(base, head)
+    return out + [stall] if stall else out
 
 
 def percent(ratio: float | None) -> str:
