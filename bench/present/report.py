@@ -15,6 +15,7 @@ import pandas as pd
 from bench.present import plots, tuned
 from bench.present.counters import section as why_section
 from bench.results import compare
+from bench.results.counters import stall_words
 from bench.results.baseline import hardware
 from bench.results.store import Run
 from bench.results.summary import summarize
@@ -56,7 +57,7 @@ def counters_of(entry: dict | None) -> dict:
     return {**{k: top.get(k) for k in list(COUNTER_COLUMNS)[2:]},
             "ncu": f"{len(kernels)} kernel{'s' * (len(kernels) > 1)}: {top['name']}"[:80],
             "ncu_ms": sum(k.get("duration_ms") or 0 for k in kernels),
-            "top_stall": stall and f"{stall} {top['top_stall_share']:.0%}"}
+            "top_stall": stall and stall_words(stall, top["top_stall_share"])}
 
 
 def case_frame(records: list[dict], meta: dict | None = None,

@@ -69,6 +69,11 @@ def summarize(kernels: list[dict]) -> dict:
 STALL_POINTS = 0.05  # the least move of the top stall's share of stalled cycles that counts
 
 
+def stall_words(reason: str, share: float) -> str:
+    """A top stall as the report and the diffs write it: "long scoreboard 49%"."""
+    return f"{reason} {share:.0%}"
+
+
 def stall_change(base: dict, head: dict) -> dict | None:
     """What the longest kernel's warps waited on, where that changed (its top stall reason, or that
     reason's share of their stalled cycles), as a change whose sides are words; None where it did
@@ -83,8 +88,8 @@ def stall_change(base: dict, head: dict) -> dict | None:
         text = f"{h} stalls {bs:.0%} -> {hs:.0%} of stalled cycles"
     else:
         return None
-    return {"field": "top_stall", "label": "top stall", "base": f"{b} {bs:.0%}",
-            "head": f"{h} {hs:.0%}", "text": text}
+    return {"field": "top_stall", "label": "top stall", "base": stall_words(b, bs),
+            "head": stall_words(h, hs), "text": text}
 
 
 def changed(c: Counter, base: float | None, head: float | None) -> bool:
