@@ -45,10 +45,8 @@ def one_case(sw: sweep.Sweep, wanted: str | None) -> sweep.Case:
     return cases[0]
 
 
-@command
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+def run(args) -> tuple[int, bisect.Bisection | None]:
+    """(exit status, the bisection) of what `args` name; it is printed, and written under --out."""
     try:
         if args.rounds < 1:
             raise BadInput("--rounds must be at least 1")
@@ -70,12 +68,16 @@ def main(argv=None) -> int:
                                            Path.cwd(), args.budget)
     except (sweep.SweepError, BadInput) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     out = bisect.write(result, Path(args.out) / store.run_dir_name(sw.name, "bisect"))
     print(bisect.report(result))
     print(out)
-    return 0 if result.confirmed else 1
+    return (0 if result.confirmed else 1), result
 
+
+@command
+def main(argv=None) -> int:
+    return run(parse_args(list(sys.argv[1:] if argv is None else argv)))[0]
 
 if __name__ == "__main__":
     sys.exit(main())

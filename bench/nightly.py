@@ -9,8 +9,6 @@ each sweep runs at its `cpu` profile.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import sys
 import tempfile
 import time
@@ -20,6 +18,7 @@ from bench import assets, run as bench_run
 from bench import bisect as bench_bisect
 from bench.cli import BadInput, Parser, command
 from bench.measure import ab, env, ncu, runner, sweep
+from bench.measure import bisect as bisection
 from bench.present import report
 from bench.present.trend import render_trend
 from bench.results import changepoints, compare, counters, history
@@ -74,19 +73,14 @@ def load_sweeps(plan: list[dict], out: Path, profile: str | None,
 
 
 def run_sweep(entry: dict, out: Path, profile: str | None,
-              scheduler: str | None) -> tuple[int, str]:
-    """Run one entry through bench.run; (exit status, run directory it printed last)."""
+              scheduler: str | None) -> tuple[int, Path | None]:
+    """Run one entry through bench.run; (exit status, its run directory)."""
     at = profile_for(entry, profile)
     if at and entry["set"] + entry["filter"] + entry["providers"]:
         print(f"nightly: {entry['sweep']} at its '{at}' profile (the plan's set, filter and "
               "providers are for the sweep as written)")
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        rc = bench_run.main(run_argv(entry, out, profile, scheduler))
-    text = captured.getvalue()
-    sys.stdout.write(text)
-    lines = text.strip().splitlines()
-    return rc, lines[-1] if lines else ""
+    argv = run_argv(entry, out, profile, scheduler)
+    return bench_run.run(bench_run.parse_args(argv), ["-m", "bench.run", *argv])
 
 
 def pinned(standing: list[changepoints.Step], gpu: str) -> str:
@@ -111,13 +105,9 @@ def bisect_regressions(entry: dict, run, base, cmp, out: Path, profile: str | No
             continue
         argv = [a for a in run_argv(entry, out, profile, None) if a != "--strict"]
         argv += ["--case", ids[0], "--good", good, "--bad", bad, "--budget", f"{left:.0f}"]
-        captured = io.StringIO()
-        with contextlib.redirect_stdout(captured):
-            rc = bench_bisect.main(argv)
-        text = captured.getvalue()
-        sys.stdout.write(text)
-        found = text.strip().splitlines()[-2:-1] if rc in (0, 1) else [f"bisect exit status {rc}"]
-        lines.append(f"- {row['case']}: {found[0] if found else '?'}")
+        rc, result = bench_bisect.run(bench_bisect.parse_args(argv))
+        found = bisection.report(result) if result else f"bisect exit status {rc}"
+        lines.append(f"- {row['case']}: {found}")
     return lines
 
 
