@@ -165,18 +165,18 @@ if ct is not None:
         acc = ct.zeros((TILE_M, D), dtype=ct.float32)
         n_end, mask_from = _key_tiles(m_blk, t, TILE_M, TILE_N, CAUSAL)
         HALF = TILE_N // 2
+        HALF_TAIL = CAUSAL and HALF >= 16  # a constant: the last key tile may be taken at half width
         n_full = n_end
-        if CAUSAL and HALF >= 16:
+        if HALF_TAIL:
             seen = min((m_blk + 1) * TILE_M, t) - (n_end - 1) * TILE_N  # keys of the last tile: 1..TILE_N
             n_full = n_end - 1 + (seen - 1) // HALF
         for j in range(n_full):
             m_i, l_i, acc = _attend(q, K, V, b, h, j, m_i, l_i, acc, rows, cols0, t, scale_log2, D, TILE_N,
                                     K_LAT, V_LAT, CAUSAL, (CAUSAL or not EVEN_N) and j >= mask_from)
-        if CAUSAL and HALF >= 16:
-            if n_full < n_end:
-                m_i, l_i, acc = _attend(q, K, V, b, h, 2 * n_full, m_i, l_i, acc, rows,
-                                        ct.arange(HALF, dtype=ct.int32)[None, :], t, scale_log2, D, HALF,
-                                        K_LAT, V_LAT, CAUSAL, True)
+        if HALF_TAIL and n_full < n_end:
+            m_i, l_i, acc = _attend(q, K, V, b, h, 2 * n_full, m_i, l_i, acc, rows,
+                                    ct.arange(HALF, dtype=ct.int32)[None, :], t, scale_log2, D, HALF,
+                                    K_LAT, V_LAT, CAUSAL, True)
         out = ct.truediv(acc, l_i, flush_to_zero=True, rounding_mode=ct.RoundingMode.APPROX)
         ct.store(Out, index=(b, h, m_blk, 0), tile=out.astype(Out.dtype).reshape((1, 1, TILE_M, D)))
         lse = (m_i + ct.log2(l_i)) * LN2
