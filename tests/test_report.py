@@ -296,6 +296,21 @@ def test_a_suspect_case_is_never_best_nor_in_a_geomean(tmp_path, monkeypatch):
     assert drawn and not any((d["provider"] == "rival").any() for d in drawn)
 
 
+def test_console_table_gives_every_providers_speedup_where_the_subject_loses():
+    """The end-of-run table names the best provider per shape, and beside it every other correct
+    provider's speedup, so that a kernel slower than the baseline still shows by how much."""
+    from bench.present import console
+    from bench.results.summary import summarize
+    recs = [{**record(prov, [ms] * 3, n=n), "baseline": "p"}
+            for n, times in ((1, (40.0, 50.0, 20.0)), (2, (40.0, 10.0, 20.0)))
+            for prov, ms in zip(("p", "mine", "rival"), times)]
+    recs.append({**record("broken", [1.0] * 3, status="incorrect", n=1), "baseline": "p"})
+    table = console.best_table(summarize(recs), recs)
+    cells = {c.header: list(c.cells) for c in table.columns}
+    assert cells["best"] == ["rival", "mine"]
+    assert cells["each provider"] == ["mine 0.80x, rival 2.00x", "mine 4.00x, rival 2.00x"]
+
+
 def test_case_table_groups_shapes_in_hint_then_sweep_order(tmp_path):
     """Regimes first, then x by value, then the sweep's other axes; providers in the sweep's order
     (its cases.json), not the alphabet; one header row per shape."""

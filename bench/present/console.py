@@ -1,5 +1,6 @@
 """What the user sees while a sweep runs: a progress bar with ETA and the current case, then a
-compact table of the best provider per shape and one line per reason a provider was skipped."""
+compact table of the best provider per shape (with every provider's speedup) and one line per
+reason a provider was skipped."""
 from __future__ import annotations
 
 import math
@@ -76,7 +77,8 @@ def _fmt(x, spec=".3g"):
 
 
 def best_table(summary: pd.DataFrame, records: list[dict]) -> Table | None:
-    """Per shape: the baseline's median, the fastest correct provider and its speedup."""
+    """Per shape: the baseline's median, the fastest correct provider and its speedup, and every
+    other correct provider's speedup (so a subject that loses still shows by how much)."""
     ok = summary[(summary.status == "ok") & ~summary.suspect.astype(bool)]  # never a suspect best
     if ok.empty:
         return None
@@ -84,7 +86,7 @@ def best_table(summary: pd.DataFrame, records: list[dict]) -> Table | None:
     keys = list(dict.fromkeys(k for r in records for k in r["shape"]))
     varying = [k for k in keys if len({str(s.get(k)) for s in shapes.values()}) > 1] or keys[:3]
     table = Table(title="best provider per shape (speedup = baseline median / median)")
-    for col in [*varying, "baseline ms", "best", "best ms", "unit", "speedup"]:
+    for col in [*varying, "baseline ms", "best", "best ms", "unit", "speedup", "each provider"]:
         table.add_column(col, justify="right")
     groups: dict[str, list] = {}
     for row in ok.itertuples():
@@ -94,9 +96,10 @@ def best_table(summary: pd.DataFrame, records: list[dict]) -> Table | None:
         base = [r for r in rows if r.provider == r.baseline]
         rate = (f"{best.tflops:.3g} TFLOP/s" if not math.isnan(best.tflops)
                 else f"{best.gbps:.3g} GB/s" if not math.isnan(best.gbps) else "")
+        each = ", ".join(f"{r.provider} {_fmt(r.speedup, '.2f')}x" for r in rows if r.provider != r.baseline)
         table.add_row(*(str(shapes[best.case_id].get(k)) for k in varying),
                       _fmt(base[0].median_ms) if base else "-", best.provider,
-                      _fmt(best.median_ms), rate, _fmt(best.speedup, ".2f") + "x")
+                      _fmt(best.median_ms), rate, _fmt(best.speedup, ".2f") + "x", each or "-")
     return table
 
 
