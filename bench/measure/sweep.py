@@ -1,5 +1,5 @@
-"""Sweep files: load YAML (safe_load semantics, with line numbers kept for errors), validate every
-field, and expand the axes into plain-data cases."""
+"""Sweep files: read one (bench.measure.sweep_yaml), validate every field, and expand the axes into
+plain-data cases."""
 from __future__ import annotations
 
 import ast
@@ -7,18 +7,14 @@ import hashlib
 import itertools
 import json
 import math
-import operator
-import os
 import re
 import reprlib
-import stat
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bench import assets, workloads
+from bench.measure import constraint
+from bench.measure.sweep_yaml import MAX_BYTES, Doc, SweepError, first_line, read_text
 
 TIMING_DEFAULTS = {
     "warmup_ms": 100.0,  # warm up for this long before timing
@@ -35,9 +31,6 @@ TIMING_DEFAULTS = {
 HYGIENE = ("full", "basic")
 COMPARE_DEFAULTS = {"threshold": 0.03, "control": None}  # control: a provider (else the baseline)
 # A sweep file is small; these bound what a hostile or broken one can cost before it is refused.
-MAX_BYTES = 256 << 10
-MAX_NODES = 20_000  # YAML values, aliases expanded
-MAX_DEPTH = 32  # nesting of mappings and lists
 MAX_CASES = 100_000
 # Expansion work is counted before it is done, in steps of about half a microsecond: a few seconds'
 # worth at most. Making a point takes POINT_STEPS; checking a point with a provider's config takes
@@ -45,7 +38,6 @@ MAX_CASES = 100_000
 MAX_STEPS = 5_000_000
 POINT_STEPS, COMBO_STEPS = 8, 4
 MAX_OPTIONS = 1000  # --set and --filter options together
-MAX_INT_BITS = 256  # of any number a constraint computes
 MAX_SIZE = 2**31 - 1  # of an integer axis: a size, which kernels index with 32-bit integers
 MAX_TEXT = 200  # characters of a string value of a provider's axis
 TOP_KEYS = {"name", "workload", "baseline", "providers", "axes", "zip", "include", "exclude",
@@ -65,19 +57,6 @@ TIMING_RANGES = {
     "timeout_s": ("(", 0, 86_400, "]"),
 }
 POSITIVE = ("(", 0, 10**12, "]")
-# The YAML types a sweep holds, by kind of node: safe_load's plain ones (and the `<<` merge key).
-TAGS = {"ScalarNode": {"str", "int", "float", "bool", "null", "merge"},
-        "SequenceNode": {"seq"}, "MappingNode": {"map"}}
-
-
-class SweepError(Exception):
-    """A sweep file or an override is wrong; the message is one line: where, which key, what.
-    Characters that would break the line (newlines, NUL, escapes) are shown escaped."""
-
-    def __init__(self, message: str):
-        super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
-
-
 @dataclass
 class Case:
     """One unit of work: a provider of a workload at one point of the axes. Plain data."""
@@ -113,220 +92,6 @@ class Sweep:
     profile: str | None
     compare: dict
     cases: list[Case]
-
-
-def _read(path: Path) -> str:
-    """The file as text: at most MAX_BYTES of UTF-8, read no further than that. Only a regular file
-    is read: a FIFO or device could block or never end, so it is refused before it is opened, and
-    the file is opened without blocking and checked again in case it was swapped in between."""
-    try:
-        _regular(path, os.stat(path).st_mode)
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            _regular(path, os.fstat(f.fileno()).st_mode)
-            data = f.read(MAX_BYTES + 1)
-    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
-        why = getattr(e, "strerror", None) or e
-        raise SweepError(f"{path}: cannot read the sweep file ({why})") from None
-    if len(data) > MAX_BYTES:
-        raise SweepError(f"{path}: larger than {MAX_BYTES >> 10} KiB; not a sweep file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise SweepError(f"{path}:{line}: not UTF-8 text (byte {e.start}); not a sweep file") from None
-
-
-def _regular(path: Path, mode: int) -> None:
-    if not stat.S_ISREG(mode):
-        kind = {"d": "a directory", "p": "a FIFO", "c": "a device", "b": "a device",
-                "s": "a socket"}.get(stat.filemode(mode)[0], "not a regular file")
-        raise SweepError(f"{path}: {kind}, not a regular file; not a sweep file")
-
-
-# ---- YAML with line numbers ------------------------------------------------------------------
-
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present: 10x faster
-
-
-class _Doc:
-    """The parsed document (None when empty) plus the line of every key and item, for error
-    messages. `path` names the text in messages: a file, or an option whose value it is, which has
-    no line numbers (numbered=False)."""
-
-    def __init__(self, path, text: str, numbered: bool = True):
-        self.path, self.numbered = path, numbered
-        self.lines: dict[tuple, int] = {}
-        try:
-            self._scan(text)
-            loader = _Loader(text)
-            try:
-                node = loader.get_single_node()
-                if node is not None:
-                    self._bound(node)
-                self.data = None if node is None else self._convert(loader, node, ())
-            finally:
-                loader.dispose()
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-            problem = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
-            at = self._at(mark.line + 1 if mark else None)
-            raise SweepError(f"{at}: not valid YAML ({problem})") from None
-        except (RecursionError, MemoryError):
-            raise SweepError(f"{path}: too large or nested too deeply for a sweep file") from None
-        except ValueError as e:  # e.g. an integer of more digits than Python converts
-            raise SweepError(f"{path}: not a usable value ({_first_line(e)})") from None
-
-    def _at(self, line: int | None) -> str:
-        return f"{self.path}:{line}" if self.numbered and line else str(self.path)
-
-    def _scan(self, text: str) -> None:
-        """Walk the parser's events once, before any value is built, and stop at the first one past
-        MAX_DEPTH levels of nesting or MAX_NODES values: parsing deep nesting costs time that grows
-        with the square of the depth, so it must end early."""
-        loader = _Loader(text)
-        depth = count = 0
-        try:
-            while loader.check_event():
-                event = loader.get_event()
-                count += 1
-                if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                    depth += 1
-                elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                    depth -= 1
-                if depth > MAX_DEPTH or count > MAX_NODES:
-                    what = f"nested more than {MAX_DEPTH} levels deep" if depth > MAX_DEPTH \
-                        else f"more than {MAX_NODES} values"
-                    raise SweepError(f"{self._at(event.start_mark.line + 1)}: {what}; not a sweep file")
-        finally:
-            loader.dispose()
-
-    def _bound(self, root) -> None:
-        """Refuse, before anything is built, a document whose aliases expand past MAX_NODES values
-        (an alias bomb), that refers to itself, that nests deeper than MAX_DEPTH, or that has a
-        node of a type safe_load would not build (`!!python/...`, `!!binary`, local tags), on a
-        mapping or list as much as on a plain value."""
-        sizes: dict[int, int] = {}
-
-        def size(node, depth: int) -> int:
-            if id(node) in sizes:
-                if sizes[id(node)] < 0:
-                    self._fail(node, "an alias refers to the value that contains it")
-                return sizes[id(node)]
-            if depth > MAX_DEPTH:
-                self._fail(node, f"nested more than {MAX_DEPTH} levels deep")
-            tag = node.tag.removeprefix("tag:yaml.org,2002:")
-            if tag not in TAGS[type(node).__name__]:
-                shown = ("!!" + tag if tag != node.tag else tag)[:80]
-                self._fail(node, f"YAML tag {shown} is not allowed (a sweep holds mappings, lists, "
-                           "strings, numbers, true/false and null; quote a value to make it a string)")
-            sizes[id(node)] = -1
-            children = (node.value if isinstance(node, yaml.SequenceNode) else
-                        [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else [])
-            total = 1
-            for child in children:
-                total += size(child, depth + 1)
-                if total > MAX_NODES:
-                    self._fail(node, f"expands to more than {MAX_NODES} values (aliases?); not a sweep file")
-            sizes[id(node)] = total
-            return total
-
-        size(root, 0)
-
-    def _fail(self, node, msg: str):
-        raise SweepError(f"{self._at(node.start_mark.line + 1)}: {msg}")
-
-    def _convert(self, loader, node, at: tuple):
-        self.lines[at] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            loader.flatten_mapping(node)
-            out = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    self._fail(key_node, "a key must be a plain value, not a mapping or list")
-                key = loader.construct_object(key_node, deep=True)
-                if key in out:
-                    self._fail(key_node, f"duplicate key '{str(key)[:80]}'")
-                out[key] = self._convert(loader, value_node, at + (key,))
-                self.lines[at + (key,)] = key_node.start_mark.line + 1
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self._convert(loader, n, at + (i,)) for i, n in enumerate(node.value)]
-        return loader.construct_object(node, deep=True)
-
-    def where(self, at: tuple) -> str:
-        while at and at not in self.lines:
-            at = at[:-1]
-        return f"{self.path}:{self.lines.get(at, 1)}"
-
-
-# ---- constraint expressions ------------------------------------------------------------------
-
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-        ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-        ast.Pow: operator.pow, ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
-        ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.USub: operator.neg,
-        ast.Not: operator.not_, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
-
-
-def _check_expr(node: ast.AST) -> None:
-    """Allow names, constants, arithmetic, comparisons and and/or/not: nothing that calls code."""
-    allowed = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.BinOp, ast.UnaryOp, ast.Compare,
-               ast.Name, ast.Load, ast.Constant, ast.Tuple, ast.List) + tuple(_OPS)
-    for n in ast.walk(node):
-        if not isinstance(n, allowed):
-            raise ValueError(f"'{type(n).__name__}' is not allowed in a constraint")
-
-
-def _arith(op, *args):
-    """An arithmetic step on numbers only, with bounded integers: `2 ** 10 ** 10` or `'a' * 10 ** 9`
-    in a constraint is refused, not computed."""
-    if not all(isinstance(a, (int, float)) for a in args):
-        raise TypeError("arithmetic needs numbers, got " + ", ".join(type(a).__name__ for a in args))
-    if op is operator.pow and isinstance(args[1], int) and isinstance(args[0], int):
-        if abs(args[1]) > MAX_INT_BITS or abs(args[0]).bit_length() * abs(args[1]) > MAX_INT_BITS:
-            raise OverflowError(f"{args[0]} ** {args[1]} is too large")
-    result = op(*args)
-    if isinstance(result, int) and result.bit_length() > MAX_INT_BITS:
-        raise OverflowError(f"a number of more than {MAX_INT_BITS} bits")
-    return result
-
-
-def _eval(node: ast.AST, env: dict):
-    if isinstance(node, ast.Expression):
-        return _eval(node.body, env)
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.Name):
-        return env[node.id]
-    if isinstance(node, (ast.Tuple, ast.List)):
-        return [_eval(e, env) for e in node.elts]
-    if isinstance(node, ast.BinOp):
-        return _arith(_OPS[type(node.op)], _eval(node.left, env), _eval(node.right, env))
-    if isinstance(node, ast.UnaryOp):
-        if isinstance(node.op, ast.Not):
-            return not _eval(node.operand, env)
-        return _arith(_OPS[type(node.op)], _eval(node.operand, env))
-    if isinstance(node, ast.BoolOp):
-        values = (_eval(v, env) for v in node.values)
-        return all(values) if isinstance(node.op, ast.And) else any(values)
-    left = _eval(node.left, env)
-    for op, right in zip(node.ops, node.comparators):
-        right = _eval(right, env)
-        if not _OPS[type(op)](left, right):
-            return False
-        left = right
-    return True
-
-
-def _compile_constraint(text: str) -> ast.Expression:
-    if len(text) > 1000:
-        raise ValueError("longer than 1000 characters")
-    try:
-        tree = ast.parse(text, mode="eval")
-    except (RecursionError, MemoryError):
-        raise ValueError("nested too deeply") from None
-    _check_expr(tree)
-    return tree
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -373,10 +138,6 @@ class _Validator:
         return value
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
 
@@ -420,7 +181,7 @@ def _parse_override(text: str, flag: str) -> tuple[str, Any]:
         raise SweepError(f"{flag} {_clip(text)}: expected key=value")
     if len(value) > MAX_BYTES:
         raise SweepError(f"{flag} {_clip(text)}: the value is longer than {MAX_BYTES >> 10} KiB")
-    return key.strip(), _Doc(f"{flag} {_clip(text)}", value, numbered=False).data
+    return key.strip(), Doc(f"{flag} {_clip(text)}", value, numbered=False).data
 
 
 def _apply_set(data: dict, overrides: list[str], axis_names: set[str]) -> tuple[dict, dict]:
@@ -512,8 +273,8 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     """Load, validate and expand a sweep file (or a built-in sweep's name: assets.sweep_file).
     Raises SweepError with one line on any problem."""
     path = assets.sweep_file(path)
-    text = _read(path)
-    doc = _Doc(path, text)
+    text = read_text(path)
+    doc = Doc(path, text)
     v = _Validator(doc.where)
     data = v.mapping({} if doc.data is None else doc.data, (), TOP_KEYS)
     for key in ("workload", "baseline", "providers", "axes"):
@@ -564,10 +325,10 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
             try:
                 workloads.load_user_provider(module)
             except ValueError as e:
-                v.fail(at + ("module",), _first_line(e))
+                v.fail(at + ("module",), first_line(e))
             except Exception as e:  # the user's module failed to import, or lacks the function
                 v.fail(at + ("module",),
-                       f"cannot load {module[:80]!r} ({type(e).__name__}: {_first_line(e)})")
+                       f"cannot load {module[:80]!r} ({type(e).__name__}: {first_line(e)})")
         elif pname not in wl.providers:
             v.fail(at + ("name",), f"unknown provider '{pname[:80]}' for workload {wl_name} "
                    f"(known: {', '.join(wl.providers)}; or give module: 'pkg.mod:factory')")
@@ -614,7 +375,7 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     constraints = []
     for i, expr in enumerate(v.seq(data.get("constraints") or [], ("constraints",), nonempty=False)):
         try:
-            constraints.append((i, expr, _compile_constraint(v.string(expr, ("constraints", i)))))
+            constraints.append((i, expr, constraint.parse(v.string(expr, ("constraints", i)))))
         except (SyntaxError, ValueError) as e:
             v.fail(("constraints", i), f"bad expression {expr[:80]!r} "
                    f"({e.msg if isinstance(e, SyntaxError) else e})")
@@ -757,13 +518,13 @@ def _within(v: _Validator, constraints, params: dict, provider_axes: set) -> boo
     """Whether params meet every constraint; one that names another provider's axis does not apply."""
     for i, text, tree in constraints:
         try:
-            if not _eval(tree, params):
+            if not constraint.evaluate(tree, params):
                 return False
         except KeyError as e:
             if e.args[0] not in provider_axes:
                 v.fail(("constraints", i), f"{text[:80]!r} names {e.args[0]!r}, which is not an axis")
         except (TypeError, ArithmeticError, ValueError, RecursionError) as e:
-            v.fail(("constraints", i), f"{text[:80]!r} cannot be evaluated ({_first_line(e)})")
+            v.fail(("constraints", i), f"{text[:80]!r} cannot be evaluated ({first_line(e)})")
     return True
 
 
@@ -825,7 +586,7 @@ def has_profile(path, name: str) -> bool:
     """Whether the sweep file defines profile `name` (False for an unreadable file: load says why)."""
     try:
         path = assets.sweep_file(path)
-        data = _Doc(path, _read(path)).data
+        data = Doc(path, read_text(path)).data
     except SweepError:
         return False
     return isinstance(data, dict) and isinstance(data.get("profiles"), dict) and name in data["profiles"]
