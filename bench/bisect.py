@@ -79,5 +79,6 @@ def run(args) -> tuple[int, bisect.Bisection | None]:
 def main(argv=None) -> int:
     return run(parse_args(list(sys.argv[1:] if argv is None else argv)))[0]
 
+
 if __name__ == "__main__":
     sys.exit(main())

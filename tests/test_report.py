@@ -305,10 +305,13 @@ def test_console_table_gives_every_providers_speedup_where_the_subject_loses():
             for n, times in ((1, (40.0, 50.0, 20.0)), (2, (40.0, 10.0, 20.0)))
             for prov, ms in zip(("p", "mine", "rival"), times)]
     recs.append({**record("broken", [1.0] * 3, status="incorrect", n=1), "baseline": "p"})
+    recs += [{**record(prov, [ms] * 3, n=3), "baseline": "p"} for prov, ms in (("mine", 5.0), ("rival", 6.0))]
     table = console.best_table(summarize(recs), recs)
     cells = {c.header: list(c.cells) for c in table.columns}
-    assert cells["best"] == ["rival", "mine"]
-    assert cells["each provider"] == ["mine 0.80x, rival 2.00x", "mine 4.00x, rival 2.00x"]
+    assert cells["best"] == ["rival", "mine", "mine"]
+    assert cells["each provider"] == ["mine 0.80x, rival 2.00x", "mine 4.00x, rival 2.00x",
+                                      "mine -, rival -"]  # no baseline at n=3: no speedups
+    assert cells["speedup"] == ["2.00x", "4.00x", "-"]
 
 
 def test_case_table_groups_shapes_in_hint_then_sweep_order(tmp_path):

@@ -76,6 +76,10 @@ def _fmt(x, spec=".3g"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _ratio(x) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.2f}x"
+
+
 def best_table(summary: pd.DataFrame, records: list[dict]) -> Table | None:
     """Per shape: the baseline's median, the fastest correct provider and its speedup, and every
     other correct provider's speedup (so a subject that loses still shows by how much)."""
@@ -96,10 +100,10 @@ def best_table(summary: pd.DataFrame, records: list[dict]) -> Table | None:
         base = [r for r in rows if r.provider == r.baseline]
         rate = (f"{best.tflops:.3g} TFLOP/s" if not math.isnan(best.tflops)
                 else f"{best.gbps:.3g} GB/s" if not math.isnan(best.gbps) else "")
-        each = ", ".join(f"{r.provider} {_fmt(r.speedup, '.2f')}x" for r in rows if r.provider != r.baseline)
+        each = ", ".join(f"{r.provider} {_ratio(r.speedup)}" for r in rows if r.provider != r.baseline)
         table.add_row(*(str(shapes[best.case_id].get(k)) for k in varying),
                       _fmt(base[0].median_ms) if base else "-", best.provider,
-                      _fmt(best.median_ms), rate, _fmt(best.speedup, ".2f") + "x", each or "-")
+                      _fmt(best.median_ms), rate, _ratio(best.speedup), each or "-")
     return table
 
 
