@@ -57,6 +57,9 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
             assert any(f"layernorm_{kind}_{dtype}_" in s for s in names), (kind, dtype, names)
     assert any("_chunk256" in s for s in names) and any("layernorm_colsum" in s for s in names), names
     assert any(s.startswith("layernorm_bwd_") and "_add" in s for s in names), names
+    # the backward's partial rows both ways: as 1-D sums (768 columns) and as they are (384)
+    assert any(s.startswith("layernorm_bwd_float16_768.") for s in names), names
+    assert any(s.startswith("layernorm_bwd_float16_384.") for s in names), names
     # the forward as each grid launches it: the persistent one with its occupancy hint, and the plain
     assert any(s.startswith("layernorm_fwd_float16_768.") for s in names), names
     assert any(s.startswith("layernorm_fwd_float16_768_plain.") for s in names), names
