@@ -66,6 +66,15 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
     assert any(s.startswith("layernorm_fwd_float16_768_nostats.") for s in names), names
 
 
+@pytest.mark.parametrize("n, x_size, chunk, as_vector", [
+    (384, 2, None, False), (512, 2, None, False), (513, 2, None, True), (768, 2, None, True),
+    (768, 4, None, True), (4096, 2, None, True), (768, 2, 256, False), (1000, 2, 256, True)])
+def test_backward_stores_partial_rows_as_vectors_from_1024_padded_columns(n, x_size, chunk, as_vector):
+    """The 1-D store is taken where a row's padded width reaches 1024 (faster there, slower at 384)."""
+    block_m, width, nchunk, _, vec = layernorm._bwd_shape(n, None, chunk, x_size)
+    assert vec is as_vector and width * nchunk >= n and block_m * width * nchunk * x_size <= 16 << 10
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_check_tells_a_wrong_layernorm_apart(dtype):
     """The gate the GPU tests use passes torch's own LayerNorm and fails a near miss (eps 1e-3)."""
