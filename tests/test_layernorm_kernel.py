@@ -71,7 +71,7 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
     (768, 4, None, True), (4096, 2, None, True), (768, 2, 256, False), (1000, 2, 256, True)])
 def test_backward_stores_partial_rows_as_vectors_from_1024_padded_columns(n, x_size, chunk, as_vector):
     """The 1-D store is taken where a row's padded width reaches 1024 (faster there, slower at 384)."""
-    block_m, width, nchunk, _, vec = layernorm._bwd_shape(n, None, chunk, x_size)
+    block_m, width, nchunk, vec = layernorm._bwd_shape(n, None, chunk, x_size)
     assert vec is as_vector and width * nchunk >= n and block_m * width * nchunk * x_size <= 16 << 10
 
 
