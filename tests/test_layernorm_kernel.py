@@ -75,6 +75,15 @@ def test_backward_stores_partial_rows_as_vectors_from_1024_padded_columns(n, x_s
     assert vec is as_vector and width * nchunk >= n and block_m * width * nchunk * x_size <= 16 << 10
 
 
+@pytest.mark.parametrize("n, x_size, bwd_rows, fwd_rows", [
+    (13, 2, 64, 64), (13, 4, 64, 64), (64, 2, 64, 64), (128, 2, 64, 64), (256, 2, 32, 32),
+    (768, 2, 8, 8), (768, 4, 4, 8)])
+def test_narrow_rows_fill_a_tile_with_at_most_64_of_them(n, x_size, bwd_rows, fwd_rows):
+    """At 13 columns a tile would hold 512 rows, 4-5x slower than 64 (H100)."""
+    assert layernorm._bwd_shape(n, None, None, x_size)[0] == bwd_rows
+    assert layernorm._shape(n, None, None, layernorm.FWD_TILE_ELEMS)[0] == fwd_rows
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_check_tells_a_wrong_layernorm_apart(dtype):
     """The gate the GPU tests use passes torch's own LayerNorm and fails a near miss (eps 1e-3)."""
@@ -95,6 +104,8 @@ FWD_CASES = (
        ((65536, 384), "float16", False, 0.0)]
     + [((257, n), d, False, 1e3) for n in (768, 1600) for d in DTYPES]
     + [((257, 1400), d, True, 0.0) for d in DTYPES]
+    # narrow rows: a tile holds at most MAX_BLOCK_ROWS of them
+    + [((r, n), d, p, 0.0) for r, n in ((257, 13), (8192, 64)) for d in DTYPES for p in (False, True)]
 )
 
 
@@ -223,6 +234,7 @@ BWD_CASES = (
     + [((1, 768), "float16", 0.0), ((4, 127, 768), "bfloat16", 0.0), ((8192, 768), "float16", 0.0),
        ((129, 1000), "float32", 1e3), ((257, 1400), "float16", 0.0), ((257, 1400), "float32", 1e3),
        ((33, 1536), "bfloat16", 0.0)]  # 1400: three 512-column chunks, the last one ragged
+    + [((r, n), d, 0.0) for r, n in ((257, 13), (8192, 16), (129, 64)) for d in DTYPES]  # narrow rows
 )
 
 
