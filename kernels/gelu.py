@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.aot import array_param, ct_dtype, dtype_name, export
-from kernels.launch import grid_size, launch, rows
+from kernels.launch import grid_size, launch, rows, sm_count
 from kernels.linear import column_block, column_grid, sum_partials, tile_matmul_fits
 from kernels.tile_ops import xwt_tile
 
@@ -31,6 +31,9 @@ except Exception:  # no cuda-tile here: the public functions raise through kerne
 # and 4096 x 768 10.9 against 9.7 (H200, 2026-12-04); bf16 the same or better
 TILE_ELEMS = 8192
 MAX_BLOCK_N = 1024
+# narrow or short inputs take smaller tiles, so that the grid has at least 2 of them an SM (_tiles)
+MIN_TILES_PER_SM = 2
+MIN_BLOCK_M = 16
 OCCUPANCY = 8
 # the backward: a persistent grid of (column tile, row group) blocks, 2 or 4 per SM, each over (16, 256)
 # tiles (the column sum's grid, kernels.linear.column_grid), summing the bias gradient's columns
@@ -163,17 +166,24 @@ if ct is not None:
             ct.store(Part, (g, j), ct.sum(acc, axis=0, keepdims=True))
 
 
-def _tiles(n: int, tile) -> tuple[int, int]:
+def _tiles(m: int, n: int, tile, sms: int) -> tuple[int, int]:
     """(block_m, block_n): `tile` if given, else block_n covers N up to MAX_BLOCK_N, or, where a
     row is no whole number of such tiles and 256 divides N, 256: 1536 = 6 x 256 measured 50 / 59 us
     forward / backward at 16384 x 1536 fp16 on an H100 (occupancy 8), against 50 / 64 us with
-    512 columns and 65 / 82 us for the previous default (two rows of 512, no hint)."""
+    512 columns and 65 / 82 us for the previous default (two rows of 512, no hint). block_m fills
+    TILE_ELEMS, halved (to MIN_BLOCK_M) while that leaves fewer than MIN_TILES_PER_SM tiles an SM:
+    at 8192 x 13, 8192 x 128 and 257 x 13 fp16 (H200) 16-row tiles took 5.9, 6.5 and 5.5 us
+    against 25.0, 9.3 and 17.3 for full ones."""
     if tile is not None:
         return tile
     block_n = min(MAX_BLOCK_N, 1 << max(0, n - 1).bit_length())
     if n % block_n and n % 256 == 0:
         block_n = 256
-    return max(1, TILE_ELEMS // block_n), block_n
+    block_m = max(1, TILE_ELEMS // block_n)
+    tiles_n = -(-n // block_n)
+    while block_m > MIN_BLOCK_M and -(-m // block_m) * tiles_n < MIN_TILES_PER_SM * sms:
+        block_m //= 2
+    return block_m, block_n
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,13 +218,13 @@ def _prepare(x, bias, approximate):
 def gelu_forward(x, bias=None, approximate="none", tile=None, blocks_per_sm=None):
     """GELU(x + bias), bias of shape (N,) over x's last dim or None; computed in fp32.
 
-    tile: (block_m, block_n) of the (M, N) view a block takes (default: TILE_ELEMS elements).
+    tile: (block_m, block_n) of the (M, N) view a block takes (default: _tiles's choice).
     blocks_per_sm: size of the persistent grid; None launches one block per tile.
     """
     tanh, n, x2, b = _prepare(x, bias, approximate)
     out = torch.empty_like(x2)
     if x.numel():
-        block_m, block_n = _tiles(n, tile)
+        block_m, block_n = _tiles(x2.shape[0], n, tile, sm_count(x.device))
         grid = grid_size((-(-x2.shape[0] // block_m)) * (-(-n // block_n)), blocks_per_sm, x.device)
         launch(x.device, (grid,), _hinted(_fwd_kernel),
                (x2, b, out, bias is not None, tanh, block_m, block_n))
@@ -300,7 +310,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
             params = [a, a, bias_param, a, part, bias, bias, tanh, BWD_BLOCK_M, column_block(3072)]
             paths.append(export(_bwd_hinted(bias), name, params, out_dir, gpu_code))
         else:
-            params = [a, bias_param, a, bias, tanh, *_tiles(3072, None)]
+            params = [a, bias_param, a, bias, tanh, *_tiles(8192, 3072, None, 132)]
             paths.append(export(_hinted(_fwd_kernel), name, params, out_dir, gpu_code))
     for dtype, tanh, bias in [(torch.float16, False, True), (torch.bfloat16, True, False)]:
         a = array_param(ct_dtype(dtype), 2)

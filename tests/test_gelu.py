@@ -48,6 +48,21 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
         assert any(s.startswith(f"linear_gelu_{form}_") for s in names), (form, names)
 
 
+@pytest.mark.parametrize("m,n,sms,tile", [
+    (8192, 3072, 132, (8, 1024)),  # GPT-2's c_fc: 3072 tiles already
+    (16384, 1536, 132, (32, 256)),  # shakespeare-char's: 1536 = 6 x 256
+    (8192, 768, 132, (32, 256)),  # 768 tiles
+    (8192, 128, 132, (16, 128)),  # full (64, 128) tiles would be 128 for 132 SMs
+    (8192, 13, 132, (16, 16)),
+    (257, 13, 132, (16, 16)),  # never under 16 rows
+    (65536, 16, 132, (128, 16)),
+    (8192, 128, 16, (64, 128)),  # a small GPU keeps full tiles
+])
+def test_short_or_narrow_inputs_take_smaller_tiles_for_two_an_sm(m, n, sms, tile):
+    assert G._tiles(m, n, None, sms) == tile
+    assert G._tiles(m, n, (4, 32), sms) == (4, 32)
+
+
 class Rows:
     """Stands in for an activation tensor on a GPU or a CPU: the check reads only its layout."""
 
@@ -96,6 +111,7 @@ CASES = [
     ((1, 1), "float32", False), ((7, 13), "float16", True), ((127,), "bfloat16", False),
     ((2, 257, 768), "float16", True), ((129, 3072), "bfloat16", True), ((33, 1000), "float32", True),
     ((8192, 3072), "float16", True), ((257, 1536), "float16", False),  # 1536 = 3 x 512-column tiles
+    ((8192, 13), "float16", True), ((8192, 128), "bfloat16", False),  # 16-row tiles
 ]
 
 
