@@ -8,6 +8,7 @@ test's interval), judged as in bench.compare. Exit 1 when HEAD regresses a
 case (or breaks one), 0 otherwise, 2 on bad input."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -15,7 +16,6 @@ from pathlib import Path
 from bench.cli import BadInput, Parser, command, sweep_options
 from bench.measure import ab, env, ncu, runner, sweep
 from bench.present.report import render
-from bench.results import counters
 from bench.results.compare import compare_runs, to_text, write
 
 ROUNDS = 6  # the least rounds of a case: a t interval over fewer pairs is too wide to say much
@@ -47,15 +47,10 @@ def parse_args(argv):
 
 
 def why(cmp, cases, base, head, device) -> None:
-    """--counters: the counter diff of each regression, each side profiled with its own tree,
-    into the head run's why.json (its report shows them); or one line saying why there are none."""
-    reason = ncu.unavailable(device)
-    if reason:
-        print(f"--counters: no counters: {reason}", file=sys.stderr)
+    """--counters: each regression profiled with each side's own tree (ncu.explain_into)."""
     trees = {side: Path(tree) if tree != "working tree" else env.ROOT
              for side, tree in (("base", base.meta["git"]["tree"]), ("head", head.meta["git"]["tree"]))}
-    diffs = [] if reason else ncu.explain(cmp, cases, base, head, trees, device)
-    counters.write(head.path, diffs, reason)
+    ncu.explain_into(cmp, cases, base, head, lambda: contextlib.nullcontext(trees), device, "--counters")
 
 
 @command

@@ -9,6 +9,7 @@ each sweep runs at its `cpu` profile.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
@@ -21,7 +22,7 @@ from bench.measure import ab, env, ncu, runner, sweep
 from bench.measure import bisect as bisection
 from bench.present import report
 from bench.present.trend import render_trend
-from bench.results import changepoints, compare, counters, history
+from bench.results import changepoints, compare, history
 from bench.results.baseline import baseline_dir, hardware, open_run
 from bench.results.nightly import (JUDGED, canaries, load_plan, sensitivity, sensitivity_md,
                                    with_canaries)
@@ -111,23 +112,14 @@ def bisect_regressions(entry: dict, run, base, cmp, out: Path, profile: str | No
     return lines
 
 
-def explain_regressions(sw: sweep.Sweep, run, base, cmp) -> None:
-    """--counters: the counter diff of each regression between the baseline's commit and this
-    tree, into the run's why.json (its report and the history read it); or why there is none."""
-    device = "cuda:0" if runner.gpu_count() else "cpu"
+@contextlib.contextmanager
+def trees_since(base):
+    """The baseline's commit, checked out for the length of the block, and this tree."""
     sha = (base.meta.get("git") or {}).get("sha")
-    reason = ncu.unavailable(device) or (None if sha else "the baseline records no commit")
-    diffs = []
-    if not reason:
-        with tempfile.TemporaryDirectory(prefix="bench-why-") as tmp:
-            try:
-                tree = ab.checkout(sha, Path.cwd(), Path(tmp))[0]
-                diffs = ncu.explain(cmp, sw.cases, base, run, {"base": tree, "head": env.ROOT}, device)
-            except BadInput as e:
-                reason = str(e)
-    if reason:
-        print(f"nightly --counters: no counters: {reason}", file=sys.stderr)
-    counters.write(run.path, diffs, reason)
+    if not sha:
+        raise BadInput("the baseline records no commit")
+    with tempfile.TemporaryDirectory(prefix="bench-why-") as tmp:
+        yield {"base": ab.checkout(sha, Path.cwd(), Path(tmp))[0], "head": env.ROOT}
 
 
 def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | None,
@@ -156,7 +148,9 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
             compare.write(cmp, run.path)
             failing = failing or bool(cmp.failing)
         if cmp and with_counters and any(r["verdict"] == "regression" for r in cmp.rows):
-            explain_regressions(sw, run, open_run(base), cmp)
+            baseline = open_run(base)
+            ncu.explain_into(cmp, sw.cases, baseline, run, lambda: trees_since(baseline),
+                             "cuda:0" if runner.gpu_count() else "cpu", "nightly --counters")
         _, md = report.render(run, run.path / "report.html", cmp)
         summary.append(md.read_text())
         if cmp is None:

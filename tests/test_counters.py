@@ -271,6 +271,19 @@ def test_ab_counters_without_a_gpu_says_why_in_one_line_and_completes(tmp_path, 
     assert "No counters: no GPU" in (ab_dir / "report.md").read_text()
 
 
+def test_nightly_counters_without_the_baselines_commit_say_why_and_profile_nothing(tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Where ncu could profile but the baseline names no commit to check out, the nightly writes
+    that reason into the run's why.json and profiles nothing."""
+    from bench import nightly
+    monkeypatch.setattr(ncu, "unavailable", lambda device: None)
+    monkeypatch.setattr(ncu, "explain", lambda *a, **k: pytest.fail("profiled without a base tree"))
+    base, head = SimpleNamespace(meta={"git": {"sha": None}}), SimpleNamespace(path=tmp_path)
+    ncu.explain_into(None, [], base, head, lambda: nightly.trees_since(base), "cuda:0", "nightly --counters")
+    assert capsys.readouterr().err == "nightly --counters: no counters: the baseline records no commit\n"
+    assert counters.read(tmp_path) == {"reason": "the baseline records no commit", "cases": []}
+
+
 def test_the_profiled_request_runs_a_case_whose_timing_names_only_its_timeout(tmp_path):
     """The request ncu's worker gets fills the timing keys a case leaves out: a case built with
     only a timeout once failed in the profiled worker (measure() missing max_time_s), and ncu then

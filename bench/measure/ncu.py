@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.cli import BadInput
 from bench.measure.pool import OWN_TREE, worker_env
 from bench.measure.sweep import TIMING_DEFAULTS, Case
 from bench.results import counters
@@ -263,3 +264,20 @@ def explain(cmp: Comparison, cases: list[Case], base: Run, head: Run, trees: dic
         log(f"why {row['case']}: {found['text']}")
         out.append(found)
     return out
+
+
+def explain_into(cmp: Comparison, cases: list[Case], base: Run, head: Run, trees, device: str,
+                 who: str) -> None:
+    """--counters of bench.ab and the nightly: `explain` into the head run's why.json (its report
+    and the history read it), or the one reason there is none, also printed after `who`. `trees()`
+    is a context manager giving both sides' trees; a BadInput it raises is that reason."""
+    reason, diffs = unavailable(device), []
+    if not reason:
+        try:
+            with trees() as sides:
+                diffs = explain(cmp, cases, base, head, sides, device)
+        except BadInput as e:
+            reason = str(e)
+    if reason:
+        print(f"{who}: no counters: {reason}", file=sys.stderr)
+    counters.write(head.path, diffs, reason)
