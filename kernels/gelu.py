@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.aot import array_param, ct_dtype, dtype_name, export
-from kernels.launch import grid_size, launch, rows, sm_count
+from kernels.launch import grid_size, launch, rows, rows_to_fill, sm_count
 from kernels.linear import column_block, column_grid, sum_partials, tile_matmul_fits
 from kernels.tile_ops import xwt_tile
 
@@ -33,7 +33,6 @@ TILE_ELEMS = 8192
 MAX_BLOCK_N = 1024
 # narrow or short inputs take smaller tiles, so that the grid has at least 2 of them an SM (_tiles)
 MIN_TILES_PER_SM = 2
-MIN_BLOCK_M = 16
 OCCUPANCY = 8
 # the backward: a persistent grid of (column tile, row group) blocks, 2 or 4 per SM, each over (16, 256)
 # tiles (the column sum's grid, kernels.linear.column_grid), summing the bias gradient's columns
@@ -171,7 +170,7 @@ def _tiles(m: int, n: int, tile, sms: int) -> tuple[int, int]:
     row is no whole number of such tiles and 256 divides N, 256: 1536 = 6 x 256 measured 50 / 59 us
     forward / backward at 16384 x 1536 fp16 on an H100 (occupancy 8), against 50 / 64 us with
     512 columns and 65 / 82 us for the previous default (two rows of 512, no hint). block_m fills
-    TILE_ELEMS, halved (to MIN_BLOCK_M) while that leaves fewer than MIN_TILES_PER_SM tiles an SM:
+    TILE_ELEMS, halved (to 16) while that leaves fewer than MIN_TILES_PER_SM tiles an SM:
     at 8192 x 13, 8192 x 128 and 257 x 13 fp16 (H200) 16-row tiles took 5.9, 6.5 and 5.5 us
     against 25.0, 9.3 and 17.3 for full ones."""
     if tile is not None:
@@ -179,11 +178,7 @@ def _tiles(m: int, n: int, tile, sms: int) -> tuple[int, int]:
     block_n = min(MAX_BLOCK_N, 1 << max(0, n - 1).bit_length())
     if n % block_n and n % 256 == 0:
         block_n = 256
-    block_m = max(1, TILE_ELEMS // block_n)
-    tiles_n = -(-n // block_n)
-    while block_m > MIN_BLOCK_M and -(-m // block_m) * tiles_n < MIN_TILES_PER_SM * sms:
-        block_m //= 2
-    return block_m, block_n
+    return rows_to_fill(max(1, TILE_ELEMS // block_n), m, -(-n // block_n), MIN_TILES_PER_SM * sms), block_n
 
 
 @functools.lru_cache(maxsize=None)

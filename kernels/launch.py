@@ -23,6 +23,14 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def rows_to_fill(block_m: int, m: int, tiles_n: int, min_tiles: int, least: int = 16) -> int:
+    """block_m halved, down to `least` rows, while an (m, tiles_n * block_n) input would make fewer
+    than min_tiles tiles: full tiles of a short or narrow input leave SMs idle."""
+    while block_m > least and -(-m // block_m) * tiles_n < min_tiles:
+        block_m //= 2
+    return block_m
+
+
 def grid_size(tiles: int, blocks_per_sm: int | None, device: torch.device) -> int:
     """One block per tile, or a persistent grid of at most blocks_per_sm blocks per SM looping
     over the tiles."""

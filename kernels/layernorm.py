@@ -18,7 +18,7 @@ import kernels
 from kernels import tuned
 from kernels.config import LAYERNORM_FWD_DEFAULTS as FWD_CONFIG, LAYERNORM_MAX_N as MAX_N
 from kernels.config import validate_layernorm_fwd as validate_fwd_config
-from kernels.launch import grid_size, launch, rows
+from kernels.launch import grid_size, launch, rows, rows_to_fill, sm_count
 from kernels.tile_ops import widen
 
 try:
@@ -39,6 +39,10 @@ REDUCE_BLOCK_N = 32  # columns per block of the dweight/dbias reduction
 # the backward took 69-79 us against 15-18 with 64 rows, the forward 19-22 against 7-8; at 64
 # columns 64 rows were within 5% of 128 (fp16, 257 and 8192 rows, H100, 2026-12-06)
 MAX_BLOCK_ROWS = 64
+# and a short input's backward takes fewer rows a tile (to 16) while its tiles number under half the
+# SMs: 257 x 13 fp16 ran 9.0 us in 16-row tiles against 15.2 in 64-row ones (5 blocks), while at 8192
+# rows (128 tiles) 32-row tiles were 0.86-1.05x as fast as 64-row ones (H100, 2026-12-06)
+BWD_MIN_TILES_PER_SM = 0.5
 
 if ct is not None:
     ConstInt = ct.Constant[int]
@@ -231,10 +235,13 @@ def _shape(n: int, rows_per_block: int | None, chunk: int | None, tile_elems: in
     return rows_per_block or _rows_for(tile_elems, chunk * nchunk), chunk, nchunk, n % chunk != 0
 
 
-def _bwd_shape(n: int, rows_per_block: int | None, chunk: int | None, x_size: int) -> tuple:
-    """(BLOCK_M, CHUNK, NCHUNK, AS_VECTOR) of the backward kernel for rows of n elements of
-    x_size bytes; a row is one padded tile unless `chunk` says otherwise."""
+def _bwd_shape(n: int, rows_per_block: int | None, chunk: int | None, x_size: int, m: int,
+               sms: int) -> tuple:
+    """(BLOCK_M, CHUNK, NCHUNK, AS_VECTOR) of the backward kernel for m rows of n elements of
+    x_size bytes on `sms` SMs; a row is one padded tile unless `chunk` says otherwise."""
     block_m, chunk, nchunk, _ = _shape(n, rows_per_block, chunk or _pow2(n), BWD_TILE_BYTES // x_size)
+    if rows_per_block is None:
+        block_m = rows_to_fill(block_m, m, 1, int(BWD_MIN_TILES_PER_SM * sms))
     return block_m, chunk, nchunk, chunk * nchunk >= BWD_VECTOR_MIN_COLS
 
 
@@ -324,9 +331,9 @@ def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, row
     """
     kernels.require()
     n = x.shape[-1]
-    shape = _bwd_shape(n, rows_per_block, chunk, x.element_size())
     x2, dy2 = rows(x, n), rows(dy, n)
     m = x2.shape[0]
+    shape = _bwd_shape(n, rows_per_block, chunk, x.element_size(), m, sm_count(x.device))
     dx = torch.empty_like(x2)
     dr = dx if dr_dtype in (None, x.dtype) else torch.empty_like(x2, dtype=dr_dtype)
     sums = torch.empty(3 if sum_dx else 2, n, device=x.device, dtype=grad_dtype)  # summed in fp32
@@ -470,7 +477,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         return (_hinted(_bwd_kernel, BWD_BLOCKS_PER_SM),
                 f"layernorm_bwd_{dtype_name(dtype)}_{n}" + ("_add" if residual else ""),
                 [mat, wide, array_param(ct_dtype(dtype), 1), stat, stat, wide, wide,
-                 mat if residual else wide, part, *_bwd_shape(n, None, None, x_size),
+                 mat if residual else wide, part, *_bwd_shape(n, None, None, x_size, 8192, 132),
                  residual, residual, residual])
 
     # 384 columns: the partial rows stored as they are (not AS_VECTOR)

@@ -71,7 +71,7 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
     (768, 4, None, True), (4096, 2, None, True), (768, 2, 256, False), (1000, 2, 256, True)])
 def test_backward_stores_partial_rows_as_vectors_from_1024_padded_columns(n, x_size, chunk, as_vector):
     """The 1-D store is taken where a row's padded width reaches 1024 (faster there, slower at 384)."""
-    block_m, width, nchunk, vec = layernorm._bwd_shape(n, None, chunk, x_size)
+    block_m, width, nchunk, vec = layernorm._bwd_shape(n, None, chunk, x_size, 8192, 132)
     assert vec is as_vector and width * nchunk >= n and block_m * width * nchunk * x_size <= 16 << 10
 
 
@@ -80,8 +80,21 @@ def test_backward_stores_partial_rows_as_vectors_from_1024_padded_columns(n, x_s
     (768, 2, 8, 8), (768, 4, 4, 8)])
 def test_narrow_rows_fill_a_tile_with_at_most_64_of_them(n, x_size, bwd_rows, fwd_rows):
     """At 13 columns a tile would hold 512 rows, 4-5x slower than 64 (H100)."""
-    assert layernorm._bwd_shape(n, None, None, x_size)[0] == bwd_rows
+    assert layernorm._bwd_shape(n, None, None, x_size, 8192, 132)[0] == bwd_rows
     assert layernorm._shape(n, None, None, layernorm.FWD_TILE_ELEMS)[0] == fwd_rows
+
+
+@pytest.mark.parametrize("m, n, sms, rows", [
+    (257, 13, 132, 16),  # 5 tiles of 64 rows: 17 of 16
+    (4096, 13, 132, 32),  # 64 tiles of 64 rows: 128 of 32
+    (8192, 13, 132, 64),  # 128 tiles: as many as pay
+    (129, 64, 132, 16), (1, 13, 132, 16),
+    (257, 768, 132, 8),  # already under 16 rows
+    (257, 13, 8, 64),  # a small GPU: 5 tiles fill half its SMs
+])
+def test_a_short_inputs_backward_takes_fewer_rows_a_tile(m, n, sms, rows):
+    assert layernorm._bwd_shape(n, None, None, 2, m, sms)[0] == rows
+    assert layernorm._bwd_shape(n, 32, None, 2, m, sms)[0] == 32  # asked for: as asked
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
