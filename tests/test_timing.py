@@ -19,6 +19,20 @@ def test_median_ci_covers_the_true_median_about_95_percent_of_the_time():
     assert 0.90 <= hits / 400 <= 0.99
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 9, 20, 60, 61, 1000, 4097])
+def test_the_order_statistics_ranks_are_scipy_stats_binomial_quantiles(n):
+    """The ranks come from scipy.special (scipy.stats costs every worker 0.4 s to import): the
+    same as scipy.stats' binomial ppf and isf and its t quantile."""
+    from scipy import stats as sps
+    for q in (0.0005, 0.005, 0.025, 0.05):
+        assert stats._binom_half_ppf(q, n) == int(sps.binom.ppf(q, n, 0.5))
+        assert stats._binom_half_isf(q, n) == int(sps.binom.isf(q, n, 0.5))
+    d = np.linspace(-0.1, 0.3, max(n, 2))
+    _, low, high = stats.paired_ratio_ci(np.ones_like(d), np.exp(d), 0.95)
+    half = sps.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / d.size ** 0.5
+    assert (low, high) == pytest.approx((np.exp(d.mean() - half), np.exp(d.mean() + half)), rel=1e-12)
+
+
 def test_describe_and_ci_rel():
     x = [1.0, 2.0, 3.0, 4.0, 100.0]
     d = stats.describe(x)

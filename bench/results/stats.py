@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats as sps
+from scipy import special  # not scipy.stats: 0.4 s more to import in every worker
 
 
 def median_ci(samples, confidence: float = 0.95) -> tuple[float, float]:
@@ -19,9 +19,18 @@ def median_ci(samples, confidence: float = 0.95) -> tuple[float, float]:
     if n < 2:
         return math.nan, math.nan
     alpha = 1.0 - confidence
-    lo = int(sps.binom.ppf(alpha / 2, n, 0.5))
-    hi = int(sps.binom.isf(alpha / 2, n, 0.5))
+    lo, hi = _binom_half_ppf(alpha / 2, n), _binom_half_isf(alpha / 2, n)
     return float(x[max(lo - 1, 0)]), float(x[min(hi, n - 1)])
+
+
+def _binom_half_ppf(q: float, n: int) -> int:
+    """The least k with P(Binomial(n, 1/2) <= k) >= q (scipy.stats.binom.ppf)."""
+    return int(np.searchsorted(special.bdtr(np.arange(n + 1), n, 0.5), q))
+
+
+def _binom_half_isf(q: float, n: int) -> int:
+    """The least k with P(Binomial(n, 1/2) > k) <= q (scipy.stats.binom.isf)."""
+    return int(np.argmax(special.bdtrc(np.arange(n + 1), n, 0.5) <= q))
 
 
 def ci_rel(samples, confidence: float = 0.95) -> float:
@@ -95,8 +104,8 @@ def paired_ratio_ci(base_rounds, cur_rounds, confidence: float,
         d.sort()
         mid = float(np.median(d))
         # the interval [d_k, d_(n+1-k)] misses the median with probability 2 P(Binomial(n, 1/2) < k)
-        k = int(sps.binom.ppf((1 - confidence) / 2, d.size, 0.5))
-        if sps.binom.cdf(k, d.size, 0.5) > (1 - confidence) / 2:
+        k = _binom_half_ppf((1 - confidence) / 2, d.size)
+        if special.bdtr(k, d.size, 0.5) > (1 - confidence) / 2:
             k -= 1
         if k < 0:
             return math.exp(mid), math.nan, math.nan
@@ -104,5 +113,5 @@ def paired_ratio_ci(base_rounds, cur_rounds, confidence: float,
     mean = float(d.mean())
     if d.size < 2:
         return math.exp(mean), math.nan, math.nan
-    half = float(sps.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+    half = float(special.stdtrit(d.size - 1, 0.5 + confidence / 2) * d.std(ddof=1) / math.sqrt(d.size))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
