@@ -178,7 +178,8 @@ def _tiles(m: int, n: int, tile, sms: int) -> tuple[int, int]:
     block_n = min(MAX_BLOCK_N, 1 << max(0, n - 1).bit_length())
     if n % block_n and n % 256 == 0:
         block_n = 256
-    return rows_to_fill(max(1, TILE_ELEMS // block_n), m, -(-n // block_n), MIN_TILES_PER_SM * sms), block_n
+    block_m = rows_to_fill(max(1, TILE_ELEMS // block_n), m, -(-n // block_n), MIN_TILES_PER_SM * sms)
+    return block_m, block_n
 
 
 @functools.lru_cache(maxsize=None)

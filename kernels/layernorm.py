@@ -307,8 +307,9 @@ def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=True, **config):
     """y = (x - mean) * rstd * weight + bias over the last dim; also the fp32 mean and rstd.
 
     persistent: `blocks_per_sm` blocks per SM loop over the row tiles (the default, as layer_norm's:
-    11.6 us at 8192 x 768 fp16 on an H100 against 22.2 for one block per tile). config: keys of FWD_CONFIG (tile shape and compiler hints), the rest from its defaults;
-    without any, the tuned config for this GPU and shape (kernels/tuned.py).
+    11.6 us at 8192 x 768 fp16 on an H100 against 22.2 for one block per tile). config: keys of
+    FWD_CONFIG (tile shape and compiler hints), the rest from its defaults; without any, the tuned
+    config for this GPU and shape (kernels/tuned.py).
     """
     cfg = validate_fwd_config(config) if config else None
     kernels.require()
