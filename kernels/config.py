@@ -43,7 +43,7 @@ LAYERNORM_MAX_N = 8192  # one row must fit in one tile of registers
 # Forward launch config. The defaults were measured on an H100 with sweeps/layernorm_tune.yaml
 # (docs/layernorm-notes.md); None lets the launch code (or, for the hints, the compiler) choose.
 LAYERNORM_FWD_DEFAULTS = {
-    "rows_per_block": None,  # rows a block normalises at once; None: layernorm.FWD_TILE_ELEMS elements
+    "rows_per_block": None,  # rows a block normalises at once; None: layernorm._fwd_shape chooses
     "chunk": None,           # columns per load, a row being cdiv(N, chunk) of them; None: layernorm._chunk
     "blocks_per_sm": 2,      # persistent grid size
     "occupancy": None,       # compiler hint; None: blocks_per_sm when persistent, else inferred

@@ -97,6 +97,19 @@ def test_a_short_inputs_backward_takes_fewer_rows_a_tile(m, n, sms, rows):
     assert layernorm._bwd_shape(n, 32, None, 2, m, sms)[0] == 32  # asked for: as asked
 
 
+@pytest.mark.parametrize("m, n, rows", [
+    (257, 13, 16), (1024, 128, 16), (8192, 13, 16),  # 128 tiles of 64 rows for 264 blocks: 512 of 16
+    (65536, 13, 64),  # 1024 tiles: full ones
+    (8192, 768, 8), (2048, 768, 8),  # under 16 rows already
+    (16384, 384, 16), (8192, 256, 16), (16384, 256, 32),
+])
+def test_a_short_inputs_forward_takes_fewer_rows_a_tile(m, n, rows):
+    cfg = dict(layernorm.FWD_CONFIG)
+    assert cfg["blocks_per_sm"] == 2
+    assert layernorm._fwd_shape(n, cfg, m, 132)[0] == rows
+    assert layernorm._fwd_shape(n, {**cfg, "rows_per_block": 64}, m, 132)[0] == 64  # asked for: as asked
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_check_tells_a_wrong_layernorm_apart(dtype):
     """The gate the GPU tests use passes torch's own LayerNorm and fails a near miss (eps 1e-3)."""
