@@ -139,6 +139,32 @@ def test_resume_refuses_a_run_it_cannot_trust_in_one_line(done_run, capsys, spoi
     assert len(err.splitlines()) == 1 and says in err, err
 
 
+def _meta(d, **change):
+    meta = json.loads((d / store.META).read_text())
+    for key, value in change.items():
+        part, _, name = key.partition("__")
+        meta[part] = {**meta[part], name: value} if name else value
+    (d / store.META).write_text(json.dumps({**meta, "complete": False}))
+
+
+@pytest.mark.parametrize("change,says", [
+    (dict(git={"sha": "0123456789abcdef", "dirty": False}), "it was measured at 0123456789, this tree is"),
+    (dict(git__dirty=True, git__diff_sha256="0" * 64), "with uncommitted changes, this tree is"),
+    (dict(env__torch="2.0.0"), "its torch was 2.0.0, here it is"),
+    (dict(env__host="elsewhere"), "its host was elsewhere"),
+    (dict(devices=["cuda:7"]), "it ran on cuda:7, which this machine lacks"),
+])
+def test_resume_refuses_to_mix_code_or_machines_in_one_run(done_run, capsys, change, says):
+    """A case left over, measured by other code or on another machine than the rest, would be mixed
+    with them in one run: resuming says so in one line and writes nothing."""
+    _meta(done_run, **change)
+    before = (done_run / store.SAMPLES).read_bytes(), (done_run / store.META).read_bytes()
+    assert run.main(["--resume", str(done_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err and "finish it where it started" in err, err
+    assert ((done_run / store.SAMPLES).read_bytes(), (done_run / store.META).read_bytes()) == before
+
+
 def test_resume_dry_run_runs_nothing(done_run, capsys):
     lines = (done_run / store.SAMPLES).read_text().splitlines()
     meta = json.loads((done_run / store.META).read_text())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -35,18 +36,20 @@ def _nvml():
 
 
 def git_state() -> dict:
-    """The commit measured: git's HEAD, or BENCH_GIT_SHA for a tree copied without its history."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+    """The commit measured: git's HEAD, or BENCH_GIT_SHA for a tree copied without its history;
+    for a tree with uncommitted changes, the hash of their diff too (what tells two such trees
+    apart)."""
+    def git(*args) -> bytes:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, timeout=10).stdout
     try:
-        sha = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}") or None
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None
+        sha = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}").decode().strip() or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip()) if sha else None
+        diff = hashlib.sha256(git("diff", "HEAD", "--binary")).hexdigest() if dirty else None
     except (OSError, subprocess.SubprocessError):
-        sha, dirty = None, None
+        sha, dirty, diff = None, None, None
     if sha is None and os.environ.get("BENCH_GIT_SHA"):
         sha = os.environ["BENCH_GIT_SHA"]
-    return {"sha": sha, "dirty": dirty}
+    return {"sha": sha, "dirty": dirty, **({"diff_sha256": diff} if diff else {})}
 
 
 def _tileiras_version() -> str | None:
@@ -69,6 +72,8 @@ def gpu_info(index: int) -> dict:
     if nv is not None:
         try:
             h = nv.nvmlDeviceGetHandleByIndex(index)
+            uuid = nv.nvmlDeviceGetUUID(h)
+            info["uuid"] = uuid.decode() if isinstance(uuid, bytes) else uuid
             info["max_sm_clock_mhz"] = nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM)
             info["max_mem_clock_mhz"] = nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_MEM)
         except Exception:
@@ -102,6 +107,36 @@ def fingerprint(gpu_indices: list[int]) -> dict:
         "device_kind": "cuda" if gpu_indices else "cpu",
         "gpus": gpus, "tuned": tuned.fingerprint(gpus[0]["name"]) if gpus else None,
     }
+
+
+def _git_words(git: dict) -> str:
+    sha = (git.get("sha") or "no commit")[:10]
+    return f"{sha} with uncommitted changes" if git.get("dirty") else sha
+
+
+def _gpu_words(gpus: list) -> str:
+    return ", ".join(f"{g.get('name')} {g.get('uuid', '')}".strip() for g in gpus) or "no GPU"
+
+
+def elsewhere(meta: dict) -> str | None:
+    """How the code or machine a run was measured with (its meta.json) differs from this one, in
+    words; None when they are the same. Cases measured on both would be mixed in one run."""
+    then_git, now_git = meta.get("git") or {}, git_state()
+    if any(then_git.get(k) != now_git.get(k) for k in ("sha", "dirty", "diff_sha256")):
+        return f"it was measured at {_git_words(then_git)}, this tree is {_git_words(now_git)}"
+    devices = meta.get("devices") or []
+    gpus = sorted({int(d.split(":")[1]) for d in devices if d.startswith("cuda:")})
+    if gpus and gpus[-1] >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        return f"it ran on {', '.join(devices)}, which this machine lacks"
+    then, now = meta.get("env") or {}, fingerprint(gpus)
+    for key, value in now.items():
+        if key == "gpus":  # by what the run recorded of each (a run from before UUIDs has none)
+            known = [{k: g.get(k) for k in t} for t, g in zip(then.get(key) or [], value)]
+            if len(then.get(key) or []) != len(value) or known != (then.get(key) or []):
+                return f"it ran on {_gpu_words(then.get(key) or [])}, this machine has {_gpu_words(value)}"
+        elif key in then and then[key] != value:
+            return f"its {key} was {then[key]}, here it is {value}"
+    return None
 
 
 _THROTTLE = {  # NVML clocks-event reason bits worth naming

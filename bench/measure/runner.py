@@ -97,6 +97,13 @@ def resume_run(path: Path, argv: list[str], dry_run: bool = False) -> tuple[stor
         raise BadInput(f"--resume {path}: {first_line(e)}") from None
     if not cases:
         raise BadInput(f"--resume {path}: {store.CASES} lists no case")
+    try:
+        moved = env.elsewhere(run.meta)
+    except (ValueError, TypeError, AttributeError) as e:  # a meta.json edited by hand
+        raise BadInput(f"--resume {path}: {store.META}: {first_line(e)}") from None
+    if moved:
+        raise BadInput(f"--resume {path}: {moved}; finish it where it started, or run the cases "
+                       "left as a new run")
     done = {r["case_id"] for r in run.records if not r["reason"].startswith(WORKER_LOST)}
     todo = [c for c in cases if c.case_id not in done]
     if dry_run:
