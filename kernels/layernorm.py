@@ -43,9 +43,6 @@ MAX_BLOCK_ROWS = 64
 # SMs: 257 x 13 fp16 ran 9.0 us in 16-row tiles against 15.2 in 64-row ones (5 blocks), while at 8192
 # rows (128 tiles) 32-row tiles were 0.86-1.05x as fast as 64-row ones (H100, 2026-12-06)
 BWD_MIN_TILES_PER_SM = 0.5
-# The forward's tiles halve their rows (to 16) while there are fewer of them than the persistent
-# grid's blocks: 16-row tiles were the fastest or within 0.3 us of it at 257-8192 rows of 13, 64 and
-# 128 columns, 0.5-1.1 us (9-17%) faster than 64-row ones (fp16, H100, 2026-12-06)
 
 if ct is not None:
     ConstInt = ct.Constant[int]
@@ -243,6 +240,8 @@ def _fwd_shape(n: int, cfg: dict, m: int, sms: int) -> tuple[int, int, int, bool
     SMs; unless cfg names the rows, a tile's rows halve (to 16) while there would be fewer tiles
     than the persistent grid has blocks."""
     block_m, chunk, nchunk, ragged = _shape(n, cfg["rows_per_block"], cfg["chunk"], FWD_TILE_ELEMS)
+    # 16-row tiles were the fastest or within 0.3 us of it at 257-8192 rows of 13, 64 and 128
+    # columns, 0.5-1.1 us (9-17%) faster than 64-row ones (fp16, H100, 2026-12-06)
     if cfg["rows_per_block"] is None:
         block_m = rows_to_fill(block_m, m, 1, cfg["blocks_per_sm"] * sms)
     return block_m, chunk, nchunk, ragged
