@@ -293,6 +293,16 @@ def test_a_changed_directory_or_environment_costs_the_next_case_nothing(hostile,
     assert all(p["cwd"] != "/" and p["env"] is None for p in probes)
 
 
+def test_the_report_names_the_providers_that_left_their_worker_changed(hostile):
+    from bench.present.report import fresh_workers
+
+    recs, *_ = hostile
+    text = fresh_workers(list(recs.values()))
+    assert "poison_env 2" in text and "chdir_root 2" in text and "BENCH_TEST_POISON" in text, text
+    assert "cwd" in text and "in a fresh worker" in text, text
+    assert "native" not in text, text
+
+
 def test_a_record_written_into_the_workers_answer_pipe_is_tampered(hostile):
     """The forged answer names the case the parent waits on, ok and 0.00001 ms; without the nonce
     it was taken as the case's record, and the worker's own answer, read next, failed the case
