@@ -294,7 +294,7 @@ def test_a_changed_directory_or_environment_costs_the_next_case_nothing(hostile,
 
 
 def test_the_report_names_the_providers_that_left_their_worker_changed(hostile):
-    from bench.present.report import fresh_workers
+    from bench.results.summary import fresh_workers
 
     recs, *_ = hostile
     text = fresh_workers(list(recs.values()))

@@ -360,17 +360,28 @@ def test_a_provider_keeps_its_colour_from_plot_to_plot():
     assert plots._colours(listed, ["mine"])["mine"] not in ceiling.values()
 
 
-def test_the_cases_that_left_their_worker_changed_are_named_with_the_restart_they_cost():
-    from bench.present.report import fresh_workers
+def test_the_cases_that_left_their_worker_changed_are_named_with_the_restart_they_cost(monkeypatch):
+    """By provider and what they changed, with the median gap to the next case on the same device
+    (a fresh worker's start), in the report's environment card and at the end of a run."""
+    import io
 
-    def rec(provider, device, start, end, leaked=None):
-        return {"provider": provider, "device": device, "leaked": leaked,
+    from rich.console import Console
+
+    from bench.present import console
+    from bench.results.summary import fresh_workers, summarize
+
+    def rec(provider, device, start, end, n, leaked=None):
+        return {**record(provider, [1.0] * 3, n=n), "device": device, "leaked": leaked,
                 "started_utc": f"2026-12-06T10:00:{start:06.3f}Z", "ended_utc": f"2026-12-06T10:00:{end:06.3f}Z"}
-    records = [rec("torch", "cuda:0", 0, 1), rec("compile", "cuda:0", 1.2, 9, {"environ": ["TRITON_CACHE_DIR"], "threads": [1, 3]}),
-               rec("torch", "cuda:1", 2, 3), rec("compile", "cuda:1", 3.1, 4, {"processes": [0, 1]}),
-               rec("cutile", "cuda:1", 10, 11), rec("cutile", "cuda:0", 17, 18), rec("compile", "cuda:0", 18.1, 19,
-                                                                                      {"environ": ["X"]})]
-    assert fresh_workers(records) == (
-        "3 of 7 cases (compile 3) changed environ (TRITON_CACHE_DIR, X); processes; threads; "
-        "the next case began 8.0 s later (median), in a fresh worker")  # 8 s on cuda:0, 6 s on cuda:1
+    records = [rec("p", "cuda:0", 0, 1, 1), rec("compile", "cuda:0", 1.2, 9, 1, {"environ": ["TRITON_CACHE_DIR"], "threads": [1, 3]}),
+               rec("p", "cuda:1", 2, 3, 2), rec("compile", "cuda:1", 3.1, 4, 2, {"processes": [0, 1]}),
+               rec("mine", "cuda:1", 10, 11, 2), rec("mine", "cuda:0", 17, 18, 1),
+               rec("compile", "cuda:0", 18.1, 19, 3, {"environ": ["X"]})]
+    line = ("3 of 7 cases (compile 3) changed environ (TRITON_CACHE_DIR, X); processes; threads; "
+            "the next case began 8.0 s later (median), in a fresh worker")  # 8 s on cuda:0, 6 s on cuda:1
+    assert fresh_workers(records) == line
     assert fresh_workers([r for r in records if not r["leaked"]]) is None
+    shown = io.StringIO()
+    monkeypatch.setattr(console, "out", Console(file=shown, width=400))
+    console.report_end(summarize(records), records)
+    assert f"cases that left their worker changed: {line}" in shown.getvalue()

@@ -13,6 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 from rich.table import Table
 
+from bench.results.summary import fresh_workers
+
 err = Console(stderr=True)
 out = Console(width=160)  # writes to whatever sys.stdout is at the time
 
@@ -113,6 +115,9 @@ def report_end(summary: pd.DataFrame, records: list[dict]) -> None:
         out.print(table)
     counts = Counter(r["status"] for r in records)
     out.print("status: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    fresh = fresh_workers(records)
+    if fresh:
+        out.print(f"cases that left their worker changed: {fresh}", highlight=False)
     reasons = Counter((r["provider"], r["reason"]) for r in records if r["status"] == "skipped")
     for (provider, reason), n in sorted(reasons.items()):
         out.print(f"skipped {provider} ({n} case{'s' * (n != 1)}): {reason}", highlight=False)

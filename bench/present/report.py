@@ -6,7 +6,6 @@ import math
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from bench.results import compare
 from bench.results.counters import stall_words
 from bench.results.baseline import hardware
 from bench.results.store import Run
-from bench.results.summary import summarize
+from bench.results.summary import fresh_workers, summarize
 
 # an installed wheel carries report_templates/ in bench/ (pyproject.toml); a checkout has it at the top
 TEMPLATES = next((p for p in (Path(str(resources.files("bench") / "report_templates")),) if p.is_dir()),
@@ -415,43 +414,6 @@ def slowed_batches(records) -> str | None:
         return "none"
     text = ", ".join(f"{k} {n}" for k, n in why.most_common()) or "none"
     return f"re-taken: {text}; kept throttled: {kept}; in {cases} of {len(clocked)} cases"
-
-
-def _seconds(since, until) -> float | None:
-    """Seconds between two records' UTC timestamps; None for one that is not a timestamp."""
-    try:
-        then, now = (datetime.fromisoformat(t.rstrip("Z")) for t in (since, until))
-        return (now - then).total_seconds()
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-def fresh_workers(records) -> str | None:
-    """The cases that left their worker changed (torch.compile sets environment variables and
-    starts threads and a compile process, for one), by provider and what they changed: the next
-    case on that device took a fresh worker, whose start is the median gap given. None if none did."""
-    left = [r for r in records if r.get("leaked")]
-    if not left:
-        return None
-    who = Counter(r["provider"] for r in left)
-    names = sorted({str(n) for r in left if isinstance(r["leaked"].get("environ"), list)
-                    for n in r["leaked"]["environ"]})
-    what = sorted(f"environ ({', '.join(names)})" if k == "environ" and names else k
-                  for k in {k for r in left for k in r["leaked"]})
-    by_device: dict = {}
-    for r in records:
-        by_device.setdefault(r.get("device"), []).append(r)
-    gaps = []
-    for recs in by_device.values():
-        recs.sort(key=lambda r: str(r.get("started_utc")))
-        gaps += [_seconds(a.get("ended_utc"), b.get("started_utc")) for a, b in zip(recs, recs[1:])
-                 if a.get("leaked")]
-    gaps = sorted(g for g in gaps if g is not None)
-    text = (f"{len(left)} of {len(records)} cases ({', '.join(f'{p} {n}' for p, n in who.most_common())}) "
-            f"changed {'; '.join(what)}")
-    if gaps:
-        text += f"; the next case began {gaps[len(gaps) // 2]:.1f} s later (median), in a fresh worker"
-    return text
 
 
 def env_card(run: Run) -> list[tuple[str, str]]:

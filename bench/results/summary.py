@@ -1,10 +1,13 @@
 """The summary table: one row per case, statistics recomputed from the stored samples, speedup
 against the sweep's baseline provider for the same shape, and the share of the machine's measured
-ceiling (meta.json's `ceilings`) that the case reaches."""
+ceiling (meta.json's `ceilings`) that the case reaches; and the cases that left their worker
+changed, with what the fresh worker after each cost."""
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -99,3 +102,40 @@ def summarize(records: list[dict], ceilings: dict | None = None) -> pd.DataFrame
         return pd.DataFrame(columns=LEAD + STATS)
     params = [c for c in frame.columns if c not in LEAD and c not in STATS]
     return frame[LEAD + params + STATS]
+
+
+def _seconds(since, until) -> float | None:
+    """Seconds between two records' UTC timestamps; None for one that is not a timestamp."""
+    try:
+        then, now = (datetime.fromisoformat(t.rstrip("Z")) for t in (since, until))
+        return (now - then).total_seconds()
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def fresh_workers(records) -> str | None:
+    """The cases that left their worker changed (torch.compile sets environment variables and
+    starts threads and a compile process, for one), by provider and what they changed: the next
+    case on that device took a fresh worker, whose start is the median gap given. None if none did."""
+    left = [r for r in records if r.get("leaked")]
+    if not left:
+        return None
+    who = Counter(r["provider"] for r in left)
+    names = sorted({str(n) for r in left if isinstance(r["leaked"].get("environ"), list)
+                    for n in r["leaked"]["environ"]})
+    what = sorted(f"environ ({', '.join(names)})" if k == "environ" and names else k
+                  for k in {k for r in left for k in r["leaked"]})
+    by_device: dict = {}
+    for r in records:
+        by_device.setdefault(r.get("device"), []).append(r)
+    gaps = []
+    for recs in by_device.values():
+        recs.sort(key=lambda r: str(r.get("started_utc")))
+        gaps += [_seconds(a.get("ended_utc"), b.get("started_utc")) for a, b in zip(recs, recs[1:])
+                 if a.get("leaked")]
+    gaps = sorted(g for g in gaps if g is not None)
+    text = (f"{len(left)} of {len(records)} cases ({', '.join(f'{p} {n}' for p, n in who.most_common())}) "
+            f"changed {'; '.join(what)}")
+    if gaps:
+        text += f"; the next case began {gaps[len(gaps) // 2]:.1f} s later (median), in a fresh worker"
+    return text
