@@ -18,6 +18,9 @@ def add_arguments(p) -> None:
     sweep_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the expanded cases and stop")
     p.add_argument("--resume", metavar="DIR", help="finish a partial run without redoing its cases")
+    p.add_argument("--rest-of", metavar="DIR",
+                   help="a new run of every shape a partial run left unfinished, all its providers "
+                        "measured here (where --resume refuses: another machine or tree)")
     p.add_argument("--gpus", help="GPU indices to run on at once, e.g. 0,1, or 'all'")
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes (no GPU)")
     p.add_argument("--strict", action="store_true",
@@ -50,10 +53,12 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
             raise BadInput("--profile ncu needs a CUDA GPU: Nsight Compute profiles CUDA kernels")
         local_gpus = "all" if args.executor == "dask" and runner.gpu_count() else None
         devices = runner.devices_for(args.gpus or local_gpus, args.workers)
+        if sum(map(bool, (args.sweep, args.resume, args.rest_of))) > 1:
+            raise BadInput("name one of a sweep file, --resume DIR and --rest-of DIR")
         if not args.resume:
-            if not args.sweep:
+            if not (args.sweep or args.rest_of):
                 raise BadInput("name a sweep file, or --resume a run directory")
-            sw = runner.load_sweep(args, devices[0])
+            sw = runner.rest_of(Path(args.rest_of)) if args.rest_of else runner.load_sweep(args, devices[0])
             if args.dry_run:
                 console.out.print(console.case_table(sw.cases))
                 if sw.profile:

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     path = args.from_run
-    if path is None and (args.sweep or args.resume) and not args.dry_run and not gpu_count():
+    if path is None and (args.sweep or args.resume or args.rest_of) and not args.dry_run and not gpu_count():
         print("error: bench.tune times cuTile configs on a CUDA GPU and none is visible here "
               "(--from-run DIR tunes from a finished GPU run)", file=sys.stderr)
         return 2

@@ -165,6 +165,29 @@ def test_resume_refuses_to_mix_code_or_machines_in_one_run(done_run, capsys, cha
     assert ((done_run / store.SAMPLES).read_bytes(), (done_run / store.META).read_bytes()) == before
 
 
+def test_a_run_left_elsewhere_is_finished_as_a_run_of_its_own_with_whole_shapes(done_run, tmp_path, capsys):
+    """--rest-of measures, as a new run here, every shape the old run left unfinished with all of
+    that shape's providers (the baseline too, so its speedups need nothing from the old run), where
+    --resume refuses to mix another tree's cases in; the old run is left as it was."""
+    lines = (done_run / store.SAMPLES).read_text().splitlines()
+    last = json.loads(lines[-1])["record"]
+    _meta(done_run, records={"count": 3, "head": json.loads(lines[-1])["prev"]},  # its last record lost
+          git={"sha": "0123456789abcdef", "dirty": False})
+    before = sorted((p.name, p.read_bytes()) for p in done_run.iterdir() if p.is_file())
+    assert run.main(["--resume", str(done_run)]) == 2
+    assert run.main(["--rest-of", str(done_run), "--out", str(tmp_path / "rest")]) == 0
+    rest = store.load_run(tmp_path / "rest" / "latest")
+    assert sorted((r["provider"], r["params"]["seq_len"], r["status"]) for r in rest.records) == \
+        [("native", last["params"]["seq_len"], "ok"), ("sdpa-math", last["params"]["seq_len"], "ok")]
+    assert rest.meta["complete"] and rest.meta["command"][-4:-2] == ["--rest-of", str(done_run)]
+    assert sorted((p.name, p.read_bytes()) for p in done_run.iterdir() if p.is_file()) == before
+    capsys.readouterr()
+    assert run.main(["--rest-of", str(tmp_path / "rest" / "latest")]) == 2
+    assert "nothing is left to run" in capsys.readouterr().err
+    assert run.main([str(done_run / store.CASES), "--rest-of", str(done_run)]) == 2
+    assert "name one of a sweep file" in capsys.readouterr().err
+
+
 def test_resume_dry_run_runs_nothing(done_run, capsys):
     lines = (done_run / store.SAMPLES).read_text().splitlines()
     meta = json.loads((done_run / store.META).read_text())

@@ -2,6 +2,7 @@
 killed run is a valid partial run), the summary, and `latest` once everything is done."""
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -14,7 +15,7 @@ from bench.cli import BadInput, disk_error, first_line
 from bench.measure import ceilings, env, ncu, pool
 from bench.measure import sweep as sweep_mod
 from bench.results import store
-from bench.results.summary import summarize
+from bench.results.summary import shape_key, summarize
 from bench.measure.sweep import Case, Sweep
 
 
@@ -82,30 +83,39 @@ def new_run(sweep: Sweep, root: Path, argv: list[str], devices: list[str],
 WORKER_LOST = "worker process did not start"  # a case its worker never ran: resuming runs it
 
 
-def resume_run(path: Path, argv: list[str], dry_run: bool = False) -> tuple[store.RunWriter | None, list[Case]]:
-    """(a writer that appends to the run at `path`, the cases left to run): those without a record,
-    and those whose worker never started. BadInput, in one line, for a directory that is not a
-    whole run of this schema; with `dry_run`, nothing is written and the writer is None."""
-    path = Path(path).resolve()
+def _partial_run(path: Path, flag: str, cut: bool) -> tuple[store.Run, list[Case], list[Case], bool]:
+    """(the run at `path`, its cases, those left to run: without a record, or whose worker never
+    started, whether a torn last record was cut); BadInput, in one line, for a directory that is
+    not a whole run of this schema. `cut`: drop a record torn by a kill, so that case runs again."""
     if not (path / store.META).is_file() or not (path / store.CASES).is_file():
-        raise BadInput(f"--resume {path}: not a run directory (needs {store.META} and {store.CASES})")
+        raise BadInput(f"{flag} {path}: not a run directory (needs {store.META} and {store.CASES})")
     try:
-        cut = False if dry_run else store.cut_torn_tail(path)
+        was_cut = store.cut_torn_tail(path) if cut else False
         run = store.load_run(path)
         cases = sweep_mod.validate_cases(run.cases, path / store.CASES)
     except (OSError, ValueError, TypeError, KeyError) as e:  # JSON, schema and sweep errors
-        raise BadInput(f"--resume {path}: {first_line(e)}") from None
+        raise BadInput(f"{flag} {path}: {first_line(e)}") from None
     if not cases:
-        raise BadInput(f"--resume {path}: {store.CASES} lists no case")
+        raise BadInput(f"{flag} {path}: {store.CASES} lists no case")
+    done = {r["case_id"] for r in run.records if not r["reason"].startswith(WORKER_LOST)}
+    return run, cases, [c for c in cases if c.case_id not in done], was_cut
+
+
+def resume_run(path: Path, argv: list[str], dry_run: bool = False) -> tuple[store.RunWriter | None, list[Case]]:
+    """(a writer that appends to the run at `path`, the cases left to run). Only the code and the
+    machine that began a run finish it: elsewhere, BadInput before anything is written. With
+    `dry_run`, nothing is written and the writer is None."""
+    path = Path(path).resolve()
     try:
-        moved = env.elsewhere(run.meta)
-    except (ValueError, TypeError, AttributeError) as e:  # a meta.json edited by hand
+        moved = env.elsewhere(json.loads((path / store.META).read_text()))
+    except FileNotFoundError:
+        moved = None  # said below, with what a run directory needs
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # not JSON, or edited by hand
         raise BadInput(f"--resume {path}: {store.META}: {first_line(e)}") from None
     if moved:
-        raise BadInput(f"--resume {path}: {moved}; finish it where it started, or run the cases "
-                       "left as a new run")
-    done = {r["case_id"] for r in run.records if not r["reason"].startswith(WORKER_LOST)}
-    todo = [c for c in cases if c.case_id not in done]
+        raise BadInput(f"--resume {path}: {moved}; finish it where it started, or measure what it "
+                       "left here as a run of its own (--rest-of)")
+    run, _, todo, cut = _partial_run(path, "--resume", cut=not dry_run)
     if dry_run:
         return None, todo
     run.meta.setdefault("resumed", []).append({"utc": store.utc_now(), "command": argv,
@@ -115,6 +125,22 @@ def resume_run(path: Path, argv: list[str], dry_run: bool = False) -> tuple[stor
         return store.RunWriter(run.path, run.meta), todo
     except (OSError, ValueError) as e:
         raise BadInput(f"--resume {path}: {first_line(e)}") from None
+
+
+def rest_of(path: Path) -> Sweep:
+    """The sweep of every shape of the run at `path` that has a case left, with all of that shape's
+    providers, the baseline's included: a run that cannot be finished where it started is finished
+    as a run of its own, so that no shape's speedups mix two machines or two trees."""
+    path = Path(path).resolve()
+    run, cases, todo, _ = _partial_run(path, "--rest-of", cut=True)
+    left = {shape_key(c.to_dict()) for c in todo}
+    if not left:
+        raise BadInput(f"--rest-of {path}: every case has a record; nothing is left to run")
+    s = run.meta.get("sweep") or {}
+    return Sweep(name=s.get("name") or "rest", path=s.get("path") or str(path),
+                 sha256=s.get("sha256") or "", workload=s.get("workload") or cases[0].workload,
+                 baseline=s.get("baseline") or cases[0].baseline, profile=s.get("profile"),
+                 compare=s.get("compare") or {}, cases=[c for c in cases if shape_key(c.to_dict()) in left])
 
 
 class Quiet:
