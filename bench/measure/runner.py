@@ -130,7 +130,8 @@ def resume_run(path: Path, argv: list[str], dry_run: bool = False) -> tuple[stor
 def rest_of(path: Path) -> Sweep:
     """The sweep of every shape of the run at `path` that has a case left, with all of that shape's
     providers, the baseline's included: a run that cannot be finished where it started is finished
-    as a run of its own, so that no shape's speedups mix two machines or two trees."""
+    as a run of its own, so that no shape's speedups mix two machines or two trees. The old run is
+    left as it was, but for a record torn by a kill, which is cut as --resume would."""
     path = Path(path).resolve()
     run, cases, todo, _ = _partial_run(path, "--rest-of", cut=True)
     left = {shape_key(c.to_dict()) for c in todo}
