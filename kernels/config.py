@@ -54,6 +54,15 @@ _LAYERNORM_FWD_LIMITS = {"rows_per_block": (1, 4096, True), "chunk": (16, LAYERN
                          "blocks_per_sm": (1, 32, False), "occupancy": (1, 32, False),
                          "num_worker_warps": (1, 32, True), "latency": (1, 10, False)}
 _LAYERNORM_FWD_OPTIONAL = {"rows_per_block", "chunk", "occupancy", "num_worker_warps", "latency"}
+# Backward launch config. Its best differs by shape with no one rule (8 rows, 1 block an SM ran
+# 8192 x 13 fp16 in 15.9 us against the default's 17.9, and lost at 2048 and 4096 rows and from 64
+# columns; H100), so a tuned file can hold it per shape.
+LAYERNORM_BWD_DEFAULTS = {
+    "rows_per_block": None,  # rows a block takes at once; None: layernorm._bwd_shape chooses
+    "chunk": None,           # columns per load; None: one padded tile a row (chunks measured 2-3x slower)
+    "blocks_per_sm": 2,      # persistent grid size, and the kernel's occupancy hint
+}
+_LAYERNORM_BWD_LIMITS = {k: _LAYERNORM_FWD_LIMITS[k] for k in LAYERNORM_BWD_DEFAULTS}
 
 
 def validate_fmha(config: dict) -> dict:
@@ -65,3 +74,9 @@ def validate_layernorm_fwd(config: dict) -> dict:
     """LAYERNORM_FWD_DEFAULTS updated with `config`; ValueError naming the first bad key or value."""
     return validate("layer_norm forward", config, LAYERNORM_FWD_DEFAULTS, _LAYERNORM_FWD_LIMITS,
                     _LAYERNORM_FWD_OPTIONAL)
+
+
+def validate_layernorm_bwd(config: dict) -> dict:
+    """LAYERNORM_BWD_DEFAULTS updated with `config`; ValueError naming the first bad key or value."""
+    return validate("layer_norm backward", config, LAYERNORM_BWD_DEFAULTS, _LAYERNORM_BWD_LIMITS,
+                    {"rows_per_block", "chunk"})

@@ -16,7 +16,9 @@ import torch
 
 import kernels
 from kernels import tuned
-from kernels.config import LAYERNORM_FWD_DEFAULTS as FWD_CONFIG, LAYERNORM_MAX_N as MAX_N
+from kernels.config import LAYERNORM_BWD_DEFAULTS as BWD_CONFIG, LAYERNORM_FWD_DEFAULTS as FWD_CONFIG
+from kernels.config import LAYERNORM_MAX_N as MAX_N
+from kernels.config import validate_layernorm_bwd as validate_bwd_config
 from kernels.config import validate_layernorm_fwd as validate_fwd_config
 from kernels.launch import grid_size, launch, rows, rows_to_fill, sm_count
 from kernels.tile_ops import widen
@@ -29,10 +31,10 @@ except Exception:  # no cuda-tile here: the public functions raise through kerne
 FWD_TILE_ELEMS = 8192
 # The backward reads a row as one padded tile: in chunks (as the forward does) it measured 2-3x
 # slower on an H100. A tile holds 16 KB of x (8192 fp16 or 4096 fp32 elements), and 2 blocks per
-# SM with an occupancy hint of 2 run the persistent grid: at 8192 x 768 fp16 that measured 26-28 us
-# against 36-37 us for 4096-element tiles and 1 block per SM, and 40-42 against 60 us at
-# 16384 x 768 (docs/layernorm-notes.md).
-BWD_TILE_BYTES, BWD_BLOCKS_PER_SM = 16 << 10, 2
+# SM with an occupancy hint of 2 (BWD_CONFIG) run the persistent grid: at 8192 x 768 fp16 that
+# measured 26-28 us against 36-37 us for 4096-element tiles and 1 block per SM, and 40-42 against
+# 60 us at 16384 x 768 (docs/layernorm-notes.md).
+BWD_TILE_BYTES = 16 << 10
 BWD_VECTOR_MIN_COLS = 1024  # padded row width from which the backward stores its partial rows AS_VECTOR
 REDUCE_BLOCK_N = 32  # columns per block of the dweight/dbias reduction
 # Narrow rows fill a tile with more rows than pay: at 13 columns (padded to 16, 512 rows a tile)
@@ -247,11 +249,11 @@ def _fwd_shape(n: int, cfg: dict, m: int, sms: int) -> tuple[int, int, int, bool
     return block_m, chunk, nchunk, ragged
 
 
-def _bwd_shape(n: int, rows_per_block: int | None, chunk: int | None, x_size: int, m: int,
-               sms: int) -> tuple:
+def _bwd_shape(n: int, cfg: dict, x_size: int, m: int, sms: int) -> tuple:
     """(BLOCK_M, CHUNK, NCHUNK, AS_VECTOR) of the backward kernel for m rows of n elements of
-    x_size bytes on `sms` SMs; a row is one padded tile unless `chunk` says otherwise."""
-    block_m, chunk, nchunk, _ = _shape(n, rows_per_block, chunk or _pow2(n), BWD_TILE_BYTES // x_size)
+    x_size bytes on `sms` SMs under cfg; a row is one padded tile unless cfg names a chunk."""
+    rows_per_block = cfg["rows_per_block"]
+    block_m, chunk, nchunk, _ = _shape(n, rows_per_block, cfg["chunk"] or _pow2(n), BWD_TILE_BYTES // x_size)
     if rows_per_block is None:
         block_m = rows_to_fill(block_m, m, 1, int(BWD_MIN_TILES_PER_SM * sms))
     return block_m, chunk, nchunk, chunk * nchunk >= BWD_VECTOR_MIN_COLS
@@ -271,11 +273,12 @@ def _fwd_hinted(cfg: dict, persistent: bool):
     return _hinted(_fwd_kernel, occupancy, cfg["num_worker_warps"])
 
 
-def tuned_config(x) -> dict:
-    """The forward config kernels/tuned remembers for x's GPU, dtype, width and row count, else
-    FWD_CONFIG (shared: do not change it)."""
+def tuned_config(x, kernel: str = "layernorm_fwd") -> dict:
+    """The config kernels/tuned remembers for this kernel (layernorm_fwd or layernorm_bwd) on x's
+    GPU, dtype, width and row count, else its defaults, FWD_CONFIG or BWD_CONFIG (shared: do not
+    change it)."""
     n = x.shape[-1]
-    return tuned.lookup("layernorm_fwd", x.get_device(), x.dtype, n, x.numel() // max(1, n))
+    return tuned.lookup(kernel, x.get_device(), x.dtype, n, x.numel() // max(1, n))
 
 
 def _vector(v, n: int, fill: float, like: torch.Tensor):
@@ -331,33 +334,36 @@ def layer_norm_forward(x, weight, bias, eps=1e-5, persistent=True, **config):
     return y, mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
-def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, rows_per_block=None,
-                        blocks_per_sm=BWD_BLOCKS_PER_SM, chunk=None, dres=None, dr_dtype=None,
-                        sum_dx=False):
+def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, dres=None, dr_dtype=None,
+                        sum_dx=False, **config):
     """(dx, dweight, dbias, dr, dsum) from the saved fp32 mean and rstd; dweight and dbias in
     grad_dtype, summed in fp32; dx in x's dtype, plus `dres` (the gradient reaching x by another
     path) if given. dr: dx in dr_dtype, written by the same pass (dx itself if that is x's dtype
     or None). dsum: with sum_dx, dx's column sums in grad_dtype (a residual bias's gradient), else None.
 
     Always persistent: each of the `blocks_per_sm` blocks per SM writes one partial row.
-    chunk: columns per load as in the forward; None reads a row as one padded tile.
+    config: keys of BWD_CONFIG (rows_per_block; chunk, columns per load as in the forward, None
+    reading a row as one padded tile; blocks_per_sm), the rest from its defaults; without any, the
+    tuned config for this GPU and shape (kernels/tuned.py).
     """
+    cfg = validate_bwd_config(config) if config else None
     kernels.require()
+    cfg = cfg or tuned_config(x, "layernorm_bwd")
     n = x.shape[-1]
     x2, dy2 = rows(x, n), rows(dy, n)
     m = x2.shape[0]
-    shape = _bwd_shape(n, rows_per_block, chunk, x.element_size(), m, sm_count(x.device))
+    shape = _bwd_shape(n, cfg, x.element_size(), m, sm_count(x.device))
     dx = torch.empty_like(x2)
     dr = dx if dr_dtype in (None, x.dtype) else torch.empty_like(x2, dtype=dr_dtype)
     sums = torch.empty(3 if sum_dx else 2, n, device=x.device, dtype=grad_dtype)  # summed in fp32
     if m == 0:
         sums.zero_()
     else:
-        g = grid_size(-(-m // shape[0]), blocks_per_sm, x.device)
+        g = grid_size(-(-m // shape[0]), cfg["blocks_per_sm"], x.device)
         part = torch.empty(sums.shape[0], g, n, device=x.device, dtype=torch.float32)  # a row per block
         stats = [t if t.dim() == 1 else t.reshape(-1) for t in (mean, rstd)]
         dres2 = dx if dres is None else rows(dres, n)
-        launch(x.device, (g,), _hinted(_bwd_kernel, blocks_per_sm),
+        launch(x.device, (g,), _hinted(_bwd_kernel, cfg["blocks_per_sm"]),
                (dy2, x2, _vector(weight, n, 1.0, x), *stats, dres2, dx, dr, part, *shape,
                 dres is not None, dr is not dx, sum_dx))
         launch(x.device, (-(-n // REDUCE_BLOCK_N), sums.shape[0]), _colsum_kernel,
@@ -372,20 +378,21 @@ class LayerNorm(torch.autograd.Function):
     """Autograd for the cuTile LayerNorm: saves x, weight and the fp32 statistics."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, persistent, cfg):
+    def forward(ctx, x, weight, bias, eps, persistent, cfg, bwd_cfg):
         # under no_grad (inference) no backward reads the statistics: they are not stored
         y, mean, rstd, _ = _forward(x, weight, bias, eps, persistent, cfg or tuned_config(x),
                                     stats=any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.has = (weight is not None, bias is not None)
         ctx.grad_dtype = next((t.dtype for t in (weight, bias) if t is not None), torch.float32)
+        ctx.bwd_cfg = bwd_cfg or {}
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db, _, _ = layer_norm_backward(dy, x, weight, mean, rstd, ctx.grad_dtype)
-        return dx, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None, None
+        dx, dw, db, _, _ = layer_norm_backward(dy, x, weight, mean, rstd, ctx.grad_dtype, **ctx.bwd_cfg)
+        return dx, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None, None, None
 
 
 class AddLayerNorm(torch.autograd.Function):
@@ -426,16 +433,19 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, residual_bias=None):
     return AddLayerNorm.apply(x, residual, residual_bias, weight, bias, eps, y_dtype)
 
 
-def layer_norm(x, weight, bias, eps=1e-5, persistent=None, **config):
+def layer_norm(x, weight, bias, eps=1e-5, persistent=None, backward=None, **config):
     """LayerNorm over the last dim, differentiable in x, weight and bias (either may be None).
 
     persistent=None takes the persistent grid, the faster variant at every measured shape.
     config: the forward kernel's launch config (keys of FWD_CONFIG), as for layer_norm_forward;
-    without any, the tuned one. The backward reads the statistics that forward saved.
+    backward: the backward kernel's (keys of BWD_CONFIG), as for layer_norm_backward; without
+    either, the tuned one. The backward reads the statistics that forward saved.
     """
     cfg = validate_fwd_config(config) if config else None
+    if backward:
+        validate_bwd_config(backward)
     kernels.require()
-    return LayerNorm.apply(x, weight, bias, eps, persistent is not False, cfg)
+    return LayerNorm.apply(x, weight, bias, eps, persistent is not False, cfg, backward)
 
 
 def _fwd_job(config: dict, dtype, n: int, residual: bool = False, bias: bool = True,
@@ -461,13 +471,31 @@ def _fwd_job(config: dict, dtype, n: int, residual: bool = False, bias: bool = T
              cfg["latency"] or 0, residual, residual, bias, stats])
 
 
-def export_forward(config: dict, dtype, n: int, out_dir, gpu_code="sm_90") -> list[str]:
-    """Compile the forward kernel of one config for rows of n ahead of time; [the cubin path]."""
+def _bwd_job(config: dict, dtype, n: int, residual: bool = False) -> tuple:
+    """(kernel, cubin name, signature params) of the backward kernel for rows of n under a config;
+    with the residual: a float32 stream, the branch's gradient in dtype, its bias's sums."""
+    from kernels.aot import array_param, ct_dtype, dtype_name
+
+    mat, stat = array_param(ct_dtype(dtype), 2), array_param(ct.float32, 1)
+    wide = array_param(ct.float32, 2) if residual else mat
+    cfg = validate_bwd_config(config)
+    tag = "".join(f"_{k}{v}" for k, v in sorted(config.items()))
+    return (_hinted(_bwd_kernel, cfg["blocks_per_sm"]),
+            f"layernorm_bwd_{dtype_name(dtype)}_{n}{tag}" + ("_add" if residual else ""),
+            [mat, wide, array_param(ct_dtype(dtype), 1), stat, stat, wide, wide, mat if residual else wide,
+             array_param(ct.float32, 3), *_bwd_shape(n, cfg, 4 if residual else dtype.itemsize, 8192, 132),
+             residual, residual, residual])
+
+
+def export_config(kernel: str, config: dict, dtype, n: int, out_dir, gpu_code="sm_90") -> list[str]:
+    """Compile the forward (kernel "layernorm_fwd") or backward ("layernorm_bwd") kernel of one
+    config for rows of n ahead of time; [the cubin path]."""
     if ct is None:
         kernels.require()
     from kernels.aot import export
 
-    return [export(*_fwd_job(config, dtype, n), out_dir, gpu_code)]
+    job = {"layernorm_fwd": _fwd_job, "layernorm_bwd": _bwd_job}[kernel]
+    return [export(*job(config, dtype, n), out_dir, gpu_code)]
 
 
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
@@ -480,21 +508,9 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         kernels.require()
     from kernels.aot import array_param, ct_dtype, dtype_name, export
 
-    stat, part = array_param(ct.float32, 1), array_param(ct.float32, 3)
-
-    def bwd_job(dtype, n, residual):
-        """With the residual: a float32 stream, the branch's gradient in dtype, its bias's sums."""
-        mat = array_param(ct_dtype(dtype), 2)
-        wide = array_param(ct.float32, 2) if residual else mat
-        x_size = 4 if residual else dtype.itemsize
-        return (_hinted(_bwd_kernel, BWD_BLOCKS_PER_SM),
-                f"layernorm_bwd_{dtype_name(dtype)}_{n}" + ("_add" if residual else ""),
-                [mat, wide, array_param(ct_dtype(dtype), 1), stat, stat, wide, wide,
-                 mat if residual else wide, part, *_bwd_shape(n, None, None, x_size, 8192, 132),
-                 residual, residual, residual])
-
+    part = array_param(ct.float32, 3)
     # 384 columns: the partial rows stored as they are (not AS_VECTOR)
-    jobs = [bwd_job(torch.float16, 384, residual) for residual in (False, True)]
+    jobs = [_bwd_job({}, torch.float16, 384, residual) for residual in (False, True)]
     # the last two: a ragged last chunk, and every compiler hint set
     for dtype, n, config in [(torch.float16, 768, {}), (torch.bfloat16, 1000, {}),
                              (torch.float32, 4096, {}), (torch.float16, 1000, {"chunk": 256}),
@@ -506,7 +522,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
             jobs.append(_fwd_job(config, dtype, n, stats=False))
             jobs.append(_fwd_job(config, dtype, n, residual=True))
             jobs.append(_fwd_job(config, dtype, n, residual=True, bias=False))
-            jobs += [bwd_job(dtype, n, residual) for residual in (False, True)]
+            jobs += [_bwd_job({}, dtype, n, residual) for residual in (False, True)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):  # the sums in the weights' dtype
         jobs.append((_colsum_kernel, f"layernorm_colsum_{dtype_name(dtype)}",
                      [part, array_param(ct_dtype(dtype), 2), 32, REDUCE_BLOCK_N]))

@@ -34,6 +34,7 @@ KERNELS = {
     "fmha_fwd": config.validate_fmha,        # causal
     "fmha_fwd_full": config.validate_fmha,   # not causal
     "layernorm_fwd": config.validate_layernorm_fwd,
+    "layernorm_bwd": config.validate_layernorm_bwd,
 }
 
 

@@ -28,6 +28,11 @@ def check_statistics(x, mean, rstd):
     assert (rstd.reshape(-1) / want - 1).abs().max().item() < 1e-5
 
 
+def bwd(**config):
+    """The backward's full config: its defaults updated with `config`."""
+    return layernorm.validate_bwd_config(config)
+
+
 def make(shape, dtype, device, offset=0.0, std=1.0, seed=0):
     """x with the given offset and std, weight in [0.5, 1), bias ~ 0.1 N(0, 1)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -71,7 +76,7 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
     (768, 4, None, True), (4096, 2, None, True), (768, 2, 256, False), (1000, 2, 256, True)])
 def test_backward_stores_partial_rows_as_vectors_from_1024_padded_columns(n, x_size, chunk, as_vector):
     """The 1-D store is taken where a row's padded width reaches 1024 (faster there, slower at 384)."""
-    block_m, width, nchunk, vec = layernorm._bwd_shape(n, None, chunk, x_size, 8192, 132)
+    block_m, width, nchunk, vec = layernorm._bwd_shape(n, bwd(chunk=chunk), x_size, 8192, 132)
     assert vec is as_vector and width * nchunk >= n and block_m * width * nchunk * x_size <= 16 << 10
 
 
@@ -80,7 +85,7 @@ def test_backward_stores_partial_rows_as_vectors_from_1024_padded_columns(n, x_s
     (768, 2, 8, 8), (768, 4, 4, 8)])
 def test_narrow_rows_fill_a_tile_with_at_most_64_of_them(n, x_size, bwd_rows, fwd_rows):
     """At 13 columns a tile would hold 512 rows, 4-5x slower than 64 (H100)."""
-    assert layernorm._bwd_shape(n, None, None, x_size, 8192, 132)[0] == bwd_rows
+    assert layernorm._bwd_shape(n, bwd(), x_size, 8192, 132)[0] == bwd_rows
     assert layernorm._shape(n, None, None, layernorm.FWD_TILE_ELEMS)[0] == fwd_rows
 
 
@@ -93,8 +98,8 @@ def test_narrow_rows_fill_a_tile_with_at_most_64_of_them(n, x_size, bwd_rows, fw
     (257, 13, 8, 64),  # a small GPU: 5 tiles fill half its SMs
 ])
 def test_a_short_inputs_backward_takes_fewer_rows_a_tile(m, n, sms, rows):
-    assert layernorm._bwd_shape(n, None, None, 2, m, sms)[0] == rows
-    assert layernorm._bwd_shape(n, 32, None, 2, m, sms)[0] == 32  # asked for: as asked
+    assert layernorm._bwd_shape(n, bwd(), 2, m, sms)[0] == rows
+    assert layernorm._bwd_shape(n, bwd(rows_per_block=32), 2, m, sms)[0] == 32  # asked for: as asked
 
 
 @pytest.mark.parametrize("m, n, rows", [
@@ -243,6 +248,40 @@ def test_bad_forward_config_is_a_value_error_before_anything_runs(bad, fn):
     x, w, b = make((3, 8), torch.float32, "cpu")
     with pytest.raises(ValueError, match="layer_norm forward"):
         getattr(layernorm, fn)(x, w, b, **bad)
+
+
+@pytest.mark.parametrize("bad", [{"chunk": 100}, {"blocks_per_sm": 0}, {"rows_per_block": 3},
+                                 {"latency": 5}])
+def test_bad_backward_config_is_a_value_error_before_anything_runs(bad):
+    x, w, b = make((3, 8), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="layer_norm backward"):
+        layernorm.layer_norm(x, w, b, backward=bad)
+    mean, rstd = x.mean(-1), x.var(-1).rsqrt()
+    with pytest.raises(ValueError, match="layer_norm backward"):
+        layernorm.layer_norm_backward(torch.ones_like(x), x, w, mean, rstd, **bad)
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(257, 13), (8192, 13), (1000, 64), (129, 768)])
+@pytest.mark.parametrize("backward", [
+    {"rows_per_block": 8, "blocks_per_sm": 1}, {"rows_per_block": 1, "blocks_per_sm": 3},
+    {"rows_per_block": 64, "blocks_per_sm": 2}, {"blocks_per_sm": 4}, {"chunk": 256, "rows_per_block": 4},
+])
+def test_layer_norm_takes_a_backward_config(poisoned, shape, backward):
+    """Every backward knob gives the reference's gradients, through autograd as through the
+    plain function, and the same bits from both."""
+    x, w, b = make(shape, torch.float16, "cuda", seed=shape[0])
+    dy = torch.randn(shape, device="cuda").half()
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    layernorm.layer_norm(*leaves, backward=backward).backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    reference.layer_norm(*ref_leaves, dtype=torch.float64).backward(dy.double())
+    for name, got, want in zip(("dx", "dw", "db"), leaves, ref_leaves):
+        assert errors(got.grad, want.grad)["rel"] < 2e-2, name
+    _, mean, rstd = layernorm.layer_norm_forward(x, w, b)
+    plain = layernorm.layer_norm_backward(dy, x, w, mean, rstd, w.dtype, **backward)
+    for got, leaf in zip(plain, leaves):
+        assert torch.equal(got, leaf.grad)
 
 
 @gpu

@@ -61,6 +61,12 @@ RECORDS = [
     ln_rec({"persistent": False, "rows_per_block": 2, "chunk": 256}, 0.05),
     ln_rec({"persistent": True, "rows_per_block": 16, "chunk": 256}, 0.05),
     ln_rec({"persistent": True, "rows_per_block": 16, "chunk": 256}, 0.3, "incorrect", "fwd_bwd"),
+    # layernorm's backward, timed in fwd_bwd cases: 8 rows a block wins over the default; 4 rows is
+    # faster but wrong; a case naming a forward config too tunes neither kernel
+    ln_rec({"persistent": True, "bwd_rows_per_block": None, "bwd_blocks_per_sm": 2}, 0.4, mode="fwd_bwd"),
+    ln_rec({"persistent": True, "bwd_rows_per_block": 8, "bwd_blocks_per_sm": 1}, 0.3, mode="fwd_bwd"),
+    ln_rec({"persistent": True, "bwd_rows_per_block": 4, "bwd_blocks_per_sm": 1}, 0.1, "incorrect", "fwd_bwd"),
+    ln_rec({"persistent": True, "bwd_rows_per_block": 2, "rows_per_block": 2}, 0.01, mode="fwd_bwd"),
 ]
 
 
@@ -95,7 +101,10 @@ def test_winners_pass_the_gate_at_every_shape_of_their_bucket(fixture_run, tuned
     got = entries_by_key(path)
     assert json.loads(path.read_text())["gpu"] == H100
     assert set(got) == {("fmha_fwd", "float16", 64, 1024), ("fmha_fwd", "float16", 64, 4096),
-                        ("layernorm_fwd", "float16", 768, 8192)}
+                        ("layernorm_fwd", "float16", 768, 8192), ("layernorm_bwd", "float16", 768, 8192)}
+    bwd = got[("layernorm_bwd", "float16", 768, 8192)]
+    assert bwd["config"] == {"rows_per_block": 8, "blocks_per_sm": 1} and bwd["configs_compared"] == 2
+    assert bwd["speedup_vs_default"] == pytest.approx(0.4 / 0.3)
     small, large = got[("fmha_fwd", "float16", 64, 1024)], got[("fmha_fwd", "float16", 64, 4096)]
     assert small["config"] == WIDE and small["shapes"] == 2 and small["configs_compared"] == 2
     assert small["speedup_vs_default"] == pytest.approx((1 / 0.8 * 1 / 0.9) ** 0.5)
@@ -122,7 +131,7 @@ def test_tuning_again_replaces_its_keys_and_keeps_the_others(fixture_run, tuned_
     got = entries_by_key(path)
     assert got[("fmha_fwd", "bfloat16", 64, 256)] == kept
     assert got[("fmha_fwd", "float16", 64, 4096)]["config"] == TALL
-    assert len(got) == 4
+    assert len(got) == 5
 
 
 def test_bad_input_is_one_line_and_exit_2(fixture_run, tuned_dir, tmp_path, capsys):
@@ -212,24 +221,30 @@ def test_the_html_report_carries_the_tuned_table(fixture_run, tuned_dir, tmp_pat
     assert 'id="tuned-table"' in text and "tile_n=128, occupancy=2" in text and "1.333x" in text
 
 
-@pytest.mark.parametrize("path", ["sweeps/fmha.yaml", "sweeps/layernorm_tune.yaml"])
-def test_tuning_sweeps_measure_the_defaults_at_every_shape(path):
-    """A winner's speedup over the defaults is only known when the defaults ran beside it."""
+@pytest.mark.parametrize("path, profile, kernels", [
+    ("sweeps/fmha.yaml", None, {"fmha_fwd"}), ("sweeps/layernorm_tune.yaml", None, {"layernorm_fwd"}),
+    ("sweeps/layernorm_tune.yaml", "narrow", {"layernorm_fwd"}),
+    ("sweeps/layernorm_tune.yaml", "backward", {"layernorm_bwd"})])
+def test_tuning_sweeps_measure_the_defaults_at_every_shape(path, profile, kernels):
+    """A winner's speedup over the defaults is only known when the defaults ran beside it, and a
+    sweep that tunes the backward times it where it runs (fwd_bwd cases)."""
     from bench import workloads
     from bench.measure import sweep
 
     root = Path(__file__).resolve().parents[1]
-    shapes, with_default = set(), set()
-    for case in sweep.load(root / path).cases:
+    shapes, with_default, timed = set(), set(), set()
+    for case in sweep.load(root / path, profile).cases:
         found = workloads.get(case.workload).tuned_key(case.params) if case.provider == "cutile" else None
         if not found or not found[3]:
             continue
-        kernel, shape = found[0], json.dumps(case.shape, sort_keys=True)
+        kernel, shape = found[0], json.dumps([found[0], case.shape], sort_keys=True)
         shapes.add(shape)
+        timed.add((kernel, found[4]))
         check = tuned.validator(kernel)
         if check(found[3]) == check({}):
             with_default.add(shape)
     assert shapes and shapes == with_default
+    assert {k for k, is_timed in timed if is_timed} == kernels
 
 
 def test_a_workload_of_another_package_is_tuned_into_its_own_folder(tmp_path, tuned_dir, monkeypatch):

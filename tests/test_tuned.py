@@ -77,6 +77,40 @@ def test_keys_pick_kernel_dtype_dim_and_bucket(gpu):
     assert layernorm.tuned_config(torch.empty(8192, 1024, dtype=torch.float16)) == layernorm.FWD_CONFIG
 
 
+def launches_of_the_backward(monkeypatch, x, **config):
+    """(grid, occupancy hint, rows a tile) of the LayerNorm backward's row kernel for x, its
+    launch recorded instead of run (no GPU here)."""
+    calls = []
+    monkeypatch.setattr(layernorm.kernels, "require", lambda: None)
+    monkeypatch.setattr(layernorm, "sm_count", lambda device: 132)
+    monkeypatch.setattr(layernorm, "grid_size", lambda tiles, per_sm, device: min(tiles, per_sm * 132))
+    monkeypatch.setattr(layernorm, "_hinted", lambda kernel, occupancy, warps=None: (kernel, occupancy))
+    monkeypatch.setattr(layernorm, "_bwd_kernel", "bwd", raising=False)
+    monkeypatch.setattr(layernorm, "_colsum_kernel", "colsum", raising=False)
+    monkeypatch.setattr(layernorm, "launch", lambda device, grid, kernel, args, dependent=False:
+                        calls.append((grid, kernel, args)))
+    stats = torch.zeros(x.shape[0])
+    layernorm.layer_norm_backward(torch.ones_like(x), x, None, stats, stats, **config)
+    (grid, (name, occupancy), args), _ = calls
+    assert name == "bwd"
+    return grid, occupancy, args[9]  # args: 9 tensors, then BLOCK_M
+
+
+def test_the_backward_takes_its_tuned_config_unless_given_one(gpu, monkeypatch):
+    """A layernorm_bwd entry sets the backward's rows a tile and grid for its dtype, width and
+    rows; the forward's config and the other shapes keep theirs."""
+    bwd = {"rows_per_block": 8, "blocks_per_sm": 1}
+    gpu([entry(kernel="layernorm_bwd", dim=13, bucket=8192, config=bwd)])
+    x = torch.empty(8192, 13, dtype=torch.float16)
+    assert layernorm.tuned_config(x, "layernorm_bwd") == {**layernorm.BWD_CONFIG, **bwd}
+    assert layernorm.tuned_config(x) == layernorm.FWD_CONFIG
+    assert launches_of_the_backward(monkeypatch, x) == ((132,), 1, 8)  # 1024 tiles, 1 block an SM
+    # the defaults: 64 rows a tile (128 tiles), 2 blocks an SM
+    assert launches_of_the_backward(monkeypatch, x.float()) == ((128,), 2, 64)  # no fp32 entry
+    assert launches_of_the_backward(monkeypatch, torch.empty(8192, 64, dtype=torch.float16)) == ((128,), 2, 64)
+    assert launches_of_the_backward(monkeypatch, x, rows_per_block=32) == ((256,), 2, 32)  # given: as given
+
+
 def test_a_size_between_buckets_takes_the_nearest_tuned_one(gpu):
     gpu([entry(bucket=1024, config={"tile_m": 64, "occupancy": 2}), entry(bucket=16384)])
     assert fmha.tuned_config(q_of(13), True)["occupancy"] == 2
@@ -159,19 +193,20 @@ SYNTHETIC = {"gpu": H100, "configs": [  # non-default configs of both kernels, t
     entry(kernel="fmha_fwd", dtype="bfloat16", dim=128, bucket=4096, config={"tile_m": 128, "occupancy": 2}),
     entry(kernel="fmha_fwd", dtype="bfloat16", dim=128, bucket=16384, config={"tile_m": 128, "occupancy": 2}),
     entry(kernel="layernorm_fwd", dim=768, bucket=8192, config={"rows_per_block": 8, "chunk": 256, "latency": 10}),
+    entry(kernel="layernorm_bwd", dim=13, bucket=8192, config={"rows_per_block": 8, "blocks_per_sm": 1}),
 ]}
 
 
 def export_tuned(path, out_dir, gpu_code: str = "sm_90") -> list[str]:
-    """Compile every config of a tuned file ahead of time (no GPU needed): the layernorm forward,
-    the fmha forward, and the backward kernels of each dtype and head dim it names, each distinct
+    """Compile every config of a tuned file ahead of time (no GPU needed): the layernorm forward
+    and backward, the fmha forward, and the backward kernels of each dtype and head dim it names, each distinct
     kernel and signature once. The cubin paths, one folder per compile."""
     jobs = {}
     for e in tuned.read(path)["configs"]:
         dtype, dim, cfg = getattr(torch, e["dtype"]), e["dim"], tuned.validator(e["kernel"])(e["config"])
-        if e["kernel"] == "layernorm_fwd":
-            jobs[("ln", dtype, dim, json.dumps(cfg, sort_keys=True))] = \
-                functools.partial(layernorm.export_forward, e["config"], dtype, dim)
+        if e["kernel"].startswith("layernorm_"):
+            jobs[(e["kernel"], dtype, dim, json.dumps(cfg, sort_keys=True))] = \
+                functools.partial(layernorm.export_config, e["kernel"], e["config"], dtype, dim)
             continue
         causal = e["kernel"] == "fmha_fwd"
         export = functools.partial(fmha.export_for_check, cfg, dtype, dim, causal)
@@ -199,7 +234,7 @@ def test_every_tuned_config_compiles_for_sm90(name, exported_cubins, tmp_path):
         path.write_text(json.dumps(SYNTHETIC))
     names = exported_cubins(types.SimpleNamespace(export_for_check=lambda out: export_tuned(path, out)))
     if name == "synthetic":  # the fmha forward and its backward once, though two buckets name it
-        assert sorted(n.split("_")[1] for n in names) == ["dkdv", "dq", "fwd", "fwd"], names
+        assert sorted(n.split("_")[1] for n in names) == ["bwd", "dkdv", "dq", "fwd", "fwd"], names
 
 
 def _this_gpus_entries():
@@ -233,6 +268,17 @@ def test_every_tuned_config_of_this_gpu_matches_the_reference(e, poisoned):
             check_statistics(x, mean, rstd)
         ref = torch.nn.functional.layer_norm(x.double(), (e["dim"],), w.double(), b.double())
         assert passes(errors(y, ref), tolerance_for(e["dtype"]))
+        return
+    if e["kernel"] == "layernorm_bwd":  # the bucket's most rows, through autograd as a model calls it
+        x, w, b = make((e["bucket"], e["dim"]), dtype, "cuda")
+        assert layernorm.tuned_config(x, "layernorm_bwd") == layernorm.validate_bwd_config(e["config"])
+        dy = torch.randn(x.shape, device="cuda").to(dtype)
+        leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+        layernorm.layer_norm(*leaves).backward(dy)
+        want = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        torch.nn.functional.layer_norm(want[0], (e["dim"],), want[1], want[2]).backward(dy.double())
+        for got, ref in zip(leaves, want):
+            assert errors(got.grad, ref.grad)["rel"] < 2e-2
         return
     q, k, v = _qkv(1, 2, size, e["dim"], dtype)
     causal = e["kernel"] == "fmha_fwd"

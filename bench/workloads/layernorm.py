@@ -40,25 +40,39 @@ def compiled(p, t):
     return _run(norm, p, t)
 
 
+BWD = "bwd_"  # the backward kernel's config keys as sweep axes: bwd_rows_per_block, ...
+
+
+def _knobs(p, config: dict, prefix: str = "") -> dict:
+    """The keys of a kernel's config that the case names as axes (`prefix` + key)."""
+    return {k: p[prefix + k] for k in config if prefix + k in p}
+
+
 def cutile(p, t):
-    """The autograd-aware layer_norm; a sweep's forward launch knobs (the keys of the kernel's
-    FWD_CONFIG) go to its forward kernel, whose saved statistics a fwd_bwd case's backward reads."""
+    """The autograd-aware layer_norm; a sweep's launch knobs go to its kernels: the keys of the
+    kernel's FWD_CONFIG to the forward, whose saved statistics a fwd_bwd case's backward reads,
+    and those of BWD_CONFIG, prefixed bwd_, to the backward."""
     ln = cutile_module("layernorm")
     persistent = p.get("persistent")
-    knobs = {k: p[k] for k in ln.FWD_CONFIG if k in p}
-    return _run(lambda x, w, b: ln.layer_norm(x, w, b, EPS, persistent=persistent, **knobs), p, t)
+    fwd, bwd = _knobs(p, ln.FWD_CONFIG), _knobs(p, ln.BWD_CONFIG, BWD)
+    return _run(lambda x, w, b: ln.layer_norm(x, w, b, EPS, persistent=persistent, backward=bwd, **fwd),
+                p, t)
 
 
 def tuned_key(p):
-    """The forward kernel's FWD_CONFIG keys, keyed by hidden and rows, on the persistent grid
-    (what layer_norm runs); forward-only cases are timed, fwd_bwd cases only gate the config (the
-    backward reads the mean and rstd it saved, which a forward-only check never sees)."""
-    from kernels.layernorm import FWD_CONFIG
+    """The config a case tunes, keyed by hidden and rows, on the persistent grid (what layer_norm
+    runs). A forward config (FWD_CONFIG keys): timed in forward-only cases, gated by fwd_bwd cases
+    too (the backward reads the mean and rstd it saved, which a forward-only check never sees). A
+    backward config (bwd_ keys): timed in fwd_bwd cases, beside a forward that is the same for all
+    (the tuned one). A case that names both tunes neither: its time is of the pair."""
+    from kernels.layernorm import BWD_CONFIG, FWD_CONFIG
 
-    if p.get("persistent") is False:
+    fwd, bwd = _knobs(p, FWD_CONFIG), _knobs(p, BWD_CONFIG, BWD)
+    if p.get("persistent") is False or (fwd and bwd):
         return None
-    return ("layernorm_fwd", p["hidden"], p["rows"], {k: p[k] for k in FWD_CONFIG if k in p},
-            p["mode"] == "fwd")
+    if bwd:
+        return "layernorm_bwd", p["hidden"], p["rows"], bwd, p["mode"] == "fwd_bwd"
+    return "layernorm_fwd", p["hidden"], p["rows"], fwd, p["mode"] == "fwd"
 
 
 def tilegym(p, t):
