@@ -70,6 +70,15 @@ RECORDS = [
 ]
 
 
+def test_a_config_that_ties_the_default_does_not_replace_it():
+    """Two configs as fast as the default, measured before and after it: the default wins."""
+    recs = [ln_rec({"persistent": True, "bwd_blocks_per_sm": k}, 0.3, mode="fwd_bwd") for k in (1, 2, 3)]
+    (group,) = tune.groups(recs)
+    entry = tune.winner(group, "run")
+    assert tuned.validator("layernorm_bwd")(entry["config"]) == tuned.validator("layernorm_bwd")({})
+    assert entry["speedup_vs_default"] == 1.0 and entry["configs_compared"] == 3
+
+
 @pytest.fixture
 def fixture_run(tmp_path):
     """A finished run on an H100 holding RECORDS."""

@@ -6,7 +6,7 @@ provider-only axes) are grouped by kernel, dtype, dim and size bucket (kernels/t
 written to the workload's own tuned folder (its `tuned_dir`) unless a folder is given. A config counts in a group only if every one of its
 cases there passed the correctness gate (status `ok`), those that only gate it (a forward config's
 fwd_bwd cases) included, and it was timed at every shape of the group; the winner has the lowest
-geometric mean of its median over the best median at each shape.
+geometric mean of its median over the best median at each shape (the default on a tie).
 """
 from __future__ import annotations
 
@@ -67,10 +67,11 @@ def winner(group: Group, run_id: str) -> dict | None:
     shapes = next(iter(cands.values())).keys()
     best_at = {s: min(m[s] for m in cands.values()) for s in shapes}
     score = {c: geometric_mean([m[s] / best_at[s] for s in shapes]) for c, m in cands.items()}
-    best = min(score, key=score.get)
     kernel, dtype, dim, b = group.key
     check = tuned.validator(kernel)
     default = next((c for c in cands if check(json.loads(c)) == check({})), None)
+    # on a tie the default: a config that is no faster is no reason to leave it
+    best = min(score, key=lambda c: (score[c], c != default))
     vs_default = None
     if default is not None:
         vs_default = geometric_mean([cands[default][s] / cands[best][s] for s in shapes])
