@@ -36,7 +36,11 @@ FWD_TILE_ELEMS = 8192
 # 60 us at 16384 x 768 (docs/layernorm-notes.md).
 BWD_TILE_BYTES = 16 << 10
 BWD_VECTOR_MIN_COLS = 1024  # padded row width from which the backward stores its partial rows AS_VECTOR
-REDUCE_BLOCK_N = 32  # columns per block of the dweight/dbias reduction
+# The dweight/dbias reduction sums the partial rows in steps of a 2048-element tile, 32 columns a
+# block, or 16 for rows of 16 or fewer: at 13 columns the backward then took 14.2-14.3 us against
+# 16.8 with 32 x 32 steps (8192 rows; 4096 and 16384 rows 8-13% less), at 64 and 128 columns
+# 0.5-1.5% less, at 768 the same (fp16, H100, 2026-12-06; docs/layernorm-notes.md)
+COLSUM_TILE_ELEMS = 2048
 # Narrow rows fill a tile with more rows than pay: at 13 columns (padded to 16, 512 rows a tile)
 # the backward took 69-79 us against 15-18 with 64 rows, the forward 19-22 against 7-8; at 64
 # columns 64 rows were within 5% of 128 (fp16, 257 and 8192 rows, H100, 2026-12-06)
@@ -259,6 +263,12 @@ def _bwd_shape(n: int, cfg: dict, x_size: int, m: int, sms: int) -> tuple:
     return block_m, chunk, nchunk, chunk * nchunk >= BWD_VECTOR_MIN_COLS
 
 
+def _colsum_shape(n: int, g: int) -> tuple[int, int]:
+    """(BLOCK_G, BLOCK_N) of the column sum of g partial rows of n columns."""
+    block_n = 16 if n <= 16 else 32
+    return min(_pow2(g), COLSUM_TILE_ELEMS // block_n), block_n
+
+
 @functools.lru_cache(maxsize=None)
 def _hinted(kernel, occupancy: int | None, num_worker_warps: int | None = None):
     """The kernel with these compiler hints, built once (each copy has its own JIT cache)."""
@@ -366,8 +376,9 @@ def layer_norm_backward(dy, x, weight, mean, rstd, grad_dtype=torch.float32, dre
         launch(x.device, (g,), _hinted(_bwd_kernel, cfg["blocks_per_sm"]),
                (dy2, x2, _vector(weight, n, 1.0, x), *stats, dres2, dx, dr, part, *shape,
                 dres is not None, dr is not dx, sum_dx))
-        launch(x.device, (-(-n // REDUCE_BLOCK_N), sums.shape[0]), _colsum_kernel,
-               (part, sums, min(32, _pow2(g)), REDUCE_BLOCK_N), dependent=True)
+        block_g, block_n = _colsum_shape(n, g)
+        launch(x.device, (-(-n // block_n), sums.shape[0]), _colsum_kernel,
+               (part, sums, block_g, block_n), dependent=True)
     dw, db, *dsum = sums.unbind()
     if x.dim() != 2:
         dx, dr = dx.view(x.shape), dr.view(x.shape)
@@ -524,6 +535,8 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
             jobs.append(_fwd_job(config, dtype, n, residual=True, bias=False))
             jobs += [_bwd_job({}, dtype, n, residual) for residual in (False, True)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):  # the sums in the weights' dtype
-        jobs.append((_colsum_kernel, f"layernorm_colsum_{dtype_name(dtype)}",
-                     [part, array_param(ct_dtype(dtype), 2), 32, REDUCE_BLOCK_N]))
+        for n in (13, 768):  # both tiles of a 264-block grid
+            block_g, block_n = _colsum_shape(n, 264)
+            jobs.append((_colsum_kernel, f"layernorm_colsum_{dtype_name(dtype)}_{block_n}",
+                         [part, array_param(ct_dtype(dtype), 2), block_g, block_n]))
     return [export(kernel, name, params, out_dir, gpu_code) for kernel, name, params in jobs]
