@@ -216,6 +216,19 @@ def test_a_case_faster_than_the_cpu_floor_is_suspect_and_never_best(tmp_path):
     assert " q " not in text and " p " in text
 
 
+def test_a_run_without_its_baseline_says_why_it_has_no_speedups():
+    """A run whose --providers left the baseline out has no speedups: the run's end says why and
+    how to name another baseline, instead of a column of dashes."""
+    recs = [record.parse(rec(c, samples=[ms] * 5, provider=p)) for c, p, ms in
+            (("a", "q", 2.0), ("b", "r", 1.0))]
+    note = console.missing_baseline(summarize(recs, CPU_FLOOR))
+    assert note.startswith("no speedups over p:") and "--set baseline=PROVIDER" in note
+    recs.append(record.parse(rec("c", samples=[3.0] * 5, provider="p")))
+    frame = summarize(recs, CPU_FLOOR)
+    assert console.missing_baseline(frame) is None
+    assert frame.set_index("case_id").loc["b", "speedup"] == pytest.approx(3.0)
+
+
 def test_compare_never_calls_a_suspect_case_an_improvement(tmp_path):
     meta = {"cases": 1, "complete": True, "ceilings": CPU_FLOOR, "env": {"device_kind": "cpu"}}
     paths = []

@@ -109,10 +109,22 @@ def best_table(summary: pd.DataFrame, records: list[dict]) -> Table | None:
     return table
 
 
+def missing_baseline(summary: pd.DataFrame) -> str | None:
+    """Why the table has no speedups, when its baseline has no correct case (--providers left it
+    out, or it failed everywhere), so a column of dashes is not left unexplained."""
+    ok = summary[summary.status == "ok"]
+    gone = sorted(set(ok.baseline) - set(ok.provider))
+    return (f"no speedups over {', '.join(gone)}: no correct case of it in this run; "
+            "--set baseline=PROVIDER names another") if gone else None
+
+
 def report_end(summary: pd.DataFrame, records: list[dict]) -> None:
     table = best_table(summary, records)
     if table is not None:
         out.print(table)
+    note = missing_baseline(summary)
+    if note:
+        out.print(note, highlight=False)
     counts = Counter(r["status"] for r in records)
     out.print("status: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     fresh = fresh_workers(records)
