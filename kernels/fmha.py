@@ -18,7 +18,9 @@ tiles and latencies (see _bwd_config).
 Causal query tiles differ in work by up to T / tile_n times, so blocks start longest-first: the grid
 is (head_group, query tiles, B*H / head_group), and the hardware dispatches the longest tile of
 `head_group` heads before any shorter one of them. 1 keeps each head's tiles together (K and V of
-few heads live in L2 at once); 0 takes all heads at once, the shortest tail.
+few heads live in L2 at once); 0 takes all heads at once, the shortest tail. Between them, a group
+whose tiles fill the GPU's block slots once or twice keeps both: 3-5% at D=128 (the dK/dV kernel
+takes its groups that way, and so does dQ's at D=128; docs/fmha-notes.md, "Head groups").
 
 Masked scores are set to the fp32 floor -1e20 rather than -inf, so no row can turn into NaN.
 Causal blocks stop at the diagonal and build a mask only on the tiles that cross it (or that run
@@ -35,7 +37,7 @@ import torch
 from kernels import require, tuned
 from kernels.config import FMHA_DEFAULTS as DEFAULT_CONFIG
 from kernels.config import validate_fmha as validate_config
-from kernels.launch import launch
+from kernels.launch import launch, sm_count
 from kernels.reference import MASK_FLOOR
 
 try:
@@ -59,9 +61,9 @@ SWEEP_CONFIGS = [
     DEFAULT_CONFIG,
     _config(64, 64, 4),
     _config(64, 64, 4, head_group=0),
-    _config(64, 64, 3, 3, 3, head_group=0),
     _config(64, 128, 2),
-    _config(64, 128, 2, head_group=0),
+    _config(64, 128, 2, head_group=8),
+    _config(64, 128, 2, head_group=16),
     _config(64, 128, 2, 3, 3),
     _config(64, 128, 2, 3, 3, head_group=0),
     _config(64, 128, 4),
@@ -111,6 +113,10 @@ if ct is not None:
         """(query tile, batch*head) of this block in the (head_group, query tiles, B*H / head_group)
         grid, the longest causal tiles first."""
         return ct.num_blocks(1) - 1 - ct.bid(1), ct.bid(2) * ct.num_blocks(0) + ct.bid(0)
+
+    def _key_block():
+        """(key tile, batch*head) of this block in the same grid, the first (longest causal) first."""
+        return ct.bid(1), ct.bid(2) * ct.num_blocks(0) + ct.bid(0)
 
     def _key_tiles(m_blk, t, TILE_M, TILE_N, CAUSAL):
         """(end, mask_from): the key tiles query tile m_blk visits, and the first that needs a mask
@@ -209,8 +215,8 @@ if ct is not None:
         rows past the end (without the causal mask) get p = exp(-lse), inf where the scores are
         far below zero: dK and dV drop those rows, but dQ sums over them, so the fused kernel
         masks them."""
-        n_blk = ct.bid(0)
-        b, h = ct.bid(1) // H, ct.bid(1) % H
+        n_blk, bh = _key_block()
+        b, h = bh // H, bh % H
         t = Q.shape[2]
         kt = _head_tile(K, b, h, n_blk, TILE_N, D)
         vt = _head_tile(V, b, h, n_blk, TILE_N, D)
@@ -303,11 +309,17 @@ def _launch(name, grid, args, cfg):
     launch(args[0].device, grid, kernel, args)
 
 
-def _query_grid(t: int, rows: int, bh: int, head_group: int) -> tuple:
-    """The (head_group, query tiles, B*H / head_group) grid of _query_block; a head_group that does
-    not divide B*H shrinks to their largest common divisor (0: all of B*H)."""
-    g = math.gcd(head_group or bh, bh)
-    return g, math.ceil(t / rows), bh // g
+def _head_grid(device, t: int, rows: int, bh: int, cfg: dict) -> tuple:
+    """The (head_group, tiles, B*H / head_group) grid of _query_block and _key_block. A head_group
+    that does not divide B*H shrinks to its largest divisor below it (0: all of B*H). None, the
+    backward kernels' choice, takes as many heads (at most 16) as fill the GPU's block slots (SMs x
+    occupancy) once with their tiles, where a head has 8 tiles or more; with fewer, the tiles
+    differ little in work and each head keeps its own (docs/fmha-notes.md, "Head groups")."""
+    g, tiles = cfg["head_group"], math.ceil(t / rows)
+    if g is None:
+        g = 1 if tiles < 8 else min(16, max(1, sm_count(device) * cfg["occupancy"] // tiles))
+    g = bh if g == 0 else max(d for d in range(1, min(g, bh) + 1) if bh % d == 0)
+    return g, tiles, bh // g
 
 
 def _forward(q, k, v, causal, scale, cfg, out=None):
@@ -316,7 +328,7 @@ def _forward(q, k, v, causal, scale, cfg, out=None):
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     tm, tn = cfg["tile_m"], cfg["tile_n"]
-    _launch("fwd", _query_grid(t, tm, b * h, cfg["head_group"]),
+    _launch("fwd", _head_grid(q.device, t, tm, b * h, cfg),
             (q, k, v, out, lse, scale * LOG2E, h, d, tm, tn, causal, causal or t % tn == 0,
              cfg["k_lat"], cfg["v_lat"]), cfg)
     return out, lse
@@ -337,9 +349,11 @@ def _bwd_config(d):
     The same knobs measured again on an H200 found nothing faster. The fused dQ (fused_dq=1) takes
     64-row query steps, since the dQ share of a step sits in registers beside dK and dV; at D=64,
     128 keys a block in 8 worker warps (half the reduce-adds of 64-key blocks) measured fastest
-    on an H200. It scales dQ in 64-row tiles."""
+    on an H200. It scales dQ in 64-row tiles. dK/dV, and dQ at D=128, take their heads in groups
+    that fill the GPU once (head_group None, see _head_grid): 4-9% faster backwards at 1024 and
+    4096 tokens than each head alone."""
     step = min(128, 8192 // d)
-    base = {"k_lat": 2, "v_lat": 5, "num_ctas": 1, "num_worker_warps": None, "head_group": 1}
+    base = {"k_lat": 2, "v_lat": 5, "num_ctas": 1, "num_worker_warps": None, "head_group": None}
     dkdv = {**base, "block": 64, "step": step, "occupancy": 2}
     dq = {64: {**base, "block": 64, "step": 64, "occupancy": 3, "head_group": 0},
           128: {**base, "block": 128, "step": 64, "occupancy": 1, "num_worker_warps": 8}}.get(d, dkdv)
@@ -367,12 +381,12 @@ def _backward(dout, q, k, v, out, lse, causal, scale, cfg, grads=None):
     if fused:
         _launch("delta", (math.ceil(t / dc["block"]), b * h, 1), (out, dout, delta, h, d, dc["block"]), dc)
     else:
-        _launch("dq", _query_grid(t, qc["block"], b * h, qc["head_group"]),
+        _launch("dq", _head_grid(q.device, t, qc["block"], b * h, qc),
                 (q, k, v, out, dout, lse, delta, dq, scale * LOG2E, scale, h, d, qc["block"], qc["step"],
                  causal, causal or t % qc["step"] == 0, *lat), qc)
     # the fp32 buffer the fused kernel adds into; unfused, a placeholder it does not touch
     dq_acc = torch.zeros((b, h, t, d), dtype=torch.float32, device=q.device) if fused else dq
-    _launch("dkdv", (math.ceil(t / kv["block"]), b * h, 1),
+    _launch("dkdv", _head_grid(q.device, t, kv["block"], b * h, kv),
             (q, k, v, dout, lse, delta, dk, dv, dq_acc, scale * LOG2E, scale, h, d, kv["step"],
              kv["block"], causal, *lat, bool(fused)), kv)
     if fused:

@@ -57,19 +57,27 @@ def test_partial_config_fills_in_defaults():
     assert fmha.validate_config({"num_worker_warps": None})["num_worker_warps"] is None
 
 
-@pytest.mark.parametrize("head_group, bh, grid", [
-    (1, 48, (1, 16, 48)),    # each head's tiles together, longest first
-    (0, 48, (48, 16, 1)),    # every head's longest tile first
-    (8, 48, (8, 16, 6)),
-    (8, 12, (4, 16, 3)),     # 8 does not divide 12: the largest common divisor
-    (0, 1, (1, 16, 1)),
+@pytest.mark.parametrize("head_group, t, bh, grid", [
+    (1, 1000, 48, (1, 16, 48)),     # each head's tiles together, longest first
+    (0, 1000, 48, (48, 16, 1)),     # every head's longest tile first
+    (8, 1000, 48, (8, 16, 6)),
+    (8, 1000, 12, (6, 16, 2)),      # 8 does not divide 12: its largest divisor below 8
+    (0, 1000, 1, (1, 16, 1)),
+    (None, 1000, 96, (16, 16, 6)),  # as many heads as fill 132 SMs x 2 blocks: 264 // 16 tiles
+    (None, 1000, 12, (12, 16, 1)),  # fewer heads than that: all of them
+    (None, 4096, 48, (4, 64, 12)),
+    (None, 20000, 48, (1, 313, 48)),  # one head's tiles fill the GPU: each head on its own
+    (None, 512, 48, (16, 8, 3)),    # 33 heads would fill it: at most 16
+    (None, 256, 384, (1, 4, 384)),  # under 8 tiles a head: each head on its own
 ])
-def test_query_grid_covers_every_tile_of_every_head_once(head_group, bh, grid):
-    g = fmha._query_grid(1000, 64, bh, head_group)
+def test_head_grid_covers_every_tile_of_every_head_once(monkeypatch, head_group, t, bh, grid):
+    monkeypatch.setattr(fmha, "sm_count", lambda device: 132)
+    g = fmha._head_grid(None, t, 64, bh, {"head_group": head_group, "occupancy": 2})
     assert g == grid
-    # the kernels' _query_block: (tiles - 1 - bid(1), bid(2) * grid[0] + bid(0))
+    # the kernels' _query_block: (tiles - 1 - bid(1), bid(2) * grid[0] + bid(0)); _key_block
+    # the same with the tiles in order
     blocks = {(g[1] - 1 - y, z * g[0] + x) for x in range(g[0]) for y in range(g[1]) for z in range(g[2])}
-    assert blocks == {(m, h) for m in range(16) for h in range(bh)}
+    assert blocks == {(m, h) for m in range(g[1]) for h in range(bh)}
 
 
 @pytest.mark.parametrize("d", [16, 32, 64, 128, 256])
@@ -78,7 +86,9 @@ def test_backward_kernels_get_their_own_configs(d):
     assert set(cfgs) == {"delta", "dkdv", "dq", "dkdv_dq", "dq_scale"}
     for name, c in cfgs.items():
         assert c["num_ctas"] == 1 and c["block"] * c["step"] * d <= 128 * 64 * 128, name
-    assert cfgs["dkdv"]["head_group"] == 1 and cfgs["dkdv"]["num_worker_warps"] is None
+    # dK/dV's heads go in groups that fill the GPU once (dQ's too, but at D=64: all heads at once)
+    assert cfgs["dkdv"]["head_group"] is None and cfgs["dkdv"]["num_worker_warps"] is None
+    assert cfgs["dq"]["head_group"] == (0 if d == 64 else None)
     assert cfgs["dq"]["num_worker_warps"] == (8 if d == 128 else None)
     # the fused dK/dV kernel adds a dQ share of 64 query rows at a time; at D=64 from 128-key
     # blocks of 8 warps, elsewhere from dK/dV's own blocks
