@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_xdist_auto_num_workers(config):
     """What `-n auto` (pyproject.toml) means. Without a GPU, a process per core, up to 4, each
     taking whole test files (a module's fixtures run once): most of the suite's time is worker
-    processes importing torch on one core while the test waits, and 2 cores took 642 s where one
+    processes importing torch on one core while the test waits, and 2 cores took 678 s where one
     took 1109. Where a GPU is visible, none: its harness tests time kernels, and nothing else may
     share the GPU while they do (.ci/gpu runs the kernels' parity tests 8 at a time itself)."""
     if torch.cuda.is_available():
