@@ -4,7 +4,8 @@ gradients and column sums) with float64 references, forward and backward, at awk
 block as one autograd node against its separate Functions; and the graphed training step against
 the eager one.
 
-Every GPU test draws fresh random inputs; outputs the kernels write are poisoned with NaN first."""
+Each GPU test draws its own random inputs (tests/conftest.py seeds it from its name); outputs
+the kernels write are poisoned with NaN first."""
 import subprocess
 import sys
 import textwrap
