@@ -51,6 +51,25 @@ if ct is not None:
             acc += ct.load(Part, (i, j), (BLOCK_G, BLOCK_N), padding_mode=ZERO)
         ct.store(Out, (j,), ct.astype(ct.sum(acc, axis=0), Out.dtype))
 
+    @ct.kernel
+    def _qkv_bias_kernel(DQ, DOut, W, PartQ, PartK, PartV, BLOCK_M: ConstInt, BLOCK_N: ConstInt):
+        """Block (j, g, p) writes row g of column tile j of a qkv bias gradient's partial sums:
+        p = 0, DQ's fp32 column sums over row tiles g, g + G, ...; p = 1, zeros; p = 2, those of
+        DOut[i] * W[i, :] over W's row tiles g, g + G, ... (DOut @ W)."""
+        j, g, p = ct.bid(0), ct.bid(1), ct.bid(2)
+        acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
+        if p == 0:
+            for i in range(g, ct.cdiv(DQ.shape[0], BLOCK_M), ct.num_blocks(1)):
+                acc += widen(ct.load(DQ, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO))
+            ct.store(PartQ, (g, j), ct.sum(acc, axis=0, keepdims=True))
+        elif p == 1:
+            ct.store(PartK, (g, j), ct.sum(acc, axis=0, keepdims=True))
+        else:
+            for i in range(g, ct.cdiv(W.shape[0], BLOCK_M), ct.num_blocks(1)):
+                d = ct.reshape(ct.load(DOut, (i,), (BLOCK_M,), padding_mode=ZERO), (BLOCK_M, 1))
+                acc += widen(ct.load(W, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO)) * d
+            ct.store(PartV, (g, j), ct.sum(acc, axis=0, keepdims=True))
+
 
 def column_block(n: int) -> int:
     """Columns per tile of a column sum over n columns."""
@@ -76,6 +95,24 @@ def column_sum(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     block_n, tiles_n, groups = column_grid(x2.shape[0], n, BLOCK_M, BLOCKS_PER_SM, x.device)
     part = torch.empty(groups, n, device=x.device, dtype=torch.float32)  # every block writes its row
     launch(x.device, (tiles_n, groups), _partial_kernel, (x2, part, BLOCK_M, block_n))
+    return sum_partials(part, out)
+
+
+def qkv_bias_grad(dq: torch.Tensor, dbias_out: torch.Tensor, w_out: torch.Tensor,
+                  dtype=torch.float32) -> torch.Tensor:
+    """The gradient (3C,) of causal self-attention's qkv bias without reading dK or dV: dq's column
+    sums; zeros for the keys' part (a key bias moves every score of a query by the same q . b_k,
+    which softmax ignores); for the values' part dbias_out @ w_out (each row of the attention
+    weights sums to one, so dV's column sums are dO's, and dO = dY @ W_out). dq: (M, C), a view
+    with unit column stride; dbias_out: the output projection's bias gradient, dY's fp32 column
+    sums; w_out: its (C, C) weight. Exact only for attention without dropout."""
+    kernels.require()
+    m, c = dq.shape
+    out = torch.empty(3 * c, device=dq.device, dtype=dtype)
+    block_n, tiles_n, groups = column_grid(max(m, c), c, BLOCK_M, BLOCKS_PER_SM, dq.device)
+    part = torch.empty(groups, 3 * c, device=dq.device, dtype=torch.float32)  # every block writes its row
+    launch(dq.device, (tiles_n, groups, 3), _qkv_bias_kernel,
+           (dq, dbias_out.float(), w_out, part[:, :c], part[:, c:2 * c], part[:, 2 * c:], BLOCK_M, block_n))
     return sum_partials(part, out)
 
 
@@ -192,7 +229,7 @@ def linear(x, weight, bias=None, casts: WeightCasts | None = None):
 
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     """Compile both column-sum kernels ahead of time (no GPU needed) for every input dtype and a
-    narrow and a wide output; the cubin paths."""
+    narrow and a wide output, and the qkv bias gradient's; the cubin paths."""
     if ct is None:
         kernels.require()
     from kernels.aot import array_param, ct_dtype, dtype_name, export
@@ -205,5 +242,10 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
                             out_dir, gpu_code))
         paths.append(export(_sum_kernel, f"colsum_sum_{dtype_name(dtype)}_{n}",
                             [part, array_param(ct_dtype(dtype), 1), BLOCK_G, column_block(n)],
+                            out_dir, gpu_code))
+    for dtype, c in [(torch.float16, 768), (torch.bfloat16, 128)]:
+        grad = array_param(ct_dtype(dtype), 2)
+        paths.append(export(_qkv_bias_kernel, f"qkv_bias_{dtype_name(dtype)}_{c}",
+                            [grad, array_param(ct.float32, 1), grad, part, part, part, BLOCK_M, column_block(c)],
                             out_dir, gpu_code))
     return paths

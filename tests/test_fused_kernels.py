@@ -38,6 +38,7 @@ def test_export_compiles_the_softmax_gradient_and_one_hot_kernels_for_sm90(expor
 def test_export_compiles_the_column_sum_kernels_for_sm90(exported_cubins):
     names = exported_cubins(linear)
     assert {"float16", "bfloat16", "float32"} == {n.split("_")[2] for n in names}, names
+    assert {"float16", "bfloat16"} == {n.split("_")[2] for n in names if n.startswith("qkv_bias")}, names
 
 
 @pytest.mark.parametrize("rows,most", [(8192, 5336), (8192, 2668), (16384, 2668), (1000, 300), (257, 13),
@@ -306,6 +307,35 @@ def test_column_sum_matches_the_reference(poisoned, rows, n, dtype):
 
 @gpu
 @pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("t", AWKWARD_T)
+@pytest.mark.parametrize("c,n_head", [(768, 12), (200, 5)])
+def test_qkv_bias_gradient_from_dq_and_the_output_bias_matches_the_reference(poisoned, t, c, n_head, dtype):
+    """Causal attention in float64 between two biased projections: the qkv bias's gradient from
+    dQ's column sums, zeros and c_proj's bias gradient times its weight equals autograd's, which
+    sums all of dQKV; its key part is exactly zero (autograd's is rounding noise)."""
+    x = torch.randn(2, t, c, device="cuda", dtype=torch.float64)
+    leaves = [torch.randn(3 * c, c, device="cuda", dtype=torch.float64) / c ** 0.5,
+              torch.randn(3 * c, device="cuda", dtype=torch.float64),
+              torch.randn(c, c, device="cuda", dtype=torch.float64) / c ** 0.5,
+              torch.randn(c, device="cuda", dtype=torch.float64)]
+    wa, ba, wp, bp = (leaf.requires_grad_() for leaf in leaves)
+    qkv = F.linear(x, wa, ba)
+    qkv.retain_grad()
+    q, k, v = (z.view(2, t, n_head, c // n_head).transpose(1, 2) for z in qkv.split(c, dim=2))
+    att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, t, c)
+    F.linear(att, wp, bp).backward(torch.randn(2, t, c, device="cuda", dtype=torch.float64))
+    dq = qkv.grad.reshape(2 * t, 3 * c).to(DT[dtype])[:, :c]  # a strided view, as the block passes it
+    got = linear.qkv_bias_grad(dq, bp.grad.float(), wp.detach().to(DT[dtype]))
+    assert got.shape == (3 * c,) and got.dtype == torch.float32
+    assert got[c:2 * c].eq(0).all() and ba.grad[c:2 * c].abs().max() < 1e-9 * ba.grad.abs().max()
+    big = ba.grad.abs().max().item()
+    tol = tolerance_for(dtype)
+    assert passes(errors(got, ba.grad), {**tol, "max_abs": tol["max_abs"] * big}), errors(got, ba.grad)
+    assert torch.equal(got, linear.qkv_bias_grad(dq, bp.grad.float(), wp.detach().to(DT[dtype])))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DT))
 @pytest.mark.parametrize("t,k,n,bias", [(1, 64, 48, True), (13, 384, 1152, False), (127, 768, 2304, True),
                                         (257, 1000, 77, True)])
 def test_linear_matches_the_reference(t, k, n, bias, dtype):
@@ -338,8 +368,9 @@ def test_linear_matches_the_reference(t, k, n, bias, dtype):
 @pytest.mark.parametrize("bias,gelu", [(True, "none"), (False, "tanh")])
 def test_a_block_as_one_node_computes_what_its_separate_functions_do(t, bias, gelu):
     """The same kernels on the same inputs: the loss and every gradient bit for bit, under fp16
-    autocast, with random weights and biases; and both within the fp16 tolerance of the float32
-    torch model."""
+    autocast, with random weights and biases, but c_attn's bias gradient, which the block takes
+    from dQ and c_proj's bias gradient (kernels.linear.qkv_bias_grad); and both within the fp16
+    tolerance of the float32 torch model, that one gradient too."""
     from model.gpt import FUSIONS, GPT, GPTConfig
 
     config = GPTConfig(block_size=512, vocab_size=97, n_layer=2, n_head=2, n_embd=128, bias=bias, gelu=gelu)
@@ -360,8 +391,9 @@ def test_a_block_as_one_node_computes_what_its_separate_functions_do(t, bias, ge
         loss.backward()
         results.append([loss] + [p.grad for p in model.parameters()])
     block, separate, ref = results
-    assert all(torch.equal(a, b) for a, b in zip(block, separate)), [
-        i for i, (a, b) in enumerate(zip(block, separate)) if not torch.equal(a, b)]
+    names = ["loss"] + [name for name, _ in models[0].named_parameters()]
+    differ = [n for n, a, b in zip(names, block, separate) if not torch.equal(a, b)]
+    assert differ == [f"transformer.h.{i}.attn.c_attn.bias" for i in range(config.n_layer) if bias], differ
     big = max(1.0, max(g.abs().max().item() for g in ref[1:]))
     tol = tolerance_for("float16")
     assert passes(errors(block, ref), {**tol, "max_abs": tol["max_abs"] * big}), errors(block, ref)

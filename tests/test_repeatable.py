@@ -1,12 +1,13 @@
 """The same inputs give the same bits on every call, from the LayerNorm, fused add + LayerNorm,
-fmha forward, c_fc matmul with its GELU, LM-head, tied-embedding and AdamW kernels, whose reductions run in a fixed order (GPU). A
+fmha forward, c_fc matmul with its GELU, column-sum, LM-head, tied-embedding and AdamW kernels,
+whose reductions run in a fixed order (GPU). A
 race shows here first: a LayerNorm forward that stored its statistics by TMA left a few rows' mean
 and rstd wrong on some calls while y was right (docs/layernorm-notes.md)."""
 import pytest
 import torch
 
 import kernels
-from kernels import adamw, cross_entropy, fmha, gelu, layernorm
+from kernels import adamw, cross_entropy, fmha, gelu, layernorm, linear
 
 OK, REASON = kernels.available()
 pytestmark = pytest.mark.skipif(not OK, reason=REASON)
@@ -55,6 +56,16 @@ def test_linear_gelu(poisoned, dtype):
     w = torch.randn(3072, 768, device="cuda", dtype=dtype, generator=g) / 768 ** 0.5
     b = torch.randn(3072, device="cuda", generator=g)
     same_every_call(lambda: gelu.linear_gelu(x, w, b))
+
+
+def test_column_sums(poisoned):
+    """GPT-2's c_attn bias gradient both ways: dQKV's column sums, and from dQ (a strided view) and
+    c_proj's bias gradient and weight."""
+    g = torch.Generator(device="cuda").manual_seed(6)
+    dqkv = torch.randn(8192, 3 * 768, device="cuda", dtype=torch.float16, generator=g)
+    dbp = torch.randn(768, device="cuda", generator=g)
+    w = torch.randn(768, 768, device="cuda", dtype=torch.float16, generator=g)
+    same_every_call(lambda: (linear.column_sum(dqkv), linear.qkv_bias_grad(dqkv[:, :768], dbp, w)))
 
 
 def test_add_layernorm_forward_and_backward(poisoned):
