@@ -63,7 +63,7 @@ if ct is not None:
                 acc += widen(ct.load(DQ, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO))
             ct.store(PartQ, (g, j), ct.sum(acc, axis=0, keepdims=True))
         elif p == 1:
-            ct.store(PartK, (g, j), ct.sum(acc, axis=0, keepdims=True))
+            ct.store(PartK, (g, j), ct.zeros((1, BLOCK_N), dtype=ct.float32))
         else:
             for i in range(g, ct.cdiv(W.shape[0], BLOCK_M), ct.num_blocks(1)):
                 d = ct.reshape(ct.load(DOut, (i,), (BLOCK_M,), padding_mode=ZERO), (BLOCK_M, 1))
