@@ -6,14 +6,18 @@ had eight (four Linears, attention, GELU, two residual-add LayerNorms), and on s
 their Python made its eager step slower on the host than torch's C++ ops (docs/PERF.md). Here one
 Function runs the same kernels and matmuls on the same inputs, on (rows, C) views, and its backward
 is the eight backwards written out in one function: the same results, bit for bit, from one node,
-but for c_attn's bias gradient. That one it takes from dQ's column sums and c_proj's bias gradient
+but for two bias gradients, summed in other orders. c_fc's is summed by the matmul that gives the
+GELU's input gradient (below). c_attn's it takes from dQ's column sums and c_proj's bias gradient
 (kernels.linear.qkv_bias_grad) rather than from all of dQKV's: a third of the bytes (GPT-2, H100:
 the column sum of dQKV took 0.26 ms of the step).
 
 The block takes the residual stream x and h = LayerNorm(x) and returns the next pair: the residual
 stream after both branches, and the next LayerNorm of it (the next block's ln_1, or ln_f). Each
 branch's c_proj bias is added in the residual add that takes the branch, so it has no dropout.
-c_fc's matmul computes the GELU of its product in its epilogue (kernels.gelu.linear_gelu).
+c_fc's matmul computes the GELU of its product in its epilogue (kernels.gelu.linear_gelu), and
+in the backward the MLP's dm @ W_proj computes the GELU's backward in its own
+(kernels.gelu.matmul_gelu_backward): 13 us a layer less than cuBLAS and the GELU's backward kernel
+on an H100 (docs/PERF.md).
 """
 from __future__ import annotations
 
@@ -72,7 +76,7 @@ class _Block(torch.autograd.Function):
             dres=None if dx_out is None else dx_out.reshape(rows, c), dr_dtype=dtype, sum_dx=has_bm)
         slot_a, slot_p, slot_f, slot_m = (grad_slot(w) for w in ctx.weights)
         dwm = mm_acc(dm.t(), g, out=slot_m)
-        dfc, dbf = gelu.gelu_backward(dm @ cm, fc, bf, approximate, bias_grad=True)
+        dfc, dbf = gelu.matmul_gelu_backward(dm, cm, fc, bf, approximate, bias_grad=True)
         dwf = mm_acc(dfc.t(), h1, out=slot_f)
         dx, dln_w, dln_b, dy, dbp = layernorm.layer_norm_backward(
             dfc @ cf, s1, ln_w, mean1, rstd1, ln_dtype, dres=ds1, dr_dtype=dtype, sum_dx=has_bp or has_ba)

@@ -1,5 +1,6 @@
-"""GELU (exact erf form, or the tanh form) as cuTile kernels, fused with an optional bias add, and
-in the epilogue of the matmul that feeds it (linear_gelu).
+"""GELU (exact erf form, or the tanh form) as cuTile kernels, fused with an optional bias add, in
+the epilogue of the matmul that feeds it (linear_gelu), and its backward in the epilogue of the
+matmul that gives its output's gradient (matmul_gelu_backward).
 
 cuTile has no erf, so the exact form computes the normal CDF from its tail q = Phi(-|x|):
 Phi(x) = q for x < 0 and 1 - q otherwise, which keeps the negative tail free of cancellation. The
@@ -18,7 +19,7 @@ import kernels
 from kernels.aot import array_param, ct_dtype, dtype_name, export
 from kernels.launch import grid_size, launch, rows, rows_to_fill, sm_count
 from kernels.linear import column_block, column_grid, sum_partials, tile_matmul_fits
-from kernels.tile_ops import xwt_tile
+from kernels.tile_ops import xw_tile, xwt_tile
 
 try:
     import cuda.tile as ct
@@ -46,8 +47,11 @@ BWD_BLOCKS_PER_SM = {True: 2, False: 4}  # by whether the block sums the bias gr
 # At GPT-2's c_fc (8192 x 768 by 3072 x 768) fp16 on an H200 it took 82-84 us against 96 for cuBLAS
 # (59.5) and the GELU kernel (36.6); at shakespeare-char's (16384 x 384 by 1536 x 384) 59-60 against
 # 76; bf16 the same. 64-deep steps took 86 / 65, and six other tiles or occupancies 90-210 us.
-# The same epilogue in the backward (GELU' of the stored input and the bias gradient's column
-# sums, after dm @ W) took 105-107 us against 104 for cuBLAS and the backward kernel: not kept.
+# matmul_gelu_backward's (dm @ W_proj with GELU' and the bias gradient's column sums after it) takes
+# the same tiles: on an H100, 106 us against 119.5 for cuBLAS and the backward kernel at GPT-2's
+# shape, 88 against 100 at shakespeare-char's; 64-deep steps 121 / 101, (128, 128) tiles two an SM
+# 117 / 96 (docs/PERF.md). On an H200 (2026-12-04) 105-107 against 104: its memory makes the
+# separate backward kernel cheaper.
 LINEAR_TILE = (128, 256, 32)
 LINEAR_WARPS = 8
 
@@ -148,6 +152,22 @@ if ct is not None:
             ct.store(Y, (i, j), ct.astype(_gelu_and_grad(z, TANH, False), Y.dtype))
 
     @ct.kernel
+    def _matmul_bwd_kernel(DY, W, X, Bias, DX, Part, HAS_BIAS: ConstBool, SUMS: ConstBool, TANH: ConstBool,
+                           TILE_M: ConstInt, TILE_N: ConstInt, TILE_K: ConstInt):
+        """DX = (DY @ W, rounded to DY's dtype as a matmul stores it) * GELU'(X + Bias): what a matmul
+        and _bwd_kernel give, without the product's trip through memory. With SUMS, Part[i] gets
+        row tile i's fp32 column sums of DX as written. Tiles in _linear_fwd_kernel's order."""
+        tiles_m = ct.cdiv(DY.shape[0], TILE_M)
+        for t in range(ct.bid(0), tiles_m * ct.cdiv(W.shape[1], TILE_N), ct.num_blocks(0)):
+            i, j = t % tiles_m, t // tiles_m
+            dy = ct.astype(ct.astype(xw_tile(DY, W, i, j, TILE_M, TILE_N, TILE_K), DY.dtype), ct.float32)
+            z = _input(X, Bias, i, j, TILE_M, TILE_N, HAS_BIAS)
+            dx = ct.astype(dy * _gelu_and_grad(z, TANH, True), DX.dtype)
+            ct.store(DX, (i, j), dx)
+            if SUMS:
+                ct.store(Part, (i, j), ct.sum(ct.astype(dx, ct.float32), axis=0, keepdims=True))
+
+    @ct.kernel
     def _bwd_kernel(DY, X, Bias, DX, Part, HAS_BIAS: ConstBool, SUMS: ConstBool, TANH: ConstBool,
                     BLOCK_M: ConstInt, BLOCK_N: ConstInt):
         """dx = dy * GELU'(x + bias) over column tile j and row tiles g, g + G, ...; with SUMS,
@@ -193,8 +213,9 @@ def _bwd_hinted(sums: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _linear_hinted():
-    return _linear_fwd_kernel.replace_hints(occupancy=1, num_worker_warps=LINEAR_WARPS)
+def _matmul_hinted(kernel):
+    """A matmul kernel with our epilogue: one block of LINEAR_WARPS warps an SM."""
+    return kernel.replace_hints(occupancy=1, num_worker_warps=LINEAR_WARPS)
 
 
 def _tanh(approximate: str) -> bool:
@@ -240,7 +261,7 @@ def linear_gelu(x, weight, bias=None, approximate="none"):
     if fc.numel():
         tile_m, tile_n, tile_k = LINEAR_TILE
         tiles = -(-fc.shape[0] // tile_m) * -(-fc.shape[1] // tile_n)
-        launch(x.device, (grid_size(tiles, 1, x.device),), _linear_hinted(),
+        launch(x.device, (grid_size(tiles, 1, x.device),), _matmul_hinted(_linear_fwd_kernel),
                (x, weight, fc if bias is None else bias.contiguous(), fc, y, bias is not None, tanh,
                 tile_m, tile_n, tile_k))
     return fc, y
@@ -264,6 +285,32 @@ def gelu_backward(dy, x, bias=None, approximate="none", bias_grad=False):
     elif sums:
         db.zero_()
     out = out if x.dim() == 2 else out.view(x.shape)
+    return (out, db) if bias_grad else out
+
+
+def matmul_gelu_backward(dy, w, x, bias=None, approximate="none", bias_grad=False):
+    """gelu_backward(dy @ w, x, bias, approximate, bias_grad) for rows dy (M, K) and w (K, N), x
+    (M, N): one cuTile matmul with the GELU's backward in its epilogue where both operands are
+    16-bit tensors that tensor-memory loads read (kernels.linear.tile_matmul_fits) and N a multiple
+    of 8, else the matmul and gelu_backward. The same dx, bit for bit, where the product is; the
+    bias gradient summed in another order (row tiles, then kernels.linear.sum_partials)."""
+    if not (tile_matmul_fits(dy, w) and w.shape[1] % 8 == 0 and x.shape == (dy.shape[0], w.shape[1])):
+        return gelu_backward(dy @ w, x, bias, approximate, bias_grad)
+    tanh, n, x2, b = _prepare(x, bias, approximate)
+    out = torch.empty_like(x2)
+    sums = bias_grad and bias is not None
+    db = torch.empty(n, device=x.device, dtype=b.dtype) if sums else None
+    if out.numel():
+        tile_m, tile_n, tile_k = LINEAR_TILE
+        tiles_m = -(-x2.shape[0] // tile_m)
+        part = torch.empty(tiles_m, n, device=x.device, dtype=torch.float32) if sums else out
+        grid = (grid_size(tiles_m * -(-n // tile_n), 1, x.device),)
+        launch(x.device, grid, _matmul_hinted(_matmul_bwd_kernel),
+               (dy, w, x2, b, out, part, bias is not None, sums, tanh, tile_m, tile_n, tile_k))
+        if sums:
+            sum_partials(part, db)
+    elif sums:
+        db.zero_()
     return (out, db) if bias_grad else out
 
 
@@ -312,5 +359,12 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
         a = array_param(ct_dtype(dtype), 2)
         name = f"linear_gelu_{'tanh' if tanh else 'erf'}_{dtype_name(dtype)}" + ("" if bias else "_nobias")
         params = [a, a, array_param(f32, 1) if bias else a, a, a, bias, tanh, *LINEAR_TILE]
-        paths.append(export(_linear_hinted(), name, params, out_dir, gpu_code))
+        paths.append(export(_matmul_hinted(_linear_fwd_kernel), name, params, out_dir, gpu_code))
+    for dtype, tanh, bias in [(torch.float16, False, True), (torch.bfloat16, True, False)]:
+        a = array_param(ct_dtype(dtype), 2)
+        name = (f"matmul_gelu_bwd_{'tanh' if tanh else 'erf'}_{dtype_name(dtype)}"
+                + ("" if bias else "_nobias"))
+        bias_param, part = (array_param(f32, 1), array_param(f32, 2)) if bias else (a, a)
+        params = [a, a, a, bias_param, a, part, bias, bias, tanh, *LINEAR_TILE]
+        paths.append(export(_matmul_hinted(_matmul_bwd_kernel), name, params, out_dir, gpu_code))
     return paths

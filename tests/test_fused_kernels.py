@@ -368,9 +368,11 @@ def test_linear_matches_the_reference(t, k, n, bias, dtype):
 @pytest.mark.parametrize("bias,gelu", [(True, "none"), (False, "tanh")])
 def test_a_block_as_one_node_computes_what_its_separate_functions_do(t, bias, gelu):
     """The same kernels on the same inputs: the loss and every gradient bit for bit, under fp16
-    autocast, with random weights and biases, but c_attn's bias gradient, which the block takes
-    from dQ and c_proj's bias gradient (kernels.linear.qkv_bias_grad); and both within the fp16
-    tolerance of the float32 torch model, that one gradient too."""
+    autocast, with random weights and biases, but two bias gradients the block sums in other
+    orders: c_attn's, from dQ and c_proj's bias gradient (kernels.linear.qkv_bias_grad), and
+    c_fc's, by the matmul that gives the GELU's input gradient (kernels.gelu.matmul_gelu_backward),
+    whose dx is the cuBLAS product's and the GELU backward's to the bit. Both models within the
+    fp16 tolerance of the float32 torch model, those gradients too."""
     from model.gpt import FUSIONS, GPT, GPTConfig
 
     config = GPTConfig(block_size=512, vocab_size=97, n_layer=2, n_head=2, n_embd=128, bias=bias, gelu=gelu)
@@ -393,7 +395,9 @@ def test_a_block_as_one_node_computes_what_its_separate_functions_do(t, bias, ge
     block, separate, ref = results
     names = ["loss"] + [name for name, _ in models[0].named_parameters()]
     differ = [n for n, a, b in zip(names, block, separate) if not torch.equal(a, b)]
-    assert differ == [f"transformer.h.{i}.attn.c_attn.bias" for i in range(config.n_layer) if bias], differ
+    summed = [f"transformer.h.{i}.{layer}.bias"
+              for i in range(config.n_layer) for layer in ("attn.c_attn", "mlp.c_fc")]
+    assert set(differ) <= set(summed if bias else []), differ
     big = max(1.0, max(g.abs().max().item() for g in ref[1:]))
     tol = tolerance_for("float16")
     assert passes(errors(block, ref), {**tol, "max_abs": tol["max_abs"] * big}), errors(block, ref)

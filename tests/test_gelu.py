@@ -46,6 +46,7 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
     assert any(s.endswith("_nobias.sm_90.cubin") for s in names), names
     for form in ("erf", "tanh"):
         assert any(s.startswith(f"linear_gelu_{form}_") for s in names), (form, names)
+        assert any(s.startswith(f"matmul_gelu_bwd_{form}_") for s in names), (form, names)
 
 
 @pytest.mark.parametrize("m,n,sms,tile", [
@@ -166,6 +167,39 @@ def test_linear_gelu_matches_reference(poisoned, mkn, dtype, with_bias, approxim
     ref = reference.gelu(z, approximate, dtype=torch.float64)
     assert matches(y, ref, tol), errors(y, ref)
     assert torch.equal(y, G.gelu_forward(fc, b, approximate))
+
+
+BACKWARD_CASES = [  # (M, K, N) of dy @ w: none of them whole (128, 256, 32) tiles but GPT-2's
+    ((1, 8, 8), "float16", True, "none"), ((13, 40, 72), "bfloat16", False, "tanh"),
+    ((127, 384, 1536), "float16", True, "tanh"), ((257, 768, 3072), "bfloat16", True, "none"),
+    ((300, 136, 264), "float16", False, "none"), ((8192, 768, 3072), "float16", True, "none"),
+    ((33, 24, 100), "float16", True, "none"),  # N not a multiple of 8: the matmul and gelu_backward
+]
+
+
+@gpu
+@pytest.mark.parametrize("mkn,dtype,with_bias,approximate", BACKWARD_CASES)
+def test_matmul_gelu_backward_matches_reference(poisoned, mkn, dtype, with_bias, approximate):
+    """(dy @ w) * GELU'(x + b) and its column sums, against float64's from the product as a matmul
+    stores it (float64's product, rounded to dy's dtype)."""
+    from kernels.linear import tile_matmul_fits
+    (m, k, n), dt = mkn, DTYPES[dtype]
+    torch.manual_seed(BACKWARD_CASES.index((mkn, dtype, with_bias, approximate)))
+    dy = torch.randn(m, k, device="cuda").to(dt)
+    w = (torch.randn(k, n, device="cuda") / k ** 0.5).to(dt)
+    x = (2.0 * torch.randn(m, n, device="cuda")).to(dt)
+    b = (0.5 * torch.randn(n, device="cuda")) if with_bias else None
+    assert tile_matmul_fits(dy, w) and (n % 8 == 0) == (mkn != (33, 24, 100))
+    dx, db = G.matmul_gelu_backward(dy, w, x, b, approximate, bias_grad=True)
+    assert dx.dtype == dt and dx.shape == (m, n) and (db is None) == (not with_bias)
+    product = (dy.double() @ w.double()).to(dt).double()  # rounded as the matmul stores it
+    z = (x.double() + (b.double() if with_bias else 0.0)).requires_grad_()
+    reference.gelu(z, approximate, dtype=torch.float64).backward(product)
+    tol = tolerance_for(dtype)
+    assert matches(dx, z.grad, tol), errors(dx, z.grad)
+    if with_bias:
+        sums = dx.double().sum(0)  # of dx as written
+        assert (db.double() - sums).abs().max().item() <= 1e-5 * max(1.0, sums.abs().max().item())
 
 
 @gpu

@@ -1,6 +1,6 @@
 """The same inputs give the same bits on every call, from the LayerNorm, fused add + LayerNorm,
-fmha forward, c_fc matmul with its GELU, column-sum, LM-head, tied-embedding and AdamW kernels,
-whose reductions run in a fixed order (GPU), and from the head with 8 processes sharing the GPU. A
+fmha forward, c_fc matmul with its GELU, the matmul with its backward, column-sum, LM-head,
+tied-embedding and AdamW kernels, whose reductions run in a fixed order (GPU), and from the head with 8 processes sharing the GPU. A
 race shows here first: a LayerNorm forward that stored its statistics by TMA left a few rows' mean
 and rstd wrong on some calls while y was right (docs/layernorm-notes.md)."""
 import subprocess
@@ -60,6 +60,18 @@ def test_linear_gelu(poisoned, dtype):
     w = torch.randn(3072, 768, device="cuda", dtype=dtype, generator=g) / 768 ** 0.5
     b = torch.randn(3072, device="cuda", generator=g)
     same_every_call(lambda: gelu.linear_gelu(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matmul_gelu_backward(poisoned, dtype):
+    """GPT-2's MLP backward, dm (8192 x 768) @ W_proj (768 x 3072) with GELU' of c_fc's output and
+    its bias gradient: the persistent matmul's dx and the bias gradient's row-tile sums."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    dm = torch.randn(8192, 768, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(768, 3072, device="cuda", dtype=dtype, generator=g) / 768 ** 0.5
+    fc = torch.randn(8192, 3072, device="cuda", dtype=dtype, generator=g)
+    b = torch.randn(3072, device="cuda", generator=g)
+    same_every_call(lambda: gelu.matmul_gelu_backward(dm, w, fc, b, bias_grad=True))
 
 
 def test_column_sums(poisoned):
