@@ -28,7 +28,7 @@ import kernels
 from kernels.adamw import grad_slot
 from kernels.launch import launch, sm_count
 from kernels.linear import WeightCasts, cast, mm_acc, sum_partials, tile_matmul_fits
-from kernels.tile_ops import xwt_tile
+from kernels.tile_ops import matmul_tile
 
 try:
     import cuda.tile as ct
@@ -123,7 +123,7 @@ if ct is not None:
         tiles_m, tiles_n = ct.cdiv(X.shape[0], TILE_M), ct.cdiv(W.shape[0], TILE_N)
         for t in range(ct.bid(0), tiles_m * tiles_n, ct.num_blocks(0)):
             m, n = t % tiles_m, t // tiles_m
-            stored = ct.astype(xwt_tile(X, W, m, n, TILE_M, TILE_N, TILE_K), Logits.dtype)
+            stored = ct.astype(matmul_tile(X, W, m, n, TILE_M, TILE_N, TILE_K, True), Logits.dtype)
             ct.store(Logits, (m, n), stored)
             x = ct.astype(stored, ct.float32)
             if n == tiles_n - 1:  # only the last column tile reaches past V

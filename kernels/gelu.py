@@ -19,7 +19,7 @@ import kernels
 from kernels.aot import array_param, ct_dtype, dtype_name, export
 from kernels.launch import grid_size, launch, rows, rows_to_fill, sm_count
 from kernels.linear import column_block, column_grid, sum_partials, tile_matmul_fits
-from kernels.tile_ops import xw_tile, xwt_tile
+from kernels.tile_ops import matmul_tile
 
 try:
     import cuda.tile as ct
@@ -146,7 +146,7 @@ if ct is not None:
         tiles_m = ct.cdiv(X.shape[0], TILE_M)
         for t in range(ct.bid(0), tiles_m * ct.cdiv(W.shape[0], TILE_N), ct.num_blocks(0)):
             i, j = t % tiles_m, t // tiles_m
-            fc = ct.astype(xwt_tile(X, W, i, j, TILE_M, TILE_N, TILE_K), FC.dtype)
+            fc = ct.astype(matmul_tile(X, W, i, j, TILE_M, TILE_N, TILE_K, True), FC.dtype)
             ct.store(FC, (i, j), fc)
             z = _plus_bias(ct.astype(fc, ct.float32), Bias, j, TILE_N, HAS_BIAS)
             ct.store(Y, (i, j), ct.astype(_gelu_and_grad(z, TANH, False), Y.dtype))
@@ -160,7 +160,7 @@ if ct is not None:
         tiles_m = ct.cdiv(DY.shape[0], TILE_M)
         for t in range(ct.bid(0), tiles_m * ct.cdiv(W.shape[1], TILE_N), ct.num_blocks(0)):
             i, j = t % tiles_m, t // tiles_m
-            dy = ct.astype(ct.astype(xw_tile(DY, W, i, j, TILE_M, TILE_N, TILE_K), DY.dtype), ct.float32)
+            dy = ct.astype(ct.astype(matmul_tile(DY, W, i, j, TILE_M, TILE_N, TILE_K, False), DY.dtype), ct.float32)
             z = _input(X, Bias, i, j, TILE_M, TILE_N, HAS_BIAS)
             dx = ct.astype(dy * _gelu_and_grad(z, TANH, True), DX.dtype)
             ct.store(DX, (i, j), dx)

@@ -57,14 +57,15 @@ if ct is not None:
         p = 0, DQ's fp32 column sums over row tiles g, g + G, ...; p = 1, zeros; p = 2, those of
         DOut[i] * W[i, :] over W's row tiles g, g + G, ... (DOut @ W)."""
         j, g, p = ct.bid(0), ct.bid(1), ct.bid(2)
-        acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
         if p == 0:
+            acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
             for i in range(g, ct.cdiv(DQ.shape[0], BLOCK_M), ct.num_blocks(1)):
                 acc += widen(ct.load(DQ, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO))
             ct.store(PartQ, (g, j), ct.sum(acc, axis=0, keepdims=True))
         elif p == 1:
             ct.store(PartK, (g, j), ct.zeros((1, BLOCK_N), dtype=ct.float32))
         else:
+            acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
             for i in range(g, ct.cdiv(W.shape[0], BLOCK_M), ct.num_blocks(1)):
                 d = ct.reshape(ct.load(DOut, (i,), (BLOCK_M,), padding_mode=ZERO), (BLOCK_M, 1))
                 acc += widen(ct.load(W, (i, j), (BLOCK_M, BLOCK_N), padding_mode=ZERO)) * d

@@ -1,8 +1,8 @@
 """Helpers that the kernels call on tiles.
 
-xwt_tile: one (TILE_M, TILE_N) tile of X @ W^T in fp32, the main loop of every persistent matmul
-whose epilogue is ours (the LM head's logits and c_fc's GELU); xw_tile, the same of X @ W (the
-GELU's backward after the MLP's c_proj).
+matmul_tile: one (TILE_M, TILE_N) tile of X @ W^T or X @ W in fp32, the main loop of every
+persistent matmul whose epilogue is ours (the LM head's logits, c_fc's GELU, the GELU's backward
+after the MLP's c_proj).
 
 widen: a tile in fp32. A bf16 tile is widened by moving its bits up 16 places, which is exact and
 what a conversion does; tileiras 13.4 pipelines the loads of a kernel that does so as deep as those
@@ -25,22 +25,16 @@ def widen(tile):
     return ct.astype(tile, ct.float32)
 
 
-def xwt_tile(X, W, i, j, TILE_M, TILE_N, TILE_K):
-    """Tile (i, j) of X @ W^T for X (M, K) and W (N, K), accumulated in fp32 over TILE_K-deep
-    steps of K; rows, columns and steps past the arrays' ends read as zeros."""
+def matmul_tile(X, W, i, j, TILE_M, TILE_N, TILE_K, W_ROWS_ARE_N):
+    """Tile (i, j) of X @ W^T for X (M, K) and W (N, K) if W_ROWS_ARE_N, else of X @ W for W
+    (K, N); accumulated in fp32 over TILE_K-deep steps of K, where rows, columns and steps past
+    the arrays' ends read as zeros."""
     acc = ct.zeros((TILE_M, TILE_N), dtype=ct.float32)
     for k in range(ct.cdiv(X.shape[1], TILE_K)):
         a = ct.load(X, (i, k), (TILE_M, TILE_K), padding_mode=ct.PaddingMode.ZERO)
-        b = ct.load(W, (j, k), (TILE_N, TILE_K), padding_mode=ct.PaddingMode.ZERO)
-        acc = ct.mma(a, ct.transpose(b), acc)
-    return acc
-
-
-def xw_tile(X, W, i, j, TILE_M, TILE_N, TILE_K):
-    """Tile (i, j) of X @ W for X (M, K) and W (K, N), as xwt_tile."""
-    acc = ct.zeros((TILE_M, TILE_N), dtype=ct.float32)
-    for k in range(ct.cdiv(X.shape[1], TILE_K)):
-        a = ct.load(X, (i, k), (TILE_M, TILE_K), padding_mode=ct.PaddingMode.ZERO)
-        b = ct.load(W, (k, j), (TILE_K, TILE_N), padding_mode=ct.PaddingMode.ZERO)
+        if W_ROWS_ARE_N:
+            b = ct.transpose(ct.load(W, (j, k), (TILE_N, TILE_K), padding_mode=ct.PaddingMode.ZERO))
+        else:
+            b = ct.load(W, (k, j), (TILE_K, TILE_N), padding_mode=ct.PaddingMode.ZERO)
         acc = ct.mma(a, b, acc)
     return acc
