@@ -300,27 +300,29 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, loss_grad=None):
         """(logits for every position, mean cross-entropy or None); targets of -1 are ignored.
 
         With the fused LM head and cross-entropy ("head_ce") and targets, the logits are never held
-        whole, and None is returned in their place."""
+        whole, and None is returned in their place. loss_grad: the gradient the loss will be given
+        (an fp16 loss scale), which saves that head a pass over its gradients where it is right
+        (kernels.cross_entropy.linear_cross_entropy); ignored elsewhere."""
         if self.backend == "cutile":
-            return self._cutile_forward(idx, targets)
+            return self._cutile_forward(idx, targets, loss_grad)
         return self._forward(idx, targets)
 
     @torch.compiler.disable
-    def _cutile_forward(self, idx, targets):
+    def _cutile_forward(self, idx, targets, loss_grad):
         """The forward as it runs eagerly, under torch.compile too. Traced, every kernel launch broke
         its graph and each change of autocast state recompiled the wrappers around it, until the
         cache limit: a compiled shakespeare-char step took 2.2x as long as an eager one (H200)."""
         device = idx.device.type
         if self.casts is None or not torch.is_autocast_enabled(device):
-            return self._forward(idx, targets)
+            return self._forward(idx, targets, loss_grad)
         with self.casts.fresh(torch.get_autocast_dtype(device)):
-            return self._forward(idx, targets)
+            return self._forward(idx, targets, loss_grad)
 
-    def _forward(self, idx, targets):
+    def _forward(self, idx, targets, loss_grad=None):
         b, t = idx.size()
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
@@ -336,7 +338,8 @@ class GPT(nn.Module):
         for i, block in enumerate(blocks):
             x, h = block(x, h, blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f)
         if targets is not None and self.head_loss is not None:
-            return None, self.head_loss(h.view(b * t, -1), self.lm_head.weight, targets.view(-1), tied=tied)
+            return None, self.head_loss(h.view(b * t, -1), self.lm_head.weight, targets.view(-1), tied=tied,
+                                        loss_grad=loss_grad)
         logits = self.lm_head(h)
         loss = None
         if targets is not None:

@@ -36,6 +36,12 @@ class ScaledAdamW:
 
             self.flat = FlatAdamW(optimizer)
 
+    @property
+    def loss_grad(self) -> torch.Tensor | None:
+        """The gradient backward() gives the loss (the loss scale), for a model's fused head to
+        make its gradients at (model.gpt.GPT.forward); None without loss scaling."""
+        return self.scale if self.loss_scaling else None
+
     def backward(self, loss: torch.Tensor):
         (loss * self.scale if self.loss_scaling else loss).backward()
 

@@ -164,6 +164,7 @@ def main(argv=None) -> dict:
     update = ScaledAdamW(optimizer, loss_scaling=dtype == "float16", clip=args.grad_clip,
                          flat=model.backend == "cutile")  # its kernels write into the flat gradients
     step_model = torch.compile(model) if args.compile else model
+    hint = update.loss_grad if args.grad_accum == 1 else None  # the gradient each loss gets, for the fused head
     ctx = lambda: autocast(device, dtype)  # noqa: E731
 
     def train_step(xs, ys):
@@ -171,7 +172,7 @@ def main(argv=None) -> dict:
         loss. No host sync, so that it can be captured."""
         for x, y in zip(xs, ys):
             with autocast(device, dtype, cache=not args.graph):
-                _, loss = step_model(x, y)
+                _, loss = step_model(x, y, loss_grad=hint)
             update.backward(loss / args.grad_accum)
         update.step()
         return loss

@@ -263,6 +263,35 @@ def test_head_cross_entropy_matches_the_reference(poisoned, monkeypatch, rows, v
     gradient accumulates in bf16, an fp16 one's in fp32). Both ways to the logits at every
     shape: the cuTile matmul with the softmax's stats, or cuBLAS and the two-read pass. An
     incoming gradient other than 1, as a loss scaler gives, and 1, which bf16 leaves unscaled."""
+    _head_matches_the_reference(monkeypatch, rows, v, chunk_rows, dtype, weight, path, dloss)
+
+
+@gpu
+@pytest.mark.parametrize("guess", ["right", "wrong"])
+@pytest.mark.parametrize("path", ["matmul", "cublas"])
+@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("rows,v,chunk_rows", [(13, 50304, None), (257, 65, None), (1000, 50304, 300),
+                                               (127, 2053, 50)])
+def test_head_told_its_loss_gradient_matches_the_reference(poisoned, monkeypatch, rows, v, chunk_rows, dtype,
+                                                           path, guess):
+    """Told the loss's gradient (a loss scale of 2^16), the head makes its gradients at that scale
+    in the forward, and its backward then has nothing to rescale: every scale it applies is 1. A
+    wrong guess is rescaled as without one. Either way the gradients are the reference's."""
+    scales, scaled = [], cross_entropy._scaled
+
+    def recording(x, scale, *args, **kwargs):
+        scales.append(scale.item())
+        return scaled(x, scale, *args, **kwargs)
+    monkeypatch.setattr(cross_entropy, "_scaled", recording)
+    dloss = 65536.0
+    hint = torch.tensor(dloss if guess == "right" else 3.0, device="cuda")
+    _head_matches_the_reference(monkeypatch, rows, v, chunk_rows, dtype, "float32", path, dloss, hint)
+    assert len(scales) == 2  # dx's and the weight's
+    if dtype == "float16":  # bf16 heads leave the loss's gradient to the backward, with or without a guess
+        assert (all(s == 1.0 for s in scales)) == (guess == "right"), scales
+
+
+def _head_matches_the_reference(monkeypatch, rows, v, chunk_rows, dtype, weight, path, dloss, loss_grad=None):
     monkeypatch.setattr(cross_entropy, "GEMM_MIN_V", 0 if path == "matmul" else 1 << 30)
     c = 768 if v > 1000 else 384
     x = torch.randn(rows, c, device="cuda", dtype=DT[dtype])
@@ -280,7 +309,8 @@ def test_head_cross_entropy_matches_the_reference(poisoned, monkeypatch, rows, v
         return loss, [a.grad for a in leaves]
 
     chunk = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * v * torch.finfo(DT[dtype]).bits // 8}
-    loss, grads = run(lambda a, b: cross_entropy.linear_cross_entropy(a, b, targets, **chunk), [x, w])
+    loss, grads = run(lambda a, b: cross_entropy.linear_cross_entropy(a, b, targets, loss_grad=loss_grad, **chunk),
+                      [x, w])
     rloss, rgrads = run(lambda a, b: F.cross_entropy(a @ b.t(), targets, ignore_index=-1),
                         [x.double(), w.double()])
     tol = tolerance_for(dtype)

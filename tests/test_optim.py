@@ -82,6 +82,26 @@ def test_without_loss_scaling_the_scale_stays_one(flat):
     assert norm.item() == pytest.approx(1.0, rel=1e-4)  # clipped to the bound
 
 
+@pytest.mark.parametrize("scaling", [True, False])
+def test_loss_grad_is_the_gradient_backward_gives_the_loss(scaling):
+    """What a model's fused head is told to make its gradients at (model.gpt.GPT.forward): the
+    gradient the loss then gets, also once a skipped step has halved the scale."""
+    model = _model()
+    update = ScaledAdamW(_optimizer(model), loss_scaling=scaling, clip=1.0)
+    for i, poison in enumerate((True, False)):
+        expected = None if update.loss_grad is None else update.loss_grad.clone()
+        loss = _loss(model, i, poison=poison)
+        loss.retain_grad()
+        update.zero_grad()
+        update.backward(loss)
+        if scaling:
+            assert torch.equal(loss.grad, expected)
+        else:
+            assert expected is None and loss.grad.item() == 1.0
+        update.step()
+    assert not scaling or update.loss_grad.item() == INIT_SCALE / 2
+
+
 @flat_or_not
 def test_reset_returns_to_the_first_step(flat):
     model = _model()

@@ -167,9 +167,11 @@ def make_step(p, x, model, forward=None):
                              loss_scaling=p["dtype"] == "float16", clip=CLIP,
                              flat=model.backend == "cutile")  # torch's models keep torch's AdamW
 
+        hint = {"loss_grad": update.loss_grad} if model.backend == "cutile" else {}
+
         def step():
             with amp():
-                _, loss = forward(idx, targets)
+                _, loss = forward(idx, targets, **hint)
             update.backward(loss)
             update.step()  # loss scaling stays on the GPU: no .item() anywhere in the step
             return StepOutputs(mode, model, loss, x)
