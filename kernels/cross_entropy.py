@@ -36,7 +36,7 @@ except Exception:  # no cuda-tile here: linear_cross_entropy raises through kern
     ct = None
 
 LOG2E = 1.0 / math.log(2.0)
-K = 256.0  # scale of the stored softmax gradient: a probability of 1e-5 stays a normal fp16 number
+K = 256.0  # fp16's stored softmax gradient's scale, told no loss_grad: a probability of 1e-5 stays normal
 # logits held at once, the head's working memory beside its fp32 weight gradient (154 MB for GPT-2),
 # which each chunk reads and writes, so fewer chunks move fewer bytes: the GPT-2 step (8 x 1024
 # tokens, graphed, H100) took 20.85 / 19.72 / 19.41 / 19.45 ms with chunks of 128 / 256 / 512 /
@@ -352,7 +352,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, rows, step):
             xs = xc[i:i + step]
             logits = softmax(xs, targets[i:i + step], losses[i:i + step])  # S * d(loss)/d(logits)
-            torch.mm(logits, wc, out=dx[i:i + step])  # |dx| <= 2S max|W|: no overflow
+            torch.mm(logits, wc, out=dx[i:i + step])  # |dx| <= 2S max|W|: no overflow at K (a scaler's to find else)
             dw = mm_acc(logits.t(), xs, dw, acc, out=slot)
             del logits  # before the next chunk's logits exist: one chunk held at a time
         ctx.save_for_backward(dx, count, expected)
@@ -380,7 +380,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.tied is not None:  # the embedding's backward adds its rows and hands it on
             ctx.tied.leave(dw)
             dw = None
-        return _scaled(dx, scale, x_dtype, out=dx if x_dtype == dx.dtype else None), dw, None, None, None, None, None, None
+        dx = _scaled(dx, scale, x_dtype, out=dx if x_dtype == dx.dtype else None)
+        return (dx, dw) + (None,) * 6
 
 
 def _gemm_fits(x, w, v) -> bool:
