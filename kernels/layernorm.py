@@ -410,7 +410,7 @@ class AddLayerNorm(torch.autograd.Function):
     """Autograd for the residual add fused into the LayerNorm: (s = x + r + r_bias,
     y = LayerNorm(s)). The backward adds the gradient that reaches s from later layers in the same
     pass that writes dx, and writes r's gradient (dx in r's dtype) and r_bias's (dx's column sums)
-    there too."""
+    there too. Without r, s is x itself."""
 
     @staticmethod
     def forward(ctx, x, r, r_bias, weight, bias, eps, y_dtype):
@@ -420,7 +420,7 @@ class AddLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.has = (weight is not None, bias is not None, r_bias is not None)
         ctx.grad_dtype = next((t.dtype for t in (weight, bias) if t is not None), torch.float32)
-        ctx.r_dtype = r.dtype
+        ctx.r_dtype = None if r is None else r.dtype
         ctx.set_materialize_grads(False)
         return s, y
 
@@ -431,14 +431,16 @@ class AddLayerNorm(torch.autograd.Function):
             dy = torch.zeros_like(s)
         dx, dw, db, dr, drb = layer_norm_backward(dy, s, weight, mean, rstd, ctx.grad_dtype, dres=ds,
                                                   dr_dtype=ctx.r_dtype, sum_dx=ctx.has[2])
-        return dx, dr, drb, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None
+        return (dx, None if ctx.r_dtype is None else dr, drb, dw if ctx.has[0] else None,
+                db if ctx.has[1] else None, None, None)
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-5, residual_bias=None):
     """(x + residual + residual_bias, LayerNorm of it) in one pass, differentiable; residual_bias
     (N,) or None is the bias of the layer that made `residual`, added here instead. Under autocast
     the normalised output is written in the autocast dtype, which is what the next Linear reads
-    anyway."""
+    anyway. residual None: (x, LayerNorm of x), for a caller that carries x on as its residual
+    stream; x's gradient from both is then summed in the backward's one pass, not by autograd."""
     kernels.require()
     y_dtype = kernels.autocast_dtype(x.device.type, None)
     return AddLayerNorm.apply(x, residual, residual_bias, weight, bias, eps, y_dtype)

@@ -125,6 +125,14 @@ class LayerNorm(nn.Module):
             y = F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
         return y if residual is None else (x, y)
 
+    def stream(self, x):
+        """(x, LayerNorm of x) for a caller that carries x on as its residual stream (block 0's
+        ln_1): with the add kernel, x's two gradients are summed in its backward pass rather than
+        by autograd, and the output is in the autocast dtype that the next Linear reads."""
+        if self.add_kernel is None:
+            return x, self(x)
+        return self.add_kernel(x, None, self.weight, self.bias, 1e-5)
+
 
 class ResidualBranch(nn.Module):
     """A block's branch, ending in c_proj. With bias_elsewhere, c_proj leaves its bias to the
@@ -334,7 +342,7 @@ class GPT(nn.Module):
             x = tied.embed(idx, wte.weight, wpe.weight)
         x = self.transformer.drop(x)
         blocks = self.transformer.h
-        h = blocks[0].ln_1(x)
+        x, h = blocks[0].ln_1.stream(x)
         for i, block in enumerate(blocks):
             x, h = block(x, h, blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f)
         if targets is not None and self.head_loss is not None:

@@ -211,10 +211,12 @@ def test_attention_on_packed_qkv_matches_the_reference(poisoned, t, dtype, fused
 
 
 @gpu
-@pytest.mark.parametrize("with_rbias", [False, True])
+@pytest.mark.parametrize("form", ["x", "x+r", "x+r+rbias"])
 @pytest.mark.parametrize("dtype", list(DT))
 @pytest.mark.parametrize("rows,n", [(1, 768), (13, 384), (127, 1000), (257, 768), (4096, 1024)])
-def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype, with_rbias):
+def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype, form):
+    """form "x": no residual, s is x itself (block 0's ln_1), whose gradient from s and from y is
+    summed in the backward's pass."""
     from kernels.layernorm import add_layer_norm
 
     x = torch.randn(rows, n, device="cuda")  # the residual stream is float32 under autocast
@@ -231,20 +233,30 @@ def test_residual_add_layernorm_matches_the_reference(poisoned, rows, n, dtype, 
         torch.autograd.backward([s, y], [ds.to(s.dtype), dy.to(y.dtype)])
         return s, y, [a.grad for a in leaves]
 
-    args = [x, r, w, bias] + ([rbias] if with_rbias else [])
-    s, y, grads = run(lambda a, b_, c, d, *e: add_layer_norm(a, b_, c, d, 1e-5, *e), args)
+    terms = form.split("+")
+    args = {"x": x, "r": r, "rbias": rbias}
+    leaves = [args[t] for t in terms] + [w, bias]
 
-    def ref(a, b_, c, d, *e):
-        summed = a + b_ + (e[0] if e else 0)
-        return summed, reference.layer_norm(summed, c, d, 1e-5, dtype=torch.float64)
+    def ours(a, *rest):
+        residual = rest[0] if "r" in terms else None
+        return add_layer_norm(a, residual, rest[-2], rest[-1], 1e-5, *rest[1:-2])
 
-    rs, ry, rgrads = run(ref, [a.double() for a in args])
+    def ref(*rest):
+        summed = sum(rest[:-2])
+        return summed, reference.layer_norm(summed, rest[-2], rest[-1], 1e-5, dtype=torch.float64)
+
+    s, y, grads = run(ours, leaves)
+    rs, ry, rgrads = run(ref, [a.double() for a in leaves])
     tol = tolerance_for(dtype)
-    assert y.dtype == DT[dtype] and s.dtype == torch.float32 and grads[1].dtype == DT[dtype]
-    for name, got, want in [("s", s, rs), ("y", y, ry), ("dx", grads[0], rgrads[0]), ("dr", grads[1], rgrads[1])]:
+    assert y.dtype == DT[dtype] and s.dtype == torch.float32
+    named = [("s", s, rs), ("y", y, ry)] + [(f"d{t}", g, want) for t, g, want in zip(terms[:2], grads, rgrads)]
+    if "r" in terms:
+        assert grads[1].dtype == DT[dtype]
+    for name, got, want in named:
         assert passes(errors(got, want), tol), (name, errors(got, want))
-    big = max(1.0, max(g.abs().max().item() for g in rgrads[2:]))  # summed over the rows
-    assert passes(errors(grads[2:], rgrads[2:]), {**tol, "max_abs": tol["max_abs"] * big})
+    per_row = min(2, len(terms))  # x's and r's gradients; the vectors' are summed over the rows
+    big = max(1.0, max(g.abs().max().item() for g in rgrads[per_row:]))
+    assert passes(errors(grads[per_row:], rgrads[per_row:]), {**tol, "max_abs": tol["max_abs"] * big})
 
 
 @gpu

@@ -84,18 +84,21 @@ def test_column_sums(poisoned):
     same_every_call(lambda: (linear.column_sum(dqkv), linear.qkv_bias_grad(dqkv[:, :768], dbp, w)))
 
 
-def test_add_layernorm_forward_and_backward(poisoned):
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_layernorm_forward_and_backward(poisoned, residual):
     """The model's fused residual add: an fp32 stream plus an fp16 branch and its bias, under
-    autocast, 16384 x 768; the sum s, y and every gradient."""
+    autocast, 16384 x 768; the sum s, y and every gradient. Without the residual: block 0's
+    ln_1, x's two gradients summed in the backward."""
     g = torch.Generator(device="cuda").manual_seed(3)
     x, ds, dy = (torch.randn(16384, 768, device="cuda", generator=g) for _ in range(3))
     r = torch.randn(16384, 768, device="cuda", generator=g).half()
     w, b, rb = (torch.randn(768, device="cuda", generator=g) for _ in range(3))
 
     def run():
-        leaves = [t.detach().requires_grad_() for t in (x, r, w, b, rb)]
+        leaves = [t.detach().requires_grad_() for t in ((x, r, w, b, rb) if residual else (x, w, b))]
+        extra = (leaves[1], *leaves[2:4], 1e-5, leaves[4]) if residual else (None, *leaves[1:], 1e-5)
         with torch.autocast("cuda", dtype=torch.float16):
-            s, y = layernorm.add_layer_norm(leaves[0], leaves[1], leaves[2], leaves[3], 1e-5, leaves[4])
+            s, y = layernorm.add_layer_norm(leaves[0], *extra)
         torch.autograd.backward([s, y], [ds, dy.half()])
         return (s, y, *(t.grad for t in leaves))
     same_every_call(run)
