@@ -243,6 +243,47 @@ def test_inference_skips_the_statistics_and_gives_the_training_forwards_bits(poi
     assert torch.equal(s_infer, s_train) and torch.equal(h_infer, h_train)
 
 
+def test_add_layer_norm_without_a_residual_sums_x_gradients_in_its_backward(monkeypatch):
+    """Block 0's ln_1 (model.gpt.LayerNorm.stream): (x, LayerNorm of x) from one node whose backward
+    gives x the LayerNorm's gradient plus the stream's. The autograd Function's wiring, on CPU,
+    with the two kernels' entry points stood in for by torch's LayerNorm."""
+    def forward(x, weight, bias, eps, persistent, cfg, residual=None, y_dtype=None, residual_bias=None,
+                stats=True):
+        assert residual is None and residual_bias is None
+        mean, var = x.mean(-1), x.var(-1, unbiased=False)
+        y = F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(y_dtype or x.dtype)
+        return y, mean.reshape(-1), torch.rsqrt(var + eps).reshape(-1), x
+
+    def backward(dy, x, weight, mean, rstd, grad_dtype, dres=None, dr_dtype=None, sum_dx=False):
+        assert dr_dtype is None and not sum_dx
+        xl, wl, bl = (t.detach().requires_grad_() for t in (x, weight, torch.zeros_like(weight)))
+        with torch.enable_grad():
+            y = F.layer_norm(xl, x.shape[-1:], wl, bl, 1e-5)
+        dx, dw, db = torch.autograd.grad(y, (xl, wl, bl), dy.to(y.dtype))
+        dx = dx if dres is None else dx + dres
+        return dx, dw, db, dx, None
+
+    monkeypatch.setattr(kernels, "require", lambda: None)
+    monkeypatch.setattr(layernorm, "tuned_config", lambda *a, **k: {})
+    monkeypatch.setattr(layernorm, "_forward", forward)
+    monkeypatch.setattr(layernorm, "layer_norm_backward", backward)
+    x, w, b = make((2, 5, 16), torch.float64, "cpu")
+    ds, dy = torch.randn_like(x), torch.randn_like(x)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    s, y = layernorm.add_layer_norm(*leaves[:1], None, *leaves[1:])
+    assert s.data_ptr() == x.data_ptr() or torch.equal(s, x)
+    torch.autograd.backward([s, y], [ds, dy])
+    ref = [t.detach().requires_grad_() for t in (x, w, b)]
+    torch.autograd.backward([ref[0] * 1, F.layer_norm(ref[0], (16,), ref[1], ref[2], 1e-5)], [ds, dy])
+    for got, want in zip(leaves, ref):
+        torch.testing.assert_close(got.grad, want.grad)
+    s, y = layernorm.add_layer_norm(leaves[0], None, *leaves[1:])  # the stream unused: y's gradient only
+    leaves[0].grad = None
+    y.backward(dy)
+    want = torch.autograd.grad(F.layer_norm(ref[0], (16,), ref[1], ref[2], 1e-5), ref[0], dy)[0]
+    torch.testing.assert_close(leaves[0].grad, want)
+
+
 @pytest.mark.parametrize("bad", [{"chunk": 100}, {"chunk": 8}, {"latency": 11}, {"occupancy": 0},
                                  {"num_worker_warps": 3}, {"rows_per_block": 2.0}, {"tile_m": 64}])
 @pytest.mark.parametrize("fn", ["layer_norm_forward", "layer_norm"])
