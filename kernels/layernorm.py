@@ -462,42 +462,46 @@ def layer_norm(x, weight, bias, eps=1e-5, persistent=None, backward=None, **conf
 
 
 def _fwd_job(config: dict, dtype, n: int, residual: bool = False, bias: bool = True,
-             persistent: bool = True, stats: bool = True) -> tuple:
+             persistent: bool = True, stats: bool = True, stream: bool = False) -> tuple:
     """(kernel, cubin name, signature params) of the forward kernel for rows of n under a config,
     with the residual add (a float32 residual stream, and its bias) or without, with a LayerNorm
     bias or without, for the persistent grid (what layer_norm and the tuned configs run) or the
-    grid of one block per tile, storing the statistics (training) or not (inference)."""
+    grid of one block per tile, storing the statistics (training) or not (inference). stream: no
+    residual, x a float32 stream normalised into dtype (add_layer_norm without one)."""
     from cuda.tile import compilation as cc
 
     from kernels.aot import array_param, ct_dtype, dtype_name
 
     mat, vec = array_param(ct_dtype(dtype), 2), array_param(ct_dtype(dtype), 1)
-    wide = array_param(ct.float32, 2) if residual else mat
+    wide = array_param(ct.float32, 2) if residual or stream else mat
     stat = array_param(ct.float32, 1)
     cfg = validate_fwd_config(config)
     shape = _fwd_shape(n, cfg, 8192, 132)
     tag = "".join(f"_{k}{v}" for k, v in sorted(config.items()))
     return (_fwd_hinted(cfg, persistent),
             f"layernorm_fwd_{dtype_name(dtype)}_{n}{tag}" + ("_add" if residual else "")
-            + ("" if bias else "_nobias") + ("" if persistent else "_plain") + ("" if stats else "_nostats"),
-            [wide, mat, vec, wide, vec, vec, mat, stat, stat, cc.ScalarConstraint(ct.float32), *shape,
-             cfg["latency"] or 0, residual, residual, bias, stats])
+            + ("_stream" if stream else "") + ("" if bias else "_nobias") + ("" if persistent else "_plain")
+            + ("" if stats else "_nostats"),
+            [wide, wide if stream else mat, vec, wide, vec, vec, mat, stat, stat, cc.ScalarConstraint(ct.float32),
+             *shape, cfg["latency"] or 0, residual, residual, bias, stats])
 
 
-def _bwd_job(config: dict, dtype, n: int, residual: bool = False) -> tuple:
+def _bwd_job(config: dict, dtype, n: int, residual: bool = False, stream: bool = False) -> tuple:
     """(kernel, cubin name, signature params) of the backward kernel for rows of n under a config;
-    with the residual: a float32 stream, the branch's gradient in dtype, its bias's sums."""
+    with the residual: a float32 stream, the branch's gradient in dtype, its bias's sums; stream:
+    a float32 stream whose own gradient is added to dx, with no branch."""
     from kernels.aot import array_param, ct_dtype, dtype_name
 
     mat, stat = array_param(ct_dtype(dtype), 2), array_param(ct.float32, 1)
-    wide = array_param(ct.float32, 2) if residual else mat
+    wide = array_param(ct.float32, 2) if residual or stream else mat
     cfg = validate_bwd_config(config)
     tag = "".join(f"_{k}{v}" for k, v in sorted(config.items()))
     return (_hinted(_bwd_kernel, cfg["blocks_per_sm"]),
-            f"layernorm_bwd_{dtype_name(dtype)}_{n}{tag}" + ("_add" if residual else ""),
+            f"layernorm_bwd_{dtype_name(dtype)}_{n}{tag}" + ("_add" if residual else "")
+            + ("_stream" if stream else ""),
             [mat, wide, array_param(ct_dtype(dtype), 1), stat, stat, wide, wide, mat if residual else wide,
-             array_param(ct.float32, 3), *_bwd_shape(n, cfg, 4 if residual else dtype.itemsize, 8192, 132),
-             residual, residual, residual])
+             array_param(ct.float32, 3), *_bwd_shape(n, cfg, 4 if residual or stream else dtype.itemsize, 8192, 132),
+             residual or stream, residual, residual])
 
 
 def export_config(kernel: str, config: dict, dtype, n: int, out_dir, gpu_code="sm_90") -> list[str]:
@@ -535,7 +539,9 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
             jobs.append(_fwd_job(config, dtype, n, stats=False))
             jobs.append(_fwd_job(config, dtype, n, residual=True))
             jobs.append(_fwd_job(config, dtype, n, residual=True, bias=False))
+            jobs.append(_fwd_job(config, dtype, n, stream=True))
             jobs += [_bwd_job({}, dtype, n, residual) for residual in (False, True)]
+            jobs.append(_bwd_job({}, dtype, n, stream=True))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):  # the sums in the weights' dtype
         for n in (13, 768):  # both tiles of a 264-block grid
             block_g, block_n = _colsum_shape(n, 264)

@@ -64,6 +64,9 @@ def test_export_compiles_every_kernel_for_sm90(exported_cubins):
     # the column sum's tiles of narrow (16 columns a block) and wide rows (32)
     assert {s.split(".")[0].rsplit("_", 1)[1] for s in names if s.startswith("layernorm_colsum_")} == {"16", "32"}, names
     assert any(s.startswith("layernorm_bwd_") and "_add" in s for s in names), names
+    # block 0's ln_1: a float32 stream normalised into fp16, its own gradient added to dx
+    assert any(s.startswith("layernorm_fwd_float16_768_stream.") for s in names), names
+    assert any(s.startswith("layernorm_bwd_float16_768_stream.") for s in names), names
     # the backward's partial rows both ways: as 1-D sums (768 columns) and as they are (384)
     assert any(s.startswith("layernorm_bwd_float16_768.") for s in names), names
     assert any(s.startswith("layernorm_bwd_float16_384.") for s in names), names
