@@ -59,10 +59,11 @@ if ct is not None:
     @ct.kernel
     def _adamw_kernel(P, G, M, V, W, Steps, Scale, Inf, step_index: int, lr: float, beta1: float,
                       beta2: float, ln_beta1: float, ln_beta2: float, eps: float, decay: float,
-                      TILE: ConstInt, LATENCY: ConstInt, CAST: ConstBool):
-        """One AdamW step of P from G / Scale, as torch's fused AdamW takes it, leaving G divided
-        by Scale as torch's does; nothing changes where Inf is nonzero. With CAST, W gets the new
-        P in W's dtype. The step count, already advanced, is Steps[step_index]."""
+                      TILE: ConstInt, LATENCY: ConstInt, CAST: ConstBool, UNSCALE: ConstBool):
+        """One AdamW step of P from G / Scale, as torch's fused AdamW takes it; nothing changes
+        where Inf is nonzero. With UNSCALE, G is left divided by Scale, as torch's leaves it
+        (4 of the 34 bytes a parameter moves); with CAST, W gets the new P in W's dtype. The step
+        count, already advanced, is Steps[step_index]."""
         step = ct.load(Steps, index=(step_index,), shape=(1,))
         scale = ct.load(Scale, index=(0,), shape=(1,))
         skip = ct.load(Inf, index=(0,), shape=(1,)) != 0.0
@@ -81,7 +82,8 @@ if ct is not None:
             ct.store(P, index=(i,), tile=p_new)
             if CAST:
                 ct.store(W, index=(i,), tile=p_new.astype(W.dtype))
-            ct.store(G, index=(i,), tile=ct.where(skip, g_in, g))
+            if UNSCALE:
+                ct.store(G, index=(i,), tile=ct.where(skip, g_in, g))
             ct.store(M, index=(i,), tile=ct.where(skip, m, m_new))
             ct.store(V, index=(i,), tile=ct.where(skip, v, v_new))
 
@@ -230,46 +232,52 @@ class FlatAdamW:
         """The 2-norm of all gradients (after gather): the gaps between slots hold zeros."""
         return torch.linalg.vector_norm(self.flat_grads)
 
-    def step(self, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None):
+    def step(self, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+             unscale: bool = True) -> bool:
         """One AdamW step of every parameter from its gradient / grad_scale (after gather), none
-        where found_inf is nonzero; the gradients are left divided by grad_scale and the steps
-        counted, as torch's fused AdamW leaves them."""
+        where found_inf is nonzero, the steps counted. Returns whether the gradients are left
+        divided by grad_scale: always by torch's fused AdamW, by the cuTile kernel only with
+        unscale (without, it writes no gradient: 4 of the 34 bytes a parameter it moves)."""
         scale = self.ones if grad_scale is None else grad_scale.reshape(1).float()
         inf = self.zero if found_inf is None else found_inf.reshape(1).float()
+        groups = self.optimizer.param_groups
+        # one way for all groups, so that their gradients are all left divided or none
+        kernel = (ct is not None and self.device.type == "cuda" and kernels.available()[0]
+                  and not any(isinstance(g["lr"], torch.Tensor) for g in groups))
         with torch.no_grad():
             self.steps.add_(1)
-            first = 0
-            for g, (start, end) in zip(self.optimizer.param_groups, self.regions):
-                beta1, beta2 = g["betas"]
-                lr = g["lr"] if isinstance(g["lr"], torch.Tensor) else float(g["lr"])
-                args = (lr, float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]))
+            first, update = 0, self._kernel_step if kernel else self._torch_step
+            for g, (start, end) in zip(groups, self.regions):
                 bufs = [b[start:end] for b in (self.flat_params, self.flat_grads, self.exp_avg, self.exp_avg_sq)]
                 cast = None if self.casts is None else self.casts[start:end]
-                self._update(bufs, cast, first, scale, inf, *args)
+                if bufs[0].numel():
+                    update(bufs, cast, first, scale, inf, g["lr"], *map(float, g["betas"]), float(g["eps"]),
+                           float(g["weight_decay"]), unscale)
                 first += len(g["params"])
             if found_inf is not None:
                 self.steps.sub_(inf)
         self._cast_versions = None if self.casts is None else [p._version for p in self.params]
+        return unscale or not kernel
 
-    def _update(self, bufs, cast, step_index, scale, inf, lr, beta1, beta2, eps, decay):
-        if bufs[0].numel() == 0:
-            return
-        if isinstance(lr, torch.Tensor) or ct is None or not bufs[0].is_cuda or not kernels.available()[0]:
-            torch._fused_adamw_(*[[b] for b in bufs], [], [self.steps[step_index]], lr=lr, beta1=beta1,
-                                beta2=beta2, weight_decay=decay, eps=eps, amsgrad=False, maximize=False,
-                                grad_scale=scale.view(()), found_inf=inf.view(()))
-            if cast is not None:
-                cast.copy_(bufs[0])
-            return
+    def _torch_step(self, bufs, cast, step_index, scale, inf, lr, beta1, beta2, eps, decay, unscale):
+        lr = lr if isinstance(lr, torch.Tensor) else float(lr)
+        torch._fused_adamw_(*[[b] for b in bufs], [], [self.steps[step_index]], lr=lr, beta1=beta1,
+                            beta2=beta2, weight_decay=decay, eps=eps, amsgrad=False, maximize=False,
+                            grad_scale=scale.view(()), found_inf=inf.view(()))
+        if cast is not None:
+            cast.copy_(bufs[0])
+
+    def _kernel_step(self, bufs, cast, step_index, scale, inf, lr, beta1, beta2, eps, decay, unscale):
         grid = (min(-(-bufs[0].numel() // TILE), BLOCKS_PER_SM * sm_count(self.device)),)
         launch(self.device, grid, _hinted(),
-               (*bufs, bufs[0] if cast is None else cast, self.steps, scale, inf, step_index, lr, beta1,
-                beta2, math.log(_fp32(beta1)), math.log(_fp32(beta2)), eps, decay, TILE, LATENCY, cast is not None))
+               (*bufs, bufs[0] if cast is None else cast, self.steps, scale, inf, step_index, float(lr), beta1,
+                beta2, math.log(_fp32(beta1)), math.log(_fp32(beta2)), eps, decay, TILE, LATENCY,
+                cast is not None, unscale))
 
 
 def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     """Compile the AdamW kernel ahead of time (no GPU needed), without a cast and with an fp16 or
-    bf16 one; the cubin paths."""
+    bf16 one, and with the fp16 one leaving the gradients as they are; the cubin paths."""
     if ct is None:
         kernels.require()
     from cuda.tile import compilation as cc
@@ -279,9 +287,11 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
     f32 = array_param(ct.float32, 1)
     scalar = cc.ScalarConstraint(ct.float32)
     paths = []
-    for w, name in [(f32, "adamw_float32"), (array_param(ct.float16, 1), "adamw_float32_cast_float16"),
-                    (array_param(ct.bfloat16, 1), "adamw_float32_cast_bfloat16")]:
+    for w, name, unscale in [(f32, "adamw_float32", True),
+                             (array_param(ct.float16, 1), "adamw_float32_cast_float16", True),
+                             (array_param(ct.bfloat16, 1), "adamw_float32_cast_bfloat16", True),
+                             (array_param(ct.float16, 1), "adamw_float32_cast_float16_scaled_grads", False)]:
         params = [f32, f32, f32, f32, w, f32, f32, f32, cc.ScalarConstraint(ct.int32),
-                  *[scalar] * 7, TILE, LATENCY, w is not f32]
+                  *[scalar] * 7, TILE, LATENCY, w is not f32, unscale]
         paths.append(export(_hinted(), name, params, out_dir, gpu_code))
     return paths

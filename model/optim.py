@@ -20,9 +20,13 @@ class ScaledAdamW:
     """optimizer: a fused torch.optim.AdamW. loss_scaling: dynamic fp16 loss scaling, as
     GradScaler does it. clip: the gradient-norm bound, as clip_grad_norm_ takes it (0: none).
     flat: move the parameters (fp32, on one device) and moments into flat buffers and step them
-    there; a step where some parameter has no gradient is torch's, on the same memory."""
+    there; a step where some parameter has no gradient is torch's, on the same memory.
+    unscale_grads: leave each .grad unscaled and clipped after the step, as GradScaler.unscale_
+    and clip_grad_norm_ do; False lets the flat step skip writing them back (a loop that zeroes
+    them next has no use for it), and grad(p) is then the gradient the step took."""
 
-    def __init__(self, optimizer: torch.optim.AdamW, loss_scaling: bool, clip: float, flat: bool = False):
+    def __init__(self, optimizer: torch.optim.AdamW, loss_scaling: bool, clip: float, flat: bool = False,
+                 unscale_grads: bool = True):
         if not optimizer.defaults.get("fused"):
             raise ValueError("ScaledAdamW folds scaling into the fused AdamW update: pass fused=True")
         self.optimizer, self.loss_scaling, self.clip = optimizer, loss_scaling, clip
@@ -30,6 +34,7 @@ class ScaledAdamW:
         device = self.params[0].device
         self.scale = torch.full((), INIT_SCALE if loss_scaling else 1.0, device=device)
         self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.unscale_grads, self.grads_scaled_by = unscale_grads, None
         self.flat = None
         if flat:
             from kernels.adamw import FlatAdamW
@@ -45,9 +50,15 @@ class ScaledAdamW:
     def backward(self, loss: torch.Tensor):
         (loss * self.scale if self.loss_scaling else loss).backward()
 
+    def grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """p's gradient as the last step took it, unscaled and clipped (p.grad itself where the
+        step left it so)."""
+        return p.grad if self.grads_scaled_by is None or p.grad is None else p.grad / self.grads_scaled_by
+
     def step(self):
         """Update the parameters from gradients of the scaled loss, then update the scale. The
-        gradients are left unscaled and clipped, as after unscale_ and clip_grad_norm_."""
+        gradients are left unscaled and clipped, as after unscale_ and clip_grad_norm_, unless
+        unscale_grads is False and the flat step took them (grad(p) has them then)."""
         flat = self.flat if self.flat is not None and self.flat.gather() else None
         if flat is not None:
             norm = flat.grad_norm()  # of the scaled gradients
@@ -58,8 +69,11 @@ class ScaledAdamW:
         if self.clip > 0:  # clip_grad_norm_'s max_norm / (norm + 1e-6), with the norm still scaled
             coef = self.clip * self.scale / (norm + 1e-6 * self.scale)
             grad_scale = self.scale / coef.clamp(max=1.0)
+        self.grads_scaled_by = None
         if flat is not None:
-            flat.step(grad_scale, found_inf)
+            if not flat.step(grad_scale, found_inf, unscale=self.unscale_grads):  # the gradients kept as they are
+                # (a copy where it is the loss scale, which the update below changes)
+                self.grads_scaled_by = grad_scale.clone() if grad_scale is self.scale else grad_scale
         else:
             self.optimizer.grad_scale, self.optimizer.found_inf = grad_scale, found_inf
             self.optimizer.step()

@@ -162,7 +162,8 @@ def main(argv=None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_now
     update = ScaledAdamW(optimizer, loss_scaling=dtype == "float16", clip=args.grad_clip,
-                         flat=model.backend == "cutile")  # its kernels write into the flat gradients
+                         flat=model.backend == "cutile",  # its kernels write into the flat gradients
+                         unscale_grads=False)  # nothing reads them before the next backward
     step_model = torch.compile(model) if args.compile else model
     hint = update.loss_grad if args.grad_accum == 1 else None  # the gradient each loss gets, for the fused head
     ctx = lambda: autocast(device, dtype)  # noqa: E731

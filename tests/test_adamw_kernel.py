@@ -16,7 +16,8 @@ SIZES = [(1,), (13,), (127, 1), (257, 3), (4099,), (1000, 1003)]
 
 def test_export_compiles_the_adamw_kernel_for_sm90(exported_cubins):
     assert exported_cubins(adamw) == ["adamw_float32.sm_90.cubin", "adamw_float32_cast_float16.sm_90.cubin",
-                                      "adamw_float32_cast_bfloat16.sm_90.cubin"]
+                                      "adamw_float32_cast_bfloat16.sm_90.cubin",
+                                      "adamw_float32_cast_float16_scaled_grads.sm_90.cubin"]
 
 
 def _params(seed):
@@ -62,12 +63,14 @@ def test_the_lr_is_read_at_every_step_given_as_a_float_or_a_tensor(as_tensor, de
 
 
 @gpu
+@pytest.mark.parametrize("unscale", [True, False], ids=["unscale", "grads-kept"])
 @pytest.mark.parametrize("cast", [None, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("scale", [1024.0, 3.7])
-def test_matches_torch_fused_adamw(poisoned, scale, cast):
+def test_matches_torch_fused_adamw(poisoned, scale, cast, unscale):
     """Four steps of both, the third one skipped for an inf: parameters, unscaled gradients,
     moments and step counts agree, the two groups with their own lr and weight decay; the
-    weights' copies in `cast` are the parameters' after every step."""
+    weights' copies in `cast` are the parameters' after every step. Without unscale the
+    gradients are left as they came, to the bit."""
     ours, theirs = _params(0), _params(0)
     flat, reference = adamw.FlatAdamW(_adamw(ours)), _adamw(theirs)
     copies = flat.cast_copies(cast, ours) if cast else []
@@ -79,13 +82,17 @@ def test_matches_torch_fused_adamw(poisoned, scale, cast):
             a.grad = scale * torch.randn(a.shape, device="cuda", generator=g)
             b.grad = a.grad.clone()
         assert flat.gather()
-        flat.step(grad_scale, found_inf)
+        given = [a.grad.clone() for a in ours]
+        assert flat.step(grad_scale, found_inf, unscale=unscale) == unscale
         reference.grad_scale, reference.found_inf = grad_scale, found_inf
         reference.step()
         assert all(torch.equal(c, a.to(cast)) for c, a in zip(copies, ours))
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)  # 1e-6 of an update
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+            if unscale:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+            else:
+                assert torch.equal(a.grad, given.pop(0))
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 torch.testing.assert_close(flat.optimizer.state[a][key], reference.state[b][key],
                                            rtol=1e-6, atol=0)

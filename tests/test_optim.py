@@ -4,9 +4,9 @@ them on the CPU, the cuTile kernel on a GPU: tests/test_adamw_kernel.py)."""
 import pytest
 import torch
 
-from kernels.adamw import grad_slot
+from kernels.adamw import FlatAdamW, grad_slot
 from kernels.linear import WeightCasts, mm_acc
-from model.optim import INIT_SCALE, ScaledAdamW
+from model.optim import GROWTH_INTERVAL, INIT_SCALE, ScaledAdamW
 
 flat_or_not = pytest.mark.parametrize("flat", [False, True], ids=["tensors", "flat"])
 
@@ -28,18 +28,40 @@ def _loss(model, seed, poison=False):
     return model(x).pow(2).mean() * 50  # large enough that clipping at 1.0 bites
 
 
-@flat_or_not
+@pytest.fixture
+def kernel_keeps_grads(monkeypatch):
+    """FlatAdamW.step as the cuTile kernel takes it without unscale, on the CPU, where only torch's
+    step runs (which always divides the gradients): the gradients put back as they were."""
+    step = FlatAdamW.step
+
+    def keeping(self, grad_scale=None, found_inf=None, unscale=True):
+        kept = self.flat_grads.clone()
+        if step(self, grad_scale, found_inf, unscale) and not unscale:
+            self.flat_grads.copy_(kept)
+            return False
+        return True
+    monkeypatch.setattr(FlatAdamW, "step", keeping)
+
+
+@pytest.mark.parametrize("flat, unscale_grads", [(False, True), (True, True), (True, False), (False, False)],
+                         ids=["tensors", "flat", "flat-grads-kept", "tensors-grads-kept"])
 @pytest.mark.parametrize("clip", [1.0, 0.0, 1e6])
-def test_matches_the_three_pass_recipe(clip, flat):
-    """Five steps, the third with an inf in the loss: same parameters, gradients and loss scale
-    as GradScaler + clip_grad_norm_ (the scaler runs on CPU here, where it is enabled explicitly)."""
+def test_matches_the_three_pass_recipe(clip, flat, unscale_grads, kernel_keeps_grads):
+    """Five steps, the third with an inf in the loss, the last one where the scale grows: same
+    parameters, gradients (as the step took them: grad()) and loss scale as GradScaler +
+    clip_grad_norm_ (the scaler runs on CPU here, where it is enabled explicitly). Kept, the flat
+    step's gradients are the backward's, still scaled."""
     ours, theirs = _model(), _model()
-    update = ScaledAdamW(_optimizer(ours), loss_scaling=True, clip=clip, flat=flat)
+    update = ScaledAdamW(_optimizer(ours), loss_scaling=True, clip=clip, flat=flat, unscale_grads=unscale_grads)
     opt = _optimizer(theirs)
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
     for i in range(5):
+        if i == 4:  # the scale doubles in this step's update, after the gradients were scaled by it
+            update.growth_tracker.fill_(GROWTH_INTERVAL - 1)
+            scaler._growth_tracker.fill_(GROWTH_INTERVAL - 1)
         update.zero_grad()
         update.backward(_loss(ours, i, poison=i == 2))
+        scaled = [q.grad.clone() for q in ours.parameters()]
         update.step()
 
         opt.zero_grad(set_to_none=True)
@@ -51,11 +73,12 @@ def test_matches_the_three_pass_recipe(clip, flat):
         scaler.update()
 
         assert update.scale.item() == scaler.get_scale()
-        for a, b in zip(ours.parameters(), theirs.parameters()):
+        for a, b, g in zip(ours.parameters(), theirs.parameters(), scaled):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
             if i != 2:  # after a skipped step the gradients are not finite either way
-                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
-    assert update.scale.item() == INIT_SCALE / 2  # backed off once, at the inf
+                torch.testing.assert_close(update.grad(a), b.grad, rtol=1e-5, atol=1e-6)
+                assert torch.equal(a.grad, g) == (flat and not unscale_grads)
+    assert update.scale.item() == INIT_SCALE  # backed off once, at the inf, and grown once
 
 
 @flat_or_not

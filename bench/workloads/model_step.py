@@ -84,17 +84,19 @@ def _settled(name: str, q: torch.Tensor, x) -> torch.Tensor:
 
 
 class StepOutputs(Mapping):
-    """What a step is checked by: the loss, every gradient and (train) every updated parameter,
-    its undetermined elements settled (_settled), read from the model when the gate looks, so a
-    timed step spends no host time gathering them."""
+    """What a step is checked by: the loss, every gradient (train: unscaled and clipped, as the
+    update took it) and (train) every updated parameter, its undetermined elements settled
+    (_settled), read from the model when the gate looks, so a timed step spends no host time
+    gathering them."""
 
-    def __init__(self, mode: str, model, loss, x):
-        self.mode, self.model, self.loss, self.x = mode, model, loss, x
+    def __init__(self, mode: str, model, loss, x, update=None):
+        self.mode, self.model, self.loss, self.x, self.update = mode, model, loss, x, update
 
     def _items(self):
         yield "loss", self.loss
         named = list(self.model.named_parameters())
-        yield from ((f"grad.{n}", q.grad) for n, q in named)
+        grad = (lambda q: q.grad) if self.update is None else self.update.grad
+        yield from ((f"grad.{n}", grad(q)) for n, q in named)
         if self.mode == "train":
             yield from ((f"param.{n}", _settled(n, q, self.x)) for n, q in named)
 
@@ -165,7 +167,8 @@ def make_step(p, x, model, forward=None):
     else:
         update = ScaledAdamW(model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, device.type == "cuda"),
                              loss_scaling=p["dtype"] == "float16", clip=CLIP,
-                             flat=model.backend == "cutile")  # torch's models keep torch's AdamW
+                             flat=model.backend == "cutile",  # torch's models keep torch's AdamW
+                             unscale_grads=False)  # the next step's backward overwrites them
 
         hint = {"loss_grad": update.loss_grad} if model.backend == "cutile" else {}
 
@@ -174,7 +177,7 @@ def make_step(p, x, model, forward=None):
                 _, loss = forward(idx, targets, **hint)
             update.backward(loss)
             update.step()  # loss scaling stays on the GPU: no .item() anywhere in the step
-            return StepOutputs(mode, model, loss, x)
+            return StepOutputs(mode, model, loss, x, update)
 
     if not graph:
         def fn():
