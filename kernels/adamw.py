@@ -11,9 +11,9 @@ Gradients land in their slots without a copy where the backward that makes them 
 grad_slot(p) gives it the slot, and autograd keeps the tensor it returns as p.grad. Any other
 gradient is copied in, by one multi-tensor copy, before the norm. The update is torch's
 arithmetic (its fused AdamW's, with the loss scale and the inf check folded in), in fp32 either
-way; where cuTile cannot run, or a group's lr is a tensor (which a CUDA graph's step reads at
-every replay, where the kernel's lr is a launch argument fixed at the capture), torch's fused
-AdamW steps the flat buffers instead. The same pass can write a flat copy of the parameters in
+way; where cuTile cannot run, torch's fused AdamW steps the flat buffers instead. A group's lr
+may be a tensor, which a CUDA graph's step reads at every replay: the kernel reads it from memory
+(a float lr is a launch argument, fixed at a capture). The same pass can write a flat copy of the parameters in
 fp16 or bf16 (cast_copies), which the forward's weight copies (kernels.linear.WeightCasts) then
 are instead of a copy of their own.
 """
@@ -57,17 +57,19 @@ if ct is not None:
         return ct.where(y > -0.5, -(y * inner), 1.0 - ct.exp(y))
 
     @ct.kernel
-    def _adamw_kernel(P, G, M, V, W, Steps, Scale, Inf, step_index: int, lr: float, beta1: float,
+    def _adamw_kernel(P, G, M, V, W, Steps, Scale, Inf, Lr, step_index: int, lr: float, beta1: float,
                       beta2: float, ln_beta1: float, ln_beta2: float, eps: float, decay: float,
                       TILE: ConstInt, LATENCY: ConstInt, CAST: ConstBool, UNSCALE: ConstBool):
         """One AdamW step of P from G / Scale, as torch's fused AdamW takes it; nothing changes
         where Inf is nonzero. With UNSCALE, G is left divided by Scale, as torch's leaves it
-        (4 of the 34 bytes a parameter moves); with CAST, W gets the new P in W's dtype. The step
-        count, already advanced, is Steps[step_index]."""
+        (4 of the 34 bytes a parameter moves); with CAST, W gets the new P in W's dtype. The rate
+        is lr * Lr[0] (one of them 1: a tensor lr is read at every launch, a graph's replays
+        included). The step count, already advanced, is Steps[step_index]."""
         step = ct.load(Steps, index=(step_index,), shape=(1,))
         scale = ct.load(Scale, index=(0,), shape=(1,))
         skip = ct.load(Inf, index=(0,), shape=(1,)) != 0.0
-        step_size = lr / _one_minus_power(step, ln_beta1)
+        rate = lr * ct.load(Lr, index=(0,), shape=(1,))
+        step_size = rate / _one_minus_power(step, ln_beta1)
         root_bc2 = ct.sqrt(_one_minus_power(step, ln_beta2))
         for i in range(ct.bid(0), ct.cdiv(P.shape[0], TILE), ct.num_blocks(0)):
             p = ct.load(P, index=(i,), shape=(TILE,), padding_mode=ZERO, latency=LATENCY)
@@ -77,7 +79,7 @@ if ct is not None:
             g = g_in / scale
             m_new = m * beta1 + g * (1.0 - beta1)
             v_new = v * beta2 + (g * g) * (1.0 - beta2)
-            p_new = p * (1.0 - lr * decay) - step_size * m_new / (ct.sqrt(v_new) / root_bc2 + eps)
+            p_new = p * (1.0 - rate * decay) - step_size * m_new / (ct.sqrt(v_new) / root_bc2 + eps)
             p_new = ct.where(skip, p, p_new)
             ct.store(P, index=(i,), tile=p_new)
             if CAST:
@@ -242,8 +244,7 @@ class FlatAdamW:
         inf = self.zero if found_inf is None else found_inf.reshape(1).float()
         groups = self.optimizer.param_groups
         # one way for all groups, so that their gradients are all left divided or none
-        kernel = (ct is not None and self.device.type == "cuda" and kernels.available()[0]
-                  and not any(isinstance(g["lr"], torch.Tensor) for g in groups))
+        kernel = ct is not None and self.device.type == "cuda" and kernels.available()[0]
         with torch.no_grad():
             self.steps.add_(1)
             first, update = 0, self._kernel_step if kernel else self._torch_step
@@ -269,8 +270,12 @@ class FlatAdamW:
 
     def _kernel_step(self, bufs, cast, step_index, scale, inf, lr, beta1, beta2, eps, decay, unscale):
         grid = (min(-(-bufs[0].numel() // TILE), BLOCKS_PER_SM * sm_count(self.device)),)
+        if isinstance(lr, torch.Tensor):
+            rate, lr = lr.reshape(1).to(self.device, torch.float32), 1.0
+        else:
+            rate, lr = self.ones, float(lr)
         launch(self.device, grid, _hinted(),
-               (*bufs, bufs[0] if cast is None else cast, self.steps, scale, inf, step_index, float(lr), beta1,
+               (*bufs, bufs[0] if cast is None else cast, self.steps, scale, inf, rate, step_index, lr, beta1,
                 beta2, math.log(_fp32(beta1)), math.log(_fp32(beta2)), eps, decay, TILE, LATENCY,
                 cast is not None, unscale))
 
@@ -291,7 +296,7 @@ def export_for_check(out_dir, gpu_code="sm_90") -> list[str]:
                              (array_param(ct.float16, 1), "adamw_float32_cast_float16", True),
                              (array_param(ct.bfloat16, 1), "adamw_float32_cast_bfloat16", True),
                              (array_param(ct.float16, 1), "adamw_float32_cast_float16_scaled_grads", False)]:
-        params = [f32, f32, f32, f32, w, f32, f32, f32, cc.ScalarConstraint(ct.int32),
+        params = [f32, f32, f32, f32, w, f32, f32, f32, f32, cc.ScalarConstraint(ct.int32),
                   *[scalar] * 7, TILE, LATENCY, w is not f32, unscale]
         paths.append(export(_hinted(), name, params, out_dir, gpu_code))
     return paths

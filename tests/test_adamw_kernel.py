@@ -35,8 +35,8 @@ def _adamw(params):
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_the_lr_is_read_at_every_step_given_as_a_float_or_a_tensor(as_tensor, device):
     """A schedule given as floats, or as one tensor changed in place (what a captured step reads
-    at every replay; torch's fused AdamW steps the flat buffers then), moves the parameters as
-    torch's AdamW does with the same floats. On a GPU the floats go to the cuTile kernel. (Its
+    at every replay), moves the parameters as torch's AdamW does with the same floats. On a GPU
+    either goes to the cuTile kernel. (Its
     betas are fp32, as in torch's capturable AdamW: with beta2 = 0.999, whose 1 - beta2 fp32 holds
     to 1.3e-5, torch's other path, in double, moves a parameter 7e-6 of an update elsewhere.)"""
     g = torch.Generator().manual_seed(0)
@@ -162,11 +162,22 @@ def test_the_cutile_model_writes_its_weight_gradients_into_their_slots():
 
 
 @gpu
-def test_a_captured_step_replays_as_eager_steps_run():
-    """The step in a CUDA graph (as a graphed training step holds it): three replays give what
-    three eager steps of torch's fused AdamW give."""
+@pytest.mark.parametrize("lr_tensor", [False, True], ids=["lr-float", "lr-tensor"])
+def test_a_captured_step_replays_as_eager_steps_run(lr_tensor, monkeypatch):
+    """The step in a CUDA graph (as a graphed training step holds it), all of it in the cuTile
+    kernel: three replays give what three eager steps of torch's fused AdamW give. With the lr in
+    tensors (as model.train --graph holds it), changed before every replay, each replay takes the
+    new one."""
     ours, theirs = _params(3), _params(3)
     flat, reference = adamw.FlatAdamW(_adamw(ours)), _adamw(theirs)
+    rates = [torch.tensor(g["lr"], device="cuda") for g in flat.optimizer.param_groups]
+    if lr_tensor:
+        for g, rate in zip(flat.optimizer.param_groups, rates):
+            g["lr"] = rate
+
+    def torch_step(*args):
+        raise AssertionError("torch's fused AdamW stepped the flat buffers")
+    monkeypatch.setattr(adamw.FlatAdamW, "_torch_step", torch_step)
     copies = flat.cast_copies(torch.bfloat16, ours)
     grad_scale, found_inf = torch.full((), 8.0, device="cuda"), torch.zeros((), device="cuda")
     grads = [torch.randn(p.shape, device="cuda") for p in ours]
@@ -184,6 +195,10 @@ def test_a_captured_step_replays_as_eager_steps_run():
     reference.grad_scale, reference.found_inf = grad_scale, found_inf
     for i in range(4):
         if i:
+            if lr_tensor:  # a schedule: the replay must read these, not the capture's
+                for g, rate in zip(reference.param_groups, rates):
+                    rate.mul_(0.5)
+                    g["lr"] = rate.item()
             for a, d in zip(ours, grads):
                 a.grad.copy_(d)
             graph.replay()
