@@ -35,10 +35,10 @@ except Exception:  # no cuda-tile here: torch's fused AdamW steps the flat buffe
     ct = None
 
 ALIGN = 64  # elements: every slot and group starts on a 256-byte boundary (TMA and cuBLAS want 16)
-# 1024-element tiles, 4 blocks per SM, load latency 5, over GPT-2's 124M parameters (docs/PERF.md):
-# on an H100 1.478 ms against 1.616 at 8 blocks an SM and 1.466 for 2048-element tiles (the best of
-# 18); on an H200 1.6% behind 8 blocks an SM (0.953 against 0.938 ms), which 2048 trailed by 2.8%
-TILE, BLOCKS_PER_SM, LATENCY = 1024, 4, 5
+# 512-element tiles, 8 blocks per SM, load latency 5, over GPT-2's 124M parameters with an fp16
+# copy and the gradients left as they are (30 bytes a parameter; docs/PERF.md): on an H100 1.291
+# ms against 1.363 for the earlier 1024 x 4 (the best of 36; a copy of the same bytes 1.229)
+TILE, BLOCKS_PER_SM, LATENCY = 512, 8, 5
 
 if ct is not None:
     ConstInt = ct.Constant[int]
