@@ -13,9 +13,9 @@ gradient is copied in, by one multi-tensor copy, before the norm. The update is 
 arithmetic (its fused AdamW's, with the loss scale and the inf check folded in), in fp32 either
 way; where cuTile cannot run, torch's fused AdamW steps the flat buffers instead. A group's lr
 may be a tensor, which a CUDA graph's step reads at every replay: the kernel reads it from memory
-(a float lr is a launch argument, fixed at a capture). The same pass can write a flat copy of the parameters in
-fp16 or bf16 (cast_copies), which the forward's weight copies (kernels.linear.WeightCasts) then
-are instead of a copy of their own.
+(a float lr is a launch argument, fixed at a capture). The same pass can write a flat copy of the
+parameters in fp16 or bf16 (cast_copies), which the forward's weight copies
+(kernels.linear.WeightCasts) then are instead of a copy of their own.
 """
 from __future__ import annotations
 

@@ -36,9 +36,9 @@ def _adamw(params):
 def test_the_lr_is_read_at_every_step_given_as_a_float_or_a_tensor(as_tensor, device):
     """A schedule given as floats, or as one tensor changed in place (what a captured step reads
     at every replay), moves the parameters as torch's AdamW does with the same floats. On a GPU
-    either goes to the cuTile kernel. (Its
-    betas are fp32, as in torch's capturable AdamW: with beta2 = 0.999, whose 1 - beta2 fp32 holds
-    to 1.3e-5, torch's other path, in double, moves a parameter 7e-6 of an update elsewhere.)"""
+    either goes to the cuTile kernel. (Its betas are fp32, as in torch's capturable AdamW: with
+    beta2 = 0.999, whose 1 - beta2 fp32 holds to 1.3e-5, torch's other path, in double, moves a
+    parameter 7e-6 of an update elsewhere.)"""
     g = torch.Generator().manual_seed(0)
     start = [0.1 * torch.randn(s, generator=g) for s in SIZES]
     ours, theirs = ([torch.nn.Parameter(t.to(device)) for t in start] for _ in range(2))
