@@ -91,9 +91,9 @@ if ct is not None:
 
 
 @functools.lru_cache(maxsize=None)
-def _hinted():
-    """The kernel with its occupancy hint, made once: each hinted copy has its own JIT cache."""
-    return _adamw_kernel.replace_hints(occupancy=BLOCKS_PER_SM)
+def _hinted(blocks_per_sm: int = BLOCKS_PER_SM):
+    """The kernel with its occupancy hint, made once per hint: each hinted copy has its own JIT cache."""
+    return _adamw_kernel.replace_hints(occupancy=blocks_per_sm)
 
 
 def _fp32(x: float) -> float:
@@ -129,7 +129,9 @@ def owner_of(params) -> "FlatAdamW | None":
 class FlatAdamW:
     """The parameters and moments of a fused torch AdamW moved into flat buffers, and its step."""
 
-    def __init__(self, optimizer: torch.optim.AdamW):
+    def __init__(self, optimizer: torch.optim.AdamW, tile: int = TILE, blocks_per_sm: int = BLOCKS_PER_SM,
+                 latency: int = LATENCY):
+        """tile, blocks_per_sm and latency: the kernel's launch config (a benchmark's knobs)."""
         groups = optimizer.param_groups
         params = [p for g in groups for p in g["params"]]
         bad = [g for g in groups if g["amsgrad"] or g["maximize"] or g.get("differentiable")]
@@ -138,6 +140,7 @@ class FlatAdamW:
         if any(p.dtype != torch.float32 or p.device != params[0].device or p.is_sparse for p in params):
             raise ValueError("FlatAdamW takes fp32 parameters, all on one device")
         self.optimizer, self.params, self.device = optimizer, params, params[0].device
+        self.tile, self.blocks_per_sm, self.latency = tile, blocks_per_sm, latency
         self.slots, self.regions, end = [], [], 0  # each param's start; each group's (start, end)
         for g in groups:
             start = end
@@ -269,14 +272,14 @@ class FlatAdamW:
             cast.copy_(bufs[0])
 
     def _kernel_step(self, bufs, cast, step_index, scale, inf, lr, beta1, beta2, eps, decay, unscale):
-        grid = (min(-(-bufs[0].numel() // TILE), BLOCKS_PER_SM * sm_count(self.device)),)
+        grid = (min(-(-bufs[0].numel() // self.tile), self.blocks_per_sm * sm_count(self.device)),)
         if isinstance(lr, torch.Tensor):
             rate, lr = lr.reshape(1).to(self.device, torch.float32), 1.0
         else:
             rate, lr = self.ones, float(lr)
-        launch(self.device, grid, _hinted(),
+        launch(self.device, grid, _hinted(self.blocks_per_sm),
                (*bufs, bufs[0] if cast is None else cast, self.steps, scale, inf, rate, step_index, lr, beta1,
-                beta2, math.log(_fp32(beta1)), math.log(_fp32(beta2)), eps, decay, TILE, LATENCY,
+                beta2, math.log(_fp32(beta1)), math.log(_fp32(beta2)), eps, decay, self.tile, self.latency,
                 cast is not None, unscale))
 
 
