@@ -74,6 +74,7 @@ OWN_DIST = "cutile-bench"
 # The same declarations as pyproject.toml's entry points, for a checkout that is not pip-installed
 # (no metadata to read them from); an installed one reads them from its metadata like any other.
 _UNINSTALLED = {
+    "adamw": "bench.workloads.adamw:WORKLOAD",
     "fmha": "bench.workloads.fmha:WORKLOAD",
     "layernorm": "bench.workloads.layernorm:WORKLOAD",
     "model_head": "bench.workloads.model_head:WORKLOAD",
