@@ -67,3 +67,14 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, dtype=torch.float32):
 def gelu(x, approximate: str = "none", dtype=torch.float32):
     """GELU in `dtype`: the exact erf form (nanoGPT) or approximate='tanh' (GPT-2's original)."""
     return F.gelu(x.to(dtype), approximate=approximate)
+
+
+def adamw_step(param, grad, exp_avg, exp_avg_sq, step: int, lr: float, betas, eps: float,
+               weight_decay: float):
+    """One AdamW step in float64 (torch's arithmetic: decay, then the bias-corrected update) from
+    moments left at step - 1; returns (param, exp_avg, exp_avg_sq), the inputs unchanged."""
+    (b1, b2), g = betas, grad.double()
+    m = b1 * exp_avg.double() + (1 - b1) * g
+    v = b2 * exp_avg_sq.double() + (1 - b2) * g * g
+    denom = v.sqrt() / (1 - b2 ** step) ** 0.5 + eps
+    return param.double() * (1 - lr * weight_decay) - lr / (1 - b1 ** step) * m / denom, m, v

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import adamw
+from kernels import adamw, reference
 from model.gpt import GPT, GPTConfig
 from model.optim import ScaledAdamW
 
@@ -116,11 +116,8 @@ def test_the_bias_corrections_hold_at_beta2_0999():
     for step in range(1, 5):
         for i, p in enumerate(params):
             p.grad = torch.randn(p.shape, device="cuda", generator=g)
-            m, v = moments[i]
-            m.mul_(beta1).add_((1 - beta1) * p.grad.double())
-            v.mul_(beta2).add_((1 - beta2) * p.grad.double() ** 2)
-            denom = v.sqrt() / (1 - beta2 ** step) ** 0.5 + eps
-            exact[i] = exact[i] * (1 - lr * decay) - lr / (1 - beta1 ** step) * m / denom
+            exact[i], *moments[i] = reference.adamw_step(exact[i], p.grad, *moments[i], step, lr,
+                                                         (beta1, beta2), eps, decay)
         assert flat.gather()
         flat.step()
         for p, e in zip(params, exact):

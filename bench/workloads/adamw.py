@@ -13,6 +13,7 @@ import torch
 
 from bench.workloads import Workload
 from bench.workloads.providers import cutile_module, dtype_of
+from kernels.reference import adamw_step
 
 DEFAULTS = dict(numel=4099, dtype="float16")  # the cutile provider's tile, blocks_per_sm, latency: its own axes
 LR, BETAS, EPS, WEIGHT_DECAY, LOSS_SCALE = 1e-2, (0.9, 0.95), 1e-8, 0.1, 1024.0
@@ -42,12 +43,8 @@ def _copy_dtype(p):
 
 def reference(p, t):
     """The step in float64 from the inputs (torch's AdamW arithmetic), the copy rounded from it."""
-    (b1, b2), step = BETAS, STEPS_BEFORE + 1
-    g = t["grad"].double() / LOSS_SCALE
-    m = b1 * t["exp_avg"].double() + (1 - b1) * g
-    v = b2 * t["exp_avg_sq"].double() + (1 - b2) * g * g
-    denom = (v / (1 - b2 ** step)).sqrt() + EPS
-    new = t["param"].double() * (1 - LR * WEIGHT_DECAY) - LR / (1 - b1 ** step) * m / denom
+    new, m, v = adamw_step(t["param"], t["grad"].double() / LOSS_SCALE, t["exp_avg"],
+                           t["exp_avg_sq"], STEPS_BEFORE + 1, LR, BETAS, EPS, WEIGHT_DECAY)
     dt = _copy_dtype(p)
     return _outputs(new, m, v, None if dt is None else new.float().to(dt))
 
