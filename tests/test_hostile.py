@@ -178,10 +178,12 @@ def test_a_provider_right_only_while_the_first_batches_are_checked_is_incorrect(
     from bench.measure import sweep, worker
 
     text = SWEEP.format(providers=_providers(["honest_while_checked"]), modes="fwd")
-    text = text.replace("max_time_s: 0.05", "max_time_s: 1.0, target_ci: 0.0001")
+    # a budget of reps, not of time, so that a loaded host cannot end timing within the 13 calls:
+    # a first batch of 30 reps (calls 4-33), checked where the provider cannot know, then one more
+    text = text.replace("max_reps: 200, max_time_s: 0.05", "max_reps: 30, max_time_s: 60, target_ci: 0.0001")
     case = next(c for c in sweep.load(write_sweep(text)).cases if c.provider == "honest_while_checked")
     rec = worker.run_case(case, torch.device("cpu"))
-    # caught in the second batch or the third, by where the check fell in the second
+    # caught in the first batch or, at the latest, in the second
     assert rec["status"] == "incorrect" and rec["reason"].startswith("a timed rep on check set"), rec
 
 
