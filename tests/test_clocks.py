@@ -294,3 +294,15 @@ def test_a_sweep_control_must_be_one_of_its_providers(tmp_path):
         sweep.load(str(path))
     path.write_text(path.read_text().replace("cudnn", "sdpa-math"))
     assert sweep.load(str(path)).compare["control"] == "sdpa-math"
+
+
+def test_the_environment_card_counts_the_reps_dropped_as_warm_up_and_the_cases_still_moving():
+    from bench.present.report import settling
+
+    def rec(dropped, settled, drift=0.0):
+        return {"hygiene": {"unsettled_reps": dropped, "settled": settled, "drift": drift}}
+    assert settling([rec(0, True), rec(120, True), rec(40, False, 0.031), rec(10, False, None)]) == (
+        "170 reps dropped as warm-up in 3 of 4 cases; still moving at the end: 2 (halves +3.1% to +3.1% apart)")
+    assert settling([rec(0, True), rec(0, False, 0.002)]) == "0 reps dropped as warm-up in 0 of 2 cases"
+    assert settling([rec(0, None), {"hygiene": None}, {}]) is None  # a CPU run: nothing judged
+

@@ -249,6 +249,61 @@ def test_the_profiled_call_reads_a_held_out_set_and_is_judged(monkeypatch, skips
     assert out["failed"] == ("the profiled call: returned None" if skips_while_profiled else None)
 
 
+def _timed_on_gpu(monkeypatch, kernel_s, **timing_args):
+    """measure() over a simulated GPU whose one kernel a call takes kernel_s(now) seconds: 25 us of
+    host time a call, hidden by the spin; every rep's sample is its kernel's time."""
+    sim = _SimulatedGPU(25e-6, 25e-6)
+    launched = []
+
+    def call():
+        sim.now += 25e-6
+        launched.append(kernel_s(sim.now))
+        sim.launch(launched[-1])
+    args = dict(warmup_ms=1, min_reps=5, max_reps=10**6, max_time_s=10.0, target_ci=0.01)
+    return timing.measure(call, torch.device("cuda"), l2_flush=False, cuda_graph=False,
+                          prims=sim.install(monkeypatch), **{**args, **timing_args}), launched
+
+
+def test_a_gpu_case_is_timed_at_its_steady_time_once_its_earlier_batches_have_settled(monkeypatch):
+    """20 us a call for its first 95 ms, 24 us after (a GPU that has warmed up), a step early in the
+    second batch: the two batches pooled would have a median of 20 us. The first batch is dropped,
+    a third is timed, and the median is the steady 24 us."""
+    out, _ = _timed_on_gpu(monkeypatch, lambda now: 20e-6 if now < 0.095 else 24e-6)
+    assert out["stop"] == "converged" and out["settled"] is True and out["still_moving"] is None
+    assert out["unsettled_reps"] > 0 and out["drift"] == pytest.approx(0.0, abs=0.01)
+    assert sorted(out["samples_ms"])[len(out["samples_ms"]) // 2] == pytest.approx(0.024, abs=1e-6)
+
+
+def test_a_steady_gpu_case_keeps_every_batch(monkeypatch):
+    """+-2% of scatter a call around 20 us, drawn from a seeded generator: nothing to drop."""
+    noise = np.random.default_rng(0)
+    out, _ = _timed_on_gpu(monkeypatch, lambda now: 20e-6 * (1 + 0.02 * noise.uniform(-1, 1)))
+    assert out["stop"] == "converged" and out["settled"] is True and out["unsettled_reps"] == 0
+    assert abs(out["drift"]) < timing.SETTLE_FLOOR
+
+
+def test_a_gpu_case_still_moving_when_its_budget_ends_keeps_its_later_half_and_says_so(monkeypatch):
+    """A call 1% slower every 10 ms, for 0.3 s: it never settles. Its earlier batches are dropped,
+    so its median sits above that of every call it made, and its record says it moved."""
+    out, launched = _timed_on_gpu(monkeypatch, lambda now: 20e-6 * (1 + now), max_time_s=0.3)
+    assert out["stop"] == "time_budget" and out["settled"] is False and out["drift"] > timing.SETTLE_FLOOR
+    assert out["unsettled_reps"] > 0 and "still moving" in out["still_moving"]
+    assert np.median(out["samples_ms"]) > 1e3 * np.median(launched)
+
+
+def test_on_the_cpu_nothing_is_dropped_as_settling():
+    """A host's load moves CPU batches by tens of percent: the halves test is the GPU's alone."""
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.001 if len(calls) < 40 else 0.004)
+    out = timing.measure(fn, torch.device("cpu"), warmup_ms=0, min_reps=5, max_reps=10**6,
+                         max_time_s=0.4, target_ci=0.0, l2_flush=False, cuda_graph=False)
+    assert out["settled"] is None and out["unsettled_reps"] == 0 and out["still_moving"] is None
+    assert len(out["samples_ms"]) + out["warmup_reps"] == len(calls)
+
+
 def test_the_first_calls_memory_is_not_read_on_a_cpu():
     out, ms, extra_mib = timing.first_call(lambda: torch.ones(1000), torch.device("cpu"))
     assert out.numel() == 1000 and ms > 0 and extra_mib is None

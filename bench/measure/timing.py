@@ -1,7 +1,9 @@
 """Timing one callable: warm-up by time, per-rep samples (CUDA events on a GPU, perf_counter_ns on
 the CPU), an L2 flush between reps that leaves no dirty lines behind, optional CUDA-graph replay,
 and a noise-based stop rule: reps continue until the median's 95% CI half-width is under
-`target_ci` or the time budget ends.
+`target_ci` or the time budget ends. On a GPU a case must also have settled: where the later half of
+its batches is timed apart from the earlier, the earlier half was still warming up (clocks, power,
+heat) and is dropped, so the median is of the steady time, not of a run that moved under it.
 
 With `hide_launch`, a spin kernel sized to the host's enqueue time of one call runs before each
 rep's start event, so the whole rep is queued before the GPU reaches it: the events then measure GPU
@@ -65,6 +67,14 @@ _sleep = time.sleep
 # MAX_CHECKS batches (each checked rep's reference is a cost), and MIN_CHECKS run, budget or not
 BATCH_S = 0.05
 MAX_CHECKS, MIN_CHECKS = 8, 2
+
+# a GPU case has settled when the median of the later half of its kept batches is within the
+# largest of target_ci, SETTLE_FLOOR and twice the pooled median's CI of the earlier half's (two
+# halves of one steady distribution differ by more than twice that CI about 5% of the time); until
+# then the earlier half is warm-up and is dropped. A graphed GPT-2 step's batch medians rose 16.21 ->
+# 16.73 -> 16.78 ms through one case (H100) while torch.compile's held: the pooled median charged it
+# less than its steady time. Batches a clock step apart differ by up to about 1%.
+SETTLE_FLOOR = 0.01
 
 FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MB)
 SPIN_HZ = 2.0e9  # cycles per second assumed for the spin kernel: at or above current boost clocks
@@ -166,6 +176,20 @@ def _batch_cpu(call, n: int, flush, spin_cycles: int, feed, after, device_wide: 
         if after is not None:
             after(i, out)
     return samples, 0.0, reading, [False] * n
+
+
+def settling(samples: list, batch_reps: list, target_ci: float) -> tuple[int, float | None]:
+    """(how many leading batches are still settling: none, or the earlier half; the drift, the later
+    half's median over the earlier half's less one, None under two batches)."""
+    k = len(batch_reps)
+    if k < 2:
+        return 0, None
+    cut = sum(batch_reps[:k // 2])
+    early, late = sorted(samples[:cut])[cut // 2], sorted(samples[cut:])[(len(samples) - cut) // 2]
+    if early <= 0:
+        return 0, None
+    drift = late / early - 1
+    return (k // 2 if abs(drift) > max(target_ci, SETTLE_FLOOR, 2 * ci_rel(samples)) else 0), drift
 
 
 def checked_batches(max_time_s: float, reference_s: float = 0.0) -> int:
@@ -294,6 +318,21 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     discarded = throttled_kept = 0
     start, stop, batches, hidden, suspected, device_wide = _perf_counter(), "max_reps", 0, 0.0, 0, False
     failed = None
+    unsettled_reps = 0
+
+    def drop_unsettled() -> tuple[int, float | None]:
+        """Drop the leading batches still settling (`settling`); what it said. On the CPU, batches
+        scatter with the host's load (microsecond calls' halves -43% to +44% apart on a busy
+        host), which no warm-up settles: there nothing is dropped."""
+        nonlocal samples, batch_reps, batch_mhz, unsettled_reps
+        if not on_gpu:
+            return 0, None
+        settling_batches, drift = settling(samples, batch_reps, target_ci)
+        cut = sum(batch_reps[:settling_batches])
+        samples, batch_reps, batch_mhz = samples[cut:], batch_reps[settling_batches:], batch_mhz[settling_batches:]
+        unsettled_reps += cut
+        return settling_batches, drift
+
     checking = verify is not None
     least = MIN_CHECKS if checking else 0  # batches that run, budget or not
     batch_s = max(BATCH_S, max_time_s / (batches or checked_batches(max_time_s))) if checking else BATCH_S
@@ -341,11 +380,15 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
             batch_reps.append(len(got))
             batch_mhz.append((reading or {}).get("sm_mhz"))
             if len(samples) >= min_reps and ci_rel(samples) <= target_ci and batches >= least:
-                stop = "converged"
-                break
+                if not drop_unsettled()[0] and (len(batch_reps) >= 2 or not on_gpu):
+                    stop = "converged"
+                    break
             if _perf_counter() - start >= max_time_s and batches >= least:
                 stop = "time_budget"
                 break
+    # still moving when timing ended, the later half is the nearer to its steady time
+    moving, drift = (0, None) if failed else drop_unsettled()
+    settled = (drift is not None and not moving) if on_gpu else None
     busy = None
     if not failed and checking and on_gpu:
         # the profiled call reads a held-out set and is judged like a checked rep, so that a provider
@@ -363,4 +406,9 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     return {"samples_ms": samples, "clocks": clocks, "warmup_reps": warm, "host_ms": host_s * 1e3, "stop": stop,
             "busy_ms": busy, "hidden_ms": hidden,
             "device_wide": device_wide, "checked": batches if checking else 0,
-            "failed": failed, "exposed_reps": exposed_reps, "spin_ms": spin / SPIN_HZ * 1e3}
+            "failed": failed, "exposed_reps": exposed_reps, "spin_ms": spin / SPIN_HZ * 1e3,
+            "unsettled_reps": unsettled_reps, "drift": drift, "settled": settled,
+            "still_moving": None if settled or not unsettled_reps else (
+                "its time was still moving when timing ended"
+                + (f" (the later half of its batches {drift:+.1%} from the earlier)" if drift is not None else "")
+                + ": its earlier batches were dropped")}

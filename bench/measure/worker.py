@@ -265,13 +265,16 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
             rec.hygiene = {"level": hygiene, "input_sets": len(x.sets), "fresh_inputs": checked,
                            "rechecked_reps": result["checked"], "hidden_ms": result["hidden_ms"],
                            "device_wide": result["device_wide"], "exposed_reps": result["exposed_reps"],
-                           "spin_ms": result["spin_ms"]}
+                           "spin_ms": result["spin_ms"], "unsettled_reps": result["unsettled_reps"],
+                           "drift": result["drift"], "settled": result["settled"]}
             if result["failed"] and rec.status == "ok":
                 rec.status, rec.reason = "incorrect", result["failed"]
             if result["device_wide"]:  # said beside, never instead of, why a case is incorrect
                 rec.reason = "; ".join(filter(None, [
                     rec.reason, f"work ran outside the current stream ({result['hidden_ms']:.3g} ms "
                                 "after a batch's last end event): every rep timed to a device-wide end"]))
+            if result["still_moving"]:
+                rec.reason = "; ".join(filter(None, [rec.reason, result["still_moving"]]))
     except workloads.Unavailable as e:
         rec.status, rec.reason = "skipped", str(e)
     except Exception as e:

@@ -416,6 +416,22 @@ def slowed_batches(records) -> str | None:
     return f"re-taken: {text}; kept throttled: {kept}; in {cases} of {len(clocked)} cases"
 
 
+def settling(records) -> str | None:
+    """Reps dropped as warm-up because a case's later batches were timed apart from its earlier
+    ones, and the cases still moving when their time ran out; None where no case was judged (a CPU)."""
+    judged = [h for h in (rec.get("hygiene") or {} for rec in records) if h.get("settled") is not None]
+    if not judged:
+        return None
+    dropped = [h["unsettled_reps"] for h in judged if h.get("unsettled_reps")]
+    moving = [h["drift"] for h in judged if not h["settled"] and h.get("unsettled_reps")]
+    text = f"{sum(dropped)} reps dropped as warm-up in {len(dropped)} of {len(judged)} cases"
+    if moving:
+        known = [d for d in moving if d is not None]
+        text += f"; still moving at the end: {len(moving)}" + (
+            f" (halves {min(known):+.1%} to {max(known):+.1%} apart)" if known else "")
+    return text
+
+
 def env_card(run: Run) -> list[tuple[str, str]]:
     """(label, value) pairs: hardware, clocks and throttling seen, versions, provenance."""
     meta, env = run.meta, run.meta.get("env") or {}
@@ -443,6 +459,9 @@ def env_card(run: Run) -> list[tuple[str, str]]:
     slowed = slowed_batches(run.records)
     if slowed:
         items.append(("timed batches the GPU slowed", slowed))
+    settled = settling(run.records)
+    if settled:
+        items.append(("settling", settled))
     fresh = fresh_workers(run.records)
     if fresh:
         items.append(("cases that left their worker changed", fresh))
