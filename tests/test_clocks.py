@@ -297,7 +297,7 @@ def test_a_sweep_control_must_be_one_of_its_providers(tmp_path):
 
 
 def test_the_environment_card_counts_the_reps_dropped_as_warm_up_and_the_cases_still_moving():
-    from bench.present.report import settling
+    from bench.results.summary import settling
 
     def rec(dropped, settled, drift=0.0):
         return {"hygiene": {"unsettled_reps": dropped, "settled": settled, "drift": drift}}

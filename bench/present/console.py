@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 from rich.table import Table
 
-from bench.results.summary import fresh_workers
+from bench.results.summary import fresh_workers, settling
 
 err = Console(stderr=True)
 out = Console(width=160)  # writes to whatever sys.stdout is at the time
@@ -130,6 +130,9 @@ def report_end(summary: pd.DataFrame, records: list[dict]) -> None:
     fresh = fresh_workers(records)
     if fresh:
         out.print(f"cases that left their worker changed: {fresh}", highlight=False)
+    settled = settling(records)
+    if settled:
+        out.print(f"settling: {settled}", highlight=False)
     reasons = Counter((r["provider"], r["reason"]) for r in records if r["status"] == "skipped")
     for (provider, reason), n in sorted(reasons.items()):
         out.print(f"skipped {provider} ({n} case{'s' * (n != 1)}): {reason}", highlight=False)

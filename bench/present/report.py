@@ -18,7 +18,7 @@ from bench.results import compare
 from bench.results.counters import stall_words
 from bench.results.baseline import hardware
 from bench.results.store import Run
-from bench.results.summary import fresh_workers, summarize
+from bench.results.summary import fresh_workers, settling, summarize
 
 # an installed wheel carries report_templates/ in bench/ (pyproject.toml); a checkout has it at the top
 TEMPLATES = next((p for p in (Path(str(resources.files("bench") / "report_templates")),) if p.is_dir()),
@@ -414,22 +414,6 @@ def slowed_batches(records) -> str | None:
         return "none"
     text = ", ".join(f"{k} {n}" for k, n in why.most_common()) or "none"
     return f"re-taken: {text}; kept throttled: {kept}; in {cases} of {len(clocked)} cases"
-
-
-def settling(records) -> str | None:
-    """Reps dropped as warm-up because a case's later batches were timed apart from its earlier
-    ones, and the cases still moving when their time ran out; None where no case was judged (a CPU)."""
-    judged = [h for h in (rec.get("hygiene") or {} for rec in records) if h.get("settled") is not None]
-    if not judged:
-        return None
-    dropped = [h["unsettled_reps"] for h in judged if h.get("unsettled_reps")]
-    moving = [h["drift"] for h in judged if not h["settled"] and h.get("unsettled_reps")]
-    text = f"{sum(dropped)} reps dropped as warm-up in {len(dropped)} of {len(judged)} cases"
-    if moving:
-        known = [d for d in moving if d is not None]
-        text += f"; still moving at the end: {len(moving)}" + (
-            f" (halves {min(known):+.1%} to {max(known):+.1%} apart)" if known else "")
-    return text
 
 
 def env_card(run: Run) -> list[tuple[str, str]]:

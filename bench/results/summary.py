@@ -1,7 +1,7 @@
 """The summary table: one row per case, statistics recomputed from the stored samples, speedup
 against the sweep's baseline provider for the same shape, and the share of the machine's measured
-ceiling (meta.json's `ceilings`) that the case reaches; and the cases that left their worker
-changed, with what the fresh worker after each cost."""
+ceiling (meta.json's `ceilings`) that the case reaches; the cases that left their worker
+changed, with what the fresh worker after each cost; and the reps dropped while cases settled."""
 from __future__ import annotations
 
 import json
@@ -138,4 +138,20 @@ def fresh_workers(records) -> str | None:
             f"changed {'; '.join(what)}")
     if gaps:
         text += f"; the next case began {gaps[len(gaps) // 2]:.1f} s later (median), in a fresh worker"
+    return text
+
+
+def settling(records) -> str | None:
+    """Reps dropped as warm-up because a case's later batches were timed apart from its earlier
+    ones, and the cases still moving when their time ran out; None where no case was judged (a CPU)."""
+    judged = [h for h in (rec.get("hygiene") or {} for rec in records) if h.get("settled") is not None]
+    if not judged:
+        return None
+    dropped = [h["unsettled_reps"] for h in judged if h.get("unsettled_reps")]
+    moving = [h["drift"] for h in judged if not h["settled"] and h.get("unsettled_reps")]
+    text = f"{sum(dropped)} reps dropped as warm-up in {len(dropped)} of {len(judged)} cases"
+    if moving:
+        known = [d for d in moving if d is not None]
+        text += f"; still moving at the end: {len(moving)}" + (
+            f" (halves {min(known):+.1%} to {max(known):+.1%} apart)" if known else "")
     return text
