@@ -261,7 +261,9 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
     `hidden_ms`, the most work any batch left running after its last end event, and `device_wide`
     when that made every rep wait for the whole device;
     `exposed_reps`, the reps dropped because the GPU reached them before the host had queued them
-    whole, and `spin_ms`, the spin they left.
+    whole, and `spin_ms`, the spin they left; on a GPU, `unsettled_reps` (dropped as still
+    settling), `drift` and `settled` (the last halves test: `settling`), and `still_moving`, the
+    words a record gets where timing ended before the case settled.
 
     `feed(check)` runs before each rep, outside its time, to put inputs in place. With `verify`, every
     batch is checked: one rep, at a position the provider cannot know, reads a held-out input set
