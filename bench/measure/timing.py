@@ -72,8 +72,8 @@ MAX_CHECKS, MIN_CHECKS = 8, 2
 # largest of target_ci, SETTLE_FLOOR and twice the pooled median's CI of the earlier half's (two
 # halves of one steady distribution differ by more than twice that CI about 5% of the time); until
 # then the earlier half is warm-up and is dropped. A graphed GPT-2 step's batch medians rose 16.21 ->
-# 16.73 -> 16.78 ms through one case (H100) while torch.compile's held: the pooled median charged it
-# less than its steady time. Batches a clock step apart differ by up to about 1%.
+# 16.73 -> 16.78 ms through one case (H100) while torch.compile's first two were level: the pooled
+# median charged ours less than its steady time. Batches a clock step apart differ by up to about 1%.
 SETTLE_FLOOR = 0.01
 
 FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MB)
@@ -362,7 +362,7 @@ def measure(fn, device: torch.device, warmup_ms: float, min_reps: int, max_reps:
                 suspected += 1
                 if suspected >= 2:  # twice: not a host that woke late once
                     device_wide, samples, start = True, [], _perf_counter()
-                    batch_reps, batch_mhz = [], []
+                    batch_reps, batch_mhz, unsettled_reps = [], [], 0
                 continue
             suspected = 0
             if any(exposed) and spin < MAX_SPIN_S * SPIN_HZ:  # past the longest spin, they are kept
