@@ -37,7 +37,9 @@ except Exception:  # no cuda-tile here: torch's fused AdamW steps the flat buffe
 ALIGN = 64  # elements: every slot and group starts on a 256-byte boundary (TMA and cuBLAS want 16)
 # 512-element tiles, 8 blocks per SM, load latency 5, over GPT-2's 124M parameters with an fp16
 # copy and the gradients left as they are (30 bytes a parameter; docs/PERF.md): on an H100 1.291
-# ms against 1.363 for the earlier 1024 x 4 (the best of 36; a copy of the same bytes 1.229)
+# ms against 1.363 for the earlier 1024 x 4 in a probe without an L2 flush (a copy of the same
+# bytes 1.229); under the harness's rule (sweeps/adamw.yaml --profile configs) 1.283 ms, level
+# with 1024 x 4 and 0.8% from the best of 36 (4096 x 4)
 TILE, BLOCKS_PER_SM, LATENCY = 512, 8, 5
 
 if ct is not None:
