@@ -77,3 +77,28 @@ def test_an_answer_is_one_line_with_the_nonce():
     assert pool._unwrap('{"nonce": "a", "tampered": ["x"]}', "a") == ["x"]
     assert pool._unwrap('{"nonce": "a", "tampered": [1]}', "a") is None
     assert pool._unwrap("[1, 2]", "a") is None and pool._unwrap("{", "a") is None
+
+
+def test_a_compiled_cache_of_its_own_source_is_no_change_and_one_of_other_code_is(tmp_path):
+    """An import elsewhere (a test, another run) writes caches of the tree while a run runs: such
+    a cache is its source's code, and no change. One of other code is, though its header names
+    the source as it is, and so is a cache of another interpreter, which cannot be checked here."""
+    import marshal
+    import py_compile
+    from pathlib import Path
+
+    src = tmp_path / "bench" / "gate.py"
+    src.parent.mkdir()
+    src.write_text("TOLERANCE = 1e-2\n")
+    before = pool.source_state(tmp_path)
+    cache = Path(py_compile.compile(str(src), doraise=True))
+    assert cache.parent.name == "__pycache__"
+    assert pool.source_changes(tmp_path, before) == []
+    header = cache.read_bytes()[:16]
+    cache.write_bytes(header + marshal.dumps(compile("TOLERANCE = 9e9\n", str(src), "exec")))
+    assert pool.source_changes(tmp_path, before) == ["bench/__pycache__/" + cache.name]
+    cache.unlink()
+    assert pool.source_changes(tmp_path, before) == []
+    other = cache.with_name("gate.cpython-20.pyc")
+    other.write_bytes(b"not this interpreter's")
+    assert pool.source_changes(tmp_path, before) == ["bench/__pycache__/gate.cpython-20.pyc"]

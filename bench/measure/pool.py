@@ -9,7 +9,9 @@ run is written: the parent moves each case's output into the run directory itsel
 """
 from __future__ import annotations
 
+import functools
 import json
+import marshal
 import os
 import queue
 import re
@@ -97,20 +99,46 @@ class TreeChanged(BadInput):
     """The files a run's workers import changed while it ran: the cases after would run other code."""
 
 
-def source_state(tree: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime in ns) of every file of `tree`'s SOURCES, by path; compiled caches left out."""
+def source_state(tree: Path) -> dict[str, tuple[int, int, int]]:
+    """(size, mtime, ctime in ns) of every file of `tree`'s SOURCES, compiled caches included, by
+    path. A rewrite that keeps a file's size and puts its mtime back still moves its ctime, which
+    only the kernel sets."""
     state = {}
     for sub in SOURCES:
         for path in (tree / sub).rglob("*") if (tree / sub).is_dir() else ():
-            if "__pycache__" not in path.parts and path.is_file():
+            if path.is_file():
                 st = path.stat()
-                state[str(path.relative_to(tree))] = (st.st_size, st.st_mtime_ns)
+                state[str(path.relative_to(tree))] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return state
+
+
+@functools.lru_cache(maxsize=1024)
+def _honest_cache(path: Path, stat: tuple | None) -> bool:
+    """Whether `path`, new, changed or gone, is a compiled cache any import of its source could have
+    written (a test or another run importing the tree writes them while a run runs): one gone, or a
+    .pyc of this interpreter whose code is its source's. One of other code is not: the import takes
+    a cache whose header gives its source's size and mtime unchecked, so a rewritten gate could sit
+    there while the source stays as it was."""
+    if path.parent.name != "__pycache__" or path.suffix != ".pyc":
+        return False
+    if stat is None:
+        return True
+    stem, tag, *opt = path.stem.split(".")  # check.cpython-311, or check.cpython-311.opt-1
+    if tag != sys.implementation.cache_tag or len(opt) > 1:
+        return False
+    source = path.parent.parent / f"{stem}.py"
+    try:
+        level = int(opt[0].removeprefix("opt-")) if opt else 0
+        code = marshal.loads(path.read_bytes()[16:])  # after the header: magic, flags, mtime, size
+        return code == compile(source.read_bytes(), str(source), "exec", dont_inherit=True, optimize=level)
+    except (OSError, ValueError, EOFError, TypeError, SyntaxError):
+        return False
 
 
 def source_changes(tree: Path, before: dict) -> list[str]:
     now = source_state(tree)
-    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return sorted(k for k in before.keys() | now.keys()
+                  if before.get(k) != now.get(k) and not _honest_cache(tree / k, now.get(k)))
 
 
 FORGED = ("its worker's answer pipe carried a line the worker did not write: something the case ran "
@@ -137,6 +165,8 @@ class Worker:
         """Start a worker and wait until it has imported everything; False if it never does."""
         self.scratch = tempfile.mkdtemp(prefix="bench-worker-")
         env = worker_env(self.tree)
+        if self.python != sys.executable:  # its compiled caches are not this interpreter's to check
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
         with open(Path(self.scratch) / "worker.log", "wb") as err:
             self.proc = subprocess.Popen(self._command(), cwd=self.scratch, env=env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
