@@ -39,6 +39,31 @@ def test_a_record_has_a_version_and_an_unknown_one_is_refused():
         record.parse(rec("a", samples=[-1.0]))
 
 
+@pytest.mark.parametrize("field,value", [("params", "seq_len=13"), ("shape", [1]), ("provider", 3),
+                                         ("max_abs_err", "0"), ("rounds", True)])
+def test_a_record_of_other_shapes_than_the_harness_writes_is_refused_in_one_line(field, value):
+    """A record edited by hand and chained again was met by the report and compare as a traceback."""
+    with pytest.raises(record.SchemaError, match=f"record a: {field} is of type {type(value).__name__}"):
+        record.parse(rec("a", **{field: value}))
+
+
+@pytest.mark.parametrize("part,value,says", [
+    ("sweep", "fmha", "sweep is of type str"), ("env", [], "env is of type list"),
+    ("env", {"gpus": "H100"}, "env.gpus is of type str"), ("workloads", {"fmha": 5}, "workloads.fmha is of type int"),
+    ("sweep", {"compare": {"threshold": "abc"}}, "sweep.compare.threshold is of type str"),
+])
+def test_a_meta_json_of_other_shapes_than_the_harness_writes_is_refused_in_one_line(tmp_path, part, value, says):
+    path = _write(tmp_path / "r", [rec("a")])
+    meta = json.loads((path / store.META).read_text())
+    (path / store.META).write_text(json.dumps({**meta, part: value}))
+    with pytest.raises(record.SchemaError, match=says):
+        store.load_run(path)
+    (path / store.META).write_text(json.dumps(meta))
+    (path / store.CASES).write_text(json.dumps({"a": 1}))
+    with pytest.raises(record.SchemaError, match="not a list of cases"):
+        store.load_run(path)
+
+
 def test_version_1_records_upgrade_through_one_function():
     old = {k: v for k, v in rec("a").items()}  # no schema_version: written before it existed
     old["rounds"] = 2

@@ -73,6 +73,10 @@ class Record:
 
 
 FIELDS = {f.name for f in fields(Record)}
+# each field's Python types, read from its annotation ("float | None": a number, or none)
+_KINDS = {"str": (str,), "dict": (dict,), "list": (list,), "int": (int,), "float": (int, float),
+          "None": (type(None),)}
+KINDS = {f.name: tuple(k for part in str(f.type).split("|") for k in _KINDS[part.strip()]) for f in fields(Record)}
 REQUIRED = {"case_id", "workload", "provider", "baseline", "params", "shape", "device", "status"}
 
 
@@ -109,6 +113,11 @@ def parse(d) -> dict:
         raise SchemaError("record " + "; ".join(
             ([f"unknown fields {sorted(unknown)}"] if unknown else [])
             + ([f"missing fields {sorted(missing)}"] if missing else [])))
+    wrong = next((k for k, v in d.items() if not isinstance(v, KINDS[k]) or (
+        isinstance(v, bool) and bool not in KINDS[k])), None)
+    if wrong:
+        raise SchemaError(f"record {d.get('case_id')}: {wrong} is of type {type(d[wrong]).__name__}, "
+                          "not what the harness writes there")
     if d["status"] not in STATUSES:
         raise SchemaError(f"record {d.get('case_id')}: unknown status {d['status']!r}")
     samples = d.get("samples_ms") or []

@@ -160,17 +160,45 @@ def cut_torn_tail(path: Path) -> bool:
     return True
 
 
+# what meta.json's readers take its parts to be: a file edited by hand into other shapes is refused
+# in one line, not met as a traceback in whichever reader touches it first
+META_KINDS = {"sweep": dict, "env": dict, "git": dict, "workloads": dict, "records": dict, "ceilings": dict,
+              "ab": dict, "devices": list, "complete": bool, "run_id": str, "started_utc": str}
+
+
+def checked_meta(meta, where) -> dict:
+    """meta.json's content, its parts of the kinds META_KINDS names; SchemaError naming the first
+    that is not."""
+    if not isinstance(meta, dict):
+        raise SchemaError(f"{where}: not a JSON object")
+    parts = {k: (meta.get(k), kind) for k, kind in META_KINDS.items()}
+    sweep, env = meta.get("sweep"), meta.get("env")
+    if isinstance(sweep, dict):
+        parts["sweep.compare"] = (sweep.get("compare"), dict)
+        compare = sweep.get("compare") if isinstance(sweep.get("compare"), dict) else {}
+        parts["sweep.compare.threshold"] = (compare.get("threshold"), (int, float))
+        parts["sweep.compare.control"] = (compare.get("control"), str)
+    if isinstance(env, dict):
+        parts["env.gpus"] = (env.get("gpus"), list)
+    if isinstance(meta.get("workloads"), dict):
+        parts.update((f"workloads.{k}", (v, dict)) for k, v in meta["workloads"].items())
+    for name, (value, kind) in parts.items():
+        if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+            raise SchemaError(f"{where}: {name} is of type {type(value).__name__}, not what the harness writes there")
+    return meta
+
+
 def load_run(path) -> Run:
     """A run directory (or a `latest` link to one) as written by RunWriter."""
     path = Path(path).resolve()
     meta_path = path / META
     if not meta_path.exists():
         raise FileNotFoundError(f"{path}: not a run directory (no {META})")
-    meta = json.loads(meta_path.read_text())
-    if not isinstance(meta, dict):
-        raise SchemaError(f"{meta_path}: not a JSON object")
+    meta = checked_meta(json.loads(meta_path.read_text()), meta_path)
     cases_path = path / CASES
     cases = json.loads(cases_path.read_text()) if cases_path.exists() else []
+    if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
+        raise SchemaError(f"{cases_path}: not a list of cases")
     counters_path = path / COUNTERS
     counters = json.loads(counters_path.read_text()) if counters_path.exists() else {}
     return Run(path, meta, read_records(path, meta), cases, counters)
