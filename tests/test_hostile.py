@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -14,12 +15,14 @@ from bench.results import store
 
 IN_CASE = ["zero_inputs", "output_in_input", "replay", "stale_buffer", "nan_after_first",
            "wrong_after_first", "fingerprint_memo", "patch_check", "loosen_tolerance",
-           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets", "fix_secret_seed", "spot_the_check", "shrink_draws", "spy_loads"]
+           "raise_hidden_threshold", "agreeable_tensor", "predict_check_sets", "fix_secret_seed", "spot_the_check", "shrink_draws", "spy_loads",
+           "lazy_after_first", "detach_on_output", "work_in_load", "detach_hides_inplace"]
 # each leaves its worker changed; the probe after it must see a worker as it started
 AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload", "chdir_root", "poison_env",
          "forge_record", "forge_answer", "linger_thread", "patch_detach", "patch_serializer", "patch_record",
          "patch_builtin", "patch_bound_clock", "fix_randn", "oneshot_clock", "oneshot_measure",
-         "oneshot_passes", "oneshot_record", "patch_manual_seed"]
+         "oneshot_passes", "oneshot_record", "patch_manual_seed", "mode_agree", "dispatch_agree",
+         "anomaly_rival"]
 SWEEP = """
 workload: fmha
 baseline: native
@@ -73,6 +76,7 @@ def hostile(tmp_path_factory):
                   for m in ("fwd", "fwd_bwd") for p in [tmp / f"seen.shrink-{m}"]})
     notes["rewritten"] = (tmp / "seen.rewritten").exists()
     notes["spied"] = (tmp / "seen.spy").exists()
+    notes["copy_hook"] = (tmp / "seen.copy_hook").exists()
     return {(r["provider"], r["params"]["mode"]): r for r in records}, probes, notes
 
 
@@ -228,6 +232,76 @@ def test_a_tensor_subclass_is_not_judged(hostile):
         rec = recs["agreeable_tensor", mode]
         assert rec["status"] == "error" and "expected plain tensors, got a _Agreeable" in rec["reason"]
         assert not rec["samples_ms"]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_an_output_that_computes_when_read_is_refused_on_the_rep_that_returned_it(hostile, mode):
+    """Right on its first call, then a list of its own class that computed when walked: its work
+    ran in the harness's untimed copy and gate, ok at 87-190x the native path, before."""
+    rec = hostile[0]["lazy_after_first", mode]
+    assert rec["status"] == "error" and "tuple, list or dict of tensors, got _Lazy" in rec["reason"], rec
+
+
+def test_a_method_set_on_a_providers_tensor_is_never_what_the_harness_calls(hostile):
+    """Each was ok before: zeros whose own `detach` returned the true output; v written in place
+    with a `detach` that showed it as it was; a `copy_` on v that did the work in the harness's
+    load of each rep's inputs (7.7x the native path forward, 21.5x forward+backward, padded to
+    look possible). The harness calls torch.Tensor's methods through the class."""
+    recs, _, notes = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs["detach_on_output", mode]["status"] == "incorrect", recs["detach_on_output", mode]
+        rec = recs["detach_hides_inplace", mode]
+        assert rec["status"] == "incorrect" and "changed its input v in place" in rec["reason"], rec
+        assert recs["work_in_load", mode]["status"] == "ok"
+    assert not notes["copy_hook"]
+
+
+def test_a_torch_mode_left_on_is_refused_and_costs_the_next_case_nothing(hostile):
+    """A function mode that made the gate's float64 differences zero, left on with zeros returned:
+    ok before, and so was a wrong provider after it in its worker."""
+    recs, *_ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        rec = recs["mode_agree", mode]
+        assert rec["status"] == "error" and "left a torch mode on (_Agree)" in rec["reason"], rec
+        assert rec["leaked"]["torch_function_modes"] == [0, 1]
+        assert recs["probe_mode_agree", mode]["status"] == "ok"
+
+
+def test_a_kernel_registered_for_an_op_the_gate_runs_is_tampered(hostile):
+    """aten::sub made to return zeros in float64 (torch.library), with zeros returned: ok before."""
+    _tampered(hostile[0], "dispatch_agree", "dispatch aten::sub.Tensor")
+
+
+def test_anomaly_detection_left_on_costs_the_next_case_nothing(hostile):
+    """Left on for the cases after it and off for its own calls, it made the native path's backward
+    6.9x slower in the same worker, before."""
+    recs, *_ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        assert recs["anomaly_rival", mode]["leaked"]["anomaly_detection"] == [False, True]
+        assert recs["probe_anomaly_rival", mode]["status"] == "ok"
+
+
+def test_the_dispatch_check_holds_every_op_the_harness_runs_on_a_providers_tensors():
+    """leaks.JUDGED_OPS against what loading inputs, flushing L2, copying outputs and judging them
+    dispatch, as torch's profiler records them."""
+    from bench.measure import check, leaks, timing, worker
+
+    x = {"q": torch.randn(2, 3, 5), "k": torch.randn(2, 3, 5, dtype=torch.float16),
+         "n": [torch.ones(3, dtype=torch.bfloat16), 2]}
+    out = (torch.randn(2, 3, 5, requires_grad=True), {"g": torch.randn(4, dtype=torch.float16)})
+    flush = timing._l2_flush(torch.device("cpu"))
+    wrong = (out[0] * 2, {"g": out[1]["g"] + float("nan")})
+    with torch.autograd.profiler.profile() as prof:
+        mine = worker._clone(x)
+        worker._load(mine, x)
+        worker._changed(mine, x)
+        held = worker._copy_output(out)
+        worker._judge(held, out, check.tolerance_for("float32"))
+        worker._judge(out, wrong, check.tolerance_for("float16"))
+        flush()
+    ran = {e.name for e in prof.function_events if e.name.startswith("aten::")}
+    assert "aten::sub" in ran and "aten::copy_" in ran and "aten::amax" in ran
+    assert ran <= set(leaks.JUDGED_OPS), sorted(ran - set(leaks.JUDGED_OPS))
 
 
 def test_a_provider_that_patches_a_tensor_method_is_tampered(hostile):
@@ -387,12 +461,19 @@ def test_a_changed_input_is_still_named_when_work_escapes_the_stream(write_sweep
                                     "the current stream (1 ms"), rec["reason"]
 
 
-def test_a_provider_that_rewrites_the_harness_on_disk_stops_the_run(tmp_path, subprocess_env):
-    """Every worker started after it would import the rewritten gate: the case is tampered, the run
-    stops there with one line and exit status 2, and --resume finishes it once the file is back."""
+@pytest.mark.parametrize("name,changed", [
+    ("rewrite_harness", "bench/measure/check.py"),
+    ("rewrite_harness_same_size", "bench/measure/check.py"),
+    ("rewrite_harness_cache", f"bench/measure/__pycache__/check.{sys.implementation.cache_tag}.pyc"),
+])
+def test_a_provider_that_rewrites_the_harness_on_disk_stops_the_run(tmp_path, subprocess_env, name, changed):
+    """Every worker started after it would import the rewritten gate: a line appended; the
+    tolerance rewritten at the same size with the file's mtime put back; or a compiled cache of
+    other code whose header names the source as it is (the last two unseen before). The case is
+    tampered, the run stops there with one line and exit status 2, and --resume finishes it once
+    the tree is restored."""
     import shutil
     import subprocess
-    import sys
 
     from conftest import ROOT, TESTS
 
@@ -402,7 +483,7 @@ def test_a_provider_that_rewrites_the_harness_on_disk_stops_the_run(tmp_path, su
     gate = tree / "bench" / "measure" / "check.py"
     original = gate.read_bytes()
     sweep = tmp_path / "s.yaml"
-    sweep.write_text(SWEEP.format(providers='{name: rewrite_harness, module: "hostile_providers:rewrite_harness"}, '
+    sweep.write_text(SWEEP.format(providers=f'{{name: {name}, module: "hostile_providers:{name}"}}, '
                                             '{name: probe, module: "hostile_providers:clock_probe"}', modes="fwd"))
     env = {**subprocess_env, "PYTHONPATH": os.pathsep.join([str(tree), str(TESTS)]),
            "BENCH_TEST_SEEN": str(tmp_path / "seen")}
@@ -413,13 +494,13 @@ def test_a_provider_that_rewrites_the_harness_on_disk_stops_the_run(tmp_path, su
     done = run(str(sweep), "--out", str(tmp_path / "r"))
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert "bench/measure/check.py changed while the run ran" in last and "--resume" in last, last
+    assert f"{changed} changed while the run ran" in last and "--resume" in last, last
     path = next(p for p in (tmp_path / "r").iterdir() if p.name != "latest")
     recs = {r["provider"]: r for r in store.read_records(path)}
     assert recs["native"]["status"] == "ok" and "probe" not in recs
-    assert recs["rewrite_harness"]["status"] == "tampered"
-    assert "bench/measure/check.py" in recs["rewrite_harness"]["reason"]
+    assert recs[name]["status"] == "tampered" and changed in recs[name]["reason"]
     gate.write_bytes(original)
+    shutil.rmtree(gate.parent / "__pycache__", ignore_errors=True)
     done = run("--resume", str(path))
     assert done.returncode == 0, done.stderr[-2000:]
     assert {r["provider"]: r for r in store.read_records(path)}["probe"]["status"] == "ok"

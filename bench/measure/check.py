@@ -24,33 +24,39 @@ DEFAULT_TOLERANCE = {
 }
 
 
-def _flat(x, strict: bool = True, _tensor=torch.Tensor, _plain=(torch.Tensor, torch.nn.Parameter),
-          _mapping=Mapping) -> list[tuple[str, torch.Tensor]]:
+def _flat(x, strict: bool = True, mappings: tuple = (), _tensor=torch.Tensor,
+          _plain=(torch.Tensor, torch.nn.Parameter), _mapping=Mapping) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a tensor, a tuple/list or a dict of them (names from dict keys and
-    positions), so an error can say which tensor it is in. Only plain tensors (and parameters) are
-    judged: a subclass's own methods or __torch_function__ could make any difference read zero.
-    Not `strict` (a workload's inputs, which the harness made): anything else is skipped."""
+    positions), so an error can say which tensor it is in. Only plain tensors (and parameters) in
+    plain tuples, lists and dicts are judged: a subclass's own methods or __torch_function__ could
+    make any difference read zero, and a container of a provider's class could run its work when
+    the harness walks it (a list that computes on its first iteration); `mappings` are a workload's
+    own classes of output, read when judged (Workload.outputs). Not `strict` (a workload's inputs,
+    which the harness made): subclasses are walked, anything else is skipped."""
     pairs = []
 
     def walk(x, name):
-        if isinstance(x, _tensor):
-            if strict and type(x) not in _plain:
-                raise TypeError(f"expected plain tensors, got a {type(x).__name__} (a subclass of "
-                                f"torch.Tensor) at output {name or '0'}")
+        kind = type(x)
+        if kind in _plain or (not strict and isinstance(x, _tensor)):
             pairs.append((name or "0", x))
-        elif isinstance(x, _mapping):
+        elif isinstance(x, _tensor):
+            raise TypeError(f"expected plain tensors, got a {kind.__name__} (a subclass of "
+                            f"torch.Tensor) at output {name or '0'}")
+        elif kind is dict or kind in mappings or (not strict and isinstance(x, _mapping)):
             for k, v in x.items():
                 walk(v, f"{name}.{k}" if name else str(k))
-        elif isinstance(x, (list, tuple)):
+        elif kind in (list, tuple) or (not strict and isinstance(x, (list, tuple))):
             for i, v in enumerate(x):
                 walk(v, f"{name}.{i}" if name else str(i))
         elif strict:
-            raise TypeError(f"expected a tensor, or a tuple or dict of tensors, got {type(x).__name__}")
+            raise TypeError(f"expected a tensor, or a tuple, list or dict of tensors, got {kind.__name__}"
+                            + (f" at output {name}" if name else ""))
     walk(x, "")
     return pairs
 
 
-def errors(out, ref, _flat=_flat, _isfinite=torch.isfinite, _sqrt=math.sqrt, _inf=math.inf) -> dict:
+def errors(out, ref, mappings: tuple = (), _flat=_flat, _isfinite=torch.isfinite, _sqrt=math.sqrt,
+           _inf=math.inf, _detach=torch.Tensor.detach, _double=torch.Tensor.double) -> dict:
     """How far `out` is from `ref`, judged tensor by tensor so that no tensor hides in the others
     (a wrong gradient of one layer among 150 tensors must show):
 
@@ -67,11 +73,12 @@ def errors(out, ref, _flat=_flat, _isfinite=torch.isfinite, _sqrt=math.sqrt, _in
 
     NaN or inf anywhere in `out`, or a mismatch of names or shapes, gives inf for both.
     """
-    outs, refs = _flat(out), _flat(ref)
+    outs, refs = _flat(out, mappings=mappings), _flat(ref, mappings=mappings)
     if [n for n, _ in outs] != [n for n, _ in refs] or any(
             o.shape != r.shape for (_, o), (_, r) in zip(outs, refs)):
         return {"max_abs": _inf, "rel": _inf, "worst": None}
-    pairs = [(n, o.detach().double(), r.detach().double()) for (n, o), (_, r) in zip(outs, refs)]
+    # torch.Tensor's own methods, not the tensors': a provider can set `detach` on a tensor it returns
+    pairs = [(n, _double(_detach(o)), _double(_detach(r))) for (n, o), (_, r) in zip(outs, refs)]
     bad = next((n for n, o, _ in pairs if not _isfinite(o).all()), None)
     if bad is not None:
         return {"max_abs": _inf, "rel": _inf, "worst": bad}

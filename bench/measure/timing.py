@@ -34,6 +34,8 @@ import os
 import time
 
 import torch
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from bench.results.stats import ci_rel
 
@@ -97,6 +99,23 @@ def nvtx_range(name: str):
         yield
 
 
+class ModeLeftOn(RuntimeError):
+    """A provider returned with one of torch's function or dispatch modes still on."""
+
+
+def no_modes_left(_functions=torch._C._len_torch_function_stack, _dispatches=torch._C._len_torch_dispatch_stack,
+                  _stacks=(_get_current_function_mode_stack, _get_current_dispatch_mode_stack)) -> None:
+    """Raise ModeLeftOn where a provider left a mode of torch's on: what the harness runs between
+    its calls (drawing and loading inputs, flushing L2, copying and judging its outputs) would go
+    through it, which could do the provider's work there, untimed, or make a wrong output read
+    right. Called before each of those; a mode a provider enters and leaves within its call is its
+    own business."""
+    if _functions() or _dispatches():
+        modes = ", ".join(type(m).__name__ for stack in _stacks for m in stack())
+        raise ModeLeftOn(f"the provider left a torch mode on ({modes}): the harness's own operations "
+                         "between its calls would run through it")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         _synchronize(device)
@@ -110,7 +129,8 @@ def _l2_flush(device: torch.device):
     buf = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
     sink = torch.empty((), dtype=torch.int32, device=device)
 
-    def flush():
+    def flush(_no_modes_left=no_modes_left):
+        _no_modes_left()
         buf.zero_()
         torch.amax(buf, dim=0, out=sink)
     return flush

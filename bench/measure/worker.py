@@ -94,21 +94,47 @@ def _rebuild(x, leaf):
     return walk(x)
 
 
-def _clone(x, _rebuild=_rebuild):
-    """A copy of inputs with fresh storage for every tensor (requires_grad kept)."""
-    return _rebuild(x, lambda t: t.detach().clone().requires_grad_(t.requires_grad))
+# torch.Tensor's own methods, called through the class: a tensor a provider holds (its inputs, its
+# outputs) can carry an attribute of the same name (`t.copy_ = ...`), which `t.copy_(...)` would call
+_detach, _clone_tensor, _copy, _requires_grad = (torch.Tensor.detach, torch.Tensor.clone, torch.Tensor.copy_,
+                                                 torch.Tensor.requires_grad_)
 
 
-def _load(dst, src, _tensors=_tensors, _no_grad=torch.no_grad) -> None:
+def _copy_of(t, _detach=_detach, _clone_tensor=_clone_tensor, _requires_grad=_requires_grad):
+    """A tensor with fresh storage holding t's bits (requires_grad kept)."""
+    return _requires_grad(_clone_tensor(_detach(t)), t.requires_grad)
+
+
+def _clone(x, _rebuild=_rebuild, _copy_of=_copy_of, _no_modes_left=timing.no_modes_left):
+    """A copy of inputs with fresh storage for every tensor."""
+    _no_modes_left()
+    return _rebuild(x, _copy_of)
+
+
+def _copy_output(out, mappings: tuple = (), _flat=check._flat, _copy_of=_copy_of,
+                 _no_modes_left=timing.no_modes_left) -> dict:
+    """A copy of what a provider returned, {name: tensor} as the gate names them, made after every
+    rep alike: only plain tensors in plain tuples, lists and dicts, or the workload's own `mappings`
+    (check._flat), so an output that would do its work only when the harness reads it is refused
+    on the rep that returned it."""
+    _no_modes_left()
+    return {name: _copy_of(t) for name, t in _flat(out, mappings=mappings)}
+
+
+def _load(dst, src, _tensors=_tensors, _no_grad=torch.no_grad, _copy=_copy,
+          _no_modes_left=timing.no_modes_left) -> None:
+    _no_modes_left()
     with _no_grad():
         for (_, d), (_, s) in zip(_tensors(dst), _tensors(src)):
-            d.copy_(s)
+            _copy(d, s)
 
 
-def _changed(work, pristine, _tensors=_tensors, _equal=torch.equal) -> list[str]:
+def _changed(work, pristine, _tensors=_tensors, _equal=torch.equal, _detach=_detach,
+             _no_modes_left=timing.no_modes_left) -> list[str]:
     """Names of the input tensors whose bits differ from their pristine copy."""
+    _no_modes_left()
     return [n for (n, w), (_, p) in zip(_tensors(work), _tensors(pristine))
-            if w.shape != p.shape or not _equal(w.detach(), p)]
+            if w.shape != p.shape or not _equal(_detach(w), p)]
 
 
 def provider_factory(case: Case):
@@ -155,13 +181,14 @@ class Inputs:
         _secret_seed(self.device)
         return self.wl.make_inputs(self.case.params, self.device)
 
-    def feed(self, check: bool, _draw=_draw, _load=_load) -> None:
+    def feed(self, check: bool, _draw=_draw, _load=_load, _no_modes_left=timing.no_modes_left) -> None:
         """Before a timed rep: a held-out set no rep has read, or inputs drawn afresh. Each held-out
         set is read once: one read again could be answered from a memo of the first time. Inputs
         are drawn either way, so that nothing a provider can see (the generators' state, the time
         between its calls) tells a checked rep from the others. Batches discarded by the timer can
         spend the sets drawn for the budget; one more is drawn then, its reference computed when
         it is judged."""
+        _no_modes_left()
         drawn = _draw(self)
         self.loaded = None
         if check:
@@ -171,10 +198,10 @@ class Inputs:
             self.loaded = self.checked
         _load(self.mine, drawn if self.loaded is None else self.sets[self.loaded])
 
-    def hold(self, out, _clone=_clone) -> tuple:
-        """Right after a checked rep: which set it read, and copies of what it returned and of its
-        inputs, before the next reps reuse the buffers."""
-        return self.loaded, _clone(out), _clone(self.mine)
+    def hold(self, out, _clone=_clone, _copy_output=_copy_output) -> tuple:
+        """Right after a rep: which set it read, and copies of what it returned and of its inputs,
+        before the next reps reuse the buffers."""
+        return self.loaded, _copy_output(out, self.wl.outputs), _clone(self.mine)
 
 
 def build(case: Case, device: torch.device):
@@ -184,8 +211,10 @@ def build(case: Case, device: torch.device):
     return x.work, provider_fn(case, x.work)
 
 
-def _judge(out, ref, tol, _errors=check.errors, _passes=check.passes) -> tuple[dict, str | None]:
-    err = _errors(out, ref)
+def _judge(out, ref, tol, mappings: tuple = (), _errors=check.errors, _passes=check.passes,
+           _no_modes_left=timing.no_modes_left) -> tuple[dict, str | None]:
+    _no_modes_left()
+    err = _errors(out, ref, mappings)
     if _passes(err, tol):
         return err, None
     return err, (f"max abs error {err['max_abs']:.3g} (tolerance {tol['max_abs']:g}), "
@@ -210,8 +239,8 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
     rotate = hygiene == "full"
     try:
         wl = workloads.get(case.workload)
-        rec.flops = wl.flops(case.params) if wl.flops else None
-        rec.bytes = wl.bytes(case.params) if wl.bytes else None
+        rec.flops = float(wl.flops(case.params)) if wl.flops else None  # a numpy number too
+        rec.bytes = float(wl.bytes(case.params)) if wl.bytes else None
         with timing.nvtx_range(f"case {case.case_id} {case.label}"):
             checked = rotate and wl.rotate
             x = Inputs(case, device)
@@ -229,7 +258,7 @@ def run_case(case: Case, device: torch.device, _tamper_check=leaks.harness_chang
                 ref = reference(x, 0)
                 _load(x.mine, x.sets[0])
                 out, rec.first_call_ms, rec.extra_mib = _first_call(fn, device)
-                err, wrong = _judge(out, ref, tol)
+                err, wrong = _judge(out, ref, tol, wl.outputs)
                 del out
                 mutated = _changed(x.mine, x.sets[0])
             rec.max_abs_err, rec.rel_err, rec.tolerance = err["max_abs"], err["rel"], tol

@@ -45,6 +45,10 @@ class Workload:
     # afresh and be checked against the reference of what they read; False for a step that carries
     # state from call to call (an optimizer's), which only its first call is checked on
     rotate: bool = True
+    # classes of its own, Mappings, that its providers return and the gate walks as it walks a dict:
+    # reading one is part of judging it (model_step's reads the gradients when the gate looks, so a
+    # timed step spends no host time gathering them); any other class a provider returns is refused
+    outputs: tuple[type, ...] = ()
     # how a report shows it without naming it: the axes its plots may run along (the first that
     # varies), the axes whose values are regimes never mixed in one headline verdict (fwd and
     # fwd_bwd, eager and graphed), and the axes whose values get plots of their own (one per model)
