@@ -287,3 +287,19 @@ def test_a_dry_run_shows_a_bounded_table(write_sweep, capsys):
     assert run.main([str(sweep), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "1200 cases" in out and "... and 1000 more, not shown" in out
+
+
+def test_a_run_being_written_is_not_resumed_beside_it(done_run, capsys):
+    """Two resumes of one run at once timed their cases against each other on one machine, and
+    each chained its records on a head the other had moved: every reader then warned of lines the
+    harness did not write. The second is refused in one line while the first holds the run."""
+    _meta(done_run)
+    held = store.lock_run(done_run)
+    try:
+        assert run.main(["--resume", str(done_run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "another process is writing this run" in err, err
+    finally:
+        held.close()
+    assert run.main(["--resume", str(done_run)]) == 0
+    assert store.load_run(done_run).meta["complete"] is True

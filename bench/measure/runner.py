@@ -115,16 +115,24 @@ def resume_run(path: Path, argv: list[str], dry_run: bool = False) -> tuple[stor
     if moved:
         raise BadInput(f"--resume {path}: {moved}; finish it where it started, or measure what it "
                        "left here as a run of its own (--rest-of)")
-    run, _, todo, cut = _partial_run(path, "--resume", cut=not dry_run)
     if dry_run:
-        return None, todo
-    run.meta.setdefault("resumed", []).append({"utc": store.utc_now(), "command": argv,
-                                               "cut_torn_record": cut})
-    run.meta["complete"] = False
+        return None, _partial_run(path, "--resume", cut=False)[2]
     try:
-        return store.RunWriter(run.path, run.meta), todo
+        lock = store.lock_run(path)  # before a torn record is cut: it may be another writer's line
     except (OSError, ValueError) as e:
         raise BadInput(f"--resume {path}: {first_line(e)}") from None
+    try:
+        run, _, todo, cut = _partial_run(path, "--resume", cut=True)
+        run.meta.setdefault("resumed", []).append({"utc": store.utc_now(), "command": argv,
+                                                   "cut_torn_record": cut})
+        run.meta["complete"] = False
+        return store.RunWriter(run.path, run.meta, lock=lock), todo
+    except (OSError, ValueError) as e:
+        lock.close()
+        raise BadInput(f"--resume {path}: {first_line(e)}") from None
+    except BadInput:
+        lock.close()
+        raise
 
 
 def rest_of(path: Path) -> Sweep:
@@ -218,6 +226,7 @@ def execute(writer: store.RunWriter, todo: list[Case], devices: list[str], root:
             if complete and root is not None:
                 store.point_latest(root, writer.path)
         except OSError as e:
+            writer.release()
             raise BadInput(f"{disk_error(e)}; the records stored so far are kept: finish with "
                            f"--resume {writer.path}") from None
         shown.ended(summary, records)

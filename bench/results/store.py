@@ -12,6 +12,7 @@ record.upgrade.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
@@ -30,6 +31,7 @@ COUNTERS = "counters.json"  # Nsight Compute counters per case id (bench.run --p
 LOGS = "logs"  # one file per case that wrote to stdout or stderr
 TAIL_LINES = 20
 GENESIS = "0" * 64  # the hash before a run's first record
+LOCK = ".writing"  # held (flock) by the one process writing the run: released when it ends, however
 
 
 def run_dir_name(sweep_name: str, git_sha: str | None) -> str:
@@ -208,16 +210,37 @@ def write_counters(path: Path, counters: dict) -> None:
     _write_json_atomic(Path(path) / COUNTERS, counters)
 
 
-class RunWriter:
-    """Writes one run. Samples are appended and fsync'd per case, each on the record chain;
-    meta.json, which names the chain's last hash, is replaced atomically after each. A new run
-    (`cases` given) gets a directory of its own: never one that exists."""
+class RunBusy(ValueError):
+    """Another process is writing the run."""
 
-    def __init__(self, path: Path, meta: dict, cases: list[dict] | None = None):
+
+def lock_run(path: Path):
+    """An open file holding the run's write lock; RunBusy where another process holds it: two
+    resumes of one run timed their cases against each other on one machine, and each chained its
+    records on a head the other had moved, so every reader warned of lines the harness did not
+    write."""
+    f = open(Path(path) / LOCK, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RunBusy(f"{path}: another process is writing this run; let it finish") from None
+    return f
+
+
+class RunWriter:
+    """Writes one run, holding its lock (`lock`, taken by the caller, or taken here). Samples are
+    appended and fsync'd per case, each on the record chain; meta.json, which names the chain's
+    last hash, is replaced atomically after each. A new run (`cases` given) gets a directory of its
+    own: never one that exists."""
+
+    def __init__(self, path: Path, meta: dict, cases: list[dict] | None = None, lock=None):
         self.path = Path(path)
         if cases is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.mkdir()  # FileExistsError rather than two runs in one directory
+        self._lock = lock or lock_run(self.path)
+        if cases is not None:
             meta["schema_version"] = SCHEMA_VERSION
             meta.setdefault("records", {"count": 0, "head": GENESIS})
             _write_json_atomic(self.path / CASES, cases)
@@ -255,6 +278,11 @@ class RunWriter:
         self.meta["ended_utc"] = utc_now()
         self.meta["complete"] = complete
         self.write_meta()
+        self.release()
+
+    def release(self) -> None:
+        """Let another process write the run (a resume), as this process's end would."""
+        self._lock.close()
 
     def write_summary(self, frame) -> None:
         tmp = self.path / (SUMMARY + ".tmp")
