@@ -254,3 +254,25 @@ def test_bad_history_input_is_one_line_and_exit_2(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("error:") for line in lines)
     assert "not a history CSV" in lines[0] and "migrate" in lines[2]
+
+
+def test_a_history_that_is_no_database_or_a_csv_of_other_values_is_one_line(tmp_path, capsys):
+    """Each was a traceback of sqlalchemy's or the codec's: a file that is no database, a CSV whose
+    median is not a number (a 66-line traceback when the row was written), a CSV that is binary."""
+    notdb = tmp_path / "notdb.sqlite"
+    notdb.write_text("not a database, " * 100)
+    csv = tmp_path / "history.csv"
+    rows = nights(2, medians=[1, 2]).drop(columns="samples")
+    rows.to_csv(csv, index=False)
+    assert history_cli.main(["migrate", str(csv), "--history", str(notdb)]) == 2
+    rows["median_ms"] = rows["median_ms"].astype(object)
+    rows.loc[2, "median_ms"] = "fast"
+    rows.to_csv(csv, index=False)
+    assert history_cli.main(["migrate", str(csv), "--history", str(tmp_path / "h.sqlite")]) == 2
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    assert history_cli.main(["migrate", str(tmp_path / "binary.csv"), "--history", str(tmp_path / "h.sqlite")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error:") for line in lines), lines
+    assert "cannot open (file is not a database)" in lines[0]
+    assert f"history.csv:4: median_ms: 'fast' is not a number" in lines[1]
+    assert "cannot read a history CSV" in lines[2]

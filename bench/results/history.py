@@ -22,7 +22,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from bench.cli import BadInput
+from bench.cli import BadInput, first_line
 from bench.results import compare, counters
 from bench.results.baseline import hardware
 from bench.results.store import Run
@@ -31,6 +31,7 @@ from bench.results.summary import summarize
 HISTORY_COLUMNS = ["date", "run_id", "sweep", "hardware", "git_sha", "case", "workload", "provider",
                    "params", "status", "median_ms", "ci_low_ms", "ci_high_ms", "samples", "verdict",
                    "change"]
+NUMBERS = ("median_ms", "ci_low_ms", "ci_high_ms", "change")  # the columns stored as numbers
 DEFAULT = "results/history.sqlite"
 IDENTITY = ("date", "hardware", "git_sha", "sweep")  # what tells two runs with one id apart
 ATTEMPTS = 8  # tries of a transaction that lost a race with another writer
@@ -94,7 +95,7 @@ def connect(where: str) -> sa.Engine:
     except ModuleNotFoundError as e:
         raise BadInput(f"--history {where}: no database driver {e.name!r} "
                        f"(for PostgreSQL: pip install -e '.[postgres]')") from None
-    except (sa.exc.ArgumentError, sa.exc.OperationalError) as e:
+    except (sa.exc.ArgumentError, sa.exc.DatabaseError) as e:  # a file that is no database too
         first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise BadInput(f"--history {where}: cannot open ({first})") from None
     return engine
@@ -299,11 +300,17 @@ def migrate(csv_path: Path, engine: sa.Engine) -> int:
     already there are skipped, so a migration can be run again. Returns the rows read."""
     try:
         frame = pd.read_csv(csv_path, keep_default_na=False, na_values=[""], dtype={"git_sha": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise BadInput(f"{csv_path}: cannot read a history CSV ({e})") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise BadInput(f"{csv_path}: cannot read a history CSV ({first_line(e)})") from None
     missing = [c for c in HISTORY_COLUMNS if c not in frame.columns and c != "samples"]
     if missing:
         raise BadInput(f"{csv_path}: not a history CSV (no column {', '.join(missing)})")
+    for column in NUMBERS:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() & frame[column].notna()
+        if bad.any():  # line 1 is the header
+            raise BadInput(f"{csv_path}:{bad.idxmax() + 2}: {column}: {frame[column][bad.idxmax()]!r} is not a number")
+        frame[column] = values
     if "samples" not in frame.columns:
         frame["samples"] = None
     frame["verdict"] = frame["verdict"].fillna("")
