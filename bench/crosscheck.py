@@ -1,7 +1,7 @@
 """Checks of the timer itself, run on a GPU before its numbers are trusted.
 
     python -m bench.crosscheck dobench SWEEP.yaml [--filter k=v] [--providers a,b] [--limit N]
-        times each case with bench.timing and with triton.testing.do_bench (median) on the same
+        times each case with bench.measure.timing and with triton.testing.do_bench (median) on the same
         callable and prints the ratio;
     python -m bench.crosscheck spread RUN_DIR RUN_DIR [RUN_DIR ...]
         the spread (max - min) / mean of each case's median across repeated runs of one sweep.

@@ -15,7 +15,7 @@ H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "sm_count": 132, "memory_gb
 
 
 def noisy(rng, n: int, scale: float = 1.0):
-    """Timing-like samples: lognormal spread of 5% plus 2% outliers 2-9x slower (anchors.md)."""
+    """Timing-like samples: lognormal spread of 5% plus 2% outliers 2-9x slower (docs/regressions.md)."""
     x = np.exp(rng.normal(0, 0.05, n))
     out = rng.random(n) < 0.02
     x[out] *= rng.uniform(2, 9, out.sum())

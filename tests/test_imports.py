@@ -1,6 +1,8 @@
 """What imports what: every module imports, and a report renders, where cuda-tile cannot be
-imported (as on a machine without it, even where it is installed); and the layer rules of
-docs/design.md that keep it so."""
+imported (as on a machine without it, even where it is installed); and the layer rules that keep
+it so: kernels/ imports nothing of bench or model and has no import cycle, bench/present nothing of
+kernels, model, bench/measure, bench/workloads or the entry points, and bench/results nothing of
+bench/present, bench/measure or the entry points."""
 import ast
 import subprocess
 import sys

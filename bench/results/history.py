@@ -67,7 +67,7 @@ results = sa.Table(
     sa.Column("verdict", sa.String(20)),
     sa.Column("change", sa.Float),
 )
-counter_diffs = sa.Table(  # why a flagged case changed (bench.nightly --counters; results/counters.py)
+counter_diffs = sa.Table(  # why a flagged case changed (bench.nightly --counters; bench/results/counters.py)
     "counter_diffs", schema,
     sa.Column("run_id", sa.ForeignKey("runs.id"), primary_key=True),
     sa.Column("case_id", sa.ForeignKey("cases.id"), primary_key=True),
