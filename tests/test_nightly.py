@@ -2,6 +2,7 @@
 night with a provider slowed 10% that fails, names the case, and lands in the history and trend. A
 night's sensitivity: its canary caught and recorded, and the false alarms its case count expects."""
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,18 @@ def test_bless_refuses_an_incomplete_run(tmp_path, capsys):
     (run / "meta.json").write_text(meta)
     assert baseline_cli.main(["set", str(run), "--root", str(tmp_path / "b")]) == 2
     assert "incomplete" in capsys.readouterr().err
+
+
+def test_a_baseline_keeps_the_command_less_its_out_folder(tmp_path):
+    run = write_run(tmp_path / "run", [record("a", [1.0, 1.0])])
+    meta = json.loads((run / "meta.json").read_text())
+    meta["command"] = ["-m", "bench.run", "s.yaml", "--out", str(tmp_path / "out"), "--filter", "n=1",
+                       f"--out={tmp_path}"]
+    (run / "meta.json").write_text(json.dumps(meta))
+    stored = baseline.bless(run, tmp_path / "b")
+    assert json.loads((stored / "meta.json").read_text())["command"] == [
+        "-m", "bench.run", "s.yaml", "--filter", "n=1"]
+    assert str(tmp_path) not in (stored / "meta.json").read_text()
 
 
 @pytest.mark.parametrize("text", ["sweeps: []", "sweeps: [{sweep: nowhere.yaml}]", "[1, 2",

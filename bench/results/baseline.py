@@ -57,6 +57,17 @@ def baseline_dir(root, meta: dict) -> Path:
     return Path(root) / slug(hardware(meta)) / slug(sweep)
 
 
+def without_out(command: list) -> list:
+    """A run's command less its --out: where the run was written is a folder of the machine that ran
+    it (often a temporary one), not part of what it measured; blessed.json names the source run."""
+    kept, skip = [], False
+    for arg in command:
+        if not skip and arg != "--out" and not str(arg).startswith("--out="):
+            kept.append(arg)
+        skip = arg == "--out"
+    return kept
+
+
 def bless(run_path, root=ROOT) -> Path:
     """Copy a run into the baseline store, replacing the previous baseline of its GPU and sweep."""
     run = open_run(run_path)
@@ -67,7 +78,8 @@ def bless(run_path, root=ROOT) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     lines, head = chain(run.records)
-    meta = {**run.meta, "schema_version": SCHEMA_VERSION, "records": {"count": len(lines), "head": head}}
+    meta = {**run.meta, "command": without_out(run.meta.get("command") or []),
+            "schema_version": SCHEMA_VERSION, "records": {"count": len(lines), "head": head}}
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     summarize(run.records, run.meta.get("ceilings")).to_csv(tmp / SUMMARY, index=False)
     with gzip.open(tmp / SAMPLES_GZ, "wt") as f:
