@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from bench.cli import BadInput, command
+
 COMMANDS = {
     "run": "time every provider of a sweep, store every sample",
     "report": "render a run as report.html and report.md",
@@ -24,6 +26,7 @@ def usage() -> str:
             + "\n\ncutile-bench COMMAND --help for a command's options\n")
 
 
+@command
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -31,16 +34,13 @@ def main(argv=None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"error: unknown command '{name[:80]}' (known: {', '.join(COMMANDS)})", file=sys.stderr)
-        return 2
+        raise BadInput(f"unknown command '{name[:80]}' (known: {', '.join(COMMANDS)})")
     try:
         module = importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError as e:
         if e.name != f"bench.{name}":
             raise
-        print(f"error: command '{name}' is not in this installation (no module bench.{name})",
-              file=sys.stderr)
-        return 2
+        raise BadInput(f"command '{name}' is not in this installation (no module bench.{name})") from None
     return module.main(rest)
 
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from bench.cli import BadInput, Parser, command, sweep_options
-from bench.measure import ab, env, ncu, runner, sweep
+from bench.measure import ab, env, ncu, runner
 from bench.present.report import render
 from bench.results.compare import compare_runs, to_text, write
 
@@ -57,23 +57,19 @@ def why(cmp, cases, base, head, device) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    try:
-        device = runner.devices_for(None if args.gpu is None else str(args.gpu), 1)[0]
-        if args.max_rounds is None:
-            args.max_rounds = max(args.rounds, ab.max_rounds_for(device))
-        if args.rounds < 1 or args.max_rounds < args.rounds:
-            raise BadInput("--rounds must be at least 1 and --max-rounds at least --rounds")
-        sw = runner.load_sweep(args, device)
-        with tempfile.TemporaryDirectory(prefix="bench-ab-") as trees:
-            out, base, head = ab.run(sw, args.base, args.head, args.out, ["-m", "bench.ab", *argv],
-                                     device, args.rounds, Path(trees), max_rounds=args.max_rounds,
-                                     threshold=args.threshold or sw.compare["threshold"])
-            cmp = compare_runs(base, head, args.threshold)
-            if args.counters:
-                why(cmp, sw.cases, base, head, device)
-    except (sweep.SweepError, BadInput) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = runner.devices_for(None if args.gpu is None else str(args.gpu), 1)[0]
+    if args.max_rounds is None:
+        args.max_rounds = max(args.rounds, ab.max_rounds_for(device))
+    if args.rounds < 1 or args.max_rounds < args.rounds:
+        raise BadInput("--rounds must be at least 1 and --max-rounds at least --rounds")
+    sw = runner.load_sweep(args, device)
+    with tempfile.TemporaryDirectory(prefix="bench-ab-") as trees:
+        out, base, head = ab.run(sw, args.base, args.head, args.out, ["-m", "bench.ab", *argv],
+                                 device, args.rounds, Path(trees), max_rounds=args.max_rounds,
+                                 threshold=args.threshold or sw.compare["threshold"])
+        cmp = compare_runs(base, head, args.threshold)
+        if args.counters:
+            why(cmp, sw.cases, base, head, device)
     write(cmp, out)
     render(head, out / "report.html", cmp)
     print(to_text(cmp))

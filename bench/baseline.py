@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from bench.cli import BadInput, Parser, command
+from bench.cli import Parser, command
 from bench.results.baseline import ROOT, bless
 
 
@@ -21,11 +21,7 @@ def main(argv=None) -> int:
     set_.add_argument("run_dir")
     set_.add_argument("--root", default=str(ROOT), help="baseline store (default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        dest = bless(args.run_dir, args.root)
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    dest = bless(args.run_dir, args.root)
     print(dest)
     return 0
 

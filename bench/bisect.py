@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.cli import BadInput, Parser, command, sweep_options
+from bench.cli import BadInput, Parser, command, refuse, sweep_options
 from bench.measure import bisect, env, runner, sweep
 from bench.results import store
 from bench.results.compare import THRESHOLD, sweep_threshold
@@ -66,9 +66,8 @@ def run(args) -> tuple[int, bisect.Bisection | None]:
         else:
             result = bisect.bisect_commits(case, args.good, args.bad, device, args.rounds, threshold,
                                            Path.cwd(), args.budget)
-    except (sweep.SweepError, BadInput) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2, None
+    except BadInput as e:
+        return refuse(e), None
     out = bisect.write(result, Path(args.out) / store.run_dir_name(sw.name, "bisect"))
     print(bisect.report(result))
     print(out)

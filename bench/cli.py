@@ -16,6 +16,12 @@ class BadInput(Exception):
     """Something the user gave cannot be used; the message is the one line they see."""
 
 
+def refuse(message) -> int:
+    """Bad input as the user sees it: one line on stderr, and the exit status 2 that goes with it."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line (not usage + error) and exits 2."""
 
@@ -43,13 +49,15 @@ def disk_error(e: OSError) -> str:
 
 
 def command(main):
-    """An entry point's main(argv) whose filesystem errors (a read-only folder, a full disk, a path
-    through a file) end in one line and exit status 2, not a traceback."""
+    """An entry point's main(argv) whose bad input (BadInput, a sweep's SweepError among them) and
+    filesystem errors (a read-only folder, a full disk, a path through a file) end in one line and
+    exit status 2, not a traceback."""
     @functools.wraps(main)
     def guarded(argv=None) -> int:
         try:
             return main(argv)
+        except BadInput as e:
+            return refuse(e)
         except OSError as e:
-            print(f"error: {disk_error(e)}", file=sys.stderr)
-            return 2
+            return refuse(disk_error(e))
     return guarded

@@ -12,7 +12,6 @@ import argparse
 import sys
 
 from bench.cli import Parser, command
-from bench.measure import sweep
 from bench.measure.crosscheck import dobench, spread
 
 
@@ -31,11 +30,7 @@ def main(argv=None) -> int:
     s.add_argument("runs", nargs="+")
     s.add_argument("--min-ms", type=float, default=0.02)
     args = p.parse_args(argv)
-    try:
-        return dobench(args) if args.cmd == "dobench" else spread(args)
-    except (sweep.SweepError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return dobench(args) if args.cmd == "dobench" else spread(args)
 
 
 if __name__ == "__main__":

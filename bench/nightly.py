@@ -68,7 +68,7 @@ def load_sweeps(plan: list[dict], out: Path, profile: str | None,
         try:
             loaded.append(runner.load_sweep(bench_run.parse_args(run_argv(entry, out, profile, scheduler)),
                                             device))
-        except (sweep.SweepError, BadInput) as e:
+        except BadInput as e:
             raise BadInput(f"nightly sweeps[{i}]: {e}") from None
     return loaded
 
@@ -197,17 +197,11 @@ def main(argv=None) -> int:
                              "and this one) while this many seconds last (default: 0, none)")
     args = parser.parse_args(argv)
     if not 0 <= args.bisect_budget < 7 * 86400:
-        print(f"error: --bisect-budget {args.bisect_budget:g}: expected 0 to a week of seconds",
-              file=sys.stderr)
-        return 2
-    try:
-        plan = load_plan(assets.sweep_file(args.config), assets.sweep_file)
-        return nightly(plan, Path(args.out), Path(args.baselines), history.connect(args.history),
-                       args.profile, args.scheduler, bisect_budget=args.bisect_budget,
-                       with_counters=args.counters)
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise BadInput(f"--bisect-budget {args.bisect_budget:g}: expected 0 to a week of seconds")
+    plan = load_plan(assets.sweep_file(args.config), assets.sweep_file)
+    return nightly(plan, Path(args.out), Path(args.baselines), history.connect(args.history),
+                   args.profile, args.scheduler, bisect_budget=args.bisect_budget,
+                   with_counters=args.counters)
 
 
 if __name__ == "__main__":

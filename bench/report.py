@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.cli import BadInput, Parser, command
+from bench.cli import Parser, command
 from bench.present.report import render
 from bench.results import compare
 from bench.results.baseline import open_run
@@ -22,14 +22,10 @@ def main(argv=None) -> int:
     parser.add_argument("--allow-different-hardware", action="store_true")
     parser.add_argument("-o", "--out", help="HTML file to write (default: RUN_DIR/report.html)")
     args = parser.parse_args(argv)
-    try:
-        run = open_run(args.run_dir)
-        cmp = compare.compare_runs(open_run(args.baseline), run,
-                                   allow_different_hardware=args.allow_different_hardware) \
-            if args.baseline else None
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run = open_run(args.run_dir)
+    cmp = compare.compare_runs(open_run(args.baseline), run,
+                               allow_different_hardware=args.allow_different_hardware) \
+        if args.baseline else None
     html, _ = render(run, Path(args.out) if args.out else run.path / "report.html", cmp)
     print(html)
     return 0

@@ -7,9 +7,9 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from bench.measure import dask_executor, pool, runner, sweep
+from bench.measure import dask_executor, pool, runner
 from bench.present import console
-from bench.cli import BadInput, Parser, command, sweep_options
+from bench.cli import BadInput, Parser, command, refuse, sweep_options
 
 
 def add_arguments(p) -> None:
@@ -82,15 +82,13 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
             except OSError as e:
                 raise BadInput(f"--out {root}: cannot write a run there ({e.strerror or e})") from None
             todo = sw.cases
-    except (sweep.SweepError, BadInput) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2, None
+    except BadInput as e:
+        return refuse(e), None
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         code = runner.execute(writer, todo, devices, root, run_cases, args.strict, console.RunView)
     except BadInput as e:  # the run's folder could not be written: what is stored stays resumable
-        print(f"error: {e}", file=sys.stderr)
-        return 2, writer.path
+        return refuse(e), writer.path
     if code == 0 and args.profile == runner.NCU:
         runner.profile_counters(writer.path, todo, devices[0])
     print(writer.path)

@@ -27,18 +27,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     path = args.from_run
     if path is None and (args.sweep or args.resume or args.rest_of) and not args.dry_run and not gpu_count():
-        print("error: bench.tune times cuTile configs on a CUDA GPU and none is visible here "
-              "(--from-run DIR tunes from a finished GPU run)", file=sys.stderr)
-        return 2
+        raise BadInput("bench.tune times cuTile configs on a CUDA GPU and none is visible here "
+                       "(--from-run DIR tunes from a finished GPU run)")
     if path is None:
         code, path = bench_run.run(args, ["-m", "bench.tune", *argv])
         if code or path is None:  # bad input, interrupted, or a dry run
             return code
-    try:
-        written, entries, none_passed = tune.tune_run(path, args.tuned_dir)
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    written, entries, none_passed = tune.tune_run(path, args.tuned_dir)
     for line in tuned.lines(entries, none_passed):
         print(line)
     if entries:

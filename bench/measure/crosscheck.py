@@ -2,26 +2,24 @@
 from __future__ import annotations
 
 import statistics
-import sys
 
 import numpy as np
 import torch
 
+from bench.cli import BadInput
 from bench.measure import sweep
 from bench.measure.pool import Worker
 from bench.measure.worker import build
-from bench.results import store
+from bench.results.baseline import open_run
 
 
 def dobench(args) -> int:
     if not torch.cuda.is_available():
-        print("error: dobench needs a CUDA GPU", file=sys.stderr)
-        return 2
+        raise BadInput("dobench needs a CUDA GPU")
     try:
         import triton.testing
     except ImportError:
-        print("error: dobench needs triton", file=sys.stderr)
-        return 2
+        raise BadInput("dobench needs triton") from None
     providers = args.providers.split(",") if args.providers else None
     sw = sweep.load(args.sweep, None, args.set, args.filter, providers)
     device = torch.device("cuda:0")
@@ -60,7 +58,7 @@ def dobench(args) -> int:
 
 
 def spread(args) -> int:
-    runs = [store.load_run(p) for p in args.runs]
+    runs = [open_run(p) for p in args.runs]
     medians: dict[str, list[float]] = {}
     labels = {}
     for r in runs:

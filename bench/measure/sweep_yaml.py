@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.cli import BadInput
+
 MAX_BYTES = 256 << 10
 MAX_NODES = 20_000  # YAML values, aliases expanded
 MAX_DEPTH = 32  # nesting of mappings and lists
@@ -17,7 +19,7 @@ TAGS = {"ScalarNode": {"str", "int", "float", "bool", "null", "merge"},
         "SequenceNode": {"seq"}, "MappingNode": {"map"}}
 
 
-class SweepError(Exception):
+class SweepError(BadInput):
     """A sweep file or an override is wrong; the message is one line: where, which key, what.
     Characters that would break the line (newlines, NUL, escapes) are shown escaped."""
 
