@@ -82,17 +82,22 @@ def test_builtins_are_entry_points_too():
 
 
 def test_optional_parts_may_be_left_out(tmp_path):
+    """Without a `subject`, the report's headline is about the providers other than the baseline."""
     (tmp_path / "tiny_workload.py").write_text(
         "import torch\nfrom bench.workloads import Workload\n"
         "WORKLOAD = Workload(name='tiny', make_inputs=lambda p, d: torch.randn(p['n'], device=d),\n"
-        "    reference=lambda p, x: x.double() * 2, providers={'torch': lambda p, x: lambda: x * 2},\n"
-        "    defaults=dict(n=8))\n")
+        "    reference=lambda p, x: x.double() * 2, providers={'torch': lambda p, x: lambda: x * 2,\n"
+        "    'sum': lambda p, x: lambda: x + x}, defaults=dict(n=8))\n")
     sweep = tmp_path / "tiny.yaml"
-    sweep.write_text("workload: tiny_workload:WORKLOAD\nbaseline: torch\nproviders: [torch]\n"
+    sweep.write_text("workload: tiny_workload:WORKLOAD\nbaseline: torch\nproviders: [torch, sum]\n"
                      "axes: {n: [1, 13]}\ntiming: {warmup_ms: 1, min_reps: 3, max_time_s: 0.02}\n")
     proc = _bench(["bench.run", str(sweep), "--out", str(tmp_path / "out")], _env(tmp_path), tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "status: 2 ok" in proc.stdout
+    assert "status: 4 ok" in proc.stdout
+    rep = _bench(["bench.report", str(tmp_path / "out" / "latest")], _env(tmp_path), tmp_path)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    md = (tmp_path / "out" / "latest" / "report.md").read_text()
+    assert "the non-baseline providers" in md and "cutile" not in md.lower(), md
 
 
 def test_a_package_cannot_shadow_a_builtin(tmp_path):

@@ -1,12 +1,13 @@
 """Picks each kernel's best tile config from a finished run and merges it into the GPU's tuned file
 (kernels/tuned/<gpu slug>.json), which the kernels read when a caller gives them no config.
 
-Cases of a workload's subject providers (cutile, or those it names) that name a config (their
-provider-only axes) are grouped by kernel, dtype, dim and size bucket (kernels/tuned.py), and
-written to the workload's own tuned folder (its `tuned_dir`) unless a folder is given. A config counts in a group only if every one of its
-cases there passed the correctness gate (status `ok`), those that only gate it (a forward config's
-fwd_bwd cases) included, and it was timed at every shape of the group; the winner has the lowest
-geometric mean of its median over the best median at each shape (the default on a tie).
+Cases of a workload's subject providers (those it names, else all but the baseline) that name a
+config (their provider-only axes) are grouped by kernel, dtype, dim and size bucket
+(kernels/tuned.py), and written to the workload's own tuned folder (its `tuned_dir`) unless a folder
+is given. A config counts in a group only if every one of its cases there passed the correctness
+gate (status `ok`), those that only gate it (a forward config's fwd_bwd cases) included, and it was
+timed at every shape of the group; the winner has the lowest geometric mean of its median over the
+best median at each shape (the default on a tie).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def groups(records: list[dict], ceilings: dict | None = None) -> list[Group]:
     by_key: dict[tuple, Group] = {}
     for rec in records:
         wl = workloads.get(rec["workload"])
-        if rec.get("provider") not in wl.subject:
+        if not wl.is_subject(rec.get("provider"), rec.get("baseline")):
             continue
         found = wl.tuned_key(rec["params"]) if wl.tuned_key else None
         if not found or not found[3]:  # no config named: the case ran whatever was tuned then

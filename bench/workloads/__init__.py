@@ -55,9 +55,10 @@ class Workload:
     x_axes: tuple[str, ...] = ()
     regimes: tuple[str, ...] = ()
     panels: tuple[str, ...] = ()
-    # the providers a report's headline is about (this project's own kernels), and a note the
-    # report prints under the workload's results (numbers reported elsewhere, never plotted)
-    subject: tuple[str, ...] = ("cutile",)
+    # the providers a report's headline is about and bench.tune tunes (the workload's own kernels;
+    # none named: every provider but the sweep's baseline), and a note the report prints under the
+    # workload's results (numbers reported elsewhere, never plotted)
+    subject: tuple[str, ...] = ()
     note: str = ""
 
     def __post_init__(self):
@@ -65,6 +66,11 @@ class Workload:
         # provider, the reference or the input maker for the cases after its own
         if isinstance(self.providers, dict):  # anything else is refused by name when loaded
             object.__setattr__(self, "providers", MappingProxyType(dict(self.providers)))
+
+    def is_subject(self, provider: str, baseline: str) -> bool:
+        """Whether `provider` is one of the workload's own kernels (bench/present/report.py's
+        headline reads the same rule from a run's hints)."""
+        return provider in self.subject if self.subject else provider != baseline
 
     def hints(self) -> dict:
         """The presentation hints as plain data: a run records them in its meta.json, so that a

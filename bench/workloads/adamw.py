@@ -106,4 +106,4 @@ WORKLOAD = Workload(
     providers={"torch-fused": torch_fused, "cutile": cutile},
     bytes=bytes_moved, defaults=DEFAULTS,
     choices=dict(dtype=["float16", "bfloat16", "float32"]),
-    rotate=False, x_axes=("numel",), panels=("dtype",))
+    rotate=False, subject=("cutile",), x_axes=("numel",), panels=("dtype",))

@@ -145,5 +145,5 @@ WORKLOAD = Workload(
                "compile": compiled, "cutile": cutile, "tilegym": tilegym,
                "flash-attn": flash("flash_attn", "flash-attn", False),
                "flash-attn-4": flash("flash_attn.cute", "flash-attn-4", True)},
-    x_axes=("seq_len",), regimes=("mode",), panels=("mode", "dtype", "head_dim"),
+    subject=("cutile",), x_axes=("seq_len",), regimes=("mode",), panels=("mode", "dtype", "head_dim"),
     flops=flops, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES, tuned_key=tuned_key)

@@ -121,5 +121,5 @@ WORKLOAD = Workload(
     providers={"torch": torch_layer_norm, "compile": compiled, "cutile": cutile, "tilegym": tilegym,
                "liger-triton": liger("ops.layer_norm", "Triton LayerNorm"),
                "liger-cutile": liger("ops.cutile.ops.layer_norm", "cuTile LayerNorm")},
-    x_axes=("hidden", "rows"), regimes=("mode",), panels=("mode", "dtype"),
+    subject=("cutile",), x_axes=("hidden", "rows"), regimes=("mode",), panels=("mode", "dtype"),
     flops=None, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES, tuned_key=tuned_key)

@@ -131,5 +131,5 @@ WORKLOAD = Workload(
     name="model_head", make_inputs=make_inputs, reference=reference_output,
     providers={"torch": torch_head, "cutile": cutile, "liger-triton": liger_triton,
                "liger-cutile": liger_cutile},
-    x_axes=("tokens", "vocab", "hidden"), regimes=(), panels=("dtype",),
+    subject=("cutile",), x_axes=("tokens", "vocab", "hidden"), regimes=(), panels=("dtype",),
     flops=flops, bytes=bytes_moved, defaults=DEFAULTS, choices=CHOICES)

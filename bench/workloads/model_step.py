@@ -268,6 +268,7 @@ WORKLOAD = Workload(
                  graph=[False, True]),
     rotate=False,
     outputs=(StepOutputs,),
+    subject=("cutile",),
     x_axes=("batch",), regimes=("mode", "graph"), panels=("model", "mode", "graph", "dtype"),
     note=("Reference, not a measurement of this run: the seed reports 2.8 ms (cuTile) vs 7.4 ms "
           "(native PyTorch) per step, 2.64x, on a Blackwell GPU with an unstated config; reported "

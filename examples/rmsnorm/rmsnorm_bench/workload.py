@@ -72,4 +72,4 @@ WORKLOAD = Workload(
     tuned_dir=Path(__file__).with_name("tuned"),
     defaults=dict(rows=4096, hidden=4096, dtype="float16"),
     choices=dict(dtype=list(DTYPES)),
-    x_axes=("hidden", "rows"), panels=("dtype",))
+    subject=("cutile",), x_axes=("hidden", "rows"), panels=("dtype",))
