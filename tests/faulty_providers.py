@@ -41,7 +41,7 @@ def perturbed_backward(params, inputs):
     leaves the final LayerNorm is scaled, so every gradient before it is wrong and the loss is not."""
     from bench.workloads import model_step
 
-    model = model_step.build_model(params, inputs, "torch", "sdpa")
+    model = model_step.build_model(inputs, "torch", "sdpa")
     model.transformer.ln_f.register_full_backward_hook(
         lambda module, grad_in, grad_out: tuple(None if g is None else g * 1.01 for g in grad_in))
     return model_step.make_step(params, inputs, model)
@@ -60,7 +60,7 @@ def key_bias_rounding(params, inputs):
     move (lr times the gradient's sign) either way."""
     from bench.workloads import model_step
 
-    model = model_step.build_model(params, inputs, "torch", "sdpa")
+    model = model_step.build_model(inputs, "torch", "sdpa")
     g = torch.Generator().manual_seed(0)
     for blk in model.transformer.h:
         n = blk.attn.c_attn.bias.numel() // 3
@@ -75,7 +75,7 @@ def key_bias_moved_too_far(params, inputs):
     after a correct update: more than any AdamW step moves an element."""
     from bench.workloads import model_step
 
-    model = model_step.build_model(params, inputs, "torch", "sdpa")
+    model = model_step.build_model(inputs, "torch", "sdpa")
     step = model_step.make_step(params, inputs, model)
 
     def run():

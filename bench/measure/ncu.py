@@ -127,11 +127,11 @@ def occupancy_limit(k: dict) -> dict:
                                     for f, v in limits.items() if v == least)}
 
 
-def command(device: str, python: str | None = None) -> list[str]:
-    """ncu around the worker program of the tree on the PYTHONPATH, run by `python` (default: this one)."""
+def command(device: str) -> list[str]:
+    """ncu around the worker program of the tree on the PYTHONPATH, run by this interpreter."""
     return ["ncu", "--clock-control", "none", "--nvtx", "--nvtx-include", "timed/", "--csv",
             "--page", "raw", "--section", "WarpStateStats", "--metrics", ",".join(m for _, m in METRICS),
-            python or sys.executable, "-m", "bench.measure.worker", device, "--profiled"]
+            sys.executable, "-m", "bench.measure.worker", device, "--profiled"]
 
 
 def request(case: Case) -> str:
@@ -165,11 +165,11 @@ COMPILE_LOG_CHARS = 20_000
 COMPILE_LOG = ["-m", "cutile_cache._cli", "log"]
 
 
-def compile_log(python: str, env: dict, cwd: str) -> dict:
+def compile_log(env: dict, cwd: str) -> dict:
     """{"compile_log": text} of the kernels compiled into env's CUDA_TILE_CACHE_DIR, or
     {"compile_log_reason": why none}."""
     try:
-        done = subprocess.run([python, *COMPILE_LOG], capture_output=True, text=True, timeout=60,
+        done = subprocess.run([sys.executable, *COMPILE_LOG], capture_output=True, text=True, timeout=60,
                               cwd=cwd, env=env)
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"compile_log_reason": f"cutile-cache log did not run ({e})"[:300]}
@@ -182,10 +182,11 @@ def compile_log(python: str, env: dict, cwd: str) -> dict:
 
 
 def profile_case(case: Case, record: dict, device: str, tree: Path = OWN_TREE,
-                 python: str | None = None, with_compile_log: bool = False) -> dict:
+                 with_compile_log: bool = False) -> dict:
     """{"kernels": [...]} or {"reason": why there are no counters}, from the worker program of
-    `tree` run by `python`. With `with_compile_log`, the case's cuTile kernels compile afresh into
-    a cache of their own, and their compile log (tileiras's remarks where it gives them) is kept."""
+    `tree` run by this interpreter. With `with_compile_log`, the case's cuTile kernels compile
+    afresh into a cache of their own, and their compile log (tileiras's remarks where it gives
+    them) is kept."""
     if record.get("status") != "ok" and device.startswith("cuda"):
         return {"reason": f"not profiled: the case is {record.get('status')}"}
     why_not = unavailable(device)
@@ -193,17 +194,16 @@ def profile_case(case: Case, record: dict, device: str, tree: Path = OWN_TREE,
         return {"reason": why_not}
     if not _profilable(Path(tree)):
         return {"reason": f"not profiled: the worker of {tree} predates profiling"}
-    python = python or sys.executable
     with tempfile.TemporaryDirectory(prefix="bench-ncu-") as scratch:
         env = worker_env(Path(tree))
         if with_compile_log:
             env["CUDA_TILE_CACHE_DIR"] = str(Path(scratch) / "cutile-cache")
         try:
-            done = subprocess.run(command(device, python), input=request(case), capture_output=True,
+            done = subprocess.run(command(device), input=request(case), capture_output=True,
                                   text=True, timeout=TIMEOUT_S, cwd=scratch, env=env)
         except subprocess.TimeoutExpired:
             return {"reason": f"ncu did not finish within {TIMEOUT_S} s"}
-        log = compile_log(python, env, scratch) if with_compile_log else {}
+        log = compile_log(env, scratch) if with_compile_log else {}
     kernels = parse_csv(done.stdout)
     if not kernels:
         return {"reason": why_no_kernels(done.stdout + "\n" + done.stderr)[:300]}
@@ -244,9 +244,9 @@ def _record(line: str) -> dict | None:
 
 
 def explain(cmp: Comparison, cases: list[Case], base: Run, head: Run, trees: dict[str, Path],
-            device: str, pythons: dict[str, str | None] | None = None, log=print) -> list[dict]:
+            device: str, log=print) -> list[dict]:
     """The counter diff of each regression of `cmp`: the case profiled once on each side, with
-    that side's own tree (`trees["base"]`, `trees["head"]`) and interpreter, its compile log kept."""
+    that side's own tree (`trees["base"]`, `trees["head"]`), its compile log kept."""
     ids = {case_label(r): r["case_id"] for r in head.records}
     by_id = {c.case_id: c for c in cases}
     records = {"base": {r["case_id"]: r for r in base.records},
@@ -258,7 +258,7 @@ def explain(cmp: Comparison, cases: list[Case], base: Run, head: Run, trees: dic
             continue
         log(f"ncu base and head: {case.label}")
         sides = {side: profile_case(case, records[side].get(case.case_id, {}), device, trees[side],
-                                    (pythons or {}).get(side), with_compile_log=True)
+                                    with_compile_log=True)
                  for side in ("base", "head")}
         found = counters.diff(row["case"], sides["base"], sides["head"], row["ratio"])
         log(f"why {row['case']}: {found['text']}")

@@ -129,7 +129,7 @@ def reference(p, x):
     return dict(StepOutputs(p["mode"], model, loss, x))
 
 
-def build_model(p, x, backend: str, attention: str = "naive", fusions=()):
+def build_model(x, backend: str, attention: str = "naive", fusions=()):
     """The model of a case, on the inputs' device, with the case's starting weights."""
     with x["idx"].device:
         model = GPT(x["config"], backend=backend, attention=attention, fusions=fusions)
@@ -218,7 +218,7 @@ def _provider(backend: str, attention: str = "naive", compile_mode: str | None =
             for name in ("fmha", "layernorm", "gelu"):
                 cutile_module(name)  # Unavailable, with the reason, where cuTile cannot run
             fusions = _fusions(p.get("fusions", "all"))
-        model = build_model(p, x, backend, attention, fusions)
+        model = build_model(x, backend, attention, fusions)
         forward = torch.compile(model, mode=compile_mode) if compile_mode else None
         return make_step(p, x, model, forward)
     return make
