@@ -17,6 +17,7 @@ from bench.cli import BadInput, Parser, command, sweep_options
 from bench.measure import ab, env, ncu, runner
 from bench.present.report import render
 from bench.results.compare import compare_runs, to_text, write
+from bench.results.stats import THRESHOLD
 
 ROUNDS = 6  # the least rounds of a case: a t interval over fewer pairs is too wide to say much
 
@@ -34,7 +35,8 @@ def parse_args(argv):
                         "ratio is too wide to resolve twice the threshold (default: "
                         f"{ab.MAX_ROUNDS['cuda']} on a GPU, {ab.MAX_ROUNDS['cpu']} on the CPU)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="relative change that counts (default: the sweep's compare.threshold, else 0.03)")
+                   help="relative change that counts (default: the sweep's compare.threshold, else "
+                        f"{THRESHOLD:g})")
     p.add_argument("--counters", action="store_true",
                    help="profile each regression on both sides with Nsight Compute and say which "
                         "counters changed (registers, occupancy, bytes, ...)")

@@ -15,7 +15,8 @@ from pathlib import Path
 from bench.cli import BadInput, Parser, command, refuse, sweep_options
 from bench.measure import bisect, env, runner, sweep
 from bench.results import store
-from bench.results.compare import THRESHOLD, sweep_threshold
+from bench.results.compare import sweep_threshold
+from bench.results.stats import THRESHOLD
 
 
 def parse_args(argv):
@@ -31,7 +32,7 @@ def parse_args(argv):
     p.add_argument("--gpu", type=int, help="GPU index every step runs on (default: 0, or the CPU)")
     p.add_argument("--rounds", type=int, default=2, help="A B rounds per step (default: 2)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="relative slowdown that counts as bad (default: the sweep's, else 0.03)")
+                   help=f"relative slowdown that counts as bad (default: the sweep's, else {THRESHOLD:g})")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="stop starting steps after this long, naming the range left")
     return p.parse_args(argv)

@@ -17,6 +17,7 @@ import sys
 from bench.cli import Parser, command
 from bench.results.baseline import open_run
 from bench.results.compare import compare_runs, to_text, write
+from bench.results.stats import THRESHOLD
 
 
 @command
@@ -26,7 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("base", help="baseline run directory (or a blessed baseline)")
     parser.add_argument("cur", help="current run directory")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="relative change that counts (default: the sweep's compare.threshold, else 0.03)")
+                        help="relative change that counts (default: the sweep's compare.threshold, "
+                             f"else {THRESHOLD:g})")
     parser.add_argument("--allow-different-hardware", action="store_true")
     parser.add_argument("-o", "--out", default=None,
                         help="where compare.json and compare.md go (default: CUR)")

@@ -27,6 +27,7 @@ from bench.results.baseline import baseline_dir, hardware, open_run
 from bench.results.nightly import (JUDGED, canaries, load_plan, sensitivity, sensitivity_md,
                                    with_canaries)
 from bench.results import store
+from bench.results.stats import THRESHOLD
 from bench.results.store import META
 
 
@@ -160,13 +161,13 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
             found = bisect_regressions(entry, run, open_run(base), cmp, out, profile, deadline)
             if found:
                 summary.append("## Bisected\n\n" + "\n".join(found) + "\n")
-        threshold = cmp.threshold if cmp else compare.sweep_threshold(run.meta) or compare.THRESHOLD
+        threshold = cmp.threshold if cmp else compare.sweep_threshold(run.meta) or THRESHOLD
         found = canaries(run.records, threshold, (run.meta.get("env") or {}).get("device_kind", "cuda"))
         compared += sum(r["verdict"] in JUDGED for r in cmp.rows) if cmp else 0
         caught += found
         history.record_run(db, run, with_canaries(cmp, found, str(run.path), threshold))
     past = history.read(db)
-    steps = changepoints.find_steps(past, sweep.COMPARE_DEFAULTS["threshold"])
+    steps = changepoints.find_steps(past, THRESHOLD)
     trend = render_trend(past, steps, gpu, night / "trend.html", history.read_counter_diffs(db))
     summary.append(pinned(changepoints.standing_regressions(steps), gpu))
     summary.append(sensitivity_md(compared, caught, sensitivity(past[past["hardware"] == gpu])))

@@ -19,7 +19,8 @@ from bench.measure import env, runner
 from bench.measure.pool import Worker
 from bench.measure.sweep import Case, Sweep
 from bench.results import clocks, stats, store
-from bench.results.compare import CONFIDENCE, THRESHOLD
+from bench.results.compare import CONFIDENCE
+from bench.results.stats import THRESHOLD
 from bench.results.store import Run
 from bench.results.summary import summarize
 

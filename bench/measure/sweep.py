@@ -15,6 +15,7 @@ from typing import Any
 from bench import assets, workloads
 from bench.measure import constraint
 from bench.measure.sweep_yaml import MAX_BYTES, Doc, SweepError, first_line, read_text
+from bench.results.stats import THRESHOLD
 
 TIMING_DEFAULTS = {
     "warmup_ms": 100.0,  # warm up for this long before timing
@@ -29,7 +30,7 @@ TIMING_DEFAULTS = {
     "hygiene": "full",  # full: fresh inputs every rep and re-checks; basic: the gate alone (docs/isolation.md)
 }
 HYGIENE = ("full", "basic")
-COMPARE_DEFAULTS = {"threshold": 0.03, "control": None}  # control: a provider (else the baseline)
+COMPARE_DEFAULTS = {"threshold": THRESHOLD, "control": None}  # control: a provider (else the baseline)
 # A sweep file is small; these bound what a hostile or broken one can cost before it is refused.
 MAX_CASES = 100_000
 # Expansion work is counted before it is done, in steps of about half a microsecond: a few seconds'

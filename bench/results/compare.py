@@ -21,7 +21,6 @@ from bench.cli import BadInput
 from bench.results.store import FAILED, Run
 from bench.results.summary import suspect_reason
 
-THRESHOLD = 0.03
 CONFIDENCE = 0.99
 # Run-to-run noise, in units of a case's own sample spread, per device kind: the bootstrap interval
 # covers the noise within one run only, and a shared CPU's load moves whole runs by more than its
@@ -161,7 +160,7 @@ def compare_runs(base: Run, cur: Run, threshold: float | None = None,
         raise BadInput(f"runs are from different hardware ({hw[0]} vs {hw[1]}); "
                        "pass --allow-different-hardware to compare anyway")
     if threshold is None:
-        threshold = sweep_threshold(cur.meta) or sweep_threshold(base.meta) or THRESHOLD
+        threshold = sweep_threshold(cur.meta) or sweep_threshold(base.meta) or stats.THRESHOLD
     if not threshold > 0:
         raise BadInput(f"threshold must be positive, got {threshold}")
     if not cur.meta.get("complete", False):

@@ -7,6 +7,8 @@ import math
 import numpy as np
 from scipy import special  # not scipy.stats: 0.4 s more to import in every worker
 
+THRESHOLD = 0.03  # the relative change a comparison counts where the sweep names none
+
 
 def median_ci(samples, confidence: float = 0.95) -> tuple[float, float]:
     """Distribution-free confidence interval of the median from order statistics.
