@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.cli import BadInput
 from bench.measure import ab
 from bench.measure.sweep import Case
-from bench.results.compare import FAILING, compare_case
+from bench.results.compare import FAILING, clean, compare_case
 
 
 @dataclass
@@ -65,8 +65,6 @@ class Bisection:
     out_of_time: bool = False
 
     def to_json(self) -> dict:
-        def clean(v):
-            return None if isinstance(v, float) and math.isnan(v) else v
         d = asdict(self)
         d["steps"] = [{k: clean(v) for k, v in s.items()} for s in d["steps"]]
         return d

@@ -288,9 +288,12 @@ def to_text(cmp: Comparison) -> str:
     return "\n".join(lines + [headline(cmp)] + ([noisy_note(cmp)] if noisy_note(cmp) else []))
 
 
+def clean(v):
+    """NaN as None: JSON has no NaN."""
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
 def to_json(cmp: Comparison) -> dict:
-    def clean(v):
-        return None if isinstance(v, float) and math.isnan(v) else v
     return {
         "base": cmp.base, "current": cmp.cur, "hardware": list(cmp.hardware),
         "threshold": cmp.threshold, "confidence": cmp.confidence,
