@@ -6,12 +6,12 @@ import math
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import jinja2
 import pandas as pd
 
+from bench import assets
 from bench.present import plots, tuned
 from bench.present.counters import section as why_section
 from bench.results import compare
@@ -20,9 +20,7 @@ from bench.results.baseline import hardware
 from bench.results.store import Run
 from bench.results.summary import fresh_workers, settling, summarize
 
-# an installed wheel carries report_templates/ in bench/ (pyproject.toml); a checkout has it at the top
-TEMPLATES = next((p for p in (Path(str(resources.files("bench") / "report_templates")),) if p.is_dir()),
-                 Path(__file__).resolve().parents[2] / "report_templates")
+TEMPLATES = assets.folder("report_templates")
 HOST_BOUND = 1.25  # a call whose median exceeds its GPU-busy time by this factor waits on the host
 COUNTER_COLUMNS = {"ncu": "ncu", "ncu_ms": "ncu ms", "dram_pct": "DRAM %", "l2_pct": "L2 %",
                    "sm_pct": "SM %", "tensor_pct": "tensor %", "occupancy_pct": "occupancy %",
