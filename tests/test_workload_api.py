@@ -121,12 +121,14 @@ def test_a_package_cannot_shadow_a_builtin(tmp_path):
     ("no_such_pkg.mod:WORKLOAD", "importing no_such_pkg.mod failed (ModuleNotFoundError"),
     ("broken_workload:WORKLOAD", "importing broken_workload failed (ZeroDivisionError: division by zero)"),
     ("broken_workload:MISSING", "importing broken_workload failed"),
+    ("exiting_workload:WORKLOAD", "importing exiting_workload failed (SystemExit: 3)"),
     ("os:sep", "os:sep is a str, not a bench.workloads.Workload"),
     ("os:NOPE", "module os has no attribute 'NOPE'"),
     (":WORKLOAD", "expected 'package.module:NAME'"),
 ])
 def test_bad_specs_are_one_line_exit_2(tmp_path, spec, says):
     (tmp_path / "broken_workload.py").write_text("x = 1 / 0\n")
+    (tmp_path / "exiting_workload.py").write_text("import sys\nsys.exit(3)\n")  # exited silently, 3, before
     sweep = tmp_path / "bad.yaml"
     sweep.write_text(f"# a comment\nworkload: '{spec}'\nbaseline: torch\nproviders: [torch]\naxes: {{}}\n")
     proc = _bench(["bench.run", str(sweep), "--out", str(tmp_path / "out")], _env(tmp_path), tmp_path)

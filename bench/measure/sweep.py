@@ -327,7 +327,7 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
                 workloads.load_user_provider(module)
             except ValueError as e:
                 v.fail(at + ("module",), first_line(e))
-            except Exception as e:  # the user's module failed to import, or lacks the function
+            except (Exception, SystemExit) as e:  # its module failed to import or exited, or lacks it
                 v.fail(at + ("module",),
                        f"cannot load {module[:80]!r} ({type(e).__name__}: {first_line(e)})")
         elif pname not in wl.providers:

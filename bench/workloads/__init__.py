@@ -162,7 +162,7 @@ def _load(spec: str, what: str) -> Workload:
         raise WorkloadError(f"{what}: expected 'package.module:NAME', got {spec[:80]!r}")
     try:
         mod = importlib.import_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a module that exits as it is imported: a script's argparse
         msg = " ".join(str(e).split())[:200]
         raise WorkloadError(f"{what}: importing {module[:80]} failed ({type(e).__name__}: {msg})") from None
     obj = mod
