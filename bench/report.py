@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.cli import Parser, command
+from bench.cli import BadInput, Parser, command
 from bench.present.report import render
-from bench.results import compare
+from bench.results import compare, store
 from bench.results.baseline import open_run
 
 
@@ -23,10 +23,13 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--out", help="HTML file to write (default: RUN_DIR/report.html)")
     args = parser.parse_args(argv)
     run = open_run(args.run_dir)
+    out = Path(args.out) if args.out else run.path / "report.html"
+    if store.run_file(out):
+        raise BadInput(f"-o {out}: a file of the run itself ({out.name}); write the report elsewhere")
     cmp = compare.compare_runs(open_run(args.baseline), run,
                                allow_different_hardware=args.allow_different_hardware) \
         if args.baseline else None
-    html, _ = render(run, Path(args.out) if args.out else run.path / "report.html", cmp)
+    html, _ = render(run, out, cmp)
     print(html)
     return 0
 

@@ -207,6 +207,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and err.startswith("error:")
 
 
+def test_a_report_never_writes_over_a_file_of_the_run(tmp_path, capsys):
+    """`-o RUN/samples.jsonl` wrote the HTML over the run's records, and exited 0."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    before = (run / "samples.jsonl").read_bytes()
+    assert exit_code(report_cli.main, [str(run), "-o", str(run / "samples.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a file of the run itself (samples.jsonl)" in err, err
+    assert (run / "samples.jsonl").read_bytes() == before
+
+
 HEADER = (0xe3, 0xea, 0xf5)  # table headers' background (base.html.j2)
 LINE = (0x1f, 0x77, 0xb4)  # matplotlib's first line colour
 

@@ -34,6 +34,13 @@ GENESIS = "0" * 64  # the hash before a run's first record
 LOCK = ".writing"  # held (flock) by the one process writing the run: released when it ends, however
 
 
+def run_file(path) -> bool:
+    """Whether `path` is one of a run's own files, which only the harness writes."""
+    path = Path(path)
+    return path.name in (META, SAMPLES, SAMPLES_GZ, SUMMARY, CASES, COUNTERS, LOCK) \
+        and (path.parent / META).is_file()
+
+
 def run_dir_name(sweep_name: str, git_sha: str | None) -> str:
     """<UTC second>_<sweep>_<sha>_<random>: unique across processes and hosts that start together."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
