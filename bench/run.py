@@ -55,6 +55,11 @@ def run(args, command: list[str]) -> tuple[int, Path | None]:
         devices = runner.devices_for(args.gpus or local_gpus, args.workers)
         if sum(map(bool, (args.sweep, args.resume, args.rest_of))) > 1:
             raise BadInput("name one of a sweep file, --resume DIR and --rest-of DIR")
+        given = [f"--{k}" for k in ("set", "filter", "providers") if getattr(args, k)]
+        given += ["--profile"] if args.profile not in (None, runner.NCU) else []
+        if (args.resume or args.rest_of) and given:
+            raise BadInput(f"{', '.join(given)}: {'--resume' if args.resume else '--rest-of'} runs the "
+                           "cases its run lists, as that run chose them")
         if not args.resume:
             if not (args.sweep or args.rest_of):
                 raise BadInput("name a sweep file, or --resume a run directory")

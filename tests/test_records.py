@@ -303,3 +303,13 @@ def test_a_run_being_written_is_not_resumed_beside_it(done_run, capsys):
         held.close()
     assert run.main(["--resume", str(done_run)]) == 0
     assert store.load_run(done_run).meta["complete"] is True
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--rest-of"])
+def test_options_that_choose_cases_are_refused_beside_a_run_to_finish(done_run, capsys, flag):
+    """They were ignored without a word: the run finishes the cases it lists, as it chose them."""
+    argv = [flag, str(done_run), "--set", "timing.max_time_s=abc", "--filter", "nosuch=1",
+            "--providers", "bogus", "--profile", "nope"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--set, --filter, --providers, --profile: {flag} runs" in err, err
