@@ -78,6 +78,20 @@ def test_bless_refuses_an_incomplete_run(tmp_path, capsys):
     assert "incomplete" in capsys.readouterr().err
 
 
+def test_bless_never_deletes_a_folder_that_is_not_a_baseline(tmp_path, capsys):
+    """Blessing replaced the folder its GPU and sweep name, whatever it held (a notes file went)."""
+    run = write_run(tmp_path / "run", [record("a", [1.0, 1.0])])
+    dest = baseline.baseline_dir(tmp_path / "b", json.loads((run / "meta.json").read_text()))
+    dest.mkdir(parents=True)
+    (dest / "notes.txt").write_text("mine")
+    assert baseline_cli.main(["set", str(run), "--root", str(tmp_path / "b")]) == 2
+    assert "not a blessed baseline" in capsys.readouterr().err
+    assert (dest / "notes.txt").read_text() == "mine"
+    (dest / "notes.txt").unlink()
+    assert baseline_cli.main(["set", str(run), "--root", str(tmp_path / "b")]) == 0
+    assert baseline_cli.main(["set", str(run), "--root", str(tmp_path / "b")]) == 0  # a baseline: replaced
+
+
 def test_a_baseline_keeps_the_command_less_its_out_folder(tmp_path):
     run = write_run(tmp_path / "run", [record("a", [1.0, 1.0])])
     meta = json.loads((run / "meta.json").read_text())

@@ -74,6 +74,9 @@ def bless(run_path, root=ROOT) -> Path:
     if not run.meta.get("complete", False):
         raise BadInput(f"{run.path}: the run is incomplete; bless a complete run")
     dest = baseline_dir(root, run.meta)
+    if dest.exists() and any(dest.iterdir()) and not (dest / BLESSED).is_file():
+        raise BadInput(f"{dest}: holds files that are not a blessed baseline, which blessing would "
+                       "delete; move them, or bless into another --root")
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
