@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.cli import BadInput, Parser, command, sweep_options
 from bench.measure import ab, env, ncu, runner
 from bench.present.report import render
-from bench.results.compare import compare_runs, to_text, write
+from bench.results.compare import checked_threshold, compare_runs, to_text, write
 from bench.results.stats import THRESHOLD
 
 ROUNDS = 6  # the least rounds of a case: a t interval over fewer pairs is too wide to say much
@@ -64,6 +64,8 @@ def main(argv=None) -> int:
         args.max_rounds = max(args.rounds, ab.max_rounds_for(device))
     if args.rounds < 1 or args.max_rounds < args.rounds:
         raise BadInput("--rounds must be at least 1 and --max-rounds at least --rounds")
+    if args.threshold is not None:  # checked before anything is measured
+        checked_threshold(args.threshold)
     sw = runner.load_sweep(args, device)
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as trees:
         out, base, head = ab.run(sw, args.base, args.head, args.out, ["-m", "bench.ab", *argv],

@@ -15,7 +15,7 @@ from pathlib import Path
 from bench.cli import BadInput, Parser, command, refuse, sweep_options
 from bench.measure import bisect, env, runner, sweep
 from bench.results import store
-from bench.results.compare import sweep_threshold
+from bench.results.compare import checked_threshold, sweep_threshold
 from bench.results.stats import THRESHOLD
 
 
@@ -56,10 +56,8 @@ def run(args) -> tuple[int, bisect.Bisection | None]:
         device = runner.devices_for(None if args.gpu is None else str(args.gpu), 1)[0]
         sw = runner.load_sweep(args, device)
         case = one_case(sw, args.case)
-        threshold = args.threshold if args.threshold is not None else \
-            sweep_threshold({"sweep": {"compare": sw.compare}}) or THRESHOLD
-        if not threshold > 0:
-            raise BadInput(f"threshold must be positive, got {threshold}")
+        threshold = checked_threshold(args.threshold if args.threshold is not None else
+                                      sweep_threshold({"sweep": {"compare": sw.compare}}) or THRESHOLD)
         print(f"bisecting {case.label} ({case.case_id}) on {device}, threshold {threshold:.1%}")
         if args.envs:
             result = bisect.bisect_envs(case, args.envs, env.ROOT, device, args.rounds, threshold,

@@ -102,6 +102,20 @@ def test_bad_revision_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "no-such-revision" in err
 
 
+@pytest.mark.parametrize("threshold", ["-1", "nan", "inf"])
+def test_a_threshold_that_is_no_positive_number_is_refused_before_anything_runs(tmp_path, monkeypatch,
+                                                                               capsys, threshold):
+    """It was refused only once every round had run."""
+    (tmp_path / "ab_provider.py").write_text("from delay_provider import steady as kept, quick as changed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sweep = tmp_path / "ab.yaml"
+    sweep.write_text(SWEEP)
+    assert ab_cli.main(["HEAD", str(sweep), "--out", str(tmp_path / "out"), "--threshold", threshold]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"threshold must be a positive number, got {threshold}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def rounds_of(rng, rounds: int, slowdown: float, reps: int = 30) -> tuple[dict, dict]:
     """Seeded A/B records of one case on a busy machine: each round's level moves by 30% (both
     sides of a round alike), each side's level within a round by 10% more, its samples by 5%."""

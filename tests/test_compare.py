@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from bench import compare as compare_cli
 from bench.results import compare
@@ -181,12 +182,14 @@ def exit_code(main, argv) -> int:
 
 
 @pytest.mark.parametrize("args", [["missing_a", "missing_b"], ["--threshold", "x", "a", "b"],
+                                  ["--threshold", "inf", "fixture", "fixture"],
                                   ["--bogus", "a", "b"], ["malformed", "malformed"], ["empty", "empty"]])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "malformed").mkdir()
     (tmp_path / "malformed" / "meta.json").write_text("{not json")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "fixture").symlink_to(ROOT / "results" / "fixtures" / "h100_synthetic")
     assert exit_code(compare_cli.main, args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:")

@@ -152,6 +152,14 @@ def sweep_threshold(meta: dict) -> float | None:
     return float(value) if value is not None else None
 
 
+def checked_threshold(threshold: float) -> float:
+    """A relative change that counts: a positive, finite number; BadInput otherwise, before
+    anything is measured where a command measures first (bench.ab, bench.bisect)."""
+    if not 0 < threshold < math.inf:
+        raise BadInput(f"threshold must be a positive number, got {threshold}")
+    return threshold
+
+
 def compare_runs(base: Run, cur: Run, threshold: float | None = None,
                  allow_different_hardware: bool = False) -> Comparison:
     """Match the two runs' cases and judge each; BadInput for runs from different GPU models."""
@@ -161,8 +169,7 @@ def compare_runs(base: Run, cur: Run, threshold: float | None = None,
                        "pass --allow-different-hardware to compare anyway")
     if threshold is None:
         threshold = sweep_threshold(cur.meta) or sweep_threshold(base.meta) or stats.THRESHOLD
-    if not threshold > 0:
-        raise BadInput(f"threshold must be positive, got {threshold}")
+    checked_threshold(threshold)
     if not cur.meta.get("complete", False):
         raise BadInput(f"{cur.path}: the run is incomplete (interrupted?); finish it with "
                        f"python -m bench.run --resume {cur.path}")
