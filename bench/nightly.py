@@ -19,12 +19,13 @@ from bench import assets, run as bench_run
 from bench import bisect as bench_bisect
 from bench.cli import BadInput, Parser, command
 from bench.measure import ab, env, ncu, runner, sweep
+from bench.measure.nightly_plan import load_plan
 from bench.measure import bisect as bisection
 from bench.present import report
 from bench.present.trend import render_trend
 from bench.results import changepoints, compare, history
 from bench.results.baseline import baseline_dir, hardware, open_run
-from bench.results.nightly import (JUDGED, canaries, load_plan, sensitivity, sensitivity_md,
+from bench.results.nightly import (JUDGED, canaries, sensitivity, sensitivity_md,
                                    with_canaries)
 from bench.results import store
 from bench.results.stats import THRESHOLD

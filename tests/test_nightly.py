@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from bench.measure import runner, sweep
+from bench.measure.nightly_plan import load_plan
 from bench import baseline as baseline_cli, nightly as nightly_cli
 from bench.results import baseline, nightly
 from bench.results.history import connect, read, write
@@ -104,21 +105,26 @@ def test_a_baseline_keeps_the_command_less_its_out_folder(tmp_path):
     assert str(tmp_path) not in (stored / "meta.json").read_text()
 
 
-@pytest.mark.parametrize("text", ["sweeps: []", "sweeps: [{sweep: nowhere.yaml}]", "[1, 2",
-                                  "sweeps: [{sweep: SWEEP, sizes: 3}]", "sweeps: [{sweep: SWEEP, set: [1]}]"])
-def test_bad_config_is_one_line_and_exit_2(tmp_path, write_sweep, capsys, text):
+@pytest.mark.parametrize("text,line", [
+    ("sweeps: []", 1), ("sweeps: [{sweep: nowhere.yaml}]", 1), ("# plan\nsweeps: [1, 2", 3),
+    ("sweeps:\n  - {sweep: SWEEP, sizes: 3}", 2), ("sweeps: [{sweep: SWEEP, set: [1]}]", 1),
+    ("sweeps:\n  - sweep: SWEEP\n    set: seq_len=13", 3),  # a string: a traceback, and an empty night's folder
+    ("sweeps: [{sweep: SWEEP}]\nsweeps: [{sweep: SWEEP}]", 2),  # was 'expected a non-empty list'
+])
+def test_bad_config_is_one_line_with_its_line_and_exit_2(tmp_path, write_sweep, capsys, text, line):
     sweep = write_sweep(SWEEP.format(delay="steady"), "tiny.yaml")
     config = write_sweep(text.replace("SWEEP", str(sweep)), "nightly.yaml")
-    assert exit_code(nightly_cli.main, ["--config", str(config), "--out", str(tmp_path)]) == 2
+    assert exit_code(nightly_cli.main, ["--config", str(config), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error:")
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {config}:{line}: "), err
+    assert not (tmp_path / "out").exists()
     assert not (tmp_path / "nightly").exists()
 
 
 def test_shipped_nightly_config_is_valid(monkeypatch):
     """Every entry loads as the GPU machine would run it (no CPU profile), at the sizes in the file."""
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
-    plan = nightly.load_plan("sweeps/nightly.yaml")
+    plan = load_plan("sweeps/nightly.yaml")
     counts = {p["sweep"]: len(sweep.load(p["sweep"], None, p["set"], p["filter"], p["providers"] or None).cases)
               for p in plan}
     assert set(counts) == {"sweeps/fmha.yaml", "sweeps/layernorm.yaml", "sweeps/model.yaml",
@@ -201,7 +207,7 @@ def test_without_a_gpu_each_sweep_runs_at_its_cpu_profile(tmp_path, write_sweep,
 
 def test_the_shipped_nightly_plan_loads_at_cpu_sizes_without_a_gpu(monkeypatch, tmp_path):
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
-    sweeps = nightly_cli.load_sweeps(nightly.load_plan("sweeps/nightly.yaml"), tmp_path, None, None)
+    sweeps = nightly_cli.load_sweeps(load_plan("sweeps/nightly.yaml"), tmp_path, None, None)
     assert [s.profile for s in sweeps] == ["cpu"] * 4
     assert all(c.params.get("seq_len", 0) <= 256 and c.params.get("rows", 0) <= 1000
                for s in sweeps for c in s.cases)
