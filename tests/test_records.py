@@ -89,6 +89,16 @@ def test_lines_off_the_chain_are_ignored_with_a_warning(tmp_path, capsys):
     assert "ignored 2 line(s) the harness did not write" in capsys.readouterr().err
 
 
+def test_a_line_that_is_not_json_amid_a_chained_run_is_ignored_with_a_warning(tmp_path, capsys):
+    """It made the run unreadable, and the advice was to --resume, which cuts only a torn last line:
+    report, compare and --resume refused it alike. The chain still names every record."""
+    path = _write(tmp_path / "r", [rec("a"), rec("b")])
+    first, second = (path / store.SAMPLES).read_text().splitlines(keepends=True)
+    (path / store.SAMPLES).write_text(first + "{not a record\n" + second)
+    assert {r["case_id"] for r in store.load_run(path).records} == {"a", "b"}
+    assert "ignored 1 line(s) the harness did not write (line 2)" in capsys.readouterr().err
+
+
 def test_a_run_of_an_unknown_version_is_refused_in_one_line(tmp_path):
     path = _write(tmp_path / "r", [rec("a")])
     meta = json.loads((path / store.META).read_text())

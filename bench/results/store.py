@@ -84,20 +84,27 @@ def chain(records: list[dict], head: str = GENESIS) -> tuple[list[dict], str]:
     return lines, head
 
 
-def _lines(p: Path) -> list[tuple[int, object]]:
-    """(line number, parsed JSON) of each non-empty line; TornSamples for one that is not JSON."""
+def _lines(p: Path, chained: bool) -> list[tuple[int, object]]:
+    """(line number, parsed JSON) of each non-empty line. A last line without its newline that is
+    not JSON was torn by a kill: TornSamples (--resume cuts it). Any other line that is not JSON is
+    TornSamples too where no chain names the records (schema version 1: a record could be lost
+    unseen); on a chained run, it is a line the harness did not write, given as None."""
     out = []
     if not p.exists() and p.with_name(SAMPLES_GZ).exists():
         p = p.with_name(SAMPLES_GZ)
     if p.exists():
         text = gzip.decompress(p.read_bytes()).decode(errors="replace") if p.suffix == ".gz" \
             else p.read_text(errors="replace")
-        for n, line in enumerate(text.splitlines(), 1):
+        lines = text.splitlines()
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 out.append((n, json.loads(line)))
             except json.JSONDecodeError:
+                if chained and (n < len(lines) or text.endswith("\n")):
+                    out.append((n, None))
+                    continue
                 raise TornSamples(f"{p}:{n}: not a whole record (a torn write; "
                                   "--resume the run to cut it and run that case again)") from None
     return out
@@ -133,14 +140,14 @@ def _chained(p: Path, lines: list, head: str) -> tuple[list[dict], list[int]]:
 
 def read_records(path: Path, meta: dict | None = None) -> list[dict]:
     """The run's records, checked against record.Record; a case recorded twice keeps its last record.
-    A line that is not JSON raises TornSamples: a case lost in a torn write must not pass unnoticed
-    (`--resume` cuts a torn last line and runs that case again). A line the harness did not write
-    is reported on stderr and ignored."""
+    A torn last line raises TornSamples: a case lost in a torn write must not pass unnoticed
+    (`--resume` cuts it and runs that case again). A line the harness did not write is reported on
+    stderr and ignored."""
     path = Path(path)
     if meta is None:
         meta = json.loads((path / META).read_text())
     p = path / SAMPLES
-    lines = _lines(p)
+    lines = _lines(p, chained=meta_version(meta) > 1)
     if meta_version(meta) == 1:
         records, foreign = [line for _, line in lines], []
     else:
