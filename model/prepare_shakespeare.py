@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.cli import ArgumentParser, fail
+from model.cli import ArgumentParser, BadInput, command, fail, writable
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -32,6 +32,24 @@ def prepare(text: str, out: Path) -> dict:
     return meta
 
 
+def load_meta(path: Path, need=("vocab_size",)) -> dict:
+    """meta.pkl as prepare writes it, with the keys `need`; BadInput, one line, for a file that is
+    no such pickle."""
+    try:
+        with open(path, "rb") as f:
+            meta = pickle.load(f)
+    except OSError:
+        raise
+    except Exception as e:  # unpickling garbage raises many kinds
+        raise BadInput(f"{path}: not a meta.pkl pickle ({type(e).__name__})") from None
+    if not isinstance(meta, dict) or any(k not in meta for k in need):
+        raise BadInput(f"{path}: not a meta.pkl as model.prepare_shakespeare writes (no {', '.join(need)})")
+    if not isinstance(meta.get("vocab_size", 1), int) or meta.get("vocab_size", 1) < 1:
+        raise BadInput(f"{path}: vocab_size {meta['vocab_size']!r} is not a positive integer")
+    return meta
+
+
+@command
 def main(argv=None):
     p = ArgumentParser(prog="python -m model.prepare_shakespeare", description=__doc__.split("\n")[0])
     p.add_argument("--input", type=Path, default=Path("data/shakespeare_char/input.txt"),
@@ -44,10 +62,16 @@ def main(argv=None):
             fail(f"{args.input}: no such file (pass --download to fetch the corpus)")
         args.input.parent.mkdir(parents=True, exist_ok=True)
         urllib.request.urlretrieve(URL, args.input)
-    text = args.input.read_text(encoding="utf-8")
+    if not args.input.is_file():
+        fail(f"--input {args.input}: {'a directory' if args.input.is_dir() else 'not a plain file'}, not a text file")
+    try:
+        text = args.input.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"--input {args.input}: not UTF-8 text (byte {e.start}); the corpus must be plain text")
     if len(text) < 2:
         fail(f"{args.input}: the corpus is empty")
     out = args.out or args.input.parent
+    writable(out, "--out")
     meta = prepare(text, out)
     n = int(len(text) * 0.9)
     print(f"{len(text):,} characters, vocab {meta['vocab_size']}: train {n:,} / val {len(text) - n:,} tokens in {out}")
