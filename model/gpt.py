@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.reference import MASK_FLOOR
+from model.cli import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,7 @@ class GPT(nn.Module):
                         map_location="cpu", device=None) -> "GPT":
         """A model from a nanoGPT `ckpt.pt` (`model_args` and `model`), or one we saved; `device`
         as for the constructor."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = load_checkpoint(path, map_location)
         model = cls(GPTConfig(**ckpt["model_args"]), backend=backend, attention=attention, device=device)
         model.load_nanogpt_state(ckpt["model"])
         return model
@@ -467,3 +468,20 @@ def _read_hf(path: Path) -> tuple[dict, dict]:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     cfg = path.parent / "config.json"
     return sd, (json.loads(cfg.read_text()) if cfg.exists() else {})
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """A nanoGPT checkpoint's dict (`model_args` and `model`); BadInput, one line, for a path that
+    holds none: missing, a directory, or a file torch.load cannot read or of another shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: {'a directory, not a' if path.is_dir() else 'no such'} checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # unpickling garbage raises many kinds
+        raise BadInput(f"{path}: not a checkpoint torch.load can read ({type(e).__name__})") from None
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model_args", "model"))):
+        raise BadInput(f"{path}: not a nanoGPT checkpoint (no model_args and model in it)")
+    return ckpt

@@ -4,13 +4,14 @@ The same seed, checkpoint and device give the same text: sampling draws from its
 """
 from __future__ import annotations
 
-import pickle
+import math
 from pathlib import Path
 
 import torch
 
-from model.cli import DTYPES, ArgumentParser, autocast, fail, pick_device
-from model.gpt import ATTENTIONS, BACKENDS, GPT
+from model.cli import DTYPES, ArgumentParser, autocast, check_options, command, fail, pick_device
+from model.gpt import ATTENTIONS, BACKENDS, GPT, load_checkpoint
+from model.prepare_shakespeare import load_meta
 
 
 def find_meta(checkpoint: Path, meta: Path | None) -> Path:
@@ -18,7 +19,7 @@ def find_meta(checkpoint: Path, meta: Path | None) -> Path:
     `data_dir`; nanoGPT's record `dataset`, under data/)."""
     if meta is not None:
         return meta
-    config = torch.load(checkpoint, map_location="cpu", weights_only=True).get("config") or {}
+    config = load_checkpoint(checkpoint).get("config") or {}
     if "data_dir" in config:
         return Path(config["data_dir"]) / "meta.pkl"
     return Path("data") / str(config.get("dataset", "shakespeare_char")) / "meta.pkl"
@@ -41,6 +42,7 @@ def sample(model: GPT, meta: dict, start: str, max_new_tokens: int, num_samples:
     return ["".join(itos[int(i)] for i in row) for row in out.tolist()]
 
 
+@command
 def main(argv=None) -> list[str]:
     p = ArgumentParser(prog="python -m model.sample", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=Path("out/ckpt.pt"))
@@ -57,19 +59,14 @@ def main(argv=None) -> list[str]:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float16 on CUDA, else float32")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 0:
-        fail("--num-samples must be at least 1 and --max-new-tokens at least 0")
-    if args.temperature <= 0 and not args.greedy:
-        fail(f"--temperature must be positive, got {args.temperature} (use --greedy for argmax)")
-    if args.top_k is not None and args.top_k < 1:
-        fail(f"--top-k must be at least 1, got {args.top_k}")
-    if not args.checkpoint.exists():
-        fail(f"{args.checkpoint}: no such checkpoint")
+    check_options(args, [(("num_samples", "top_k"), lambda v: v >= 1, "at least 1"),
+                         (("max_new_tokens",), lambda v: v >= 0, "at least 0"),
+                         (("temperature",), lambda v: args.greedy or 0 < v < math.inf,
+                          "a positive finite number (use --greedy for argmax)")])
     meta_path = find_meta(args.checkpoint, args.meta)
     if not meta_path.exists():
         fail(f"{meta_path}: no meta.pkl (pass --meta); only character-level vocabularies are supported")
-    with open(meta_path, "rb") as f:
-        meta = pickle.load(f)
+    meta = load_meta(meta_path, need=("stoi", "itos"))
     device = pick_device(args.device)
     model = GPT.from_checkpoint(args.checkpoint, backend=args.backend, attention=args.attention,
                                 device=device).to(device)
