@@ -12,17 +12,18 @@ from __future__ import annotations
 import csv
 import json
 import math
-import pickle
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.cli import DTYPES, ArgumentParser, autocast, fail, pick_device
+from bench.cli import first_line
+from model.cli import DTYPES, ArgumentParser, autocast, check_options, command, fail, pick_device, writable
 from model.gpt import ATTENTIONS, BACKENDS, GPT, PRESETS, GPTConfig
 from model.graph import capture
 from model.optim import ScaledAdamW
+from model.prepare_shakespeare import load_meta
 
 # what a flag left unset means on a GPU and elsewhere (block_size None: the preset's); a step of the
 # GPU defaults takes tens of seconds on a laptop CPU, and the first eval 400 forwards of it
@@ -44,9 +45,13 @@ class Batches:
     """Random (x, y) windows from a split's token file, as nanoGPT's get_batch draws them."""
 
     def __init__(self, path: Path, batch_size: int, block_size: int, device: torch.device, seed: int):
+        size = path.stat().st_size
+        if size % 2:
+            fail(f"{path}: {size} bytes, not a whole number of uint16 tokens (a truncated or foreign file)")
+        if size // 2 <= block_size:
+            fail(f"{path}: {size // 2} tokens, fewer than block_size + 1 = {block_size + 1} "
+                 "(lower --block-size)")
         self.data = np.memmap(path, dtype=np.uint16, mode="r")
-        if len(self.data) <= block_size:
-            fail(f"{path}: {len(self.data)} tokens, fewer than block_size + 1 = {block_size + 1}")
         self.batch_size, self.block_size, self.device = batch_size, block_size, device
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -92,17 +97,20 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
-    for name in ("batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
-                 "log_interval"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
-        fail(f"--dropout must be in [0, 1), got {args.dropout}")
+    check_options(args, [
+        (("batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
+          "log_interval"), lambda v: v >= 1, "at least 1"),
+        (("warmup_iters", "lr_decay_iters"), lambda v: v >= 0, "at least 0"),
+        (("lr",), lambda v: 0 < v < math.inf, "a positive finite number"),
+        (("min_lr", "weight_decay", "grad_clip"), lambda v: 0 <= v < math.inf, "a finite number, at least 0"),
+        (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    ])
     if args.backend == "cutile" and args.dropout:
         fail(f"--dropout {args.dropout}: the cutile backend's attention has no dropout (leave it unset: 0)")
     for split in ("train.bin", "val.bin"):
         if not (args.data / split).exists():
             fail(f"{args.data / split}: no such file (run python -m model.prepare_shakespeare first)")
+    writable(args.out, "--out")
     return args
 
 
@@ -129,6 +137,7 @@ def set_lr(optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
+@command
 def main(argv=None) -> dict:
     """Train; returns the summary also written to loss.json."""
     args = parse_args(argv)
@@ -146,15 +155,22 @@ def main(argv=None) -> dict:
     meta_path = args.data / "meta.pkl"
     overrides = {}
     if meta_path.exists():
-        with open(meta_path, "rb") as f:
-            overrides["vocab_size"] = pickle.load(f)["vocab_size"]
+        overrides["vocab_size"] = load_meta(meta_path)["vocab_size"]
     if args.block_size is not None:
         overrides["block_size"] = args.block_size
     if args.dropout is not None or args.backend == "cutile":
         overrides["dropout"] = args.dropout or 0.0
     config = GPTConfig.preset(args.preset, **overrides)
+    batches = {s: Batches(args.data / f"{s}.bin", args.batch_size, config.block_size, device, args.seed + i)
+               for i, s in enumerate(("train", "val"))}
 
-    model = GPT(config, backend=args.backend, attention=args.attention, device=device).to(device)
+    try:
+        model = GPT(config, backend=args.backend, attention=args.attention, device=device).to(device)
+    except RuntimeError as e:  # torch.OutOfMemoryError on a GPU; the CPU's allocator says "can't allocate"
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        fail(f"--preset {args.preset} with --block-size {config.block_size}: the model does not fit in "
+             f"{device}'s memory ({first_line(e, 200)})")
     optimizer = model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2),
                                            capturable=args.graph)
     if args.graph:  # the schedule's lr in a tensor that the captured update reads at every replay
@@ -178,8 +194,6 @@ def main(argv=None) -> dict:
         update.step()
         return loss
 
-    batches = {s: Batches(args.data / f"{s}.bin", args.batch_size, config.block_size, device, args.seed + i)
-               for i, s in enumerate(("train", "val"))}
     decay_iters = args.lr_decay_iters or args.max_iters
     run_config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                   "dtype": dtype, "device": str(device), "backend_used": model.backend,
