@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import kernels
 from bench.measure.check import errors, passes, tolerance_for
 from kernels import reference
-from model.cli import DTYPES, ArgumentParser, autocast, fail, pick_device
+from model.cli import DTYPES, ArgumentParser, autocast, command, disk_error, fail, pick_device, writable
 from model.gpt import GPT, PRESETS, GPTConfig
 
 # L2/L3 budgets on the candidate-vs-torch distance under fp16/bf16 autocast, set from measurement
@@ -160,6 +160,7 @@ def run_parity(models: dict, batches, seq_lens, device, dtype: str, levels=("L1"
     return report
 
 
+@command
 def main(argv=None) -> dict:
     p = ArgumentParser(prog="python -m model.parity", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None, help="the JSON report (default: stdout)")
@@ -184,6 +185,8 @@ def main(argv=None) -> dict:
         fail(f"--levels takes L1, L2, L3; got {args.levels}")
     if min(seq_lens + batches) < 1:
         fail("--seq-lens and --batches must be positive")
+    if args.out:  # now, not after minutes of computing
+        writable(args.out, "--out", directory=False)
     device = pick_device(args.device)
     dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)
@@ -195,8 +198,6 @@ def main(argv=None) -> dict:
         config = GPTConfig.preset(name, dropout=0.0)
         models[f"{name} (random)"] = (config, GPT(config).state_dict())
     for path in args.checkpoint:
-        if not path.exists():
-            fail(f"{path}: no such checkpoint")
         m = GPT.from_checkpoint(path)
         models[f"{path} (trained)"] = (m.config, m.state_dict())
     if args.pretrained is not None:
@@ -211,10 +212,13 @@ def main(argv=None) -> dict:
 
     report = run_parity(models, batches, seq_lens, device, dtype, levels)
     text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    else:
+    try:
+        if args.out:
+            args.out.write_text(text)
+    except OSError as e:  # the report is not lost: it goes to stdout, and the failure is said after it
+        print(text)
+        fail(f"--out {args.out}: {disk_error(e)}; the report went to stdout instead")
+    if not args.out:
         print(text)
     if report["cutile_unavailable"]:
         print(f"cuTile not run: {report['cutile_unavailable']}; {report['candidate']} stands in for it, "
