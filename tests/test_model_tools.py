@@ -4,6 +4,8 @@ import json
 import os
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +195,71 @@ def test_parity_rejects_a_sequence_longer_than_block_size(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "exceeds" in err and "block_size 64" in err
+
+
+def bad_inputs(data_dir: Path, tmp: Path) -> dict:
+    """Files a user could pass by mistake: a directory, a binary, an existing file, a data dir with
+    a garbage meta.pkl, one whose train.bin ends mid-token, and a small real checkpoint."""
+    (tmp / "garbage").write_bytes(bytes(range(256)) * 8)
+    (tmp / "file").write_text("x")
+    for name, corrupt in (("bad_meta", "meta.pkl"), ("odd_bin", "train.bin")):
+        (tmp / name).mkdir()
+        for f in ("meta.pkl", "train.bin", "val.bin"):
+            (tmp / name / f).write_bytes((data_dir / f).read_bytes())
+        with open(tmp / name / corrupt, "r+b" if corrupt == "train.bin" else "wb") as f:
+            f.seek(0, 2)
+            f.write(b"\x01" if corrupt == "train.bin" else b"not a pickle")
+    GPT(GPTConfig.preset("tiny")).save_checkpoint(tmp / "ckpt.pt")
+    return {"data": str(data_dir), "tmp": str(tmp), "garbage": str(tmp / "garbage"),
+            "file": str(tmp / "file"), "ckpt": str(tmp / "ckpt.pt")}
+
+
+TRAIN = ["--preset", "tiny", "--block-size", "8", "--batch-size", "2", "--max-iters", "1",
+         "--eval-iters", "1", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("command, argv, says", [
+    # train: options the parser took, then files it opened, each before the model is built
+    (train, ["--device", "tpu"], "--device tpu"),
+    (train, ["--lr", "nan"], "--lr must be"),
+    (train, ["--lr", "-1"], "--lr must be"),
+    (train, ["--warmup-iters", "-5"], "--warmup-iters must be"),
+    (train, ["--out", "{file}"], "--out"),
+    (train, ["--data", "{tmp}/bad_meta"], "bad_meta/meta.pkl: not a meta.pkl"),
+    (train, ["--data", "{tmp}/odd_bin"], "odd_bin/train.bin: "),
+    (train, ["--block-size", "100000000"], "lower --block-size"),
+    (sample, ["--checkpoint", "{garbage}", "--meta", "{data}/meta.pkl"], "garbage: not a checkpoint"),
+    (sample, ["--checkpoint", "{tmp}", "--meta", "{data}/meta.pkl"], "a directory, not a checkpoint"),
+    (sample, ["--checkpoint", "{ckpt}", "--meta", "{garbage}"], "garbage: not a meta.pkl"),
+    (parity, ["--checkpoint", "{garbage}"], "garbage: not a checkpoint"),
+    (parity, ["--out", "{tmp}"], "a directory, not a file"),
+    (prepare_shakespeare, ["--input", "{tmp}", "--out", "{tmp}/p"], "--input"),
+    (prepare_shakespeare, ["--input", "{garbage}", "--out", "{tmp}/p"], "not UTF-8 text"),
+    (prepare_shakespeare, ["--input", "{data}/input.txt", "--out", "{file}"], "a file, not a directory"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_is_one_line_and_exit_2(command, argv, says, data_dir, tmp_path, capsys, monkeypatch):
+    """Each once ended in a traceback (a parity --out after all its computing): now one line naming
+    the option or file, exit status 2, and nothing long computed first."""
+    paths = bad_inputs(data_dir, tmp_path)
+    argv = [a.format(**paths) for a in argv]
+    if command is train:
+        argv = ["--data", paths["data"], "--out", str(tmp_path / "out"), *TRAIN, *argv]
+    if command is parity:
+        argv = ["--models", "tiny", "--levels", "L3", "--seq-lens", "4", "--batches", "1", "--device", "cpu",
+                *argv]
+    monkeypatch.setattr(parity, "run_parity", lambda *a, **k: pytest.fail("computed before refusing"))
+    monkeypatch.setattr(train, "estimate_loss", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(SystemExit) as e:
+        command.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert says in err, err
+
+
+def test_a_bad_option_is_one_line_and_exit_2_from_the_command_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "model.train", "--data", str(tmp_path), "--lr", "nan"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and done.stderr == "error: --lr must be a positive finite number, got nan\n"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
