@@ -115,6 +115,15 @@ def test_profile_is_merged_over_the_top_level(write_sweep):
     assert {c.params["seq_len"] for c in sweep.load(path).cases} == {13, 64, 127}
 
 
+@pytest.mark.parametrize("part,line", [("    timing: {min_reps: 0}\n", 11), ("    axes: {seq_len: [-5]}\n", 11),
+                                       ("    axes: {seq_len: [5]}\n    timing:\n      max_time_s: -3\n", 13)])
+def test_a_bad_value_a_profile_gives_names_its_line_in_the_profile(write_sweep, part, line):
+    """It named the line of the same key at the top level (or line 1), not the profile's."""
+    text = BASE + "timing: {max_time_s: 2}\nprofiles:\n  cpu:\n" + part
+    with pytest.raises(sweep.SweepError, match=f"yaml:{line}: "):
+        load(write_sweep, text, profile="cpu")
+
+
 BAD = [
     # (replace this, with this, the message says, on this line)
     ("workload: fmha", "workload: fhma", "workload: unknown workload 'fhma'", 1),

@@ -162,11 +162,14 @@ def _size(x) -> int:
     return 1
 
 
+MERGED = ("axes", "timing", "tolerance", "compare")  # what a profile merges key by key
+
+
 def _merge_profile(data: dict, profile: dict) -> dict:
     """A profile's axes, timing and tolerance are merged key by key; its other keys replace."""
     out = dict(data)
     for key, value in profile.items():
-        if key in ("axes", "timing", "tolerance", "compare") and isinstance(value, dict) \
+        if key in MERGED and isinstance(value, dict) \
                 and isinstance(data.get(key), dict):
             out[key] = {**data[key], **value}
         else:
@@ -293,16 +296,23 @@ def load(path, profile: str | None = None, overrides: list[str] = (), filters: l
     if profile is not None and profile != "gpu" and profile not in profiles:
         raise SweepError(f"{path}: no profile '{profile[:80]}' "
                          f"(defined: {', '.join(map(str, profiles)) or 'none'})")
+    from_profile = []  # the key paths whose values the profile gave: its lines name them
     if profile in profiles:
         data = _merge_profile(data, profiles[profile])
+        from_profile = [(k, sub) if isinstance(v, dict) and k in MERGED else (k,)
+                        for k, v in profiles[profile].items() for sub in (v if isinstance(v, dict) else [None])]
     if len(overrides) + len(filters) > MAX_OPTIONS:
         raise SweepError(f"more than {MAX_OPTIONS} --set and --filter options")
     data, sets = _apply_set(data, list(overrides), set(wl.defaults))
 
     def where(at: tuple) -> str:
-        """The --set that gave the value at `at` (the one nearest it), else its file and line."""
+        """The --set that gave the value at `at` (the one nearest it), else its file and line: in
+        the profile applied, where that gave it."""
         key = max((key for key in sets if at[:len(key)] == key), key=len, default=None)
-        return doc.where(at) if key is None else sets[key]
+        if key is not None:
+            return sets[key]
+        given = any(at[:len(k)] == k for k in from_profile)
+        return doc.where(("profiles", profile) + at if given else at)
     v = _Validator(where)
     name = data.get("name")
     if name is None and not NAME.fullmatch(path.stem):
