@@ -149,7 +149,7 @@ def test_bad_input_is_one_line_and_exit_2(fixture_run, tuned_dir, tmp_path, caps
     tuned_dir.mkdir()
     broken = tuned_dir / "nvidia-h100-80gb-hbm3.json"
     broken.write_text("{oops")
-    for args, says in [(["--from-run", str(tmp_path / "nowhere")], "not a run directory"),
+    for args, says in [(["--from-run", str(tmp_path / "nowhere")], "no such run directory"),
                        (["--from-run", str(cpu_run)], "tuned configs are per GPU, and this run has no GPU"),
                        (["--from-run", str(fixture_run)], "fix or remove it"),
                        ([], "name a sweep file")]:

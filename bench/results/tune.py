@@ -20,7 +20,7 @@ from statistics import geometric_mean
 from bench import workloads
 from bench.cli import BadInput
 from bench.results.stats import describe
-from bench.results.store import load_run
+from bench.results.baseline import open_run
 from bench.results.summary import is_suspect
 from kernels import tuned
 
@@ -134,10 +134,7 @@ def tuned_file(gpu: str, directory=None) -> dict | None:
 def tune_run(run_path, directory=None) -> tuple[list[Path], list[dict], list[tuple]]:
     """(tuned files written, entries written, keys of groups where no config counted) for a
     finished run; each workload's winners go to its own tuned folder unless `directory` is given."""
-    try:
-        run = load_run(run_path)
-    except FileNotFoundError as e:
-        raise BadInput(str(e)) from None
+    run = open_run(run_path)
     gpu = gpu_of(run.meta)
     entries, none_passed, by_file = [], [], {}
     for g in groups(run.records, run.meta.get("ceilings")):
