@@ -19,7 +19,9 @@ def test_help_description_is_whole_sentences(name, capsys):
     ("baseline", ["set", "{tmp}/none"], "{tmp}/none: no such run directory"),
     ("compare", ["{tmp}/a", "{tmp}/b"], "{tmp}/a: no such run directory"),
     ("report", ["{tmp}"], "{tmp}: not a run directory (no meta.json)"),
-    ("crosscheck", ["spread", "{tmp}"], "{tmp}: not a run directory (no meta.json)"),
+    ("crosscheck", ["spread", "{tmp}", "{tmp}"], "{tmp}: not a run directory (no meta.json)"),
+    ("crosscheck", ["spread", "{tmp}"], "one run has no spread"),  # was a spread of 0.00%, exit 0
+    ("crosscheck", ["spread", "{tmp}", "{tmp}", "--min-ms", "nan"], "--min-ms must be a number of ms"),
     ("run", ["{tmp}/none.yaml"], "{tmp}/none.yaml"),
     ("ab", ["HEAD", "{tmp}/none.yaml"], "{tmp}/none.yaml"),
     ("nightly", ["--bisect-budget", "-1"], "--bisect-budget -1: expected 0 to a week of seconds"),

@@ -1,6 +1,7 @@
 """Checks of the timer itself, run on a GPU before its numbers are trusted."""
 from __future__ import annotations
 
+import math
 import statistics
 
 import numpy as np
@@ -58,6 +59,10 @@ def dobench(args) -> int:
 
 
 def spread(args) -> int:
+    if len(args.runs) < 2:
+        raise BadInput("spread needs two runs of one sweep or more: one run has no spread")
+    if not 0 <= args.min_ms < math.inf:
+        raise BadInput(f"--min-ms must be a number of ms, 0 or more, got {args.min_ms}")
     runs = [open_run(p) for p in args.runs]
     medians: dict[str, list[float]] = {}
     labels = {}
@@ -70,8 +75,7 @@ def spread(args) -> int:
     big = [(cid, (max(m) - min(m)) / np.mean(m), np.mean(m)) for cid, m in rows
            if np.mean(m) >= args.min_ms]
     if not big:
-        print("no case ran ok in every run above --min-ms")
-        return 1
+        raise BadInput("no case ran ok in every run above --min-ms (runs of one sweep?)")
     s = np.array([x[1] for x in big])
     print(f"{len(big)} cases >= {args.min_ms} ms in all {len(runs)} runs: median spread "
           f"{np.median(s):.2%}, p90 {np.percentile(s, 90):.2%}, max {s.max():.2%}, "
