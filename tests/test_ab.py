@@ -116,6 +116,18 @@ def test_a_threshold_that_is_no_positive_number_is_refused_before_anything_runs(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_directory_that_is_not_a_tree_of_the_project_is_refused(tmp_path, monkeypatch, capsys):
+    """Its side of the A/B ran the installed harness instead, without a word."""
+    (tmp_path / "ab_provider.py").write_text("from delay_provider import steady as kept, quick as changed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "runs").mkdir()
+    sweep = tmp_path / "ab.yaml"
+    sweep.write_text(SWEEP)
+    assert ab_cli.main([str(tmp_path / "runs"), str(sweep), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a tree of this project" in err, err
+
+
 def rounds_of(rng, rounds: int, slowdown: float, reps: int = 30) -> tuple[dict, dict]:
     """Seeded A/B records of one case on a busy machine: each round's level moves by 30% (both
     sides of a round alike), each side's level within a round by 10% more, its samples by 5%."""

@@ -33,6 +33,8 @@ def checkout(spec: str, repo: Path, into: Path) -> tuple[Path, dict]:
     (of the repository the command runs in) is exported with git archive into a directory under `into`."""
     path = Path(spec)
     if path.is_dir():
+        if not (path / "bench" / "__init__.py").is_file():  # its workers would run the installed harness
+            raise BadInput(f"{spec}: not a tree of this project (no bench/ package in it)")
         return path.resolve(), {"tree": str(path.resolve()), "sha": None}
     found = _git(repo, "rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}")
     sha = found.stdout.strip()
