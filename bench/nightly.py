@@ -24,7 +24,7 @@ from bench.measure import bisect as bisection
 from bench.present import report
 from bench.present.trend import render_trend
 from bench.results import changepoints, compare, history
-from bench.results.baseline import baseline_dir, hardware, open_run
+from bench.results.baseline import baseline_dir, hardware, open_run, slug
 from bench.results.nightly import (JUDGED, canaries, sensitivity, sensitivity_md,
                                    with_canaries)
 from bench.results import store
@@ -132,6 +132,10 @@ def nightly(plan: list[dict], out: Path, baselines: Path, db, profile: str | Non
     counters, each regression gets its counter diff (report and history)."""
     deadline = time.monotonic() + (bisect_budget or 0)
     sweeps = load_sweeps(plan, out, profile, scheduler)
+    for sw in sweeps:  # a baseline that cannot be read is said now, not once its sweep has run
+        for base in Path(baselines).glob(f"*/{slug(sw.name)}"):
+            if (base / META).exists():
+                open_run(base)
     night = out / "nightly" / store.run_dir_name("night", None)  # two nights never share one
     night.mkdir(parents=True)
     summary, failing, gpu = [], False, None

@@ -71,6 +71,21 @@ def test_nightly_blesses_compares_and_keeps_history(tmp_path, write_sweep, capsy
     assert "regression: layernorm/delay" in trends[-1].read_text()
 
 
+def test_a_baseline_that_cannot_be_read_is_said_before_anything_runs(tmp_path, write_sweep, capsys):
+    """It was found once its sweep had run, and the sweeps after it and the history were skipped."""
+    stored = tmp_path / "baselines" / "cpu" / "tiny"
+    stored.mkdir(parents=True)
+    (stored / "meta.json").write_text("{not json")
+    sweep = write_sweep(SWEEP.format(delay="steady"), "tiny.yaml")
+    config = write_sweep(f"sweeps:\n  - sweep: {sweep}\n", "nightly.yaml")
+    assert exit_code(nightly_cli.main, ["--config", str(config), "--out", str(tmp_path / "results"),
+                                        "--baselines", str(tmp_path / "baselines"),
+                                        "--history", str(tmp_path / "h.sqlite")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(stored) in err, err
+    assert not (tmp_path / "results").exists()
+
+
 def test_bless_refuses_an_incomplete_run(tmp_path, capsys):
     run = write_run(tmp_path / "run", [record("a", [1.0, 1.0])])
     meta = (run / "meta.json").read_text().replace('"complete": true', '"complete": false')
