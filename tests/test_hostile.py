@@ -22,7 +22,7 @@ AFTER = ["patch_clock", "patch_gpu_clock", "patch_reference", "rewire_workload",
          "forge_record", "forge_answer", "linger_thread", "patch_detach", "patch_serializer", "patch_record",
          "patch_builtin", "patch_bound_clock", "fix_randn", "oneshot_clock", "oneshot_measure",
          "oneshot_passes", "oneshot_record", "patch_manual_seed", "mode_agree", "dispatch_agree",
-         "anomaly_rival"]
+         "anomaly_rival", "patch_no_grad_exit", "python_dispatcher_agree", "zero_saved_tensors", "poison_softmax"]
 SWEEP = """
 workload: fmha
 baseline: native
@@ -279,6 +279,38 @@ def test_anomaly_detection_left_on_costs_the_next_case_nothing(hostile):
     for mode in ("fwd", "fwd_bwd"):
         assert recs["anomaly_rival", mode]["leaked"]["anomaly_detection"] == [False, True]
         assert recs["probe_anomaly_rival", mode]["status"] == "ok"
+
+
+def test_a_grad_mode_method_replaced_is_tampered(hostile):
+    """torch.no_grad's __exit__, in which the harness's load of each rep's inputs ended, made to
+    compute the true output there: ok at about 200x the native path before."""
+    _tampered(hostile[0], "patch_no_grad_exit", "torch.no_grad.__exit__")
+
+
+@pytest.mark.parametrize("name,says,leaked", [
+    ("python_dispatcher_agree", "left the dispatcher's keys changed", "dispatch_keys"),
+    ("zero_saved_tensors", "left default hooks on saved tensors", "saved_tensor_hooks"),
+])
+def test_a_dispatcher_guard_or_saved_tensor_hooks_left_on_are_refused(hostile, name, says, leaked):
+    """torch's Python dispatcher kept on with a Python kernel of aten::sub zeroing float64
+    differences (ok at 0.00016 ms, zeros, before; the cases after it ran 3-6x slower); hooks that
+    unpack zeros for every saved tensor (a later case's reference backward read zeros, and a
+    provider with zero gradients after it was ok)."""
+    recs, *_ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        rec = recs[name, mode]
+        assert rec["status"] == "error" and says in rec["reason"], rec
+        assert leaked in rec["leaked"] and recs[f"probe_{name}", mode]["status"] == "ok"
+
+
+def test_a_kernel_registered_for_an_op_of_a_later_reference_costs_the_next_case_nothing(hostile):
+    """aten::_softmax made to return zeros after its own gate: the next case's reference, computed
+    through it, agreed with a provider that returned the same zeros, before."""
+    recs, *_ = hostile
+    for mode in ("fwd", "fwd_bwd"):
+        then, now = recs["poison_softmax", mode]["leaked"]["aten_kernels"]
+        assert [k for k in now if k not in then] == [f"aten/_softmax/{'CUDA' if torch.cuda.is_available() else 'CPU'}"]
+        assert recs["probe_poison_softmax", mode]["status"] == "ok"
 
 
 def test_the_dispatch_check_holds_every_op_the_harness_runs_on_a_providers_tensors():

@@ -65,6 +65,14 @@ def settings() -> dict:
         "anomaly_detection": torch.is_anomaly_enabled(),
         "profiler": torch._C._autograd._profiler_enabled(),
         "python_tracer": [repr(sys.gettrace()), repr(sys.getprofile())],
+        "dispatch_keys": [str(torch._C._dispatch_tls_local_include_set()),
+                          str(torch._C._dispatch_tls_local_exclude_set())],
+        "saved_tensor_hooks": torch._C._autograd._top_saved_tensors_default_hooks(False) is not None,
+        # kernels registered for aten's ops from Python (torch.library): one for an op the next case's
+        # reference runs would judge it (the tamper check covers the ops the harness runs itself)
+        "aten_kernels": sorted(k for k in torch.library._impls if k.startswith("aten/") and not k.endswith("/Meta")),
+        "gc": [gc.isenabled(), list(gc.get_threshold()), len(gc.callbacks)],
+        "switch_interval": sys.getswitchinterval(),
     }
 
 
@@ -83,6 +91,7 @@ WORKING_STATE = {"bench.workloads._loaded"}  # data the harness changes as it wo
 TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch.linalg", "torch.special", "torch.fft",
                     "torch.autograd")
 _TORCH_DIR = os.path.dirname(torch.__file__)
+GRAD_MODES = (torch.no_grad, torch.enable_grad, torch.inference_mode, torch.set_grad_enabled)
 # the aten ops the harness runs on a provider's tensors once it exists (loading inputs, flushing L2,
 # copying and judging outputs; tests/test_hostile.py holds the list to what those dispatch): a
 # kernel a case registers for one of them (torch.library) runs in the harness's place, where it
@@ -147,6 +156,10 @@ def _harness(_fn_id=_fn_id, _module=_module, _import=importlib.import_module,
     # torch.Tensor's own attributes, and any a case adds: one set there (`detach`, say) shadows the
     # C type's method for every tensor the gate reads (the C type's own cannot be set)
     objs.update((f"torch.Tensor.{k}", v) for k, v in vars(torch.Tensor).items())
+    # the grad-mode classes' methods, through which the harness's references and a provider's loads
+    # run (a replaced __exit__ runs its work as a no_grad block ends)
+    objs.update((f"torch.{cls.__name__}.{k}", m) for grad_mode in GRAD_MODES for cls in grad_mode.__mro__
+                if cls.__module__.startswith("torch") for k, m in vars(cls).items() if callable(m))
     try:
         import pynvml
         objs.update((f"pynvml.{k}", f) for k, f in vars(pynvml).items() if k.startswith("nvml") and callable(f))

@@ -103,17 +103,31 @@ class ModeLeftOn(RuntimeError):
     """A provider returned with one of torch's function or dispatch modes still on."""
 
 
+# the dispatcher's thread-local key sets as torch leaves them between calls: a guard a provider
+# keeps alive (torch's Python dispatcher, whose Python kernels of any op then run) changes them
+_DISPATCH_TLS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+
+
 def no_modes_left(_functions=torch._C._len_torch_function_stack, _dispatches=torch._C._len_torch_dispatch_stack,
-                  _stacks=(_get_current_function_mode_stack, _get_current_dispatch_mode_stack)) -> None:
-    """Raise ModeLeftOn where a provider left a mode of torch's on: what the harness runs between
-    its calls (drawing and loading inputs, flushing L2, copying and judging its outputs) would go
+                  _stacks=(_get_current_function_mode_stack, _get_current_dispatch_mode_stack),
+                  _tls=(torch._C._dispatch_tls_local_include_set, torch._C._dispatch_tls_local_exclude_set),
+                  _clean=_DISPATCH_TLS, _saved_hooks=torch._C._autograd._top_saved_tensors_default_hooks) -> None:
+    """Raise ModeLeftOn where a provider left a mode of torch's on, the dispatcher's keys changed
+    or default hooks on saved tensors: what the harness runs between its calls (drawing and loading
+    inputs, flushing L2, copying and judging its outputs, the next case's references) would go
     through it, which could do the provider's work there, untimed, or make a wrong output read
-    right. Called before each of those; a mode a provider enters and leaves within its call is its
+    right. Called before each of those; what a provider enters and leaves within its call is its
     own business."""
     if _functions() or _dispatches():
         modes = ", ".join(type(m).__name__ for stack in _stacks for m in stack())
         raise ModeLeftOn(f"the provider left a torch mode on ({modes}): the harness's own operations "
                          "between its calls would run through it")
+    if (_tls[0](), _tls[1]()) != _clean:
+        raise ModeLeftOn(f"the provider left the dispatcher's keys changed ({_tls[0]()}): the harness's "
+                         "own operations between its calls would run through them")
+    if _saved_hooks(False) is not None:
+        raise ModeLeftOn("the provider left default hooks on saved tensors: the harness's backward "
+                         "passes would run through them")
 
 
 def sync(device: torch.device) -> None:

@@ -121,12 +121,19 @@ def _copy_output(out, mappings: tuple = (), _flat=check._flat, _copy_of=_copy_of
     return {name: _copy_of(t) for name, t in _flat(out, mappings=mappings)}
 
 
-def _load(dst, src, _tensors=_tensors, _no_grad=torch.no_grad, _copy=_copy,
+def _load(dst, src, _tensors=_tensors, _grad=(torch.is_grad_enabled, torch._C._set_grad_enabled), _copy=_copy,
           _no_modes_left=timing.no_modes_left) -> None:
+    """Copy src's tensors into dst's, without autograd: through torch's C setter, not torch.no_grad,
+    a class whose methods a provider could replace to run its work as the load ends."""
     _no_modes_left()
-    with _no_grad():
+    enabled, set_enabled = _grad
+    was = enabled()
+    set_enabled(False)
+    try:
         for (_, d), (_, s) in zip(_tensors(dst), _tensors(src)):
             _copy(d, s)
+    finally:
+        set_enabled(was)
 
 
 def _changed(work, pristine, _tensors=_tensors, _equal=torch.equal, _detach=_detach,
